@@ -1,0 +1,212 @@
+"""Attention entry point: `flash_attention` dispatch and the jnp reference every kernel is tested
+against.
+
+Shapes: q `[B, T, H, D]`, k/v `[B, S, KV, D]` with KV dividing H (GQA/MQA: query head h uses KV
+head h // (H // KV)). When S > T the queries are the last T positions (bottom-right alignment, as
+in flash-attn), so causal masking and ALiBi distances work against a KV cache.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mpt_jax import alibi  # noqa: F401  (re-exported helpers live there)
+from mpt_jax.kernels import flash_gpu
+
+IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+
+
+def _check_shapes(q, k, v):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"q, k, v must be [B, T, H, D] / [B, S, KV, D]; got {q.shape}, {k.shape}, {v.shape}"
+        )
+    b, _, h, d = q.shape
+    bk, s, kv, dk = k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    if bk != b or dk != d:
+        raise ValueError(f"batch/head_dim of k {k.shape} do not match q {q.shape}")
+    if h % kv:
+        raise ValueError(f"kv heads ({kv}) must divide query heads ({h})")
+    if s < q.shape[1]:
+        raise ValueError(f"key length {s} is shorter than query length {q.shape[1]}")
+
+
+def reference_attention(
+    q,
+    k,
+    v,
+    *,
+    alibi_slopes=None,
+    causal: bool = True,
+    segment_ids=None,
+    kv_segment_ids=None,
+    softmax_scale: float | None = None,
+    q_positions=None,
+    kv_positions=None,
+    kv_mask=None,
+):
+    """Plain jnp attention in float32; the oracle for every kernel.
+
+    segment_ids `[B, T]` (and kv_segment_ids `[B, S]`, defaulting to segment_ids when S == T)
+    forbid attention across packed documents. q_positions `[T]` / kv_positions `[S]` default to
+    bottom-right alignment. kv_mask `[B, S]` (True = attend) masks padding or unused cache slots.
+    Rows with no visible key return zeros.
+    """
+    _check_shapes(q, k, v)
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
+    if q_positions is None:
+        q_positions = jnp.arange(s - t, s)
+    if kv_positions is None:
+        kv_positions = jnp.arange(s)
+
+    q_btkgd = q.astype(jnp.float32).reshape(b, t, kvh, g, d)
+    logits_bkgts = jnp.einsum(
+        "btkgd,bskd->bkgts", q_btkgd, k.astype(jnp.float32), precision="highest"
+    ) * jnp.float32(scale)
+    if alibi_slopes is not None:
+        bias_hts = alibi.alibi_bias(alibi_slopes, q_positions, kv_positions)
+        logits_bkgts = logits_bkgts + bias_hts.reshape(kvh, g, t, s)[None]
+
+    mask_bts = jnp.ones((b, t, s), bool)
+    if causal:
+        mask_bts &= (kv_positions[None, :] <= q_positions[:, None])[None]
+    if segment_ids is not None:
+        if kv_segment_ids is None:
+            if s != t:
+                raise ValueError("segment_ids with S != T needs kv_segment_ids")
+            kv_segment_ids = segment_ids
+        mask_bts &= segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    if kv_mask is not None:
+        mask_bts &= kv_mask.astype(bool)[:, None, :]
+    mask_b11ts = mask_bts[:, None, None]
+    logits_bkgts = jnp.where(mask_b11ts, logits_bkgts, -jnp.inf)
+    m = jnp.max(logits_bkgts, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(logits_bkgts - m)
+    p = jnp.where(mask_b11ts, p, 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32), precision="highest")
+    return out_btkgd.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _default_impl() -> str:
+    """The fastest implementation for the default backend: Pallas on GPU/TPU, jnp on CPU."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "pallas_gpu"
+    if backend == "tpu":
+        return "pallas_tpu"
+    return "reference"
+
+
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    alibi_slopes=None,
+    causal: bool = True,
+    segment_ids=None,
+    softmax_scale: float | None = None,
+    impl: str = "auto",
+    interpret: bool = False,
+    block_sizes=None,
+):
+    """Causal/ALiBi/segment-aware attention; see the module docstring for shapes.
+
+    impl: "auto" (pallas_gpu on GPU, pallas_tpu on TPU, reference on CPU), "reference" (jnp,
+    float32), "pallas_gpu" (Triton-lowered Pallas; `interpret=True` runs it on CPU),
+    "pallas_tpu" (Mosaic TPU Pallas; `interpret=True` runs it on CPU). ALiBi is computed inside
+    the kernels from the slopes, never materialised. block_sizes: the kernel's own BlockSizes
+    (tuning only). Differentiable in q, k, v.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    _check_shapes(q, k, v)
+    if segment_ids is not None and k.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"segment_ids need S == T (got T={q.shape[1]}, S={k.shape[1]}); "
+            "use reference_attention with kv_segment_ids"
+        )
+    if alibi_slopes is not None and jnp.shape(alibi_slopes) != (q.shape[2],):
+        raise ValueError(f"alibi_slopes must be [H={q.shape[2]}], got {jnp.shape(alibi_slopes)}")
+    if impl == "auto":
+        impl = _default_impl()
+    if impl == "reference":
+        return reference_attention(
+            q, k, v, alibi_slopes=alibi_slopes, causal=causal, segment_ids=segment_ids,
+            softmax_scale=softmax_scale,
+        )
+    if impl == "pallas_gpu":
+        return flash_gpu.flash_attention_gpu(
+            q, k, v, alibi_slopes, causal=causal, q_segment_ids=segment_ids,
+            kv_segment_ids=segment_ids, softmax_scale=softmax_scale, block_sizes=block_sizes,
+            interpret=interpret,
+        )
+    if impl == "pallas_tpu":
+        from mpt_jax.kernels import flash_tpu  # Mosaic TPU imports stay off the GPU path
+
+        return flash_tpu.flash_attention_tpu(
+            q, k, v, alibi_slopes, causal=causal, q_segment_ids=segment_ids,
+            kv_segment_ids=segment_ids, softmax_scale=softmax_scale, block_sizes=block_sizes,
+            interpret=interpret,
+        )
+    raise AssertionError(impl)
+
+
+def decode_attention(
+    q,
+    k_cache,
+    v_cache,
+    cache_len,
+    *,
+    alibi_slopes=None,
+    softmax_scale: float | None = None,
+):
+    """Attention of a few new query rows against a KV cache (the generation path).
+
+    q `[B, T, H, D]` (T small, usually 1), k_cache/v_cache `[B, S_max, KV, D]`, cache_len int32
+    scalar or `[B]`: valid cache entries per sequence, the T new tokens included (already
+    written at positions cache_len - T .. cache_len - 1). Query i sits at position
+    cache_len - T + i and sees keys j <= its position; slots at or past cache_len are ignored.
+    ALiBi uses slope_h * (j - pos_i), as in training.
+
+    This is a deliberate jnp function, not a kernel: with T rows against S keys it reads the
+    cache once and does 4*B*H*T*S flops, so it is memory-bound and XLA's fused einsum/softmax
+    already streams the cache at close to bandwidth; a flash kernel buys nothing here.
+    Float32 math; returns q.dtype. Rows with no visible key return zeros.
+    """
+    _check_shapes(q, k_cache, v_cache)
+    b, t, h, d = q.shape
+    s, kvh = k_cache.shape[1], k_cache.shape[2]
+    g = h // kvh
+    scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
+    cache_len_b = jnp.broadcast_to(jnp.asarray(cache_len, jnp.int32), (b,))
+    q_pos_bt = cache_len_b[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
+    kv_pos_s = jnp.arange(s, dtype=jnp.int32)
+    q_btkgd = q.astype(jnp.float32).reshape(b, t, kvh, g, d)
+    logits_bkgts = jnp.einsum(
+        "btkgd,bskd->bkgts", q_btkgd, k_cache.astype(jnp.float32), precision="highest"
+    ) * jnp.float32(scale)
+    rel_bts = (kv_pos_s[None, None, :] - q_pos_bt[:, :, None]).astype(jnp.float32)
+    if alibi_slopes is not None:
+        slopes_kg = jnp.asarray(alibi_slopes, jnp.float32).reshape(kvh, g)
+        logits_bkgts = logits_bkgts + slopes_kg[None, :, :, None, None] * rel_bts[:, None, None]
+    mask_bts = (rel_bts <= 0) & (kv_pos_s[None, None, :] < cache_len_b[:, None, None])
+    mask_b11ts = mask_bts[:, None, None]
+    logits_bkgts = jnp.where(mask_b11ts, logits_bkgts, -jnp.inf)
+    m = jnp.max(logits_bkgts, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask_b11ts, jnp.exp(logits_bkgts - m), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    out_btkgd = jnp.einsum(
+        "bkgts,bskd->btkgd", p, v_cache.astype(jnp.float32), precision="highest"
+    )
+    return out_btkgd.reshape(b, t, h, d).astype(q.dtype)

@@ -1,0 +1,374 @@
+"""MPTConfig: the model's shape and options, with llm-foundry's and transformers' field names.
+
+A frozen (hashable) dataclass with three nested parts, as in llm-foundry: `attn_config`,
+`ffn_config` and `init_config`. `MPTConfig.from_dict` reads either config.json form (transformers'
+`MptConfig`, or llm-foundry's remote-code `MPTConfig`); `to_dict(form=...)` writes either.
+Validation names the offending value. Presets: `MPTConfig.preset("7b")` etc. for llm-foundry's
+sizes, `MPTConfig.mpt_7b()` for MPT-7B as released.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
+FFN_TYPES = ("mptmlp", "mptglu")
+NORM_TYPES = ("low_precision_layernorm", "layernorm", "low_precision_rmsnorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "relu", "silu")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnConfig:
+    attn_type: str = "multihead_attention"
+    attn_pdrop: float = 0.0
+    attn_impl: str = "flash"  # informational in PyTorch; our kernel is chosen at run time
+    qk_ln: bool = False
+    qk_gn: bool = False
+    fused_qkv: bool = True
+    clip_qkv: float | None = None
+    softmax_scale: float | None = None
+    attn_uses_sequence_id: bool = False
+    alibi: bool = True
+    alibi_bias_max: float = 8
+    kv_n_heads: int = 1  # used by grouped_query_attention only
+    # Options of llm-foundry / transformers that this port does not implement; kept so that a
+    # config.json round-trips, and rejected by validation when set.
+    prefix_lm: bool = False
+    sliding_window_size: int = -1
+    rope: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNConfig:
+    ffn_type: str = "mptmlp"
+    ffn_act_fn: str = "gelu"  # exact (erf) GELU, as torch.nn.GELU(approximate='none')
+    ffn_hidden_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    name: str = "kaiming_normal_"
+    fan_mode: str = "fan_in"
+    init_nonlinearity: str = "relu"
+    init_div_is_residual: bool = True
+    emb_init_std: float | None = None
+    emb_init_uniform_lim: float | None = None
+    init_std: float | None = None
+    init_gain: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MPTConfig:
+    d_model: int = 2048
+    n_heads: int = 16
+    n_layers: int = 24
+    expansion_ratio: float = 4
+    max_seq_len: int = 2048
+    vocab_size: int = 50368
+    resid_pdrop: float = 0.0
+    emb_pdrop: float = 0.0
+    learned_pos_emb: bool = True  # ignored (no wpe) when attn_config.alibi, as in llm-foundry
+    attn_config: AttnConfig = AttnConfig()
+    ffn_config: FFNConfig = FFNConfig()
+    init_config: InitConfig = InitConfig()
+    logit_scale: float | str | None = None
+    no_bias: bool = True
+    embedding_fraction: float = 1.0
+    norm_type: str = "low_precision_layernorm"
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    use_cache: bool = False
+    init_device: str = "cpu"
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived sizes ------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_n_heads(self) -> int:
+        t = self.attn_config.attn_type
+        if t == "multihead_attention":
+            return self.n_heads
+        if t == "multiquery_attention":
+            return 1
+        return self.attn_config.kv_n_heads
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        if self.ffn_config.ffn_hidden_size is not None:
+            return self.ffn_config.ffn_hidden_size
+        return int(self.d_model * self.expansion_ratio)
+
+    @property
+    def use_wpe(self) -> bool:
+        return self.learned_pos_emb and not self.attn_config.alibi
+
+    @property
+    def logit_scale_value(self) -> float | None:
+        if self.logit_scale is None:
+            return None
+        if self.logit_scale == "inv_sqrt_d_model":
+            return 1.0 / math.sqrt(self.d_model)
+        return float(self.logit_scale)
+
+    def num_params(self) -> int:
+        """Parameter count, as `sum(p.numel())` over the PyTorch model (tied weights once)."""
+        d, f, v = self.d_model, self.ffn_hidden_size, self.vocab_size
+        hd, kv = self.head_dim, self.kv_n_heads
+        bias = 0 if self.no_bias else 1
+        qkv = d * (d + 2 * kv * hd) + bias * (d + 2 * kv * hd)
+        out = d * d + bias * d
+        n_mats = 3 if self.ffn_config.ffn_type == "mptglu" else 2
+        ffn = n_mats * d * f + bias * ((n_mats - 1) * f + d)
+        norm = d * (1 if self.norm_type.endswith("rmsnorm") or self.no_bias else 2)
+        qk = 0
+        if self.attn_config.qk_ln or self.attn_config.qk_gn:
+            qk_dims = (d, kv * hd) if self.attn_config.qk_ln else (hd, hd)
+            qk = sum(x * (1 if self.norm_type.endswith("rmsnorm") or self.no_bias else 2)
+                     for x in qk_dims)
+        layer = qkv + out + ffn + 2 * norm + qk
+        total = v * d + self.n_layers * layer + norm
+        if self.use_wpe:
+            total += self.max_seq_len * d
+        if not self.tie_word_embeddings:
+            total += v * d
+        return total
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        a, f = self.attn_config, self.ffn_config
+        for name in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if a.attn_type not in ATTN_TYPES:
+            raise ValueError(f"unknown attn_config.attn_type {a.attn_type!r}; expected {ATTN_TYPES}")
+        if a.attn_type == "grouped_query_attention":
+            if a.kv_n_heads <= 0 or self.n_heads % a.kv_n_heads:
+                raise ValueError(
+                    f"n_heads ({self.n_heads}) must be divisible by attn_config.kv_n_heads "
+                    f"({a.kv_n_heads})"
+                )
+        if a.qk_ln and a.qk_gn:
+            raise ValueError("attn_config.qk_ln and attn_config.qk_gn are mutually exclusive")
+        if a.clip_qkv is not None and a.clip_qkv <= 0:
+            raise ValueError(f"attn_config.clip_qkv must be positive, got {a.clip_qkv!r}")
+        if not a.fused_qkv:
+            raise ValueError("attn_config.fused_qkv=False is not supported (MPT fuses Wqkv)")
+        if a.prefix_lm:
+            raise ValueError("attn_config.prefix_lm=True is not supported")
+        if a.rope:
+            raise ValueError("attn_config.rope=True is not supported (MPT uses ALiBi)")
+        if a.sliding_window_size != -1:
+            raise ValueError(
+                f"attn_config.sliding_window_size={a.sliding_window_size} is not supported"
+            )
+        if not 0.0 <= a.attn_pdrop < 1.0:
+            raise ValueError(f"attn_config.attn_pdrop must be in [0, 1), got {a.attn_pdrop}")
+        for name in ("resid_pdrop", "emb_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if f.ffn_type not in FFN_TYPES:
+            raise ValueError(f"unknown ffn_config.ffn_type {f.ffn_type!r}; expected {FFN_TYPES}")
+        if f.ffn_act_fn not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown ffn_config.ffn_act_fn {f.ffn_act_fn!r}; expected {ACTIVATIONS}"
+            )
+        if self.ffn_hidden_size <= 0:
+            raise ValueError(f"ffn hidden size must be positive, got {self.ffn_hidden_size}")
+        if self.norm_type not in NORM_TYPES:
+            raise ValueError(f"unknown norm_type {self.norm_type!r}; expected {NORM_TYPES}")
+        if isinstance(self.logit_scale, str) and self.logit_scale != "inv_sqrt_d_model":
+            raise ValueError(
+                f"logit_scale must be a number, None or 'inv_sqrt_d_model', got {self.logit_scale!r}"
+            )
+        if not 0.0 < self.embedding_fraction <= 1.0:
+            raise ValueError(f"embedding_fraction must be in (0, 1], got {self.embedding_fraction}")
+        if self.init_config.fan_mode not in ("fan_in", "fan_out"):
+            raise ValueError(f"unknown init_config.fan_mode {self.init_config.fan_mode!r}")
+
+    def replace(self, **changes) -> "MPTConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- config.json ------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MPTConfig":
+        """Reads transformers' MptConfig or llm-foundry's MPTConfig dict (config.json)."""
+        d = dict(d)
+        if d.get("model_type", "mpt") != "mpt":
+            raise ValueError(f"model_type is {d['model_type']!r}, expected 'mpt'")
+        top_fields = {fl.name for fl in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key in ("layer_norm_epsilon", "norm_eps"):
+            if d.get(key) is not None:
+                kwargs["norm_eps"] = float(d[key])
+        attn = dict(d.get("attn_config") or {})
+        ffn = dict(d.get("ffn_config") or {})
+        init = dict(d.get("init_config") or {})
+        for key, value in d.items():
+            if key in top_fields and key not in ("attn_config", "ffn_config", "init_config",
+                                                 "norm_eps"):
+                kwargs[key] = value
+        if "expansion_ratio" in kwargs and float(kwargs["expansion_ratio"]).is_integer():
+            kwargs["expansion_ratio"] = int(kwargs["expansion_ratio"])
+        act = ffn.pop("ffn_act_fn", None)
+        if isinstance(act, dict):
+            name = act.get("name", "gelu")
+            if name == "gelu" and act.get("approximate", "none") != "none":
+                raise ValueError(f"ffn_config.ffn_act_fn {act} (tanh GELU) is not supported")
+            ffn["ffn_act_fn"] = name
+        elif isinstance(act, str):
+            ffn["ffn_act_fn"] = act
+        if ffn.get("ffn_type") == "te_ln_mlp":
+            raise ValueError("ffn_config.ffn_type 'te_ln_mlp' (TransformerEngine) is not supported")
+        kwargs["attn_config"] = _known(AttnConfig, attn, "attn_config")
+        kwargs["ffn_config"] = _known(FFNConfig, ffn, "ffn_config")
+        kwargs["init_config"] = _known(InitConfig, init, "init_config")
+        return cls(**kwargs)
+
+    def to_dict(self, form: str = "foundry") -> dict[str, Any]:
+        """`form='hf'`: transformers' native MptConfig (only keys it knows); `'foundry'`:
+        llm-foundry's remote-code MPTConfig (every option)."""
+        if form not in ("hf", "foundry"):
+            raise ValueError(f"form must be 'hf' or 'foundry', got {form!r}")
+        a = dataclasses.asdict(self.attn_config)
+        out: dict[str, Any] = {
+            "model_type": "mpt",
+            "d_model": self.d_model,
+            "n_heads": self.n_heads,
+            "n_layers": self.n_layers,
+            "expansion_ratio": self.expansion_ratio,
+            "max_seq_len": self.max_seq_len,
+            "vocab_size": self.vocab_size,
+            "resid_pdrop": self.resid_pdrop,
+            "emb_pdrop": self.emb_pdrop,
+            "learned_pos_emb": self.learned_pos_emb,
+            "logit_scale": self.logit_scale,
+            "no_bias": self.no_bias,
+            "embedding_fraction": self.embedding_fraction,
+            "norm_type": self.norm_type,
+            "layer_norm_epsilon": self.norm_eps,
+            "use_cache": self.use_cache,
+            "init_device": self.init_device,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+        if form == "hf":
+            out["architectures"] = ["MptForCausalLM"]
+            out["attn_config"] = {
+                k: a[k] for k in ("attn_type", "attn_pdrop", "attn_impl", "clip_qkv",
+                                  "softmax_scale", "prefix_lm", "qk_ln",
+                                  "attn_uses_sequence_id", "alibi", "alibi_bias_max")
+            }
+            out["attn_config"]["attn_impl"] = "torch"
+            return out
+        out["architectures"] = ["MPTForCausalLM"]
+        out["norm_eps"] = self.norm_eps
+        out["attn_config"] = a
+        f = dataclasses.asdict(self.ffn_config)
+        f["ffn_act_fn"] = ({"name": "gelu", "approximate": "none"}
+                           if self.ffn_config.ffn_act_fn == "gelu"
+                           else {"name": self.ffn_config.ffn_act_fn})
+        if f["ffn_hidden_size"] is None:
+            del f["ffn_hidden_size"]
+        out["ffn_config"] = f
+        out["init_config"] = dataclasses.asdict(self.init_config)
+        return out
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "MPTConfig":
+        with open(path) as fh:
+            try:
+                d = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    def to_json_file(self, path: str | os.PathLike, form: str = "foundry") -> None:
+        with open(path, "w") as fh:
+            json.dump(self.to_dict(form), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    def hf_native_problems(self) -> list[str]:
+        """What transformers' native MptForCausalLM cannot express (empty = loadable)."""
+        problems = []
+        a = self.attn_config
+        if a.attn_type != "multihead_attention":
+            problems.append(f"attn_type={a.attn_type}")
+        if a.qk_ln or a.qk_gn:
+            problems.append("qk_ln/qk_gn")
+        if not a.alibi:
+            problems.append("alibi=False (native MPT always applies ALiBi)")
+        if a.attn_uses_sequence_id:
+            problems.append("attn_uses_sequence_id")
+        if self.ffn_config.ffn_type != "mptmlp" or self.ffn_config.ffn_act_fn != "gelu":
+            problems.append(f"ffn {self.ffn_config.ffn_type}/{self.ffn_config.ffn_act_fn}")
+        if self.ffn_hidden_size != 4 * self.d_model:
+            problems.append(f"ffn hidden size {self.ffn_hidden_size} != 4*d_model")
+        if not self.no_bias:
+            problems.append("no_bias=False")
+        if self.logit_scale is not None:
+            problems.append("logit_scale")
+        if not self.tie_word_embeddings:
+            problems.append("untied lm_head")
+        if self.norm_type not in ("low_precision_layernorm", "layernorm"):
+            problems.append(f"norm_type={self.norm_type}")
+        if self.embedding_fraction != 1.0:
+            problems.append("embedding_fraction")
+        return problems
+
+    # ---- presets ------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, size: str, **overrides) -> "MPTConfig":
+        """llm-foundry's pretraining sizes (yamls/pretrain/mpt-*.yaml): ALiBi, no bias, tied."""
+        if size not in PRESETS:
+            raise ValueError(f"unknown MPT size {size!r}; expected one of {tuple(PRESETS)}")
+        kwargs = dict(PRESETS[size])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def mpt_7b(cls, **overrides) -> "MPTConfig":
+        """MPT-7B as released (mosaicml/mpt-7b config.json): 6,649,286,656 parameters."""
+        return cls.preset("7b", **overrides)
+
+
+def _known(kind, d: dict, where: str):
+    fields = {fl.name for fl in dataclasses.fields(kind)}
+    # Unknown keys from newer llm-foundry versions that do not change the math are dropped;
+    # those that would change it are rejected by name.
+    changes_math = {"rope_theta", "rope_impl", "rope_dail_config", "rope_hf_config",
+                    "flex_attn_mod_list", "attn_logit_softcapping", "fc_type"}
+    bad = sorted(k for k in d if k not in fields and k in changes_math and d[k])
+    if bad:
+        raise ValueError(f"{where}: unsupported option(s) {bad}")
+    return kind(**{k: v for k, v in d.items() if k in fields})
+
+
+def _size(d_model, n_heads, n_layers, vocab_size=50368, max_seq_len=2048):
+    return dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, vocab_size=vocab_size,
+                max_seq_len=max_seq_len, expansion_ratio=4, no_bias=True,
+                attn_config=AttnConfig(alibi=True, alibi_bias_max=8),
+                norm_type="low_precision_layernorm")
+
+
+PRESETS: dict[str, dict] = {
+    "125m": _size(768, 12, 12),
+    "350m": _size(1024, 16, 24),
+    "760m": _size(1536, 12, 24),
+    "1b": _size(2048, 16, 24),
+    "3b": _size(2560, 20, 32),
+    "7b": _size(4096, 32, 32, vocab_size=50432),
+    "13b": _size(5120, 40, 40),
+    "30b": _size(7168, 64, 48, max_seq_len=8192),
+}

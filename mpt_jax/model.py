@@ -1,0 +1,474 @@
+"""MPT in Flax NNX: LPLayerNorm, fused-Wqkv ALiBi attention, GELU/GLU MLP, stacked blocks.
+
+Weights are stored `[in, out]` (JAX convention; the converter transposes torch's `[out, in]`).
+Every parameter carries its logical axis names as `logical_axes` metadata (see sharding.py); the
+blocks' parameters are stacked along a leading `layers` axis and applied with `jax.lax.scan`
+(or a Python loop over the same stacked state when `scan_layers=False`).
+
+Dtype policy: parameters in `param_dtype` (float32 by default), matmuls in `dtype` (the compute
+dtype; bfloat16 for training), softmax and norms' statistics in float32, logits float32.
+RNG keys are passed explicitly: `dropout_rng=None` means deterministic (eval).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mpt_jax import attention as attn_lib
+from mpt_jax import sharding
+from mpt_jax.alibi import alibi_slopes
+from mpt_jax.config import MPTConfig
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": "full",
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+}
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation (llm-foundry's param_init_fns, for the schemes MPT uses)
+# ---------------------------------------------------------------------------------------------
+def _gain(nonlinearity: str, a: float) -> float:
+    if nonlinearity == "relu":
+        return math.sqrt(2.0)
+    if nonlinearity == "leaky_relu":
+        return math.sqrt(2.0 / (1 + a * a))
+    if nonlinearity in ("linear", "sigmoid"):
+        return 1.0
+    if nonlinearity == "tanh":
+        return 5.0 / 3
+    raise ValueError(f"unknown init_config.init_nonlinearity {nonlinearity!r}")
+
+
+def _init_weight(key, shape_in_out, cfg: MPTConfig, dtype, *, div: float = 1.0,
+                 embedding: bool = False):
+    """Initialises a weight stored `[in, out]` (or `[V, d]` for embeddings) as llm-foundry does
+    for the torch tensor (`[out, in]`, or `[V, d]`), so fan_in/fan_out follow torch's rules."""
+    ic = cfg.init_config
+    if embedding:
+        v, d = shape_in_out
+        torch_fan_in, torch_fan_out = d, v
+        if ic.emb_init_std is not None:
+            return (jax.random.normal(key, shape_in_out) * ic.emb_init_std).astype(dtype)
+        if ic.emb_init_uniform_lim is not None:
+            lim = ic.emb_init_uniform_lim
+            lo, hi = (-lim, lim) if isinstance(lim, (int, float)) else lim
+            return jax.random.uniform(key, shape_in_out, minval=lo, maxval=hi).astype(dtype)
+    else:
+        torch_fan_in, torch_fan_out = shape_in_out
+    fan = torch_fan_in if ic.fan_mode == "fan_in" else torch_fan_out
+    name = ic.name
+    if name == "kaiming_normal_":
+        std = _gain(ic.init_nonlinearity, ic.init_gain) / math.sqrt(fan)
+        w = jax.random.normal(key, shape_in_out) * std
+    elif name == "kaiming_uniform_":
+        bound = math.sqrt(3.0) * _gain(ic.init_nonlinearity, ic.init_gain) / math.sqrt(fan)
+        w = jax.random.uniform(key, shape_in_out, minval=-bound, maxval=bound)
+    elif name == "baseline_":
+        if ic.init_std is None:
+            raise ValueError("init_config.name 'baseline_' needs init_config.init_std")
+        w = jax.random.normal(key, shape_in_out) * ic.init_std
+    elif name == "small_init_":
+        w = jax.random.normal(key, shape_in_out) * math.sqrt(2.0 / (5 * cfg.d_model))
+    else:
+        raise ValueError(
+            f"init_config.name {name!r} is not supported; use kaiming_normal_, "
+            "kaiming_uniform_, baseline_ or small_init_"
+        )
+    return (w / div).astype(dtype)
+
+
+def _residual_div(cfg: MPTConfig) -> float:
+    d = cfg.init_config.init_div_is_residual
+    if d is True:
+        return math.sqrt(2 * cfg.n_layers)
+    if d is False:
+        return 1.0
+    return float(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+class Norm(nnx.Module):
+    """LayerNorm / RMSNorm, optionally low precision (llm-foundry's LPLayerNorm: the input and
+    weight are rounded to the compute dtype, statistics are taken in float32, the output is in
+    the compute dtype). Full-precision variants return float32."""
+
+    def __init__(self, dim: int, cfg: MPTConfig, *, param_dtype, use_bias: bool):
+        self.norm_type = cfg.norm_type
+        self.eps = cfg.norm_eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+        rms = cfg.norm_type.endswith("rmsnorm")
+        self.bias = (nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=("norm",))
+                     if use_bias and not rms else None)
+
+    def __call__(self, x, compute_dtype):
+        low = self.norm_type.startswith("low_precision")
+        cast = (lambda a: a.astype(compute_dtype).astype(jnp.float32)) if low else (
+            lambda a: a.astype(jnp.float32))
+        x32 = cast(x)
+        if self.norm_type.endswith("rmsnorm"):
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        else:
+            mean = jnp.mean(x32, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * cast(self.weight[...])
+        if self.bias is not None:
+            y = y + cast(self.bias[...])
+        return y.astype(compute_dtype) if low else y
+
+
+def _dense(x, w, b, dtype):
+    y = jnp.einsum("...i,io->...o", x.astype(dtype), w[...].astype(dtype))
+    if b is not None:
+        y = y + b[...].astype(dtype)
+    return y
+
+
+def _dropout(x, rate: float, key):
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class AttnContext(NamedTuple):
+    """Per-call inputs shared by every layer's attention."""
+
+    segment_ids: jax.Array | None  # [B, T] (training / full forward)
+    kv_mask: jax.Array | None  # [B, S] (cache mode: valid cache slots)
+    cache_index: jax.Array | None  # scalar int32 (cache mode: tokens already in the cache)
+
+
+class Attention(nnx.Module):
+    """Fused-Wqkv multi-head / multi-query / grouped-query attention with ALiBi."""
+
+    def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype, attn_impl: str):
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
+        self.n_heads, self.kv_heads, self.head_dim = h, kv, hd
+        self.clip_qkv = cfg.attn_config.clip_qkv
+        self.softmax_scale = cfg.attn_config.softmax_scale
+        self.attn_impl = attn_impl
+        self.attn_pdrop = cfg.attn_config.attn_pdrop
+        self.qk_gn = cfg.attn_config.qk_gn
+        self.slopes = (tuple(float(s) for s in alibi_slopes(h, cfg.attn_config.alibi_bias_max))
+                       if cfg.attn_config.alibi else None)
+        n_qkv = (h + 2 * kv) * hd
+        self.Wqkv = nnx.Param(
+            _init_weight(rngs.params(), (d, n_qkv), cfg, param_dtype), logical_axes=("embed", "qkv")
+        )
+        self.out_proj = nnx.Param(
+            _init_weight(rngs.params(), (h * hd, d), cfg, param_dtype, div=_residual_div(cfg)),
+            logical_axes=("heads", "embed"),
+        )
+        use_bias = not cfg.no_bias
+        self.Wqkv_bias = (nnx.Param(jnp.zeros((n_qkv,), param_dtype), logical_axes=("qkv",))
+                          if use_bias else None)
+        self.out_proj_bias = (nnx.Param(jnp.zeros((d,), param_dtype), logical_axes=("norm",))
+                              if use_bias else None)
+        if cfg.attn_config.qk_ln:
+            self.q_ln = Norm(d, cfg, param_dtype=param_dtype, use_bias=use_bias)
+            self.k_ln = Norm(kv * hd, cfg, param_dtype=param_dtype, use_bias=use_bias)
+        elif cfg.attn_config.qk_gn:
+            self.q_ln = Norm(hd, cfg, param_dtype=param_dtype, use_bias=use_bias)
+            self.k_ln = Norm(hd, cfg, param_dtype=param_dtype, use_bias=use_bias)
+        else:
+            self.q_ln = self.k_ln = None
+
+    def __call__(self, x_btd, ctx: AttnContext, cache_kv, *, dtype, training: bool):
+        b, t, _ = x_btd.shape
+        h, kv, hd = self.n_heads, self.kv_heads, self.head_dim
+        qkv = _dense(x_btd, self.Wqkv, self.Wqkv_bias, dtype)
+        if self.clip_qkv is not None:
+            qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
+        q, k, v = jnp.split(qkv, [h * hd, (h + kv) * hd], axis=-1)
+        if self.q_ln is not None:
+            if self.qk_gn:
+                q = self.q_ln(q.reshape(b, t, h, hd), dtype).astype(dtype)
+                k = self.k_ln(k.reshape(b, t, kv, hd), dtype).astype(dtype)
+            else:
+                q = self.q_ln(q, dtype).astype(dtype)
+                k = self.k_ln(k, dtype).astype(dtype)
+        q_bthd = q.reshape(b, t, h, hd)
+        k_btkd = k.reshape(b, t, kv, hd)
+        v_btkd = v.reshape(b, t, kv, hd)
+        slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
+
+        if training and self.attn_pdrop > 0:
+            raise ValueError(
+                f"attn_config.attn_pdrop={self.attn_pdrop}: attention-probability dropout is not "
+                "implemented in the flash kernels; train with attn_pdrop=0 (as MPT-7B did)"
+            )
+        if cache_kv is None:
+            o_bthd = attn_lib.flash_attention(
+                q_bthd, k_btkd, v_btkd, alibi_slopes=slopes, causal=True,
+                segment_ids=ctx.segment_ids, softmax_scale=self.softmax_scale,
+                impl=self.attn_impl,
+            )
+            new_cache = None
+        else:
+            k_cache, v_cache = cache_kv  # [B, S, KV, hd]
+            idx = ctx.cache_index
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_btkd.astype(k_cache.dtype),
+                                                   (0, idx, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkd.astype(v_cache.dtype),
+                                                   (0, idx, 0, 0))
+            s = k_cache.shape[1]
+            o_bthd = attn_lib.reference_attention(
+                q_bthd, k_cache.astype(dtype), v_cache.astype(dtype), alibi_slopes=slopes,
+                causal=True, softmax_scale=self.softmax_scale,
+                q_positions=idx + jnp.arange(t), kv_positions=jnp.arange(s), kv_mask=ctx.kv_mask,
+            )
+            new_cache = (k_cache, v_cache)
+        o_btd = o_bthd.reshape(b, t, h * hd)
+        return _dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
+
+
+class MLP(nnx.Module):
+    """mptmlp: down(act(up(x))); mptglu: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype):
+        d, f = cfg.d_model, cfg.ffn_hidden_size
+        use_bias = not cfg.no_bias
+        self.act = cfg.ffn_config.ffn_act_fn
+        self.up_proj = nnx.Param(_init_weight(rngs.params(), (d, f), cfg, param_dtype),
+                                 logical_axes=("embed", "mlp"))
+        self.down_proj = nnx.Param(
+            _init_weight(rngs.params(), (f, d), cfg, param_dtype, div=_residual_div(cfg)),
+            logical_axes=("mlp", "embed"),
+        )
+        self.gate_proj = (nnx.Param(_init_weight(rngs.params(), (d, f), cfg, param_dtype),
+                                    logical_axes=("embed", "mlp"))
+                          if cfg.ffn_config.ffn_type == "mptglu" else None)
+        self.up_proj_bias = (nnx.Param(jnp.zeros((f,), param_dtype), logical_axes=("mlp",))
+                             if use_bias else None)
+        self.down_proj_bias = (nnx.Param(jnp.zeros((d,), param_dtype), logical_axes=("norm",))
+                               if use_bias else None)
+        self.gate_proj_bias = (nnx.Param(jnp.zeros((f,), param_dtype), logical_axes=("mlp",))
+                               if use_bias and self.gate_proj is not None else None)
+
+    def __call__(self, x_btd, *, dtype):
+        act = _ACTIVATIONS[self.act]
+        up_btf = _dense(x_btd, self.up_proj, self.up_proj_bias, dtype)
+        if self.gate_proj is not None:
+            h_btf = act(_dense(x_btd, self.gate_proj, self.gate_proj_bias, dtype)) * up_btf
+        else:
+            h_btf = act(up_btf)
+        h_btf = sharding.constrain(h_btf, ("batch", "seq", "mlp"))
+        return _dense(h_btf, self.down_proj, self.down_proj_bias, dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm_1(x)); x + ffn(norm_2(x))."""
+
+    def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype, attn_impl: str):
+        use_bias = not cfg.no_bias
+        self.resid_pdrop = cfg.resid_pdrop
+        self.norm_1 = Norm(cfg.d_model, cfg, param_dtype=param_dtype, use_bias=use_bias)
+        self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, attn_impl=attn_impl)
+        self.norm_2 = Norm(cfg.d_model, cfg, param_dtype=param_dtype, use_bias=use_bias)
+        self.ffn = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
+
+    def __call__(self, x_btd, ctx: AttnContext, cache_kv, dropout_key, *, dtype):
+        training = dropout_key is not None
+        k1 = k2 = None
+        if training:
+            k1, k2 = jax.random.split(dropout_key)
+        a_btd, new_cache = self.attn(self.norm_1(x_btd, dtype), ctx, cache_kv, dtype=dtype,
+                                     training=training)
+        x_btd = x_btd + _dropout(a_btd, self.resid_pdrop, k1).astype(x_btd.dtype)
+        m_btd = self.ffn(self.norm_2(x_btd, dtype), dtype=dtype)
+        x_btd = x_btd + _dropout(m_btd, self.resid_pdrop, k2).astype(x_btd.dtype)
+        return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), new_cache
+
+
+class KVCache(NamedTuple):
+    """Preallocated per-layer keys and values, `[L, B, S, KV, hd]` each."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def _stacked_blocks(cfg: MPTConfig, key, *, param_dtype, attn_impl) -> Block:
+    """One Block whose parameters carry a leading `layers` axis (n_layers deep)."""
+
+    def make_state(k):
+        return nnx.state(Block(cfg, rngs=nnx.Rngs(params=k), param_dtype=param_dtype,
+                               attn_impl=attn_impl))
+
+    graphdef = nnx.graphdef(nnx.eval_shape(
+        lambda: Block(cfg, rngs=nnx.Rngs(params=0), param_dtype=param_dtype, attn_impl=attn_impl)))
+    state = jax.vmap(make_state)(jax.random.split(key, cfg.n_layers))
+    blocks = nnx.merge(graphdef, state)
+    for _, var in nnx.iter_graph(blocks):
+        if isinstance(var, nnx.Variable):
+            var.set_metadata("logical_axes", ("layers",) + tuple(var.get_metadata()["logical_axes"]))
+    return blocks
+
+
+class MPTForCausalLM(nnx.Module):
+    """MPT decoder with a (tied by default) language-model head.
+
+    `model(input_ids)` -> float32 logits `[B, T, vocab]`. Optional `attention_mask` `[B, T]`
+    (1 = token, 0 = padding; left padding is the supported layout), `segment_ids` `[B, T]` for
+    packed documents (used when `attn_config.attn_uses_sequence_id`, as llm-foundry does),
+    `dropout_rng` for training. With `cache=` (from `init_cache`) and `cache_index` the call runs
+    against the KV cache and returns `(logits, new_cache)`; `attention_mask` is then `[B, S]` over
+    the whole cache.
+    """
+
+    def __init__(self, config: MPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, attn_impl: str = "auto", remat_policy: str = "none",
+                 scan_layers: bool = True):
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {remat_policy!r}; expected {tuple(REMAT_POLICIES)}")
+        if attn_impl not in attn_lib.IMPLS:
+            raise ValueError(f"unknown attn_impl {attn_impl!r}; expected {attn_lib.IMPLS}")
+        cfg = config
+        self.config = cfg
+        self.dtype = dtype
+        self.remat_policy = remat_policy
+        self.scan_layers = scan_layers
+        d = cfg.d_model
+        self.wte = nnx.Param(
+            _init_weight(rngs.params(), (cfg.vocab_size, d), cfg, param_dtype, embedding=True),
+            logical_axes=("vocab", "embed"),
+        )
+        self.wpe = (nnx.Param(
+            _init_weight(rngs.params(), (cfg.max_seq_len, d), cfg, param_dtype, embedding=True),
+            logical_axes=("positions", "embed")) if cfg.use_wpe else None)
+        self.blocks = _stacked_blocks(cfg, rngs.params(), param_dtype=param_dtype,
+                                      attn_impl=attn_impl)
+        self.norm_f = Norm(d, cfg, param_dtype=param_dtype, use_bias=not cfg.no_bias)
+        self.lm_head = (None if cfg.tie_word_embeddings else nnx.Param(
+            _init_weight(rngs.params(), (cfg.vocab_size, d), cfg, param_dtype, embedding=True),
+            logical_axes=("vocab", "embed")))
+
+    # -- public API ------------------------------------------------------------------------
+    def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, dropout_rng=None,
+                 cache: KVCache | None = None, cache_index=None):
+        h_btd, new_cache = self.hidden_states(
+            input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
+            dropout_rng=dropout_rng, cache=cache, cache_index=cache_index)
+        logits = self.unembed(h_btd)
+        return logits if cache is None else (logits, new_cache)
+
+    def unembed(self, h_btd):
+        """Final hidden states `[..., D]` -> float32 logits `[..., V]` (h @ wte.T, logit_scale)."""
+        w_vd = (self.wte if self.lm_head is None else self.lm_head)[...]
+        logits = jnp.einsum("...d,vd->...v", h_btd.astype(self.dtype), w_vd.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        scale = self.config.logit_scale_value
+        return logits if scale is None else logits * scale
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        cfg = self.config
+        shape = (cfg.n_layers, batch_size, max_len, cfg.kv_n_heads, cfg.head_dim)
+        dt = self.dtype if dtype is None else dtype
+        return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+
+    def hidden_states(self, input_ids, *, attention_mask=None, segment_ids=None,
+                      dropout_rng=None, cache: KVCache | None = None, cache_index=None):
+        """Token ids -> final normed hidden states `[B, T, D]` (and the updated cache)."""
+        cfg, dtype = self.config, self.dtype
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        b, t = input_ids.shape
+        if cache is not None and cache_index is None:
+            raise ValueError("cache given without cache_index")
+
+        x_btd = jnp.take(self.wte[...], input_ids, axis=0).astype(jnp.float32)
+        if self.wpe is not None:
+            x_btd = x_btd + self._position_embeddings(t, attention_mask, cache_index)
+        if cfg.embedding_fraction < 1.0:
+            f = cfg.embedding_fraction
+            x_btd = x_btd * f + jax.lax.stop_gradient(x_btd) * (1 - f)
+        keys = None
+        if dropout_rng is not None:
+            emb_key, layers_key = jax.random.split(dropout_rng)
+            x_btd = _dropout(x_btd, cfg.emb_pdrop, emb_key)
+            keys = jax.random.split(layers_key, cfg.n_layers)
+        x_btd = sharding.constrain(x_btd.astype(dtype), ("batch", "seq", "act_embed"))
+
+        if cache is None:
+            seg = segment_ids if (cfg.attn_config.attn_uses_sequence_id
+                                  and segment_ids is not None) else None
+            if attention_mask is not None:
+                mask = jnp.asarray(attention_mask).astype(bool)
+                seg = jnp.where(mask, 1 if seg is None else seg + 1, 0).astype(jnp.int32)
+            ctx = AttnContext(segment_ids=seg, kv_mask=None, cache_index=None)
+        else:
+            kv_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+            ctx = AttnContext(segment_ids=None, kv_mask=kv_mask,
+                              cache_index=jnp.asarray(cache_index, jnp.int32))
+
+        x_btd, new_cache = self._run_blocks(x_btd, ctx, cache, keys)
+        return self.norm_f(x_btd, dtype), new_cache
+
+    # -- internals -------------------------------------------------------------------------
+    def _position_embeddings(self, t, attention_mask, cache_index):
+        """llm-foundry's learned positions: left padding does not advance the position."""
+        start = 0 if cache_index is None else cache_index
+        pos_bt = (start + jnp.arange(t))[None, :]
+        if attention_mask is not None:
+            pads = jnp.cumsum(1 - jnp.asarray(attention_mask).astype(jnp.int32), axis=1)
+            pads = jax.lax.dynamic_slice_in_dim(pads, start, t, axis=1)
+            pos_bt = jnp.maximum(pos_bt - pads, 0)
+        return jnp.take(self.wpe[...], pos_bt, axis=0).astype(jnp.float32)
+
+    def _run_blocks(self, x_btd, ctx, cache, keys):
+        graphdef, state = nnx.split(self.blocks)
+        dtype = self.dtype
+
+        def layer(x, layer_state, cache_kv, key):
+            block = nnx.merge(graphdef, layer_state)
+            return block(x, ctx, cache_kv, key, dtype=dtype)
+
+        policy = REMAT_POLICIES[self.remat_policy]
+        if policy == "full":
+            layer = jax.checkpoint(layer)
+        elif policy is not None:
+            layer = jax.checkpoint(layer, policy=policy)
+
+        cache_xs = None if cache is None else (cache.k, cache.v)
+        if self.scan_layers:
+            def body(x, xs):
+                layer_state, cache_kv, key = xs
+                x, new_kv = layer(x, layer_state, cache_kv, key)
+                return x, new_kv
+
+            x_btd, new_kv = jax.lax.scan(body, x_btd, (state, cache_xs, keys))
+        else:
+            outs = []
+            for i in range(self.config.n_layers):
+                sl = jax.tree.map(lambda a, i=i: a[i], (state, cache_xs, keys))
+                x_btd, kv_i = layer(x_btd, *sl)
+                outs.append(kv_i)
+            new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x_btd, (None if cache is None else KVCache(*new_kv))
+
+
+def count_params(model: MPTForCausalLM) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def abstract_model(config: MPTConfig, **kwargs) -> MPTForCausalLM:
+    """The model's shapes and dtypes only (nothing allocated): `nnx.eval_shape`."""
+    return nnx.eval_shape(lambda: MPTForCausalLM(config, rngs=nnx.Rngs(0), **kwargs))
