@@ -1,0 +1,493 @@
+"""ALiBi flash attention for NVIDIA GPUs: Pallas kernels lowered through Triton.
+
+Three kernels, FlashAttention-2 style:
+  forward  grid (q block, B, H): online softmax over KV blocks, writes out and the per-row
+           logsumexp (base 2);
+  dk/dv    grid (kv block, B, KV): loops over the G query heads of its KV head and over q blocks,
+           so GQA/MQA gradients are summed over the group in registers (no K/V copies);
+  dq       grid (q block, B, H): loops over KV blocks.
+The backward recomputes the probabilities from q, k and the saved logsumexp; the residuals are
+q, k, v, out and lse only. delta = rowsum(dout * out) is one fused XLA reduction.
+
+ALiBi is computed in the kernel: score(i, j) = scale * q_i.k_j + slope_h * (pos_j - pos_i). The
+row term -slope_h * pos_i is constant along a row, so the kernels add only a column vector per
+block (one add per element, fused with the scale) and fold the row term into the saved
+logsumexp; the positions are taken relative to a block anchor so no large numbers cancel.
+
+Positions: query i sits at position i + (S - T) (bottom-right alignment), key j at j.
+Causal: key j visible to query i iff pos_j <= pos_i. Blocks entirely above the diagonal are
+never visited; blocks entirely below it run a body without any mask arithmetic.
+Lengths are padded internally to a multiple of the blocks (padded keys are masked, padded query
+rows sliced off). Rows that see no key return 0 (their logsumexp is +inf, so their gradient is 0).
+
+This module imports nothing from mpt_jax: slopes come in as an array.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and Triton launch parameters (tuned on H100 for D=128 bf16)."""
+
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    block_q_dkv: int = 64
+    block_k_dkv: int = 128
+    num_warps_dkv: int = 8
+    num_stages_dkv: int = 2
+    block_q_dq: int = 128
+    block_k_dq: int = 64
+    num_warps_dq: int = 8
+    num_stages_dq: int = 2
+
+
+def _dot(a, b, *, ta=False, tb=False):
+    """a @ b with optional transposes, float32 accumulation."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    """Static description of one call (hashable: it parameterises the custom VJP)."""
+
+    seq_q: int  # real lengths
+    seq_k: int
+    offset: int  # pos(query i) = i + offset
+    group: int  # query heads per KV head
+    scale: float
+    causal: bool
+    has_alibi: bool
+    has_segments: bool
+    blocks: BlockSizes
+    interpret: bool
+    poison: bool = False  # tests: outputs start as NaN buffers, so unwritten elements show
+
+
+def _pallas_call(cfg: _Cfg, kernel, *, grid, in_specs, out_specs, out_shape, warps, stages, name):
+    """pl.pallas_call; with cfg.poison the outputs alias NaN-filled inputs the kernel ignores."""
+    if not cfg.poison:
+        return pl.pallas_call(
+            kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+            compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+            interpret=cfg.interpret, name=name)
+    n_in, n_out = len(in_specs), len(out_shape)
+
+    def poisoned_kernel(*refs):
+        return kernel(*refs[:n_in], *refs[n_in + n_out:])
+
+    call = pl.pallas_call(
+        poisoned_kernel, grid=grid, in_specs=[*in_specs, *out_specs], out_specs=out_specs,
+        out_shape=out_shape, input_output_aliases={n_in + i: i for i in range(n_out)},
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+        interpret=cfg.interpret, name=name)
+
+    def run(*args):
+        nans = [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
+        return call(*args, *nans)
+
+    return run
+
+
+def _seg_mask(qseg_ref, kvseg_ref, qs, bq, ks, bk):
+    qseg = qseg_ref[pl.ds(qs, bq)]
+    kvseg = kvseg_ref[pl.ds(ks, bk)]
+    return qseg[:, None] == kvseg[None, :]
+
+
+def _mask(cfg: _Cfg, qseg_ref, kvseg_ref, qs, bq, ks, bk):
+    """Visibility of the [bq, bk] block at (query qs, key ks): causal, key tail, segments."""
+    kidx = ks + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    mask = kidx < cfg.seq_k
+    if cfg.causal:
+        qpos = qs + cfg.offset + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+        mask = mask & (kidx <= qpos)
+    if cfg.has_segments:
+        mask = mask & _seg_mask(qseg_ref, kvseg_ref, qs, bq, ks, bk)
+    return mask
+
+
+def _kv_range(cfg: _Cfg, qs, bq, bk):
+    """KV blocks [0, n_full) need no mask, [n_full, n_end) do; blocks past n_end are skipped."""
+    n_valid = pl.cdiv(cfg.seq_k, bk)
+    if cfg.causal:
+        last = jnp.minimum(qs + bq + cfg.offset, cfg.seq_k)  # one past the last visible key
+        n_end = jnp.maximum(lax.div(last + bk - 1, bk), 0)
+        n_full = jnp.minimum(lax.div(jnp.maximum(qs + cfg.offset + 1, 0), bk), cfg.seq_k // bk)
+    else:
+        n_end = n_valid
+        n_full = cfg.seq_k // bk
+    if cfg.has_segments:
+        n_full = 0
+    n_full = jnp.minimum(n_full, n_end)
+    return n_full, n_end
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, cfg):
+    bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+    n_qb = pl.num_programs(0)
+    qb = n_qb - 1 - pl.program_id(0)  # longest rows first
+    h = pl.program_id(2)
+    qs = qb * bq
+    c = cfg.scale * LOG2E
+    q = q_ref[...]
+    d = q.shape[-1]
+    anchor = qs + cfg.offset  # position of row 0 of this block
+    if cfg.has_alibi:
+        slope2 = slopes_ref[pl.ds(h, 1)] * LOG2E  # [1]
+
+    def body(j, carry, masked):
+        acc, m, l = carry
+        ks = j * bk
+        k = k_ref[pl.ds(ks, bk), :]
+        v = v_ref[pl.ds(ks, bk), :]
+        s = _dot(q, k, tb=True) * c
+        if cfg.has_alibi:
+            kcol = (ks - anchor + lax.broadcasted_iota(jnp.int32, (1, bk), 1)).astype(jnp.float32)
+            s = s + slope2[:, None] * kcol
+        if masked:
+            s = jnp.where(_mask(cfg, qseg_ref, kvseg_ref, qs, bq, ks, bk), s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        if masked:
+            m_new_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        alpha = jnp.exp2(m - m_new_safe)
+        p = jnp.exp2(s - m_new_safe[:, None])
+        l = alpha * l + jnp.sum(p, axis=1)
+        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    n_full, n_end = _kv_range(cfg, qs, bq, bk)
+    carry = (
+        jnp.zeros((bq, d), jnp.float32),
+        jnp.full((bq,), -jnp.inf, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), carry)
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse = m + jnp.log2(l_safe)
+    if cfg.has_alibi:  # fold the dropped row term -slope * (pos_i - anchor) back in
+        lse = lse - slope2 * lax.broadcasted_iota(jnp.int32, (bq,), 0).astype(jnp.float32)
+    lse_ref[...] = jnp.where(empty, jnp.inf, lse)
+
+
+def _specs_seg(cfg, tp, sp, idx_b):
+    if not cfg.has_segments:
+        return [None, None]
+    return [pl.BlockSpec((None, tp), lambda *g: (idx_b(*g), 0)),
+            pl.BlockSpec((None, sp), lambda *g: (idx_b(*g), 0))]
+
+
+def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg):
+    b, tp, h, d = q.shape
+    sp, kvh = k.shape[1], k.shape[2]
+    bs = cfg.blocks
+    bq = bs.block_q
+    n_qb = tp // bq
+    g = cfg.group
+    grid = (n_qb, b, h)
+    rev = lambda i: n_qb - 1 - i  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+        pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+        pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+        pl.BlockSpec((slopes.shape[0],), lambda i, bi, hi: (0,)),
+        *_specs_seg(cfg, tp, sp, lambda i, bi, hi: bi),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, rev(i))),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct((b, h, tp), jnp.float32),
+    ]
+    return _pallas_call(
+        cfg, functools.partial(_fwd_kernel, cfg=cfg), grid=grid, in_specs=in_specs,
+        out_specs=out_specs, out_shape=out_shape, warps=bs.num_warps, stages=bs.num_stages,
+        name="alibi_flash_fwd",
+    )(q, k, v, slopes, qseg, kvseg)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: dk/dv
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qseg_ref, kvseg_ref,
+                dk_ref, dv_ref, *, cfg):
+    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+    kb = pl.program_id(0)
+    kvh = pl.program_id(2)
+    ks = kb * bk
+    c = cfg.scale * LOG2E
+    k = k_ref[...]
+    v = v_ref[...]
+    d = k.shape[-1]
+    kcol = lax.broadcasted_iota(jnp.int32, (1, bk), 1).astype(jnp.float32)  # pos_j - ks
+
+    # q blocks: [lo, full) need the causal/segment mask, [full, hi) do not
+    hi = pl.cdiv(cfg.seq_q, bq)
+    if cfg.causal:
+        first_q = jnp.maximum(ks - cfg.offset, 0)  # first query index that sees key ks
+        lo = jnp.minimum(lax.div(first_q, bq), hi)
+        full_q = jnp.maximum(ks + bk - 1 - cfg.offset, 0)  # first query seeing the whole block
+        full = jnp.minimum(lax.div(full_q + bq - 1, bq), hi)
+    else:
+        lo = 0
+        full = 0
+    if cfg.has_segments:
+        full = hi
+
+    def group_body(gi, carry):
+        dk, dv = carry
+        hq = kvh * cfg.group + gi
+        if cfg.has_alibi:
+            slope2 = slopes_ref[pl.ds(hq, 1)] * LOG2E  # [1]
+            kbias = slope2[:, None] * kcol  # [1, bk]
+
+        def body(j, carry, masked):
+            dk, dv = carry
+            qs = j * bq
+            q = q_ref[pl.ds(qs, bq), gi, :]
+            do = do_ref[pl.ds(qs, bq), gi, :]
+            lse = lse_ref[gi, pl.ds(qs, bq)]
+            delta = delta_ref[gi, pl.ds(qs, bq)]
+            s = _dot(q, k, tb=True) * c
+            if cfg.has_alibi:
+                rowpos = (qs + cfg.offset - ks
+                          + lax.broadcasted_iota(jnp.int32, (bq,), 0)).astype(jnp.float32)
+                lse = lse + slope2 * rowpos
+                s = s + kbias
+            s = s - lse[:, None]
+            if masked:
+                s = jnp.where(_mask(cfg, qseg_ref, kvseg_ref, qs, bq, ks, bk), s, -jnp.inf)
+            p = jnp.exp2(s)
+            dv = dv + _dot(p.astype(do.dtype), do, ta=True)
+            dp = _dot(do, v, tb=True)
+            ds = p * (dp - delta[:, None])
+            dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
+            return dk, dv
+
+        carry = lax.fori_loop(lo, full, functools.partial(body, masked=True), (dk, dv))
+        return lax.fori_loop(full, hi, functools.partial(body, masked=False), carry)
+
+    zeros = jnp.zeros((bk, d), jnp.float32)
+    if cfg.group == 1:
+        dk, dv = group_body(0, (zeros, zeros))
+    else:
+        dk, dv = lax.fori_loop(0, cfg.group, group_body, (zeros, zeros))
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
+    b, tp, h, d = q.shape
+    sp, kvh = k.shape[1], k.shape[2]
+    g = cfg.group
+    bs = cfg.blocks
+    bk = bs.block_k_dkv
+    q5 = q.reshape(b, tp, kvh, g, d)
+    do5 = do.reshape(b, tp, kvh, g, d)
+    lse4 = lse.reshape(b, kvh, g, tp)
+    delta4 = delta.reshape(b, kvh, g, tp)
+    grid = (sp // bk, b, kvh)
+    qspec = pl.BlockSpec((None, tp, None, g, d), lambda i, bi, hi: (bi, 0, hi, 0, 0))
+    rowspec = pl.BlockSpec((None, None, g, tp), lambda i, bi, hi: (bi, hi, 0, 0))
+    kspec = pl.BlockSpec((None, bk, None, d), lambda i, bi, hi: (bi, i, hi, 0))
+    in_specs = [
+        qspec, kspec, kspec, qspec, rowspec, rowspec,
+        pl.BlockSpec((slopes.shape[0],), lambda i, bi, hi: (0,)),
+        *_specs_seg(cfg, tp, sp, lambda i, bi, hi: bi),
+    ]
+    return _pallas_call(
+        cfg, functools.partial(_dkv_kernel, cfg=cfg), grid=grid, in_specs=in_specs,
+        out_specs=[kspec, kspec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        warps=bs.num_warps_dkv, stages=bs.num_stages_dkv, name="alibi_flash_bwd_dkv",
+    )(q5, k, v, do5, lse4, delta4, slopes, qseg, kvseg)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: dq
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qseg_ref, kvseg_ref,
+               dq_ref, *, cfg):
+    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+    n_qb = pl.num_programs(0)
+    qb = n_qb - 1 - pl.program_id(0)
+    h = pl.program_id(2)
+    qs = qb * bq
+    c = cfg.scale * LOG2E
+    q = q_ref[...]
+    do = do_ref[...]
+    d = q.shape[-1]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    anchor = qs + cfg.offset
+    if cfg.has_alibi:
+        slope2 = slopes_ref[pl.ds(h, 1)] * LOG2E
+        lse = lse + slope2 * lax.broadcasted_iota(jnp.int32, (bq,), 0).astype(jnp.float32)
+
+    def body(j, dq, masked):
+        ks = j * bk
+        k = k_ref[pl.ds(ks, bk), :]
+        v = v_ref[pl.ds(ks, bk), :]
+        s = _dot(q, k, tb=True) * c
+        if cfg.has_alibi:
+            kcol = (ks - anchor + lax.broadcasted_iota(jnp.int32, (1, bk), 1)).astype(jnp.float32)
+            s = s + slope2[:, None] * kcol
+        s = s - lse[:, None]
+        if masked:
+            s = jnp.where(_mask(cfg, qseg_ref, kvseg_ref, qs, bq, ks, bk), s, -jnp.inf)
+        p = jnp.exp2(s)
+        dp = _dot(do, v, tb=True)
+        ds = p * (dp - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    n_full, n_end = _kv_range(cfg, qs, bq, bk)
+    dq = jnp.zeros((bq, d), jnp.float32)
+    dq = lax.fori_loop(0, n_full, functools.partial(body, masked=False), dq)
+    dq = lax.fori_loop(n_full, n_end, functools.partial(body, masked=True), dq)
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _backward_dq(cfg: _Cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
+    b, tp, h, d = q.shape
+    sp = k.shape[1]
+    g = cfg.group
+    bs = cfg.blocks
+    bq = bs.block_q_dq
+    n_qb = tp // bq
+    rev = lambda i: n_qb - 1 - i  # noqa: E731
+    qspec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0))
+    kspec = pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
+    rowspec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, rev(i)))
+    in_specs = [
+        qspec, kspec, kspec, qspec, rowspec, rowspec,
+        pl.BlockSpec((slopes.shape[0],), lambda i, bi, hi: (0,)),
+        *_specs_seg(cfg, tp, sp, lambda i, bi, hi: bi),
+    ]
+    return _pallas_call(
+        cfg, functools.partial(_dq_kernel, cfg=cfg), grid=(n_qb, b, h), in_specs=in_specs,
+        out_specs=[qspec], out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
+        warps=bs.num_warps_dq, stages=bs.num_stages_dq, name="alibi_flash_bwd_dq",
+    )(q, k, v, do, lse, delta, slopes, qseg, kvseg)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom VJP on padded inputs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, q, k, v, slopes, qseg, kvseg):
+    return _forward(cfg, q, k, v, slopes, qseg, kvseg)[0]
+
+
+def _flash_fwd(cfg, q, k, v, slopes, qseg, kvseg):
+    out, lse = _forward(cfg, q, k, v, slopes, qseg, kvseg)
+    return out, (q, k, v, slopes, qseg, kvseg, out, lse)
+
+
+def _flash_bwd(cfg, res, do):
+    q, k, v, slopes, qseg, kvseg, out, lse = res
+    # [B, H, Tp] float32
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    dk, dv = _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg)
+    (dq,) = _backward_dq(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg)
+    return dq, dk, dv, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _fit(block: int, n: int) -> int:
+    """A power-of-two block no larger than needed for length n (Triton dots need >= 16)."""
+    return max(16, min(block, pl.next_power_of_2(n)))
+
+
+def _fit_blocks(bs: BlockSizes, t: int, s: int) -> BlockSizes:
+    return dataclasses.replace(
+        bs,
+        block_q=_fit(bs.block_q, t), block_k=_fit(bs.block_k, s),
+        block_q_dkv=_fit(bs.block_q_dkv, t), block_k_dkv=_fit(bs.block_k_dkv, s),
+        block_q_dq=_fit(bs.block_q_dq, t), block_k_dq=_fit(bs.block_k_dq, s),
+    )
+
+
+def _pad_to(x, axis, n, value=0):
+    if x.shape[axis] == n:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def flash_attention_gpu(
+    q,
+    k,
+    v,
+    alibi_slopes=None,
+    *,
+    causal: bool = True,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    softmax_scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+    _poison: bool = False,
+):
+    """q [B, T, H, D], k/v [B, S, KV, D] (S >= T, KV divides H) -> out [B, T, H, D].
+
+    alibi_slopes float32 [H] or None; q_segment_ids int32 [B, T] and kv_segment_ids [B, S]
+    (both or neither). Differentiable in q, k, v (not in the slopes).
+    """
+    b, t, h, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+    scale = float(1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale)
+    bs = _fit_blocks(block_sizes or BlockSizes(), t, s)
+    mq = max(bs.block_q, bs.block_q_dkv, bs.block_q_dq)  # powers of two: the max is the lcm
+    mk = max(bs.block_k, bs.block_k_dkv, bs.block_k_dq)
+    tp, sp = pl.cdiv(t, mq) * mq, pl.cdiv(s, mk) * mk
+    dp = max(16, pl.next_power_of_2(d))
+    cfg = _Cfg(seq_q=t, seq_k=s, offset=s - t, group=h // kvh, scale=scale, causal=causal,
+               has_alibi=alibi_slopes is not None, has_segments=q_segment_ids is not None,
+               blocks=bs, interpret=interpret, poison=_poison)
+    qp = _pad_to(_pad_to(q, 1, tp), 3, dp)
+    kp = _pad_to(_pad_to(k, 1, sp), 3, dp)
+    vp = _pad_to(_pad_to(v, 1, sp), 3, dp)
+    hp = pl.next_power_of_2(h)
+    if alibi_slopes is None:
+        slopes = jnp.zeros((hp,), jnp.float32)
+    else:
+        slopes = _pad_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(h), 0, hp)
+    qseg = kvseg = None
+    if cfg.has_segments:
+        qseg = _pad_to(q_segment_ids.astype(jnp.int32), 1, tp, value=-1)
+        kvseg = _pad_to(kv_segment_ids.astype(jnp.int32), 1, sp, value=-2)
+    out = _flash(cfg, qp, kp, vp, slopes, qseg, kvseg)
+    return out[:, :t, :, :d]

@@ -1,0 +1,164 @@
+"""flash_attention (Pallas GPU kernel in interpret mode) against the jnp reference.
+
+Fresh random inputs every run (seeded from the OS); tolerances are relative L2 errors per dtype.
+GPU-only checks skip on CPU.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mpt_jax import attention
+from mpt_jax.alibi import alibi_slopes
+from mpt_jax.kernels import flash_gpu
+
+ON_GPU = jax.default_backend() == "gpu"
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # interpret mode: exact f32 dots; bf16 p @ v
+GPU_TOL = {jnp.float32: 3e-3, jnp.bfloat16: 2e-2}  # tf32 dots for float32 on the GPU
+SMALL = flash_gpu.BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64,
+                             block_q_dq=64, block_k_dq=32)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _inputs(b, t, s, h, kvh, d, dtype, seed=None):
+    seed = np.random.SeedSequence(seed).generate_state(1)[0]
+    ks = jax.random.split(jax.random.key(int(seed)), 4)
+    q = jax.random.normal(ks[0], (b, t, h, d), dtype)
+    k = jax.random.normal(ks[1], (b, s, kvh, d), dtype)
+    v = jax.random.normal(ks[2], (b, s, kvh, d), dtype)
+    do = jax.random.normal(ks[3], (b, t, h, d), dtype)
+    return q, k, v, do
+
+
+def _segments(b, t, n, rng):
+    """Sorted random document ids per row: packed documents of random lengths."""
+    return jnp.asarray(np.sort(rng.integers(0, n, (b, t)), axis=1), jnp.int32)
+
+
+def _fwd_bwd(fn, q, k, v, do):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return (out, *vjp(do))
+
+
+CASES = [  # b, t, s, h, kv, d, causal, alibi, segments, dtype
+    pytest.param(2, 67, 67, 4, 4, 64, True, True, False, jnp.float32, id="odd_len_alibi"),
+    pytest.param(2, 128, 128, 4, 2, 64, True, True, True, jnp.float32, id="gqa_segments"),
+    pytest.param(2, 67, 67, 6, 3, 64, False, True, False, jnp.float32, id="noncausal_h6_gqa"),
+    pytest.param(1, 16, 100, 4, 1, 64, True, True, False, jnp.float32, id="mqa_s_gt_t"),
+    pytest.param(2, 67, 67, 4, 4, 64, True, False, True, jnp.bfloat16, id="bf16_noalibi_seg"),
+    pytest.param(1, 96, 96, 2, 2, 128, True, True, False, jnp.bfloat16, id="bf16_d128"),
+]
+
+
+@pytest.mark.parametrize("b,t,s,h,kvh,d,causal,use_alibi,use_seg,dtype", CASES)
+def test_pallas_gpu_matches_reference(b, t, s, h, kvh, d, causal, use_alibi, use_seg, dtype):
+    rng = np.random.default_rng()
+    q, k, v, do = _inputs(b, t, s, h, kvh, d, dtype)
+    slopes = jnp.asarray(alibi_slopes(h)) if use_alibi else None
+    seg = _segments(b, t, 3, rng) if use_seg else None
+    kw = dict(alibi_slopes=slopes, causal=causal, segment_ids=seg)
+    ours = jax.jit(lambda q, k, v, do: _fwd_bwd(
+        lambda q, k, v: attention.flash_attention(
+            q, k, v, impl="pallas_gpu", interpret=True, block_sizes=SMALL, **kw), q, k, v, do))
+    ref = jax.jit(lambda q, k, v, do: _fwd_bwd(
+        lambda q, k, v: attention.reference_attention(q, k, v, **kw), q, k, v, do))
+    got, want = ours(q, k, v, do), ref(q, k, v, do)
+    for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.shape == w.shape and a.dtype == w.dtype, name
+        assert np.isfinite(np.asarray(a, np.float32)).all(), name
+        assert _rel(a, w) < TOL[dtype], (name, _rel(a, w))
+
+
+def test_every_output_element_written():
+    """Outputs start as NaN (aliased poisoned buffers); every element must be overwritten."""
+    q, k, v, do = _inputs(2, 67, 67, 4, 2, 64, jnp.float32)
+    slopes = jnp.asarray(alibi_slopes(4))
+    seg = _segments(2, 67, 2, np.random.default_rng())
+    fn = lambda q, k, v: flash_gpu.flash_attention_gpu(  # noqa: E731
+        q, k, v, slopes, q_segment_ids=seg, kv_segment_ids=seg, block_sizes=SMALL,
+        interpret=True, _poison=True)
+    got = jax.jit(lambda *a: _fwd_bwd(fn, *a))(q, k, v, do)
+    want = _fwd_bwd(lambda q, k, v: attention.reference_attention(
+        q, k, v, alibi_slopes=slopes, segment_ids=seg), q, k, v, do)
+    for a, w in zip(got, want):
+        assert np.isfinite(np.asarray(a)).all()
+        assert _rel(a, w) < TOL[jnp.float32]
+
+
+def test_rows_without_visible_keys_are_zero():
+    """Queries whose document has no key (non-causal, disjoint ids): output 0, gradient 0."""
+    q, k, v, do = _inputs(1, 40, 40, 2, 2, 64, jnp.float32)
+    qseg = jnp.asarray(np.r_[np.zeros(20), np.full(20, 7)][None], jnp.int32)
+    kvseg = jnp.zeros((1, 40), jnp.int32)
+    kw = dict(causal=False, kv_segment_ids=kvseg)
+    slopes = jnp.asarray(alibi_slopes(2))
+    got = jax.jit(lambda *a: _fwd_bwd(lambda q, k, v: flash_gpu.flash_attention_gpu(
+        q, k, v, slopes, q_segment_ids=qseg, block_sizes=SMALL, interpret=True, **kw), *a))(
+        q, k, v, do)
+    want = _fwd_bwd(lambda q, k, v: attention.reference_attention(
+        q, k, v, alibi_slopes=slopes, segment_ids=qseg, **kw), q, k, v, do)
+    assert np.all(np.asarray(got[0])[:, 20:] == 0)
+    assert np.all(np.asarray(got[1])[:, 20:] == 0)
+    for a, w in zip(got, want):
+        assert _rel(a, w) < TOL[jnp.float32]
+
+
+def test_slopes_non_power_of_two_heads():
+    """llm-foundry's gen_slopes for H=6: n=8, slopes 2^-(1..8), interleaved odd-first, cut."""
+    full = [2.0 ** -(i + 1) for i in range(8)]
+    want = (full[1::2] + full[::2])[:6]
+    np.testing.assert_allclose(alibi_slopes(6), want, rtol=0)
+    assert alibi_slopes(6).dtype == np.float32
+
+
+def test_dispatch():
+    q, k, v, _ = _inputs(1, 24, 24, 2, 2, 64, jnp.float32)
+    if jax.default_backend() == "cpu":
+        assert attention._default_impl() == "reference"
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        attention.flash_attention(q, k, v, impl="cuda")
+    with pytest.raises(ValueError, match="segment_ids need S == T"):
+        attention.flash_attention(q[:, :8], k, v, segment_ids=jnp.zeros((1, 8), jnp.int32))
+    auto = attention.flash_attention(q, k, v, alibi_slopes=jnp.asarray(alibi_slopes(2)))
+    ref = attention.reference_attention(q, k, v, alibi_slopes=jnp.asarray(alibi_slopes(2)))
+    assert _rel(auto, ref) < 1e-6
+
+
+def test_decode_attention_matches_reference():
+    """Few new rows against a partly filled cache, per-sequence lengths."""
+    b, t, smax, h, kvh, d = 2, 2, 50, 4, 2, 64
+    q, k, v, _ = _inputs(b, t, smax, h, kvh, d, jnp.float32)
+    slopes = jnp.asarray(alibi_slopes(h))
+    lens = np.array([17, 50])
+    got = attention.decode_attention(q, k, v, jnp.asarray(lens), alibi_slopes=slopes)
+    for i, n in enumerate(lens):
+        want = attention.reference_attention(
+            q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n], alibi_slopes=slopes)
+        assert _rel(got[i:i + 1], want) < 1e-6
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU: compiles the Triton kernels for real")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_pallas_gpu_compiled(dtype):
+    rng = np.random.default_rng()
+    q, k, v, do = _inputs(2, 1000, 1000, 8, 2, 128, dtype)
+    slopes = jnp.asarray(alibi_slopes(8))
+    seg = _segments(2, 1000, 3, rng)
+    kw = dict(alibi_slopes=slopes, segment_ids=seg)
+    got = jax.jit(lambda *a: _fwd_bwd(lambda q, k, v: attention.flash_attention(
+        q, k, v, impl="pallas_gpu", **kw), *a))(q, k, v, do)
+    want = jax.jit(lambda *a: _fwd_bwd(lambda q, k, v: attention.reference_attention(
+        q, k, v, **kw), *a))(q, k, v, do)
+    for a, w in zip(got, want):
+        assert _rel(a, w) < GPU_TOL[dtype]
+
+
+def test_block_sizes_are_hashable_config():
+    bs = dataclasses.replace(flash_gpu.BlockSizes(), block_q=32)
+    assert hash(bs) != hash(flash_gpu.BlockSizes())
