@@ -1,0 +1,13 @@
+"""Convert MPT weights between HF / llm-foundry safetensors and mpt_jax checkpoints.
+
+    python convert_torch.py import SRC DST [--dtype bf16|fp16|fp32]
+    python convert_torch.py export SRC DST [--dtype ...] [--max_shard_size GB]
+
+See mpt_jax/convert.py for the formats. Bad input: exit status 1 with one line on stderr.
+"""
+import sys
+
+from mpt_jax.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,496 @@
+"""PyTorch (HF / llm-foundry safetensors) <-> our checkpoints: the name table, streaming
+import/export with validation, and `load_pretrained`.
+
+Name table (`name_table(cfg)`): one row per parameter of our model, `(our path, torch key,
+stacked, transpose)`. Torch keys are `transformer.blocks.{i}.attn.Wqkv.weight` etc. (the names
+transformers' native MPT and llm-foundry share); a Composer checkpoint's `model.` prefix is
+stripped. Our weights are `[in, out]` (torch's `[out, in]` transposed) and the blocks' parameters
+are stacked on a leading layers axis. Every key and shape of the source is checked against the
+config before anything is written: missing keys, unexpected keys and wrong shapes are errors.
+With tied embeddings a source `lm_head.weight` (a copy of `transformer.wte.weight`) is accepted
+and skipped.
+
+Streaming: tensors are read one at a time (`convert_io.read_tensor`), transposed, and written
+as one layer slice of the stacked array (chunked one layer per chunk), so peak memory is a few
+tensors, not the model. Params are stored in the source dtype (`--dtype` to change).
+`export` reads our params (or a trainer checkpoint's) layer by layer and writes safetensors
+shards of at most `max_shard_bytes` (5 GB by default) plus `model.safetensors.index.json`.
+
+Export form: when transformers' native `MptForCausalLM` can express the config, config.json is
+its `MptConfig` (form 'hf') and `from_pretrained` loads it as is. Otherwise (GQA/MQA, GLU,
+biases, qk_ln/qk_gn, logit_scale, untied head, learned positions without ALiBi,
+alibi_bias_max != 8, which native MPT ignores, ...) config.json is llm-foundry's remote-code form
+(architectures `MPTForCausalLM`, auto_map to configuration_mpt / modeling_mpt): the weights are
+the same names, but loading needs llm-foundry's modeling code (`trust_remote_code=True` with its
+files beside the weights, or llm-foundry installed). We do not silently write a native config
+that would compute something else; the CLI prints a note saying which form was written and why.
+
+Our checkpoint directory: `config.json` (llm-foundry form), `params/` (orbax, the model's
+`nnx.to_pure_dict` tree) and the tokenizer files. A trainer step directory has items `params`
+and `model_config`; a trainer workdir has `checkpoints/<step>/`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from mpt_jax.config import MPTConfig
+from mpt_jax.convert_io import (ConversionError, ParamsReader, ParamsWriter, SafetensorsWriter,
+                                TensorInfo, read_tensor, scan_source)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+# our path (inside blocks, or top level) -> (torch name, transpose)
+_BLOCK_TABLE = {
+    ("norm_1", "weight"): ("norm_1.weight", False),
+    ("norm_1", "bias"): ("norm_1.bias", False),
+    ("norm_2", "weight"): ("norm_2.weight", False),
+    ("norm_2", "bias"): ("norm_2.bias", False),
+    ("attn", "Wqkv"): ("attn.Wqkv.weight", True),
+    ("attn", "Wqkv_bias"): ("attn.Wqkv.bias", False),
+    ("attn", "out_proj"): ("attn.out_proj.weight", True),
+    ("attn", "out_proj_bias"): ("attn.out_proj.bias", False),
+    ("attn", "q_ln", "weight"): ("attn.q_ln.weight", False),
+    ("attn", "q_ln", "bias"): ("attn.q_ln.bias", False),
+    ("attn", "k_ln", "weight"): ("attn.k_ln.weight", False),
+    ("attn", "k_ln", "bias"): ("attn.k_ln.bias", False),
+    ("ffn", "up_proj"): ("ffn.up_proj.weight", True),
+    ("ffn", "up_proj_bias"): ("ffn.up_proj.bias", False),
+    ("ffn", "down_proj"): ("ffn.down_proj.weight", True),
+    ("ffn", "down_proj_bias"): ("ffn.down_proj.bias", False),
+    ("ffn", "gate_proj"): ("ffn.gate_proj.weight", True),
+    ("ffn", "gate_proj_bias"): ("ffn.gate_proj.bias", False),
+}
+_TOP_TABLE = {
+    ("wte",): "transformer.wte.weight",
+    ("wpe",): "transformer.wpe.weight",
+    ("norm_f", "weight"): "transformer.norm_f.weight",
+    ("norm_f", "bias"): "transformer.norm_f.bias",
+    ("lm_head",): "lm_head.weight",
+}
+
+
+class Row(NamedTuple):
+    path: tuple[str, ...]  # our pure-dict path
+    torch_key: str  # with "{i}" for the layer index when stacked
+    stacked: bool
+    transpose: bool
+    shape: tuple[int, ...]  # ours (with the leading layers axis when stacked)
+
+    def torch_shape(self) -> tuple[int, ...]:
+        s = self.shape[1:] if self.stacked else self.shape
+        return tuple(reversed(s)) if self.transpose else tuple(s)
+
+    def keys(self, n_layers: int) -> list[str]:
+        if not self.stacked:
+            return [self.torch_key]
+        return [self.torch_key.format(i=i) for i in range(n_layers)]
+
+
+def model_shapes(cfg: MPTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Our pure-dict paths and shapes, from the abstract model (nothing allocated)."""
+    import jax
+    from flax import nnx
+
+    from mpt_jax.model import abstract_model
+
+    pure = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+    flat = jax.tree_util.tree_flatten_with_path(pure)[0]
+    return {tuple(str(k.key) for k in kp): tuple(x.shape) for kp, x in flat}
+
+
+def name_table(cfg: MPTConfig) -> list[Row]:
+    rows = []
+    for path, shape in model_shapes(cfg).items():
+        if path[0] == "blocks":
+            if path[1:] not in _BLOCK_TABLE:
+                raise AssertionError(f"no torch name for our parameter {path}")
+            name, tr = _BLOCK_TABLE[path[1:]]
+            rows.append(Row(path, "transformer.blocks.{i}." + name, True, tr, shape))
+        else:
+            if path not in _TOP_TABLE:
+                raise AssertionError(f"no torch name for our parameter {path}")
+            rows.append(Row(path, _TOP_TABLE[path], False, False, shape))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading an HF-layout source
+# ---------------------------------------------------------------------------------------------
+def read_config(path: Path) -> MPTConfig:
+    if not path.is_file():
+        raise ConversionError(f"{path}: file not found")
+    try:
+        return MPTConfig.from_json_file(path)
+    except (ValueError, TypeError) as e:
+        raise ConversionError(f"{path}: {e}") from None
+
+
+class Plan(NamedTuple):
+    cfg: MPTConfig
+    rows: list[Row]
+    sources: dict[str, TensorInfo]  # torch key (unprefixed) -> where it is
+    dtypes: dict[tuple[str, ...], np.dtype]  # the source dtype per our path
+    files: list[Path]
+
+
+def plan_import(src: Path) -> Plan:
+    """Reads config.json and every safetensors header of `src`; checks keys and shapes."""
+    if not src.is_dir():
+        raise ConversionError(f"{src}: not a directory")
+    cfg = read_config(src / "config.json")
+    tensors, files = scan_source(src)
+    if tensors and all(k.startswith("model.") for k in tensors):
+        tensors = {k[len("model."):]: v for k, v in tensors.items()}
+    rows = name_table(cfg)
+    expected: dict[str, Row] = {}
+    for row in rows:
+        for key in row.keys(cfg.n_layers):
+            expected[key] = row
+    if cfg.tie_word_embeddings and "lm_head.weight" in tensors:
+        info = tensors.pop("lm_head.weight")  # the tied copy of wte
+        if info.shape != (cfg.vocab_size, cfg.d_model):
+            raise ConversionError(f"{info.file}: lm_head.weight has shape {list(info.shape)}, "
+                                  f"config.json implies {[cfg.vocab_size, cfg.d_model]}")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        info = tensors[unexpected[0]]
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ConversionError(f"{info.file}: unexpected key {unexpected[0]!r}{more} for the "
+                              f"config in {src / 'config.json'}")
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        where = ", ".join(str(f.name) for f in files)
+        raise ConversionError(f"{src}: missing key {missing[0]!r}{more} (not in {where}); "
+                              f"config.json needs it")
+    dtypes = {}
+    for key, row in expected.items():
+        info = tensors[key]
+        if info.shape != row.torch_shape():
+            raise ConversionError(
+                f"{info.file}: {key!r} has shape {list(info.shape)}, config.json implies "
+                f"{list(row.torch_shape())}")
+        if info.dtype.kind != "f" and info.dtype.name != "bfloat16":
+            raise ConversionError(f"{info.file}: {key!r} has dtype {info.dtype}, expected float")
+        dtypes.setdefault(row.path, info.dtype)
+    return Plan(cfg, rows, tensors, dtypes, files)
+
+
+def iter_tensors(plan: Plan, dtype=None) -> Iterator[tuple[Row, int | None, np.ndarray]]:
+    """(row, layer index or None, array in our layout), in file order for sequential reads."""
+    items = []
+    for row in plan.rows:
+        for i, key in enumerate(row.keys(plan.cfg.n_layers)):
+            items.append((plan.sources[key], key, row, i if row.stacked else None))
+    items.sort(key=lambda t: (str(t[0].file), t[0].start))
+    for info, key, row, i in items:
+        arr = read_tensor(info, key)
+        if row.transpose:
+            arr = arr.T
+        want = np.dtype(dtype) if dtype is not None else plan.dtypes[row.path]
+        yield row, i, np.ascontiguousarray(arr, dtype=want)
+
+
+def _progress(total_bytes: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
+                disable=None, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# import / export
+# ---------------------------------------------------------------------------------------------
+def _parse_dtype(dtype: str | None):
+    if dtype is None:
+        return None
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+    name = DTYPES.get(dtype, dtype)
+    if name not in DTYPES.values():
+        raise ConversionError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+class _AtomicDir:
+    """Builds a directory beside `dst` and renames it into place only on success."""
+
+    def __init__(self, dst: Path):
+        self.dst = dst
+
+    def __enter__(self) -> Path:
+        if os.path.lexists(self.dst):
+            raise ConversionError(f"{self.dst}: destination already exists")
+        parent = self.dst.parent
+        if not parent.is_dir():
+            raise ConversionError(f"{parent}: destination's parent directory does not exist")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.rename(self.tmp, self.dst)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def import_checkpoint(src, dst, *, dtype: str | None = None) -> MPTConfig:
+    """HF / llm-foundry safetensors directory -> our checkpoint directory (streaming)."""
+    src, dst = Path(src), Path(dst)
+    np_dtype = _parse_dtype(dtype)
+    plan = plan_import(src)
+    total = sum(plan.sources[k].nbytes for r in plan.rows for k in r.keys(plan.cfg.n_layers))
+    with _AtomicDir(dst) as tmp:
+        leaves = {r.path: (r.shape, np_dtype or plan.dtypes[r.path]) for r in plan.rows}
+        writer = ParamsWriter(tmp / "params", leaves, [r.path for r in plan.rows if r.stacked])
+        with _progress(total, f"import {src.name}") as bar:
+            for row, i, arr in iter_tensors(plan, np_dtype):
+                writer.write(row.path, i, arr)
+                bar.update(plan.sources[row.keys(plan.cfg.n_layers)[i or 0]].nbytes)
+        writer.close()
+        plan.cfg.to_json_file(tmp / "config.json", form="foundry")
+        _copy_tokenizer(src, tmp)
+    return plan.cfg
+
+
+class OurCheckpoint(NamedTuple):
+    cfg: MPTConfig
+    params_dir: Path
+    files_dir: Path  # where tokenizer files would be
+
+
+def resolve_checkpoint(path: Path) -> OurCheckpoint:
+    """Our converter dir, a trainer step dir (params + model_config) or a trainer workdir."""
+    if (path / "checkpoints").is_dir() and not (path / "params").is_dir():
+        steps = sorted((int(p.name), p) for p in (path / "checkpoints").iterdir()
+                       if p.name.isdigit() and (p / "params").is_dir())
+        if not steps:
+            raise ConversionError(f"{path / 'checkpoints'}: no finished step directories")
+        ck = resolve_checkpoint(steps[-1][1])
+        return ck._replace(files_dir=path)
+    params = path / "params"
+    if not params.is_dir():
+        raise ConversionError(f"{path}: not one of our checkpoints (no params/ directory)")
+    if (path / "config.json").is_file():
+        cfg = read_config(path / "config.json")
+    elif (path / "model_config").exists():
+        mc = path / "model_config"
+        files = [mc] if mc.is_file() else sorted(p for p in mc.iterdir() if p.is_file()
+                                                 and not p.name.startswith("_"))
+        if not files:
+            raise ConversionError(f"{mc}: no config file inside")
+        cfg = read_config(files[0])
+    else:
+        raise ConversionError(f"{path}: no config.json or model_config next to params/")
+    return OurCheckpoint(cfg, params, path)
+
+
+def _check_params(ck: OurCheckpoint, reader: ParamsReader, rows: list[Row]) -> None:
+    ours = {r.path: r for r in rows}
+    extra = sorted(set(reader.paths) - set(ours))
+    if extra:
+        raise ConversionError(f"{ck.params_dir}: unexpected parameter {'.'.join(extra[0])!r} "
+                              f"for the config")
+    for row in rows:
+        if row.path not in set(reader.paths):
+            raise ConversionError(f"{ck.params_dir}: missing parameter {'.'.join(row.path)!r}")
+        shape, _ = reader.shape_dtype(row.path)
+        if shape != row.shape:
+            raise ConversionError(f"{ck.params_dir / '.'.join(row.path)}: shape {list(shape)}, "
+                                  f"the config implies {list(row.shape)}")
+
+
+def export_form(cfg: MPTConfig) -> tuple[str, list[str]]:
+    """('hf', []) when native MptForCausalLM computes this model, else ('foundry', reasons)."""
+    problems = list(cfg.hf_native_problems())
+    if cfg.attn_config.alibi and cfg.attn_config.alibi_bias_max != 8:
+        problems.append(f"alibi_bias_max={cfg.attn_config.alibi_bias_max} (native MPT uses 8)")
+    return ("foundry" if problems else "hf"), problems
+
+
+def export_checkpoint(src, dst, *, dtype: str | None = None,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> tuple[str, list[str]]:
+    """Our checkpoint (or a trainer's) -> HF-layout safetensors shards + index (streaming).
+    Returns the config form written and, for 'foundry', why native MPT could not be used."""
+    src, dst = Path(src), Path(dst)
+    np_dtype = _parse_dtype(dtype)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: not a directory")
+    ck = resolve_checkpoint(src)
+    cfg = ck.cfg
+    rows = name_table(cfg)
+    reader = ParamsReader(ck.params_dir)
+    _check_params(ck, reader, rows)
+    form, problems = export_form(cfg)
+
+    # tensors in torch order: wte, (wpe), blocks.0.*, ..., norm_f, (lm_head)
+    items = []  # (torch key, row, layer, dtype, torch shape)
+    top_first = [r for r in rows if not r.stacked and r.path[0] in ("wte", "wpe")]
+    top_last = [r for r in rows if not r.stacked and r.path[0] not in ("wte", "wpe")]
+    for r in top_first:
+        items.append((r.torch_key, r, None))
+    for i in range(cfg.n_layers):
+        for r in rows:
+            if r.stacked:
+                items.append((r.torch_key.format(i=i), r, i))
+    for r in top_last:
+        items.append((r.torch_key, r, None))
+    entries = []
+    for key, r, i in items:
+        dt = np_dtype or reader.shape_dtype(r.path)[1]
+        entries.append((key, r, i, dt, r.torch_shape()))
+
+    shards: list[list] = [[]]
+    size = 0
+    for e in entries:
+        nbytes = int(np.prod(e[4])) * e[3].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    n = len(shards)
+    names = [f"model-{j + 1:05d}-of-{n:05d}.safetensors" for j in range(n)]
+    total = sum(int(np.prod(e[4])) * e[3].itemsize for e in entries)
+
+    with _AtomicDir(dst) as tmp:
+        weight_map = {}
+        with _progress(total, f"export {src.name}") as bar:
+            for fname, shard in zip(names, shards):
+                w = SafetensorsWriter(tmp / fname, [(k, dt, s) for k, _, _, dt, s in shard])
+                for key, r, i, dt, _ in shard:
+                    arr = reader.read(r.path, i)
+                    if r.transpose:
+                        arr = arr.T
+                    w.write(key, np.ascontiguousarray(arr, dtype=dt))
+                    weight_map[key] = fname
+                    bar.update(arr.size * dt.itemsize)
+                w.close()
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = cfg.to_dict(form)
+        if form == "foundry":
+            config["auto_map"] = {"AutoConfig": "configuration_mpt.MPTConfig",
+                                  "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"}
+        torch_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(
+            entries[0][3].name, "float32")
+        config["torch_dtype"] = torch_dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _copy_tokenizer(ck.files_dir, tmp)
+    return form, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# load_pretrained
+# ---------------------------------------------------------------------------------------------
+def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
+    """Loads an HF-layout directory (config.json + safetensors, sharded or not, HF or
+    llm-foundry names, `model.` prefix), our converter's directory, a trainer step directory or
+    a trainer workdir (latest step). `dtype` is the compute dtype (float32 when None); params
+    keep their stored dtype unless `param_dtype` is given. Nothing is randomly initialised."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mpt_jax.model import MPTForCausalLM
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"{path}: not a directory")
+    pd = None if param_dtype is None else np.dtype(jnp.dtype(param_dtype))
+    pure: dict = {}
+    if (path / "params").is_dir() or (path / "checkpoints").is_dir():
+        ck = resolve_checkpoint(path)
+        cfg, rows = ck.cfg, name_table(ck.cfg)
+        reader = ParamsReader(ck.params_dir)
+        _check_params(ck, reader, rows)
+        for r in rows:
+            arr = reader.read(r.path)
+            _set_path(pure, r.path, arr if pd is None else arr.astype(pd))
+    else:
+        plan = plan_import(path)
+        cfg = plan.cfg
+        stacks = {}
+        for row, i, arr in iter_tensors(plan, pd):
+            if row.stacked:
+                if row.path not in stacks:
+                    stacks[row.path] = np.empty(row.shape, arr.dtype)
+                stacks[row.path][i] = arr
+            else:
+                _set_path(pure, row.path, arr)
+        for p, arr in stacks.items():
+            _set_path(pure, p, arr)
+    dtype = jnp.float32 if dtype is None else dtype
+    abstract = nnx.eval_shape(lambda: MPTForCausalLM(
+        cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=pd or jnp.float32, **model_kwargs))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI (convert_torch.py)
+# ---------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="convert_torch.py",
+        description="Convert MPT weights between HF/llm-foundry safetensors and mpt_jax.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="HF/llm-foundry safetensors dir -> our checkpoint dir")
+    exp = sub.add_parser("export", help="our (or a trainer's) checkpoint -> HF safetensors dir")
+    for s in (imp, exp):
+        s.add_argument("src")
+        s.add_argument("dst")
+        s.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                       help="dtype to store (default: as stored in SRC)")
+    exp.add_argument("--max_shard_size", type=float, default=5.0,
+                     help="largest safetensors shard, in GB (default 5)")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "import":
+            cfg = import_checkpoint(args.src, args.dst, dtype=args.dtype)
+            print(f"imported {args.src} -> {args.dst} ({cfg.num_params():,} parameters)")
+        else:
+            form, problems = export_checkpoint(args.src, args.dst, dtype=args.dtype,
+                                               max_shard_bytes=int(args.max_shard_size * 1e9))
+            print(f"exported {args.src} -> {args.dst}")
+            if form == "foundry":
+                print("note: transformers' native MptForCausalLM cannot express this config ("
+                      + "; ".join(problems) + "); wrote llm-foundry's remote-code config.json "
+                      "(load with llm-foundry's modeling code, trust_remote_code=True)")
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
