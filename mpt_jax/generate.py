@@ -1,0 +1,353 @@
+"""Generation: prefill the whole prompt in one call, then a jitted decode loop over a
+preallocated KV cache; greedy, temperature, top-k and top-p sampling, seeded; per-row EOS.
+
+    gen = Generator(model)                       # or Generator(model, mesh=mesh)
+    out = gen.generate([[5, 7, 9], [3, 4]], max_new_tokens=32, temperature=0.0, eos_id=0)
+    out.tokens  # [B, N] int32, pad_id after a row's EOS;  out.lengths  # [B] (EOS included)
+
+Layout for speed. Decoding one token reads every weight once, so the loop must read weights in
+place: the model's stacked `[L, ...]` block parameters are split once into per-layer arrays
+(dynamic slices of a stacked operand inside a scan can be copied before each matmul), and the
+layers are unrolled inside the decode `while_loop`. The cache is a tuple of per-layer `[B, S, KV,
+hd]` buffers carried through the loop and donated between calls, so each step writes only the
+new token's keys and values, in place. Shapes are fixed for a (batch, prompt length, cache
+length) triple: one compilation for prefill, one for the decode loop, none per step.
+
+Prompts of different lengths are left-padded; `attention_mask` marks real tokens. ALiBi uses raw
+cache-slot positions: left padding shifts every key of a row by the same amount, which softmax
+ignores, so results equal HF's with left padding. With ALiBi nothing limits the length:
+`max_len` may exceed `config.max_seq_len` (ALiBi extrapolation, as MPT-7B-StoryWriter does).
+
+Streaming: `generate(..., on_tokens=fn)` runs the loop in host-driven chunks of
+`stream_chunk` steps and calls `fn(tokens_bn, n_done)` after each; the next chunk is queued
+before the previous one is read, so the device never waits for the host. Without `on_tokens`
+the whole loop is a single call.
+
+Sharding: with `mesh=`, parameters are placed by the logical-axis rules (sharding.py) and the
+cache's KV heads follow the `kv_heads` rule; jit propagates the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mpt_jax import sharding
+from mpt_jax.model import AttnContext, MPTForCausalLM
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy (argmax); top_k 0 = off; top_p 1.0 = off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def filter_logits(logits_bv, params: SamplingParams):
+    """Temperature, then top-k, then top-p (HF's order): excluded tokens get -inf."""
+    x = logits_bv.astype(jnp.float32) / jnp.float32(params.temperature)
+    v = x.shape[-1]
+    if 0 < params.top_k < v:
+        kth_b1 = jax.lax.top_k(x, params.top_k)[0][:, -1:]
+        x = jnp.where(x < kth_b1, -jnp.inf, x)
+    if params.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p: token i
+        # (in descending order) stays iff the mass strictly before it is < top_p.
+        sorted_bv = jnp.sort(x, axis=-1)[:, ::-1]
+        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+        before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+        keep_bv = before_bv < jnp.float32(params.top_p)
+        n_keep_b1 = jnp.maximum(jnp.sum(keep_bv, axis=-1, keepdims=True), 1)
+        thresh_b1 = jnp.take_along_axis(sorted_bv, n_keep_b1 - 1, axis=-1)
+        x = jnp.where(x < thresh_b1, -jnp.inf, x)
+    return x
+
+
+def sample(logits_bv, key, params: SamplingParams):
+    """Next tokens `[B]` int32 from float logits `[B, V]`."""
+    if params.temperature == 0.0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits_bv, params), axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
+    """Token lists -> (ids `[B, T]` int32, mask `[B, T]` int32), left-padded to the longest."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    lens = [len(p) for p in prompts]
+    if min(lens) == 0:
+        raise ValueError(f"prompt {lens.index(0)} is empty; every prompt needs a token")
+    t = max(lens)
+    ids = np.full((len(prompts), t), pad_id, np.int32)
+    mask = np.zeros((len(prompts), t), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = np.asarray(p, np.int32)
+        mask[i, t - len(p):] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+class DecodeState(NamedTuple):
+    """Everything the decode loop carries. `step` tokens have been produced so far; the last
+    of them, `last`, is not yet in the cache (it goes in at slot prompt_len + step - 1)."""
+
+    cache: tuple  # per layer (k, v), each [B, S, KV, hd]
+    kv_mask: jax.Array  # [B, S] bool: real prompt tokens and every generated slot
+    tokens: jax.Array  # [B, N] int32
+    last: jax.Array  # [B] int32
+    step: jax.Array  # int32 scalar
+    done: jax.Array  # [B] bool
+    key: jax.Array  # PRNG key
+    logits: jax.Array | None  # [B, N, V] float32 when keep_logits (tests), else None
+
+
+class GenerateOutput(NamedTuple):
+    tokens: np.ndarray  # [B, N] int32; pad_id after a row's EOS
+    lengths: np.ndarray  # [B] tokens generated per row, EOS included
+    logits: np.ndarray | None  # [B, N, V] float32 when keep_logits
+
+
+class _Weights(NamedTuple):
+    top: nnx.State  # everything but the blocks
+    placeholder: nnx.State  # scalar stand-ins for the stacked blocks (never read)
+    layers: tuple  # per-layer block states, no leading `layers` axis
+
+
+class Generator:
+    """Prefill + jitted decode for one model; holds per-layer copies of the block weights.
+
+    model: an `MPTForCausalLM` (its parameters' dtype is what decoding reads; build or load it
+    in bfloat16 for speed). mesh: optional `jax.sharding.Mesh` with axes from sharding.MESH_AXES;
+    parameters are placed by `rules` (sharding.DEFAULT_RULES). cache_dtype: defaults to the
+    model's compute dtype. The model may be dropped after construction to free its stacked
+    weights.
+    """
+
+    def __init__(self, model: MPTForCausalLM, *, mesh=None, rules=sharding.DEFAULT_RULES,
+                 cache_dtype=None):
+        self.config = model.config
+        self.dtype = model.dtype
+        self.cache_dtype = model.dtype if cache_dtype is None else cache_dtype
+        self.mesh = mesh
+        self.rules = rules
+        graphdef, blocks_state, top = nnx.split(model, nnx.PathContains("blocks"), ...)
+        self._graphdef = graphdef
+        self._block_graphdef, stacked = nnx.split(model.blocks)
+        n = self.config.n_layers
+        if mesh is not None:
+            top = self._place(top, drop_leading=False)
+            stacked = self._place(stacked, drop_leading=False)
+        layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
+        placeholder = jax.tree.map(lambda a: jnp.zeros((), a.dtype), blocks_state)
+        self.weights = _Weights(top, placeholder, layers)
+        self._prefill = jax.jit(self._prefill_impl, static_argnums=(4, 5, 6, 7, 8))
+        self._decode = jax.jit(self._decode_impl, static_argnums=(2, 3, 4, 5, 6),
+                               donate_argnums=(1,))
+
+    # -- placement -------------------------------------------------------------------------
+    def _place(self, state, *, drop_leading: bool):
+        def put(var):
+            axes = var.get_metadata().get("logical_axes")
+            spec = sharding.logical_to_spec(axes, self.rules)
+            spec = P(*(sharding._drop_missing(s, self.mesh.axis_names) for s in spec))
+            spec = P(*_divisible(spec, var[...].shape, self.mesh))
+            var = var.replace(jax.device_put(var[...], NamedSharding(self.mesh, spec)))
+            return var
+
+        return jax.tree.map(put, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    def _cache_sharding(self, shape):
+        if self.mesh is None:
+            return None
+        kv_rule = sharding.logical_to_spec((None, None, "kv_heads", None), self.rules)
+        spec = P(*(sharding._drop_missing(s, self.mesh.axis_names) for s in kv_rule))
+        return NamedSharding(self.mesh, P(*_divisible(spec, shape, self.mesh)))
+
+    # -- the forward pass over per-layer weights --------------------------------------------
+    def _forward(self, w: _Weights, ids_bt, kv_mask_bs, cache, cache_index):
+        """Runs T new tokens through every layer against the cache; returns the final normed
+        hidden state of the last position `[B, D]` and the new cache."""
+        cfg, dtype = self.config, self.dtype
+        model = nnx.merge(self._graphdef, w.placeholder, w.top)
+        t = ids_bt.shape[1]
+        x_btd = jnp.take(model.wte[...], ids_bt, axis=0).astype(jnp.float32)
+        if model.wpe is not None:
+            x_btd = x_btd + model._position_embeddings(t, kv_mask_bs, cache_index)
+        if cfg.embedding_fraction < 1.0:
+            f = cfg.embedding_fraction
+            x_btd = x_btd * f + jax.lax.stop_gradient(x_btd) * (1 - f)
+        x_btd = x_btd.astype(dtype)
+        ctx = AttnContext(segment_ids=None, kv_mask=kv_mask_bs, cache_index=cache_index)
+        new_cache = []
+        for layer_state, kv in zip(w.layers, cache):
+            block = nnx.merge(self._block_graphdef, layer_state)
+            x_btd, kv = block(x_btd, ctx, kv, None, dtype=dtype)
+            new_cache.append(kv)
+        h_bd = model.norm_f(x_btd[:, -1], dtype)
+        return model.unembed(h_bd), tuple(new_cache)
+
+    def _prefill_impl(self, w, ids_bt, mask_bt, key, cache_len, n_new, params, pad_id,
+                      keep_logits):
+        cfg = self.config
+        b, t = ids_bt.shape
+        shape = (b, cache_len, cfg.kv_n_heads, cfg.head_dim)
+        shard = self._cache_sharding(shape)
+
+        def zeros():
+            z = jnp.zeros(shape, self.cache_dtype)
+            return z if shard is None else jax.lax.with_sharding_constraint(z, shard)
+
+        cache = tuple((zeros(), zeros()) for _ in range(cfg.n_layers))
+        kv_mask = jnp.concatenate(
+            [mask_bt.astype(bool), jnp.ones((b, cache_len - t), bool)], axis=1)
+        logits_bv, cache = self._forward(w, ids_bt, kv_mask, cache, 0)  # static 0: flash path
+        tok_b = sample(logits_bv, jax.random.fold_in(key, 0), params)
+        tokens = jnp.full((b, n_new), pad_id, jnp.int32).at[:, 0].set(tok_b)
+        logits = None
+        if keep_logits:
+            logits = jnp.zeros((b, n_new, logits_bv.shape[-1]), jnp.float32)
+            logits = logits.at[:, 0].set(logits_bv)
+        return DecodeState(cache, kv_mask, tokens, tok_b, jnp.int32(1), jnp.zeros((b,), bool),
+                           key, logits)
+
+    def _decode_impl(self, w, state: DecodeState, prompt_len, n_steps, params, eos_id, pad_id):
+        """Up to n_steps decode steps (fewer once every row is done or N tokens exist)."""
+        n_new = state.tokens.shape[1]
+        stop = jnp.minimum(state.step + n_steps, n_new)
+
+        def cond(s: DecodeState):
+            return (s.step < stop) & ~jnp.all(s.done)
+
+        def body(s: DecodeState):
+            done = s.done if eos_id is None else s.done | (s.last == eos_id)
+            index = prompt_len + s.step - 1
+            logits_bv, cache = self._forward(w, s.last[:, None], s.kv_mask, s.cache, index)
+            tok_b = sample(logits_bv, jax.random.fold_in(s.key, s.step), params)
+            tok_b = jnp.where(done, pad_id, tok_b)
+            tokens = jax.lax.dynamic_update_slice(s.tokens, tok_b[:, None], (0, s.step))
+            logits = s.logits
+            if logits is not None:
+                logits = jax.lax.dynamic_update_slice(logits, logits_bv[:, None], (0, s.step, 0))
+            return DecodeState(cache, s.kv_mask, tokens, tok_b, s.step + 1, done, s.key, logits)
+
+        if eos_id is not None:  # rows whose latest token is EOS are done before the loop test
+            state = state._replace(done=state.done | (state.last == eos_id))
+        state = jax.lax.while_loop(cond, body, state)
+        done = state.done if eos_id is None else state.done | (state.last == eos_id)
+        state = state._replace(done=done)
+        return state, state.tokens + 0, state.step + 0, jnp.all(done)
+
+    # -- public API ------------------------------------------------------------------------
+    def generate(self, prompts, *, attention_mask=None, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 eos_id: int | None = None, pad_id: int = 0, max_len: int | None = None,
+                 on_tokens: Callable[[np.ndarray, int], None] | None = None,
+                 stream_chunk: int = 1, keep_logits: bool = False) -> GenerateOutput:
+        """prompts: token lists (left-padded here) or int `[B, T]` ids with `attention_mask`
+        (1 = token, 0 = left padding). max_len: the longest sequence (prompt + new tokens)
+        allowed, `config.max_seq_len` by default; with ALiBi it may be set past it.
+        on_tokens(tokens_bn, n): called as tokens arrive (streaming); tokens_bn holds the first
+        n tokens of every row. Returns tokens `[B, max_new_tokens]` and per-row lengths.
+        """
+        params = SamplingParams(float(temperature), int(top_k), float(top_p))
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if attention_mask is None and not isinstance(prompts, (np.ndarray, jax.Array)):
+            ids, mask = left_pad(prompts, pad_id)
+        else:
+            ids = np.asarray(prompts, np.int32)
+            mask = (np.ones_like(ids) if attention_mask is None
+                    else np.asarray(attention_mask, np.int32))
+            if ids.ndim != 2 or mask.shape != ids.shape:
+                raise ValueError(f"prompt ids {ids.shape} and mask {mask.shape} must be equal "
+                                 "[batch, seq] shapes")
+            if not mask[:, -1].all():
+                raise ValueError("attention_mask must use left padding (last column all 1)")
+        b, t = ids.shape
+        limit = self.config.max_seq_len if max_len is None else int(max_len)
+        if self.config.use_wpe and limit > self.config.max_seq_len:
+            raise ValueError(f"max_len={limit} > max_seq_len={self.config.max_seq_len}: this "
+                             "model has learned positions (no ALiBi) and cannot extrapolate")
+        cache_len = t + max_new_tokens
+        if cache_len > limit:
+            raise ValueError(
+                f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) = {cache_len} exceeds "
+                f"max_len={limit}; pass a larger max_len (--max_seq_len) to extrapolate")
+        key = jax.random.key(seed)
+        state = self._prefill(self.weights, jnp.asarray(ids), jnp.asarray(mask), key, cache_len,
+                              max_new_tokens, params, pad_id, keep_logits)
+        statics = (t, max_new_tokens if on_tokens is None else max(1, stream_chunk), params,
+                   eos_id, pad_id)
+        if on_tokens is None:
+            state, tokens, _, _ = self._decode(self.weights, state, *statics)
+        else:
+            on_tokens(np.asarray(state.tokens), 1)
+            state, tokens, step, all_done = self._decode(self.weights, state, *statics)
+            while True:
+                # Queue the next chunk before reading this one: the device never waits on us.
+                n, finished = int(step), bool(all_done) or int(step) >= max_new_tokens
+                nxt = None if finished else self._decode(self.weights, state, *statics)
+                on_tokens(np.asarray(tokens), n)
+                if nxt is None:
+                    break
+                state, tokens, step, all_done = nxt
+        tokens = np.asarray(tokens)
+        lengths = _lengths(tokens, eos_id)
+        logits = None if state.logits is None else np.asarray(state.logits)
+        return GenerateOutput(tokens, lengths, logits)
+
+
+def _lengths(tokens_bn, eos_id):
+    n = tokens_bn.shape[1]
+    if eos_id is None:
+        return np.full((tokens_bn.shape[0],), n, np.int32)
+    is_eos = tokens_bn == eos_id
+    first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, n)
+    return first.astype(np.int32)
+
+
+def _divisible(spec, shape, mesh):
+    """Drops mesh axes from dims they do not divide evenly (e.g. batch 1 over 8 devices)."""
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+        size = math.prod(mesh.shape[a] for a in axes) if axes else 1
+        out.append(entry if dim % size == 0 else None)
+    return out
+
+
+def generate(model: MPTForCausalLM, prompts, **kwargs) -> GenerateOutput:
+    """One-off convenience: `Generator(model).generate(prompts, **kwargs)` (see there).
+    Build a `Generator` once to reuse its compiled functions across calls."""
+    mesh = kwargs.pop("mesh", None)
+    return Generator(model, mesh=mesh).generate(prompts, **kwargs)
+
+
+__all__ = ["Generator", "GenerateOutput", "SamplingParams", "filter_logits", "generate",
+           "left_pad", "sample"]
