@@ -39,20 +39,31 @@ LOG2E = math.log2(math.e)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes and Triton launch parameters (tuned on H100 for D=128 bf16)."""
+    """Tile sizes and Triton launch parameters.
+
+    Defaults: the fastest of a sweep on an H200 (bf16, D=128, causal, B=4, T=2048, H=32; see
+    bench/ATTENTION_NOTES.md). Float32 inputs use `BlockSizes.for_float32()`, which fits the
+    shared memory (the bf16 tiles at 4 bytes a value ask for 295 KB of 227 KB).
+    """
 
     block_q: int = 128
     block_k: int = 64
     num_warps: int = 8
     num_stages: int = 3
     block_q_dkv: int = 64
-    block_k_dkv: int = 128
-    num_warps_dkv: int = 8
+    block_k_dkv: int = 64
+    num_warps_dkv: int = 4
     num_stages_dkv: int = 2
     block_q_dq: int = 128
     block_k_dq: int = 64
     num_warps_dq: int = 8
-    num_stages_dq: int = 2
+    num_stages_dq: int = 3
+
+    @classmethod
+    def for_float32(cls) -> "BlockSizes":
+        return cls(block_q=64, block_k=64, num_warps=4, num_stages=2,
+                   block_q_dkv=32, block_k_dkv=64, num_warps_dkv=4, num_stages_dkv=2,
+                   block_q_dq=64, block_k_dq=32, num_warps_dq=4, num_stages_dq=2)
 
 
 def _dot(a, b, *, ta=False, tb=False):
@@ -469,7 +480,10 @@ def flash_attention_gpu(
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
     scale = float(1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale)
-    bs = _fit_blocks(block_sizes or BlockSizes(), t, s)
+    if block_sizes is None:
+        wide = jnp.dtype(q.dtype).itemsize > 2
+        block_sizes = BlockSizes.for_float32() if wide else BlockSizes()
+    bs = _fit_blocks(block_sizes, t, s)
     mq = max(bs.block_q, bs.block_q_dkv, bs.block_q_dq)  # powers of two: the max is the lcm
     mk = max(bs.block_k, bs.block_k_dkv, bs.block_k_dq)
     tp, sp = pl.cdiv(t, mq) * mq, pl.cdiv(s, mk) * mk

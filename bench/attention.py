@@ -1,0 +1,294 @@
+#!/usr/bin/env python3
+"""ALiBi flash attention on one GPU: correctness, block-size sweep, TFLOP/s, peak memory.
+
+  python bench/attention.py check                 fresh random inputs vs the jnp reference
+  python bench/attention.py sweep [--batch 4 --seq 2048]
+                                                  each kernel (fwd, dk/dv, dq) per block config
+  python bench/attention.py bench [--config NAME] ours with/without ALiBi at (4, 2048), (1, 8192)
+  python bench/attention.py memory                compiled + measured peak of fwd+bwd, T up to 64k
+
+bf16, causal, H=32, D=128 unless flags say otherwise. FLOP convention (as ../shared peers.py):
+causal forward = 2*B*H*T^2*D, forward+backward = 3.5x that. Every timing is the median over 5
+batches of 20 back-to-back calls with one host sync per batch (peers.py's jax_time).
+Results go to --out DIR as JSON (one file per mode).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+try:
+    import mpt_jax  # noqa: F401
+except Exception as _e:  # the model half of the package may be mid-edit: attention needs none of it
+    import types
+
+    print(f"# mpt_jax/__init__ failed ({type(_e).__name__}: {_e}); importing attention alone")
+    _pkg = types.ModuleType("mpt_jax")
+    _pkg.__path__ = [os.path.join(_ROOT, "mpt_jax")]
+    sys.modules["mpt_jax"] = _pkg
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mpt_jax import attention  # noqa: E402
+from mpt_jax.alibi import alibi_slopes  # noqa: E402
+from mpt_jax.kernels import flash_gpu  # noqa: E402
+
+B0 = flash_gpu.BlockSizes()
+CONFIGS = {  # named whole-kernel configurations for `bench`
+    "default": B0,
+}
+
+
+def fwd_flops(b, t, h, d):
+    return 2 * b * h * t * t * d
+
+
+def jax_time(fn, args, iters=20, warmup=3, reps=5):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            r = fn(*args)
+        jax.block_until_ready(r)
+        times.append((time.perf_counter() - t0) / iters)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def inputs(b, t, h, kvh, d, dtype=jnp.bfloat16, seed=None):
+    seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (b, t, h, d), dtype)
+    k = jax.random.normal(ks[1], (b, t, kvh, d), dtype)
+    v = jax.random.normal(ks[2], (b, t, kvh, d), dtype)
+    do = jax.random.normal(ks[3], (b, t, h, d), dtype)
+    return q, k, v, do
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def fwd_bwd_fn(f):
+    return jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def mode_check(args):
+    rows = []
+    cases = [  # b, t, h, kv, d, causal, alibi, seg, dtype
+        (2, 1000, 8, 8, 128, True, True, False, jnp.bfloat16),
+        (2, 1000, 8, 2, 128, True, True, True, jnp.bfloat16),
+        (2, 777, 6, 3, 64, False, True, False, jnp.bfloat16),
+        (1, 1024, 8, 1, 64, True, True, True, jnp.float32),
+        (2, 2048, 4, 4, 128, True, False, False, jnp.float32),
+        (1, 512, 4, 4, 128, False, True, False, jnp.float32),
+    ]
+    rng = np.random.default_rng()
+    for b, t, h, kvh, d, causal, use_alibi, use_seg, dtype in cases:
+        q, k, v, do = inputs(b, t, h, kvh, d, dtype)
+        slopes = jnp.asarray(alibi_slopes(h)) if use_alibi else None
+        seg = (jnp.asarray(np.sort(rng.integers(0, 4, (b, t)), 1), jnp.int32)
+               if use_seg else None)
+        kw = dict(alibi_slopes=slopes, causal=causal, segment_ids=seg)
+        ours = lambda q, k, v: attention.flash_attention(q, k, v, impl="pallas_gpu", **kw)  # noqa
+        ref = lambda q, k, v: attention.reference_attention(q, k, v, **kw)  # noqa
+        name = f"b{b} t{t} h{h} kv{kvh} d{d} causal={causal} alibi={use_alibi} seg={use_seg} " \
+               f"{jnp.dtype(dtype).name}"
+        try:
+            o1 = jax.jit(ours)(q, k, v)
+            o2 = jax.jit(ref)(q, k, v)
+            g1 = fwd_bwd_fn(ours)(q, k, v, do)
+            g2 = fwd_bwd_fn(ref)(q, k, v, do)
+            errs = dict(out=rel(o1, o2), dq=rel(g1[0], g2[0]), dk=rel(g1[1], g2[1]),
+                        dv=rel(g1[2], g2[2]))
+            finite = all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in (o1, *g1))
+            rows.append(dict(case=name, finite=finite, **errs))
+            print(f"check {name}: finite={finite} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()),
+                  flush=True)
+        except Exception as e:  # report, keep going
+            rows.append(dict(case=name, error=f"{type(e).__name__}: {str(e)[:400]}"))
+            print(f"check {name}: ERROR {type(e).__name__}: {str(e)[:400]}", flush=True)
+    return rows
+
+
+# (block_q, block_k, num_warps, num_stages); the first sweep (H200, 2026-11-27) covered
+# fwd (128,64,8,3) (128,64,4,3) (128,128,8,2) (64,64,4,3) (128,32,4,3) (128,64,8,4) (64,128,4,3),
+# dkv (64,128,8,2|3) (32,128,4,3) (32,64,4,3) (128,128,8,2) (16,128,4,3) (32,128,8,2),
+# dq (128,64,8,2) (128,32,4,3) (64,64,4,2) (128,128,8,2) (64,32,4,3) (64,128,8,2): all slower.
+SWEEP_FWD = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (128, 64, 8, 3),
+             (64, 128, 8, 3), (128, 64, 4, 4)]
+SWEEP_DKV = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2),
+             (128, 64, 8, 2), (64, 64, 4, 1), (32, 32, 4, 2)]
+SWEEP_DQ = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3),
+            (64, 32, 4, 2)]
+
+
+def mode_sweep(args):
+    b, t, h, d = args.batch, args.seq, args.heads, 128
+    q, k, v, do = inputs(b, t, h, h, d)
+    slopes = jnp.pad(jnp.asarray(alibi_slopes(h)), (0, 0))
+    fl = fwd_flops(b, t, h, d)
+    out, lse = None, None
+    rows = []
+
+    def cfg_for(bs):
+        return flash_gpu._Cfg(seq_q=t, seq_k=t, offset=0, group=1, scale=d ** -0.5, causal=True,
+                              has_alibi=True, has_segments=False, blocks=bs, interpret=False)
+
+    for bq, bk, w, s in SWEEP_FWD:
+        bs = dataclasses.replace(B0, block_q=bq, block_k=bk, num_warps=w, num_stages=s)
+        cfg = cfg_for(bs)
+        f = jax.jit(lambda q, k, v, cfg=cfg: flash_gpu._forward(cfg, q, k, v, slopes, None, None))
+        try:
+            if out is None:
+                out, lse = f(q, k, v)
+            tt = jax_time(f, (q, k, v))
+            rows.append(dict(kernel="fwd", bq=bq, bk=bk, warps=w, stages=s, ms=tt * 1e3,
+                             tflops=fl / tt / 1e12))
+        except Exception as e:
+            rows.append(dict(kernel="fwd", bq=bq, bk=bk, warps=w, stages=s,
+                             error=f"{type(e).__name__}: {str(e)[:300]}"))
+        print(rows[-1], flush=True)
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    for bq, bk, w, s in SWEEP_DKV:
+        bs = dataclasses.replace(B0, block_q_dkv=bq, block_k_dkv=bk, num_warps_dkv=w,
+                                 num_stages_dkv=s)
+        cfg = cfg_for(bs)
+        f = jax.jit(lambda *a, cfg=cfg: flash_gpu._backward_dkv(cfg, *a, slopes, None, None))
+        try:
+            tt = jax_time(f, (q, k, v, do, lse, delta))
+            # dk/dv does 4 of the backward's matmuls: 2x forward flops
+            rows.append(dict(kernel="dkv", bq=bq, bk=bk, warps=w, stages=s, ms=tt * 1e3,
+                             tflops=2 * fl / tt / 1e12))
+        except Exception as e:
+            rows.append(dict(kernel="dkv", bq=bq, bk=bk, warps=w, stages=s,
+                             error=f"{type(e).__name__}: {str(e)[:300]}"))
+        print(rows[-1], flush=True)
+    for bq, bk, w, s in SWEEP_DQ:
+        bs = dataclasses.replace(B0, block_q_dq=bq, block_k_dq=bk, num_warps_dq=w,
+                                 num_stages_dq=s)
+        cfg = cfg_for(bs)
+        f = jax.jit(lambda *a, cfg=cfg: flash_gpu._backward_dq(cfg, *a, slopes, None, None))
+        try:
+            tt = jax_time(f, (q, k, v, do, lse, delta))
+            # dq does 3 matmuls: 1.5x forward flops
+            rows.append(dict(kernel="dq", bq=bq, bk=bk, warps=w, stages=s, ms=tt * 1e3,
+                             tflops=1.5 * fl / tt / 1e12))
+        except Exception as e:
+            rows.append(dict(kernel="dq", bq=bq, bk=bk, warps=w, stages=s,
+                             error=f"{type(e).__name__}: {str(e)[:300]}"))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _parse_blocks(spec):
+    if spec in CONFIGS:
+        return CONFIGS[spec]
+    if spec.startswith("sweep:"):  # the fastest block config per kernel from a sweep's JSON
+        rows = json.load(open(spec[6:]))["result"]
+        best = {}
+        for r in rows:
+            if "ms" in r and (r["kernel"] not in best or r["ms"] < best[r["kernel"]]["ms"]):
+                best[r["kernel"]] = r
+        kw = {}
+        for kern, suffix in (("fwd", ""), ("dkv", "_dkv"), ("dq", "_dq")):
+            r = best[kern]
+            kw.update({f"block_q{suffix}": r["bq"], f"block_k{suffix}": r["bk"],
+                       f"num_warps{suffix}": r["warps"], f"num_stages{suffix}": r["stages"]})
+        print(f"# blocks from sweep: {kw}", flush=True)
+        return flash_gpu.BlockSizes(**kw)
+    return flash_gpu.BlockSizes(**json.loads(spec))
+
+
+def mode_bench(args):
+    bs = _parse_blocks(args.config)
+    rows = []
+    for b, t in [(4, 2048), (1, 8192)]:
+        h, d = args.heads, 128
+        q, k, v, do = inputs(b, t, h, h, d)
+        fl = fwd_flops(b, t, h, d)
+        for use_alibi in (True, False):
+            slopes = jnp.asarray(alibi_slopes(h)) if use_alibi else None
+            f = lambda q, k, v, slopes=slopes: attention.flash_attention(  # noqa: E731
+                q, k, v, alibi_slopes=slopes, impl="pallas_gpu", block_sizes=bs)
+            name = "ours_pallas_triton_" + ("alibi" if use_alibi else "noalibi")
+            try:
+                t_f = jax_time(jax.jit(f), (q, k, v))
+                t_fb = jax_time(fwd_bwd_fn(f), (q, k, v, do))
+                rows.append(dict(name=name, batch=b, seq=t, fwd_ms=t_f * 1e3,
+                                 fwd_tflops=fl / t_f / 1e12, fwdbwd_ms=t_fb * 1e3,
+                                 fwdbwd_tflops=3.5 * fl / t_fb / 1e12))
+            except Exception as e:
+                rows.append(dict(name=name, batch=b, seq=t,
+                                 error=f"{type(e).__name__}: {str(e)[:300]}"))
+            print(rows[-1], flush=True)
+    return dict(blocks=dataclasses.asdict(bs), rows=rows,
+                device=jax.devices()[0].device_kind, jax=jax.__version__)
+
+
+def mode_memory(args):
+    bs = _parse_blocks(args.config)
+    h, d, rows = args.heads, 128, []
+    for t in args.mem_seqs:
+        q, k, v, do = inputs(1, t, h, h, d)
+        slopes = jnp.asarray(alibi_slopes(h))
+        f = lambda q, k, v: attention.flash_attention(  # noqa: E731
+            q, k, v, alibi_slopes=slopes, impl="pallas_gpu", block_sizes=bs)
+        fb = fwd_bwd_fn(f)
+        ma = fb.lower(q, k, v, do).compile().memory_analysis()
+        row = dict(seq=t, args_gib=ma.argument_size_in_bytes / 2**30,
+                   out_gib=ma.output_size_in_bytes / 2**30, temp_gib=ma.temp_size_in_bytes / 2**30)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fb(q, k, v, do))
+        row["first_call_s"] = time.perf_counter() - t0
+        if t == args.mem_seqs[-1]:
+            tt = jax_time(fb, (q, k, v, do), iters=3, warmup=1, reps=3)
+            row["fwdbwd_ms"] = tt * 1e3
+            row["fwdbwd_tflops"] = 3.5 * fwd_flops(1, t, h, d) / tt / 1e12
+        stats = jax.devices()[0].memory_stats() or {}
+        row["peak_gib_process"] = stats.get("peak_bytes_in_use", float("nan")) / 2**30
+        rows.append(row)
+        print(row, flush=True)
+        del q, k, v, do
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["check", "sweep", "bench", "memory"])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--config", default="default", help="a CONFIGS name or BlockSizes JSON")
+    ap.add_argument("--mem_seqs", type=int, nargs="+", default=[16384, 32768, 65536])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+    try:
+        res = globals()["mode_" + args.mode](args)
+    except Exception:
+        traceback.print_exc()
+        raise
+    with open(os.path.join(args.out, f"attention_{args.mode}.json"), "w") as f:
+        json.dump(dict(mode=args.mode, device=jax.devices()[0].device_kind,
+                       jax=jax.__version__, date=time.strftime("%Y-%m-%d"), result=res), f,
+                  indent=1)
+
+
+if __name__ == "__main__":
+    main()
