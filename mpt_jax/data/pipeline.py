@@ -1,0 +1,404 @@
+"""grain pipelines over prepared ArrayRecord shards: MPT's data mix, resumably.
+
+Per source (a directory written by `mpt_jax.data.prepare`, or the built-in corpus):
+
+    records -> held-out split (every round(1/eval_fraction)-th record is eval, the rest train)
+            -> this process's share (records process_index::process_count)
+            -> seeded global shuffle, reshuffled every epoch, repeated forever (train)
+
+Sources are mixed by normalised weight with grain's deterministic proportional interleaving, so
+each source runs through its own epochs at its own pace (a small source repeats more often).
+Then, by the shards' layout and `data.packing`:
+
+    sequences layout              records are seq_len rows already -> batch
+    documents layout, packing     documents split into <= seq_len pieces, first-fit packed into
+                                  rows with segment ids (a piece never spans two rows) -> batch
+    documents layout, no packing  documents concatenated and cut into seq_len rows -> batch
+
+Batches are dicts of numpy int32 `[batch_size, seq_len]`: `input_ids`, plus `segment_ids`
+(0 = padding, 1.. = document within the row) when packing; packed padding has input_ids 0.
+Worker processes (`data.num_workers`) or a background thread (`data.prefetch`) run the pipeline
+ahead of the trainer. The iterator's state is a small JSON-serialisable dict; restoring it
+yields exactly the batches the original would have yielded next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from mpt_jax.data import corpus
+from mpt_jax.data import prepare as prepare_lib
+from mpt_jax.data import tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One prepared shards directory in the mix."""
+
+    name: str
+    path: str
+    weight: float  # normalised: the weights of all sources sum to 1
+    manifest: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedData:
+    """Where the data is: the sources, the (local) tokenizer.json, and the vocabulary size.
+
+    `vocab_size` is the tokenizer's own (pad it with `tokenizer.padded_vocab_size` for the
+    model); `mode` is the shards' layout, 'sequences' or 'documents'.
+    """
+
+    sources: tuple[Source, ...]
+    tokenizer_path: str
+    vocab_size: int
+    mode: str
+    dtype: str
+
+
+def resolve_data(data_cfg, workdir: str | None) -> ResolvedData:
+    """Finds (and for a built-in corpus, prepares) the data that `data_cfg` names.
+
+    For `data.builtin == 'python_stdlib'` the built-in corpus is prepared into
+    `{workdir}/data` on first use (cached after, reused on rerun), with a byte-level BPE of
+    `data.builtin_vocab_size` tokens trained in seconds unless `data.tokenizer` is set.
+    Otherwise every `data.sources` entry must be a prepared shards directory; all must share one
+    tokenizer and layout, and `data.tokenizer` (when set) must be that tokenizer. Raises
+    ValueError naming the path and numbers on any mismatch, a missing directory or an empty
+    source.
+    """
+    if data_cfg.builtin:
+        if workdir is None:
+            raise ValueError(f"data.builtin={data_cfg.builtin!r} needs a workdir to prepare into")
+        shards_dir = corpus.prepare_builtin(
+            data_cfg.builtin, os.path.join(workdir, "data"),
+            vocab_size=data_cfg.builtin_vocab_size, tokenizer=data_cfg.tokenizer)
+        named = [(data_cfg.builtin, shards_dir, 1.0)]
+    else:
+        if not data_cfg.sources:
+            raise ValueError("data.sources is empty and data.builtin is '': no data to read")
+        named = [(name, src.path, src.weight) for name, src in data_cfg.sources.items()]
+    for name, path, weight in named:
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            raise ValueError(f"data.sources.{name}.weight must be a positive number, got {weight!r}")
+    total_weight = sum(weight for _, _, weight in named)
+
+    sources = []
+    for name, path, weight in named:
+        manifest = prepare_lib.read_manifest(path)
+        if manifest["records"] == 0:
+            raise ValueError(f"data source {name!r} at {path!r} is empty: 0 records")
+        sources.append(Source(name, path, weight / total_weight, manifest))
+    first = sources[0]
+    for source in sources[1:]:
+        for key in ("mode", "dtype"):
+            if source.manifest[key] != first.manifest[key]:
+                raise ValueError(
+                    f"data sources disagree on {key}: {first.name!r} at {first.path!r} has "
+                    f"{first.manifest[key]!r}, {source.name!r} at {source.path!r} has "
+                    f"{source.manifest[key]!r}")
+        if source.manifest["tokenizer"]["sha256"] != first.manifest["tokenizer"]["sha256"]:
+            raise ValueError(
+                f"data sources use different tokenizers: {first.name!r} at {first.path!r} "
+                f"({first.manifest['tokenizer']['name']!r}, sha256 "
+                f"{first.manifest['tokenizer']['sha256'][:12]}) vs {source.name!r} at "
+                f"{source.path!r} ({source.manifest['tokenizer']['name']!r}, sha256 "
+                f"{source.manifest['tokenizer']['sha256'][:12]})")
+    if data_cfg.tokenizer and not data_cfg.builtin:
+        wanted = tokenizer_lib.tokenizer_sha256(tokenizer_lib.load_tokenizer(data_cfg.tokenizer))
+        if wanted != first.manifest["tokenizer"]["sha256"]:
+            raise ValueError(
+                f"data.tokenizer={data_cfg.tokenizer!r} (sha256 {wanted[:12]}) is not the "
+                f"tokenizer the shards at {first.path!r} were prepared with "
+                f"({first.manifest['tokenizer']['name']!r}, sha256 "
+                f"{first.manifest['tokenizer']['sha256'][:12]})")
+    return ResolvedData(
+        sources=tuple(sources),
+        tokenizer_path=os.path.join(first.path, prepare_lib.TOKENIZER_FILE),
+        vocab_size=int(first.manifest["tokenizer"]["vocab_size"]),
+        mode=first.manifest["mode"],
+        dtype=first.manifest["dtype"],
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Record-level datasets
+
+
+class HeldOutSplit:
+    """A random-access view of one split of a data source, chosen by record index.
+
+    With `eval_every = round(1 / eval_fraction)`, record i is held out for eval exactly when
+    `i % eval_every == eval_every - 1`; train is every other record. `eval_every=None` (an
+    eval_fraction of 0) puts everything in train.
+    """
+
+    def __init__(self, source, *, eval_every: int | None, split: str):
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        self._source, self._eval_every, self._split = source, eval_every, split
+        n = len(source)
+        n_eval = 0 if eval_every is None else n // eval_every
+        self._len = n_eval if split == "eval" else n - n_eval
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _record_index(self, index: int) -> int:
+        s = self._eval_every
+        if s is None:
+            return index
+        return index * s + s - 1 if self._split == "eval" else index + index // (s - 1)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self._source[self._record_index(index)]
+
+    def __getitems__(self, indices) -> list[bytes]:
+        return self._source.__getitems__([self._record_index(i) for i in indices])
+
+
+def _eval_every(eval_fraction: float) -> int | None:
+    if eval_fraction == 0:
+        return None
+    if not 0 < eval_fraction <= 0.5:
+        raise ValueError(f"data.eval_fraction must be 0 or in (0, 0.5], got {eval_fraction}")
+    return round(1 / eval_fraction)
+
+
+class DecodeTokens:
+    """Shard record bytes -> {'input_ids': int32 [n]}."""
+
+    def __init__(self, dtype: str):
+        self._dtype = np.dtype(dtype).newbyteorder("<")
+
+    def __call__(self, record: bytes) -> dict[str, np.ndarray]:
+        return {"input_ids": np.frombuffer(record, self._dtype).astype(np.int32)}
+
+
+class SplitLongDocuments(grain.experimental.FlatMapTransform):
+    """A document longer than seq_len becomes consecutive pieces of at most seq_len tokens."""
+
+    def __init__(self, seq_len: int, max_pieces: int):
+        self.seq_len, self.max_fan_out = seq_len, max_pieces
+
+    def flat_map(self, element: dict[str, np.ndarray]):
+        ids = element["input_ids"]
+        return [{"input_ids": ids[i:i + self.seq_len]} for i in range(0, len(ids), self.seq_len)]
+
+
+def _packed_row(element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"input_ids": element["input_ids"].astype(np.int32),
+            "segment_ids": element["input_ids_segment_ids"].astype(np.int32)}
+
+
+def _unpacked_row(element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"input_ids": element["input_ids"].astype(np.int32)}
+
+
+def _source_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**32
+
+
+def _check_shapes(resolved: ResolvedData, data_cfg, seq_len: int, batch_size: int,
+                  process_index: int, process_count: int) -> None:
+    if seq_len <= 0 or batch_size <= 0:
+        raise ValueError(f"seq_len and batch_size must be positive, got {seq_len=} {batch_size=}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+    for source in resolved.sources:
+        prepared_len = source.manifest["seq_len"]
+        if prepared_len is not None and prepared_len != seq_len:
+            raise ValueError(
+                f"data source {source.name!r} at {source.path!r} was prepared with seq_len "
+                f"{prepared_len}, the config asks for seq_len {seq_len}")
+    if data_cfg.packing and resolved.mode != "documents":
+        raise ValueError(
+            f"data.packing=True needs shards that keep documents (prepare --keep_documents); "
+            f"{resolved.sources[0].path!r} holds {resolved.mode}")
+
+
+def _mixed_records(resolved: ResolvedData, *, split: str, eval_fraction: float, shuffle: bool,
+                   seed: int, process_index: int, process_count: int) -> grain.MapDataset:
+    """The mixed record stream of this process: infinite for train, finite for eval."""
+    eval_every = _eval_every(eval_fraction)
+    per_source = []
+    for source in resolved.sources:
+        records = HeldOutSplit(
+            grain.sources.ArrayRecordDataSource(prepare_lib.shard_paths(source.path,
+                                                                        source.manifest)),
+            eval_every=eval_every, split=split)
+        ds = grain.MapDataset.source(records)[process_index::process_count]
+        if len(ds) == 0:
+            raise ValueError(
+                f"data source {source.name!r} at {source.path!r}: its {split} split has no "
+                f"records for process {process_index} of {process_count} "
+                f"({source.manifest['records']} records, eval_fraction {eval_fraction})")
+        if split == "train":
+            if shuffle:
+                ds = ds.shuffle(seed=_source_seed(seed, source.name))
+            ds = ds.repeat()  # shuffle sees the epoch in the index: a fresh order every epoch
+        per_source.append(ds)
+    if len(per_source) == 1:
+        return per_source[0]
+    return grain.MapDataset.mix(per_source, [s.weight for s in resolved.sources])
+
+
+def _rows_and_batches(records: grain.MapDataset, resolved: ResolvedData, *, packing: bool,
+                      seq_len: int, batch_size: int, prefetch: int) -> grain.IterDataset:
+    """Records -> batches of rows, by layout (see the module docstring)."""
+    decode = DecodeTokens(resolved.dtype)
+    read_options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(prefetch, 1) * 8)
+    if resolved.mode == "sequences":
+        return (records.map(decode).batch(batch_size, drop_remainder=True)
+                .to_iter_dataset(read_options))
+    documents = records.map(decode).to_iter_dataset(
+        grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(prefetch, 1) * batch_size))
+    if packing:
+        longest = max(int(s.manifest.get("max_document_tokens", 0) or 0) for s in resolved.sources)
+        pieces = grain.experimental.FlatMapIterDataset(
+            documents, SplitLongDocuments(seq_len, max(1, -(-longest // seq_len))))
+        rows = grain.experimental.FirstFitPackIterDataset(
+            pieces, length_struct={"input_ids": seq_len}, num_packing_bins=batch_size,
+            shuffle_bins=False).map(_packed_row)
+    else:
+        rows = grain.experimental.ConcatThenSplitIterDataset(
+            documents, length_struct={"input_ids": seq_len}).map(_unpacked_row)
+    return rows.batch(batch_size, drop_remainder=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Iterators
+
+
+class DataIterator(Iterator[dict[str, np.ndarray]]):
+    """A grain DatasetIterator with a JSON-serialisable state tied to the pipeline it came from.
+
+    `get_state()` returns a dict that survives `json.dumps`/`json.loads`; `set_state(state)`
+    makes the iterator yield exactly what the one that produced `state` would have yielded
+    next, and raises ValueError for a state from a differently configured pipeline.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, fingerprint: str):
+        self._iterator = iter(dataset)
+        self._fingerprint = fingerprint
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"pipeline": self._fingerprint,
+                "grain": json.loads(json.dumps(self._iterator.get_state()))}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("pipeline") != self._fingerprint:
+            raise ValueError(
+                f"data iterator state is from another pipeline (fingerprint "
+                f"{state.get('pipeline')!r}, this one {self._fingerprint!r}): the data config, "
+                f"seq_len, batch size, seed or process layout changed")
+        self._iterator.set_state(_tuples_restored(state["grain"]))
+
+    def close(self) -> None:
+        """Stops worker processes and threads, if any."""
+        self._iterator.close()
+
+
+def _tuples_restored(state):
+    """JSON turns tuples into lists; grain's concat-then-split compares its slices as tuples."""
+    if isinstance(state, dict):
+        return {key: ({k: tuple(v) for k, v in value.items()} if key == "remainder_slices"
+                      else _tuples_restored(value)) for key, value in state.items()}
+    if isinstance(state, list):
+        return [_tuples_restored(v) for v in state]
+    return state
+
+
+def _fingerprint(resolved: ResolvedData, **settings) -> str:
+    description = {
+        "sources": [(s.name, s.path, s.weight, s.manifest["records"],
+                     s.manifest["tokenizer"]["sha256"]) for s in resolved.sources],
+        **settings,
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_train_iterator(data_cfg, *, seq_len: int, batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1,
+                        workdir: str | None = None) -> DataIterator:
+    """Infinite iterator of this process's training batches.
+
+    Yields dict(input_ids=np.int32 [batch_size, seq_len]) and, when `data_cfg.packing`,
+    segment_ids=np.int32 [batch_size, seq_len] (0 = padding, 1.. = document within the row).
+    Process `process_index` of `process_count` reads a disjoint share of every source's records;
+    `batch_size` is the per-process batch. Each source is shuffled with a seed derived from
+    `seed` and its name, afresh each epoch. Reads data_cfg.builtin / tokenizer / sources /
+    packing / eval_fraction / shuffle / num_workers / prefetch / builtin_vocab_size.
+
+    The iterator has get_state() -> JSON-serialisable dict and set_state(state): a restored
+    iterator yields exactly the batches the original would have yielded next (grain
+    DatasetIterator semantics).
+    """
+    resolved = resolve_data(data_cfg, workdir)
+    _check_shapes(resolved, data_cfg, seq_len, batch_size, process_index, process_count)
+    records = _mixed_records(
+        resolved, split="train", eval_fraction=data_cfg.eval_fraction, shuffle=data_cfg.shuffle,
+        seed=seed, process_index=process_index, process_count=process_count)
+    batches = _rows_and_batches(records, resolved, packing=data_cfg.packing, seq_len=seq_len,
+                                batch_size=batch_size, prefetch=data_cfg.prefetch)
+    if data_cfg.num_workers > 0:
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data_cfg.num_workers, per_worker_buffer_size=max(data_cfg.prefetch, 1)))
+    elif data_cfg.prefetch > 0:
+        batches = grain.experimental.ThreadPrefetchIterDataset(
+            batches, prefetch_buffer_size=data_cfg.prefetch)
+    fingerprint = _fingerprint(
+        resolved, split="train", seq_len=seq_len, batch_size=batch_size, seed=seed,
+        process_index=process_index, process_count=process_count, packing=data_cfg.packing,
+        shuffle=data_cfg.shuffle, eval_fraction=data_cfg.eval_fraction,
+        num_workers=data_cfg.num_workers)
+    return DataIterator(batches, fingerprint)
+
+
+def make_eval_batches(data_cfg, *, seq_len: int, batch_size: int, num_batches: int,
+                      process_index: int = 0, process_count: int = 1,
+                      workdir: str | None = None) -> list[dict[str, np.ndarray]]:
+    """The first `num_batches` batches of the held-out split, deterministic, same dict format.
+
+    The held-out split is every round(1 / data.eval_fraction)-th record of every source, read in
+    order (no shuffle), mixed by weight, and shared between processes like the train split.
+    Raises ValueError when it cannot fill `num_batches` batches.
+    """
+    if data_cfg.eval_fraction == 0:
+        raise ValueError("make_eval_batches: data.eval_fraction is 0, there is no held-out split")
+    if num_batches <= 0:
+        raise ValueError(f"make_eval_batches: num_batches must be positive, got {num_batches}")
+    resolved = resolve_data(data_cfg, workdir)
+    _check_shapes(resolved, data_cfg, seq_len, batch_size, process_index, process_count)
+    records = _mixed_records(
+        resolved, split="eval", eval_fraction=data_cfg.eval_fraction, shuffle=False, seed=0,
+        process_index=process_index, process_count=process_count)
+    batches_iter = iter(_rows_and_batches(records, resolved, packing=data_cfg.packing,
+                                          seq_len=seq_len, batch_size=batch_size,
+                                          prefetch=data_cfg.prefetch))
+    batches = []
+    for batch in batches_iter:
+        batches.append(batch)
+        if len(batches) == num_batches:
+            return batches
+    raise ValueError(
+        f"the held-out split (eval_fraction {data_cfg.eval_fraction}, sources "
+        f"{[s.path for s in resolved.sources]}) yields only {len(batches)} batches of "
+        f"{batch_size} x {seq_len} for process {process_index} of {process_count}, "
+        f"{num_batches} asked; raise data.eval_fraction or ask fewer")

@@ -1,0 +1,549 @@
+"""Text -> tokenized ArrayRecord shards + manifest.json (llm-foundry's convert_dataset_* in our world).
+
+    python -m mpt_jax.data.prepare --input PATH... --output DIR --tokenizer PATH_OR_NAME \
+        --seq_len N [--text_field text] [--eos_text ...] [--bos_text ...] [--workers K] \
+        [--keep_documents] [--max_bad_fraction F]
+
+Inputs (files or directories of them): plain text (`.txt`, `.text`, `.md`; a whole file is one
+document, as llm-foundry's convert_text_to_mds does), JSON lines (`.jsonl`, `.json`; one object
+per line, text under `--text_field`) and Parquet (`.parquet`, column `--text_field`); text and
+JSON lines may be compressed (`.gz`, `.zst`). Every document gets `--bos_text` (if given) in
+front and `--eos_text` (default `<|endoftext|>`; '' for none) at the end.
+
+Two layouts (the manifest's `mode`):
+  sequences  (default)           documents are concatenated and cut into records of exactly
+                                 `seq_len` tokens (MPT's pretraining); each input's final partial
+                                 sequence is dropped and counted as `dropped_tokens`.
+  documents  (--keep_documents)  one record per document, for packing with segment ids.
+Records are little-endian uint16 token ids when the vocabulary fits (< 65536), else int32.
+
+Resumable: each input file is its own unit. Its shards are written under temporary names, renamed
+when the file is finished, and only then recorded in the manifest; a rerun skips recorded inputs
+(unless the file changed), deletes leftovers of an interrupted one and redoes it. An output
+directory prepared with another tokenizer, seq_len, layout or BOS/EOS is refused.
+
+Bad lines (invalid JSON, a missing or non-string text field, undecodable bytes, null Parquet
+cells) are counted, reported on stderr and skipped; an input whose bad fraction exceeds
+`--max_bad_fraction` fails the run. Errors exit with status 1 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tqdm
+
+from mpt_jax.data import tokenizer as tokenizer_lib
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+# Random access reads one record at a time: one record per chunk, no compression (token ids
+# barely compress and decompression would cost read throughput).
+ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
+SHARD_SUFFIX = ".array_record"
+
+_TEXT_SUFFIXES = (".txt", ".text", ".md")
+_JSONL_SUFFIXES = (".jsonl", ".json")
+_COMPRESSION_SUFFIXES = ("", ".gz", ".zst")
+# Documents handed to a tokenizer worker at once.
+_DOCS_PER_BATCH = 256
+
+
+# ------------------------------------------------------------------------------------------
+# Reading inputs
+
+
+def input_kind(path: str) -> str:
+    """'text' | 'jsonl' | 'parquet' from the file name, or ValueError naming the file."""
+    name = path.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    for compression in _COMPRESSION_SUFFIXES:
+        if any(name.endswith(s + compression) for s in _JSONL_SUFFIXES):
+            return "jsonl"
+        if any(name.endswith(s + compression) for s in _TEXT_SUFFIXES):
+            return "text"
+    raise ValueError(
+        f"{path}: unsupported input type; expected .txt/.text/.md, .jsonl/.json "
+        "(optionally .gz or .zst) or .parquet"
+    )
+
+
+def expand_inputs(paths: Sequence[str]) -> list[str]:
+    """Files named by `paths`, directories expanded to their supported files (sorted), in order."""
+    if not paths:
+        raise ValueError("no --input given")
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                for name in sorted(names):
+                    try:
+                        input_kind(name)
+                    except ValueError:
+                        continue
+                    found.append(os.path.join(root, name))
+            if not found:
+                raise ValueError(f"{path}: directory holds no supported input files")
+            files.extend(found)
+        elif os.path.isfile(path):
+            input_kind(path)
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: no such file or directory")
+    absolute = [os.path.abspath(f) for f in files]
+    if len(set(absolute)) != len(absolute):
+        raise ValueError("an input file is named twice: " + ", ".join(
+            sorted({f for f in absolute if absolute.count(f) > 1})))
+    return absolute
+
+
+def _open_binary(path: str):
+    if path.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.lower().endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(
+            open(path, "rb"), read_across_frames=True, closefd=True)
+    return open(path, "rb")
+
+
+@dataclasses.dataclass
+class BadLines:
+    """Counts of one input's unusable lines, with the first few for the report."""
+
+    count: int = 0
+    total: int = 0
+    examples: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, where: str, why: str):
+        self.count += 1
+        if len(self.examples) < 3:
+            self.examples.append(f"{where}: {why}")
+
+
+def iter_documents(path: str, text_field: str, bad: BadLines) -> Iterator[str]:
+    """Yields the documents of one input file; unusable lines are counted in `bad` and skipped.
+
+    Empty documents are skipped without counting as bad.
+    """
+    kind = input_kind(path)
+    if kind == "text":
+        bad.total += 1
+        with _open_binary(path) as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.add(path, f"not UTF-8 ({e.reason} at byte {e.start})")
+            return
+        if text:
+            yield text
+    elif kind == "jsonl":
+        with _open_binary(path) as f:
+            for line_number, raw_line in enumerate(io.BufferedReader(f), start=1):
+                if not raw_line.strip():
+                    continue
+                bad.total += 1
+                try:
+                    record = json.loads(raw_line)
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    bad.add(f"line {line_number}", f"invalid JSON ({str(e).splitlines()[0]})")
+                    continue
+                if not isinstance(record, dict):
+                    bad.add(f"line {line_number}", "not a JSON object")
+                    continue
+                text = record.get(text_field)
+                if not isinstance(text, str):
+                    why = "missing" if text is None else f"a {type(text).__name__}, not a string"
+                    bad.add(f"line {line_number}", f"field {text_field!r} is {why}")
+                    continue
+                if text:
+                    yield text
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            parquet_file = pq.ParquetFile(path)
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable Parquet file ({e})".splitlines()[0]) from None
+        if text_field not in parquet_file.schema_arrow.names:
+            raise ValueError(
+                f"{path}: Parquet file has no column {text_field!r} "
+                f"(columns: {parquet_file.schema_arrow.names})"
+            )
+        row = 0
+        for batch in parquet_file.iter_batches(columns=[text_field], batch_size=4096):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                bad.total += 1
+                if not isinstance(text, str):
+                    bad.add(f"row {row}", f"column {text_field!r} is {text!r}, not a string")
+                    continue
+                if text:
+                    yield text
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenizing (in worker processes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Encoding:
+    """What a worker needs to turn texts into token arrays."""
+
+    tokenizer_json: str
+    bos_ids: tuple[int, ...]
+    eos_ids: tuple[int, ...]
+    dtype: str
+
+
+_worker_encoding: _Encoding | None = None
+_worker_tokenizer = None
+
+
+def _init_worker(encoding: _Encoding):
+    global _worker_encoding, _worker_tokenizer
+    import tokenizers
+
+    _worker_encoding = encoding
+    _worker_tokenizer = tokenizers.Tokenizer.from_str(encoding.tokenizer_json)
+
+
+def _encode_texts(texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text with BOS/EOS added, as arrays of the shard dtype."""
+    assert _worker_encoding is not None and _worker_tokenizer is not None
+    encodings = _worker_tokenizer.encode_batch(texts, add_special_tokens=False)
+    bos, eos, dtype = _worker_encoding.bos_ids, _worker_encoding.eos_ids, _worker_encoding.dtype
+    return [np.array(bos + tuple(e.ids) + eos, dtype=dtype) for e in encodings]
+
+
+def _batched(docs: Iterator[str], n: int) -> Iterator[list[str]]:
+    batch = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ------------------------------------------------------------------------------------------
+# Writing shards
+
+
+class _ShardWriter:
+    """Writes records into `{stem}-{k:04d}.array_record.tmp`, rolling over every `shard_tokens`."""
+
+    def __init__(self, output_dir: str, stem: str, shard_tokens: int):
+        self._output_dir, self._stem, self._shard_tokens = output_dir, stem, shard_tokens
+        self._writer = None
+        self._tokens_in_shard = 0
+        self.shards: list[dict] = []  # {"path", "records", "tokens"} per shard
+
+    def write(self, tokens_t: np.ndarray):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self._writer is None or self._tokens_in_shard >= self._shard_tokens:
+            self._close_current()
+            name = f"{self._stem}-{len(self.shards):04d}{SHARD_SUFFIX}"
+            self._writer = ArrayRecordWriter(
+                os.path.join(self._output_dir, name + ".tmp"), ARRAY_RECORD_OPTIONS)
+            self.shards.append({"path": name, "records": 0, "tokens": 0})
+            self._tokens_in_shard = 0
+        self._writer.write(tokens_t.astype(tokens_t.dtype.newbyteorder("<"), copy=False).tobytes())
+        self.shards[-1]["records"] += 1
+        self.shards[-1]["tokens"] += int(tokens_t.size)
+        self._tokens_in_shard += int(tokens_t.size)
+
+    def _close_current(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def commit(self):
+        """Closes the last shard and renames every `.tmp` shard to its final name."""
+        self._close_current()
+        for shard in self.shards:
+            final = os.path.join(self._output_dir, shard["path"])
+            os.replace(final + ".tmp", final)
+
+
+def _write_json_atomic(path: str, obj: dict):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(shards_dir: str) -> dict:
+    """The manifest of a prepared directory, or ValueError naming what is missing or wrong."""
+    path = os.path.join(shards_dir, MANIFEST)
+    if not os.path.isdir(shards_dir):
+        raise ValueError(f"shards directory {shards_dir!r} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"{shards_dir!r} holds no {MANIFEST}: not a prepared dataset")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {manifest.get('format_version')!r}, "
+            f"this code reads {FORMAT_VERSION}")
+    return manifest
+
+
+def _input_fingerprint(path: str) -> dict:
+    stat = os.stat(path)
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def prepare_dataset(
+    inputs: Sequence[str],
+    output_dir: str,
+    tokenizer: str,
+    *,
+    seq_len: int | None,
+    keep_documents: bool = False,
+    text_field: str = "text",
+    eos_text: str = tokenizer_lib.ENDOFTEXT,
+    bos_text: str = "",
+    workers: int = 1,
+    max_bad_fraction: float = 0.01,
+    shard_tokens: int = 1 << 27,
+    progress: bool = True,
+) -> dict:
+    """Tokenizes `inputs` into ArrayRecord shards under `output_dir`; returns the manifest.
+
+    `seq_len` is required for the sequences layout; with `keep_documents` it may be None (the
+    shards then serve any sequence length). See the module docstring for layouts, resumption
+    and bad-line handling. Raises ValueError naming the offending path and numbers.
+    """
+    if not keep_documents and (seq_len is None or seq_len <= 0):
+        raise ValueError(f"--seq_len must be a positive integer, got {seq_len}")
+    if seq_len is not None and seq_len <= 0:
+        raise ValueError(f"--seq_len must be a positive integer, got {seq_len}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"--max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+    files = expand_inputs(inputs)
+    tok = tokenizer_lib.load_tokenizer(tokenizer)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = "uint16" if vocab_size < 65536 else "int32"
+    eos_ids = tuple(tok.encode(eos_text, add_special_tokens=False).ids) if eos_text else ()
+    bos_ids = tuple(tok.encode(bos_text, add_special_tokens=False).ids) if bos_text else ()
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "mode": "documents" if keep_documents else "sequences",
+        "seq_len": seq_len,
+        "dtype": dtype,
+        "tokenizer": {"name": tokenizer, "sha256": tokenizer_lib.tokenizer_sha256(tok),
+                      "vocab_size": vocab_size},
+        "text_field": text_field,
+        "eos_text": eos_text, "eos_ids": list(eos_ids),
+        "bos_text": bos_text, "bos_ids": list(bos_ids),
+    }
+
+    # An existing output directory must have been prepared the same way.
+    os.makedirs(output_dir, exist_ok=True)
+    manifest_path = os.path.join(output_dir, MANIFEST)
+    if os.path.exists(manifest_path):
+        manifest = read_manifest(output_dir)
+        for key in ("mode", "seq_len", "dtype", "text_field", "eos_ids", "bos_ids"):
+            if manifest.get(key) != settings[key]:
+                raise ValueError(
+                    f"{output_dir}: prepared with {key}={manifest.get(key)!r}, this run asks "
+                    f"{key}={settings[key]!r}; use a new --output directory")
+        old_tok, new_tok = manifest["tokenizer"], settings["tokenizer"]
+        if old_tok["sha256"] != new_tok["sha256"]:
+            raise ValueError(
+                f"{output_dir}: prepared with tokenizer {old_tok['name']!r} (sha256 "
+                f"{old_tok['sha256'][:12]}, vocab {old_tok['vocab_size']}), not "
+                f"{new_tok['name']!r} (sha256 {new_tok['sha256'][:12]}, vocab "
+                f"{new_tok['vocab_size']}); use a new --output directory")
+    else:
+        manifest = {**settings, "inputs": {}}
+    for name in os.listdir(output_dir):  # leftovers of an interrupted run
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(output_dir, name))
+    with open(os.path.join(output_dir, TOKENIZER_FILE), "w") as f:
+        f.write(tok.to_str())
+    manifest["sources"] = files
+    _write_json_atomic(manifest_path, _with_totals(manifest))
+
+    encoding = _Encoding(tok.to_str(), bos_ids, eos_ids, dtype)
+    pool = None
+    if workers > 1:
+        # Each worker tokenizes its batches single-threaded: parallelism comes from processes.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (encoding,))
+    else:
+        _init_worker(encoding)
+    try:
+        bar = tqdm.tqdm(total=len(files), unit=" files", file=sys.stderr, disable=not progress,
+                        dynamic_ncols=True)
+        for path in files:
+            done = manifest["inputs"].get(path)
+            if done is not None and done["input"] == _input_fingerprint(path):
+                bar.update(1)
+                continue
+            if done is not None:  # the file changed since: redo it
+                for shard in done["shards"]:
+                    os.remove(os.path.join(output_dir, shard["path"]))
+                del manifest["inputs"][path]
+            bar.set_description(os.path.basename(path)[-40:])
+            manifest["inputs"][path] = _prepare_one(
+                path, output_dir, settings, pool, max_bad_fraction, shard_tokens, bar)
+            _write_json_atomic(manifest_path, _with_totals(manifest))
+            bar.update(1)
+        bar.close()
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    # Keep only the inputs of this run, in this run's order (the record order of the dataset).
+    for path in set(manifest["inputs"]) - set(files):
+        print(f"{output_dir}: dropping shards of {path}, not an input of this run",
+              file=sys.stderr)
+        for shard in manifest["inputs"].pop(path)["shards"]:
+            os.remove(os.path.join(output_dir, shard["path"]))
+    manifest["inputs"] = {path: manifest["inputs"][path] for path in files}
+    manifest = _with_totals(manifest)
+    if manifest["records"] == 0:
+        raise ValueError(
+            f"{output_dir}: no records written from {len(files)} input file(s) "
+            f"({manifest['documents']} documents, {manifest['tokens']} tokens"
+            + (f"; seq_len {seq_len} is longer than all of it" if not keep_documents else "")
+            + ")")
+    _write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def _prepare_one(path, output_dir, settings, pool, max_bad_fraction, shard_tokens, bar) -> dict:
+    """Tokenizes one input file into committed shards; returns its manifest entry."""
+    stem = os.path.basename(path).split(".")[0][:40] + "-" + hashlib.sha1(
+        path.encode()).hexdigest()[:8]
+    writer = _ShardWriter(output_dir, stem, shard_tokens)
+    bad = BadLines()
+    seq_len, keep_documents = settings["seq_len"], settings["mode"] == "documents"
+    pending_t = np.zeros((0,), settings["dtype"])  # sequences layout: tokens not yet in a record
+    documents = tokens = max_document_tokens = 0
+    batches = _batched(iter_documents(path, settings["text_field"], bad), _DOCS_PER_BATCH)
+    encoded = pool.imap(_encode_texts, batches) if pool is not None else map(_encode_texts, batches)
+    for docs in encoded:
+        documents += len(docs)
+        tokens += sum(int(d.size) for d in docs)
+        max_document_tokens = max(max_document_tokens, *(int(d.size) for d in docs))
+        if keep_documents:
+            for doc_t in docs:
+                writer.write(doc_t)
+        else:
+            pending_t = np.concatenate([pending_t, *docs])
+            n_full = pending_t.size // seq_len
+            for row_t in pending_t[: n_full * seq_len].reshape(n_full, seq_len):
+                writer.write(row_t)
+            pending_t = pending_t[n_full * seq_len:]
+        bar.set_postfix(docs=documents, tokens=tokens, refresh=False)
+    if bad.count:
+        print(f"{path}: {bad.count} bad of {bad.total} lines skipped (first: "
+              + "; ".join(bad.examples) + ")", file=sys.stderr)
+    if bad.total and bad.count / bad.total > max_bad_fraction:
+        writer.commit()
+        for shard in writer.shards:
+            os.remove(os.path.join(output_dir, shard["path"]))
+        raise ValueError(
+            f"{path}: {bad.count} of {bad.total} lines bad ({bad.count / bad.total:.2%}), over "
+            f"--max_bad_fraction {max_bad_fraction:.2%} (first: {bad.examples[0]})")
+    writer.commit()
+    return {
+        "input": _input_fingerprint(path),
+        "shards": writer.shards,
+        "documents": documents,
+        "records": sum(s["records"] for s in writer.shards),
+        "tokens": tokens,
+        "dropped_tokens": int(pending_t.size),
+        "max_document_tokens": max_document_tokens,
+        "bad_lines": bad.count,
+    }
+
+
+def _with_totals(manifest: dict) -> dict:
+    inputs = manifest["inputs"].values()
+    totals = {key: sum(entry[key] for entry in inputs)
+              for key in ("documents", "records", "tokens", "dropped_tokens", "bad_lines")}
+    totals["max_document_tokens"] = max((entry["max_document_tokens"] for entry in inputs),
+                                        default=0)
+    # "sequences": records of the sequences layout; documents layout has none until packed.
+    totals["sequences"] = totals["records"] if manifest["mode"] == "sequences" else 0
+    return {**manifest, **totals}
+
+
+def shard_paths(shards_dir: str, manifest: dict) -> list[str]:
+    """Absolute shard paths in record order (inputs in manifest order, shards in order)."""
+    return [os.path.join(shards_dir, shard["path"])
+            for entry in manifest["inputs"].values() for shard in entry["shards"]]
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m mpt_jax.data.prepare",
+        description="Tokenize text into ArrayRecord shards for mpt_jax's data pipeline.")
+    parser.add_argument("--input", nargs="+", required=True, help="files or directories")
+    parser.add_argument("--output", required=True, help="output directory (resumable)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json, its dir, or hub name")
+    parser.add_argument("--seq_len", type=int, required=True)
+    parser.add_argument("--text_field", default="text")
+    parser.add_argument("--eos_text", default=tokenizer_lib.ENDOFTEXT)
+    parser.add_argument("--bos_text", default="")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--keep_documents", action="store_true",
+                        help="one record per document, for packing")
+    parser.add_argument("--max_bad_fraction", type=float, default=0.01)
+    parser.add_argument("--shard_tokens", type=int, default=1 << 27)
+    parser.add_argument("--no_progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: prints a summary line; on bad input prints one error line, returns 1."""
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        manifest = prepare_dataset(
+            args.input, args.output, args.tokenizer, seq_len=args.seq_len,
+            keep_documents=args.keep_documents, text_field=args.text_field,
+            eos_text=args.eos_text, bos_text=args.bos_text, workers=args.workers,
+            max_bad_fraction=args.max_bad_fraction, shard_tokens=args.shard_tokens,
+            progress=not args.no_progress)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+    print(f"{args.output}: {manifest['documents']} documents, {manifest['records']} records "
+          f"({manifest['mode']}), {manifest['tokens']} tokens, {manifest['bad_lines']} bad lines")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
