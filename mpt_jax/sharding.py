@@ -79,3 +79,142 @@ def _drop_missing(entry, axis_names):
         return entry if entry in axis_names else None
     kept = tuple(a for a in entry if a in axis_names)
     return kept if kept else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh from config
+# ---------------------------------------------------------------------------------------------
+def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
+    """Sizes of (data, fsdp, tensor) from `mesh_cfg` (a mapping with those keys); one -1 fills
+    the rest. Raises ValueError naming the numbers when they do not multiply to `n_devices`."""
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    named = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {named}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {named}")
+    known = 1
+    for s in sizes:
+        if s != -1:
+            known *= s
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(f"mesh: {named} cannot fill {n_devices} devices "
+                             f"({n_devices} is not divisible by {known})")
+        sizes[sizes.index(-1)] = n_devices // known
+    elif known != n_devices:
+        raise ValueError(f"mesh: {named} uses {known} devices, but there are {n_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+    """The global device mesh with axes ('data', 'fsdp', 'tensor')."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    axis_types = getattr(jax.sharding, "AxisType", None)
+    kwargs = {}
+    if axis_types is not None:  # explicit Auto: propagation as in classic pjit
+        kwargs["axis_types"] = (axis_types.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, devices=devices, **kwargs)
+
+
+def use_mesh(mesh):
+    """Context manager that makes `mesh` the ambient mesh (so `constrain` applies)."""
+    if hasattr(jax, "set_mesh"):
+        return jax.set_mesh(mesh)
+    return jax.sharding.use_mesh(mesh)
+
+
+def rules_from_config(rules_cfg) -> tuple:
+    """The rules table from the config (a sequence of (logical, mesh axes) pairs)."""
+    out = []
+    for pair in rules_cfg:
+        if len(pair) != 2:
+            raise ValueError(f"sharding rule {pair!r} must be a (logical_name, mesh_axes) pair")
+        name, target = pair
+        if isinstance(target, list):
+            target = tuple(target)
+        for axis in (target,) if isinstance(target, str) else (target or ()):
+            if axis not in MESH_AXES:
+                raise ValueError(f"sharding rule {name!r} -> {target!r}: unknown mesh axis "
+                                 f"{axis!r}; mesh axes are {MESH_AXES}")
+        out.append((name, target))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter shardings (from the `logical_axes` metadata and the rules table)
+# ---------------------------------------------------------------------------------------------
+def _axes_size(mesh, entry) -> int:
+    if entry is None:
+        return 1
+    names = (entry,) if isinstance(entry, str) else entry
+    size = 1
+    for n in names:
+        size *= mesh.shape[n]
+    return size
+
+
+def fit_spec(spec: P, shape, mesh, *, what: str = "array") -> P:
+    """`spec` with the sharding of every dimension the mesh does not divide dropped
+    (replicated), so tiny or odd-sized arrays still place; large parameters of real configs
+    divide and keep their sharding (tests/sharding_test.py checks that)."""
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    fitted = []
+    for dim, entry in zip(shape, entries):
+        entry = _drop_missing(entry, mesh.axis_names)
+        fitted.append(entry if entry is None or dim % _axes_size(mesh, entry) == 0 else None)
+    return P(*fitted)
+
+
+def param_specs(param_state, mesh, rules=DEFAULT_RULES):
+    """Pure-dict tree of PartitionSpecs for the parameters of an (abstract) model state."""
+    from flax import nnx
+
+    def spec(var):
+        axes = var.get_metadata().get("logical_axes")
+        return fit_spec(logical_to_spec(axes, rules), var.shape, mesh)
+
+    tree = jax.tree.map(spec, param_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(tree)
+
+
+def named(mesh, spec_tree):
+    """PartitionSpec tree -> NamedSharding tree."""
+    return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), spec_tree,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: global arrays from each process's local rows
+# ---------------------------------------------------------------------------------------------
+def batch_spec(rules=DEFAULT_RULES) -> P:
+    return logical_to_spec(("batch", "seq"), rules)
+
+
+def batch_shards(mesh, rules=DEFAULT_RULES) -> int:
+    """Number of ways the batch dimension is split across the mesh."""
+    return _axes_size(mesh, _drop_missing(batch_spec(rules)[0], mesh.axis_names))
+
+
+def check_batch(global_batch: int, mesh, rules=DEFAULT_RULES, *, what="global batch") -> None:
+    n = batch_shards(mesh, rules)
+    if global_batch % n:
+        raise ValueError(
+            f"{what} of {global_batch} rows does not divide over the {n} batch shards of the mesh "
+            f"{dict(mesh.shape)}; use a multiple of {n}")
+    if global_batch % jax.process_count():
+        raise ValueError(f"{what} of {global_batch} rows does not divide over "
+                         f"{jax.process_count()} processes")
+
+
+def make_global_batch(local_batch: dict, mesh, rules=DEFAULT_RULES) -> dict:
+    """Each process's rows ([global_batch / process_count, T] numpy) -> global jax.Arrays
+    sharded over the batch axes (jax.make_array_from_process_local_data)."""
+    sharding = jax.sharding.NamedSharding(mesh, batch_spec(rules))
+    out = {}
+    for key, rows in local_batch.items():
+        global_shape = (rows.shape[0] * jax.process_count(),) + tuple(rows.shape[1:])
+        check_batch(global_shape[0], mesh, rules, what=f"batch[{key!r}]")
+        out[key] = jax.make_array_from_process_local_data(sharding, rows, global_shape)
+    return out

@@ -1,0 +1,84 @@
+"""Orbax checkpoints: WORKDIR/checkpoints/<step>/ with items
+
+    params        ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    model_config  ocp.args.JsonSave(MPTConfig.to_dict('foundry'))
+    opt_state     ocp.args.StandardSave(optax state)
+    train_state   ocp.args.JsonSave({"step", "seed", "data_states": [one per process], ...})
+
+Saves are asynchronous (the device-to-host copy happens in `save`, the writes in the
+background); `keep` checkpoints are kept. Orbax writes each step into a temporary directory and
+renames it when every item is complete, so a save interrupted midway (crash, SIGKILL) leaves no
+`<step>/` directory and the previous checkpoint untouched; stale temporaries are cleaned up on
+the next start. `restore` places every array onto the mesh with the given shardings.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+ITEMS = ("params", "model_config", "opt_state", "train_state")
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def gather_process_states(local_state: Any) -> list:
+    """Every process's JSON-serialisable state, in process order (on every process)."""
+    if jax.process_count() == 1:
+        return [local_state]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
+    padded = np.zeros(int(np.max(lengths)), np.uint8)
+    padded[: data.size] = data
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(gathered[i][: int(lengths[i][0])]).decode())
+            for i in range(jax.process_count())]
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: dict, *, model_config: dict,
+         train_state: dict) -> None:
+    """Starts an (async) save of the sharded state; returns once the arrays are copied off the
+    devices, so the state may be donated to the next step."""
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        model_config=ocp.args.JsonSave(model_config),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        train_state=ocp.args.JsonSave(train_state),
+    ), force=True)
+
+
+def _abstract(tree_abstract, shardings):
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree_abstract, shardings)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict, shardings: dict
+            ) -> tuple[dict, dict, dict]:
+    """-> (state on the mesh, train_state JSON, model_config JSON) of checkpoint `step`."""
+    out = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(abstract_state["params"],
+                                                  shardings["params"])),
+        model_config=ocp.args.JsonRestore(),
+        opt_state=ocp.args.StandardRestore(_abstract(abstract_state["opt_state"],
+                                                     shardings["opt_state"])),
+        train_state=ocp.args.JsonRestore(),
+    ))
+    train_state = out["train_state"]
+    step_array = jax.device_put(np.asarray(train_state["step"], np.int32), shardings["step"])
+    state = {"step": step_array, "params": out["params"], "opt_state": out["opt_state"]}
+    return state, train_state, out["model_config"]

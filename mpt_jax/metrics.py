@@ -1,0 +1,133 @@
+"""Flop accounting (MFU), metric writers (metrics.jsonl, TensorBoard), progress bar, loss plot.
+
+MFU follows llm-foundry's convention (DESIGN.md): flops per token = 6 * n_params (embeddings
+included) + 12 * n_layers * d_model * seq_len (attention as a full square), divided by the
+devices' dense bf16 peak. Peaks are known for the devices below; on any other device (a CPU
+included) `mfu` is written as null rather than guessed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+
+from mpt_jax.config import MPTConfig
+
+# Dense bf16 peak FLOP/s per device, by substrings of `device_kind` (vendor spec sheets).
+PEAK_FLOPS = (
+    ("H100", 989e12),  # SXM; also used for the H100 NVL/PCIe names, which report lower clocks
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v6", 918e12),  # v6e (Trillium)
+)
+
+
+def flops_per_token(cfg: MPTConfig, seq_len: int) -> float:
+    return 6.0 * cfg.num_params() + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def peak_flops(device=None) -> float | None:
+    kind = (device or jax.devices()[0]).device_kind
+    for name, peak in PEAK_FLOPS:
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+def mfu(tokens_per_s: float, cfg: MPTConfig, seq_len: int, n_devices: int) -> float | None:
+    peak = peak_flops()
+    if peak is None:
+        return None
+    return tokens_per_s * flops_per_token(cfg, seq_len) / (n_devices * peak)
+
+
+def device_memory_gb() -> dict[str, float | None]:
+    """Peak / current bytes in use on this process's first device (None where unreported)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # some backends do not implement memory_stats
+        stats = {}
+    gb = lambda k: (stats[k] / 2**30) if k in stats else None  # noqa: E731
+    return {"mem_peak_gb": gb("peak_bytes_in_use"), "mem_in_use_gb": gb("bytes_in_use")}
+
+
+class MetricWriter:
+    """Appends JSON lines to WORKDIR/metrics.jsonl and scalars to TensorBoard (WORKDIR/tb).
+    Only the writing process (process 0) writes; the others get a no-op writer."""
+
+    def __init__(self, workdir: str, *, enabled: bool):
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **values, "time": time.time()}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and value is not None:
+                self._tb.add_scalar(key, value, int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def progress_bar(*, start: int, total: int, enabled: bool):
+    """tqdm bar over optimizer steps with rate and ETA (a no-op object when disabled)."""
+    import tqdm
+
+    return tqdm.tqdm(initial=start, total=total, disable=not enabled, unit="step",
+                     dynamic_ncols=True, smoothing=0.1)
+
+
+def plot_losses(workdir: str) -> str | None:
+    """WORKDIR/loss.png from metrics.jsonl: train loss and held-out eval loss against step."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = {}, {}
+    with open(path) as fh:
+        for line in fh:
+            row = json.loads(line)
+            if row.get("loss") is not None:
+                train[row["step"]] = row["loss"]  # a rerun after a resume overwrites its steps
+            if row.get("eval_loss") is not None:
+                evals[row["step"]] = row["eval_loss"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps = sorted(train)
+        ax.plot(steps, [train[s] for s in steps], label="train loss", lw=1)
+    if evals:
+        steps = sorted(evals)
+        ax.plot(steps, [evals[s] for s in steps], "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = os.path.join(workdir, "loss.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

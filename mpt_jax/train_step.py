@@ -1,0 +1,213 @@
+"""The pure step functions and the sharded train state.
+
+    state = {"step": int32 [], "params": pure dict of arrays, "opt_state": optax state}
+
+`train_step(state, batch, settings=...)` and `eval_step(params, batch, settings=...)` are pure
+top-level functions; `compile_train_step` jits the first once with explicit in/out shardings and
+the state donated. Gradient accumulation runs inside the step: the global batch `[G, T]` is
+viewed as `n_micro` micro-batches (each spread over every batch shard) and `lax.scan`ned, summing
+float32 NLL and gradients; the mean is taken once over every target token of the global batch,
+so the loss and update do not depend on the micro-batch count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mpt_jax import loss as loss_lib
+from mpt_jax import sharding
+from mpt_jax.config import MPTConfig
+from mpt_jax.model import MPTForCausalLM, abstract_model
+
+NONFINITE_ACTIONS = ("stop", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What the step closes over (built once by `make_settings`)."""
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    lr_fn: Callable[[jax.Array], jax.Array]
+    n_micro: int
+    loss_chunk_size: int
+    seed: int
+    use_dropout: bool
+    param_specs: Any  # pure-dict tree of PartitionSpec (gradient accumulators follow it)
+    rules: tuple = sharding.DEFAULT_RULES
+
+
+def model_kwargs(train_cfg) -> dict:
+    return dict(dtype=jnp.dtype(train_cfg.compute_dtype),
+                param_dtype=jnp.dtype(train_cfg.param_dtype), attn_impl=train_cfg.attn_impl,
+                remat_policy=train_cfg.remat_policy, scan_layers=train_cfg.scan_layers)
+
+
+def uses_dropout(cfg: MPTConfig) -> bool:
+    return cfg.resid_pdrop > 0 or cfg.emb_pdrop > 0 or cfg.attn_config.attn_pdrop > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+def _nll_sum(params, graphdef, batch, dropout_rng, chunk_size):
+    model = nnx.merge(graphdef, params)
+    segment_ids = batch.get("segment_ids")
+    h_btd, _ = model.hidden_states(batch["input_ids"], segment_ids=segment_ids,
+                                   dropout_rng=dropout_rng)
+    targets_bt, weights_bt = loss_lib.targets_and_weights(batch["input_ids"], segment_ids)
+    return loss_lib.chunked_cross_entropy(model.unembed, h_btd, targets_bt, weights_bt,
+                                          chunk_size=chunk_size)
+
+
+def _micro_batches(batch, n_micro):
+    """[G, T] -> [n_micro, G / n_micro, T]; micro-batch i is rows i::n_micro, so every micro-batch
+    keeps the global batch's spread over the batch shards."""
+    def split(x):
+        g = x.shape[0]
+        x = x.reshape((g // n_micro, n_micro) + x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None, "batch", "seq"))
+    return jax.tree.map(split, batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+def train_step(state, batch, *, settings: StepSettings):
+    """One optimizer update over the global batch. -> (new_state, metrics of float32 scalars).
+
+    A non-finite loss or gradient norm leaves params and opt_state unchanged (`finite` = 0 in
+    the metrics); the trainer then stops or skips, by config.
+    """
+    s = settings
+    params = state["params"]
+    step_key = jax.random.fold_in(jax.random.PRNGKey(s.seed), state["step"])
+    grad_fn = jax.value_and_grad(_nll_sum, has_aux=True)
+
+    def micro(i, mb):
+        rng = jax.random.fold_in(step_key, i) if s.use_dropout else None
+        (nll, count), grads = grad_fn(params, s.graphdef, mb, rng, s.loss_chunk_size)
+        return nll, count, grads
+
+    def constrain_like_params(tree):
+        mesh = sharding._active_mesh()
+        if mesh is None:
+            return tree
+        return jax.tree.map(lambda x, spec: jax.lax.with_sharding_constraint(x, spec),
+                            tree, s.param_specs)
+
+    if s.n_micro == 1:
+        nll, count, grads = micro(0, batch)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    else:
+        mbs = _micro_batches(batch, s.n_micro)
+        zeros = constrain_like_params(
+            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+
+        def body(carry, xs):
+            i, mb = xs
+            acc_nll, acc_count, acc_g = carry
+            nll_i, count_i, g_i = micro(i, mb)
+            acc_g = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_g, g_i)
+            return (acc_nll + nll_i, acc_count + count_i, constrain_like_params(acc_g)), None
+
+        init = (jnp.float32(0), jnp.float32(0), zeros)
+        (nll, count, grads), _ = jax.lax.scan(body, init, (jnp.arange(s.n_micro), mbs))
+
+    denom = jnp.maximum(count, 1.0)
+    loss = nll / denom
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = s.tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
+                 "opt_state": keep(new_opt_state, state["opt_state"])}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": s.lr_fn(state["step"]),
+               "finite": finite.astype(jnp.float32), "tokens": count}
+    return new_state, metrics
+
+
+def eval_step(params, batch, *, settings: StepSettings):
+    """-> (sum of target-token NLLs, number of target tokens), float32."""
+    return _nll_sum(params, settings.graphdef, batch, None, settings.loss_chunk_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded state and compiled steps
+# ---------------------------------------------------------------------------------------------
+def make_settings(model_cfg: MPTConfig, train_cfg, tx, lr_fn, *, mesh, rules, seed: int,
+                  global_batch: int) -> StepSettings:
+    """Derives the micro-batch count from the mesh: n_micro = global_batch /
+    (train.micro_batch_size * batch shards); micro_batch_size 0 = no accumulation."""
+    shards = sharding.batch_shards(mesh, rules)
+    sharding.check_batch(global_batch, mesh, rules, what="train.global_batch_size")
+    per_shard = global_batch // shards
+    mb = train_cfg.micro_batch_size or per_shard
+    if per_shard % mb:
+        raise ValueError(
+            f"train.global_batch_size {global_batch} over {shards} batch shards is {per_shard} "
+            f"rows per shard, not a multiple of train.micro_batch_size {mb}")
+    abstract = abstract_model(model_cfg, **model_kwargs(train_cfg))
+    specs = sharding.param_specs(nnx.state(abstract, nnx.Param), mesh, rules)
+    return StepSettings(graphdef=nnx.graphdef(abstract), tx=tx, lr_fn=lr_fn,
+                        n_micro=per_shard // mb, loss_chunk_size=train_cfg.loss_chunk_size,
+                        seed=seed, use_dropout=uses_dropout(model_cfg), param_specs=specs,
+                        rules=rules)
+
+
+def _init_state(model_cfg, kwargs, tx, seed):
+    model = MPTForCausalLM(model_cfg, rngs=nnx.Rngs(seed), **kwargs)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def state_shardings(model_cfg, train_cfg, tx, mesh, rules):
+    """(abstract state, NamedSharding tree): params by the rules table, optimizer moments like
+    their params, scalars replicated."""
+    kwargs = model_kwargs(train_cfg)
+    abstract = jax.eval_shape(functools.partial(_init_state, model_cfg, kwargs, tx, 0))
+    specs = sharding.param_specs(nnx.state(abstract_model(model_cfg, **kwargs), nnx.Param),
+                                 mesh, rules)
+    replicated = P()
+    opt_specs = optax.tree_map_params(
+        tx, lambda _, spec: spec, abstract["opt_state"], specs,
+        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, P))
+    spec_tree = {"step": replicated, "params": specs, "opt_state": opt_specs}
+    return abstract, sharding.named(mesh, spec_tree)
+
+
+def init_state(model_cfg, train_cfg, tx, mesh, rules, seed: int):
+    """Parameters and optimizer state created directly sharded (jit with out_shardings)."""
+    _, shardings = state_shardings(model_cfg, train_cfg, tx, mesh, rules)
+    init = jax.jit(functools.partial(_init_state, model_cfg, model_kwargs(train_cfg), tx, seed),
+                   out_shardings=shardings)
+    with sharding.use_mesh(mesh):
+        return init()
+
+
+def compile_train_step(settings: StepSettings, state_shardings_tree, mesh, batch_keys):
+    batch_sharding = NamedSharding(mesh, sharding.batch_spec(settings.rules))
+    batch_shardings = {k: batch_sharding for k in batch_keys}
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(functools.partial(train_step, settings=settings),
+                   in_shardings=(state_shardings_tree, batch_shardings),
+                   out_shardings=(state_shardings_tree, replicated), donate_argnums=(0,))
+
+
+def compile_eval_step(settings: StepSettings, params_shardings, mesh, batch_keys):
+    batch_sharding = NamedSharding(mesh, sharding.batch_spec(settings.rules))
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(functools.partial(eval_step, settings=settings),
+                   in_shardings=(params_shardings, {k: batch_sharding for k in batch_keys}),
+                   out_shardings=(replicated, replicated))

@@ -1,0 +1,128 @@
+"""Mesh from config, parameter shardings from the rules table, batches, on 8 fake CPU devices.
+
+The 8-device checks run in a subprocess: XLA_FLAGS must be set before jax is imported, and other
+test files in this pytest process import jax first."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mpt_jax import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mesh_shape_fills_minus_one_and_names_numbers():
+    assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 2}, 8) == (1, 4, 2)
+    assert sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+    with pytest.raises(ValueError, match="data=3, fsdp=-1, tensor=1 cannot fill 8 devices"):
+        sharding.mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="uses 4 devices, but there are 8"):
+        sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        sharding.mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+
+
+def test_logical_to_spec_uses_each_mesh_axis_once():
+    assert sharding.logical_to_spec(("layers", "embed", "qkv")) == P(None, "fsdp", "tensor")
+    assert sharding.logical_to_spec(("batch", "seq")) == P(("data", "fsdp"), None)
+    with pytest.raises(ValueError, match="'nope' has no rule"):
+        sharding.logical_to_spec(("nope",))
+    with pytest.raises(ValueError, match="unknown mesh axis 'pipeline'"):
+        sharding.rules_from_config([("embed", "pipeline")])
+
+
+SCRIPT = textwrap.dedent(r'''
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np, ml_collections
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+    from mpt_jax import sharding, optim
+    from mpt_jax import train_step as step_lib
+    from mpt_jax.config import MPTConfig
+    from mpt_jax.model import abstract_model
+    assert jax.device_count() == 8
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=16)
+    train = ml_collections.ConfigDict(dict(
+        seq_len=16, global_batch_size=8, micro_batch_size=1, compute_dtype="float32",
+        param_dtype="float32", remat_policy="dots_no_batch", scan_layers=True,
+        attn_impl="reference", loss_chunk_size=8, nonfinite="stop"))
+    ocfg = ml_collections.ConfigDict(dict(
+        name="decoupled_lion", lr=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
+        weight_decay_mask="all", mu_dtype="bfloat16", clip_norm=1.0, schedule="cosine",
+        warmup_steps=1, alpha_f=0.1))
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = sharding.DEFAULT_RULES
+    tx = optim.make_optimizer(ocfg, 10)
+    state = step_lib.init_state(cfg, train, tx, mesh, rules, seed=0)
+
+    # every parameter (and its LION moment) is placed as the rules table says
+    abstract = nnx.state(abstract_model(cfg), nnx.Param)
+    axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["logical_axes"], abstract,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    flat_axes = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple)))
+    mu = state["opt_state"][1].mu
+    checked = 0
+    for path, arr in jax.tree_util.tree_leaves_with_path(state["params"]):
+        want = sharding.logical_to_spec(flat_axes[path], rules)
+        if arr.size >= 4096:  # large: must be sharded exactly as the rules say
+            got = tuple(arr.sharding.spec) + (None,) * (arr.ndim - len(arr.sharding.spec))
+            assert got == tuple(want) + (None,) * (arr.ndim - len(want)), (path, got, want)
+            shard = arr.addressable_shards[0].data.shape
+            assert np.prod(shard) < arr.size, (path, shard)  # no full copy per device
+            checked += 1
+        m = dict(jax.tree_util.tree_leaves_with_path(mu))[path]
+        assert m.sharding.spec == arr.sharding.spec and m.dtype == jnp.bfloat16, path
+    assert checked >= 5, checked
+
+    # the step: 2 micro-batches (8 rows / 4 batch shards / micro 1), compiled once
+    settings = step_lib.make_settings(cfg, train, tx, lambda s: 1e-3 * s, mesh=mesh, rules=rules,
+                                      seed=0, global_batch=8)
+    assert settings.n_micro == 2, settings.n_micro
+    _, shardings = step_lib.state_shardings(cfg, train, tx, mesh, rules)
+    step = step_lib.compile_train_step(settings, shardings, mesh, ("input_ids",))
+    rng = np.random.default_rng(0)
+    losses = []
+    with sharding.use_mesh(mesh):
+        for i in range(3):
+            batch = sharding.make_global_batch(
+                {"input_ids": rng.integers(0, 256, (8, 16)).astype(np.int32)}, mesh, rules)
+            assert batch["input_ids"].sharding.spec == P(("data", "fsdp"), None)
+            state, m = step(state, batch)
+            losses.append(float(m["loss"]))
+    assert step._cache_size() == 1, step._cache_size()
+    assert all(np.isfinite(losses)), losses
+    wq = state["params"]["blocks"]["attn"]["Wqkv"]
+    assert wq.sharding.spec == P(None, "fsdp", "tensor"), wq.sharding.spec
+
+    # a batch that does not divide the mesh is refused with the numbers
+    try:
+        sharding.make_global_batch({"input_ids": np.zeros((6, 16), np.int32)}, mesh, rules)
+    except ValueError as e:
+        assert "of 6 rows does not divide over the 4 batch shards" in str(e), e
+    else:
+        raise AssertionError("indivisible batch accepted")
+    train.micro_batch_size = 2
+    try:
+        step_lib.make_settings(cfg, train, tx, None, mesh=mesh, rules=rules, seed=0,
+                               global_batch=12)
+    except ValueError as e:
+        assert "12 over 4 batch shards is 3 rows per shard, not a multiple of " \
+               "train.micro_batch_size 2" in str(e), e
+    else:
+        raise AssertionError("indivisible micro-batch accepted")
+    print("OK", checked, losses)
+''')
+
+
+def test_eight_devices_params_sharded_by_rules_and_step_compiles_once():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
