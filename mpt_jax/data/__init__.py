@@ -1,20 +1,24 @@
-"""Data: text -> token shards (prepare), grain pipelines over them (pipeline), tokenizers."""
+"""Data: text -> token shards (prepare), grain pipelines over them (pipeline), tokenizers.
 
-from mpt_jax.data.pipeline import (
-    DataIterator,
-    ResolvedData,
-    make_eval_batches,
-    make_train_iterator,
-    resolve_data,
-)
-from mpt_jax.data.tokenizer import load_tokenizer, padded_vocab_size
+Names are imported lazily, so `python -m mpt_jax.data.prepare` and `mpt_jax.data.tokenizer` do not
+pull in grain.
+"""
 
-__all__ = [
-    "DataIterator",
-    "ResolvedData",
-    "load_tokenizer",
-    "make_eval_batches",
-    "make_train_iterator",
-    "padded_vocab_size",
-    "resolve_data",
-]
+import importlib
+
+_EXPORTS = {
+    "DataIterator": "pipeline",
+    "ResolvedData": "pipeline",
+    "make_eval_batches": "pipeline",
+    "make_train_iterator": "pipeline",
+    "resolve_data": "pipeline",
+    "load_tokenizer": "tokenizer",
+    "padded_vocab_size": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"mpt_jax.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'mpt_jax.data' has no attribute {name!r}")

@@ -36,6 +36,11 @@ def stdlib_files() -> list[str]:
     return found
 
 
+def _prepare_workers() -> int:
+    """Tokenizer processes for the built-in corpus: the cores, up to 4."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 @contextlib.contextmanager
 def _file_lock(path: str):
     with open(path, "a") as f:
@@ -102,5 +107,5 @@ def prepare_builtin(name: str, data_dir: str, *, vocab_size: int, tokenizer: str
                 return shards_dir
         prepare_lib.prepare_dataset(
             [jsonl_path], shards_dir, tokenizer_source, seq_len=None, keep_documents=True,
-            workers=max(1, min(4, os.cpu_count() or 1)), progress=progress)
+            workers=_prepare_workers(), progress=progress)
         return shards_dir

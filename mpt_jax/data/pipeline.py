@@ -358,6 +358,10 @@ def make_train_iterator(data_cfg, *, seq_len: int, batch_size: int, seed: int,
     batches = _rows_and_batches(records, resolved, packing=data_cfg.packing, seq_len=seq_len,
                                 batch_size=batch_size, prefetch=data_cfg.prefetch)
     if data_cfg.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (train.py parses them)
+            flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=data_cfg.num_workers, per_worker_buffer_size=max(data_cfg.prefetch, 1)))
     elif data_cfg.prefetch > 0:

@@ -311,6 +311,11 @@ def read_manifest(shards_dir: str) -> dict:
     return manifest
 
 
+def shard_dtype(vocab_size: int) -> str:
+    """uint16 when every token id fits (vocab < 65536), else int32."""
+    return "uint16" if vocab_size < 65536 else "int32"
+
+
 def _input_fingerprint(path: str) -> dict:
     stat = os.stat(path)
     return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -348,7 +353,7 @@ def prepare_dataset(
     files = expand_inputs(inputs)
     tok = tokenizer_lib.load_tokenizer(tokenizer)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    dtype = "uint16" if vocab_size < 65536 else "int32"
+    dtype = shard_dtype(vocab_size)
     eos_ids = tuple(tok.encode(eos_text, add_special_tokens=False).ids) if eos_text else ()
     bos_ids = tuple(tok.encode(bos_text, add_special_tokens=False).ids) if bos_text else ()
     settings = {
@@ -395,7 +400,11 @@ def prepare_dataset(
     if workers > 1:
         # Each worker tokenizes its batches single-threaded: parallelism comes from processes.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (encoding,))
+        # forkserver: safe in a process that already runs jax threads, and the server imports
+        # this module (and with it the mpt_jax package) once for all workers.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        pool = context.Pool(workers, _init_worker, (encoding,))
     else:
         _init_worker(encoding)
     try:

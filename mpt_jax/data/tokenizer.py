@@ -1,7 +1,9 @@
 """Tokenizers: load a Hugging Face `tokenizer.json`, fingerprint it, pad the model vocabulary.
 
-MPT uses EleutherAI's GPT-NeoX-20B tokenizer (50277 tokens) with the embedding table padded to a
-multiple of 128 (50432). The built-in corpus trains its own small byte-level BPE here too.
+MPT uses EleutherAI's GPT-NeoX-20B tokenizer (50277 tokens) with a 50432-row embedding table. 50432
+is a multiple of 128 but not the smallest one >= 50277 (that is 50304): it is GPT-NeoX's Megatron
+padding, a multiple of 128 x 2-way model parallelism = 256. The built-in corpus trains its own
+small byte-level BPE here too.
 """
 
 from __future__ import annotations
@@ -63,7 +65,11 @@ def tokenizer_sha256(tokenizer: tokenizers.Tokenizer) -> str:
 
 
 def padded_vocab_size(n_tokens: int, multiple: int = 128) -> int:
-    """Rounds a tokenizer's vocabulary up to a multiple (GPT-NeoX-20B: 50277 -> 50432)."""
+    """The smallest multiple of `multiple` >= n_tokens (the model's embedding rows).
+
+    GPT-NeoX-20B's 50277 tokens give 50304 with the default 128; MPT-7B's 50432 is
+    `padded_vocab_size(50277, multiple=256)` (see the module docstring).
+    """
     if n_tokens <= 0 or multiple <= 0:
         raise ValueError(f"padded_vocab_size: need positive sizes, got {n_tokens=} {multiple=}")
     return -(-n_tokens // multiple) * multiple

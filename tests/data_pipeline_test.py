@@ -1,0 +1,278 @@
+"""mpt_jax.data.pipeline: order, mixing, determinism, exact resume, process shares, packing,
+the held-out split, the built-in corpus and every bad config."""
+
+import collections
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from mpt_jax.data import corpus
+from mpt_jax.data import pipeline
+from mpt_jax.data import prepare
+from mpt_jax.data import tokenizer as tokenizer_lib
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+T = 16  # seq_len
+
+
+def make_docs(n, seed, tag, max_words=40):
+    rng = np.random.default_rng(seed)
+    return [f"{tag}{i} " + " ".join(rng.choice(WORDS, rng.integers(1, max_words)))
+            for i in range(n)]
+
+
+def data_config(sources, **overrides):
+    cfg = ml_collections.ConfigDict(dict(
+        builtin="", tokenizer="", sources={}, packing=False, eval_fraction=0.0, shuffle=True,
+        num_workers=0, prefetch=2, builtin_vocab_size=4096))
+    cfg.sources = {name: dict(path=path, weight=weight) for name, (path, weight) in
+                   sources.items()}
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tokenizer and sources a (200 docs), b (60 docs), c (long docs) in both layouts."""
+    root = tmp_path_factory.mktemp("data")
+    docs = {"a": make_docs(200, 1, "a"), "b": make_docs(60, 2, "b"),
+            "c": make_docs(20, 3, "c", max_words=60)}
+    tok_path = str(root / "tokenizer.json")
+    tokenizer_lib.train_byte_level_bpe(sum(docs.values(), []), 320).save(tok_path)
+    out = {"tok": tok_path, "docs": docs}
+    for name, source_docs in docs.items():
+        jsonl = root / f"{name}.jsonl"
+        jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in source_docs))
+        for mode in ("seq", "doc"):
+            out[f"{name}_{mode}"] = str(root / f"{name}_{mode}")
+            prepare.prepare_dataset([str(jsonl)], out[f"{name}_{mode}"], tok_path, seq_len=T,
+                                    keep_documents=mode == "doc", progress=False)
+    return out
+
+
+def take(iterator, n):
+    batches = [next(iterator) for _ in range(n)]
+    return batches
+
+
+def rows_of(batches):
+    return [tuple(row) for b in batches for row in b["input_ids"].tolist()]
+
+
+def records_of(path):
+    import grain
+
+    manifest = prepare.read_manifest(path)
+    source = grain.sources.ArrayRecordDataSource(prepare.shard_paths(path, manifest))
+    return [tuple(np.frombuffer(source[i], manifest["dtype"]).tolist())
+            for i in range(len(source))]
+
+
+def assert_same_batches(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key].dtype == np.int32 and np.array_equal(x[key], y[key]), key
+
+
+@pytest.mark.parametrize("mode", ["seq", "doc"])
+def test_unshuffled_batches_detokenise_to_documents_in_order(data, mode):
+    cfg = data_config({"a": (data[f"a_{mode}"], 1.0)}, shuffle=False)
+    it = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=4, seed=0)
+    batches = take(it, 12)
+    it.close()
+    assert batches[0]["input_ids"].shape == (4, T) and set(batches[0]) == {"input_ids"}
+    tok = tokenizer_lib.load_tokenizer(data["tok"])
+    text = tok.decode(np.concatenate([b["input_ids"].reshape(-1) for b in batches]).tolist(),
+                      skip_special_tokens=False)
+    docs = text.split(tokenizer_lib.ENDOFTEXT)[:-1]  # the last one is cut off
+    assert len(docs) > 10
+    assert docs == data["docs"]["a"][: len(docs)]
+
+
+def test_same_seed_same_batches_other_seed_other_batches(data):
+    cfg = data_config({"a": (data["a_seq"], 1.0), "b": (data["b_seq"], 0.5)})
+    first = take(pipeline.make_train_iterator(cfg, seq_len=T, batch_size=4, seed=3), 5)
+    again = take(pipeline.make_train_iterator(cfg, seq_len=T, batch_size=4, seed=3), 5)
+    other = take(pipeline.make_train_iterator(cfg, seq_len=T, batch_size=4, seed=4), 5)
+    assert_same_batches(first, again)
+    assert rows_of(first) != rows_of(other)
+
+
+@pytest.mark.parametrize("mode,packing,num_workers", [
+    ("seq", False, 0), ("doc", True, 0), ("doc", False, 0), ("doc", True, 1)])
+def test_resume_mid_epoch_yields_identical_next_batches(data, mode, packing, num_workers):
+    cfg = data_config({"a": (data[f"a_{mode}"], 2.0), "c": (data[f"c_{mode}"], 1.0)},
+                      packing=packing, num_workers=num_workers, eval_fraction=0.05)
+    it = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=3, seed=7)
+    take(it, 7)
+    state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
+    expected = take(it, 12)  # runs past an epoch of c
+    it.close()
+    restored = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=3, seed=7)
+    restored.set_state(state)
+    assert_same_batches(take(restored, 12), expected)
+    restored.close()
+
+
+def test_mixture_proportions_and_per_source_epochs(data):
+    a_records, b_records = set(records_of(data["a_seq"])), set(records_of(data["b_seq"]))
+    cfg = data_config({"a": (data["a_seq"], 7.0), "b": (data["b_seq"], 3.0)})  # unnormalised
+    rows = rows_of(take(pipeline.make_train_iterator(cfg, seq_len=T, batch_size=10, seed=1), 60))
+    from_a = [r for r in rows if r in a_records]
+    from_b = [r for r in rows if r in b_records]
+    assert len(from_a) + len(from_b) == len(rows) == 600
+    assert abs(len(from_b) / len(rows) - 0.3) < 0.03
+    # b is smaller: it runs through several epochs, each one a fresh permutation of all of b.
+    n_b = len(b_records)
+    assert len(from_b) >= 2 * n_b
+    epochs = [from_b[i * n_b:(i + 1) * n_b] for i in range(2)]
+    assert all(sorted(e) == sorted(b_records) for e in epochs)
+    assert epochs[0] != epochs[1]
+
+
+@pytest.mark.parametrize("mode", ["seq", "doc"])
+def test_two_processes_read_disjoint_shares_covering_everything(data, mode):
+    cfg = data_config({"b": (data[f"b_{mode}"], 1.0)}, packing=mode == "doc")
+    if mode == "seq":
+        everything = records_of(data["b_seq"])
+        shares = []
+        for process_index in range(2):
+            it = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=1, seed=5,
+                                              process_index=process_index, process_count=2)
+            n = len(everything[process_index::2])  # one epoch of this process's share
+            shares.append(rows_of(take(it, n)))
+        assert not set(shares[0]) & set(shares[1])
+        assert sorted(shares[0] + shares[1]) == sorted(everything)
+    else:  # packed rows: compare the document pieces they hold
+        docs = set()
+        for process_index in range(2):
+            it = pipeline.make_train_iterator(
+                cfg, seq_len=T, batch_size=1, seed=5, process_index=process_index,
+                process_count=2)
+            pieces = set()
+            for batch in take(it, 200):  # several epochs of a 30-document share
+                ids, seg = batch["input_ids"][0], batch["segment_ids"][0]
+                for s in range(1, seg.max() + 1):
+                    pieces.add(tuple(ids[seg == s]))
+            docs_here = pieces
+            assert not docs & docs_here
+            docs |= docs_here
+        all_pieces = {tuple(r[i:i + T]) for r in records_of(data["b_doc"])
+                      for i in range(0, len(r), T)}
+        assert docs == all_pieces
+
+
+def test_packing_never_straddles(data):
+    cfg = data_config({"c": (data["c_doc"], 1.0), "b": (data["b_doc"], 1.0)}, packing=True)
+    pieces = {tuple(r[i:i + T]) for path in (data["c_doc"], data["b_doc"])
+              for r in records_of(path) for i in range(0, len(r), T)}
+    batches = take(pipeline.make_train_iterator(cfg, seq_len=T, batch_size=4, seed=2), 30)
+    n_segments = 0
+    for batch in batches:
+        assert set(batch) == {"input_ids", "segment_ids"}
+        for ids, seg in zip(batch["input_ids"], batch["segment_ids"]):
+            # ids 1..k in order, each one contiguous, then only padding (segment 0, token 0)
+            k = seg.max()
+            runs = [s for i, s in enumerate(seg) if i == 0 or s != seg[i - 1]]
+            assert runs[: k] == list(range(1, k + 1)) and runs[k:] in ([], [0])
+            assert (ids[seg == 0] == 0).all()
+            for s in range(1, k + 1):
+                # each segment is exactly one (piece of one) document
+                assert tuple(ids[seg == s]) in pieces
+                n_segments += 1
+    assert n_segments > len(batches) * 4  # rows really hold several documents
+
+
+def test_held_out_split(data):
+    cfg = data_config({"a": (data["a_seq"], 1.0)}, eval_fraction=0.1)
+    records = records_of(data["a_seq"])
+    evals = pipeline.make_eval_batches(cfg, seq_len=T, batch_size=2, num_batches=3)
+    assert_same_batches(evals, pipeline.make_eval_batches(cfg, seq_len=T, batch_size=2,
+                                                          num_batches=3))
+    assert rows_of(evals) == records[9::10][:6]  # every 10th record, in order
+    train = rows_of(take(pipeline.make_train_iterator(cfg, seq_len=T, batch_size=8, seed=0),
+                         len(records) // 8))
+    assert not set(train) & set(records[9::10])
+    with pytest.raises(ValueError, match=r"yields only \d+ batches .* 1000 asked"):
+        pipeline.make_eval_batches(cfg, seq_len=T, batch_size=2, num_batches=1000)
+    packed = pipeline.make_eval_batches(
+        data_config({"a": (data["a_doc"], 1.0)}, eval_fraction=0.1, packing=True),
+        seq_len=T, batch_size=2, num_batches=2)
+    assert packed[0]["segment_ids"].shape == (2, T)
+
+
+def test_bad_configs(data, tmp_path):
+    def train(cfg, **kw):
+        return pipeline.make_train_iterator(cfg, **{"seq_len": T, "batch_size": 2, "seed": 0,
+                                                    **kw})
+
+    with pytest.raises(ValueError, match="shards directory .*missing.* does not exist"):
+        train(data_config({"x": (str(tmp_path / "missing"), 1.0)}))
+    with pytest.raises(ValueError, match="holds no manifest.json"):
+        train(data_config({"x": (str(tmp_path), 1.0)}))
+    with pytest.raises(ValueError, match=r"prepared with seq_len 16, the config asks for seq_len 32"):
+        train(data_config({"a": (data["a_seq"], 1.0)}), seq_len=32)
+    with pytest.raises(ValueError, match="packing=True needs shards that keep documents"):
+        train(data_config({"a": (data["a_seq"], 1.0)}, packing=True))
+    with pytest.raises(ValueError, match="disagree on mode"):
+        train(data_config({"a": (data["a_seq"], 1.0), "b": (data["b_doc"], 1.0)}))
+    with pytest.raises(ValueError, match="weight must be a positive number, got 0"):
+        train(data_config({"a": (data["a_seq"], 0.0)}))
+    with pytest.raises(ValueError, match="data.sources is empty"):
+        train(data_config({}))
+    with pytest.raises(ValueError, match="eval_fraction must be 0 or in"):
+        train(data_config({"a": (data["a_seq"], 1.0)}, eval_fraction=0.7))
+    with pytest.raises(ValueError, match="process_index 2 not in"):
+        train(data_config({"a": (data["a_seq"], 1.0)}), process_index=2, process_count=2)
+    other_tok = tmp_path / "other.json"
+    tokenizer_lib.train_byte_level_bpe(["entirely different text"] * 3, 270).save(str(other_tok))
+    with pytest.raises(ValueError, match=r"data.tokenizer=.*other.json.* is not the tokenizer"):
+        train(data_config({"a": (data["a_seq"], 1.0)}, tokenizer=str(other_tok)))
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "alpha beta"}) + "\n")
+    prepare.prepare_dataset([str(tmp_path / "docs.jsonl")], str(tmp_path / "other"),
+                            str(other_tok), seq_len=2, progress=False)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        pipeline.resolve_data(data_config({"a": (data["a_seq"], 1.0),
+                                           "o": (str(tmp_path / "other"), 1.0)}), None)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    manifest = prepare.read_manifest(data["b_seq"])
+    (empty / "manifest.json").write_text(json.dumps({**manifest, "inputs": {}, "records": 0}))
+    with pytest.raises(ValueError, match="empty.* is empty: 0 records"):
+        train(data_config({"e": (str(empty), 1.0)}))
+    with pytest.raises(ValueError, match="unknown built-in corpus"):
+        train(data_config({}, builtin="wikipedia"), workdir=str(tmp_path))
+    with pytest.raises(ValueError, match="needs a workdir"):
+        train(data_config({}, builtin="python_stdlib"))
+    it = train(data_config({"a": (data["a_seq"], 1.0)}))
+    with pytest.raises(ValueError, match="state is from another pipeline"):
+        train(data_config({"a": (data["a_seq"], 1.0)}), seed=1).set_state(it.get_state())
+
+
+def test_builtin_corpus_prepared_once_and_cached(tmp_path, monkeypatch):
+    files = corpus.stdlib_files()
+    assert len(files) > 100 and all(f.endswith(".py") for f in files)
+    assert not any("site-packages" in f or f"{os.sep}test{os.sep}" in f for f in files)
+    # A slice of the real corpus keeps this test fast; the full one takes ~30 s on 2 cores.
+    monkeypatch.setattr(corpus, "stdlib_files", lambda: files[:40])
+    monkeypatch.setattr(corpus, "_prepare_workers", lambda: 1)
+    cfg = data_config({}, builtin="python_stdlib", builtin_vocab_size=512, eval_fraction=0.05)
+    resolved = pipeline.resolve_data(cfg, str(tmp_path))
+    assert resolved.vocab_size == 512 and resolved.mode == "documents"
+    assert resolved.tokenizer_path.startswith(str(tmp_path / "data"))
+    assert tokenizer_lib.load_tokenizer(resolved.tokenizer_path).get_vocab_size() == 512
+    manifest_path = os.path.join(resolved.sources[0].path, "manifest.json")
+    mtime = os.stat(manifest_path).st_mtime_ns
+    monkeypatch.setattr(prepare, "prepare_dataset", None)  # a rerun must not prepare again
+    again = pipeline.resolve_data(cfg, str(tmp_path))
+    assert again == resolved and os.stat(manifest_path).st_mtime_ns == mtime
+    batch = next(pipeline.make_train_iterator(cfg, seq_len=32, batch_size=2, seed=0,
+                                              workdir=str(tmp_path)))
+    assert batch["input_ids"].shape == (2, 32) and batch["input_ids"].max() < 512
+    assert len(pipeline.make_eval_batches(cfg, seq_len=32, batch_size=2, num_batches=2,
+                                          workdir=str(tmp_path))) == 2
