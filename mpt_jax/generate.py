@@ -29,7 +29,7 @@ cache's KV heads follow the `kv_heads` rule; jit propagates the rest.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from mpt_jax import sharding
 from mpt_jax.model import AttnContext, MPTForCausalLM
@@ -139,62 +138,31 @@ class _Weights(NamedTuple):
     layers: tuple  # per-layer block states, no leading `layers` axis
 
 
-class Generator:
-    """Prefill + jitted decode for one model; holds per-layer copies of the block weights.
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything static about a model's decoding (hashable): the jitted functions are keyed on
+    it, so Generators of equal models share compiled code."""
 
-    model: an `MPTForCausalLM` (its parameters' dtype is what decoding reads; build or load it
-    in bfloat16 for speed). mesh: optional `jax.sharding.Mesh` with axes from sharding.MESH_AXES;
-    parameters are placed by `rules` (sharding.DEFAULT_RULES). cache_dtype: defaults to the
-    model's compute dtype. The model may be dropped after construction to free its stacked
-    weights.
-    """
-
-    def __init__(self, model: MPTForCausalLM, *, mesh=None, rules=sharding.DEFAULT_RULES,
-                 cache_dtype=None):
-        self.config = model.config
-        self.dtype = model.dtype
-        self.cache_dtype = model.dtype if cache_dtype is None else cache_dtype
-        self.mesh = mesh
-        self.rules = rules
-        graphdef, blocks_state, top = nnx.split(model, nnx.PathContains("blocks"), ...)
-        self._graphdef = graphdef
-        self._block_graphdef, stacked = nnx.split(model.blocks)
-        n = self.config.n_layers
-        if mesh is not None:
-            top = self._place(top, drop_leading=False)
-            stacked = self._place(stacked, drop_leading=False)
-        layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
-        placeholder = jax.tree.map(lambda a: jnp.zeros((), a.dtype), blocks_state)
-        self.weights = _Weights(top, placeholder, layers)
-        self._prefill = jax.jit(self._prefill_impl, static_argnums=(4, 5, 6, 7, 8))
-        self._decode = jax.jit(self._decode_impl, static_argnums=(2, 3, 4, 5, 6),
-                               donate_argnums=(1,))
-
-    # -- placement -------------------------------------------------------------------------
-    def _place(self, state, *, drop_leading: bool):
-        def put(var):
-            axes = var.get_metadata().get("logical_axes")
-            spec = sharding.logical_to_spec(axes, self.rules)
-            spec = P(*(sharding._drop_missing(s, self.mesh.axis_names) for s in spec))
-            spec = P(*_divisible(spec, var[...].shape, self.mesh))
-            var = var.replace(jax.device_put(var[...], NamedSharding(self.mesh, spec)))
-            return var
-
-        return jax.tree.map(put, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    graphdef: nnx.GraphDef
+    block_graphdef: nnx.GraphDef
+    config: object
+    dtype: object
+    cache_dtype: object
+    mesh: object
+    rules: tuple
 
     def _cache_sharding(self, shape):
         if self.mesh is None:
             return None
-        kv_rule = sharding.logical_to_spec((None, None, "kv_heads", None), self.rules)
-        spec = P(*(sharding._drop_missing(s, self.mesh.axis_names) for s in kv_rule))
-        return NamedSharding(self.mesh, P(*_divisible(spec, shape, self.mesh)))
+        spec = sharding.logical_to_spec(("batch", None, "kv_heads", None), self.rules)
+        return NamedSharding(self.mesh, sharding.fit_spec(spec, shape, self.mesh))
 
     # -- the forward pass over per-layer weights --------------------------------------------
     def _forward(self, w: _Weights, ids_bt, kv_mask_bs, cache, cache_index):
         """Runs T new tokens through every layer against the cache; returns the final normed
         hidden state of the last position `[B, D]` and the new cache."""
         cfg, dtype = self.config, self.dtype
-        model = nnx.merge(self._graphdef, w.placeholder, w.top)
+        model = nnx.merge(self.graphdef, w.placeholder, w.top)
         t = ids_bt.shape[1]
         x_btd = jnp.take(model.wte[...], ids_bt, axis=0).astype(jnp.float32)
         if model.wpe is not None:
@@ -206,13 +174,13 @@ class Generator:
         ctx = AttnContext(segment_ids=None, kv_mask=kv_mask_bs, cache_index=cache_index)
         new_cache = []
         for layer_state, kv in zip(w.layers, cache):
-            block = nnx.merge(self._block_graphdef, layer_state)
+            block = nnx.merge(self.block_graphdef, layer_state)
             x_btd, kv = block(x_btd, ctx, kv, None, dtype=dtype)
             new_cache.append(kv)
         h_bd = model.norm_f(x_btd[:, -1], dtype)
         return model.unembed(h_bd), tuple(new_cache)
 
-    def _prefill_impl(self, w, ids_bt, mask_bt, key, cache_len, n_new, params, pad_id,
+    def _prefill_impl(self, w, ids_bt, mask_bt, key, pad_id, cache_len, n_new, params,
                       keep_logits):
         cfg = self.config
         b, t = ids_bt.shape
@@ -237,7 +205,8 @@ class Generator:
                            key, logits)
 
     def _decode_impl(self, w, state: DecodeState, prompt_len, n_steps, params, eos_id, pad_id):
-        """Up to n_steps decode steps (fewer once every row is done or N tokens exist)."""
+        """Up to n_steps decode steps (fewer once every row is done or N tokens exist).
+        eos_id: int32 scalar, -1 for none (traced: no recompile per EOS id)."""
         n_new = state.tokens.shape[1]
         stop = jnp.minimum(state.step + n_steps, n_new)
 
@@ -245,7 +214,7 @@ class Generator:
             return (s.step < stop) & ~jnp.all(s.done)
 
         def body(s: DecodeState):
-            done = s.done if eos_id is None else s.done | (s.last == eos_id)
+            done = s.done | (s.last == eos_id)
             index = prompt_len + s.step - 1
             logits_bv, cache = self._forward(w, s.last[:, None], s.kv_mask, s.cache, index)
             tok_b = sample(logits_bv, jax.random.fold_in(s.key, s.step), params)
@@ -256,12 +225,56 @@ class Generator:
                 logits = jax.lax.dynamic_update_slice(logits, logits_bv[:, None], (0, s.step, 0))
             return DecodeState(cache, s.kv_mask, tokens, tok_b, s.step + 1, done, s.key, logits)
 
-        if eos_id is not None:  # rows whose latest token is EOS are done before the loop test
-            state = state._replace(done=state.done | (state.last == eos_id))
+        # A row whose latest token is EOS is done before the loop test.
+        state = state._replace(done=state.done | (state.last == eos_id))
         state = jax.lax.while_loop(cond, body, state)
-        done = state.done if eos_id is None else state.done | (state.last == eos_id)
+        done = state.done | (state.last == eos_id)
         state = state._replace(done=done)
         return state, state.tokens + 0, state.step + 0, jnp.all(done)
+
+_prefill_jit = jax.jit(_Spec._prefill_impl, static_argnums=(0, 6, 7, 8, 9))
+_decode_jit = jax.jit(_Spec._decode_impl, static_argnums=(0, 3, 4, 5), donate_argnums=(2,))
+
+
+class Generator:
+    """Prefill + jitted decode for one model; holds per-layer copies of the block weights.
+
+    model: an `MPTForCausalLM` (its parameters' dtype is what decoding reads; build or load it
+    in bfloat16 for speed). mesh: optional `jax.sharding.Mesh` with axes from sharding.MESH_AXES;
+    parameters are placed by `rules` (sharding.DEFAULT_RULES). cache_dtype: defaults to the
+    model's compute dtype. The model may be dropped after construction to free its stacked
+    weights.
+    """
+
+    def __init__(self, model: MPTForCausalLM, *, mesh=None, rules=sharding.DEFAULT_RULES,
+                 cache_dtype=None):
+        self.config = model.config
+        self.dtype = model.dtype
+        self.cache_dtype = model.dtype if cache_dtype is None else cache_dtype
+        self.mesh = mesh
+        self.rules = rules
+        graphdef, blocks_state, top = nnx.split(model, nnx.PathContains("blocks"), ...)
+        block_graphdef, stacked = nnx.split(model.blocks)
+        self._spec = _Spec(graphdef, block_graphdef, self.config, self.dtype, self.cache_dtype,
+                           mesh, rules)
+        n = self.config.n_layers
+        if mesh is not None:
+            top = self._place(top)
+            stacked = self._place(stacked)  # per-layer slices keep the sharding of dims 1..
+        layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
+        placeholder = jax.tree.map(lambda a: jnp.zeros((), a.dtype), blocks_state)
+        self.weights = _Weights(top, placeholder, layers)
+        self._prefill = functools.partial(_prefill_jit, self._spec)
+        self._decode = functools.partial(_decode_jit, self._spec)
+
+    # -- placement -------------------------------------------------------------------------
+    def _place(self, state):
+        def put(var):
+            spec = sharding.logical_to_spec(var.get_metadata().get("logical_axes"), self.rules)
+            spec = sharding.fit_spec(spec, var.shape, self.mesh)
+            return var.replace(jax.device_put(var[...], NamedSharding(self.mesh, spec)))
+
+        return jax.tree.map(put, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
     # -- public API ------------------------------------------------------------------------
     def generate(self, prompts, *, attention_mask=None, max_new_tokens: int = 64,
@@ -300,10 +313,14 @@ class Generator:
                 f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) = {cache_len} exceeds "
                 f"max_len={limit}; pass a larger max_len (--max_seq_len) to extrapolate")
         key = jax.random.key(seed)
-        state = self._prefill(self.weights, jnp.asarray(ids), jnp.asarray(mask), key, cache_len,
-                              max_new_tokens, params, pad_id, keep_logits)
+        if eos_id is not None and not 0 <= eos_id < self.config.vocab_size:
+            raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, "
+                             f"{self.config.vocab_size})")
+        pad = jnp.int32(pad_id)
+        state = self._prefill(self.weights, jnp.asarray(ids), jnp.asarray(mask), key, pad,
+                              cache_len, max_new_tokens, params, keep_logits)
         statics = (t, max_new_tokens if on_tokens is None else max(1, stream_chunk), params,
-                   eos_id, pad_id)
+                   jnp.int32(-1 if eos_id is None else eos_id), pad)
         if on_tokens is None:
             state, tokens, _, _ = self._decode(self.weights, state, *statics)
         else:
@@ -330,16 +347,6 @@ def _lengths(tokens_bn, eos_id):
     is_eos = tokens_bn == eos_id
     first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, n)
     return first.astype(np.int32)
-
-
-def _divisible(spec, shape, mesh):
-    """Drops mesh axes from dims they do not divide evenly (e.g. batch 1 over 8 devices)."""
-    out = []
-    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-        size = math.prod(mesh.shape[a] for a in axes) if axes else 1
-        out.append(entry if dim % size == 0 else None)
-    return out
 
 
 def generate(model: MPTForCausalLM, prompts, **kwargs) -> GenerateOutput:

@@ -229,12 +229,19 @@ class Attention(nnx.Module):
                                                    (0, idx, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkd.astype(v_cache.dtype),
                                                    (0, idx, 0, 0))
-            s = k_cache.shape[1]
-            o_bthd = attn_lib.reference_attention(
-                q_bthd, k_cache.astype(dtype), v_cache.astype(dtype), alibi_slopes=slopes,
-                causal=True, softmax_scale=self.softmax_scale,
-                q_positions=idx + jnp.arange(t), kv_positions=jnp.arange(s), kv_mask=ctx.kv_mask,
-            )
+            if isinstance(idx, int) and idx == 0:
+                # Prefill into an empty cache (a static 0): the new tokens see only each other,
+                # so attention runs over them alone through the flash path.
+                seg = None if ctx.kv_mask is None else ctx.kv_mask[:, :t].astype(jnp.int32)
+                o_bthd = attn_lib.flash_attention(
+                    q_bthd, k_btkd, v_btkd, alibi_slopes=slopes, causal=True, segment_ids=seg,
+                    softmax_scale=self.softmax_scale, impl=self.attn_impl,
+                )
+            else:
+                o_bthd = cached_attention(
+                    q_bthd, k_cache, v_cache, idx, alibi_slopes=slopes,
+                    softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask,
+                )
             new_cache = (k_cache, v_cache)
         o_btd = o_bthd.reshape(b, t, h * hd)
         return _dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
@@ -296,6 +303,45 @@ class Block(nnx.Module):
         m_btd = self.ffn(self.norm_2(x_btd, dtype), dtype=dtype)
         x_btd = x_btd + _dropout(m_btd, self.resid_pdrop, k2).astype(x_btd.dtype)
         return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), new_cache
+
+
+def cached_attention(q_bthd, k_bskd, v_bskd, cache_index, *, alibi_slopes=None,
+                     softmax_scale=None, kv_mask=None):
+    """The T new queries (cache positions cache_index .. cache_index+T-1) against the whole
+    cache `[B, S, KV, hd]`: causal by raw slot position, `kv_mask` `[B, S]` hides padding.
+
+    Matmuls read the cache in its own dtype with float32 accumulation (no float32 copy of the
+    cache), softmax in float32; float32 inputs use full-precision matmuls. Memory-bound when T
+    is small: one pass over the cache. Rows with no visible key return zeros.
+    """
+    b, t, h, d = q_bthd.shape
+    s, kvh = k_bskd.shape[1], k_bskd.shape[2]
+    g = h // kvh
+    scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
+    prec = (jax.lax.Precision.HIGHEST if k_bskd.dtype == jnp.float32
+            else jax.lax.Precision.DEFAULT)
+    q_btkgd = q_bthd.astype(k_bskd.dtype).reshape(b, t, kvh, g, d)
+    logits_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd, precision=prec,
+                              preferred_element_type=jnp.float32) * jnp.float32(scale)
+    q_pos_t = cache_index + jnp.arange(t, dtype=jnp.int32)
+    rel_ts = jnp.arange(s, dtype=jnp.int32)[None, :] - q_pos_t[:, None]  # key - query position
+    if alibi_slopes is not None:
+        slopes_kg = jnp.asarray(alibi_slopes, jnp.float32).reshape(kvh, g)
+        logits_bkgts = logits_bkgts + (slopes_kg[:, :, None, None]
+                                       * rel_ts.astype(jnp.float32))[None]
+    mask_bts = jnp.broadcast_to((rel_ts <= 0)[None], (b, t, s))
+    if kv_mask is not None:
+        mask_bts = mask_bts & kv_mask.astype(bool)[:, None, :]
+    mask_b11ts = mask_bts[:, None, None]
+    logits_bkgts = jnp.where(mask_b11ts, logits_bkgts, -jnp.inf)
+    m = jnp.max(logits_bkgts, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask_b11ts, jnp.exp(logits_bkgts - m), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", p.astype(v_bskd.dtype), v_bskd, precision=prec,
+                           preferred_element_type=jnp.float32)
+    return out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
 class KVCache(NamedTuple):

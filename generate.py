@@ -1,0 +1,109 @@
+"""Generate text with an MPT checkpoint; prints only the completion on stdout (logs on stderr).
+
+    python generate.py --checkpoint PATH --prompt TEXT [--max_new_tokens N --temperature T
+        --top_k K --top_p P --seed S --max_seq_len L --tokenizer P --dtype bfloat16]
+
+PATH is one of our checkpoint directories or an HF-layout directory (config.json +
+safetensors); the tokenizer comes from PATH unless --tokenizer names a file, directory or hub
+name. --max_seq_len lets prompt + completion run past the training length (ALiBi extrapolation).
+With several devices, --mesh data,fsdp,tensor shards the model (e.g. --mesh 1,1,-1).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _log(msg: str) -> None:
+    print(f"[generate] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top_k", type=int, default=0, help="0 = off")
+    ap.add_argument("--top_p", type=float, default=1.0, help="1.0 = off")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max_seq_len", type=int, default=None,
+                    help="longest prompt + completion (default: the model's max_seq_len)")
+    ap.add_argument("--tokenizer", default=None, help="default: the checkpoint directory")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    ap.add_argument("--eos_id", type=int, default=None,
+                    help="default: the tokenizer's <|endoftext|> (no EOS stop if it has none)")
+    ap.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes; one may be -1")
+    args = ap.parse_args(argv)
+
+    import jax.numpy as jnp
+
+    from mpt_jax import load_pretrained
+    from mpt_jax.data.tokenizer import load_tokenizer
+    from mpt_jax.generate import Generator
+
+    try:
+        tok = load_tokenizer(args.tokenizer or args.checkpoint)
+        t0 = time.perf_counter()
+        dtype = jnp.dtype(args.dtype)
+        model = load_pretrained(args.checkpoint, dtype=dtype, param_dtype=dtype)
+    except Exception as e:  # bad paths / files: one line, no traceback
+        print(f"generate.py: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+    _log(f"loaded {args.checkpoint} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
+    mesh = None
+    if args.mesh:
+        from mpt_jax import sharding
+
+        sizes = [int(x) for x in args.mesh.split(",")]
+        mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
+        _log(f"mesh {dict(mesh.shape)}")
+    gen = Generator(model, mesh=mesh)
+    del model  # the generator keeps per-layer copies of the weights
+
+    eos_id = args.eos_id
+    if eos_id is None:
+        eos_id = tok.token_to_id("<|endoftext|>")
+    if eos_id is not None and eos_id >= gen.config.vocab_size:
+        eos_id = None
+    prompt_ids = tok.encode(args.prompt).ids
+    _log(f"prompt: {len(prompt_ids)} tokens; eos_id={eos_id}")
+
+    printed = ""
+
+    def on_tokens(tokens_bn, n):
+        nonlocal printed
+        ids = [int(x) for x in tokens_bn[0, :n]]
+        if eos_id is not None and eos_id in ids:
+            ids = ids[:ids.index(eos_id)]
+        text = tok.decode(ids)
+        if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for the rest
+            return
+        if text.startswith(printed):
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+
+    t0 = time.perf_counter()
+    try:
+        out = gen.generate([prompt_ids], max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed, eos_id=eos_id, max_len=args.max_seq_len,
+                           on_tokens=on_tokens)
+    except ValueError as e:
+        print(f"generate.py: {e}", file=sys.stderr)
+        return 1
+    n = int(out.lengths[0])
+    ids = [int(x) for x in out.tokens[0, :n] if x != eos_id]
+    text = tok.decode(ids)
+    if text.startswith(printed):
+        sys.stdout.write(text[len(printed):])
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _log(f"{n} tokens in {time.perf_counter() - t0:.2f}s (compilation included)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
