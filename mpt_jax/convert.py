@@ -98,15 +98,46 @@ class Row(NamedTuple):
 
 
 def model_shapes(cfg: MPTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Our pure-dict paths and shapes, from the abstract model (nothing allocated)."""
-    import jax
-    from flax import nnx
+    """Our pure-dict paths and shapes, from the config (no jax import: the converter starts
+    fast). tests/convert_test.py checks this equals `abstract_model(cfg)` for every option."""
+    d, f, v, L = cfg.d_model, cfg.ffn_hidden_size, cfg.vocab_size, cfg.n_layers
+    h, kv, hd = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
+    bias = not cfg.no_bias
+    norm_bias = bias and not cfg.norm_type.endswith("rmsnorm")
+    out: dict[tuple[str, ...], tuple[int, ...]] = {("wte",): (v, d)}
+    if cfg.use_wpe:
+        out[("wpe",)] = (cfg.max_seq_len, d)
 
-    from mpt_jax.model import abstract_model
+    def norm(prefix, dim, stacked):
+        lead = (L,) if stacked else ()
+        out[prefix + ("weight",)] = lead + (dim,)
+        if norm_bias:
+            out[prefix + ("bias",)] = lead + (dim,)
 
-    pure = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
-    flat = jax.tree_util.tree_flatten_with_path(pure)[0]
-    return {tuple(str(k.key) for k in kp): tuple(x.shape) for kp, x in flat}
+    n_qkv = (h + 2 * kv) * hd
+    blocks = {("attn", "Wqkv"): (d, n_qkv), ("attn", "out_proj"): (h * hd, d),
+              ("ffn", "up_proj"): (d, f), ("ffn", "down_proj"): (f, d)}
+    if bias:
+        blocks.update({("attn", "Wqkv_bias"): (n_qkv,), ("attn", "out_proj_bias"): (d,),
+                       ("ffn", "up_proj_bias"): (f,), ("ffn", "down_proj_bias"): (d,)})
+    if cfg.ffn_config.ffn_type == "mptglu":
+        blocks[("ffn", "gate_proj")] = (d, f)
+        if bias:
+            blocks[("ffn", "gate_proj_bias")] = (f,)
+    for k, s in blocks.items():
+        out[("blocks",) + k] = (L,) + s
+    norm(("blocks", "norm_1"), d, True)
+    norm(("blocks", "norm_2"), d, True)
+    if cfg.attn_config.qk_ln:
+        norm(("blocks", "attn", "q_ln"), d, True)
+        norm(("blocks", "attn", "k_ln"), kv * hd, True)
+    elif cfg.attn_config.qk_gn:
+        norm(("blocks", "attn", "q_ln"), hd, True)
+        norm(("blocks", "attn", "k_ln"), hd, True)
+    norm(("norm_f",), d, False)
+    if not cfg.tie_word_embeddings:
+        out[("lm_head",)] = (v, d)
+    return out
 
 
 def name_table(cfg: MPTConfig) -> list[Row]:
@@ -133,7 +164,8 @@ def read_config(path: Path) -> MPTConfig:
     try:
         return MPTConfig.from_json_file(path)
     except (ValueError, TypeError) as e:
-        raise ConversionError(f"{path}: {e}") from None
+        msg = str(e)
+        raise ConversionError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
 
 
 class Plan(NamedTuple):
@@ -171,9 +203,9 @@ def plan_import(src: Path) -> Plan:
     missing = [k for k in expected if k not in tensors]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        where = ", ".join(str(f.name) for f in files)
-        raise ConversionError(f"{src}: missing key {missing[0]!r}{more} (not in {where}); "
-                              f"config.json needs it")
+        where = files[0] if len(files) == 1 else src / "model.safetensors.index.json"
+        raise ConversionError(f"{where}: missing key {missing[0]!r}{more}, which "
+                              f"{src / 'config.json'} needs")
     dtypes = {}
     for key, row in expected.items():
         info = tensors[key]
@@ -188,7 +220,7 @@ def plan_import(src: Path) -> Plan:
 
 
 def iter_tensors(plan: Plan, dtype=None) -> Iterator[tuple[Row, int | None, np.ndarray]]:
-    """(row, layer index or None, array in our layout), in file order for sequential reads."""
+    """(row, layer index or None, tensor in torch's layout), in file order (sequential reads)."""
     items = []
     for row in plan.rows:
         for i, key in enumerate(row.keys(plan.cfg.n_layers)):
@@ -196,10 +228,8 @@ def iter_tensors(plan: Plan, dtype=None) -> Iterator[tuple[Row, int | None, np.n
     items.sort(key=lambda t: (str(t[0].file), t[0].start))
     for info, key, row, i in items:
         arr = read_tensor(info, key)
-        if row.transpose:
-            arr = arr.T
         want = np.dtype(dtype) if dtype is not None else plan.dtypes[row.path]
-        yield row, i, np.ascontiguousarray(arr, dtype=want)
+        yield row, i, arr if arr.dtype == want else arr.astype(want)
 
 
 def _progress(total_bytes: int, desc: str):
@@ -263,7 +293,8 @@ def import_checkpoint(src, dst, *, dtype: str | None = None) -> MPTConfig:
     total = sum(plan.sources[k].nbytes for r in plan.rows for k in r.keys(plan.cfg.n_layers))
     with _AtomicDir(dst) as tmp:
         leaves = {r.path: (r.shape, np_dtype or plan.dtypes[r.path]) for r in plan.rows}
-        writer = ParamsWriter(tmp / "params", leaves, [r.path for r in plan.rows if r.stacked])
+        writer = ParamsWriter(tmp / "params", leaves, [r.path for r in plan.rows if r.stacked],
+                              [r.path for r in plan.rows if r.transpose])
         with _progress(total, f"import {src.name}") as bar:
             for row, i, arr in iter_tensors(plan, np_dtype):
                 writer.write(row.path, i, arr)
@@ -296,8 +327,9 @@ def resolve_checkpoint(path: Path) -> OurCheckpoint:
         cfg = read_config(path / "config.json")
     elif (path / "model_config").exists():
         mc = path / "model_config"
-        files = [mc] if mc.is_file() else sorted(p for p in mc.iterdir() if p.is_file()
-                                                 and not p.name.startswith("_"))
+        # JsonSave writes model_config/metadata; accept a plain file or a *.json too
+        files = [mc] if mc.is_file() else (
+            [mc / "metadata"] if (mc / "metadata").is_file() else sorted(mc.glob("*.json")))
         if not files:
             raise ConversionError(f"{mc}: no config file inside")
         cfg = read_config(files[0])
@@ -319,6 +351,20 @@ def _check_params(ck: OurCheckpoint, reader: ParamsReader, rows: list[Row]) -> N
         if shape != row.shape:
             raise ConversionError(f"{ck.params_dir / '.'.join(row.path)}: shape {list(shape)}, "
                                   f"the config implies {list(row.shape)}")
+
+
+def hf_config_dict(cfg: MPTConfig) -> dict:
+    """`cfg.to_dict('hf')` with the value types transformers' strict MptConfig insists on
+    (attn_pdrop and alibi_bias_max int, clip_qkv / softmax_scale float)."""
+    d = cfg.to_dict("hf")
+    a = d["attn_config"]
+    for k in ("attn_pdrop", "alibi_bias_max"):
+        if float(a[k]).is_integer():
+            a[k] = int(a[k])
+    for k in ("clip_qkv", "softmax_scale"):
+        if a[k] is not None:
+            a[k] = float(a[k])
+    return d
 
 
 def export_form(cfg: MPTConfig) -> tuple[str, list[str]]:
@@ -380,16 +426,14 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
             for fname, shard in zip(names, shards):
                 w = SafetensorsWriter(tmp / fname, [(k, dt, s) for k, _, _, dt, s in shard])
                 for key, r, i, dt, _ in shard:
-                    arr = reader.read(r.path, i)
-                    if r.transpose:
-                        arr = arr.T
-                    w.write(key, np.ascontiguousarray(arr, dtype=dt))
+                    arr = reader.read(r.path, i, transpose=r.transpose)
+                    w.write(key, arr if arr.dtype == dt else arr.astype(dt))
                     weight_map[key] = fname
                     bar.update(arr.size * dt.itemsize)
                 w.close()
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        config = cfg.to_dict(form)
+        config = hf_config_dict(cfg) if form == "hf" else cfg.to_dict(form)
         if form == "foundry":
             config["auto_map"] = {"AutoConfig": "configuration_mpt.MPTConfig",
                                   "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"}
@@ -415,11 +459,7 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
     llm-foundry names, `model.` prefix), our converter's directory, a trainer step directory or
     a trainer workdir (latest step). `dtype` is the compute dtype (float32 when None); params
     keep their stored dtype unless `param_dtype` is given. Nothing is randomly initialised."""
-    import jax
     import jax.numpy as jnp
-    from flax import nnx
-
-    from mpt_jax.model import MPTForCausalLM
 
     path = Path(path)
     if not path.is_dir():
@@ -442,17 +482,50 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
             if row.stacked:
                 if row.path not in stacks:
                     stacks[row.path] = np.empty(row.shape, arr.dtype)
-                stacks[row.path][i] = arr
+                stacks[row.path][i] = arr.T if row.transpose else arr
             else:
                 _set_path(pure, row.path, arr)
         for p, arr in stacks.items():
             _set_path(pure, p, arr)
+    return model_from_pure_dict(cfg, pure, dtype, **model_kwargs)
+
+
+def model_from_pure_dict(cfg: MPTConfig, pure: dict, dtype=None, **model_kwargs):
+    """An MPTForCausalLM holding `pure` (the `nnx.to_pure_dict` tree; arrays kept as given),
+    built from the abstract model: nothing is randomly initialised."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mpt_jax.model import MPTForCausalLM
+
     dtype = jnp.float32 if dtype is None else dtype
-    abstract = nnx.eval_shape(lambda: MPTForCausalLM(
-        cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=pd or jnp.float32, **model_kwargs))
+    abstract = nnx.eval_shape(lambda: MPTForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                                     **model_kwargs))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
     return nnx.merge(graphdef, state)
+
+
+def pure_dict_from_torch(cfg: MPTConfig, tensors: dict[str, np.ndarray]) -> dict:
+    """Torch-named tensors (a state_dict as numpy, `model.` prefix allowed) -> our pure dict.
+    Exactly the keys of the name table (a tied `lm_head.weight` is ignored)."""
+    if tensors and all(k.startswith("model.") for k in tensors):
+        tensors = {k[len("model."):]: v for k, v in tensors.items()}
+    rows, pure, used = name_table(cfg), {}, set()
+    for r in rows:
+        keys = r.keys(cfg.n_layers)
+        arrs = [np.asarray(tensors[k]) for k in keys]
+        for k, a in zip(keys, arrs):
+            if a.shape != r.torch_shape():
+                raise ValueError(f"{k}: shape {a.shape}, expected {r.torch_shape()}")
+        arrs = [a.T if r.transpose else a for a in arrs]
+        _set_path(pure, r.path, np.stack(arrs) if r.stacked else arrs[0])
+        used.update(keys)
+    extra = set(tensors) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    if extra:
+        raise ValueError(f"unexpected keys {sorted(extra)}")
+    return pure
 
 
 # ---------------------------------------------------------------------------------------------
