@@ -126,7 +126,7 @@ def train_step(state, batch, *, settings: StepSettings):
     denom = jnp.maximum(count, 1.0)
     loss = nll / denom
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
     updates, new_opt_state = s.tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -331,6 +331,7 @@ def train(config, workdir: str) -> dict:
             if profiling:
                 jax.profiler.stop_trace()
             bar.close()
+            manager.wait_until_finished()  # saves already started hold good states: finish them
 
         # 8. finish -------------------------------------------------------------------------
         if last_saved != step:

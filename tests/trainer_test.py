@@ -1,0 +1,237 @@
+"""train_step on synthetic batches (chunked CE, accumulation, NaN), and train.py end to end on a
+small prepared corpus: non-finite stop without a bad checkpoint; SIGTERM part way, then the same
+command again, logs exactly the losses of an uninterrupted run."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from mpt_jax import loss as loss_lib
+from mpt_jax import optim, sharding
+from mpt_jax import train_step as step_lib
+from mpt_jax.config import MPTConfig
+from mpt_jax.model import MPTForCausalLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocess runs: CPU only, and LLVM at -O0 (halves XLA's compile time of these tiny models).
+FAST_XLA = "--xla_backend_optimization_level=0"
+
+
+def subprocess_env(n_devices: int | None = None) -> dict:
+    flags = FAST_XLA
+    if n_devices:
+        flags += f" --xla_force_host_platform_device_count={n_devices}"
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared: a small prepared corpus and a config file over it (multihost_test.py uses these)
+# ---------------------------------------------------------------------------------------------
+def prepare_small_corpus(out_dir: str) -> str:
+    """~30 stdlib modules, a 384-token byte-level BPE, document shards: seconds, not a minute."""
+    from mpt_jax.data import prepare, tokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:40]
+    texts = [open(p, errors="replace").read()[:8000] for p in files]
+    docs = os.path.join(out_dir, "docs.jsonl")
+    with open(docs, "w") as fh:
+        for t in texts:
+            fh.write(json.dumps({"text": t}) + "\n")
+    tok_path = os.path.join(out_dir, "tokenizer.json")
+    tokenizer.train_byte_level_bpe(texts, 384).save(tok_path)
+    shards = os.path.join(out_dir, "shards")
+    prepare.prepare_dataset([docs], shards, tok_path, seq_len=None, keep_documents=True)
+    return shards
+
+
+def write_test_config(path: str, shards: str, **top) -> str:
+    """configs/tiny.py shrunk further (prime-ish tiny model, few steps) over `shards`."""
+    overrides = "\n".join(f"    c.{k} = {v!r}" for k, v in top.items())
+    with open(path, "w") as fh:
+        fh.write(textwrap.dedent(f'''\
+            import sys
+            sys.path.insert(0, {os.path.join(ROOT, "configs")!r})
+            import ml_collections
+            import tiny
+
+            def get_config():
+                c = tiny.get_config()
+                c.data.builtin = ""
+                c.data.sources = {{"stdlib": ml_collections.ConfigDict(
+                    dict(path={shards!r}, weight=1.0))}}
+                c.data.eval_fraction = 0.1
+                c.data.prefetch = 0
+                c.model.d_model, c.model.n_heads, c.model.n_layers = 40, 4, 2
+                c.model.max_seq_len = 24
+                c.train.seq_len = 24
+                c.train.global_batch_size = 8
+                c.train.micro_batch_size = 0
+                c.train.loss_chunk_size = 8
+                c.eval.batch_size = 4
+                c.eval.num_batches = 2
+                c.optim.warmup_steps = 2
+                c.max_steps = 8
+                c.log_every = 1
+                c.eval_every = 4
+                c.checkpoint_every = 3
+                c.loss_spike.enabled = False
+            '''))
+        fh.write(overrides + "\n    return c\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    return prepare_small_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+def read_losses(workdir):
+    losses = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+        for line in fh:
+            row = json.loads(line)
+            if "loss" in row:
+                losses[row["step"]] = row["loss"]
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+# ---------------------------------------------------------------------------------------------
+def test_chunked_cross_entropy_matches_full_logits():
+    cfg = MPTConfig(d_model=24, n_heads=2, n_layers=1, vocab_size=131, max_seq_len=16)
+    model = MPTForCausalLM(cfg, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (3, 16), 0, 131)
+    seg = jnp.array([[1] * 10 + [2] * 6, [1] * 16, [1] * 12 + [0] * 4])
+    logits = model(ids)
+    targets, weights = loss_lib.targets_and_weights(ids, seg)
+    assert float(weights[2, 11]) == 0.0 and float(weights[0, 9]) == 1.0  # padding masked
+    full = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    h, _ = model.hidden_states(ids)
+    for chunk in (4, 8, 0):
+        nll, count = loss_lib.chunked_cross_entropy(model.unembed, h, targets, weights,
+                                                    chunk_size=chunk)
+        np.testing.assert_allclose(nll, jnp.sum(full * weights), rtol=1e-5)
+        assert float(count) == float(jnp.sum(weights))
+
+
+def _step_setup(micro_batch_size, global_batch=4):
+    cfg = MPTConfig(d_model=24, n_heads=2, n_layers=2, vocab_size=131, max_seq_len=8)
+    train = ml_collections.ConfigDict(dict(
+        seq_len=8, global_batch_size=global_batch, micro_batch_size=micro_batch_size,
+        compute_dtype="float32", param_dtype="float32", remat_policy="full", scan_layers=True,
+        attn_impl="reference", loss_chunk_size=4, nonfinite="stop"))
+    ocfg = ml_collections.ConfigDict(dict(
+        name="decoupled_adamw", lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+        weight_decay_mask="all", mu_dtype="", clip_norm=1.0, schedule="constant",
+        warmup_steps=0, alpha_f=0.0))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:1])
+    tx = optim.make_optimizer(ocfg, 10)
+    settings = step_lib.make_settings(cfg, train, tx, lambda s: 1e-2, mesh=mesh,
+                                      rules=sharding.DEFAULT_RULES, seed=0,
+                                      global_batch=global_batch)
+    state = step_lib.init_state(cfg, train, tx, mesh, sharding.DEFAULT_RULES, seed=3)
+    return settings, state, mesh
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    batch = {"input_ids": jax.random.randint(jax.random.PRNGKey(0), (4, 8), 0, 131)}
+    results = []
+    for micro in (0, 1):
+        settings, state, mesh = _step_setup(micro)
+        assert settings.n_micro == (1 if micro == 0 else 4)
+        with sharding.use_mesh(mesh):
+            new_state, m = jax.jit(lambda s, b: step_lib.train_step(s, b, settings=settings))(
+                state, batch)
+        results.append((new_state, m))
+    (s1, m1), (s4, m4) = results
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s4["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_is_caught_and_update_not_applied():
+    settings, state, mesh = _step_setup(0)
+    state["params"]["wte"] = state["params"]["wte"].at[0, 0].set(jnp.nan)
+    before = jax.tree.map(np.asarray, state)
+    batch = {"input_ids": jnp.zeros((4, 8), jnp.int32)}
+    with sharding.use_mesh(mesh):
+        new_state, m = step_lib.train_step(state, batch, settings=settings)
+    assert float(m["finite"]) == 0.0 and not np.isfinite(float(m["loss"]))
+    for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(new_state["params"])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert int(new_state["opt_state"][1].count) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+def test_nonfinite_loss_stops_run_and_writes_no_bad_checkpoint(small_corpus, tmp_path):
+    from mpt_jax import checkpoint as ckpt_lib
+
+    config_path = write_test_config(str(tmp_path / "cfg.py"), small_corpus, max_steps=6,
+                                    checkpoint_every=1)
+    workdir = str(tmp_path / "run")
+    # lr 1e30: step 1 is finite but blows the weights up; step 2's loss is not finite.
+    out = subprocess.run([sys.executable, "train.py", f"--config={config_path}",
+                          f"--workdir={workdir}", "--config.optim.lr=1e30",
+                          "--config.optim.warmup_steps=0"],
+                         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "non-finite loss" in out.stderr and "last good checkpoint: 1" in out.stderr
+    manager = ckpt_lib.make_manager(workdir, keep=3)
+    assert manager.all_steps() == [1]
+
+
+def _train_cmd(config_path, workdir):
+    return [sys.executable, "train.py", f"--config={config_path}", f"--workdir={workdir}"]
+
+
+def test_sigterm_then_rerun_logs_the_uninterrupted_losses(small_corpus, tmp_path):
+    config_path = write_test_config(str(tmp_path / "cfg.py"), small_corpus)
+    env = subprocess_env()
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    # the interrupted run starts first; the uninterrupted one runs beside it
+    proc = subprocess.Popen(_train_cmd(config_path, split), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ref = subprocess.Popen(_train_cmd(config_path, full), cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(split, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and read_losses(split) and max(read_losses(split)) >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    stopped_at = max(read_losses(split))
+    assert stopped_at < 8, "the run finished before the signal arrived"
+    assert "signal" in err
+    from mpt_jax import checkpoint as ckpt_lib
+
+    assert ckpt_lib.make_manager(split, keep=3).latest_step() == stopped_at
+    again = subprocess.run(_train_cmd(config_path, split), cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-3000:]
+    want, got = read_losses(full), read_losses(split)
+    assert sorted(want) == list(range(1, 9)) and sorted(got) == list(range(1, 9))
+    assert got == want  # exactly: same floats
+    assert os.path.exists(os.path.join(split, "loss.png"))
