@@ -30,9 +30,7 @@ import time
 import ml_collections
 import numpy as np
 
-from mpt_jax.data import corpus
-from mpt_jax.data import pipeline
-from mpt_jax.data import prepare
+from mpt_jax.data import corpus, pipeline, prepare
 from mpt_jax.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +58,8 @@ def stdlib_jsonl(path: str, max_mb: float) -> int:
     with open(path, "w") as f:
         for file_path in corpus.stdlib_files():
             try:
-                text = open(file_path, encoding="utf-8").read()
+                with open(file_path, encoding="utf-8") as source:
+                    text = source.read()
             except (UnicodeDecodeError, OSError):
                 continue
             f.write(json.dumps({"text": text}) + "\n")
@@ -77,7 +76,8 @@ def bench_prepare(tmp: str, max_mb: float) -> list[tuple[str, str, float]]:
         tok_path, tok_name = NEOX_JSON, "gpt-neox-20b"
     else:
         tok_path, tok_name = os.path.join(tmp, "bpe.json"), "byte-level BPE 4096"
-        texts = [json.loads(line)["text"] for line in open(jsonl)]
+        with open(jsonl) as f:
+            texts = [json.loads(line)["text"] for line in f]
         tokenizer_lib.train_byte_level_bpe(texts, 4096).save(tok_path)
     rows = []
     cores = os.cpu_count() or 1
@@ -188,7 +188,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         rows = bench_prepare(tmp, args.prepare_mb) + bench_read(tmp, args.read_seconds)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
+                            check=False, capture_output=True, text=True).stdout.strip() or "unknown"
     date = datetime.date.today().isoformat()
     lines = [f"| {date} | {what} | {figure} | {value:,.0f} | {where} | {commit} |"
              for what, figure, value in rows]

@@ -1,7 +1,6 @@
 """mpt_jax.data.pipeline: order, mixing, determinism, exact resume, process shares, packing,
 the held-out split, the built-in corpus and every bad config."""
 
-import collections
 import json
 import os
 
@@ -9,12 +8,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mpt_jax.data import corpus
-from mpt_jax.data import pipeline
-from mpt_jax.data import prepare
+from mpt_jax.data import corpus, pipeline, prepare
 from mpt_jax.data import tokenizer as tokenizer_lib
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
 T = 16  # seq_len
 
 
@@ -41,7 +38,7 @@ def data(tmp_path_factory):
     docs = {"a": make_docs(200, 1, "a"), "b": make_docs(60, 2, "b"),
             "c": make_docs(20, 3, "c", max_words=60)}
     tok_path = str(root / "tokenizer.json")
-    tokenizer_lib.train_byte_level_bpe(sum(docs.values(), []), 320).save(tok_path)
+    tokenizer_lib.train_byte_level_bpe([d for source_docs in docs.values() for d in source_docs], 320).save(tok_path)
     out = {"tok": tok_path, "docs": docs}
     for name, source_docs in docs.items():
         jsonl = root / f"{name}.jsonl"

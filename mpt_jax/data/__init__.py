@@ -15,7 +15,7 @@ _EXPORTS = {
     "load_tokenizer": "tokenizer",
     "padded_vocab_size": "tokenizer",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name):

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import weakref
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -291,6 +292,9 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
     def __init__(self, dataset: grain.IterDataset, fingerprint: str):
         self._iterator = iter(dataset)
         self._fingerprint = fingerprint
+        # Close grain's threads/processes when this is collected or, at the latest, at exit
+        # (grain's own __del__ at interpreter teardown finds its modules gone and complains).
+        self._finalizer = weakref.finalize(self, self._iterator.close)
 
     def __iter__(self):
         return self
@@ -312,7 +316,7 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
 
     def close(self) -> None:
         """Stops worker processes and threads, if any."""
-        self._iterator.close()
+        self._finalizer()
 
 
 def _tuples_restored(state):
@@ -397,10 +401,13 @@ def make_eval_batches(data_cfg, *, seq_len: int, batch_size: int, num_batches: i
                                           seq_len=seq_len, batch_size=batch_size,
                                           prefetch=data_cfg.prefetch))
     batches = []
-    for batch in batches_iter:
-        batches.append(batch)
-        if len(batches) == num_batches:
-            return batches
+    try:
+        for batch in batches_iter:
+            batches.append(batch)
+            if len(batches) == num_batches:
+                return batches
+    finally:
+        batches_iter.close()
     raise ValueError(
         f"the held-out split (eval_fraction {data_cfg.eval_fraction}, sources "
         f"{[s.path for s in resolved.sources]}) yields only {len(batches)} batches of "

@@ -179,7 +179,7 @@ def iter_documents(path: str, text_field: str, bad: BadLines) -> Iterator[str]:
 
         try:
             parquet_file = pq.ParquetFile(path)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (pyarrow raises several types)
             raise ValueError(f"{path}: not a readable Parquet file ({e})".splitlines()[0]) from None
         if text_field not in parquet_file.schema_arrow.names:
             raise ValueError(

@@ -43,7 +43,8 @@ def load_tokenizer(path_or_name: str) -> tokenizers.Tokenizer:
         raise ValueError(f"tokenizer: no such file or directory {path_or_name!r}")
     try:
         return tokenizers.Tokenizer.from_pretrained(path_or_name)
-    except Exception as e:  # network errors, missing repos, auth: all mean "cannot load"
+    # Network errors, missing repos, auth: all mean "cannot load".
+    except Exception as e:  # noqa: BLE001
         raise ValueError(
             f"tokenizer: {path_or_name!r} is not a local path and could not be fetched from the "
             f"Hugging Face hub (offline? wrong name?): {type(e).__name__}: {e}".splitlines()[0]
@@ -53,7 +54,7 @@ def load_tokenizer(path_or_name: str) -> tokenizers.Tokenizer:
 def _load_file(file_path: str) -> tokenizers.Tokenizer:
     try:
         return tokenizers.Tokenizer.from_file(file_path)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception)
         raise ValueError(
             f"tokenizer: {file_path!r} is not a valid tokenizer.json: {e}".splitlines()[0]
         ) from None
