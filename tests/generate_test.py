@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mpt_jax import MPTConfig, MPTForCausalLM
+from mpt_jax import load_pretrained
 from mpt_jax.generate import Generator, SamplingParams, filter_logits, left_pad, sample
 
 torch = pytest.importorskip("torch")
@@ -21,9 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 101  # prime vocabulary; tiny prime-ish dims elsewhere
 
 
-def _hf_model(n_heads=3, n_layers=3, max_seq_len=64, seed=0):
-    cfg = transformers.MptConfig(d_model=n_heads * 11, n_heads=n_heads, n_layers=n_layers,
-                                 vocab_size=V, max_seq_len=max_seq_len, no_bias=True,
+def _hf_model(max_seq_len=64, seed=0):
+    cfg = transformers.MptConfig(d_model=33, n_heads=3, n_layers=2, vocab_size=V,
+                                 max_seq_len=max_seq_len, no_bias=True,
                                  attn_config=dict(alibi=True, softmax_scale=None))
     torch.manual_seed(seed)
     hf = transformers.MptForCausalLM(cfg).eval()
@@ -36,31 +36,19 @@ def _hf_model(n_heads=3, n_layers=3, max_seq_len=64, seed=0):
     return hf
 
 
-def _to_jax(hf, **kwargs) -> MPTForCausalLM:
-    """Maps HF weights into our model (the converter's name table, inlined for the test)."""
-    cfg = MPTConfig.from_dict(hf.config.to_dict())
-    m = MPTForCausalLM(cfg, rngs=nnx.Rngs(0), **kwargs)
-    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-
-    def st(name):
-        return np.stack([sd[f"transformer.blocks.{i}.{name}"] for i in range(cfg.n_layers)])
-
-    m.wte[...] = sd["transformer.wte.weight"]
-    m.norm_f.weight[...] = sd["transformer.norm_f.weight"]
-    b = m.blocks
-    b.norm_1.weight[...] = st("norm_1.weight")
-    b.norm_2.weight[...] = st("norm_2.weight")
-    b.attn.Wqkv[...] = st("attn.Wqkv.weight").transpose(0, 2, 1)
-    b.attn.out_proj[...] = st("attn.out_proj.weight").transpose(0, 2, 1)
-    b.ffn.up_proj[...] = st("ffn.up_proj.weight").transpose(0, 2, 1)
-    b.ffn.down_proj[...] = st("ffn.down_proj.weight").transpose(0, 2, 1)
-    return m
+def _converted(hf, tmp_path_factory) -> str:
+    """Saves the HF model as safetensors; our converter loads that directory."""
+    path = str(tmp_path_factory.mktemp("hf"))
+    hf.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
-def pair():
+def pair(tmp_path_factory):
     hf = _hf_model()
-    return hf, Generator(_to_jax(hf))
+    path = _converted(hf, tmp_path_factory)
+    model = load_pretrained(path, dtype=jnp.float32)
+    return hf, Generator(model), model, path
 
 
 def _hf_greedy(hf, ids, mask, n):
@@ -73,61 +61,56 @@ def _hf_greedy(hf, ids, mask, n):
 
 
 def test_greedy_matches_hf_single(pair):
-    hf, gen = pair
+    hf, gen, _, _ = pair
     ids, mask = left_pad([list(np.random.RandomState(1).randint(1, V, 9))])
     ours = gen.generate(ids, attention_mask=mask, max_new_tokens=12)
     np.testing.assert_array_equal(ours.tokens, _hf_greedy(hf, ids, mask, 12))
 
 
-def test_greedy_matches_hf_batched_left_padding(pair):
-    hf, gen = pair
+def test_batched_left_padding_matches_hf_and_full_recompute(pair):
+    """Greedy tokens equal HF's with left padding; the KV-cache logits of every step equal a
+    full recompute of the whole sequence, through our generator and the model's cache path."""
+    hf, gen, model, _ = pair
     rs = np.random.RandomState(2)
     prompts = [list(rs.randint(1, V, n)) for n in (11, 4, 7)]
     ids, mask = left_pad(prompts)
-    ours = gen.generate(prompts, max_new_tokens=12)
-    np.testing.assert_array_equal(ours.tokens, _hf_greedy(hf, ids, mask, 12))
-
-
-def test_cache_logits_equal_full_recompute(pair):
-    hf, gen = pair
-    model = _to_jax(hf)
-    rs = np.random.RandomState(3)
-    prompts = [list(rs.randint(1, V, n)) for n in (6, 3)]
-    out = gen.generate(prompts, max_new_tokens=8, temperature=0.9, seed=1, keep_logits=True)
-    ids, mask = left_pad(prompts)
+    out = gen.generate(prompts, max_new_tokens=12, keep_logits=True)
+    np.testing.assert_array_equal(out.tokens, _hf_greedy(hf, ids, mask, 12))
     seq = np.concatenate([ids, out.tokens], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(out.tokens)], axis=1)
-    full = np.asarray(model(jnp.asarray(seq), attention_mask=jnp.asarray(full_mask)))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, ids, mask, cache=None, index=None):
+        return nnx.merge(graphdef, state)(ids, attention_mask=mask, cache=cache,
+                                          cache_index=index)
+
+    full = np.asarray(run(state, seq, full_mask))
     t = ids.shape[1]
     np.testing.assert_allclose(out.logits, full[:, t - 1:-1], rtol=1e-4, atol=1e-4)
-    # The model's own cache path (model(..., cache=)) agrees too, step by step.
-    cache = model.init_cache(2, seq.shape[1])
-    km = jnp.asarray(full_mask)
-    step_logits, cache = model(jnp.asarray(ids), attention_mask=km, cache=cache, cache_index=0)
-    got = [np.asarray(step_logits[:, -1])]
+    cache = model.init_cache(3, seq.shape[1])
+    lg, cache = run(state, seq[:, :t], full_mask, cache, 0)
+    got = [np.asarray(lg[:, -1])]
     for i in range(out.tokens.shape[1] - 1):
-        lg, cache = model(jnp.asarray(out.tokens[:, i:i + 1]), attention_mask=km, cache=cache,
-                          cache_index=t + i)
+        lg, cache = run(state, seq[:, t + i:t + i + 1], full_mask, cache, t + i)
         got.append(np.asarray(lg[:, 0]))
     np.testing.assert_allclose(np.stack(got, 1), full[:, t - 1:-1], rtol=1e-4, atol=1e-4)
 
 
-def test_prompt_past_max_seq_len_with_override():
-    hf = _hf_model(max_seq_len=16, seed=4)
-    model = _to_jax(hf)
-    gen = Generator(model)
-    prompt = list(np.random.RandomState(5).randint(1, V, 21))  # longer than max_seq_len
+def test_prompt_past_max_seq_len_with_override(pair):
+    _, gen, model, _ = pair  # trained length 64
+    prompt = list(np.random.RandomState(5).randint(1, V, 70))
     with pytest.raises(ValueError, match="max_len"):
         gen.generate([prompt], max_new_tokens=4)
-    out = gen.generate([prompt], max_new_tokens=6, max_len=40, keep_logits=True)
+    out = gen.generate([prompt], max_new_tokens=6, max_len=80, keep_logits=True)
     seq = np.asarray([prompt + list(out.tokens[0])])
-    full = np.asarray(model(jnp.asarray(seq)))
-    np.testing.assert_allclose(out.logits[0], full[0, 20:-1], rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(out.tokens[0], full[0, 20:-1].argmax(-1))
+    full = np.asarray(jax.jit(lambda ids: model(ids))(seq))  # our full recompute, past 64
+    np.testing.assert_allclose(out.logits[0], full[0, 69:-1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(out.tokens[0], full[0, 69:-1].argmax(-1))
 
 
 def test_sampling_seeded_reproducible_and_eos(pair):
-    _, gen = pair
+    _, gen, _, _ = pair
     prompts = [[5, 6, 7], [8, 9]]
     kw = dict(max_new_tokens=10, temperature=1.3, top_k=20, top_p=0.9)
     a = gen.generate(prompts, seed=7, **kw)
@@ -145,31 +128,111 @@ def test_sampling_seeded_reproducible_and_eos(pair):
 
 
 def test_streaming_equals_one_shot(pair):
-    _, gen = pair
+    _, gen, _, _ = pair
     seen = []
-    kw = dict(max_new_tokens=9, temperature=0.7, seed=3)
-    s = gen.generate([[1, 2, 3]], on_tokens=lambda t, n: seen.append(n), stream_chunk=2, **kw)
-    o = gen.generate([[1, 2, 3]], **kw)
+    kw = dict(max_new_tokens=10, temperature=1.3, top_k=20, top_p=0.9, seed=3)
+    prompts = [[5, 6, 7], [8, 9]]
+    s = gen.generate(prompts, on_tokens=lambda t, n: seen.append(n), stream_chunk=4, **kw)
+    o = gen.generate(prompts, **kw)
     np.testing.assert_array_equal(s.tokens, o.tokens)
-    assert seen[0] == 1 and seen[-1] == 9 and seen == sorted(seen)
+    assert seen[0] == 1 and seen[-1] == 10 and seen == sorted(seen)
 
 
 def test_top_k_top_p_stay_in_allowed_set():
     v = 50
     logits = np.full((4, v), -5.0, np.float32)
     logits[:, [3, 17, 29, 41]] = [4.0, 3.0, 2.0, 1.0]  # probabilities well apart
-    logits = jnp.asarray(logits)
-    keys = jax.random.split(jax.random.key(0), 200)
-    draw = jax.jit(jax.vmap(lambda k, p: sample(logits, k, p), in_axes=(0, None)),
-                   static_argnums=1)
-    k3 = np.asarray(draw(keys, SamplingParams(1.0, top_k=3)))
+    logits = jnp.asarray(np.repeat(logits[:1], 400, axis=0))  # 400 independent draws
+    key = jax.random.key(0)
+
+    def draw(p):
+        return np.asarray(sample(logits, key, p))
+
+    k3 = draw(SamplingParams(1.0, top_k=3))
     assert set(np.unique(k3)) <= {3, 17, 29} and len(np.unique(k3)) == 3
     # softmax of (4, 3, 2, 1, -5 x 46): p ~ .64, .24, .09, .03; top_p 0.8 keeps {3, 17}.
-    p8 = np.asarray(draw(keys, SamplingParams(1.0, top_p=0.8)))
+    p8 = draw(SamplingParams(1.0, top_p=0.8))
     assert set(np.unique(p8)) == {3, 17}
     kept = np.isfinite(np.asarray(filter_logits(logits, SamplingParams(1.0, top_p=0.8))))
-    assert kept.sum(-1).tolist() == [2] * 4
-    both = np.asarray(draw(keys, SamplingParams(2.0, top_k=2, top_p=0.999)))
+    assert (kept.sum(-1) == 2).all()
+    both = draw(SamplingParams(2.0, top_k=2, top_p=0.999))
     assert set(np.unique(both)) <= {3, 17}
-    tiny = np.asarray(draw(keys, SamplingParams(1.0, top_p=0.01)))  # always keeps the best
+    tiny = draw(SamplingParams(1.0, top_p=0.01))  # always keeps the best
     assert set(np.unique(tiny)) == {3}
+
+
+def _tiny_tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.BPEDecoder()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=V, special_tokens=["<|endoftext|>",
+                                                                          "<unk>"])
+    text = ["the quick brown fox jumps over the lazy dog", "a story about a cat and a dog",
+            "once upon a time there was a model that wrote stories"] * 20
+    tok.train_from_iterator(text, trainer=trainer)
+    assert tok.get_vocab_size() <= V
+    return tok
+
+
+def test_cli_prints_only_the_completion(pair, tmp_path_factory, capsys):
+    import importlib.util
+
+    from mpt_jax.convert import import_checkpoint
+
+    _, gen, _, src = pair
+    tok = _tiny_tokenizer()
+    tok.save(os.path.join(src, "tokenizer.json"))
+    dst = str(tmp_path_factory.mktemp("ours") / "ckpt")
+    import_checkpoint(src, dst)  # our checkpoint dir; the tokenizer travels with it
+    prompt = "once upon a time the quick fox"
+    ids = tok.encode(prompt).ids
+    eos = tok.token_to_id("<|endoftext|>")
+    out = gen.generate([ids], max_new_tokens=7, eos_id=eos)
+    expected = tok.decode([int(x) for x in out.tokens[0, :out.lengths[0]] if x != eos])
+    spec = importlib.util.spec_from_file_location("generate_cli", os.path.join(ROOT, "generate.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    capsys.readouterr()
+    rc = cli.main(["--checkpoint", dst, "--prompt", prompt, "--max_new_tokens", "7",
+                   "--dtype", "float32"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out == expected + "\n"
+    assert "[generate]" in captured.err
+    assert cli.main(["--checkpoint", dst, "--prompt", "the dog " * 40, "--dtype", "float32",
+                     "--max_new_tokens", "40"]) == 1  # past max_seq_len without the override
+    assert "max_seq_len" in capsys.readouterr().err
+
+
+_MESH_SCRIPT = r"""
+import os
+import subprocess
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from mpt_jax import MPTConfig, MPTForCausalLM, sharding
+from mpt_jax.generate import Generator, left_pad
+cfg = MPTConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=64, max_seq_len=32)
+model = MPTForCausalLM(cfg, rngs=nnx.Rngs(1))
+mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2))
+sharded = Generator(model, mesh=mesh)
+wqkv = sharded.weights.layers[0]["attn"]["Wqkv"][...]
+assert len(wqkv.sharding.device_set) == 4 and wqkv.addressable_shards[0].data.shape == (16, 48), (
+    wqkv.sharding)
+prompts = [[1, 2, 3, 4, 5], [6, 7]]
+ids, mask = left_pad(prompts)
+a = sharded.generate(prompts, max_new_tokens=6)
+seq = np.concatenate([ids, a.tokens], 1)  # greedy: each token is the full recompute's argmax
+full = model(jnp.asarray(seq), attention_mask=jnp.asarray(np.concatenate(
+    [mask, np.ones_like(a.tokens)], 1)))
+np.testing.assert_array_equal(a.tokens, np.asarray(full)[:, 4:-1].argmax(-1))
+print("MESH OK")
+"""
+
+
+def test_sharded_over_a_mesh_of_fake_cpu_devices():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=300)
+    assert p.returncode == 0 and "MESH OK" in p.stdout, p.stderr[-2000:]
