@@ -11,7 +11,8 @@ import pytest
 from mpt_jax.data import corpus, pipeline, prepare
 from mpt_jax.data import tokenizer as tokenizer_lib
 
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa",
+         "lambda", "mu"]
 T = 16  # seq_len
 
 
@@ -38,7 +39,8 @@ def data(tmp_path_factory):
     docs = {"a": make_docs(200, 1, "a"), "b": make_docs(60, 2, "b"),
             "c": make_docs(20, 3, "c", max_words=60)}
     tok_path = str(root / "tokenizer.json")
-    tokenizer_lib.train_byte_level_bpe([d for source_docs in docs.values() for d in source_docs], 320).save(tok_path)
+    all_docs = [d for source_docs in docs.values() for d in source_docs]
+    tokenizer_lib.train_byte_level_bpe(all_docs, 320).save(tok_path)
     out = {"tok": tok_path, "docs": docs}
     for name, source_docs in docs.items():
         jsonl = root / f"{name}.jsonl"
@@ -212,7 +214,7 @@ def test_bad_configs(data, tmp_path):
         train(data_config({"x": (str(tmp_path / "missing"), 1.0)}))
     with pytest.raises(ValueError, match="holds no manifest.json"):
         train(data_config({"x": (str(tmp_path), 1.0)}))
-    with pytest.raises(ValueError, match=r"prepared with seq_len 16, the config asks for seq_len 32"):
+    with pytest.raises(ValueError, match=r"prepared with seq_len 16, the config asks for seq_len"):
         train(data_config({"a": (data["a_seq"], 1.0)}), seq_len=32)
     with pytest.raises(ValueError, match="packing=True needs shards that keep documents"):
         train(data_config({"a": (data["a_seq"], 1.0)}, packing=True))

@@ -13,7 +13,8 @@ import zstandard
 from mpt_jax.data import prepare
 from mpt_jax.data import tokenizer as tokenizer_lib
 
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa",
+         "lambda", "mu"]
 
 
 def make_docs(n, seed=0, tag="d"):
@@ -193,7 +194,8 @@ def test_bad_inputs(tmp_path, tok_path):
 
     def run(inputs, **kw):
         kw = {"seq_len": 8, "progress": False, **kw}
-        return prepare.prepare_dataset([str(p) for p in inputs], str(tmp_path / f"out{next(outputs)}"),
+        out = str(tmp_path / f"out{next(outputs)}")
+        return prepare.prepare_dataset([str(p) for p in inputs], out,
                                        kw.pop("tokenizer", tok_path), **kw)
 
     write_jsonl(tmp_path / "ok.jsonl", make_docs(5))

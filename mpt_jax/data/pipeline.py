@@ -91,7 +91,8 @@ def resolve_data(data_cfg, workdir: str | None) -> ResolvedData:
         named = [(name, src.path, src.weight) for name, src in data_cfg.sources.items()]
     for name, path, weight in named:
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
-            raise ValueError(f"data.sources.{name}.weight must be a positive number, got {weight!r}")
+            raise ValueError(
+                f"data.sources.{name}.weight must be a positive number, got {weight!r}")
     total_weight = sum(weight for _, _, weight in named)
 
     sources = []

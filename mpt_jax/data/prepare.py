@@ -1,4 +1,4 @@
-"""Text -> tokenized ArrayRecord shards + manifest.json (llm-foundry's convert_dataset_* in our world).
+"""Text -> tokenized ArrayRecord shards + manifest.json (llm-foundry's convert_dataset_*).
 
     python -m mpt_jax.data.prepare --input PATH... --output DIR --tokenizer PATH_OR_NAME \
         --seq_len N [--text_field text] [--eos_text ...] [--bos_text ...] [--workers K] \
@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -43,6 +41,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tqdm
 
+from mpt_jax.data import readers
 from mpt_jax.data import tokenizer as tokenizer_lib
 
 FORMAT_VERSION = 1
@@ -53,149 +52,8 @@ TOKENIZER_FILE = "tokenizer.json"
 ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
 SHARD_SUFFIX = ".array_record"
 
-_TEXT_SUFFIXES = (".txt", ".text", ".md")
-_JSONL_SUFFIXES = (".jsonl", ".json")
-_COMPRESSION_SUFFIXES = ("", ".gz", ".zst")
 # Documents handed to a tokenizer worker at once.
 _DOCS_PER_BATCH = 256
-
-
-# ------------------------------------------------------------------------------------------
-# Reading inputs
-
-
-def input_kind(path: str) -> str:
-    """'text' | 'jsonl' | 'parquet' from the file name, or ValueError naming the file."""
-    name = path.lower()
-    if name.endswith(".parquet"):
-        return "parquet"
-    for compression in _COMPRESSION_SUFFIXES:
-        if any(name.endswith(s + compression) for s in _JSONL_SUFFIXES):
-            return "jsonl"
-        if any(name.endswith(s + compression) for s in _TEXT_SUFFIXES):
-            return "text"
-    raise ValueError(
-        f"{path}: unsupported input type; expected .txt/.text/.md, .jsonl/.json "
-        "(optionally .gz or .zst) or .parquet"
-    )
-
-
-def expand_inputs(paths: Sequence[str]) -> list[str]:
-    """Files named by `paths`, directories expanded to their supported files (sorted), in order."""
-    if not paths:
-        raise ValueError("no --input given")
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = []
-            for root, dirs, names in os.walk(path):
-                dirs.sort()
-                for name in sorted(names):
-                    try:
-                        input_kind(name)
-                    except ValueError:
-                        continue
-                    found.append(os.path.join(root, name))
-            if not found:
-                raise ValueError(f"{path}: directory holds no supported input files")
-            files.extend(found)
-        elif os.path.isfile(path):
-            input_kind(path)
-            files.append(path)
-        else:
-            raise ValueError(f"{path}: no such file or directory")
-    absolute = [os.path.abspath(f) for f in files]
-    if len(set(absolute)) != len(absolute):
-        raise ValueError("an input file is named twice: " + ", ".join(
-            sorted({f for f in absolute if absolute.count(f) > 1})))
-    return absolute
-
-
-def _open_binary(path: str):
-    if path.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.lower().endswith(".zst"):
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(
-            open(path, "rb"), read_across_frames=True, closefd=True)
-    return open(path, "rb")
-
-
-@dataclasses.dataclass
-class BadLines:
-    """Counts of one input's unusable lines, with the first few for the report."""
-
-    count: int = 0
-    total: int = 0
-    examples: list[str] = dataclasses.field(default_factory=list)
-
-    def add(self, where: str, why: str):
-        self.count += 1
-        if len(self.examples) < 3:
-            self.examples.append(f"{where}: {why}")
-
-
-def iter_documents(path: str, text_field: str, bad: BadLines) -> Iterator[str]:
-    """Yields the documents of one input file; unusable lines are counted in `bad` and skipped.
-
-    Empty documents are skipped without counting as bad.
-    """
-    kind = input_kind(path)
-    if kind == "text":
-        bad.total += 1
-        with _open_binary(path) as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            bad.add(path, f"not UTF-8 ({e.reason} at byte {e.start})")
-            return
-        if text:
-            yield text
-    elif kind == "jsonl":
-        with _open_binary(path) as f:
-            for line_number, raw_line in enumerate(io.BufferedReader(f), start=1):
-                if not raw_line.strip():
-                    continue
-                bad.total += 1
-                try:
-                    record = json.loads(raw_line)
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    bad.add(f"line {line_number}", f"invalid JSON ({str(e).splitlines()[0]})")
-                    continue
-                if not isinstance(record, dict):
-                    bad.add(f"line {line_number}", "not a JSON object")
-                    continue
-                text = record.get(text_field)
-                if not isinstance(text, str):
-                    why = "missing" if text is None else f"a {type(text).__name__}, not a string"
-                    bad.add(f"line {line_number}", f"field {text_field!r} is {why}")
-                    continue
-                if text:
-                    yield text
-    else:
-        import pyarrow.parquet as pq
-
-        try:
-            parquet_file = pq.ParquetFile(path)
-        except Exception as e:  # noqa: BLE001 (pyarrow raises several types)
-            raise ValueError(f"{path}: not a readable Parquet file ({e})".splitlines()[0]) from None
-        if text_field not in parquet_file.schema_arrow.names:
-            raise ValueError(
-                f"{path}: Parquet file has no column {text_field!r} "
-                f"(columns: {parquet_file.schema_arrow.names})"
-            )
-        row = 0
-        for batch in parquet_file.iter_batches(columns=[text_field], batch_size=4096):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                bad.total += 1
-                if not isinstance(text, str):
-                    bad.add(f"row {row}", f"column {text_field!r} is {text!r}, not a string")
-                    continue
-                if text:
-                    yield text
 
 
 # ------------------------------------------------------------------------------------------
@@ -350,7 +208,7 @@ def prepare_dataset(
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise ValueError(f"--max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-    files = expand_inputs(inputs)
+    files = readers.expand_inputs(inputs)
     tok = tokenizer_lib.load_tokenizer(tokenizer)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = shard_dtype(vocab_size)
@@ -452,11 +310,12 @@ def _prepare_one(path, output_dir, settings, pool, max_bad_fraction, shard_token
     stem = os.path.basename(path).split(".")[0][:40] + "-" + hashlib.sha1(
         path.encode()).hexdigest()[:8]
     writer = _ShardWriter(output_dir, stem, shard_tokens)
-    bad = BadLines()
+    bad = readers.BadLines()
     seq_len, keep_documents = settings["seq_len"], settings["mode"] == "documents"
     pending_t = np.zeros((0,), settings["dtype"])  # sequences layout: tokens not yet in a record
     documents = tokens = max_document_tokens = 0
-    batches = _batched(iter_documents(path, settings["text_field"], bad), _DOCS_PER_BATCH)
+    documents_iter = readers.iter_documents(path, settings["text_field"], bad)
+    batches = _batched(documents_iter, _DOCS_PER_BATCH)
     encoded = pool.imap(_encode_texts, batches) if pool is not None else map(_encode_texts, batches)
     for docs in encoded:
         documents += len(docs)

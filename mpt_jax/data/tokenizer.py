@@ -94,7 +94,8 @@ def train_byte_level_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int
     Byte-level means every byte sequence is encodable and decodes back exactly.
     """
     if vocab_size < 257 + 1:
-        raise ValueError(f"byte-level BPE needs vocab_size > 257 (256 bytes + EOS), got {vocab_size}")
+        raise ValueError(
+            f"byte-level BPE needs vocab_size > 257 (256 bytes + EOS), got {vocab_size}")
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = tokenizers.decoders.ByteLevel()

@@ -1,0 +1,153 @@
+"""Reading prepare's inputs: plain text, JSON lines (optionally .gz/.zst) and Parquet.
+
+A plain-text file is one document (as llm-foundry's convert_text_to_mds has it); JSON lines hold
+one object per line with the text under a field; Parquet holds it in a column. Unusable lines are
+counted in a `BadLines`, never raised, so the caller decides what is too many.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+_TEXT_SUFFIXES = (".txt", ".text", ".md")
+_JSONL_SUFFIXES = (".jsonl", ".json")
+_COMPRESSION_SUFFIXES = ("", ".gz", ".zst")
+
+
+def input_kind(path: str) -> str:
+    """'text' | 'jsonl' | 'parquet' from the file name, or ValueError naming the file."""
+    name = path.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    for compression in _COMPRESSION_SUFFIXES:
+        if any(name.endswith(s + compression) for s in _JSONL_SUFFIXES):
+            return "jsonl"
+        if any(name.endswith(s + compression) for s in _TEXT_SUFFIXES):
+            return "text"
+    raise ValueError(
+        f"{path}: unsupported input type; expected .txt/.text/.md, .jsonl/.json "
+        "(optionally .gz or .zst) or .parquet"
+    )
+
+
+def expand_inputs(paths: Sequence[str]) -> list[str]:
+    """Files named by `paths`, directories expanded to their supported files (sorted), in order."""
+    if not paths:
+        raise ValueError("no --input given")
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                for name in sorted(names):
+                    try:
+                        input_kind(name)
+                    except ValueError:
+                        continue
+                    found.append(os.path.join(root, name))
+            if not found:
+                raise ValueError(f"{path}: directory holds no supported input files")
+            files.extend(found)
+        elif os.path.isfile(path):
+            input_kind(path)
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: no such file or directory")
+    absolute = [os.path.abspath(f) for f in files]
+    if len(set(absolute)) != len(absolute):
+        raise ValueError("an input file is named twice: " + ", ".join(
+            sorted({f for f in absolute if absolute.count(f) > 1})))
+    return absolute
+
+
+def _open_binary(path: str):
+    if path.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.lower().endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(
+            open(path, "rb"), read_across_frames=True, closefd=True)
+    return open(path, "rb")
+
+
+@dataclasses.dataclass
+class BadLines:
+    """Counts of one input's unusable lines, with the first few for the report."""
+
+    count: int = 0
+    total: int = 0
+    examples: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, where: str, why: str):
+        self.count += 1
+        if len(self.examples) < 3:
+            self.examples.append(f"{where}: {why}")
+
+
+def iter_documents(path: str, text_field: str, bad: BadLines) -> Iterator[str]:
+    """Yields the documents of one input file; unusable lines are counted in `bad` and skipped.
+
+    Empty documents are skipped without counting as bad.
+    """
+    kind = input_kind(path)
+    if kind == "text":
+        bad.total += 1
+        with _open_binary(path) as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.add(path, f"not UTF-8 ({e.reason} at byte {e.start})")
+            return
+        if text:
+            yield text
+    elif kind == "jsonl":
+        with _open_binary(path) as f:
+            for line_number, raw_line in enumerate(io.BufferedReader(f), start=1):
+                if not raw_line.strip():
+                    continue
+                bad.total += 1
+                try:
+                    record = json.loads(raw_line)
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    bad.add(f"line {line_number}", f"invalid JSON ({str(e).splitlines()[0]})")
+                    continue
+                if not isinstance(record, dict):
+                    bad.add(f"line {line_number}", "not a JSON object")
+                    continue
+                text = record.get(text_field)
+                if not isinstance(text, str):
+                    why = "missing" if text is None else f"a {type(text).__name__}, not a string"
+                    bad.add(f"line {line_number}", f"field {text_field!r} is {why}")
+                    continue
+                if text:
+                    yield text
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            parquet_file = pq.ParquetFile(path)
+        except Exception as e:  # noqa: BLE001 (pyarrow raises several types)
+            raise ValueError(f"{path}: not a readable Parquet file ({e})".splitlines()[0]) from None
+        if text_field not in parquet_file.schema_arrow.names:
+            raise ValueError(
+                f"{path}: Parquet file has no column {text_field!r} "
+                f"(columns: {parquet_file.schema_arrow.names})"
+            )
+        row = 0
+        for batch in parquet_file.iter_batches(columns=[text_field], batch_size=4096):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                bad.total += 1
+                if not isinstance(text, str):
+                    bad.add(f"row {row}", f"column {text_field!r} is {text!r}, not a string")
+                    continue
+                if text:
+                    yield text
