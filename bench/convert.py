@@ -117,7 +117,7 @@ def main():
         ]
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print(f"\n| figure | value |\n|---|---|")
+    print("\n| figure | value |\n|---|---|")
     for k, v in results:
         print(f"| {k} | {v} |")
     if args.no_record or args.n_layers != 32:

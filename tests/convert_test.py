@@ -19,10 +19,9 @@ from safetensors.torch import save_file as torch_save_file
 from transformers import MptForCausalLM
 
 from model_test import (HF_CONFIGS, NP_CONFIGS, _ids_mask, hf_logits, hf_model, hf_state,
-                        np_forward, random_pure, tiny)
+                        np_forward, random_pure)
 from mpt_jax import load_pretrained
-from mpt_jax.config import AttnConfig, FFNConfig
-from mpt_jax.convert import (ParamsReader, main, model_from_pure_dict, model_shapes,
+from mpt_jax.convert import (ParamsReader, main, model_shapes,
                              name_table)
 from mpt_jax.model import abstract_model
 
@@ -102,8 +101,8 @@ def test_sharded_source_with_index(hf_dir, tmp_path, capsys):
 def test_half_precision_sources(hf_dir, tmp_path, capsys, tdtype, name):
     _, cfg, _, _, ids, _, hf = hf_dir
     src, ours, out = tmp_path / "half", tmp_path / "ours", tmp_path / "out"
-    hf.to(tdtype).save_pretrained(src)
-    hf.float()
+    import copy
+    copy.deepcopy(hf).to(tdtype).save_pretrained(src)
     ref = hf_logits(MptForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), ids)
     assert _run(["import", src, ours], capsys)[0] == 0
     reader = ParamsReader(ours / "params")

@@ -81,7 +81,7 @@ def np_forward(cfg: MPTConfig, pure, ids, mask=None):
     a, eps = cfg.attn_config, cfg.norm_eps
     rms = cfg.norm_type.endswith("rmsnorm")
     B, T = ids.shape
-    H, KV, hd, d = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim, cfg.d_model
+    H, KV, hd = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
     mask = np.ones((B, T), bool) if mask is None else mask.astype(bool)
     x = P["wte"][ids]
     if cfg.use_wpe:
