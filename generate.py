@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         dtype = jnp.dtype(args.dtype)
         model = load_pretrained(args.checkpoint, dtype=dtype, param_dtype=dtype)
-    except Exception as e:  # bad paths / files: one line, no traceback
+    except Exception as e:  # noqa: BLE001  (bad path or file: one line, no traceback)
         print(f"generate.py: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         return 1
     _log(f"loaded {args.checkpoint} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")

@@ -49,7 +49,7 @@ def bench_batch(gen: Generator, b: int, prompt: int, new: int, reps: int) -> dic
     rs = np.random.RandomState(b)
     ids = rs.randint(0, gen.config.vocab_size, (b, prompt)).astype(np.int32)
     mask = np.ones_like(ids)
-    kw = dict(attention_mask=mask, max_new_tokens=new, temperature=0.0, eos_id=None)
+    kw = {"attention_mask": mask, "max_new_tokens": new, "temperature": 0.0, "eos_id": None}
     t0 = time.perf_counter()
     out = gen.generate(ids, **kw)
     compile_s = time.perf_counter() - t0
@@ -69,11 +69,11 @@ def bench_batch(gen: Generator, b: int, prompt: int, new: int, reps: int) -> dic
         pre.append(time.perf_counter() - t0)
     total, prefill = min(totals), min(pre)
     assert out.tokens.shape == (b, new)
-    return dict(batch=b, total_s=total, prefill_ms=prefill * 1e3,
-                decode_ms_per_step=(total - prefill) / (new - 1) * 1e3,
-                tokens_per_s=b * new / total,
-                decode_tokens_per_s=b * (new - 1) / (total - prefill),
-                first_call_s=compile_s)
+    return {"batch": b, "total_s": total, "prefill_ms": prefill * 1e3,
+                "decode_ms_per_step": (total - prefill) / (new - 1) * 1e3,
+                "tokens_per_s": b * new / total,
+                "decode_tokens_per_s": b * (new - 1) / (total - prefill),
+                "first_call_s": compile_s}
 
 
 def main():
@@ -97,16 +97,16 @@ def main():
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(gen.weights))
     print(f"# weights {n_bytes / 1e9:.2f} GB bf16, ready in {time.perf_counter() - t0:.1f}s",
           flush=True)
-    results = dict(device=dev.device_kind, weight_gb=n_bytes / 1e9, attn_impl=args.attn_impl)
+    results = {"device": dev.device_kind, "weight_gb": n_bytes / 1e9, "attn_impl": args.attn_impl}
     for b in [int(x) for x in args.batches.split(",")]:
         try:
             r = bench_batch(gen, b, args.prompt, args.new, args.reps)
-        except Exception as e:  # keep the other batch sizes' figures
-            r = dict(batch=b, error=f"{type(e).__name__}: {e}"[:600])
+        except Exception as e:  # noqa: BLE001  (keep the other batch sizes' figures)
+            r = {"batch": b, "error": f"{type(e).__name__}: {e}"[:600]}
         results[f"bs{b}"] = r
         print(json.dumps(r), flush=True)
     date = time.strftime("%Y-%m-%d")
-    for k, r in results.items():
+    for r in results.values():
         if isinstance(r, dict) and "error" not in r:
             name = (f"generate mpt_jax MPT-{args.size} random bf16 B={r['batch']} prompt={args.prompt} "
                     f"new={args.new} greedy")

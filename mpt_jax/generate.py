@@ -159,8 +159,8 @@ class _Spec:
 
     # -- the forward pass over per-layer weights --------------------------------------------
     def _forward(self, w: _Weights, ids_bt, kv_mask_bs, cache, cache_index):
-        """Runs T new tokens through every layer against the cache; returns the final normed
-        hidden state of the last position `[B, D]` and the new cache."""
+        """Runs T new tokens through every layer against the cache; returns the float32 logits
+        of the last position `[B, V]` and the new cache."""
         cfg, dtype = self.config, self.dtype
         model = nnx.merge(self.graphdef, w.placeholder, w.top)
         t = ids_bt.shape[1]
@@ -302,7 +302,7 @@ class Generator:
                                  "[batch, seq] shapes")
             if not mask[:, -1].all():
                 raise ValueError("attention_mask must use left padding (last column all 1)")
-        b, t = ids.shape
+        t = ids.shape[1]
         limit = self.config.max_seq_len if max_len is None else int(max_len)
         if self.config.use_wpe and limit > self.config.max_seq_len:
             raise ValueError(f"max_len={limit} > max_seq_len={self.config.max_seq_len}: this "
@@ -356,5 +356,12 @@ def generate(model: MPTForCausalLM, prompts, **kwargs) -> GenerateOutput:
     return Generator(model, mesh=mesh).generate(prompts, **kwargs)
 
 
-__all__ = ["Generator", "GenerateOutput", "SamplingParams", "filter_logits", "generate",
-           "left_pad", "sample"]
+__all__ = [
+    "GenerateOutput",
+    "Generator",
+    "SamplingParams",
+    "filter_logits",
+    "generate",
+    "left_pad",
+    "sample",
+]
