@@ -1,0 +1,149 @@
+"""Training throughput of the real train_step (synthetic tokens, real model config) on this
+machine's devices: tokens/s per device, MFU (DESIGN.md convention), step time, compile time,
+peak memory per device. Each variant runs in its own subprocess (clean peak memory, an OOM
+loses only that variant).
+
+    python bench/train.py --model 1b --seq 2048 --micro_batch 8,16 --remat dots_no_batch,full \
+        --attn auto,reference [--optim decoupled_lion --mu_dtype bfloat16 --steps 10]
+        [--results bench/RESULTS.md --card H100 --commit abc1234]
+
+The global batch is micro_batch x devices (one micro-step per optimizer step), parameters and
+optimizer state FSDP-sharded over all devices; LION with float32 params, bf16 compute.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_one(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+
+    from mpt_jax import metrics as metrics_lib
+    from mpt_jax import optim, sharding
+    from mpt_jax import train_step as step_lib
+    from mpt_jax.config import MPTConfig
+
+    cfg = MPTConfig.preset(args.model, max_seq_len=max(args.seq, 2048))
+    n = jax.device_count()
+    train = ml_collections.ConfigDict(dict(
+        seq_len=args.seq, global_batch_size=args.micro_batch * n, micro_batch_size=0,
+        compute_dtype="bfloat16", param_dtype="float32", remat_policy=args.remat,
+        scan_layers=True, attn_impl=args.attn, loss_chunk_size=args.loss_chunk,
+        nonfinite="stop"))
+    ocfg = ml_collections.ConfigDict(dict(
+        name=args.optim, lr=1e-4, b1=0.9, b2=0.99 if args.optim == "decoupled_lion" else 0.95,
+        eps=1e-8, weight_decay=0.0, weight_decay_mask="all", mu_dtype=args.mu_dtype,
+        clip_norm=1.0, schedule="cosine", warmup_steps=10, alpha_f=0.1))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    rules = sharding.DEFAULT_RULES
+    tx = optim.make_optimizer(ocfg, 1000)
+    settings = step_lib.make_settings(cfg, train, tx, lambda s: 1e-4, mesh=mesh, rules=rules,
+                                      seed=0, global_batch=train.global_batch_size)
+    _, shardings = step_lib.state_shardings(cfg, train, tx, mesh, rules)
+    state = step_lib.init_state(cfg, train, tx, mesh, rules, seed=0)
+    step = step_lib.compile_train_step(settings, shardings, mesh, ("input_ids",))
+    rng = np.random.default_rng(0)
+    batches = [sharding.make_global_batch(
+        {"input_ids": rng.integers(0, cfg.vocab_size, (train.global_batch_size // jax.process_count(),
+                                                       args.seq)).astype(np.int32)}, mesh, rules)
+        for _ in range(2)]
+    with sharding.use_mesh(mesh):
+        t0 = time.time()
+        compiled = step.lower(state, batches[0]).compile()
+        compile_s = time.time() - t0
+        for i in range(2):  # warm-up
+            state, m = compiled(state, batches[i % 2])
+        jax.block_until_ready(m["loss"])
+        t0 = time.time()
+        for i in range(args.steps):
+            state, m = compiled(state, batches[i % 2])
+        loss = float(m["loss"])
+        dt = (time.time() - t0) / args.steps
+    tokens = train.global_batch_size * args.seq
+    tps = tokens / dt
+    mem = metrics_lib.device_memory_gb()
+    return dict(model=args.model, seq=args.seq, micro_batch=args.micro_batch, remat=args.remat,
+                attn=args.attn, optim=args.optim, mu_dtype=args.mu_dtype or "float32",
+                devices=n, step_s=dt, compile_s=compile_s, tokens_per_s_per_device=tps / n,
+                mfu=metrics_lib.mfu(tps, cfg, args.seq, n), peak_mem_gb=mem["mem_peak_gb"],
+                loss=loss, device=jax.devices()[0].device_kind)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="1b")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--micro_batch", default="8")
+    p.add_argument("--remat", default="dots_no_batch")
+    p.add_argument("--attn", default="auto")
+    p.add_argument("--optim", default="decoupled_lion")
+    p.add_argument("--mu_dtype", default="")
+    p.add_argument("--loss_chunk", type=int, default=512)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--results", default="")
+    p.add_argument("--card", default="")
+    p.add_argument("--commit", default="")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        args.micro_batch = int(args.micro_batch)
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+    rows = []
+    for mb, remat, attn in itertools.product(args.micro_batch.split(","), args.remat.split(","),
+                                             args.attn.split(",")):
+        cmd = [sys.executable, __file__, "--one", "--model", args.model, "--seq", str(args.seq),
+               "--micro_batch", mb, "--remat", remat, "--attn", attn, "--optim", args.optim,
+               "--mu_dtype", args.mu_dtype, "--loss_chunk", str(args.loss_chunk),
+               "--steps", str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode or not lines:
+            err = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
+            print(f"mb={mb} remat={remat} attn={attn}: FAILED ({err})", flush=True)
+            rows.append(dict(micro_batch=mb, remat=remat, attn=attn, failed=err))
+            continue
+        r = json.loads(lines[-1][7:])
+        rows.append(r)
+        print(f"{r['model']} seq {r['seq']} mb {r['micro_batch']} remat {r['remat']} attn "
+              f"{r['attn']} {r['optim']}/{r['mu_dtype']}: {r['tokens_per_s_per_device']:,.0f} "
+              f"tok/s/device, MFU {100 * (r['mfu'] or 0):.1f}%, step {r['step_s']:.3f}s, compile "
+              f"{r['compile_s']:.1f}s, peak {r['peak_mem_gb'] or 0:.1f} GiB, loss {r['loss']:.3f} "
+              f"[{r['device']} x{r['devices']}]", flush=True)
+    if args.results:
+        new = not os.path.exists(args.results)
+        date = datetime.date.today().isoformat()
+        with open(args.results, "a") as fh:
+            if new:
+                fh.write("# Results\n\n| date | bench | figure | value | card | commit |\n"
+                         "|---|---|---|---|---|---|\n")
+            for r in rows:
+                if "failed" in r:
+                    continue
+                name = (f"train mpt-{r['model']} seq {r['seq']} mb {r['micro_batch']} x"
+                        f"{r['devices']} remat {r['remat']} attn {r['attn']} {r['optim']} "
+                        f"mu {r['mu_dtype']}")
+                card = args.card or r["device"]
+                for fig, val in (("tokens/s/GPU", f"{r['tokens_per_s_per_device']:,.0f}"),
+                                 ("MFU %", f"{100 * (r['mfu'] or 0):.1f}"),
+                                 ("step s", f"{r['step_s']:.3f}"),
+                                 ("compile s", f"{r['compile_s']:.1f}"),
+                                 ("peak GiB/GPU", f"{r['peak_mem_gb'] or 0:.1f}")):
+                    fh.write(f"| {date} | {name} | {fig} | {val} | {card} | {args.commit} |\n")
+
+
+if __name__ == "__main__":
+    main()
