@@ -270,7 +270,15 @@ class MPTConfig:
                                   "softmax_scale", "prefix_lm", "qk_ln",
                                   "attn_uses_sequence_id", "alibi", "alibi_bias_max")
             }
-            out["attn_config"]["attn_impl"] = "torch"
+            hf_attn = out["attn_config"]
+            hf_attn["attn_impl"] = "torch"
+            # transformers' strict MptAttentionConfig wants ints here when the value is whole.
+            for k in ("attn_pdrop", "alibi_bias_max"):
+                if float(hf_attn[k]).is_integer():
+                    hf_attn[k] = int(hf_attn[k])
+            for k in ("clip_qkv", "softmax_scale"):
+                if hf_attn[k] is not None:
+                    hf_attn[k] = float(hf_attn[k])
             return out
         out["architectures"] = ["MPTForCausalLM"]
         out["norm_eps"] = self.norm_eps
@@ -309,6 +317,8 @@ class MPTConfig:
             problems.append("qk_ln/qk_gn")
         if not a.alibi:
             problems.append("alibi=False (native MPT always applies ALiBi)")
+        elif a.alibi_bias_max != 8:
+            problems.append(f"alibi_bias_max={a.alibi_bias_max} (native MPT always uses 8)")
         if a.attn_uses_sequence_id:
             problems.append("attn_uses_sequence_id")
         if self.ffn_config.ffn_type != "mptmlp" or self.ffn_config.ffn_act_fn != "gelu":

@@ -47,7 +47,7 @@ import numpy as np
 from mpt_jax.config import MPTConfig
 from mpt_jax.convert_io import (ConversionError, ParamsReader, ParamsWriter, SafetensorsWriter,
                                 TensorInfo, read_tensor, scan_source)
-from mpt_jax.convert_table import (Row, _set_path, export_form, hf_config_dict,  # noqa: F401
+from mpt_jax.convert_table import (Row, _set_path, export_form,  # noqa: F401
                                    model_shapes, name_table, pure_dict_from_torch)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -311,7 +311,7 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
                 w.close()
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        config = hf_config_dict(cfg) if form == "hf" else cfg.to_dict(form)
+        config = cfg.to_dict(form)
         if form == "foundry":
             config["auto_map"] = {"AutoConfig": "configuration_mpt.MPTConfig",
                                   "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"}

@@ -122,25 +122,9 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def hf_config_dict(cfg: MPTConfig) -> dict:
-    """`cfg.to_dict('hf')` with the value types transformers' strict MptConfig insists on
-    (attn_pdrop and alibi_bias_max int, clip_qkv / softmax_scale float)."""
-    d = cfg.to_dict("hf")
-    a = d["attn_config"]
-    for k in ("attn_pdrop", "alibi_bias_max"):
-        if float(a[k]).is_integer():
-            a[k] = int(a[k])
-    for k in ("clip_qkv", "softmax_scale"):
-        if a[k] is not None:
-            a[k] = float(a[k])
-    return d
-
-
 def export_form(cfg: MPTConfig) -> tuple[str, list[str]]:
     """('hf', []) when native MptForCausalLM computes this model, else ('foundry', reasons)."""
-    problems = list(cfg.hf_native_problems())
-    if cfg.attn_config.alibi and cfg.attn_config.alibi_bias_max != 8:
-        problems.append(f"alibi_bias_max={cfg.attn_config.alibi_bias_max} (native MPT uses 8)")
+    problems = cfg.hf_native_problems()
     return ("foundry" if problems else "hf"), problems
 
 

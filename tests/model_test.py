@@ -15,7 +15,7 @@ from scipy.special import erf
 
 from mpt_jax import MPTConfig
 from mpt_jax.config import AttnConfig, FFNConfig
-from mpt_jax.convert import hf_config_dict, model_from_pure_dict, model_shapes, pure_dict_from_torch
+from mpt_jax.convert import model_from_pure_dict, model_shapes, pure_dict_from_torch
 from mpt_jax.model import abstract_model
 
 V = 101
@@ -155,7 +155,7 @@ def hf_model(cfg: MPTConfig, seed=0, std=0.25):
     from transformers import MptConfig, MptForCausalLM
 
     torch.manual_seed(seed)
-    hf = MptForCausalLM(MptConfig(**hf_config_dict(cfg))).eval()
+    hf = MptForCausalLM(MptConfig(**cfg.to_dict("hf"))).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if p.ndim > 1:
@@ -278,7 +278,7 @@ def test_config_json_round_trip(name, tmp_path):
     if not cfg.hf_native_problems():
         from transformers import MptConfig
 
-        d = MptConfig(**hf_config_dict(cfg)).to_dict()
+        d = MptConfig(**cfg.to_dict("hf")).to_dict()
         assert MPTConfig.from_dict(d) == dataclasses.replace(
             cfg, attn_config=dataclasses.replace(cfg.attn_config, attn_impl="torch"))
 
