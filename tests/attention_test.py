@@ -19,6 +19,8 @@ TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # interpret mode: exact f32 dots;
 GPU_TOL = {jnp.float32: 3e-3, jnp.bfloat16: 2e-2}  # tf32 dots for float32 on the GPU
 SMALL = flash_gpu.BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64,
                              block_q_dq=64, block_k_dq=32)
+# the opt-in fused backward (dk/dv + atomic dq in one kernel)
+FUSED = dataclasses.replace(SMALL, fused_bwd=True, block_q_fused=32, block_k_fused=64)
 
 
 def _rel(a, b):
@@ -46,18 +48,22 @@ def _fwd_bwd(fn, q, k, v, do):
     return (out, *vjp(do))
 
 
-CASES = [  # b, t, s, h, kv, d, causal, alibi, segments, dtype
-    pytest.param(2, 67, 67, 4, 4, 64, True, True, False, jnp.float32, id="odd_len_alibi"),
-    pytest.param(2, 128, 128, 4, 2, 64, True, True, True, jnp.float32, id="gqa_segments"),
-    pytest.param(2, 67, 67, 6, 3, 64, False, True, False, jnp.float32, id="noncausal_h6_gqa"),
-    pytest.param(1, 16, 100, 4, 1, 64, True, True, False, jnp.float32, id="mqa_s_gt_t"),
-    pytest.param(2, 67, 67, 4, 4, 64, True, False, True, jnp.bfloat16, id="bf16_noalibi_seg"),
-    pytest.param(1, 96, 96, 2, 2, 128, True, True, False, jnp.bfloat16, id="bf16_d128"),
+CASES = [  # b, t, s, h, kv, d, causal, alibi, segments, dtype, blocks (split or fused backward)
+    pytest.param(2, 67, 67, 4, 4, 64, True, True, False, jnp.float32, SMALL, id="odd_len_alibi"),
+    pytest.param(2, 128, 128, 4, 2, 64, True, True, True, jnp.float32, FUSED,
+                 id="fused_gqa_segments"),
+    pytest.param(2, 67, 67, 6, 3, 64, False, True, False, jnp.float32, FUSED,
+                 id="fused_noncausal_h6_gqa_odd"),
+    pytest.param(1, 16, 100, 4, 1, 64, True, True, False, jnp.float32, SMALL, id="mqa_s_gt_t"),
+    pytest.param(2, 67, 67, 4, 4, 64, True, False, True, jnp.bfloat16, SMALL,
+                 id="bf16_noalibi_seg"),
+    pytest.param(1, 96, 96, 2, 2, 128, True, True, False, jnp.bfloat16, SMALL, id="bf16_d128"),
 ]
 
 
-@pytest.mark.parametrize("b,t,s,h,kvh,d,causal,use_alibi,use_seg,dtype", CASES)
-def test_pallas_gpu_matches_reference(b, t, s, h, kvh, d, causal, use_alibi, use_seg, dtype):
+@pytest.mark.parametrize("b,t,s,h,kvh,d,causal,use_alibi,use_seg,dtype,blocks", CASES)
+def test_pallas_gpu_matches_reference(b, t, s, h, kvh, d, causal, use_alibi, use_seg, dtype,
+                                      blocks):
     rng = np.random.default_rng()
     q, k, v, do = _inputs(b, t, s, h, kvh, d, dtype)
     slopes = jnp.asarray(alibi_slopes(h)) if use_alibi else None
@@ -65,7 +71,7 @@ def test_pallas_gpu_matches_reference(b, t, s, h, kvh, d, causal, use_alibi, use
     kw = dict(alibi_slopes=slopes, causal=causal, segment_ids=seg)
     ours = jax.jit(lambda q, k, v, do: _fwd_bwd(
         lambda q, k, v: attention.flash_attention(
-            q, k, v, impl="pallas_gpu", interpret=True, block_sizes=SMALL, **kw), q, k, v, do))
+            q, k, v, impl="pallas_gpu", interpret=True, block_sizes=blocks, **kw), q, k, v, do))
     ref = jax.jit(lambda q, k, v, do: _fwd_bwd(
         lambda q, k, v: attention.reference_attention(q, k, v, **kw), q, k, v, do))
     got, want = ours(q, k, v, do), ref(q, k, v, do)

@@ -7,7 +7,9 @@ Three kernels, FlashAttention-2 style:
            so GQA/MQA gradients are summed over the group in registers (no K/V copies);
   dq       grid (q block, B, H): loops over KV blocks.
 The backward recomputes the probabilities from q, k and the saved logsumexp; the residuals are
-q, k, v, out and lse only. delta = rowsum(dout * out) is one fused XLA reduction.
+q, k, v, out and lse only. Opt-in (BlockSizes.fused_bwd): the dk/dv kernel also adds ds @ k into
+a float32 dq buffer with atomic adds, skipping the dq kernel; correct but much slower through
+Triton (element-wise atomics), kept for reference. delta = rowsum(dout * out) is one fused XLA reduction.
 
 ALiBi is computed in the kernel: score(i, j) = scale * q_i.k_j + slope_h * (pos_j - pos_i). The
 row term -slope_h * pos_i is constant along a row, so the kernels add only a column vector per
@@ -58,12 +60,23 @@ class BlockSizes:
     block_k_dq: int = 64
     num_warps_dq: int = 8
     num_stages_dq: int = 3
+    # fused backward (opt-in, off by default): one kernel per KV block computes dk, dv and adds
+    # its share of dq into a float32 buffer with atomic adds (5 matmuls per block instead of the
+    # 7 of dk/dv + dq). Correct, but 5-10x SLOWER through Pallas-Triton on an H200 (2026-11-27,
+    # bench/ATTENTION_NOTES.md): the element-wise fp32 atomics, not the matmuls, set its time.
+    # dq's low bits also depend on the order of the atomic adds (not bitwise deterministic).
+    fused_bwd: bool = False
+    block_q_fused: int = 64
+    block_k_fused: int = 64
+    num_warps_fused: int = 4
+    num_stages_fused: int = 2
 
     @classmethod
     def for_float32(cls) -> "BlockSizes":
         return cls(block_q=64, block_k=64, num_warps=4, num_stages=2,
                    block_q_dkv=32, block_k_dkv=64, num_warps_dkv=4, num_stages_dkv=2,
-                   block_q_dq=64, block_k_dq=32, num_warps_dq=4, num_stages_dq=2)
+                   block_q_dq=64, block_k_dq=32, num_warps_dq=4, num_stages_dq=2,
+                   block_q_fused=32, block_k_fused=64, num_warps_fused=4, num_stages_fused=2)
 
 
 def _dot(a, b, *, ta=False, tb=False):
@@ -89,26 +102,34 @@ class _Cfg:
     poison: bool = False  # tests: outputs start as NaN buffers, so unwritten elements show
 
 
-def _pallas_call(cfg: _Cfg, kernel, *, grid, in_specs, out_specs, out_shape, warps, stages, name):
-    """pl.pallas_call; with cfg.poison the outputs alias NaN-filled inputs the kernel ignores."""
-    if not cfg.poison:
-        return pl.pallas_call(
-            kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-            compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
-            interpret=cfg.interpret, name=name)
-    n_in, n_out = len(in_specs), len(out_shape)
+def _pallas_call(cfg: _Cfg, kernel, *, grid, in_specs, out_specs, out_shape, warps, stages, name,
+                 n_acc=0):
+    """pl.pallas_call; with cfg.poison the outputs alias NaN-filled inputs the kernel ignores.
 
-    def poisoned_kernel(*refs):
-        return kernel(*refs[:n_in], *refs[n_in + n_out:])
+    n_acc > 0: the last n_acc outputs are accumulators that the kernel adds into (atomics); the
+    caller passes their initial values as the last n_acc inputs, which alias them (never
+    poisoned). The kernel sees (*inputs without the accumulators, *outputs).
+    """
+    n_in, n_out = len(in_specs), len(out_shape)
+    n_real = n_in - n_acc
+    n_pois = n_out - n_acc if cfg.poison else 0
+    n_flat = sum(spec is not None for spec in in_specs)  # aliases count array inputs only
+    n_real_flat = n_flat - n_acc
+    aliases = {n_real_flat + i: n_out - n_acc + i for i in range(n_acc)}
+    aliases.update({n_flat + i: i for i in range(n_pois)})
+
+    def wrapped_kernel(*refs):
+        return kernel(*refs[:n_real], *refs[n_in + n_pois:])
 
     call = pl.pallas_call(
-        poisoned_kernel, grid=grid, in_specs=[*in_specs, *out_specs], out_specs=out_specs,
-        out_shape=out_shape, input_output_aliases={n_in + i: i for i in range(n_out)},
+        wrapped_kernel if aliases else kernel, grid=grid,
+        in_specs=[*in_specs, *out_specs[:n_pois]], out_specs=out_specs, out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=cfg.interpret, name=name)
 
     def run(*args):
-        nans = [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
+        nans = [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape[:n_pois]]
         return call(*args, *nans)
 
     return run
@@ -247,8 +268,12 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg):
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qseg_ref, kvseg_ref,
-                dk_ref, dv_ref, *, cfg):
-    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+                dk_ref, dv_ref, dq_ref=None, *, cfg, fused=False):
+    """dk, dv of one KV block; fused: also adds ds @ k into the float32 dq buffer (atomics)."""
+    if fused:
+        bq, bk = cfg.blocks.block_q_fused, cfg.blocks.block_k_fused
+    else:
+        bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
     kb = pl.program_id(0)
     kvh = pl.program_id(2)
     ks = kb * bk
@@ -298,7 +323,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qse
             dv = dv + _dot(p.astype(do.dtype), do, ta=True)
             dp = _dot(do, v, tb=True)
             ds = p * (dp - delta[:, None])
-            dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
+            ds_lo = ds.astype(q.dtype)
+            dk = dk + _dot(ds_lo, q, ta=True)
+            if fused:  # unscaled; the caller multiplies by the softmax scale
+                plgpu.atomic_add(dq_ref, (pl.ds(qs, bq), jnp.asarray(gi, jnp.int32), slice(None)),
+                                 _dot(ds_lo, k))
             return dk, dv
 
         carry = lax.fori_loop(lo, full, functools.partial(body, masked=True), (dk, dv))
@@ -313,12 +342,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qse
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
+def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg, *, fused=False):
+    """dk, dv; fused: also dq (unscaled, float32, [B, Tp, H, D]) from atomic adds."""
     b, tp, h, d = q.shape
     sp, kvh = k.shape[1], k.shape[2]
     g = cfg.group
     bs = cfg.blocks
-    bk = bs.block_k_dkv
+    bk = bs.block_k_fused if fused else bs.block_k_dkv
     q5 = q.reshape(b, tp, kvh, g, d)
     do5 = do.reshape(b, tp, kvh, g, d)
     lse4 = lse.reshape(b, kvh, g, tp)
@@ -332,12 +362,26 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
         pl.BlockSpec((slopes.shape[0],), lambda i, bi, hi: (0,)),
         *_specs_seg(cfg, tp, sp, lambda i, bi, hi: bi),
     ]
-    return _pallas_call(
-        cfg, functools.partial(_dkv_kernel, cfg=cfg), grid=grid, in_specs=in_specs,
-        out_specs=[kspec, kspec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        warps=bs.num_warps_dkv, stages=bs.num_stages_dkv, name="alibi_flash_bwd_dkv",
-    )(q5, k, v, do5, lse4, delta4, slopes, qseg, kvseg)
+    args = [q5, k, v, do5, lse4, delta4, slopes, qseg, kvseg]
+    out_specs = [kspec, kspec]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    if fused:
+        in_specs.append(qspec)
+        out_specs.append(qspec)
+        out_shape.append(jax.ShapeDtypeStruct(q5.shape, jnp.float32))
+        args.append(jnp.zeros(q5.shape, jnp.float32))
+        warps, stages = bs.num_warps_fused, bs.num_stages_fused
+    else:
+        warps, stages = bs.num_warps_dkv, bs.num_stages_dkv
+    outs = _pallas_call(
+        cfg, functools.partial(_dkv_kernel, cfg=cfg, fused=fused), grid=grid, in_specs=in_specs,
+        out_specs=out_specs, out_shape=out_shape, warps=warps, stages=stages,
+        name="alibi_flash_bwd_fused" if fused else "alibi_flash_bwd_dkv", n_acc=int(fused),
+    )(*args)
+    if fused:
+        dk, dv, dq5 = outs
+        return dk, dv, dq5.reshape(q.shape)
+    return outs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,8 +470,12 @@ def _flash_bwd(cfg, res, do):
     q, k, v, slopes, qseg, kvseg, out, lse = res
     # [B, H, Tp] float32
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
-    dk, dv = _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg)
-    (dq,) = _backward_dq(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg)
+    if cfg.blocks.fused_bwd:
+        dk, dv, dq = _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg, fused=True)
+        dq = (dq * cfg.scale).astype(q.dtype)
+    else:
+        dk, dv = _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg)
+        (dq,) = _backward_dq(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg)
     return dq, dk, dv, None, None, None
 
 
@@ -445,6 +493,7 @@ def _fit_blocks(bs: BlockSizes, t: int, s: int) -> BlockSizes:
         block_q=_fit(bs.block_q, t), block_k=_fit(bs.block_k, s),
         block_q_dkv=_fit(bs.block_q_dkv, t), block_k_dkv=_fit(bs.block_k_dkv, s),
         block_q_dq=_fit(bs.block_q_dq, t), block_k_dq=_fit(bs.block_k_dq, s),
+        block_q_fused=_fit(bs.block_q_fused, t), block_k_fused=_fit(bs.block_k_fused, s),
     )
 
 
@@ -484,8 +533,8 @@ def flash_attention_gpu(
         wide = jnp.dtype(q.dtype).itemsize > 2
         block_sizes = BlockSizes.for_float32() if wide else BlockSizes()
     bs = _fit_blocks(block_sizes, t, s)
-    mq = max(bs.block_q, bs.block_q_dkv, bs.block_q_dq)  # powers of two: the max is the lcm
-    mk = max(bs.block_k, bs.block_k_dkv, bs.block_k_dq)
+    mq = max(bs.block_q, bs.block_q_dkv, bs.block_q_dq, bs.block_q_fused)  # powers of two:
+    mk = max(bs.block_k, bs.block_k_dkv, bs.block_k_dq, bs.block_k_fused)  # the max is the lcm
     tp, sp = pl.cdiv(t, mq) * mq, pl.cdiv(s, mk) * mk
     dp = max(16, pl.next_power_of_2(d))
     cfg = _Cfg(seq_q=t, seq_k=s, offset=s - t, group=h // kvh, scale=scale, causal=causal,
