@@ -16,10 +16,10 @@ from base import data_section, get_base_config  # noqa: E402
 
 def get_config():
     c = get_base_config("125m")
-    c.max_steps = 600
+    c.max_steps = 300
     c.log_every = 10
-    c.eval_every = 100
-    c.checkpoint_every = 200
+    c.eval_every = 50
+    c.checkpoint_every = 100
     m = c.model
     m.d_model, m.n_heads, m.n_layers, m.expansion_ratio = 128, 4, 4, 4
     m.max_seq_len = 128

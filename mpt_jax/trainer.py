@@ -316,8 +316,8 @@ def train(config, workdir: str) -> dict:
                 if step % config.eval_every == 0 or step == config.max_steps:
                     last_eval = evaluate(state["params"])
                     writer.write(step, {"eval_loss": last_eval})
-                    bar.write(f"step {step}: eval loss {last_eval:.4f}") if writer_process \
-                        else None
+                    if writer_process:
+                        bar.write(f"step {step}: eval loss {last_eval:.4f}")
                     t_log = time.time()  # eval time is not train time
 
                 if step % config.checkpoint_every == 0 or step == config.max_steps:
