@@ -7,7 +7,8 @@ loses only that variant).
         --attn auto,reference [--optim decoupled_lion --mu_dtype bfloat16 --steps 10]
         [--results bench/RESULTS.md --card H100 --commit abc1234]
 
-The global batch is micro_batch x devices (one micro-step per optimizer step), parameters and
+The global batch is micro_batch x devices x accum (accum micro-steps per optimizer step, summed
+inside the jitted step), parameters and
 optimizer state FSDP-sharded over all devices; LION with float32 params, bf16 compute.
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ def run_one(args) -> dict:
     cfg = MPTConfig.preset(args.model, max_seq_len=max(args.seq, 2048))
     n = jax.device_count()
     train = ml_collections.ConfigDict(dict(
-        seq_len=args.seq, global_batch_size=args.micro_batch * n, micro_batch_size=0,
+        seq_len=args.seq, global_batch_size=args.micro_batch * n * args.accum,
+        micro_batch_size=args.micro_batch if args.accum > 1 else 0,
         compute_dtype="bfloat16", param_dtype="float32", remat_policy=args.remat,
         scan_layers=True, attn_impl=args.attn, loss_chunk_size=args.loss_chunk,
         nonfinite="stop"))
@@ -75,7 +77,8 @@ def run_one(args) -> dict:
     tokens = train.global_batch_size * args.seq
     tps = tokens / dt
     mem = metrics_lib.device_memory_gb()
-    return dict(model=args.model, seq=args.seq, micro_batch=args.micro_batch, remat=args.remat,
+    return dict(model=args.model, seq=args.seq, micro_batch=args.micro_batch, accum=args.accum,
+                global_batch=train.global_batch_size, remat=args.remat,
                 attn=args.attn, optim=args.optim, mu_dtype=args.mu_dtype or "float32",
                 devices=n, step_s=dt, compile_s=compile_s, tokens_per_s_per_device=tps / n,
                 mfu=metrics_lib.mfu(tps, cfg, args.seq, n), peak_mem_gb=mem["mem_peak_gb"],
@@ -92,6 +95,9 @@ def main():
     p.add_argument("--optim", default="decoupled_lion")
     p.add_argument("--mu_dtype", default="")
     p.add_argument("--loss_chunk", type=int, default=512)
+    p.add_argument("--accum", type=int, default=1,
+                   help="micro-batches accumulated per optimizer step (global batch = "
+                        "micro_batch x devices x accum)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--results", default="")
     p.add_argument("--card", default="")
@@ -108,7 +114,7 @@ def main():
         cmd = [sys.executable, __file__, "--one", "--model", args.model, "--seq", str(args.seq),
                "--micro_batch", mb, "--remat", remat, "--attn", attn, "--optim", args.optim,
                "--mu_dtype", args.mu_dtype, "--loss_chunk", str(args.loss_chunk),
-               "--steps", str(args.steps)]
+               "--steps", str(args.steps), "--accum", str(args.accum)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not lines:
@@ -118,7 +124,8 @@ def main():
             continue
         r = json.loads(lines[-1][7:])
         rows.append(r)
-        print(f"{r['model']} seq {r['seq']} mb {r['micro_batch']} remat {r['remat']} attn "
+        print(f"{r['model']} seq {r['seq']} mb {r['micro_batch']} x accum {r['accum']} "
+              f"(global {r['global_batch']}) remat {r['remat']} attn "
               f"{r['attn']} {r['optim']}/{r['mu_dtype']}: {r['tokens_per_s_per_device']:,.0f} "
               f"tok/s/device, MFU {100 * (r['mfu'] or 0):.1f}%, step {r['step_s']:.3f}s, compile "
               f"{r['compile_s']:.1f}s, peak {r['peak_mem_gb'] or 0:.1f} GiB, loss {r['loss']:.3f} "
@@ -134,7 +141,7 @@ def main():
                 if "failed" in r:
                     continue
                 name = (f"train mpt-{r['model']} seq {r['seq']} mb {r['micro_batch']} x"
-                        f"{r['devices']} remat {r['remat']} attn {r['attn']} {r['optim']} "
+                        f"{r['devices']} x accum {r['accum']} remat {r['remat']} attn {r['attn']} {r['optim']} "
                         f"mu {r['mu_dtype']}")
                 card = args.card or r["device"]
                 for fig, val in (("tokens/s/GPU", f"{r['tokens_per_s_per_device']:,.0f}"),
