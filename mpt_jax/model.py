@@ -159,12 +159,14 @@ class AttnContext(NamedTuple):
 class Attention(nnx.Module):
     """Fused-Wqkv multi-head / multi-query / grouped-query attention with ALiBi."""
 
-    def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype, attn_impl: str):
+    def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype, attn_impl: str,
+                 attn_interpret: bool = False):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
         self.n_heads, self.kv_heads, self.head_dim = h, kv, hd
         self.clip_qkv = cfg.attn_config.clip_qkv
         self.softmax_scale = cfg.attn_config.softmax_scale
         self.attn_impl = attn_impl
+        self.attn_interpret = attn_interpret
         self.attn_pdrop = cfg.attn_config.attn_pdrop
         self.qk_gn = cfg.attn_config.qk_gn
         self.slopes = (tuple(float(s) for s in alibi_slopes(h, cfg.attn_config.alibi_bias_max))
@@ -219,7 +221,7 @@ class Attention(nnx.Module):
             o_bthd = attn_lib.flash_attention(
                 q_bthd, k_btkd, v_btkd, alibi_slopes=slopes, causal=True,
                 segment_ids=ctx.segment_ids, softmax_scale=self.softmax_scale,
-                impl=self.attn_impl,
+                impl=self.attn_impl, interpret=self.attn_interpret,
             )
             new_cache = None
         else:
@@ -236,6 +238,7 @@ class Attention(nnx.Module):
                 o_bthd = attn_lib.flash_attention(
                     q_bthd, k_btkd, v_btkd, alibi_slopes=slopes, causal=True, segment_ids=seg,
                     softmax_scale=self.softmax_scale, impl=self.attn_impl,
+                    interpret=self.attn_interpret,
                 )
             else:
                 o_bthd = cached_attention(
@@ -284,11 +287,13 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm_1(x)); x + ffn(norm_2(x))."""
 
-    def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype, attn_impl: str):
+    def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype, attn_impl: str,
+                 attn_interpret: bool = False):
         use_bias = not cfg.no_bias
         self.resid_pdrop = cfg.resid_pdrop
         self.norm_1 = Norm(cfg.d_model, cfg, param_dtype=param_dtype, use_bias=use_bias)
-        self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, attn_impl=attn_impl)
+        self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, attn_impl=attn_impl,
+                              attn_interpret=attn_interpret)
         self.norm_2 = Norm(cfg.d_model, cfg, param_dtype=param_dtype, use_bias=use_bias)
         self.ffn = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
 
@@ -351,15 +356,16 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
-def _stacked_blocks(cfg: MPTConfig, key, *, param_dtype, attn_impl) -> Block:
+def _stacked_blocks(cfg: MPTConfig, key, *, param_dtype, attn_impl, attn_interpret) -> Block:
     """One Block whose parameters carry a leading `layers` axis (n_layers deep)."""
 
     def make_state(k):
         return nnx.state(Block(cfg, rngs=nnx.Rngs(params=k), param_dtype=param_dtype,
-                               attn_impl=attn_impl))
+                               attn_impl=attn_impl, attn_interpret=attn_interpret))
 
     graphdef = nnx.graphdef(nnx.eval_shape(
-        lambda: Block(cfg, rngs=nnx.Rngs(params=0), param_dtype=param_dtype, attn_impl=attn_impl)))
+        lambda: Block(cfg, rngs=nnx.Rngs(params=0), param_dtype=param_dtype, attn_impl=attn_impl,
+                      attn_interpret=attn_interpret)))
     state = jax.vmap(make_state)(jax.random.split(key, cfg.n_layers))
     blocks = nnx.merge(graphdef, state)
     for _, var in nnx.iter_graph(blocks):
@@ -376,12 +382,12 @@ class MPTForCausalLM(nnx.Module):
     packed documents (used when `attn_config.attn_uses_sequence_id`, as llm-foundry does),
     `dropout_rng` for training. With `cache=` (from `init_cache`) and `cache_index` the call runs
     against the KV cache and returns `(logits, new_cache)`; `attention_mask` is then `[B, S]` over
-    the whole cache.
+    the whole cache. `attn_interpret=True` runs a Pallas `attn_impl` in interpret mode (CPU tests).
     """
 
     def __init__(self, config: MPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, attn_impl: str = "auto", remat_policy: str = "none",
-                 scan_layers: bool = True):
+                 scan_layers: bool = True, attn_interpret: bool = False):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {remat_policy!r}; expected {tuple(REMAT_POLICIES)}")
         if attn_impl not in attn_lib.IMPLS:
@@ -400,7 +406,7 @@ class MPTForCausalLM(nnx.Module):
             _init_weight(rngs.params(), (cfg.max_seq_len, d), cfg, param_dtype, embedding=True),
             logical_axes=("positions", "embed")) if cfg.use_wpe else None)
         self.blocks = _stacked_blocks(cfg, rngs.params(), param_dtype=param_dtype,
-                                      attn_impl=attn_impl)
+                                      attn_impl=attn_impl, attn_interpret=attn_interpret)
         self.norm_f = Norm(d, cfg, param_dtype=param_dtype, use_bias=not cfg.no_bias)
         self.lm_head = (None if cfg.tie_word_embeddings else nnx.Param(
             _init_weight(rngs.params(), (cfg.vocab_size, d), cfg, param_dtype, embedding=True),
