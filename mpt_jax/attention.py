@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mpt_jax import alibi  # noqa: F401  (re-exported helpers live there)
+from mpt_jax import alibi
 from mpt_jax.kernels import flash_gpu
 
 IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
@@ -168,37 +168,44 @@ def decode_attention(
     *,
     alibi_slopes=None,
     softmax_scale: float | None = None,
+    kv_mask=None,
 ):
     """Attention of a few new query rows against a KV cache (the generation path).
 
     q `[B, T, H, D]` (T small, usually 1), k_cache/v_cache `[B, S_max, KV, D]`, cache_len int32
     scalar or `[B]`: valid cache entries per sequence, the T new tokens included (already
     written at positions cache_len - T .. cache_len - 1). Query i sits at position
-    cache_len - T + i and sees keys j <= its position; slots at or past cache_len are ignored.
+    cache_len - T + i and sees keys j <= its position; slots at or past cache_len are ignored,
+    and so are slots where `kv_mask` `[B, S_max]` (optional) is False (left padding).
     ALiBi uses slope_h * (j - pos_i), as in training.
 
     This is a deliberate jnp function, not a kernel: with T rows against S keys it reads the
     cache once and does 4*B*H*T*S flops, so it is memory-bound and XLA's fused einsum/softmax
-    already streams the cache at close to bandwidth; a flash kernel buys nothing here.
-    Float32 math; returns q.dtype. Rows with no visible key return zeros.
+    streams the cache. The matmuls read the cache in its own dtype with float32 accumulation
+    (no float32 copy of the cache; full precision when the cache is float32); softmax in
+    float32. Returns q.dtype. Rows with no visible key return zeros.
     """
     _check_shapes(q, k_cache, v_cache)
     b, t, h, d = q.shape
     s, kvh = k_cache.shape[1], k_cache.shape[2]
     g = h // kvh
     scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
+    prec = (jax.lax.Precision.HIGHEST if k_cache.dtype == jnp.float32
+            else jax.lax.Precision.DEFAULT)
     cache_len_b = jnp.broadcast_to(jnp.asarray(cache_len, jnp.int32), (b,))
     q_pos_bt = cache_len_b[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
     kv_pos_s = jnp.arange(s, dtype=jnp.int32)
-    q_btkgd = q.astype(jnp.float32).reshape(b, t, kvh, g, d)
-    logits_bkgts = jnp.einsum(
-        "btkgd,bskd->bkgts", q_btkgd, k_cache.astype(jnp.float32), precision="highest"
-    ) * jnp.float32(scale)
-    rel_bts = (kv_pos_s[None, None, :] - q_pos_bt[:, :, None]).astype(jnp.float32)
+    q_btkgd = q.astype(k_cache.dtype).reshape(b, t, kvh, g, d)
+    logits_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_cache, precision=prec,
+                              preferred_element_type=jnp.float32) * jnp.float32(scale)
+    rel_bts = kv_pos_s[None, None, :] - q_pos_bt[:, :, None]  # key - query position
     if alibi_slopes is not None:
         slopes_kg = jnp.asarray(alibi_slopes, jnp.float32).reshape(kvh, g)
-        logits_bkgts = logits_bkgts + slopes_kg[None, :, :, None, None] * rel_bts[:, None, None]
+        logits_bkgts = logits_bkgts + (slopes_kg[None, :, :, None, None]
+                                       * rel_bts.astype(jnp.float32)[:, None, None])
     mask_bts = (rel_bts <= 0) & (kv_pos_s[None, None, :] < cache_len_b[:, None, None])
+    if kv_mask is not None:
+        mask_bts &= jnp.asarray(kv_mask).astype(bool)[:, None, :]
     mask_b11ts = mask_bts[:, None, None]
     logits_bkgts = jnp.where(mask_b11ts, logits_bkgts, -jnp.inf)
     m = jnp.max(logits_bkgts, axis=-1, keepdims=True)
@@ -206,7 +213,6 @@ def decode_attention(
     p = jnp.where(mask_b11ts, jnp.exp(logits_bkgts - m), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0, 1.0, denom)
-    out_btkgd = jnp.einsum(
-        "bkgts,bskd->btkgd", p, v_cache.astype(jnp.float32), precision="highest"
-    )
+    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", p.astype(v_cache.dtype), v_cache, precision=prec,
+                           preferred_element_type=jnp.float32)
     return out_btkgd.reshape(b, t, h, d).astype(q.dtype)

@@ -161,16 +161,10 @@ class _Spec:
     def _forward(self, w: _Weights, ids_bt, kv_mask_bs, cache, cache_index):
         """Runs T new tokens through every layer against the cache; returns the float32 logits
         of the last position `[B, V]` and the new cache."""
-        cfg, dtype = self.config, self.dtype
+        dtype = self.dtype
         model = nnx.merge(self.graphdef, w.placeholder, w.top)
-        t = ids_bt.shape[1]
-        x_btd = jnp.take(model.wte[...], ids_bt, axis=0).astype(jnp.float32)
-        if model.wpe is not None:
-            x_btd = x_btd + model._position_embeddings(t, kv_mask_bs, cache_index)
-        if cfg.embedding_fraction < 1.0:
-            f = cfg.embedding_fraction
-            x_btd = x_btd * f + jax.lax.stop_gradient(x_btd) * (1 - f)
-        x_btd = x_btd.astype(dtype)
+        x_btd = model.embed(ids_bt, attention_mask=kv_mask_bs,
+                            cache_index=cache_index).astype(dtype)
         ctx = AttnContext(segment_ids=None, kv_mask=kv_mask_bs, cache_index=cache_index)
         new_cache = []
         for layer_state, kv in zip(w.layers, cache):

@@ -241,10 +241,9 @@ class Attention(nnx.Module):
                     interpret=self.attn_interpret,
                 )
             else:
-                o_bthd = cached_attention(
-                    q_bthd, k_cache, v_cache, idx, alibi_slopes=slopes,
-                    softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask,
-                )
+                o_bthd = attn_lib.decode_attention(
+                    q_bthd, k_cache, v_cache, idx + t, alibi_slopes=slopes,
+                    softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask)
             new_cache = (k_cache, v_cache)
         o_btd = o_bthd.reshape(b, t, h * hd)
         return _dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
@@ -308,45 +307,6 @@ class Block(nnx.Module):
         m_btd = self.ffn(self.norm_2(x_btd, dtype), dtype=dtype)
         x_btd = x_btd + _dropout(m_btd, self.resid_pdrop, k2).astype(x_btd.dtype)
         return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), new_cache
-
-
-def cached_attention(q_bthd, k_bskd, v_bskd, cache_index, *, alibi_slopes=None,
-                     softmax_scale=None, kv_mask=None):
-    """The T new queries (cache positions cache_index .. cache_index+T-1) against the whole
-    cache `[B, S, KV, hd]`: causal by raw slot position, `kv_mask` `[B, S]` hides padding.
-
-    Matmuls read the cache in its own dtype with float32 accumulation (no float32 copy of the
-    cache), softmax in float32; float32 inputs use full-precision matmuls. Memory-bound when T
-    is small: one pass over the cache. Rows with no visible key return zeros.
-    """
-    b, t, h, d = q_bthd.shape
-    s, kvh = k_bskd.shape[1], k_bskd.shape[2]
-    g = h // kvh
-    scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
-    prec = (jax.lax.Precision.HIGHEST if k_bskd.dtype == jnp.float32
-            else jax.lax.Precision.DEFAULT)
-    q_btkgd = q_bthd.astype(k_bskd.dtype).reshape(b, t, kvh, g, d)
-    logits_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd, precision=prec,
-                              preferred_element_type=jnp.float32) * jnp.float32(scale)
-    q_pos_t = cache_index + jnp.arange(t, dtype=jnp.int32)
-    rel_ts = jnp.arange(s, dtype=jnp.int32)[None, :] - q_pos_t[:, None]  # key - query position
-    if alibi_slopes is not None:
-        slopes_kg = jnp.asarray(alibi_slopes, jnp.float32).reshape(kvh, g)
-        logits_bkgts = logits_bkgts + (slopes_kg[:, :, None, None]
-                                       * rel_ts.astype(jnp.float32))[None]
-    mask_bts = jnp.broadcast_to((rel_ts <= 0)[None], (b, t, s))
-    if kv_mask is not None:
-        mask_bts = mask_bts & kv_mask.astype(bool)[:, None, :]
-    mask_b11ts = mask_bts[:, None, None]
-    logits_bkgts = jnp.where(mask_b11ts, logits_bkgts, -jnp.inf)
-    m = jnp.max(logits_bkgts, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.where(mask_b11ts, jnp.exp(logits_bkgts - m), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
-    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", p.astype(v_bskd.dtype), v_bskd, precision=prec,
-                           preferred_element_type=jnp.float32)
-    return out_btkgd.reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
 class KVCache(NamedTuple):
@@ -442,16 +402,10 @@ class MPTForCausalLM(nnx.Module):
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        b, t = input_ids.shape
         if cache is not None and cache_index is None:
             raise ValueError("cache given without cache_index")
 
-        x_btd = jnp.take(self.wte[...], input_ids, axis=0).astype(jnp.float32)
-        if self.wpe is not None:
-            x_btd = x_btd + self._position_embeddings(t, attention_mask, cache_index)
-        if cfg.embedding_fraction < 1.0:
-            f = cfg.embedding_fraction
-            x_btd = x_btd * f + jax.lax.stop_gradient(x_btd) * (1 - f)
+        x_btd = self.embed(input_ids, attention_mask=attention_mask, cache_index=cache_index)
         keys = None
         if dropout_rng is not None:
             emb_key, layers_key = jax.random.split(dropout_rng)
@@ -473,6 +427,18 @@ class MPTForCausalLM(nnx.Module):
 
         x_btd, new_cache = self._run_blocks(x_btd, ctx, cache, keys)
         return self.norm_f(x_btd, dtype), new_cache
+
+    def embed(self, input_ids, *, attention_mask=None, cache_index=None):
+        """Token (and learned position) embeddings `[B, T, D]` float32, before dropout;
+        `embedding_fraction` scales the gradient reaching them, as in llm-foundry."""
+        x_btd = jnp.take(self.wte[...], input_ids, axis=0).astype(jnp.float32)
+        if self.wpe is not None:
+            x_btd = x_btd + self._position_embeddings(input_ids.shape[1], attention_mask,
+                                                      cache_index)
+        f = self.config.embedding_fraction
+        if f < 1.0:
+            x_btd = x_btd * f + jax.lax.stop_gradient(x_btd) * (1 - f)
+        return x_btd
 
     # -- internals -------------------------------------------------------------------------
     def _position_embeddings(self, t, attention_mask, cache_index):
