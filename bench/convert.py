@@ -1,12 +1,13 @@
 """Converter benchmark: MPT-7B-shaped bf16 checkpoint, import and export, time and peak RSS.
 
 Writes random MPT-7B-shaped bf16 weights as two safetensors shards + index (13.3 GB), then in
-the same run times `cat` of the files (the plain read), `convert_torch.py import`, `cat` of our
-params, and `convert_torch.py export`, each as a subprocess under /usr/bin/time -v (peak RSS of
+the same run times `cat` of the files (the plain read), `cp` + `sync` of them (the plain copy:
+the same bytes read and written), `convert_torch.py import`, the same two for our params, and
+`convert_torch.py export`, each as a subprocess under /usr/bin/time -v (peak RSS of
 the whole process). Prints a table and appends rows to bench/RESULTS.md. Files are deleted
 afterwards. Goal (issue 2): each direction within 2x the plain read, peak RSS under 3 GB.
 
-    python bench/convert.py [--dir DIR]   # DIR needs ~45 GB free (default: /tmp)
+    python bench/convert.py [--dir DIR]   # DIR needs ~55 GB free (default: /tmp)
 
 Note: the machine cannot drop the page cache, so the files just written are (partly) cached
 for every step alike; the read figure is what `cat` takes in that same state.
@@ -81,6 +82,14 @@ def cat_files(d: Path) -> list[str]:
     return ["sh", "-c", 'cat "$@" > /dev/null', "cat"] + files
 
 
+def plain_copy(src: Path, dst: Path) -> float:
+    """Seconds to copy `src` to `dst` and sync: the same bytes read and written as a
+    conversion, without the conversion (the floor on a disk slower than the page cache)."""
+    t, _ = timed(["sh", "-c", f'cp -r "{src}" "{dst}" && sync'])
+    shutil.rmtree(dst)
+    return t
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp")
@@ -90,8 +99,8 @@ def main():
     base = Path(args.dir) / "mpt_convert_bench"
     print(subprocess.run(["df", "-h", args.dir], capture_output=True, text=True).stdout)
     free = shutil.disk_usage(args.dir).free
-    if free < 45e9:
-        sys.exit(f"{args.dir}: {free / 1e9:.0f} GB free, need 45 GB")
+    if free < 55e9:
+        sys.exit(f"{args.dir}: {free / 1e9:.0f} GB free, need 55 GB")
     shutil.rmtree(base, ignore_errors=True)
     cfg = MPTConfig.mpt_7b(n_layers=args.n_layers)
     src, ours, out = base / "hf", base / "ours", base / "export"
@@ -102,17 +111,25 @@ def main():
         print(f"wrote {nbytes / 1e9:.2f} GB source in {time.perf_counter() - t:.1f}s")
         py = sys.executable
         cat_src, rss_cat = timed(cat_files(src))
+        cp_src = plain_copy(src, base / "copy")
         t_imp, rss_imp = timed([py, "convert_torch.py", "import", str(src), str(ours)])
+        t_imp += timed(["sync"])[0]  # written to disk, as the plain copy is
         cat_ours, _ = timed(cat_files(ours / "params"))
+        cp_ours = plain_copy(ours / "params", base / "copy")
         t_exp, rss_exp = timed([py, "convert_torch.py", "export", str(ours), str(out)])
+        t_exp += timed(["sync"])[0]
         results = [
             ("cat source shards (plain read)", f"{cat_src:.1f} s"),
-            ("import MPT-7B bf16 (2 shards)", f"{t_imp:.1f} s"),
+            ("import MPT-7B bf16 (2 shards), + sync", f"{t_imp:.1f} s"),
             ("import / plain read", f"{t_imp / cat_src:.2f}x"),
+            ("plain copy of the source (cp + sync)", f"{cp_src:.1f} s"),
+            ("import / plain copy", f"{t_imp / cp_src:.2f}x"),
             ("import peak RSS", f"{rss_imp:.2f} GB"),
             ("cat our params (plain read)", f"{cat_ours:.1f} s"),
-            ("export MPT-7B bf16 (5 GB shards)", f"{t_exp:.1f} s"),
+            ("export MPT-7B bf16 (5 GB shards), + sync", f"{t_exp:.1f} s"),
             ("export / plain read", f"{t_exp / cat_ours:.2f}x"),
+            ("plain copy of our params (cp + sync)", f"{cp_ours:.1f} s"),
+            ("export / plain copy", f"{t_exp / cp_ours:.2f}x"),
             ("export peak RSS", f"{rss_exp:.2f} GB"),
         ]
     finally:
