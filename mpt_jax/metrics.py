@@ -80,8 +80,11 @@ class MetricWriter:
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         for key, value in values.items():
-            if isinstance(value, (int, float)) and value is not None:
-                self._tb.add_scalar(key, value, int(step))
+            scalars = ({f"{key}/{k}": v for k, v in value.items()} if isinstance(value, dict)
+                       else {key: value})  # a dict (data_epochs) -> one scalar per entry
+            for name, scalar in scalars.items():
+                if isinstance(scalar, (int, float)):
+                    self._tb.add_scalar(name, scalar, int(step))
 
     def close(self) -> None:
         if self.enabled:

@@ -308,6 +308,7 @@ def train(config, workdir: str) -> dict:
                                    if tps else None),
                            "step_time_s": dt, "compile_s": compile_s,
                            "tokens": step * tokens_per_step, "skipped_steps": skipped,
+                           "data_epochs": train_iter.epochs(),  # this process's, per source
                            **metrics_lib.device_memory_gb()}
                     writer.write(step, row)
                     bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)

@@ -134,6 +134,58 @@ def test_mixture_proportions_and_per_source_epochs(data):
     assert epochs[0] != epochs[1]
 
 
+def drawn_per_source(batches, mode, packing, a_records, tok):
+    """Records drawn from sources a and b, read off the batches themselves: a record is drawn
+    once its first token has been yielded (sequences: the row is the record; documents: a piece
+    of text that begins with a document's tag 'a12 ' / 'b3 ')."""
+    import re
+
+    if mode == "seq":
+        rows = rows_of(batches)
+        return {"a": sum(r in a_records for r in rows), "b": sum(r not in a_records for r in rows)}
+    if packing:
+        pieces = [ids[seg == s].tolist() for b in batches
+                  for ids, seg in zip(b["input_ids"], b["segment_ids"])
+                  for s in range(1, seg.max() + 1)]
+        tags = [m.group(1) for p in pieces
+                if (m := re.match(r"([ab])\d+ ", tok.decode(p, skip_special_tokens=False)))]
+    else:  # one concatenated stream: a document starts after each end-of-text (the last one
+        # may be cut anywhere after its first token, so only that first letter is read)
+        stream = tok.decode(np.concatenate([b["input_ids"].reshape(-1) for b in batches]).tolist(),
+                            skip_special_tokens=False)
+        tags = [text[0] for text in stream.split(tokenizer_lib.ENDOFTEXT) if text]
+    assert set(tags) <= {"a", "b"}
+    return {"a": tags.count("a"), "b": tags.count("b")}
+
+
+@pytest.mark.parametrize("mode,packing", [("seq", False), ("doc", False), ("doc", True)])
+def test_epochs_per_source_count_the_records_drawn_and_survive_resume(data, mode, packing):
+    tok = tokenizer_lib.load_tokenizer(data["tok"])
+    a_records = set(records_of(data[f"a_{mode}"]))
+    sizes = {"a": len(records_of(data[f"a_{mode}"])), "b": len(records_of(data[f"b_{mode}"]))}
+    cfg = data_config({"a": (data[f"a_{mode}"], 1.0), "b": (data[f"b_{mode}"], 1.0)},
+                      packing=packing)
+    it = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=4, seed=11)
+    assert it.epochs() == {"a": 0.0, "b": 0.0}
+    batches = take(it, 80)
+    assert all(set(b) == ({"input_ids", "segment_ids"} if packing else {"input_ids"})
+               for b in batches)
+    drawn = drawn_per_source(batches, mode, packing, a_records, tok)
+    assert it.epochs() == {name: drawn[name] / sizes[name] for name in sizes}
+    assert it.epochs()["b"] > 1.0  # the small source is well into a later epoch
+    state = json.loads(json.dumps(it.get_state()))
+    more = take(it, 9)
+    restored = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=4, seed=11)
+    restored.set_state(state)
+    assert restored.epochs() == {name: drawn[name] / sizes[name] for name in sizes}
+    assert_same_batches(take(restored, 9), more)
+    assert restored.epochs() == it.epochs()
+    drawn_all = drawn_per_source(batches + more, mode, packing, a_records, tok)
+    assert it.epochs() == {name: drawn_all[name] / sizes[name] for name in sizes}
+    it.close()
+    restored.close()
+
+
 @pytest.mark.parametrize("mode", ["seq", "doc"])
 def test_two_processes_read_disjoint_shares_covering_everything(data, mode):
     cfg = data_config({"b": (data[f"b_{mode}"], 1.0)}, packing=mode == "doc")

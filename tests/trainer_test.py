@@ -98,14 +98,19 @@ def small_corpus(tmp_path_factory):
     return prepare_small_corpus(str(tmp_path_factory.mktemp("corpus")))
 
 
-def read_losses(workdir):
-    losses = {}
+def read_train_rows(workdir):
+    """{step: the last train-metrics row logged for it} (a rerun after a resume overwrites)."""
+    rows = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as fh:
         for line in fh:
             row = json.loads(line)
             if "loss" in row:
-                losses[row["step"]] = row["loss"]
-    return losses
+                rows[row["step"]] = row
+    return rows
+
+
+def read_losses(workdir):
+    return {step: row["loss"] for step, row in read_train_rows(workdir).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,10 +211,11 @@ def test_sigterm_then_rerun_logs_the_uninterrupted_losses(small_corpus, tmp_path
     config_path = write_test_config(str(tmp_path / "cfg.py"), small_corpus)
     env = subprocess_env()
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
-    # the interrupted run starts first; the uninterrupted one runs beside it
+    # the interrupted run starts first; the uninterrupted one runs beside it, tracing steps 3-4
     proc = subprocess.Popen(_train_cmd(config_path, split), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ref = subprocess.Popen(_train_cmd(config_path, full), cwd=ROOT, env=env,
+    profile_flags = ["--config.profile.start_step=2", "--config.profile.num_steps=2"]
+    ref = subprocess.Popen(_train_cmd(config_path, full) + profile_flags, cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(split, "metrics.jsonl")
     deadline = time.time() + 240
@@ -235,3 +241,16 @@ def test_sigterm_then_rerun_logs_the_uninterrupted_losses(small_corpus, tmp_path
     assert sorted(want) == list(range(1, 9)) and sorted(got) == list(range(1, 9))
     assert got == want  # exactly: same floats
     assert os.path.exists(os.path.join(split, "loss.png"))
+    # epochs per data source: logged every step, growing, and continued exactly by the resume
+    want_epochs = {s: row["data_epochs"] for s, row in read_train_rows(full).items()}
+    got_epochs = {s: row["data_epochs"] for s, row in read_train_rows(split).items()}
+    assert got_epochs == want_epochs
+    assert sorted(want_epochs) == list(range(1, 9)) and set(want_epochs[8]) == {"stdlib"}
+    stdlib_epochs = [want_epochs[s]["stdlib"] for s in range(1, 9)]
+    assert 0 < stdlib_epochs[0] and stdlib_epochs == sorted(stdlib_epochs)  # a fraction of one
+    assert stdlib_epochs[-1] < 1  # epoch: 8 steps of 8 x 24 tokens, documents of ~1000s
+    # the jax.profiler trace on request, and TensorBoard event files
+    assert glob.glob(os.path.join(full, "profile", "plugins", "profile", "*", "*.xplane.pb"))
+    for workdir in (full, split):
+        assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
+    assert not os.path.exists(os.path.join(split, "profile"))  # only on request

@@ -20,6 +20,12 @@ Batches are dicts of numpy int32 `[batch_size, seq_len]`: `input_ids`, plus `seg
 Worker processes (`data.num_workers`) or a background thread (`data.prefetch`) run the pipeline
 ahead of the trainer. The iterator's state is a small JSON-serialisable dict; restoring it
 yields exactly the batches the original would have yielded next.
+
+Epochs per source: before mixing, each record gets a token-aligned `source_starts` feature
+(source index + 1 at its first token, 0 elsewhere) that travels through splitting, packing and
+batching; the train iterator counts the marks of every batch it yields, per source, and strips
+the feature. A record is consumed once its first token has reached the trainer, so
+`epochs()[name]` = records consumed / records in this process's share of that source.
 """
 
 from __future__ import annotations
@@ -177,14 +183,24 @@ def _eval_every(eval_fraction: float) -> int | None:
     return round(1 / eval_fraction)
 
 
-class DecodeTokens:
-    """Shard record bytes -> {'input_ids': int32 [n]}."""
+SOURCE_STARTS = "source_starts"  # internal feature: never in a batch the iterator yields
 
-    def __init__(self, dtype: str):
+
+class DecodeTokens:
+    """Shard record bytes -> {'input_ids': int32 [n], 'source_starts': int16 [n]}.
+
+    `source_starts` is `source_index + 1` at the record's first token and 0 elsewhere.
+    """
+
+    def __init__(self, dtype: str, source_index: int):
         self._dtype = np.dtype(dtype).newbyteorder("<")
+        self._mark = source_index + 1
 
     def __call__(self, record: bytes) -> dict[str, np.ndarray]:
-        return {"input_ids": np.frombuffer(record, self._dtype).astype(np.int32)}
+        ids = np.frombuffer(record, self._dtype).astype(np.int32)
+        starts = np.zeros(ids.shape, np.int16)
+        starts[:1] = self._mark
+        return {"input_ids": ids, SOURCE_STARTS: starts}
 
 
 class SplitLongDocuments(grain.experimental.FlatMapTransform):
@@ -194,17 +210,19 @@ class SplitLongDocuments(grain.experimental.FlatMapTransform):
         self.seq_len, self.max_fan_out = seq_len, max_pieces
 
     def flat_map(self, element: dict[str, np.ndarray]):
-        ids = element["input_ids"]
-        return [{"input_ids": ids[i:i + self.seq_len]} for i in range(0, len(ids), self.seq_len)]
+        return [{key: value[i:i + self.seq_len] for key, value in element.items()}
+                for i in range(0, len(element["input_ids"]), self.seq_len)]
 
 
 def _packed_row(element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"input_ids": element["input_ids"].astype(np.int32),
-            "segment_ids": element["input_ids_segment_ids"].astype(np.int32)}
+            "segment_ids": element["input_ids_segment_ids"].astype(np.int32),
+            SOURCE_STARTS: element[SOURCE_STARTS]}
 
 
 def _unpacked_row(element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"input_ids": element["input_ids"].astype(np.int32)}
+    return {"input_ids": element["input_ids"].astype(np.int32),
+            SOURCE_STARTS: element[SOURCE_STARTS]}
 
 
 def _source_seed(seed: int, name: str) -> int:
@@ -230,11 +248,13 @@ def _check_shapes(resolved: ResolvedData, data_cfg, seq_len: int, batch_size: in
 
 
 def _mixed_records(resolved: ResolvedData, *, split: str, eval_fraction: float, shuffle: bool,
-                   seed: int, process_index: int, process_count: int) -> grain.MapDataset:
-    """The mixed record stream of this process: infinite for train, finite for eval."""
+                   seed: int, process_index: int, process_count: int
+                   ) -> tuple[grain.MapDataset, dict[str, int]]:
+    """The mixed, decoded and source-marked record stream of this process (infinite for train,
+    finite for eval), and the number of records in this process's share of each source."""
     eval_every = _eval_every(eval_fraction)
-    per_source = []
-    for source in resolved.sources:
+    per_source, share_sizes = [], {}
+    for source_index, source in enumerate(resolved.sources):
         records = HeldOutSplit(
             grain.sources.ArrayRecordDataSource(prepare_lib.shard_paths(source.path,
                                                                         source.manifest)),
@@ -245,36 +265,37 @@ def _mixed_records(resolved: ResolvedData, *, split: str, eval_fraction: float, 
                 f"data source {source.name!r} at {source.path!r}: its {split} split has no "
                 f"records for process {process_index} of {process_count} "
                 f"({source.manifest['records']} records, eval_fraction {eval_fraction})")
+        share_sizes[source.name] = len(ds)
+        ds = ds.map(DecodeTokens(resolved.dtype, source_index))
         if split == "train":
             if shuffle:
                 ds = ds.shuffle(seed=_source_seed(seed, source.name))
             ds = ds.repeat()  # shuffle sees the epoch in the index: a fresh order every epoch
         per_source.append(ds)
     if len(per_source) == 1:
-        return per_source[0]
-    return grain.MapDataset.mix(per_source, [s.weight for s in resolved.sources])
+        return per_source[0], share_sizes
+    return grain.MapDataset.mix(per_source, [s.weight for s in resolved.sources]), share_sizes
 
 
 def _rows_and_batches(records: grain.MapDataset, resolved: ResolvedData, *, packing: bool,
                       seq_len: int, batch_size: int, prefetch: int) -> grain.IterDataset:
-    """Records -> batches of rows, by layout (see the module docstring)."""
-    decode = DecodeTokens(resolved.dtype)
+    """Decoded records -> batches of rows, by layout (see the module docstring)."""
     read_options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(prefetch, 1) * 8)
+    lengths = {"input_ids": seq_len, SOURCE_STARTS: seq_len}
     if resolved.mode == "sequences":
-        return (records.map(decode).batch(batch_size, drop_remainder=True)
-                .to_iter_dataset(read_options))
-    documents = records.map(decode).to_iter_dataset(
+        return records.batch(batch_size, drop_remainder=True).to_iter_dataset(read_options)
+    documents = records.to_iter_dataset(
         grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(prefetch, 1) * batch_size))
     if packing:
         longest = max(int(s.manifest.get("max_document_tokens", 0) or 0) for s in resolved.sources)
         pieces = grain.experimental.FlatMapIterDataset(
             documents, SplitLongDocuments(seq_len, max(1, -(-longest // seq_len))))
         rows = grain.experimental.FirstFitPackIterDataset(
-            pieces, length_struct={"input_ids": seq_len}, num_packing_bins=batch_size,
+            pieces, length_struct=lengths, num_packing_bins=batch_size,
             shuffle_bins=False).map(_packed_row)
     else:
         rows = grain.experimental.ConcatThenSplitIterDataset(
-            documents, length_struct={"input_ids": seq_len}).map(_unpacked_row)
+            documents, length_struct=lengths).map(_unpacked_row)
     return rows.batch(batch_size, drop_remainder=True)
 
 
@@ -288,11 +309,16 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
     `get_state()` returns a dict that survives `json.dumps`/`json.loads`; `set_state(state)`
     makes the iterator yield exactly what the one that produced `state` would have yielded
     next, and raises ValueError for a state from a differently configured pipeline.
+    `epochs()` counts the passes through each source so far (see the module docstring); the
+    counts are part of the state.
     """
 
-    def __init__(self, dataset: grain.IterDataset, fingerprint: str):
+    def __init__(self, dataset: grain.IterDataset, fingerprint: str,
+                 share_sizes: dict[str, int]):
         self._iterator = iter(dataset)
         self._fingerprint = fingerprint
+        self._share_sizes = dict(share_sizes)  # source name -> records in this process's share
+        self._consumed = np.zeros(len(share_sizes), np.int64)  # in source order
         # Close grain's threads/processes when this is collected or, at the latest, at exit
         # (grain's own __del__ at interpreter teardown finds its modules gone and complains).
         self._finalizer = weakref.finalize(self, self._iterator.close)
@@ -301,11 +327,21 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
+        batch = next(self._iterator)
+        marks = batch.pop(SOURCE_STARTS)  # [B, T]: source index + 1 at each record's start
+        self._consumed += np.bincount(marks.ravel(), minlength=len(self._consumed) + 1)[1:]
+        return batch
+
+    def epochs(self) -> dict[str, float]:
+        """Per source name: records consumed by this process / records in its share."""
+        return {name: int(n) / size
+                for (name, size), n in zip(self._share_sizes.items(), self._consumed)}
 
     def get_state(self) -> dict[str, Any]:
         return {"pipeline": self._fingerprint,
-                "grain": json.loads(json.dumps(self._iterator.get_state()))}
+                "grain": json.loads(json.dumps(self._iterator.get_state())),
+                "records_consumed": {name: int(n) for name, n in
+                                     zip(self._share_sizes, self._consumed)}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("pipeline") != self._fingerprint:
@@ -313,7 +349,14 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
                 f"data iterator state is from another pipeline (fingerprint "
                 f"{state.get('pipeline')!r}, this one {self._fingerprint!r}): the data config, "
                 f"seq_len, batch size, seed or process layout changed")
+        consumed = state.get("records_consumed")
+        if consumed is None or set(consumed) != set(self._share_sizes):
+            raise ValueError(
+                f"data iterator state counts records of sources "
+                f"{None if consumed is None else sorted(consumed)}, this pipeline has "
+                f"{sorted(self._share_sizes)} (a state from before epochs were counted?)")
         self._iterator.set_state(_tuples_restored(state["grain"]))
+        self._consumed = np.array([consumed[name] for name in self._share_sizes], np.int64)
 
     def close(self) -> None:
         """Stops worker processes and threads, if any."""
@@ -353,11 +396,11 @@ def make_train_iterator(data_cfg, *, seq_len: int, batch_size: int, seed: int,
 
     The iterator has get_state() -> JSON-serialisable dict and set_state(state): a restored
     iterator yields exactly the batches the original would have yielded next (grain
-    DatasetIterator semantics).
+    DatasetIterator semantics), and continues the same `epochs()` counts.
     """
     resolved = resolve_data(data_cfg, workdir)
     _check_shapes(resolved, data_cfg, seq_len, batch_size, process_index, process_count)
-    records = _mixed_records(
+    records, share_sizes = _mixed_records(
         resolved, split="train", eval_fraction=data_cfg.eval_fraction, shuffle=data_cfg.shuffle,
         seed=seed, process_index=process_index, process_count=process_count)
     batches = _rows_and_batches(records, resolved, packing=data_cfg.packing, seq_len=seq_len,
@@ -377,7 +420,7 @@ def make_train_iterator(data_cfg, *, seq_len: int, batch_size: int, seed: int,
         process_index=process_index, process_count=process_count, packing=data_cfg.packing,
         shuffle=data_cfg.shuffle, eval_fraction=data_cfg.eval_fraction,
         num_workers=data_cfg.num_workers)
-    return DataIterator(batches, fingerprint)
+    return DataIterator(batches, fingerprint, share_sizes)
 
 
 def make_eval_batches(data_cfg, *, seq_len: int, batch_size: int, num_batches: int,
@@ -395,7 +438,7 @@ def make_eval_batches(data_cfg, *, seq_len: int, batch_size: int, num_batches: i
         raise ValueError(f"make_eval_batches: num_batches must be positive, got {num_batches}")
     resolved = resolve_data(data_cfg, workdir)
     _check_shapes(resolved, data_cfg, seq_len, batch_size, process_index, process_count)
-    records = _mixed_records(
+    records, _ = _mixed_records(
         resolved, split="eval", eval_fraction=data_cfg.eval_fraction, shuffle=False, seed=0,
         process_index=process_index, process_count=process_count)
     batches_iter = iter(_rows_and_batches(records, resolved, packing=data_cfg.packing,
@@ -404,6 +447,7 @@ def make_eval_batches(data_cfg, *, seq_len: int, batch_size: int, num_batches: i
     batches = []
     try:
         for batch in batches_iter:
+            del batch[SOURCE_STARTS]
             batches.append(batch)
             if len(batches) == num_batches:
                 return batches
