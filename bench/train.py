@@ -78,6 +78,7 @@ def run_one(args) -> dict:
     tps = tokens / dt
     mem = metrics_lib.device_memory_gb()
     return dict(model=args.model, seq=args.seq, micro_batch=args.micro_batch, accum=args.accum,
+                loss_chunk=args.loss_chunk,
                 global_batch=train.global_batch_size, remat=args.remat,
                 attn=args.attn, optim=args.optim, mu_dtype=args.mu_dtype or "float32",
                 devices=n, step_s=dt, compile_s=compile_s, tokens_per_s_per_device=tps / n,
@@ -142,7 +143,7 @@ def main():
                     continue
                 name = (f"train mpt-{r['model']} seq {r['seq']} mb {r['micro_batch']} x"
                         f"{r['devices']} x accum {r['accum']} remat {r['remat']} attn {r['attn']} {r['optim']} "
-                        f"mu {r['mu_dtype']}")
+                        f"mu {r['mu_dtype']} loss_chunk {r['loss_chunk']}")
                 card = args.card or r["device"]
                 for fig, val in (("tokens/s/GPU", f"{r['tokens_per_s_per_device']:,.0f}"),
                                  ("MFU %", f"{100 * (r['mfu'] or 0):.1f}"),
