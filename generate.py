@@ -11,6 +11,7 @@ With several devices, --mesh data,fsdp,tensor shards the model (e.g. --mesh 1,1,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -43,6 +44,9 @@ def main(argv=None) -> int:
     from mpt_jax.data.tokenizer import load_tokenizer
     from mpt_jax.generate import Generator
 
+    if not os.path.exists(args.checkpoint):
+        print(f"generate.py: checkpoint {args.checkpoint!r} does not exist", file=sys.stderr)
+        return 1
     try:
         tok = load_tokenizer(args.tokenizer or args.checkpoint)
         t0 = time.perf_counter()

@@ -23,18 +23,38 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        config = _CONFIG.value
+        config.max_steps  # noqa: B018  (a config file that failed to load raises on access)
+    except OSError as e:
+        detail = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("[Errno")]
+        print(f"train.py: error: cannot load --config: {detail[-1] if detail else e}",
+              file=sys.stderr)
+        sys.exit(2)
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax chatter
     logging.getLogger("mpt_jax").setLevel(logging.INFO)
     from mpt_jax import trainer
 
     trainer.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
     try:
-        summary = trainer.train(_CONFIG.value, _WORKDIR.value)
+        summary = trainer.train(config, _WORKDIR.value)
     except (ValueError, trainer.NonFiniteError, trainer.LossSpikeError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     logging.getLogger("mpt_jax").info("done: %s", summary)
 
 
+def parse_flags(argv):
+    """absl flag parsing with one clear line (no traceback) for a bad flag or config key."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        msg = str(e).strip().strip('"') or type(e).__name__
+        if isinstance(e, (AttributeError, KeyError)):
+            msg = f"unknown config key {msg} (see configs/base.py for the keys)"
+        print(f"train.py: error: {msg}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
