@@ -169,6 +169,20 @@ def _kv_range(cfg: _Cfg, qs, bq, bk):
     return n_full, n_end
 
 
+def _scores(cfg: _Cfg, q, k, ks, *, anchor, slope2, masked, qseg_ref, kvseg_ref, qs):
+    """log2-domain scores `[bq, bk]` of a query block against keys ks .. ks+bk: the softmax
+    scale, ALiBi's column term slope * (pos_j - anchor) (the row term is constant per row and
+    dropped), and, for blocks that need it, the causal/segment mask as -inf."""
+    bq, bk = q.shape[0], k.shape[0]
+    s = _dot(q, k, tb=True) * (cfg.scale * LOG2E)
+    if cfg.has_alibi:
+        kcol = (ks - anchor + lax.broadcasted_iota(jnp.int32, (1, bk), 1)).astype(jnp.float32)
+        s = s + slope2[:, None] * kcol
+    if masked:
+        s = jnp.where(_mask(cfg, qseg_ref, kvseg_ref, qs, bq, ks, bk), s, -jnp.inf)
+    return s
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 
@@ -179,24 +193,18 @@ def _fwd_kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kvseg_ref, o_ref, lse
     qb = n_qb - 1 - pl.program_id(0)  # longest rows first
     h = pl.program_id(2)
     qs = qb * bq
-    c = cfg.scale * LOG2E
     q = q_ref[...]
     d = q.shape[-1]
     anchor = qs + cfg.offset  # position of row 0 of this block
-    if cfg.has_alibi:
-        slope2 = slopes_ref[pl.ds(h, 1)] * LOG2E  # [1]
+    slope2 = slopes_ref[pl.ds(h, 1)] * LOG2E if cfg.has_alibi else None  # [1]
 
     def body(j, carry, masked):
         acc, m, l = carry
         ks = j * bk
         k = k_ref[pl.ds(ks, bk), :]
         v = v_ref[pl.ds(ks, bk), :]
-        s = _dot(q, k, tb=True) * c
-        if cfg.has_alibi:
-            kcol = (ks - anchor + lax.broadcasted_iota(jnp.int32, (1, bk), 1)).astype(jnp.float32)
-            s = s + slope2[:, None] * kcol
-        if masked:
-            s = jnp.where(_mask(cfg, qseg_ref, kvseg_ref, qs, bq, ks, bk), s, -jnp.inf)
+        s = _scores(cfg, q, k, ks, anchor=anchor, slope2=slope2, masked=masked,
+                    qseg_ref=qseg_ref, kvseg_ref=kvseg_ref, qs=qs)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         if masked:
             m_new_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -395,29 +403,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qseg
     qb = n_qb - 1 - pl.program_id(0)
     h = pl.program_id(2)
     qs = qb * bq
-    c = cfg.scale * LOG2E
     q = q_ref[...]
     do = do_ref[...]
     d = q.shape[-1]
     lse = lse_ref[...]
     delta = delta_ref[...]
     anchor = qs + cfg.offset
+    slope2 = slopes_ref[pl.ds(h, 1)] * LOG2E if cfg.has_alibi else None
     if cfg.has_alibi:
-        slope2 = slopes_ref[pl.ds(h, 1)] * LOG2E
         lse = lse + slope2 * lax.broadcasted_iota(jnp.int32, (bq,), 0).astype(jnp.float32)
 
     def body(j, dq, masked):
         ks = j * bk
         k = k_ref[pl.ds(ks, bk), :]
         v = v_ref[pl.ds(ks, bk), :]
-        s = _dot(q, k, tb=True) * c
-        if cfg.has_alibi:
-            kcol = (ks - anchor + lax.broadcasted_iota(jnp.int32, (1, bk), 1)).astype(jnp.float32)
-            s = s + slope2[:, None] * kcol
-        s = s - lse[:, None]
-        if masked:
-            s = jnp.where(_mask(cfg, qseg_ref, kvseg_ref, qs, bq, ks, bk), s, -jnp.inf)
-        p = jnp.exp2(s)
+        s = _scores(cfg, q, k, ks, anchor=anchor, slope2=slope2, masked=masked,
+                    qseg_ref=qseg_ref, kvseg_ref=kvseg_ref, qs=qs)
+        p = jnp.exp2(s - lse[:, None])  # masked: -inf - lse = -inf -> 0
         dp = _dot(do, v, tb=True)
         ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
