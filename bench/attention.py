@@ -152,49 +152,44 @@ def mode_sweep(args):
         return flash_gpu._Cfg(seq_q=t, seq_k=t, offset=0, group=1, scale=d ** -0.5, causal=True,
                               has_alibi=True, has_segments=False, blocks=bs, interpret=False)
 
+    def record(kernel, variant, f, f_args, flop_mult):
+        """Times one block-size variant of one kernel; a variant that fails to compile or run
+        is recorded with its error, and the sweep goes on."""
+        bq, bk, w, s = variant
+        row = dict(kernel=kernel, bq=bq, bk=bk, warps=w, stages=s)
+        try:
+            tt = jax_time(f, f_args)
+            row.update(ms=tt * 1e3, tflops=flop_mult * fl / tt / 1e12)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(row, flush=True)
+
     for bq, bk, w, s in SWEEP_FWD:
         bs = dataclasses.replace(B0, block_q=bq, block_k=bk, num_warps=w, num_stages=s)
         cfg = cfg_for(bs)
         f = jax.jit(lambda q, k, v, cfg=cfg: flash_gpu._forward(cfg, q, k, v, slopes, None, None))
-        try:
-            if out is None:
+        if out is None:  # the backward sweeps need one forward's out and lse
+            try:
                 out, lse = f(q, k, v)
-            tt = jax_time(f, (q, k, v))
-            rows.append(dict(kernel="fwd", bq=bq, bk=bk, warps=w, stages=s, ms=tt * 1e3,
-                             tflops=fl / tt / 1e12))
-        except Exception as e:
-            rows.append(dict(kernel="fwd", bq=bq, bk=bk, warps=w, stages=s,
-                             error=f"{type(e).__name__}: {str(e)[:300]}"))
-        print(rows[-1], flush=True)
+            except Exception:  # noqa: BLE001  (recorded by `record` below)
+                pass
+        record("fwd", (bq, bk, w, s), f, (q, k, v), 1.0)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
     for bq, bk, w, s in SWEEP_DKV:
         bs = dataclasses.replace(B0, block_q_dkv=bq, block_k_dkv=bk, num_warps_dkv=w,
                                  num_stages_dkv=s)
         cfg = cfg_for(bs)
         f = jax.jit(lambda *a, cfg=cfg: flash_gpu._backward_dkv(cfg, *a, slopes, None, None))
-        try:
-            tt = jax_time(f, (q, k, v, do, lse, delta))
-            # dk/dv does 4 of the backward's matmuls: 2x forward flops
-            rows.append(dict(kernel="dkv", bq=bq, bk=bk, warps=w, stages=s, ms=tt * 1e3,
-                             tflops=2 * fl / tt / 1e12))
-        except Exception as e:
-            rows.append(dict(kernel="dkv", bq=bq, bk=bk, warps=w, stages=s,
-                             error=f"{type(e).__name__}: {str(e)[:300]}"))
-        print(rows[-1], flush=True)
+        # dk/dv does 4 of the backward's matmuls: 2x forward flops
+        record("dkv", (bq, bk, w, s), f, (q, k, v, do, lse, delta), 2.0)
     for bq, bk, w, s in SWEEP_DQ:
         bs = dataclasses.replace(B0, block_q_dq=bq, block_k_dq=bk, num_warps_dq=w,
                                  num_stages_dq=s)
         cfg = cfg_for(bs)
         f = jax.jit(lambda *a, cfg=cfg: flash_gpu._backward_dq(cfg, *a, slopes, None, None))
-        try:
-            tt = jax_time(f, (q, k, v, do, lse, delta))
-            # dq does 3 matmuls: 1.5x forward flops
-            rows.append(dict(kernel="dq", bq=bq, bk=bk, warps=w, stages=s, ms=tt * 1e3,
-                             tflops=1.5 * fl / tt / 1e12))
-        except Exception as e:
-            rows.append(dict(kernel="dq", bq=bq, bk=bk, warps=w, stages=s,
-                             error=f"{type(e).__name__}: {str(e)[:300]}"))
-        print(rows[-1], flush=True)
+        # dq does 3 matmuls: 1.5x forward flops
+        record("dq", (bq, bk, w, s), f, (q, k, v, do, lse, delta), 1.5)
     return rows
 
 
