@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -21,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mpt_jax.config import MPTConfig
-from mpt_jax.generate import Generator, SamplingParams
-from mpt_jax.model import MPTForCausalLM
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from mpt_jax.config import MPTConfig  # noqa: E402
+from mpt_jax.generate import Generator, SamplingParams  # noqa: E402
+from mpt_jax.model import MPTForCausalLM  # noqa: E402
 
 
 def random_bf16_model(cfg: MPTConfig, attn_impl: str) -> MPTForCausalLM:
@@ -45,7 +48,8 @@ def random_bf16_model(cfg: MPTConfig, attn_impl: str) -> MPTForCausalLM:
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, init(jax.random.key(0))))
 
 
-def bench_batch(gen: Generator, b: int, prompt: int, new: int, reps: int) -> dict:
+def bench_batch(gen: Generator, b: int, prompt: int, new: int, reps: int,
+                profile_dir: str = "") -> dict:
     rs = np.random.RandomState(b)
     ids = rs.randint(0, gen.config.vocab_size, (b, prompt)).astype(np.int32)
     mask = np.ones_like(ids)
@@ -60,7 +64,7 @@ def bench_batch(gen: Generator, b: int, prompt: int, new: int, reps: int) -> dic
         totals.append(time.perf_counter() - t0)
     # Prefill alone (same compiled function generate uses).
     args = (gen.weights, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), jnp.int32(0),
-            prompt + new, new, SamplingParams(), False)
+            -(-(prompt + new) // 64) * 64, new, SamplingParams(), False)  # as generate allocates
     jax.block_until_ready(gen._prefill(*args).tokens)
     pre = []
     for _ in range(reps):
@@ -68,6 +72,12 @@ def bench_batch(gen: Generator, b: int, prompt: int, new: int, reps: int) -> dic
         jax.block_until_ready(gen._prefill(*args).tokens)
         pre.append(time.perf_counter() - t0)
     total, prefill = min(totals), min(pre)
+    if profile_dir:
+        from profile_util import profile
+
+        print(f"# batch {b}: one whole generate traced ({new} tokens); divide by {new - 1} for "
+              "per-step figures", flush=True)
+        print(profile(lambda: gen.generate(ids, **kw), f"{profile_dir}/b{b}", steps=1), flush=True)
     assert out.tokens.shape == (b, new)
     return {"batch": b, "total_s": total, "prefill_ms": prefill * 1e3,
                 "decode_ms_per_step": (total - prefill) / (new - 1) * 1e3,
@@ -85,6 +95,8 @@ def main():
     ap.add_argument("--attn_impl", default="auto")
     ap.add_argument("--size", default="7b", help="MPTConfig preset (7b = MPT-7B shapes)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--profile", default="", help="trace one generate per batch size into this "
+                    "directory and print device time per kernel (bench/profile_util.py)")
     args = ap.parse_args()
     cfg = MPTConfig.mpt_7b() if args.size == "7b" else MPTConfig.preset(args.size)
     dev = jax.devices()[0]
@@ -100,7 +112,7 @@ def main():
     results = {"device": dev.device_kind, "weight_gb": n_bytes / 1e9, "attn_impl": args.attn_impl}
     for b in [int(x) for x in args.batches.split(",")]:
         try:
-            r = bench_batch(gen, b, args.prompt, args.new, args.reps)
+            r = bench_batch(gen, b, args.prompt, args.new, args.reps, args.profile)
         except Exception as e:  # noqa: BLE001  (keep the other batch sizes' figures)
             r = {"batch": b, "error": f"{type(e).__name__}: {e}"[:600]}
         results[f"bs{b}"] = r

@@ -24,6 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_one(args) -> dict:
@@ -43,7 +44,7 @@ def run_one(args) -> dict:
         seq_len=args.seq, global_batch_size=args.micro_batch * n * args.accum,
         micro_batch_size=args.micro_batch if args.accum > 1 else 0,
         compute_dtype="bfloat16", param_dtype="float32", remat_policy=args.remat,
-        scan_layers=True, attn_impl=args.attn, loss_chunk_size=args.loss_chunk,
+        scan_layers=bool(args.scan), attn_impl=args.attn, loss_chunk_size=args.loss_chunk,
         nonfinite="stop"))
     ocfg = ml_collections.ConfigDict(dict(
         name=args.optim, lr=1e-4, b1=0.9, b2=0.99 if args.optim == "decoupled_lion" else 0.95,
@@ -51,9 +52,10 @@ def run_one(args) -> dict:
         clip_norm=1.0, schedule="cosine", warmup_steps=10, alpha_f=0.1))
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     rules = sharding.DEFAULT_RULES
-    tx = optim.make_optimizer(ocfg, 1000)
+    tx = optim.make_optimizer(ocfg, 1000, clip=False)  # the step clips, as the trainer does
     settings = step_lib.make_settings(cfg, train, tx, lambda s: 1e-4, mesh=mesh, rules=rules,
-                                      seed=0, global_batch=train.global_batch_size)
+                                      seed=0, global_batch=train.global_batch_size,
+                                      clip_norm=ocfg.clip_norm)
     _, shardings = step_lib.state_shardings(cfg, train, tx, mesh, rules)
     state = step_lib.init_state(cfg, train, tx, mesh, rules, seed=0)
     step = step_lib.compile_train_step(settings, shardings, mesh, ("input_ids",))
@@ -74,11 +76,22 @@ def run_one(args) -> dict:
             state, m = compiled(state, batches[i % 2])
         loss = float(m["loss"])
         dt = (time.time() - t0) / args.steps
+        if args.profile:
+            from profile_util import profile
+
+            holder = {"state": state}
+
+            def one():
+                holder["state"], mm = compiled(holder["state"], batches[0])
+                jax.block_until_ready(mm["loss"])
+
+            print(profile(one, args.profile, steps=2), flush=True)
     tokens = train.global_batch_size * args.seq
     tps = tokens / dt
     mem = metrics_lib.device_memory_gb()
     return dict(model=args.model, seq=args.seq, micro_batch=args.micro_batch, accum=args.accum,
-                loss_chunk=args.loss_chunk,
+                loss_chunk=args.loss_chunk, scan=int(args.scan),
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
                 global_batch=train.global_batch_size, remat=args.remat,
                 attn=args.attn, optim=args.optim, mu_dtype=args.mu_dtype or "float32",
                 devices=n, step_s=dt, compile_s=compile_s, tokens_per_s_per_device=tps / n,
@@ -92,6 +105,8 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--micro_batch", default="8")
     p.add_argument("--remat", default="dots_no_batch")
+    p.add_argument("--scan", default="0", help="1: layers under lax.scan; 0: unrolled (longer "
+                   "compile, no per-layer residual copies); a comma list sweeps both")
     p.add_argument("--attn", default="auto")
     p.add_argument("--optim", default="decoupled_lion")
     p.add_argument("--mu_dtype", default="")
@@ -103,30 +118,40 @@ def main():
     p.add_argument("--results", default="")
     p.add_argument("--card", default="")
     p.add_argument("--commit", default="")
+    p.add_argument("--profile", default="",
+                   help="trace 2 steps of each variant into this directory and print the device "
+                        "time per kernel / XLA op (bench/profile_util.py)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         args.micro_batch = int(args.micro_batch)
+        args.scan = int(args.scan)
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
     rows = []
-    for mb, remat, attn in itertools.product(args.micro_batch.split(","), args.remat.split(","),
-                                             args.attn.split(",")):
+    for mb, remat, attn, scan in itertools.product(
+            args.micro_batch.split(","), args.remat.split(","), args.attn.split(","),
+            args.scan.split(",")):
         cmd = [sys.executable, __file__, "--one", "--model", args.model, "--seq", str(args.seq),
-               "--micro_batch", mb, "--remat", remat, "--attn", attn, "--optim", args.optim,
+               "--micro_batch", mb, "--remat", remat, "--attn", attn, "--scan", scan,
+               "--optim", args.optim,
                "--mu_dtype", args.mu_dtype, "--loss_chunk", str(args.loss_chunk),
                "--steps", str(args.steps), "--accum", str(args.accum)]
+        if args.profile:
+            cmd += ["--profile", os.path.join(args.profile, f"mb{mb}_{remat}_{attn}_scan{scan}")]
         out = subprocess.run(cmd, capture_output=True, text=True)
+        print("\n".join(ln for ln in out.stdout.splitlines() if not ln.startswith("RESULT ")),
+              flush=True)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not lines:
             err = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
-            print(f"mb={mb} remat={remat} attn={attn}: FAILED ({err})", flush=True)
+            print(f"mb={mb} remat={remat} attn={attn} scan={scan}: FAILED ({err})", flush=True)
             rows.append(dict(micro_batch=mb, remat=remat, attn=attn, failed=err))
             continue
         r = json.loads(lines[-1][7:])
         rows.append(r)
         print(f"{r['model']} seq {r['seq']} mb {r['micro_batch']} x accum {r['accum']} "
-              f"(global {r['global_batch']}) remat {r['remat']} attn "
+              f"(global {r['global_batch']}) remat {r['remat']} scan {r['scan']} attn "
               f"{r['attn']} {r['optim']}/{r['mu_dtype']}: {r['tokens_per_s_per_device']:,.0f} "
               f"tok/s/device, MFU {100 * (r['mfu'] or 0):.1f}%, step {r['step_s']:.3f}s, compile "
               f"{r['compile_s']:.1f}s, peak {r['peak_mem_gb'] or 0:.1f} GiB, loss {r['loss']:.3f} "
@@ -143,7 +168,9 @@ def main():
                     continue
                 name = (f"train mpt-{r['model']} seq {r['seq']} mb {r['micro_batch']} x"
                         f"{r['devices']} x accum {r['accum']} remat {r['remat']} attn {r['attn']} {r['optim']} "
-                        f"mu {r['mu_dtype']} loss_chunk {r['loss_chunk']}")
+                        f"mu {r['mu_dtype']} loss_chunk {r['loss_chunk']}"
+                        + ("" if r["scan"] else " layers unrolled (no scan)")
+                        + (f" XLA_FLAGS={r['xla_flags']}" if r["xla_flags"] else ""))
                 card = args.card or r["device"]
                 for fig, val in (("tokens/s/GPU", f"{r['tokens_per_s_per_device']:,.0f}"),
                                  ("MFU %", f"{100 * (r['mfu'] or 0):.1f}"),

@@ -10,7 +10,7 @@ files change values, never add keys; `--config.a.b=value` overrides any of them)
   train.*        seq_len, global_batch_size (sequences per optimizer step, all processes),
                  micro_batch_size (sequences per batch shard per micro-step; 0 = no gradient
                  accumulation), compute_dtype, param_dtype, remat_policy
-                 (none|full|dots|dots_no_batch|nothing), scan_layers, attn_impl
+                 (none|full|dots|dots_no_batch|dots_act|nothing), scan_layers, attn_impl
                  (auto|reference|pallas_gpu|pallas_tpu), loss_chunk_size (positions per
                  cross-entropy chunk; 0 = whole sequence), nonfinite (stop|skip)
   optim.*        name (decoupled_lion|decoupled_adamw), lr, b1, b2, eps, weight_decay,
@@ -63,9 +63,12 @@ def get_base_config(size: str = "125m") -> ml_collections.ConfigDict:
 
     c.model = model_section(MPTConfig.preset(size))
 
+    # scan_layers False unrolls the blocks: no per-layer copies of saved activations in and out
+    # of the scan's stacked buffers. MPT-1B, H100, micro-batch 8 (bench/RESULTS.md,
+    # 2026-11-27): 53.3k tokens/s unrolled against 49.9k under scan, at twice the compile time.
     c.train = ml_collections.ConfigDict(dict(
         seq_len=2048, global_batch_size=256, micro_batch_size=0, compute_dtype="bfloat16",
-        param_dtype="float32", remat_policy="dots_no_batch", scan_layers=True, attn_impl="auto",
+        param_dtype="float32", remat_policy="dots_no_batch", scan_layers=False, attn_impl="auto",
         loss_chunk_size=512, nonfinite="stop"))
 
     # llm-foundry's pretrain yamls: decoupled_adamw lr 6e-4 (125m) ... 1.2e-4 (7b), betas

@@ -29,6 +29,7 @@ def get_config():
     c.train.micro_batch_size = 0
     c.train.compute_dtype = "float32"  # bf16 matmuls are slow on CPUs
     c.train.remat_policy = "none"
+    c.train.scan_layers = True  # on a CPU the scan's shorter compile matters more
     c.train.loss_chunk_size = 64
     c.train.attn_impl = "reference"
     c.optim.name = "decoupled_lion"

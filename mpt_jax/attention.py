@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from mpt_jax import alibi
-from mpt_jax.kernels import flash_gpu
+from mpt_jax.kernels import decode_gpu, flash_gpu
 
 IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
 
@@ -95,6 +95,11 @@ def reference_attention(
     return out_btkgd.reshape(b, t, h, d).astype(q.dtype)
 
 
+def resolve_impl(impl: str) -> str:
+    """"auto" -> the backend's kernel (see _default_impl); anything else unchanged."""
+    return _default_impl() if impl == "auto" else impl
+
+
 def _default_impl() -> str:
     """The fastest implementation for the default backend: Pallas on GPU/TPU, jnp on CPU."""
     backend = jax.default_backend()
@@ -169,34 +174,45 @@ def decode_attention(
     alibi_slopes=None,
     softmax_scale: float | None = None,
     kv_mask=None,
+    impl: str = "auto",
+    interpret: bool = False,
 ):
     """Attention of a few new query rows against a KV cache (the generation path).
 
-    q `[B, T, H, D]` (T small, usually 1), k_cache/v_cache `[B, S_max, KV, D]`, cache_len int32
+    q `[B, T, H, D]` (T small, usually 1), k_cache/v_cache `[B, KV, S_max, D]` (heads ahead of
+    slots, so each (batch, head) pair's keys are one contiguous [S, D] matrix and both einsums
+    are plain batched matrix products that read the cache in place), cache_len int32
     scalar or `[B]`: valid cache entries per sequence, the T new tokens included (already
     written at positions cache_len - T .. cache_len - 1). Query i sits at position
     cache_len - T + i and sees keys j <= its position; slots at or past cache_len are ignored,
     and so are slots where `kv_mask` `[B, S_max]` (optional) is False (left padding).
     ALiBi uses slope_h * (j - pos_i), as in training.
 
-    This is a deliberate jnp function, not a kernel: with T rows against S keys it reads the
-    cache once and does 4*B*H*T*S flops, so it is memory-bound and XLA's fused einsum/softmax
-    streams the cache. The matmuls read the cache in its own dtype with float32 accumulation
-    (no float32 copy of the cache; full precision when the cache is float32); softmax in
-    float32. Returns q.dtype. Rows with no visible key return zeros.
+    impl: "auto" runs one new token per row (T == 1) through the Pallas decode kernel on GPU
+    (kernels/decode_gpu.py: one launch, reads only the filled slots) when the shape qualifies
+    (S a multiple of its block, as the generator allocates); "pallas_gpu" does so on any
+    backend (`interpret=True` on CPU); otherwise, and for T > 1, this jnp path runs: it reads
+    the cache once in its own dtype with float32 accumulation (full precision when the cache is
+    float32), softmax in float32. Returns q.dtype. Rows with no visible key return zeros.
     """
-    _check_shapes(q, k_cache, v_cache)
+    _check_shapes(q, k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2))
     b, t, h, d = q.shape
-    s, kvh = k_cache.shape[1], k_cache.shape[2]
+    kvh, s = k_cache.shape[1], k_cache.shape[2]
     g = h // kvh
     scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
+    impl = resolve_impl(impl)
+    if impl == "pallas_gpu" and t == 1 and decode_gpu.supported((b, h, d), k_cache.shape):
+        return decode_gpu.decode_attention_gpu(
+            q[:, 0], k_cache, v_cache, jnp.asarray(cache_len, jnp.int32), kv_mask,
+            None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32),
+            scale=float(scale), interpret=interpret)[:, None]
     prec = (jax.lax.Precision.HIGHEST if k_cache.dtype == jnp.float32
             else jax.lax.Precision.DEFAULT)
     cache_len_b = jnp.broadcast_to(jnp.asarray(cache_len, jnp.int32), (b,))
     q_pos_bt = cache_len_b[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
     kv_pos_s = jnp.arange(s, dtype=jnp.int32)
     q_btkgd = q.astype(k_cache.dtype).reshape(b, t, kvh, g, d)
-    logits_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_cache, precision=prec,
+    logits_bkgts = jnp.einsum("btkgd,bksd->bkgts", q_btkgd, k_cache, precision=prec,
                               preferred_element_type=jnp.float32) * jnp.float32(scale)
     rel_bts = kv_pos_s[None, None, :] - q_pos_bt[:, :, None]  # key - query position
     if alibi_slopes is not None:
@@ -213,6 +229,6 @@ def decode_attention(
     p = jnp.where(mask_b11ts, jnp.exp(logits_bkgts - m), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0, 1.0, denom)
-    out_btkgd = jnp.einsum("bkgts,bskd->btkgd", p.astype(v_cache.dtype), v_cache, precision=prec,
+    out_btkgd = jnp.einsum("bkgts,bksd->btkgd", p.astype(v_cache.dtype), v_cache, precision=prec,
                            preferred_element_type=jnp.float32)
     return out_btkgd.reshape(b, t, h, d).astype(q.dtype)

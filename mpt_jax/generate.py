@@ -8,7 +8,7 @@ preallocated KV cache; greedy, temperature, top-k and top-p sampling, seeded; pe
 Layout for speed. Decoding one token reads every weight once, so the loop must read weights in
 place: the model's stacked `[L, ...]` block parameters are split once into per-layer arrays
 (dynamic slices of a stacked operand inside a scan can be copied before each matmul), and the
-layers are unrolled inside the decode `while_loop`. The cache is a tuple of per-layer `[B, S, KV,
+layers are unrolled inside the decode `while_loop`. The cache is a tuple of per-layer `[B, KV, S,
 hd]` buffers carried through the loop and donated between calls, so each step writes only the
 new token's keys and values, in place. Shapes are fixed for a (batch, prompt length, cache
 length) triple: one compilation for prefill, one for the decode loop, none per step.
@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from mpt_jax import sharding
+from mpt_jax.kernels import decode_gpu
 from mpt_jax.model import AttnContext, MPTForCausalLM
 
 
@@ -116,7 +117,7 @@ class DecodeState(NamedTuple):
     """Everything the decode loop carries. `step` tokens have been produced so far; the last
     of them, `last`, is not yet in the cache (it goes in at slot prompt_len + step - 1)."""
 
-    cache: tuple  # per layer (k, v), each [B, S, KV, hd]
+    cache: tuple  # per layer (k, v), each [B, KV, S, hd]
     kv_mask: jax.Array  # [B, S] bool: real prompt tokens and every generated slot
     tokens: jax.Array  # [B, N] int32
     last: jax.Array  # [B] int32
@@ -154,7 +155,7 @@ class _Spec:
     def _cache_sharding(self, shape):
         if self.mesh is None:
             return None
-        spec = sharding.logical_to_spec(("batch", None, "kv_heads", None), self.rules)
+        spec = sharding.logical_to_spec(("batch", "kv_heads", None, None), self.rules)
         return NamedSharding(self.mesh, sharding.fit_spec(spec, shape, self.mesh))
 
     # -- the forward pass over per-layer weights --------------------------------------------
@@ -178,7 +179,7 @@ class _Spec:
                       keep_logits):
         cfg = self.config
         b, t = ids_bt.shape
-        shape = (b, cache_len, cfg.kv_n_heads, cfg.head_dim)
+        shape = (b, cfg.kv_n_heads, cache_len, cfg.head_dim)
         shard = self._cache_sharding(shape)
 
         def zeros():
@@ -311,8 +312,11 @@ class Generator:
             raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, "
                              f"{self.config.vocab_size})")
         pad = jnp.int32(pad_id)
+        # Slots past cache_len are never attended (decode masks slot >= tokens so far); rounding
+        # the allocation up lets the decode kernel stream the cache in whole blocks.
+        alloc = -(-cache_len // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S
         state = self._prefill(self.weights, jnp.asarray(ids), jnp.asarray(mask), key, pad,
-                              cache_len, max_new_tokens, params, keep_logits)
+                              alloc, max_new_tokens, params, keep_logits)
         statics = (t, max_new_tokens if on_tokens is None else max(1, stream_chunk), params,
                    jnp.int32(-1 if eos_id is None else eos_id), pad)
         if on_tokens is None:

@@ -18,18 +18,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mpt_jax import attention as attn_lib
 from mpt_jax import sharding
 from mpt_jax.alibi import alibi_slopes
 from mpt_jax.config import MPTConfig
+from mpt_jax.kernels import ATTN_LSE_NAME, ATTN_OUT_NAME, norm_gpu
 
+_cp = jax.checkpoint_policies
+_ATTN_NAMES = (ATTN_OUT_NAME, ATTN_LSE_NAME)
+MLP_ACT_NAME = "mlp_act"
+
+# Every policy but "full"/"nothing" keeps the attention kernel's output and logsumexp (named in
+# the kernels), so the backward pass never reruns the forward kernel; "dots_act" also keeps the
+# MLP activation (the GELU output), trading memory for the elementwise recompute.
 REMAT_POLICIES = {
     "none": None,
     "full": "full",
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": _cp.save_from_both_policies(_cp.dots_saveable, _cp.save_only_these_names(*_ATTN_NAMES)),
+    "dots_no_batch": _cp.save_from_both_policies(
+        _cp.dots_with_no_batch_dims_saveable, _cp.save_only_these_names(*_ATTN_NAMES)),
+    "dots_act": _cp.save_from_both_policies(
+        _cp.dots_with_no_batch_dims_saveable,
+        _cp.save_only_these_names(*_ATTN_NAMES, MLP_ACT_NAME)),
+    "nothing": _cp.nothing_saveable,
 }
 
 _ACTIVATIONS = {
@@ -133,6 +146,14 @@ class Norm(nnx.Module):
             y = y + cast(self.bias[...])
         return y.astype(compute_dtype) if low else y
 
+    def fused(self, x, delta, compute_dtype, *, interpret: bool = False):
+        """(x + delta, norm(x + delta)) in one GPU kernel (forward only; delta may be None)."""
+        return norm_gpu.add_norm_gpu(
+            x, delta, self.weight[...], None if self.bias is None else self.bias[...],
+            eps=self.eps, rms=self.norm_type.endswith("rmsnorm"),
+            low=self.norm_type.startswith("low_precision"), compute_dtype=compute_dtype,
+            interpret=interpret)
+
 
 def _dense(x, w, b, dtype):
     y = jnp.einsum("...i,io->...o", x.astype(dtype), w[...].astype(dtype))
@@ -225,12 +246,12 @@ class Attention(nnx.Module):
             )
             new_cache = None
         else:
-            k_cache, v_cache = cache_kv  # [B, S, KV, hd]
+            k_cache, v_cache = cache_kv  # [B, KV, S, hd]
             idx = ctx.cache_index
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k_btkd.astype(k_cache.dtype),
-                                                   (0, idx, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkd.astype(v_cache.dtype),
-                                                   (0, idx, 0, 0))
+            k_cache = jax.lax.dynamic_update_slice(
+                k_cache, k_btkd.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, idx, 0))
+            v_cache = jax.lax.dynamic_update_slice(
+                v_cache, v_btkd.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, idx, 0))
             if isinstance(idx, int) and idx == 0:
                 # Prefill into an empty cache (a static 0): the new tokens see only each other,
                 # so attention runs over them alone through the flash path.
@@ -243,7 +264,8 @@ class Attention(nnx.Module):
             else:
                 o_bthd = attn_lib.decode_attention(
                     q_bthd, k_cache, v_cache, idx + t, alibi_slopes=slopes,
-                    softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask)
+                    softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask, impl=self.attn_impl,
+                    interpret=self.attn_interpret)
             new_cache = (k_cache, v_cache)
         o_btd = o_bthd.reshape(b, t, h * hd)
         return _dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
@@ -279,6 +301,7 @@ class MLP(nnx.Module):
             h_btf = act(_dense(x_btd, self.gate_proj, self.gate_proj_bias, dtype)) * up_btf
         else:
             h_btf = act(up_btf)
+        h_btf = checkpoint_name(h_btf, MLP_ACT_NAME)
         h_btf = sharding.constrain(h_btf, ("batch", "seq", "mlp"))
         return _dense(h_btf, self.down_proj, self.down_proj_bias, dtype)
 
@@ -298,6 +321,8 @@ class Block(nnx.Module):
 
     def __call__(self, x_btd, ctx: AttnContext, cache_kv, dropout_key, *, dtype):
         training = dropout_key is not None
+        if cache_kv is not None and x_btd.shape[1] == 1 and self._decode_kernels():
+            return self._decode_step(x_btd, ctx, cache_kv, dtype=dtype)
         k1 = k2 = None
         if training:
             k1, k2 = jax.random.split(dropout_key)
@@ -308,9 +333,24 @@ class Block(nnx.Module):
         x_btd = x_btd + _dropout(m_btd, self.resid_pdrop, k2).astype(x_btd.dtype)
         return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), new_cache
 
+    def _decode_kernels(self) -> bool:
+        """One token per row against the cache on the Pallas GPU path: the norms (and the first
+        residual add) run as single-launch kernels (kernels/norm_gpu.py)."""
+        return (attn_lib.resolve_impl(self.attn.attn_impl) == "pallas_gpu"
+                and norm_gpu.supported(self.norm_1.weight.shape[-1]))
+
+    def _decode_step(self, x_btd, ctx: AttnContext, cache_kv, *, dtype):
+        interpret = self.attn.attn_interpret
+        _, h_btd = self.norm_1.fused(x_btd, None, dtype, interpret=interpret)
+        a_btd, new_cache = self.attn(h_btd, ctx, cache_kv, dtype=dtype, training=False)
+        x_btd, h_btd = self.norm_2.fused(x_btd, a_btd, dtype, interpret=interpret)
+        x_btd = x_btd + self.ffn(h_btd, dtype=dtype).astype(x_btd.dtype)
+        return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), new_cache
+
 
 class KVCache(NamedTuple):
-    """Preallocated per-layer keys and values, `[L, B, S, KV, hd]` each."""
+    """Preallocated per-layer keys and values, `[L, B, KV, S, hd]` each (see
+    attention.decode_attention for the layout)."""
 
     k: jax.Array
     v: jax.Array
@@ -381,9 +421,13 @@ class MPTForCausalLM(nnx.Module):
         logits = self.unembed(h_btd)
         return logits if cache is None else (logits, new_cache)
 
+    def output_embedding(self):
+        """The `[V, D]` unembedding matrix: wte when tied, else lm_head."""
+        return (self.wte if self.lm_head is None else self.lm_head)[...]
+
     def unembed(self, h_btd):
         """Final hidden states `[..., D]` -> float32 logits `[..., V]` (h @ wte.T, logit_scale)."""
-        w_vd = (self.wte if self.lm_head is None else self.lm_head)[...]
+        w_vd = self.output_embedding()
         logits = jnp.einsum("...d,vd->...v", h_btd.astype(self.dtype), w_vd.astype(self.dtype),
                             preferred_element_type=jnp.float32)
         scale = self.config.logit_scale_value
@@ -391,7 +435,7 @@ class MPTForCausalLM(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
         cfg = self.config
-        shape = (cfg.n_layers, batch_size, max_len, cfg.kv_n_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch_size, cfg.kv_n_heads, max_len, cfg.head_dim)
         dt = self.dtype if dtype is None else dtype
         return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 

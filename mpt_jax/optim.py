@@ -7,7 +7,7 @@
       p -= lr_t / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 - Schedules are multipliers of the base lr (Composer's schedulers): `warmup_schedule` with
   cosine / linear / constant decay and `alpha_f`; warmup rises linearly from 0 at step 0.
-- `make_optimizer(optim_cfg, max_steps)`: clipping by global norm (before the optimizer),
+- `make_optimizer(optim_cfg, max_steps, clip=True)`: clipping by global norm (before the optimizer),
   optional weight-decay mask, momentum dtype.
 
 `step` everywhere is the number of updates already applied (0 for the first update), as
@@ -183,8 +183,12 @@ def make_schedule(optim_cfg, max_steps: int) -> Schedule:
                            max_steps=max_steps, alpha_f=optim_cfg.alpha_f)
 
 
-def make_optimizer(optim_cfg, max_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping (when optim.clip_norm > 0) then the decoupled optimizer.
+def make_optimizer(optim_cfg, max_steps: int, *, clip: bool = True
+                   ) -> optax.GradientTransformation:
+    """Global-norm clipping (when optim.clip_norm > 0 and `clip`) then the decoupled optimizer.
+
+    clip=False leaves clipping to the caller: train_step does it itself when given
+    `clip_norm` (make_settings), folding the clip factor into the gradient's one scaling pass.
 
     Keys: name, lr, b1, b2, eps (AdamW), weight_decay, weight_decay_mask ('all' | 'matrices'),
     mu_dtype ('' = the parameter dtype, or e.g. 'bfloat16'), clip_norm, schedule,
@@ -205,7 +209,7 @@ def make_optimizer(optim_cfg, max_steps: int) -> optax.GradientTransformation:
     else:
         opt = decoupled_adamw(float(optim_cfg.lr), b1=optim_cfg.b1, b2=optim_cfg.b2,
                               eps=optim_cfg.eps, **common)
-    if optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
+    if clip and optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), opt)
     return opt
 

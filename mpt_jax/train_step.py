@@ -44,6 +44,9 @@ class StepSettings:
     use_dropout: bool
     param_specs: Any  # pure-dict tree of PartitionSpec (gradient accumulators follow it)
     rules: tuple = sharding.DEFAULT_RULES
+    # > 0: clip by global norm here (tx built with make_optimizer(..., clip=False)): the
+    # 1/token-count mean and the clip factor become one scale on the gradients, one pass.
+    clip_norm: float = 0.0
 
 
 def model_kwargs(train_cfg) -> dict:
@@ -65,8 +68,9 @@ def _nll_sum(params, graphdef, batch, dropout_rng, chunk_size):
     h_btd, _ = model.hidden_states(batch["input_ids"], segment_ids=segment_ids,
                                    dropout_rng=dropout_rng)
     targets_bt, weights_bt = loss_lib.targets_and_weights(batch["input_ids"], segment_ids)
-    return loss_lib.chunked_cross_entropy(model.unembed, h_btd, targets_bt, weights_bt,
-                                          chunk_size=chunk_size)
+    return loss_lib.chunked_cross_entropy(h_btd, model.output_embedding(), targets_bt,
+                                          weights_bt, chunk_size=chunk_size,
+                                          logit_scale=model.config.logit_scale_value)
 
 
 def _micro_batches(batch, n_micro):
@@ -125,14 +129,23 @@ def train_step(state, batch, *, settings: StepSettings):
 
     denom = jnp.maximum(count, 1.0)
     loss = nll / denom
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
-    grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
-    updates, new_opt_state = s.tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
+    raw_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
+    grad_norm = raw_norm / denom  # the norm of the mean gradient
+    scale = 1.0 / denom
+    if s.clip_norm > 0:  # optax.clip_by_global_norm's rule
+        scale = scale * jnp.where(grad_norm < s.clip_norm, 1.0,
+                                  s.clip_norm / jnp.maximum(grad_norm, 1e-30))
+    grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
-                 "opt_state": keep(new_opt_state, state["opt_state"])}
+
+    def update(_):
+        updates, new_opt_state = s.tx.update(grads, state["opt_state"], params)
+        return optax.apply_updates(params, updates), new_opt_state
+
+    # A conditional, not a select: the skip costs no extra pass over params and moments.
+    new_params, new_opt_state = jax.lax.cond(
+        finite, update, lambda _: (params, state["opt_state"]), None)
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt_state}
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": s.lr_fn(state["step"]),
                "finite": finite.astype(jnp.float32), "tokens": count}
     return new_state, metrics
@@ -147,9 +160,10 @@ def eval_step(params, batch, *, settings: StepSettings):
 # Sharded state and compiled steps
 # ---------------------------------------------------------------------------------------------
 def make_settings(model_cfg: MPTConfig, train_cfg, tx, lr_fn, *, mesh, rules, seed: int,
-                  global_batch: int) -> StepSettings:
+                  global_batch: int, clip_norm: float = 0.0) -> StepSettings:
     """Derives the micro-batch count from the mesh: n_micro = global_batch /
-    (train.micro_batch_size * batch shards); micro_batch_size 0 = no accumulation."""
+    (train.micro_batch_size * batch shards); micro_batch_size 0 = no accumulation.
+    clip_norm > 0: the step clips (pair it with make_optimizer(..., clip=False))."""
     shards = sharding.batch_shards(mesh, rules)
     sharding.check_batch(global_batch, mesh, rules, what="train.global_batch_size")
     per_shard = global_batch // shards
@@ -163,7 +177,7 @@ def make_settings(model_cfg: MPTConfig, train_cfg, tx, lr_fn, *, mesh, rules, se
     return StepSettings(graphdef=nnx.graphdef(abstract), tx=tx, lr_fn=lr_fn,
                         n_micro=per_shard // mb, loss_chunk_size=train_cfg.loss_chunk_size,
                         seed=seed, use_dropout=uses_dropout(model_cfg), param_specs=specs,
-                        rules=rules)
+                        rules=rules, clip_norm=float(clip_norm or 0.0))
 
 
 def _init_state(model_cfg, kwargs, tx, seed):

@@ -194,11 +194,12 @@ def train(config, workdir: str) -> dict:
     batch_keys = ("input_ids", "segment_ids") if config.data.packing else ("input_ids",)
 
     # 4. optimizer ------------------------------------------------------------------------
-    tx = optim_lib.make_optimizer(config.optim, config.max_steps)
+    tx = optim_lib.make_optimizer(config.optim, config.max_steps, clip=False)  # the step clips
     lr_fn = lambda step: config.optim.lr * optim_lib.make_schedule(  # noqa: E731
         config.optim, config.max_steps)(step)
     settings = step_lib.make_settings(cfg, config.train, tx, lr_fn, mesh=mesh, rules=rules,
-                                      seed=config.seed, global_batch=global_batch)
+                                      seed=config.seed, global_batch=global_batch,
+                                      clip_norm=config.optim.clip_norm)
 
     # 5. state ----------------------------------------------------------------------------
     abstract_state, state_shardings = step_lib.state_shardings(cfg, config.train, tx, mesh, rules)

@@ -142,7 +142,8 @@ def test_decode_attention_matches_reference():
     q, k, v, _ = _inputs(b, t, smax, h, kvh, d, jnp.float32)
     slopes = jnp.asarray(alibi_slopes(h))
     lens = np.array([17, 50])
-    got = attention.decode_attention(q, k, v, jnp.asarray(lens), alibi_slopes=slopes)
+    got = attention.decode_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), jnp.asarray(lens),
+                                     alibi_slopes=slopes)
     for i, n in enumerate(lens):
         want = attention.reference_attention(
             q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n], alibi_slopes=slopes)
@@ -168,3 +169,85 @@ def test_pallas_gpu_compiled(dtype):
 def test_block_sizes_are_hashable_config():
     bs = dataclasses.replace(flash_gpu.BlockSizes(), block_q=32)
     assert hash(bs) != hash(flash_gpu.BlockSizes())
+
+
+def _live_forward_kernels(policy) -> int:
+    """Forward-kernel launches whose results are used, in the CUDA lowering (no GPU needed) of
+    the gradient of a rematerialised layer; XLA deletes unused custom calls."""
+    import re
+
+    def layer(q):
+        o = flash_gpu.flash_attention_gpu(q * 2, q, q, jnp.ones((2,), jnp.float32))
+        return jnp.tanh(o.astype(jnp.float32))
+
+    loss = lambda q: jnp.sum(jax.checkpoint(layer, policy=policy)(q) ** 2)  # noqa: E731
+    q = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+    txt = jax.jit(jax.grad(loss)).trace(q).lower(lowering_platforms=("cuda",)).as_text()
+    lines = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln and "alibi_flash_fwd" in ln]
+    ids = [re.match(r"\s*(%\w+)", ln).group(1) for ln in lines]
+    return sum(1 for i in ids if re.search(re.escape(i) + r"#", txt))
+
+
+def test_remat_policies_keep_the_attention_forward():
+    """The model's remat policies save the kernel's named residuals, so the backward pass does
+    not rerun the forward kernel; the bare dots policy does (the check can fail)."""
+    from mpt_jax.model import REMAT_POLICIES
+
+    assert _live_forward_kernels(REMAT_POLICIES["dots_no_batch"]) == 1
+    assert _live_forward_kernels(REMAT_POLICIES["dots_act"]) == 1
+    assert _live_forward_kernels(jax.checkpoint_policies.dots_with_no_batch_dims_saveable) == 2
+
+
+@pytest.mark.parametrize("b,h,kvh,s,d,dtype", [
+    (3, 4, 4, 128, 32, jnp.float32),   # MHA, several blocks
+    (2, 8, 2, 192, 64, jnp.float32),   # GQA (4 query heads a KV head)
+    (2, 6, 1, 64, 128, jnp.bfloat16),  # MQA, 6 heads (slopes of a non power of two)
+])
+def test_decode_kernel_matches_jnp_path(b, h, kvh, s, d, dtype):
+    """The Pallas decode kernel (interpret mode) against the jnp cache path on fresh random
+    inputs: per-row lengths, a left-padding mask, ALiBi; a row whose visible slots are all
+    masked returns zeros."""
+    rng = np.random.default_rng()
+    q = jnp.asarray(rng.normal(size=(b, 1, h, d)), dtype)
+    k = jnp.asarray(rng.normal(size=(b, kvh, s, d)), dtype)
+    v = jnp.asarray(rng.normal(size=(b, kvh, s, d)), dtype)
+    lens = rng.integers(1, s + 1, (b,)).astype(np.int32)
+    lens[0] = s
+    mask = rng.random((b, s)) > 0.2
+    mask[-1, : lens[-1]] = False  # nothing visible in the last row
+    slopes = jnp.asarray(alibi_slopes(h))
+    kw = dict(alibi_slopes=slopes, kv_mask=jnp.asarray(mask))
+    want = attention.decode_attention(q, k, v, jnp.asarray(lens), impl="reference", **kw)
+    got = attention.decode_attention(q, k, v, jnp.asarray(lens), impl="pallas_gpu",
+                                     interpret=True, **kw)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert _rel(got, want) < (1e-5 if dtype == jnp.float32 else 1e-2)
+    assert float(jnp.max(jnp.abs(got[-1].astype(jnp.float32)))) == 0.0
+    from mpt_jax.kernels import decode_gpu
+
+    for splits in (1, 2, 5):  # one program per (row, head), and split slots (flash-decoding)
+        split = decode_gpu.decode_attention_gpu(
+            q[:, 0], k, v, jnp.asarray(lens), jnp.asarray(mask), slopes, scale=d ** -0.5,
+            splits=splits, interpret=True)
+        assert _rel(split, want[:, 0]) < (1e-5 if dtype == jnp.float32 else 1e-2)
+    no_alibi = attention.decode_attention(q, k, v, jnp.asarray(lens), impl="pallas_gpu",
+                                          interpret=True)
+    assert _rel(no_alibi, attention.decode_attention(q, k, v, jnp.asarray(lens),
+                                                     impl="reference")) < 1e-2
+
+
+def test_decode_kernel_lowers_for_cuda():
+    """The kernel's Pallas-to-Triton lowering runs on CPU (compiling it needs a GPU)."""
+    from mpt_jax.kernels import decode_gpu
+
+    q = jax.ShapeDtypeStruct((16, 32, 128), jnp.bfloat16)
+    c = jax.ShapeDtypeStruct((16, 32, 384, 128), jnp.bfloat16)
+    lens = jax.ShapeDtypeStruct((16,), jnp.int32)
+    mask = jax.ShapeDtypeStruct((16, 384), jnp.bool_)
+    sl = jax.ShapeDtypeStruct((32,), jnp.float32)
+    for splits in (1, 6):
+        fn = lambda *a, n=splits: decode_gpu.decode_attention_gpu(  # noqa: E731
+            *a, scale=0.088, splits=n)
+        txt = jax.jit(fn).trace(q, c, c, lens, mask, sl).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "xla.gpu.triton" in txt and "alibi_decode" in txt

@@ -329,3 +329,41 @@ def test_forward_and_grads_through_pallas_kernel_match_reference():
     # Without the sequence ids the packed documents would see each other: the kernel honours them.
     leak = np.asarray(pallas_model(ids, attention_mask=jnp.asarray(mask)))
     assert np.abs(leak - np.asarray(pallas_model(ids, **kwargs)))[:, 8:].max() > 1e-3
+
+
+@pytest.mark.parametrize("norm_type", ["low_precision_layernorm", "layernorm",
+                                       "low_precision_rmsnorm", "rmsnorm"])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_add_norm_kernel_matches_norm(norm_type, use_bias):
+    """The decode path's residual-add + norm kernel (interpret mode) equals `x + delta` and
+    model.Norm on fresh random rows, bf16 compute; without delta it is the norm alone."""
+    from mpt_jax.model import Norm
+
+    rng = np.random.default_rng()
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=101, norm_type=norm_type)
+    norm = Norm(64, cfg, param_dtype=jnp.float32, use_bias=use_bias)
+    norm.weight[...] = jnp.asarray(rng.normal(1.0, 0.2, 64), jnp.float32)
+    if norm.bias is not None:
+        norm.bias[...] = jnp.asarray(rng.normal(0.0, 0.2, 64), jnp.float32)
+    x = jnp.asarray(rng.normal(0.5, 2.0, (3, 1, 64)), jnp.bfloat16)
+    delta = jnp.asarray(rng.normal(size=(3, 1, 64)), jnp.bfloat16)
+    for dlt in (delta, None):
+        want_r = x if dlt is None else x + dlt
+        r, y = norm.fused(x, dlt, jnp.bfloat16, interpret=True)
+        want_y = norm(want_r, jnp.bfloat16)
+        assert r.dtype == x.dtype and y.dtype == want_y.dtype
+        np.testing.assert_array_equal(np.asarray(r, np.float32), np.asarray(want_r, np.float32))
+        tol = 1e-2 if want_y.dtype == jnp.bfloat16 else 1e-5
+        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want_y, np.float32),
+                                   rtol=tol, atol=tol)
+
+
+def test_add_norm_kernel_lowers_for_cuda():
+    from mpt_jax.kernels import norm_gpu
+
+    x = jax.ShapeDtypeStruct((16, 1, 4096), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((4096,), jnp.float32)
+    fn = lambda x, d, w: norm_gpu.add_norm_gpu(  # noqa: E731
+        x, d, w, eps=1e-5, rms=False, low=True, compute_dtype=jnp.bfloat16)
+    txt = jax.jit(fn).trace(x, x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in txt and "add_norm" in txt

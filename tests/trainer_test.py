@@ -126,14 +126,46 @@ def test_chunked_cross_entropy_matches_full_logits():
     assert float(weights[2, 11]) == 0.0 and float(weights[0, 9]) == 1.0  # padding masked
     full = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
     h, _ = model.hidden_states(ids)
+    w = model.output_embedding()
     for chunk in (4, 8, 0):
-        nll, count = loss_lib.chunked_cross_entropy(model.unembed, h, targets, weights,
-                                                    chunk_size=chunk)
+        nll, count = loss_lib.chunked_cross_entropy(h, w, targets, weights, chunk_size=chunk)
         np.testing.assert_allclose(nll, jnp.sum(full * weights), rtol=1e-5)
         assert float(count) == float(jnp.sum(weights))
 
 
-def _step_setup(micro_batch_size, global_batch=4):
+@pytest.mark.parametrize("logit_scale", [None, 0.37])
+def test_chunked_cross_entropy_gradients_match_full_logits(logit_scale):
+    """The fused loss's own backward (gradient formed in the forward pass) equals autodiff
+    through the full float32 logits, for h and the output embedding, with a cotangent != 1."""
+    rng = np.random.default_rng()
+    b, t, d, v = 3, 16, 24, 131
+    h = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(v, d)) * 0.3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    weights = jnp.asarray(rng.random((b, t)) > 0.2, jnp.float32)
+
+    def full(h, w):
+        logits = jnp.einsum("btd,vd->btv", h, w, precision="highest")
+        if logit_scale is not None:
+            logits = logits * logit_scale
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+        return 2.5 * jnp.sum(nll * weights)
+
+    want = jax.grad(full, argnums=(0, 1))(h, w)
+    for chunk in (4, 0):
+        fused = lambda h, w, c=chunk: 2.5 * loss_lib.chunked_cross_entropy(  # noqa: E731
+            h, w, targets, weights, chunk_size=c, logit_scale=logit_scale)[0]
+        np.testing.assert_allclose(fused(h, w), full(h, w), rtol=1e-5)
+        got = jax.grad(fused, argnums=(0, 1))(h, w)
+        for g_got, g_want in zip(got, want):
+            np.testing.assert_allclose(g_got, g_want, rtol=2e-5, atol=2e-6)
+    # bf16 compute: the gradient comes back in each input's dtype
+    gh, gw = jax.grad(lambda h, w: loss_lib.chunked_cross_entropy(
+        h, w, targets, weights, chunk_size=8)[0], argnums=(0, 1))(h.astype(jnp.bfloat16), w)
+    assert gh.dtype == jnp.bfloat16 and gw.dtype == jnp.float32
+
+
+def _step_setup(micro_batch_size, global_batch=4, clip_in_step=False, clip_norm=1.0):
     cfg = MPTConfig(d_model=24, n_heads=2, n_layers=2, vocab_size=131, max_seq_len=8)
     train = ml_collections.ConfigDict(dict(
         seq_len=8, global_batch_size=global_batch, micro_batch_size=micro_batch_size,
@@ -141,13 +173,14 @@ def _step_setup(micro_batch_size, global_batch=4):
         attn_impl="reference", loss_chunk_size=4, nonfinite="stop"))
     ocfg = ml_collections.ConfigDict(dict(
         name="decoupled_adamw", lr=1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
-        weight_decay_mask="all", mu_dtype="", clip_norm=1.0, schedule="constant",
+        weight_decay_mask="all", mu_dtype="", clip_norm=clip_norm, schedule="constant",
         warmup_steps=0, alpha_f=0.0))
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:1])
-    tx = optim.make_optimizer(ocfg, 10)
+    tx = optim.make_optimizer(ocfg, 10, clip=not clip_in_step)
     settings = step_lib.make_settings(cfg, train, tx, lambda s: 1e-2, mesh=mesh,
                                       rules=sharding.DEFAULT_RULES, seed=0,
-                                      global_batch=global_batch)
+                                      global_batch=global_batch,
+                                      clip_norm=clip_norm if clip_in_step else 0.0)
     state = step_lib.init_state(cfg, train, tx, mesh, sharding.DEFAULT_RULES, seed=3)
     return settings, state, mesh
 
@@ -167,6 +200,26 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s4["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("clip_norm", [1e-3, 1e3])  # clipping bites / does not
+def test_clipping_in_the_step_equals_optax_clipping(clip_norm):
+    """Clipping folded into the step's gradient scaling (the trainer's path) updates the
+    params exactly as optax.clip_by_global_norm in the optimizer chain does."""
+    batch = {"input_ids": jax.random.randint(jax.random.PRNGKey(5), (4, 8), 0, 131)}
+    outs = []
+    for in_step in (False, True):
+        settings, state, mesh = _step_setup(0, clip_in_step=in_step, clip_norm=clip_norm)
+        with sharding.use_mesh(mesh):
+            outs.append(step_lib.train_step(state, batch, settings=settings))
+    (s_optax, m_optax), (s_step, m_step) = outs
+    np.testing.assert_allclose(m_step["grad_norm"], m_optax["grad_norm"], rtol=1e-6)
+    moved = 0.0
+    for a, b, p0 in zip(jax.tree.leaves(s_optax["params"]), jax.tree.leaves(s_step["params"]),
+                        jax.tree.leaves(_step_setup(0)[1]["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        moved = max(moved, float(np.max(np.abs(np.asarray(a) - np.asarray(p0)))))
+    assert moved > 0.0
 
 
 def test_nan_is_caught_and_update_not_applied():

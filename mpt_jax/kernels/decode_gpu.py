@@ -1,0 +1,166 @@
+"""Decode attention for GPUs: one new query token per row against a KV cache, as one Pallas
+(Triton) kernel per layer.
+
+Grid (B, KV): program (b, kv) streams row b's keys and values of KV head kv in blocks of
+`block_s` cache slots, only up to cache_len[b] (a loop with a dynamic trip count, so a half-full
+cache costs half the reads), with an online softmax in float32, ALiBi slope_h * (pos_j - pos_q),
+and the optional kv_mask (left padding). The G = H / KV query heads of a group share each loaded
+block. A single query row is below Triton's 16-row dot minimum, so scores and the weighted sum
+are elementwise products and reductions; the kernel is bound by reading the cache either way.
+
+This replaces the five or six XLA kernels of the jnp path (two batched matrix-vector products and
+the softmax's reductions) with one launch, which matters at batch 1 where each launch is a few
+microseconds against a ~100 us layer. At small batch (B * KV programs would leave most of the
+GPU idle) the slots of each (row, head) are split over several programs that write partial
+softmax states, combined by a small jnp step (flash-decoding); see `n_splits`.
+
+Layout: q `[B, H, D]`, caches `[B, KV, S, D]` (attention.decode_attention's layout), cache_len
+int32 `[B]`, kv_mask `[B, S]`. Needs S % block_s == 0 (the generator allocates its cache so) and
+D a power of two >= 16; `supported()` says whether a shape qualifies.
+
+Imports from mpt_jax nothing.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+BLOCK_S = 64
+
+
+def supported(q_shape, cache_shape, block_s: int = BLOCK_S) -> bool:
+    b, h, d = q_shape
+    _, kvh, s, dk = cache_shape
+    return (d == dk and d >= 16 and d & (d - 1) == 0 and s % block_s == 0 and h % kvh == 0)
+
+
+def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *out_refs, group, scale,
+            block_s, blocks_per_split, has_alibi, has_mask, partial):
+    n = lens_ref[0]  # valid slots of this row; the query sits at slot n - 1
+    d = q_ref.shape[-1]
+    qs = [q_ref[g, :].astype(jnp.float32) * scale for g in range(group)]
+    slopes = [slopes_ref[g] for g in range(group)] if has_alibi else None
+
+    def body(j, carry):
+        start = pl.multiple_of(j * block_s, block_s)
+        k = k_ref[pl.ds(start, block_s), :].astype(jnp.float32)  # [bs, D]
+        v = v_ref[pl.ds(start, block_s), :].astype(jnp.float32)
+        pos = start + lax.broadcasted_iota(jnp.int32, (block_s,), 0)
+        valid = pos < n
+        if has_mask:
+            valid = valid & (mask_ref[pl.ds(start, block_s)] != 0)
+        out = []
+        for g in range(group):
+            m, l, acc = carry[g]
+            s = jnp.sum(k * qs[g][None, :], axis=1)  # [bs]
+            if has_alibi:
+                s = s + slopes[g] * (pos - (n - 1)).astype(jnp.float32)
+            s = jnp.where(valid, s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp(m - m_safe)
+            p = jnp.exp(s - m_safe)  # masked slots: exp(-inf) = 0
+            l = l * alpha + jnp.sum(p)
+            acc = acc * alpha + jnp.sum(p[:, None] * v, axis=0)
+            out.append((m_new, l, acc))
+        return tuple(out)
+
+    init = tuple((jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros((d,), jnp.float32))
+                 for _ in range(group))
+    # This program's share of the filled blocks: [lo, hi) of cdiv(n, block_s).
+    lo = pl.program_id(2) * blocks_per_split
+    hi = jnp.minimum(lo + blocks_per_split, lax.div(n + block_s - 1, block_s))
+    final = lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
+    if partial:
+        m_ref, l_ref, acc_ref = out_refs
+        for g in range(group):
+            m, l, acc = final[g]
+            m_ref[g] = m
+            l_ref[g] = l
+            acc_ref[g, :] = acc
+    else:
+        (o_ref,) = out_refs
+        for g in range(group):
+            _, l, acc = final[g]
+            o_ref[g, :] = (acc / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+
+
+def n_splits(batch: int, kv_heads: int, slots: int, block_s: int = BLOCK_S,
+             target_programs: int = 256) -> int:
+    """How many programs share one (row, KV head)'s cache: enough to give the GPU about
+    `target_programs` programs (batch 1 has only KV of them otherwise), at least one block each."""
+    return max(1, min(slots // block_s, -(-target_programs // (batch * kv_heads))))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_s", "num_warps", "splits",
+                                             "interpret"))
+def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=None, *,
+                         scale: float, block_s: int = BLOCK_S, num_warps: int = 4,
+                         splits: int | None = None, interpret: bool = False):
+    """q [B, H, D], caches [B, KV, S, D], cache_len int32 [B] (the new token included),
+    kv_mask [B, S] or None, slopes float32 [H] or None -> [B, H, D] in q's dtype.
+    Rows with no visible slot return zeros. splits: programs per (row, KV head) (default
+    `n_splits`); with more than one, each writes a partial softmax (max, sum, weighted values)
+    and a small jnp step combines them (flash-decoding)."""
+    b, h, d = q.shape
+    kvh, s = k_cache.shape[1], k_cache.shape[2]
+    if not supported(q.shape, k_cache.shape, block_s):
+        raise ValueError(f"decode kernel needs S % {block_s} == 0 and a power-of-two head dim; "
+                         f"got q {q.shape}, cache {k_cache.shape}")
+    g = h // kvh
+    n_blocks = s // block_s
+    splits = n_splits(b, kvh, s, block_s) if splits is None else max(1, min(splits, n_blocks))
+    per_split = -(-n_blocks // splits)
+    q4 = q.reshape(b, kvh, g, d)
+    lens = jnp.broadcast_to(jnp.asarray(cache_len, jnp.int32), (b,)).reshape(b, 1)
+    has_mask = kv_mask is not None
+    mask = (jnp.asarray(kv_mask).astype(jnp.int32) if has_mask
+            else jnp.zeros((b, s), jnp.int32))
+    has_alibi = slopes is not None
+    sl = (jnp.asarray(slopes, jnp.float32).reshape(kvh, g) if has_alibi
+          else jnp.zeros((kvh, g), jnp.float32))
+    partial = splits > 1
+    kernel = functools.partial(_kernel, group=g, scale=float(scale), block_s=block_s,
+                               blocks_per_split=per_split, has_alibi=has_alibi,
+                               has_mask=has_mask, partial=partial)
+    cache_spec = pl.BlockSpec((None, None, s, d), lambda bi, ki, si: (bi, ki, 0, 0))
+    if partial:
+        out_specs = [pl.BlockSpec((None, None, None, g), lambda bi, ki, si: (bi, ki, si, 0))] * 2
+        out_specs.append(pl.BlockSpec((None, None, None, g, d),
+                                      lambda bi, ki, si: (bi, ki, si, 0, 0)))
+        out_shape = [jax.ShapeDtypeStruct((b, kvh, splits, g), jnp.float32)] * 2
+        out_shape.append(jax.ShapeDtypeStruct((b, kvh, splits, g, d), jnp.float32))
+    else:
+        out_specs = [pl.BlockSpec((None, None, g, d), lambda bi, ki, si: (bi, ki, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct((b, kvh, g, d), q.dtype)]
+    outs = pl.pallas_call(
+        kernel,
+        grid=(b, kvh, splits),
+        in_specs=[
+            pl.BlockSpec((None, 1), lambda bi, ki, si: (bi, 0)),
+            pl.BlockSpec((None, None, g, d), lambda bi, ki, si: (bi, ki, 0, 0)),
+            cache_spec,
+            cache_spec,
+            pl.BlockSpec((None, s), lambda bi, ki, si: (bi, 0)),
+            pl.BlockSpec((None, g), lambda bi, ki, si: (ki, 0)),
+        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="alibi_decode",
+    )(lens, q4, k_cache, v_cache, mask, sl)
+    if not partial:
+        return outs[0].reshape(b, h, d)
+    m, l, acc = outs  # [B, KV, splits, G] (x D)
+    m_max = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # empty splits: exp(-inf) = 0
+    l_tot = jnp.sum(l * w, axis=2)
+    acc_tot = jnp.sum(acc * w[..., None], axis=2)
+    o = acc_tot / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
+    return o.reshape(b, h, d).astype(q.dtype)
