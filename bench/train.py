@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def run_one(args) -> dict:
     import jax
-    import jax.numpy as jnp
     import ml_collections
     import numpy as np
 
@@ -52,10 +51,11 @@ def run_one(args) -> dict:
         clip_norm=1.0, schedule="cosine", warmup_steps=10, alpha_f=0.1))
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     rules = sharding.DEFAULT_RULES
-    tx = optim.make_optimizer(ocfg, 1000, clip=False)  # the step clips, as the trainer does
+    in_step = args.clip == "step"  # the trainer's way; "optax": clip_by_global_norm in the chain
+    tx = optim.make_optimizer(ocfg, 1000, clip=not in_step)
     settings = step_lib.make_settings(cfg, train, tx, lambda s: 1e-4, mesh=mesh, rules=rules,
                                       seed=0, global_batch=train.global_batch_size,
-                                      clip_norm=ocfg.clip_norm)
+                                      clip_norm=ocfg.clip_norm if in_step else 0.0)
     _, shardings = step_lib.state_shardings(cfg, train, tx, mesh, rules)
     state = step_lib.init_state(cfg, train, tx, mesh, rules, seed=0)
     step = step_lib.compile_train_step(settings, shardings, mesh, ("input_ids",))
@@ -90,7 +90,7 @@ def run_one(args) -> dict:
     tps = tokens / dt
     mem = metrics_lib.device_memory_gb()
     return dict(model=args.model, seq=args.seq, micro_batch=args.micro_batch, accum=args.accum,
-                loss_chunk=args.loss_chunk, scan=int(args.scan),
+                loss_chunk=args.loss_chunk, scan=int(args.scan), clip=args.clip,
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
                 global_batch=train.global_batch_size, remat=args.remat,
                 attn=args.attn, optim=args.optim, mu_dtype=args.mu_dtype or "float32",
@@ -115,6 +115,9 @@ def main():
                    help="micro-batches accumulated per optimizer step (global batch = "
                         "micro_batch x devices x accum)")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--clip", default="step", choices=("step", "optax"),
+                   help="where gradient clipping runs: in the step's gradient scaling (as the "
+                        "trainer does) or as optax.clip_by_global_norm in the optimizer chain")
     p.add_argument("--results", default="")
     p.add_argument("--card", default="")
     p.add_argument("--commit", default="")
@@ -136,7 +139,7 @@ def main():
                "--micro_batch", mb, "--remat", remat, "--attn", attn, "--scan", scan,
                "--optim", args.optim,
                "--mu_dtype", args.mu_dtype, "--loss_chunk", str(args.loss_chunk),
-               "--steps", str(args.steps), "--accum", str(args.accum)]
+               "--steps", str(args.steps), "--accum", str(args.accum), "--clip", args.clip]
         if args.profile:
             cmd += ["--profile", os.path.join(args.profile, f"mb{mb}_{remat}_{attn}_scan{scan}")]
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -170,6 +173,7 @@ def main():
                         f"{r['devices']} x accum {r['accum']} remat {r['remat']} attn {r['attn']} {r['optim']} "
                         f"mu {r['mu_dtype']} loss_chunk {r['loss_chunk']}"
                         + ("" if r["scan"] else " layers unrolled (no scan)")
+                        + ("" if r["clip"] == "step" else " clip in optax chain")
                         + (f" XLA_FLAGS={r['xla_flags']}" if r["xla_flags"] else ""))
                 card = args.card or r["device"]
                 for fig, val in (("tokens/s/GPU", f"{r['tokens_per_s_per_device']:,.0f}"),

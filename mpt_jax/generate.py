@@ -168,8 +168,18 @@ class _Spec:
                             cache_index=cache_index).astype(dtype)
         ctx = AttnContext(segment_ids=None, kv_mask=kv_mask_bs, cache_index=cache_index)
         new_cache = []
-        for layer_state, kv in zip(w.layers, cache):
-            block = nnx.merge(self.block_graphdef, layer_state)
+        blocks = [nnx.merge(self.block_graphdef, layer_state) for layer_state in w.layers]
+        if ids_bt.shape[1] == 1 and blocks[0].decode_kernels():
+            # Each block's last residual add rides in the next norm kernel (and the final one
+            # in norm_f's): one launch for add + norm instead of five.
+            pending = None
+            for block, kv in zip(blocks, cache):
+                x_btd, pending, kv = block.decode_step(x_btd, pending, ctx, kv, dtype=dtype)
+                new_cache.append(kv)
+            _, h_btd = model.norm_f.fused(x_btd, pending, dtype,
+                                          interpret=blocks[0].attn.attn_interpret)
+            return model.unembed(h_btd[:, -1]), tuple(new_cache)
+        for block, kv in zip(blocks, cache):
             x_btd, kv = block(x_btd, ctx, kv, None, dtype=dtype)
             new_cache.append(kv)
         h_bd = model.norm_f(x_btd[:, -1], dtype)

@@ -248,11 +248,11 @@ class Attention(nnx.Module):
         else:
             k_cache, v_cache = cache_kv  # [B, KV, S, hd]
             idx = ctx.cache_index
-            k_cache = jax.lax.dynamic_update_slice(
-                k_cache, k_btkd.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, idx, 0))
-            v_cache = jax.lax.dynamic_update_slice(
-                v_cache, v_btkd.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, idx, 0))
             if isinstance(idx, int) and idx == 0:
+                k_cache = jax.lax.dynamic_update_slice(
+                    k_cache, k_btkd.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, 0, 0))
+                v_cache = jax.lax.dynamic_update_slice(
+                    v_cache, v_btkd.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, 0, 0))
                 # Prefill into an empty cache (a static 0): the new tokens see only each other,
                 # so attention runs over them alone through the flash path.
                 seg = None if ctx.kv_mask is None else ctx.kv_mask[:, :t].astype(jnp.int32)
@@ -262,8 +262,8 @@ class Attention(nnx.Module):
                     interpret=self.attn_interpret,
                 )
             else:
-                o_bthd = attn_lib.decode_attention(
-                    q_bthd, k_cache, v_cache, idx + t, alibi_slopes=slopes,
+                o_bthd, k_cache, v_cache = attn_lib.append_and_attend(
+                    q_bthd, k_btkd, v_btkd, k_cache, v_cache, idx, alibi_slopes=slopes,
                     softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask, impl=self.attn_impl,
                     interpret=self.attn_interpret)
             new_cache = (k_cache, v_cache)
@@ -321,8 +321,10 @@ class Block(nnx.Module):
 
     def __call__(self, x_btd, ctx: AttnContext, cache_kv, dropout_key, *, dtype):
         training = dropout_key is not None
-        if cache_kv is not None and x_btd.shape[1] == 1 and self._decode_kernels():
-            return self._decode_step(x_btd, ctx, cache_kv, dtype=dtype)
+        if cache_kv is not None and x_btd.shape[1] == 1 and self.decode_kernels():
+            x_btd, m_btd, new_cache = self.decode_step(x_btd, None, ctx, cache_kv, dtype=dtype)
+            x_btd = x_btd + m_btd.astype(x_btd.dtype)
+            return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), new_cache
         k1 = k2 = None
         if training:
             k1, k2 = jax.random.split(dropout_key)
@@ -333,19 +335,22 @@ class Block(nnx.Module):
         x_btd = x_btd + _dropout(m_btd, self.resid_pdrop, k2).astype(x_btd.dtype)
         return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), new_cache
 
-    def _decode_kernels(self) -> bool:
-        """One token per row against the cache on the Pallas GPU path: the norms (and the first
-        residual add) run as single-launch kernels (kernels/norm_gpu.py)."""
+    def decode_kernels(self) -> bool:
+        """One token per row against the cache on the Pallas GPU path: the residual adds and
+        norms run as single-launch kernels (kernels/norm_gpu.py)."""
         return (attn_lib.resolve_impl(self.attn.attn_impl) == "pallas_gpu"
                 and norm_gpu.supported(self.norm_1.weight.shape[-1]))
 
-    def _decode_step(self, x_btd, ctx: AttnContext, cache_kv, *, dtype):
+    def decode_step(self, x_btd, pending, ctx: AttnContext, cache_kv, *, dtype):
+        """The block on one new token per row with the add+norm kernels. `pending` (or None) is
+        the previous block's MLP output, not yet added to x: it is added inside this block's
+        first norm kernel. Returns (x after the attention residual, this block's MLP output,
+        new cache): the caller adds the MLP output, or hands it on to the next block."""
         interpret = self.attn.attn_interpret
-        _, h_btd = self.norm_1.fused(x_btd, None, dtype, interpret=interpret)
+        x_btd, h_btd = self.norm_1.fused(x_btd, pending, dtype, interpret=interpret)
         a_btd, new_cache = self.attn(h_btd, ctx, cache_kv, dtype=dtype, training=False)
         x_btd, h_btd = self.norm_2.fused(x_btd, a_btd, dtype, interpret=interpret)
-        x_btd = x_btd + self.ffn(h_btd, dtype=dtype).astype(x_btd.dtype)
-        return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), new_cache
+        return x_btd, self.ffn(h_btd, dtype=dtype), new_cache
 
 
 class KVCache(NamedTuple):

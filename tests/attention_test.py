@@ -245,9 +245,47 @@ def test_decode_kernel_lowers_for_cuda():
     lens = jax.ShapeDtypeStruct((16,), jnp.int32)
     mask = jax.ShapeDtypeStruct((16, 384), jnp.bool_)
     sl = jax.ShapeDtypeStruct((32,), jnp.float32)
+    row = jax.ShapeDtypeStruct((16, 32, 128), jnp.bfloat16)
     for splits in (1, 6):
         fn = lambda *a, n=splits: decode_gpu.decode_attention_gpu(  # noqa: E731
             *a, scale=0.088, splits=n)
         txt = jax.jit(fn).trace(q, c, c, lens, mask, sl).lower(
             lowering_platforms=("cuda",)).as_text()
         assert "xla.gpu.triton" in txt and "alibi_decode" in txt
+        fn = lambda q, c1, c2, lens, mask, sl, kn, vn, n=splits: (  # noqa: E731
+            decode_gpu.decode_attention_gpu(q, c1, c2, lens, mask, sl, k_new=kn, v_new=vn,
+                                            scale=0.088, splits=n))
+        txt = jax.jit(fn).trace(q, c, c, lens, mask, sl, row, row).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "xla.gpu.triton" in txt and "alibi_decode" in txt
+
+
+@pytest.mark.parametrize("s,splits_hint", [(128, "one"), (192, "split")])
+def test_append_and_attend_kernel_writes_the_cache(s, splits_hint):
+    """The decode kernel's append mode (interpret): the new row lands in both caches at
+    cache_index, nothing else changes, and the output equals the jnp update-then-attend path."""
+    rng = np.random.default_rng()
+    b, h, kvh, d = (1, 8, 8, 32) if splits_hint == "split" else (16, 4, 2, 32)
+    q = jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
+    k_new = jnp.asarray(rng.normal(size=(b, 1, kvh, d)), jnp.float32)
+    v_new = jnp.asarray(rng.normal(size=(b, 1, kvh, d)), jnp.float32)
+    kc = jnp.asarray(rng.normal(size=(b, kvh, s, d)), jnp.float32)
+    vc = jnp.asarray(rng.normal(size=(b, kvh, s, d)), jnp.float32)
+    idx = jnp.int32(int(rng.integers(0, s)))
+    mask = jnp.asarray(rng.random((b, s)) > 0.1).at[:, idx].set(True)
+    kw = dict(alibi_slopes=jnp.asarray(alibi_slopes(h)), kv_mask=mask)
+    want = attention.append_and_attend(q, k_new, v_new, kc, vc, idx, impl="reference", **kw)
+    got = attention.append_and_attend(q, k_new, v_new, kc, vc, idx, impl="pallas_gpu",
+                                      interpret=True, **kw)
+    assert _rel(got[0], want[0]) < 1e-5
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    assert not np.array_equal(np.asarray(got[1]), np.asarray(kc))  # the row was written
+    from mpt_jax.kernels import decode_gpu
+
+    one = decode_gpu.decode_attention_gpu(  # a single program per (row, head)
+        q[:, 0], kc, vc, jnp.full((b,), idx + 1, jnp.int32), mask, kw["alibi_slopes"],
+        k_new=k_new[:, 0], v_new=v_new[:, 0], scale=d ** -0.5, splits=1, interpret=True)
+    assert _rel(one[0], want[0][:, 0]) < 1e-5
+    np.testing.assert_array_equal(one[1], want[1])
+    np.testing.assert_array_equal(one[2], want[2])

@@ -39,18 +39,29 @@ def supported(q_shape, cache_shape, block_s: int = BLOCK_S) -> bool:
     return (d == dk and d >= 16 and d & (d - 1) == 0 and s % block_s == 0 and h % kvh == 0)
 
 
-def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *out_refs, group, scale,
-            block_s, blocks_per_split, has_alibi, has_mask, partial):
+def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, group, scale,
+            block_s, blocks_per_split, has_alibi, has_mask, partial, append):
+    if append:  # the new token's key and value, and the caches again, as aliased outputs
+        kn_ref, vn_ref, *out_refs, kc_ref, vc_ref = refs
+    else:
+        out_refs = refs
     n = lens_ref[0]  # valid slots of this row; the query sits at slot n - 1
     d = q_ref.shape[-1]
     qs = [q_ref[g, :].astype(jnp.float32) * scale for g in range(group)]
     slopes = [slopes_ref[g] for g in range(group)] if has_alibi else None
+    if append:
+        k_new = kn_ref[...].astype(jnp.float32)
+        v_new = vn_ref[...].astype(jnp.float32)
 
     def body(j, carry):
         start = pl.multiple_of(j * block_s, block_s)
         k = k_ref[pl.ds(start, block_s), :].astype(jnp.float32)  # [bs, D]
         v = v_ref[pl.ds(start, block_s), :].astype(jnp.float32)
         pos = start + lax.broadcasted_iota(jnp.int32, (block_s,), 0)
+        if append:  # slot n - 1 is being written by this launch: use the new row itself
+            new_row = (pos == n - 1)[:, None]
+            k = jnp.where(new_row, k_new[None, :], k)
+            v = jnp.where(new_row, v_new[None, :], v)
         valid = pos < n
         if has_mask:
             valid = valid & (mask_ref[pl.ds(start, block_s)] != 0)
@@ -76,6 +87,14 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *out_refs, grou
     lo = pl.program_id(2) * blocks_per_split
     hi = jnp.minimum(lo + blocks_per_split, lax.div(n + block_s - 1, block_s))
     final = lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
+    if append:
+        # The program whose share holds slot n - 1 writes the new row into the caches.
+        owner = (lo * block_s <= n - 1) & (n - 1 < jnp.maximum(hi, lo) * block_s)
+
+        @pl.when(owner)
+        def _():
+            kc_ref[pl.ds(n - 1, 1), :] = kn_ref[...][None, :].astype(kc_ref.dtype)
+            vc_ref[pl.ds(n - 1, 1), :] = vn_ref[...][None, :].astype(vc_ref.dtype)
     if partial:
         m_ref, l_ref, acc_ref = out_refs
         for g in range(group):
@@ -100,13 +119,18 @@ def n_splits(batch: int, kv_heads: int, slots: int, block_s: int = BLOCK_S,
 @functools.partial(jax.jit, static_argnames=("scale", "block_s", "num_warps", "splits",
                                              "interpret"))
 def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=None, *,
-                         scale: float, block_s: int = BLOCK_S, num_warps: int = 4,
-                         splits: int | None = None, interpret: bool = False):
+                         k_new=None, v_new=None, scale: float, block_s: int = BLOCK_S,
+                         num_warps: int = 4, splits: int | None = None,
+                         interpret: bool = False):
     """q [B, H, D], caches [B, KV, S, D], cache_len int32 [B] (the new token included),
     kv_mask [B, S] or None, slopes float32 [H] or None -> [B, H, D] in q's dtype.
     Rows with no visible slot return zeros. splits: programs per (row, KV head) (default
     `n_splits`); with more than one, each writes a partial softmax (max, sum, weighted values)
-    and a small jnp step combines them (flash-decoding)."""
+    and a small jnp step combines them (flash-decoding).
+
+    k_new/v_new [B, KV, D]: the new token's key and value, written into the caches at slot
+    cache_len - 1 by this same launch (the caches are aliased to outputs, updated in place
+    under jit when donated or loop-carried); returns (out, k_cache, v_cache) then."""
     b, h, d = q.shape
     kvh, s = k_cache.shape[1], k_cache.shape[2]
     if not supported(q.shape, k_cache.shape, block_s):
@@ -125,9 +149,10 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
     sl = (jnp.asarray(slopes, jnp.float32).reshape(kvh, g) if has_alibi
           else jnp.zeros((kvh, g), jnp.float32))
     partial = splits > 1
+    append = k_new is not None
     kernel = functools.partial(_kernel, group=g, scale=float(scale), block_s=block_s,
                                blocks_per_split=per_split, has_alibi=has_alibi,
-                               has_mask=has_mask, partial=partial)
+                               has_mask=has_mask, partial=partial, append=append)
     cache_spec = pl.BlockSpec((None, None, s, d), lambda bi, ki, si: (bi, ki, 0, 0))
     if partial:
         out_specs = [pl.BlockSpec((None, None, None, g), lambda bi, ki, si: (bi, ki, si, 0))] * 2
@@ -138,29 +163,45 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
     else:
         out_specs = [pl.BlockSpec((None, None, g, d), lambda bi, ki, si: (bi, ki, 0, 0))]
         out_shape = [jax.ShapeDtypeStruct((b, kvh, g, d), q.dtype)]
+    in_specs = [
+        pl.BlockSpec((None, 1), lambda bi, ki, si: (bi, 0)),
+        pl.BlockSpec((None, None, g, d), lambda bi, ki, si: (bi, ki, 0, 0)),
+        cache_spec,
+        cache_spec,
+        pl.BlockSpec((None, s), lambda bi, ki, si: (bi, 0)),
+        pl.BlockSpec((None, g), lambda bi, ki, si: (ki, 0)),
+    ]
+    args = [lens, q4, k_cache, v_cache, mask, sl]
+    aliases = {}
+    if append:
+        row_spec = pl.BlockSpec((None, None, d), lambda bi, ki, si: (bi, ki, 0))
+        in_specs += [row_spec, row_spec]
+        args += [k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)]
+        aliases = {2: len(out_shape), 3: len(out_shape) + 1}
+        out_specs = [*out_specs, cache_spec, cache_spec]
+        out_shape = [*out_shape, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                     jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
     outs = pl.pallas_call(
         kernel,
         grid=(b, kvh, splits),
-        in_specs=[
-            pl.BlockSpec((None, 1), lambda bi, ki, si: (bi, 0)),
-            pl.BlockSpec((None, None, g, d), lambda bi, ki, si: (bi, ki, 0, 0)),
-            cache_spec,
-            cache_spec,
-            pl.BlockSpec((None, s), lambda bi, ki, si: (bi, 0)),
-            pl.BlockSpec((None, g), lambda bi, ki, si: (ki, 0)),
-        ],
+        in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="alibi_decode",
-    )(lens, q4, k_cache, v_cache, mask, sl)
+    )(*args)
+    caches = tuple(outs[-2:]) if append else ()
+    outs = outs[:-2] if append else outs
     if not partial:
-        return outs[0].reshape(b, h, d)
+        o = outs[0].reshape(b, h, d)
+        return (o, *caches) if append else o
     m, l, acc = outs  # [B, KV, splits, G] (x D)
     m_max = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # empty splits: exp(-inf) = 0
     l_tot = jnp.sum(l * w, axis=2)
     acc_tot = jnp.sum(acc * w[..., None], axis=2)
     o = acc_tot / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
-    return o.reshape(b, h, d).astype(q.dtype)
+    o = o.reshape(b, h, d).astype(q.dtype)
+    return (o, *caches) if append else o

@@ -246,7 +246,7 @@ def _specs_seg(cfg, tp, sp, idx_b):
 
 def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg):
     b, tp, h, d = q.shape
-    sp, kvh = k.shape[1], k.shape[2]
+    sp = k.shape[1]
     bs = cfg.blocks
     bq = bs.block_q
     n_qb = tp // bq
