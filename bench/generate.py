@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mpt_jax.config import MPTConfig  # noqa: E402
 from mpt_jax.generate import Generator, SamplingParams  # noqa: E402
+from mpt_jax.kernels import decode_gpu  # noqa: E402
 from mpt_jax.model import MPTForCausalLM  # noqa: E402
 
 
@@ -64,7 +65,8 @@ def bench_batch(gen: Generator, b: int, prompt: int, new: int, reps: int,
         totals.append(time.perf_counter() - t0)
     # Prefill alone (same compiled function generate uses).
     args = (gen.weights, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), jnp.int32(0),
-            -(-(prompt + new) // 64) * 64, new, SamplingParams(), False)  # as generate allocates
+            -(-(prompt + new) // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S, new, SamplingParams(),
+            False)  # the cache length generate allocates
     jax.block_until_ready(gen._prefill(*args).tokens)
     pre = []
     for _ in range(reps):
@@ -97,7 +99,18 @@ def main():
     ap.add_argument("--json", default="")
     ap.add_argument("--profile", default="", help="trace one generate per batch size into this "
                     "directory and print device time per kernel (bench/profile_util.py)")
+    ap.add_argument("--decode_block", type=int, default=0,
+                    help="decode kernel: cache slots per loop step (kernels/decode_gpu.BLOCK_S)")
+    ap.add_argument("--decode_programs", type=int, default=-1,
+                    help="decode kernel: programs to aim for when splitting a row's slots "
+                         "(decode_gpu.TARGET_PROGRAMS; 0 = never split)")
     args = ap.parse_args()
+    if args.decode_block:
+        decode_gpu.BLOCK_S = args.decode_block
+    if args.decode_programs >= 0:
+        decode_gpu.TARGET_PROGRAMS = args.decode_programs
+    knobs = f"decode kernel block {decode_gpu.BLOCK_S}, target programs {decode_gpu.TARGET_PROGRAMS}"
+    print(f"# {knobs}", flush=True)
     cfg = MPTConfig.mpt_7b() if args.size == "7b" else MPTConfig.preset(args.size)
     dev = jax.devices()[0]
     print(f"# device {dev.device_kind}, jax {jax.__version__}", flush=True)
@@ -121,7 +134,7 @@ def main():
     for r in results.values():
         if isinstance(r, dict) and "error" not in r:
             name = (f"generate mpt_jax MPT-{args.size} random bf16 B={r['batch']} prompt={args.prompt} "
-                    f"new={args.new} greedy")
+                    f"new={args.new} greedy, {knobs}")
             print(f"| {date} | {name} | decode ms/step | {r['decode_ms_per_step']:.2f} | "
                   f"{dev.device_kind} | COMMIT |")
             print(f"| {date} | {name} | new tokens/s (prefill incl.) | {r['tokens_per_s']:.0f} | "

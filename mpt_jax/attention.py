@@ -236,22 +236,27 @@ def decode_attention(
 
 def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_slopes=None,
                       softmax_scale: float | None = None, kv_mask=None, impl: str = "auto",
-                      interpret: bool = False):
+                      interpret: bool = False, qkv=None):
     """Writes T new tokens' keys/values (`[B, T, KV, D]`) into the caches (`[B, KV, S, D]`) at
     slot `cache_index` (int32 scalar) and attends q `[B, T, H, D]` against them (as
     `decode_attention` with cache_len = cache_index + T). Returns (out, k_cache, v_cache).
 
     One new token per row on the Pallas GPU path is a single kernel launch that also writes the
     new row into the caches (no separate update kernels); otherwise the caches are updated with
-    dynamic_update_slice and `decode_attention` runs."""
+    dynamic_update_slice and `decode_attention` runs. qkv (optional) `[B, T, (H + 2 KV) * D]`:
+    the fused projection q, k_new and v_new were sliced from; the kernel then reads it in
+    place."""
     b, t, h, d = q.shape
     impl = resolve_impl(impl)
     if impl == "pallas_gpu" and t == 1 and decode_gpu.supported((b, h, d), k_cache.shape):
         scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
+        rows = (dict(qkv=qkv[:, 0]) if qkv is not None
+                else dict(k_new=k_new[:, 0], v_new=v_new[:, 0]))
         o, k_cache, v_cache = decode_gpu.decode_attention_gpu(
-            q[:, 0], k_cache, v_cache, jnp.asarray(cache_index, jnp.int32) + 1, kv_mask,
+            None if qkv is not None else q[:, 0], k_cache, v_cache,
+            jnp.asarray(cache_index, jnp.int32) + 1, kv_mask,
             None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32),
-            k_new=k_new[:, 0], v_new=v_new[:, 0], scale=float(scale), interpret=interpret)
+            scale=float(scale), interpret=interpret, **rows)
         return o[:, None], k_cache, v_cache
     k_cache = jax.lax.dynamic_update_slice(
         k_cache, k_new.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, cache_index, 0))

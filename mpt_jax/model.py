@@ -265,7 +265,8 @@ class Attention(nnx.Module):
                 o_bthd, k_cache, v_cache = attn_lib.append_and_attend(
                     q_bthd, k_btkd, v_btkd, k_cache, v_cache, idx, alibi_slopes=slopes,
                     softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask, impl=self.attn_impl,
-                    interpret=self.attn_interpret)
+                    interpret=self.attn_interpret,
+                    qkv=None if self.q_ln is not None else qkv)  # q/k normed: use the slices
             new_cache = (k_cache, v_cache)
         o_btd = o_bthd.reshape(b, t, h * hd)
         return _dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache

@@ -258,6 +258,13 @@ def test_decode_kernel_lowers_for_cuda():
         txt = jax.jit(fn).trace(q, c, c, lens, mask, sl, row, row).lower(
             lowering_platforms=("cuda",)).as_text()
         assert "xla.gpu.triton" in txt and "alibi_decode" in txt
+        packed = jax.ShapeDtypeStruct((16, 96 * 128), jnp.bfloat16)
+        fn = lambda qkv, c1, c2, lens, mask, sl, n=splits: (  # noqa: E731
+            decode_gpu.decode_attention_gpu(None, c1, c2, lens, mask, sl, qkv=qkv,
+                                            scale=0.088, splits=n))
+        txt = jax.jit(fn).trace(packed, c, c, lens, mask, sl).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "xla.gpu.triton" in txt and "alibi_decode" in txt
 
 
 @pytest.mark.parametrize("s,splits_hint", [(128, "one"), (192, "split")])
@@ -280,6 +287,14 @@ def test_append_and_attend_kernel_writes_the_cache(s, splits_hint):
     assert _rel(got[0], want[0]) < 1e-5
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_array_equal(got[2], want[2])
+    # the same from the fused projection, read in place by the kernel
+    qkv = jnp.concatenate([q.reshape(b, 1, h * d), k_new.reshape(b, 1, kvh * d),
+                           v_new.reshape(b, 1, kvh * d)], axis=-1)
+    packed = attention.append_and_attend(q, k_new, v_new, kc, vc, idx, impl="pallas_gpu",
+                                         interpret=True, qkv=qkv, **kw)
+    assert _rel(packed[0], want[0]) < 1e-5
+    np.testing.assert_array_equal(packed[1], want[1])
+    np.testing.assert_array_equal(packed[2], want[2])
     assert not np.array_equal(np.asarray(got[1]), np.asarray(kc))  # the row was written
     from mpt_jax.kernels import decode_gpu
 

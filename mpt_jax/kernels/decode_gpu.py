@@ -30,12 +30,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+# Tuning knobs (module level so a benchmark can sweep them): cache slots per loop step, and
+# the number of programs `n_splits` aims for (0: never split a (row, head)'s slots).
 BLOCK_S = 64
+TARGET_PROGRAMS = 256
 
 
-def supported(q_shape, cache_shape, block_s: int = BLOCK_S) -> bool:
+def supported(q_shape, cache_shape, block_s: int | None = None) -> bool:
     b, h, d = q_shape
     _, kvh, s, dk = cache_shape
+    block_s = BLOCK_S if block_s is None else block_s
     return (d == dk and d >= 16 and d & (d - 1) == 0 and s % block_s == 0 and h % kvh == 0)
 
 
@@ -109,19 +113,19 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, group, s
             o_ref[g, :] = (acc / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
 
 
-def n_splits(batch: int, kv_heads: int, slots: int, block_s: int = BLOCK_S,
-             target_programs: int = 256) -> int:
+def n_splits(batch: int, kv_heads: int, slots: int, block_s: int | None = None,
+             target_programs: int | None = None) -> int:
     """How many programs share one (row, KV head)'s cache: enough to give the GPU about
     `target_programs` programs (batch 1 has only KV of them otherwise), at least one block each."""
-    return max(1, min(slots // block_s, -(-target_programs // (batch * kv_heads))))
+    block_s = BLOCK_S if block_s is None else block_s
+    target = TARGET_PROGRAMS if target_programs is None else target_programs
+    return max(1, min(slots // block_s, -(-target // (batch * kv_heads))))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_s", "num_warps", "splits",
-                                             "interpret"))
 def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=None, *,
-                         k_new=None, v_new=None, scale: float, block_s: int = BLOCK_S,
-                         num_warps: int = 4, splits: int | None = None,
-                         interpret: bool = False):
+                         k_new=None, v_new=None, qkv=None, scale: float,
+                         block_s: int | None = None, num_warps: int = 4,
+                         splits: int | None = None, interpret: bool = False):
     """q [B, H, D], caches [B, KV, S, D], cache_len int32 [B] (the new token included),
     kv_mask [B, S] or None, slopes float32 [H] or None -> [B, H, D] in q's dtype.
     Rows with no visible slot return zeros. splits: programs per (row, KV head) (default
@@ -130,17 +134,36 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
 
     k_new/v_new [B, KV, D]: the new token's key and value, written into the caches at slot
     cache_len - 1 by this same launch (the caches are aliased to outputs, updated in place
-    under jit when donated or loop-carried); returns (out, k_cache, v_cache) then."""
-    b, h, d = q.shape
+    under jit when donated or loop-carried); returns (out, k_cache, v_cache) then.
+
+    qkv [B, (H + 2 KV) * D]: instead of q, k_new and v_new (pass None for them), the fused
+    projection they are slices of; the kernel reads its rows in place (no slice copies)."""
+    block_s = BLOCK_S if block_s is None else block_s
+    if splits is None:
+        splits = n_splits(k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], block_s)
+    return _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv,
+                   scale=float(scale), block_s=block_s, num_warps=num_warps, splits=splits,
+                   interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_s", "num_warps", "splits",
+                                             "interpret"))
+def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, *, scale,
+            block_s, num_warps, splits, interpret):
+    kvh, s, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    if qkv is not None:
+        b = qkv.shape[0]
+        h = qkv.shape[-1] // d - 2 * kvh
+    else:
+        b, h, d = q.shape
     kvh, s = k_cache.shape[1], k_cache.shape[2]
-    if not supported(q.shape, k_cache.shape, block_s):
+    if not supported((b, h, d), k_cache.shape, block_s):
         raise ValueError(f"decode kernel needs S % {block_s} == 0 and a power-of-two head dim; "
-                         f"got q {q.shape}, cache {k_cache.shape}")
+                         f"got {h} heads x {d}, cache {k_cache.shape}")
     g = h // kvh
     n_blocks = s // block_s
-    splits = n_splits(b, kvh, s, block_s) if splits is None else max(1, min(splits, n_blocks))
+    splits = max(1, min(splits, n_blocks))
     per_split = -(-n_blocks // splits)
-    q4 = q.reshape(b, kvh, g, d)
     lens = jnp.broadcast_to(jnp.asarray(cache_len, jnp.int32), (b,)).reshape(b, 1)
     has_mask = kv_mask is not None
     mask = (jnp.asarray(kv_mask).astype(jnp.int32) if has_mask
@@ -149,7 +172,7 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
     sl = (jnp.asarray(slopes, jnp.float32).reshape(kvh, g) if has_alibi
           else jnp.zeros((kvh, g), jnp.float32))
     partial = splits > 1
-    append = k_new is not None
+    append = k_new is not None or qkv is not None
     kernel = functools.partial(_kernel, group=g, scale=float(scale), block_s=block_s,
                                blocks_per_split=per_split, has_alibi=has_alibi,
                                has_mask=has_mask, partial=partial, append=append)
@@ -162,21 +185,32 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
         out_shape.append(jax.ShapeDtypeStruct((b, kvh, splits, g, d), jnp.float32))
     else:
         out_specs = [pl.BlockSpec((None, None, g, d), lambda bi, ki, si: (bi, ki, 0, 0))]
-        out_shape = [jax.ShapeDtypeStruct((b, kvh, g, d), q.dtype)]
+        out_shape = [jax.ShapeDtypeStruct((b, kvh, g, d), (q if qkv is None else qkv).dtype)]
+    if qkv is not None:  # rows of [B, H + 2 KV, D]: q heads, then keys, then values
+        q_arg = qkv.reshape(b, h + 2 * kvh, d)
+        q_spec = pl.BlockSpec((None, g, d), lambda bi, ki, si: (bi, ki, 0))
+    else:
+        q_arg = q.reshape(b, kvh, g, d)
+        q_spec = pl.BlockSpec((None, None, g, d), lambda bi, ki, si: (bi, ki, 0, 0))
     in_specs = [
         pl.BlockSpec((None, 1), lambda bi, ki, si: (bi, 0)),
-        pl.BlockSpec((None, None, g, d), lambda bi, ki, si: (bi, ki, 0, 0)),
+        q_spec,
         cache_spec,
         cache_spec,
         pl.BlockSpec((None, s), lambda bi, ki, si: (bi, 0)),
         pl.BlockSpec((None, g), lambda bi, ki, si: (ki, 0)),
     ]
-    args = [lens, q4, k_cache, v_cache, mask, sl]
+    args = [lens, q_arg, k_cache, v_cache, mask, sl]
     aliases = {}
-    if append:
+    if qkv is not None:
+        in_specs += [pl.BlockSpec((None, None, d), lambda bi, ki, si: (bi, h + ki, 0)),
+                     pl.BlockSpec((None, None, d), lambda bi, ki, si: (bi, h + kvh + ki, 0))]
+        args += [q_arg, q_arg]
+    elif append:
         row_spec = pl.BlockSpec((None, None, d), lambda bi, ki, si: (bi, ki, 0))
         in_specs += [row_spec, row_spec]
         args += [k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)]
+    if append:
         aliases = {2: len(out_shape), 3: len(out_shape) + 1}
         out_specs = [*out_specs, cache_spec, cache_spec]
         out_shape = [*out_shape, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
@@ -194,6 +228,7 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
     )(*args)
     caches = tuple(outs[-2:]) if append else ()
     outs = outs[:-2] if append else outs
+    out_dtype = (q if qkv is None else qkv).dtype
     if not partial:
         o = outs[0].reshape(b, h, d)
         return (o, *caches) if append else o
@@ -203,5 +238,5 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
     l_tot = jnp.sum(l * w, axis=2)
     acc_tot = jnp.sum(acc * w[..., None], axis=2)
     o = acc_tot / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
-    o = o.reshape(b, h, d).astype(q.dtype)
+    o = o.reshape(b, h, d).astype(out_dtype)
     return (o, *caches) if append else o
