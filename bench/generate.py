@@ -104,12 +104,19 @@ def main():
     ap.add_argument("--decode_programs", type=int, default=-1,
                     help="decode kernel: programs to aim for when splitting a row's slots "
                          "(decode_gpu.TARGET_PROGRAMS; 0 = never split)")
+    ap.add_argument("--norm_warps", type=int, default=0,
+                    help="add+norm kernel warps (kernels/norm_gpu.NUM_WARPS)")
     args = ap.parse_args()
+    from mpt_jax.kernels import norm_gpu
+
+    if args.norm_warps:
+        norm_gpu.NUM_WARPS = args.norm_warps
     if args.decode_block:
         decode_gpu.BLOCK_S = args.decode_block
     if args.decode_programs >= 0:
         decode_gpu.TARGET_PROGRAMS = args.decode_programs
-    knobs = f"decode kernel block {decode_gpu.BLOCK_S}, target programs {decode_gpu.TARGET_PROGRAMS}"
+    knobs = (f"decode kernel block {decode_gpu.BLOCK_S}, target programs "
+             f"{decode_gpu.TARGET_PROGRAMS}, norm warps {norm_gpu.NUM_WARPS}")
     print(f"# {knobs}", flush=True)
     cfg = MPTConfig.mpt_7b() if args.size == "7b" else MPTConfig.preset(args.size)
     dev = jax.devices()[0]

@@ -119,7 +119,19 @@ def n_splits(batch: int, kv_heads: int, slots: int, block_s: int | None = None,
     `target_programs` programs (batch 1 has only KV of them otherwise), at least one block each."""
     block_s = BLOCK_S if block_s is None else block_s
     target = TARGET_PROGRAMS if target_programs is None else target_programs
-    return max(1, min(slots // block_s, -(-target // (batch * kv_heads))))
+    n = max(1, min(slots // block_s, -(-target // (batch * kv_heads))))
+    return 1 if n == 1 else pl.next_power_of_2(n)  # whole blocks for the combine kernel
+
+
+def _combine_kernel(m_ref, l_ref, acc_ref, o_ref, *, group):
+    """Merges one (row, KV head)'s partial softmax states [splits, G] (x D)."""
+    for g in range(group):
+        m = m_ref[:, g]
+        m_max = jnp.max(m)
+        w = jnp.exp(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # empty splits: 0
+        l_tot = jnp.sum(l_ref[:, g] * w)
+        acc = jnp.sum(acc_ref[:, g, :] * w[:, None], axis=0)
+        o_ref[g, :] = (acc / jnp.where(l_tot == 0.0, 1.0, l_tot)).astype(o_ref.dtype)
 
 
 def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=None, *,
@@ -163,6 +175,7 @@ def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, 
     g = h // kvh
     n_blocks = s // block_s
     splits = max(1, min(splits, n_blocks))
+    splits = 1 if splits == 1 else pl.next_power_of_2(splits)  # programs past the blocks idle
     per_split = -(-n_blocks // splits)
     lens = jnp.broadcast_to(jnp.asarray(cache_len, jnp.int32), (b,)).reshape(b, 1)
     has_mask = kv_mask is not None
@@ -232,11 +245,17 @@ def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, 
     if not partial:
         o = outs[0].reshape(b, h, d)
         return (o, *caches) if append else o
-    m, l, acc = outs  # [B, KV, splits, G] (x D)
-    m_max = jnp.max(m, axis=2, keepdims=True)
-    w = jnp.exp(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # empty splits: exp(-inf) = 0
-    l_tot = jnp.sum(l * w, axis=2)
-    acc_tot = jnp.sum(acc * w[..., None], axis=2)
-    o = acc_tot / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None]
-    o = o.reshape(b, h, d).astype(out_dtype)
+    # One more launch merges the partial states (XLA would take three or four).
+    part = lambda *blk: pl.BlockSpec((None, None, splits, *blk),  # noqa: E731
+                                     lambda bi, ki: (bi, ki, 0, *[0] * len(blk)))
+    o = pl.pallas_call(
+        functools.partial(_combine_kernel, group=g),
+        grid=(b, kvh),
+        in_specs=[part(g), part(g), part(g, d)],
+        out_specs=pl.BlockSpec((None, None, g, d), lambda bi, ki: (bi, ki, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, kvh, g, d), out_dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="alibi_decode_combine",
+    )(*outs).reshape(b, h, d)
     return (o, *caches) if append else o

@@ -21,6 +21,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
+NUM_WARPS = 4  # tuning knob (bench/generate.py --norm_warps)
+
+
 def supported(d: int) -> bool:
     return d >= 16 and d & (d - 1) == 0
 
@@ -56,7 +59,7 @@ def _kernel(*refs, has_delta, has_bias, rms, low, eps, compute_dtype):
 @functools.partial(jax.jit, static_argnames=("eps", "rms", "low", "compute_dtype",
                                              "num_warps", "interpret"))
 def add_norm_gpu(x, delta, weight, bias=None, *, eps: float, rms: bool, low: bool,
-                 compute_dtype, num_warps: int = 4, interpret: bool = False):
+                 compute_dtype, num_warps: int | None = None, interpret: bool = False):
     """x [..., D], delta like x or None, weight/bias [D] -> (x + delta in x's dtype, normed row:
     compute dtype when `low`, else float32)."""
     shape = x.shape
@@ -86,7 +89,8 @@ def add_norm_gpu(x, delta, weight, bias=None, *, eps: float, rms: bool, low: boo
         in_specs=specs,
         out_specs=[row, row],
         out_shape=[jax.ShapeDtypeStruct((n, d), x.dtype), jax.ShapeDtypeStruct((n, d), out_dtype)],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=NUM_WARPS if num_warps is None else num_warps, num_stages=1),
         interpret=interpret,
         name="add_norm",
     )(*args)
