@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro_batch", type=int, default=8)
     ap.add_argument("--remat", default="dots_no_batch")
+    ap.add_argument("--scan", type=int, default=0, help="1: layers under lax.scan; 0: unrolled "
+                    "(the trainer's default)")
     ap.add_argument("--layers", type=int, default=0, help="override n_layers (smoke tests)")
     ap.add_argument("--results", default="")
     ap.add_argument("--commit", default="")
@@ -59,7 +61,7 @@ def main():
     b, t, d, h, layers = args.micro_batch, args.seq, cfg.d_model, cfg.n_heads, cfg.n_layers
     train = ml_collections.ConfigDict(dict(
         seq_len=t, global_batch_size=b, micro_batch_size=0, compute_dtype="bfloat16",
-        param_dtype="float32", remat_policy=args.remat, scan_layers=True, attn_impl="auto",
+        param_dtype="float32", remat_policy=args.remat, scan_layers=bool(args.scan), attn_impl="auto",
         loss_chunk_size=512, nonfinite="stop"))
     ocfg = ml_collections.ConfigDict(dict(
         name="decoupled_lion", lr=1e-4, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
@@ -128,15 +130,16 @@ def main():
 
     dev = jax.devices()[0].device_kind
     step_ms = rows["train_step (all)"]
-    print(f"# {dev}: MPT-{args.model} seq {t} micro-batch {b} remat {args.remat}; bf16 matmul "
-          f"[{b * t}x{d}]@[{d}x{4 * d}] ceiling {ceiling:.0f} TFLOP/s")
+    print(f"# {dev}: MPT-{args.model} seq {t} micro-batch {b} remat {args.remat} scan "
+          f"{args.scan}; bf16 matmul [{b * t}x{d}]@[{d}x{4 * d}] ceiling {ceiling:.0f} TFLOP/s")
     print("| part | ms | share of step |\n|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {v:.1f} | {100 * v / step_ms:.0f}% |")
     if args.results:
         date = datetime.date.today().isoformat()
         with open(args.results, "a") as fh:
-            name = f"train breakdown mpt-{args.model} seq {t} mb {b} remat {args.remat}"
+            name = (f"train breakdown mpt-{args.model} seq {t} mb {b} remat {args.remat}"
+                    + ("" if args.scan else " layers unrolled"))
             fh.write(f"| {date} | {name} | bf16 matmul ceiling TFLOP/s | {ceiling:.0f} | {dev} | "
                      f"{args.commit} |\n")
             for k, v in rows.items():
