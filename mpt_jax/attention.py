@@ -174,10 +174,9 @@ def decode_attention(
     alibi_slopes=None,
     softmax_scale: float | None = None,
     kv_mask=None,
-    impl: str = "auto",
-    interpret: bool = False,
 ):
-    """Attention of a few new query rows against a KV cache (the generation path).
+    """Attention of a few new query rows against a KV cache (the generation path's jnp form;
+    `append_and_attend` picks the GPU kernel instead where it applies).
 
     q `[B, T, H, D]` (T small, usually 1), k_cache/v_cache `[B, KV, S_max, D]` (heads ahead of
     slots, so each (batch, head) pair's keys are one contiguous [S, D] matrix and both einsums
@@ -188,24 +187,15 @@ def decode_attention(
     and so are slots where `kv_mask` `[B, S_max]` (optional) is False (left padding).
     ALiBi uses slope_h * (j - pos_i), as in training.
 
-    impl: "auto" runs one new token per row (T == 1) through the Pallas decode kernel on GPU
-    (kernels/decode_gpu.py: one launch, reads only the filled slots) when the shape qualifies
-    (S a multiple of its block, as the generator allocates); "pallas_gpu" does so on any
-    backend (`interpret=True` on CPU); otherwise, and for T > 1, this jnp path runs: it reads
-    the cache once in its own dtype with float32 accumulation (full precision when the cache is
-    float32), softmax in float32. Returns q.dtype. Rows with no visible key return zeros.
+    It reads the cache once in its own dtype with float32 accumulation (full precision when the
+    cache is float32), softmax in float32. Returns q.dtype. Rows with no visible key return
+    zeros.
     """
     _check_shapes(q, k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2))
     b, t, h, d = q.shape
     kvh, s = k_cache.shape[1], k_cache.shape[2]
     g = h // kvh
     scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
-    impl = resolve_impl(impl)
-    if impl == "pallas_gpu" and t == 1 and decode_gpu.supported((b, h, d), k_cache.shape):
-        return decode_gpu.decode_attention_gpu(
-            q[:, 0], k_cache, v_cache, jnp.asarray(cache_len, jnp.int32), kv_mask,
-            None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32),
-            scale=float(scale), interpret=interpret)[:, None]
     prec = (jax.lax.Precision.HIGHEST if k_cache.dtype == jnp.float32
             else jax.lax.Precision.DEFAULT)
     cache_len_b = jnp.broadcast_to(jnp.asarray(cache_len, jnp.int32), (b,))
@@ -263,6 +253,5 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
     v_cache = jax.lax.dynamic_update_slice(
         v_cache, v_new.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, cache_index, 0))
     o = decode_attention(q, k_cache, v_cache, cache_index + t, alibi_slopes=alibi_slopes,
-                         softmax_scale=softmax_scale, kv_mask=kv_mask, impl=impl,
-                         interpret=interpret)
+                         softmax_scale=softmax_scale, kv_mask=kv_mask)
     return o, k_cache, v_cache

@@ -72,16 +72,18 @@ def _chunk(h_bcd, w_vd, tg_bc, wt_bc, scale, with_grad: bool):
     return nll, dlogits_bcv.astype(h_bcd.dtype)
 
 
+def _chunks(h_nbcd, w_vd, tg_nbc, wt_nbc, scale, with_grad: bool):
+    return jax.lax.map(lambda xs: _chunk(xs[0], w_vd, xs[1], xs[2], scale, with_grad),
+                       (h_nbcd, tg_nbc, wt_nbc))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _xent(h_nbcd, w_vd, tg_nbc, wt_nbc, scale):
-    nll_n = jax.lax.map(lambda xs: _chunk(*xs[:1], w_vd, *xs[1:], scale, False),
-                        (h_nbcd, tg_nbc, wt_nbc))
-    return jnp.sum(nll_n)
+    return jnp.sum(_chunks(h_nbcd, w_vd, tg_nbc, wt_nbc, scale, False))
 
 
 def _xent_fwd(h_nbcd, w_vd, tg_nbc, wt_nbc, scale):
-    nll_n, d_nbcv = jax.lax.map(lambda xs: _chunk(*xs[:1], w_vd, *xs[1:], scale, True),
-                                (h_nbcd, tg_nbc, wt_nbc))
+    nll_n, d_nbcv = _chunks(h_nbcd, w_vd, tg_nbc, wt_nbc, scale, True)
     return jnp.sum(nll_n), (h_nbcd, w_vd, d_nbcv)
 
 

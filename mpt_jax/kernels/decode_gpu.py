@@ -12,7 +12,7 @@ This replaces the five or six XLA kernels of the jnp path (two batched matrix-ve
 the softmax's reductions) with one launch, which matters at batch 1 where each launch is a few
 microseconds against a ~100 us layer. At small batch (B * KV programs would leave most of the
 GPU idle) the slots of each (row, head) are split over several programs that write partial
-softmax states, combined by a small jnp step (flash-decoding); see `n_splits`.
+softmax states, merged by one more small launch (flash-decoding); see `n_splits`.
 
 Layout: q `[B, H, D]`, caches `[B, KV, S, D]` (attention.decode_attention's layout), cache_len
 int32 `[B]`, kv_mask `[B, S]`. Needs S % block_s == 0 (the generator allocates its cache so) and
@@ -119,8 +119,7 @@ def n_splits(batch: int, kv_heads: int, slots: int, block_s: int | None = None,
     `target_programs` programs (batch 1 has only KV of them otherwise), at least one block each."""
     block_s = BLOCK_S if block_s is None else block_s
     target = TARGET_PROGRAMS if target_programs is None else target_programs
-    n = max(1, min(slots // block_s, -(-target // (batch * kv_heads))))
-    return 1 if n == 1 else pl.next_power_of_2(n)  # whole blocks for the combine kernel
+    return max(1, min(slots // block_s, -(-target // (batch * kv_heads))))
 
 
 def _combine_kernel(m_ref, l_ref, acc_ref, o_ref, *, group):
@@ -141,8 +140,8 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
     """q [B, H, D], caches [B, KV, S, D], cache_len int32 [B] (the new token included),
     kv_mask [B, S] or None, slopes float32 [H] or None -> [B, H, D] in q's dtype.
     Rows with no visible slot return zeros. splits: programs per (row, KV head) (default
-    `n_splits`); with more than one, each writes a partial softmax (max, sum, weighted values)
-    and a small jnp step combines them (flash-decoding).
+    `n_splits`, rounded up to a power of two); with more than one, each writes a partial
+    softmax (max, sum, weighted values) and one more launch combines them (flash-decoding).
 
     k_new/v_new [B, KV, D]: the new token's key and value, written into the caches at slot
     cache_len - 1 by this same launch (the caches are aliased to outputs, updated in place
@@ -175,7 +174,7 @@ def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, 
     g = h // kvh
     n_blocks = s // block_s
     splits = max(1, min(splits, n_blocks))
-    splits = 1 if splits == 1 else pl.next_power_of_2(splits)  # programs past the blocks idle
+    splits = pl.next_power_of_2(splits)  # whole blocks for the combine; extra programs idle
     per_split = -(-n_blocks // splits)
     lens = jnp.broadcast_to(jnp.asarray(cache_len, jnp.int32), (b,)).reshape(b, 1)
     has_mask = kv_mask is not None

@@ -22,7 +22,7 @@ never visited; blocks entirely below it run a body without any mask arithmetic.
 Lengths are padded internally to a multiple of the blocks (padded keys are masked, padded query
 rows sliced off). Rows that see no key return 0 (their logsumexp is +inf, so their gradient is 0).
 
-This module imports from mpt_jax only the checkpoint names of mpt_jax.kernels: slopes come in
+This module imports from mpt_jax only name_residuals of mpt_jax.kernels: slopes come in
 as an array.
 """
 from __future__ import annotations
@@ -34,11 +34,10 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mpt_jax.kernels import ATTN_LSE_NAME, ATTN_OUT_NAME
+from mpt_jax.kernels import name_residuals
 
 LOG2E = math.log2(math.e)
 
@@ -468,11 +467,7 @@ def _flash(cfg, q, k, v, slopes, qseg, kvseg):
 
 
 def _flash_fwd(cfg, q, k, v, slopes, qseg, kvseg):
-    out, lse = _forward(cfg, q, k, v, slopes, qseg, kvseg)
-    # Named so that a remat policy can keep them (model.REMAT_POLICIES does): otherwise
-    # jax.checkpoint reruns this forward kernel in the backward pass to rebuild the residuals.
-    out = checkpoint_name(out, ATTN_OUT_NAME)
-    lse = checkpoint_name(lse, ATTN_LSE_NAME)
+    out, lse = name_residuals(*_forward(cfg, q, k, v, slopes, qseg, kvseg))
     return out, (q, k, v, slopes, qseg, kvseg, out, lse)
 
 

@@ -13,7 +13,7 @@ computed per block from the slopes (SMEM) and iotas. Positions: query i at i + (
 at j. Rows that see no key return 0 (logsumexp +inf, gradient 0). Lengths are padded to the
 block internally. Tested on CPU in TPU interpret mode only: no TPU was available.
 
-Imports from mpt_jax only the checkpoint names of mpt_jax.kernels.
+Imports from mpt_jax only name_residuals of mpt_jax.kernels.
 """
 from __future__ import annotations
 
@@ -24,11 +24,10 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from mpt_jax.kernels import ATTN_LSE_NAME, ATTN_OUT_NAME
+from mpt_jax.kernels import name_residuals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,11 +327,7 @@ def _flash(cfg, q, k, v, slopes, qseg, kvseg):
 
 
 def _flash_fwd(cfg, q, k, v, slopes, qseg, kvseg):
-    out, lse = _forward(cfg, q, k, v, slopes, qseg, kvseg)
-    # Named so that a remat policy can keep them (model.REMAT_POLICIES does): otherwise
-    # jax.checkpoint reruns this forward kernel in the backward pass to rebuild the residuals.
-    out = checkpoint_name(out, ATTN_OUT_NAME)
-    lse = checkpoint_name(lse, ATTN_LSE_NAME)
+    out, lse = name_residuals(*_forward(cfg, q, k, v, slopes, qseg, kvseg))
     return out, (q, k, v, slopes, qseg, kvseg, out, lse)
 
 
