@@ -23,7 +23,7 @@ def _classify(name: str) -> str:
     n = name.lower()
     if "alibi_flash" in n or "flash" in n:
         return "attention (pallas)"
-    if any(s in n for s in ("gemm", "cutlass", "cublas", "sm90_xmma", "xmma", "gemv", "matmul",
+    if any(s in n for s in ("gemm", "cutlass", "cublas", "nvjet", "xmma", "gemv", "matmul",
                             "dot")):
         return "matmul"
     if "nccl" in n or "all-reduce" in n or "all-gather" in n or "reduce-scatter" in n:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from mpt_jax import alibi
+from mpt_jax import alibi, sharding
 from mpt_jax.kernels import decode_gpu, flash_gpu
 
 IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
@@ -149,20 +150,44 @@ def flash_attention(
             softmax_scale=softmax_scale,
         )
     if impl == "pallas_gpu":
-        return flash_gpu.flash_attention_gpu(
-            q, k, v, alibi_slopes, causal=causal, q_segment_ids=segment_ids,
-            kv_segment_ids=segment_ids, softmax_scale=softmax_scale, block_sizes=block_sizes,
-            interpret=interpret,
-        )
-    if impl == "pallas_tpu":
+        kernel = flash_gpu.flash_attention_gpu
+    elif impl == "pallas_tpu":
         from mpt_jax.kernels import flash_tpu  # Mosaic TPU imports stay off the GPU path
 
-        return flash_tpu.flash_attention_tpu(
-            q, k, v, alibi_slopes, causal=causal, q_segment_ids=segment_ids,
-            kv_segment_ids=segment_ids, softmax_scale=softmax_scale, block_sizes=block_sizes,
-            interpret=interpret,
-        )
-    raise AssertionError(impl)
+        kernel = flash_tpu.flash_attention_tpu
+    else:
+        raise AssertionError(impl)
+
+    def run(q, k, v, slopes, seg):
+        return kernel(q, k, v, slopes, causal=causal, q_segment_ids=seg, kv_segment_ids=seg,
+                      softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret)
+
+    return per_shard(run, q, k, v, alibi_slopes, segment_ids)
+
+
+def per_shard(run, q, k, v, slopes, seg):
+    """Calls `run(q, k, v, slopes, seg)` (a Pallas kernel) once per device shard.
+
+    A Pallas call is opaque to GSPMD: under a multi-device mesh XLA would gather q, k and v to
+    every device and compute the whole global batch there. Inside a mesh context this runs
+    `run` under `shard_map` instead, with the batch split as the "batch" rule says and the
+    heads as the "heads" rule says (both only where the mesh divides them; heads only when the
+    kv heads divide too, so each shard's GQA groups stay whole). No mesh: a plain call.
+    """
+    mesh = sharding._active_mesh()
+    if mesh is None or mesh.size == 1:
+        return run(q, k, v, slopes, seg)
+    b, _, h, _ = q.shape
+    kvh = k.shape[2]
+    batch = sharding.fit_spec(sharding.logical_to_spec(("batch",)), (b,), mesh)[0]
+    heads = sharding.fit_spec(sharding.logical_to_spec(("heads",)), (h,), mesh)[0]
+    if heads is not None and sharding.fit_spec(P(heads), (kvh,), mesh)[0] is None:
+        heads = None
+    qkv_spec = P(batch, None, heads, None)
+    in_specs = (qkv_spec, qkv_spec, qkv_spec,
+                None if slopes is None else P(heads), None if seg is None else P(batch, None))
+    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=qkv_spec,
+                         check_vma=False)(q, k, v, slopes, seg)
 
 
 def decode_attention(
