@@ -35,6 +35,16 @@ def _classify(name: str) -> str:
     return "other"
 
 
+def _busy(spans) -> float:
+    """Length of the union of (start, duration) intervals."""
+    busy, end = 0.0, float("-inf")
+    for ts, dur in sorted(spans):
+        if ts + dur > end:
+            busy += ts + dur - max(ts, end)
+            end = ts + dur
+    return busy
+
+
 def summarize(path: str, steps: int = 1, top: int = 30) -> str:
     with gzip.open(path, "rt") as fh:
         trace = json.load(fh)
@@ -47,19 +57,22 @@ def summarize(path: str, steps: int = 1, top: int = 30) -> str:
             tnames[(e["pid"], e.get("tid"))] = e["args"]["name"]
     dev_pids = {p for p, n in pnames.items() if n.startswith("/device:")}
     per_line = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
+    spans = collections.defaultdict(list)
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in dev_pids:
             continue
         line = tnames.get((e["pid"], e.get("tid")), str(e.get("tid")))
-        line = re.sub(r"#\d+", "#", line)
+        line = pnames[e["pid"]] + " " + re.sub(r"#\d+", "#", line)  # one table per device
         name = e.get("name", "?")
         rec = per_line[line][name]
         rec[0] += float(e.get("dur", 0.0))
         rec[1] += 1
+        spans[line].append((float(e.get("ts", 0.0)), float(e.get("dur", 0.0))))
     out = [f"# profile {path} (times per step, {steps} step(s) traced)"]
     for line, recs in sorted(per_line.items()):
         total = sum(r[0] for r in recs.values()) / steps / 1e3
-        out.append(f"\n## line {line!r}: {total:.2f} ms/step over {len(recs)} names")
+        out.append(f"\n## line {line!r}: {total:.2f} ms/step over {len(recs)} names, busy "
+                   f"{_busy(spans[line]) / steps / 1e3:.2f} ms/step (overlaps counted once)")
         if "stream" in line.lower():
             cats = collections.defaultdict(float)
             for name, (dur, _) in recs.items():
