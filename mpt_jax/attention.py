@@ -166,28 +166,22 @@ def flash_attention(
 
 
 def per_shard(run, q, k, v, slopes, seg):
-    """Calls `run(q, k, v, slopes, seg)` (a Pallas kernel) once per device shard.
+    """Calls `run(q, k, v, slopes, seg)` (a flash kernel) once per device shard.
 
-    A Pallas call is opaque to GSPMD: under a multi-device mesh XLA would gather q, k and v to
-    every device and compute the whole global batch there. Inside a mesh context this runs
-    `run` under `shard_map` instead, with the batch split as the "batch" rule says and the
-    heads as the "heads" rule says (both only where the mesh divides them; heads only when the
-    kv heads divide too, so each shard's GQA groups stay whole). No mesh: a plain call.
+    Inside a multi-device mesh context this runs `run` under `shard_map` (see
+    sharding.kernel_mesh for why): the batch splits as the "batch" rule says and the heads as
+    the "heads" rule says, each only where the mesh divides it, heads only when the kv heads
+    divide too (each shard's GQA groups stay whole). No mesh: a plain call.
     """
-    mesh = sharding._active_mesh()
-    if mesh is None or mesh.size == 1:
+    mesh = sharding.kernel_mesh()
+    if mesh is None:
         return run(q, k, v, slopes, seg)
-    b, _, h, _ = q.shape
-    kvh = k.shape[2]
-    batch = sharding.fit_spec(sharding.logical_to_spec(("batch",)), (b,), mesh)[0]
-    heads = sharding.fit_spec(sharding.logical_to_spec(("heads",)), (h,), mesh)[0]
-    if heads is not None and sharding.fit_spec(P(heads), (kvh,), mesh)[0] is None:
-        heads = None
+    batch = sharding.divided_axes(mesh, "batch", q.shape[0])
+    heads = sharding.divided_axes(mesh, "heads", q.shape[2], k.shape[2])
     qkv_spec = P(batch, None, heads, None)
     in_specs = (qkv_spec, qkv_spec, qkv_spec,
                 None if slopes is None else P(heads), None if seg is None else P(batch, None))
-    return jax.shard_map(run, mesh=mesh, in_specs=in_specs, out_specs=qkv_spec,
-                         check_vma=False)(q, k, v, slopes, seg)
+    return sharding.per_shard(run, mesh, in_specs, qkv_spec)(q, k, v, slopes, seg)
 
 
 def decode_attention(
@@ -265,13 +259,33 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
     impl = resolve_impl(impl)
     if impl == "pallas_gpu" and t == 1 and decode_gpu.supported((b, h, d), k_cache.shape):
         scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
-        rows = (dict(qkv=qkv[:, 0]) if qkv is not None
-                else dict(k_new=k_new[:, 0], v_new=v_new[:, 0]))
-        o, k_cache, v_cache = decode_gpu.decode_attention_gpu(
-            None if qkv is not None else q[:, 0], k_cache, v_cache,
-            jnp.asarray(cache_index, jnp.int32) + 1, kv_mask,
-            None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32),
-            scale=float(scale), interpret=interpret, **rows)
+        slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
+        cache_len = jnp.asarray(cache_index, jnp.int32) + 1
+        mesh = sharding.kernel_mesh()
+        batch = heads = None
+        if mesh is not None:
+            batch = sharding.divided_axes(mesh, "batch", b)
+            heads = sharding.divided_axes(mesh, "heads", h, k_cache.shape[1])
+            if heads is not None:
+                qkv = None  # a shard of the fused projection is not whole heads: use the slices
+
+        def run(q1, k_cache, v_cache, cache_len, kv_mask, slopes, qkv1, k1, v1):
+            return decode_gpu.decode_attention_gpu(
+                q1, k_cache, v_cache, cache_len, kv_mask, slopes, scale=float(scale),
+                interpret=interpret, qkv=qkv1, k_new=k1, v_new=v1)
+
+        if qkv is not None:
+            args = (None, k_cache, v_cache, cache_len, kv_mask, slopes, qkv[:, 0], None, None)
+        else:
+            args = (q[:, 0], k_cache, v_cache, cache_len, kv_mask, slopes, None, k_new[:, 0],
+                    v_new[:, 0])
+        if mesh is not None:
+            rows, caches = P(batch, heads, None), P(batch, heads, None, None)
+            specs = (rows, caches, caches, P(), P(batch, None), P(heads), P(batch, None), rows,
+                     rows)
+            specs = tuple(None if a is None else sp for a, sp in zip(args, specs))
+            run = sharding.per_shard(run, mesh, specs, (rows, caches, caches))
+        o, k_cache, v_cache = run(*args)
         return o[:, None], k_cache, v_cache
     k_cache = jax.lax.dynamic_update_slice(
         k_cache, k_new.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, cache_index, 0))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from mpt_jax import attention as attn_lib
 from mpt_jax import sharding
@@ -147,12 +148,22 @@ class Norm(nnx.Module):
         return y.astype(compute_dtype) if low else y
 
     def fused(self, x, delta, compute_dtype, *, interpret: bool = False):
-        """(x + delta, norm(x + delta)) in one GPU kernel (forward only; delta may be None)."""
-        return norm_gpu.add_norm_gpu(
-            x, delta, self.weight[...], None if self.bias is None else self.bias[...],
-            eps=self.eps, rms=self.norm_type.endswith("rmsnorm"),
-            low=self.norm_type.startswith("low_precision"), compute_dtype=compute_dtype,
-            interpret=interpret)
+        """(x + delta, norm(x + delta)) in one GPU kernel (forward only; delta may be None).
+        x `[B, ..., D]`; under a multi-device mesh it runs once per batch shard."""
+
+        def run(x, delta, weight, bias):
+            return norm_gpu.add_norm_gpu(
+                x, delta, weight, bias, eps=self.eps, rms=self.norm_type.endswith("rmsnorm"),
+                low=self.norm_type.startswith("low_precision"), compute_dtype=compute_dtype,
+                interpret=interpret)
+
+        args = (x, delta, self.weight[...], None if self.bias is None else self.bias[...])
+        mesh = sharding.kernel_mesh()
+        if mesh is not None:
+            rows = P(sharding.divided_axes(mesh, "batch", x.shape[0]))
+            specs = (rows, None if delta is None else rows, P(), None if args[3] is None else P())
+            run = sharding.per_shard(run, mesh, specs, (rows, rows))
+        return run(*args)
 
 
 def _dense(x, w, b, dtype):

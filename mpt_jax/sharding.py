@@ -82,6 +82,32 @@ def _drop_missing(entry, axis_names):
 
 
 # ---------------------------------------------------------------------------------------------
+# Pallas kernels under a mesh
+# ---------------------------------------------------------------------------------------------
+def kernel_mesh():
+    """The ambient mesh when it has more than one device, else None. A Pallas call is opaque
+    to XLA's SPMD partitioner: under a mesh it would gather every operand to every device and
+    compute the whole global batch there. Kernels run under `per_shard` instead."""
+    mesh = _active_mesh()
+    return None if mesh is None or mesh.size == 1 else mesh
+
+
+def divided_axes(mesh, logical: str, *sizes: int, rules=DEFAULT_RULES):
+    """The mesh axes the `logical` rule maps to, if they divide every size; else None."""
+    entry = logical_to_spec((logical,), rules)[0]
+    for n in sizes:
+        entry = fit_spec(P(entry), (n,), mesh)[0]
+    return entry
+
+
+def per_shard(fn, mesh, in_specs, out_specs):
+    """`fn` under `shard_map` over `mesh` (in/out specs as shard_map takes them; None for an
+    argument that is None)."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
+
+
+# ---------------------------------------------------------------------------------------------
 # Mesh from config
 # ---------------------------------------------------------------------------------------------
 def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:

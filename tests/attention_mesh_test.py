@@ -1,6 +1,6 @@
-"""The Pallas attention kernels under a multi-device mesh run once per shard (shard_map), not on
-the gathered global batch. On 8 fake CPU devices in a subprocess (XLA_FLAGS must be set before
-jax is imported)."""
+"""The Pallas kernels (flash attention, decode attention, add+norm) under a multi-device mesh run
+once per shard (shard_map), not on the gathered global batch. On 8 fake CPU devices in a
+subprocess (XLA_FLAGS must be set before jax is imported)."""
 import os
 import subprocess
 import sys
@@ -9,6 +9,7 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent(r'''
+    import functools
     import re
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -72,6 +73,49 @@ SCRIPT = textwrap.dedent(r'''
                    if "xla.gpu.triton" in ln and "alibi_flash_fwd" in ln]
             live = sum(1 for i in ids if re.search(re.escape(i) + r"#", txt))
             assert live == want, (policy, live)
+        # Decode: the attention kernel (which appends the new row to the caches in place) and
+        # the add+norm kernel run per shard too.
+        bd, hd, sd = 4, 4, 64
+
+        def decode(q, kc, vc, qkv, impl="pallas_gpu", interpret=False):
+            return attention.append_and_attend(
+                q, q[:, :, :kc.shape[1]], q[:, :, :kc.shape[1]], kc, vc, jnp.int32(5),
+                alibi_slopes=alibi_slopes(hd), kv_mask=jnp.ones((bd, sd), bool), impl=impl,
+                interpret=interpret, qkv=qkv)
+
+        def decode_cache_shapes(q, kc, vc, qkv):
+            txt = jax.jit(decode).trace(q, kc, vc, qkv).lower(
+                lowering_platforms=("cuda",)).as_text()
+            lines = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln
+                     and "alibi_decode" in ln and "combine" not in ln]
+            assert lines, "no decode kernel"
+            return {m for ln in lines for m in re.findall(r"tensor<(\d+x\d+x64x\d+)xf32>", ln)}
+
+        for kvh, want in ((2, "1x1x64x32"), (1, "1x1x64x32")):
+            qd = jax.device_put(jnp.asarray(rng.normal(size=(bd, 1, hd, d)), jnp.float32),
+                                NamedSharding(mesh, P(("data", "fsdp"))))
+            kc = jnp.asarray(rng.normal(size=(bd, kvh, sd, d)), jnp.float32)
+            vc = jnp.asarray(rng.normal(size=(bd, kvh, sd, d)), jnp.float32)
+            qkv = jnp.concatenate([qd.reshape(bd, 1, -1)] + [qd[:, :, :kvh].reshape(bd, 1, -1)] * 2,
+                                  axis=-1)
+            for fused in (None, qkv):  # the fused projection, or separate q/k/v rows
+                shapes = decode_cache_shapes(qd, kc, vc, fused)
+                assert shapes == {want}, (kvh, fused is None, shapes)
+                got = jax.jit(functools.partial(decode, interpret=True))(qd, kc, vc, fused)
+                ref = decode(qd, kc, vc, fused, impl="reference")
+                for a, w in zip(got, ref):
+                    assert float(jnp.max(jnp.abs(a - w))) < 1e-4, "decode values"
+        from mpt_jax.config import MPTConfig
+        from mpt_jax.model import Norm
+
+        norm = Norm(32, MPTConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=64),
+                    param_dtype=jnp.float32, use_bias=False)
+        x = jnp.ones((bd, 1, 32), jnp.float32)
+        txt = jax.jit(lambda x: norm.fused(x, x, jnp.float32)).trace(x).lower(
+            lowering_platforms=("cuda",)).as_text()
+        shapes = {m for ln in txt.splitlines() if "add_norm" in ln and "xla.gpu.triton" in ln
+                  for m in re.findall(r"tensor<([0-9x]+)xf32>", ln)}
+        assert shapes == {"1x32", "32"}, shapes  # rows per shard, and the norm weight
     # No mesh: the global shapes go straight to the kernel.
     assert kernel_operand_shapes(lambda q, k, v: flash(q, k, v, seg), q, k, v) == {"8x64x4x32"}
     print("OK")

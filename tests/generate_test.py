@@ -249,6 +249,14 @@ seq = np.concatenate([ids, a.tokens], 1)  # greedy: each token is the full recom
 full = model(jnp.asarray(seq), attention_mask=jnp.asarray(np.concatenate(
     [mask, np.ones_like(a.tokens)], 1)))
 np.testing.assert_array_equal(a.tokens, np.asarray(full)[:, 4:-1].argmax(-1))
+# The decode kernels (interpret mode) over the mesh, per batch shard: the same tokens.
+cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=64, max_seq_len=32)
+ref = MPTForCausalLM(cfg, rngs=nnx.Rngs(2))
+kern = MPTForCausalLM(cfg, rngs=nnx.Rngs(2), attn_impl="pallas_gpu", attn_interpret=True)
+assert kern.blocks.decode_kernels()
+want = Generator(ref).generate(prompts, max_new_tokens=6).tokens
+got = Generator(kern, mesh=mesh).generate(prompts, max_new_tokens=6).tokens
+np.testing.assert_array_equal(got, want)
 print("MESH OK")
 """
 
