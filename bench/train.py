@@ -58,7 +58,8 @@ def run_one(args) -> dict:
                                       clip_norm=ocfg.clip_norm if in_step else 0.0)
     _, shardings = step_lib.state_shardings(cfg, train, tx, mesh, rules)
     state = step_lib.init_state(cfg, train, tx, mesh, rules, seed=0)
-    step = step_lib.compile_train_step(settings, shardings, mesh, ("input_ids",))
+    step = step_lib.compile_train_step(settings, shardings, mesh, ("input_ids",),
+                                       xla_options=args.xla_options)
     rng = np.random.default_rng(0)
     batches = [sharding.make_global_batch(
         {"input_ids": rng.integers(0, cfg.vocab_size, (train.global_batch_size // jax.process_count(),
@@ -91,7 +92,7 @@ def run_one(args) -> dict:
     mem = metrics_lib.device_memory_gb()
     return dict(model=args.model, seq=args.seq, micro_batch=args.micro_batch, accum=args.accum,
                 loss_chunk=args.loss_chunk, scan=int(args.scan), clip=args.clip,
-                xla_flags=os.environ.get("XLA_FLAGS", ""),
+                xla_flags=os.environ.get("XLA_FLAGS", ""), xla_options=args.xla_options,
                 global_batch=train.global_batch_size, remat=args.remat,
                 attn=args.attn, optim=args.optim, mu_dtype=args.mu_dtype or "float32",
                 devices=n, step_s=dt, compile_s=compile_s, tokens_per_s_per_device=tps / n,
@@ -118,6 +119,9 @@ def main():
     p.add_argument("--clip", default="step", choices=("step", "optax"),
                    help="where gradient clipping runs: in the step's gradient scaling (as the "
                         "trainer does) or as optax.clip_by_global_norm in the optimizer chain")
+    p.add_argument("--xla_options", default="",
+                   help='XLA options for the train step alone (train.xla_options), '
+                        'e.g. "xla_gpu_enable_triton_gemm=false"')
     p.add_argument("--results", default="")
     p.add_argument("--card", default="")
     p.add_argument("--commit", default="")
@@ -139,7 +143,8 @@ def main():
                "--micro_batch", mb, "--remat", remat, "--attn", attn, "--scan", scan,
                "--optim", args.optim,
                "--mu_dtype", args.mu_dtype, "--loss_chunk", str(args.loss_chunk),
-               "--steps", str(args.steps), "--accum", str(args.accum), "--clip", args.clip]
+               "--steps", str(args.steps), "--accum", str(args.accum), "--clip", args.clip,
+               "--xla_options", args.xla_options]
         if args.profile:
             cmd += ["--profile", os.path.join(args.profile, f"mb{mb}_{remat}_{attn}_scan{scan}")]
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -174,7 +179,8 @@ def main():
                         f"mu {r['mu_dtype']} loss_chunk {r['loss_chunk']}"
                         + ("" if r["scan"] else " layers unrolled (no scan)")
                         + ("" if r["clip"] == "step" else " clip in optax chain")
-                        + (f" XLA_FLAGS={r['xla_flags']}" if r["xla_flags"] else ""))
+                        + (f" XLA_FLAGS={r['xla_flags']}" if r["xla_flags"] else "")
+                        + (f" train.xla_options={r['xla_options']}" if r["xla_options"] else ""))
                 card = args.card or r["device"]
                 for fig, val in (("tokens/s/GPU", f"{r['tokens_per_s_per_device']:,.0f}"),
                                  ("MFU %", f"{100 * (r['mfu'] or 0):.1f}"),

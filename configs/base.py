@@ -12,7 +12,8 @@ files change values, never add keys; `--config.a.b=value` overrides any of them)
                  accumulation), compute_dtype, param_dtype, remat_policy
                  (none|full|dots|dots_no_batch|dots_act|nothing), scan_layers, attn_impl
                  (auto|reference|pallas_gpu|pallas_tpu), loss_chunk_size (positions per
-                 cross-entropy chunk; 0 = whole sequence), nonfinite (stop|skip)
+                 cross-entropy chunk; 0 = whole sequence), nonfinite (stop|skip),
+                 xla_options (XLA options for the train step alone, "name=value,...")
   optim.*        name (decoupled_lion|decoupled_adamw), lr, b1, b2, eps, weight_decay,
                  weight_decay_mask (all|matrices), mu_dtype ('' = param dtype), clip_norm,
                  schedule (cosine|linear|constant), warmup_steps, alpha_f
@@ -69,7 +70,7 @@ def get_base_config(size: str = "125m") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         seq_len=2048, global_batch_size=256, micro_batch_size=0, compute_dtype="bfloat16",
         param_dtype="float32", remat_policy="dots_no_batch", scan_layers=False, attn_impl="auto",
-        loss_chunk_size=512, nonfinite="stop"))
+        loss_chunk_size=512, nonfinite="stop", xla_options=""))
 
     # llm-foundry's pretrain yamls: decoupled_adamw lr 6e-4 (125m) ... 1.2e-4 (7b), betas
     # (0.9, 0.95), eps 1e-8, weight_decay 0; cosine_with_warmup t_warmup 100ba, alpha_f 0.1;

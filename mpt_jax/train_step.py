@@ -210,13 +210,37 @@ def init_state(model_cfg, train_cfg, tx, mesh, rules, seed: int):
         return init()
 
 
-def compile_train_step(settings: StepSettings, state_shardings_tree, mesh, batch_keys):
+def parse_xla_options(text: str) -> dict:
+    """"name=value,name=value" (XLA debug options, e.g. "xla_gpu_enable_triton_gemm=false") ->
+    a dict for `jax.jit(..., compiler_options=...)`: true/false become bools, integers ints.
+    Raises ValueError naming the bad entry."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("xla_"):
+            raise ValueError(f"XLA option {item!r}: expected name=value with an xla_* name")
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            out[name.strip()] = low == "true"
+        else:
+            try:
+                out[name.strip()] = int(value)
+            except ValueError:
+                out[name.strip()] = value.strip()
+    return out
+
+
+def compile_train_step(settings: StepSettings, state_shardings_tree, mesh, batch_keys, *,
+                       xla_options: str = ""):
+    """The jitted train step. xla_options: XLA options for this computation alone (see
+    parse_xla_options), e.g. "xla_gpu_enable_triton_gemm=false"; other jits keep theirs."""
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(settings.rules))
     batch_shardings = {k: batch_sharding for k in batch_keys}
     replicated = NamedSharding(mesh, P())
     return jax.jit(functools.partial(train_step, settings=settings),
                    in_shardings=(state_shardings_tree, batch_shardings),
-                   out_shardings=(state_shardings_tree, replicated), donate_argnums=(0,))
+                   out_shardings=(state_shardings_tree, replicated), donate_argnums=(0,),
+                   compiler_options=parse_xla_options(xla_options) or None)
 
 
 def compile_eval_step(settings: StepSettings, params_shardings, mesh, batch_keys):

@@ -226,7 +226,8 @@ def train(config, workdir: str) -> dict:
         start_step = 0
 
     # 6. steps ----------------------------------------------------------------------------
-    p_train_step = step_lib.compile_train_step(settings, state_shardings, mesh, batch_keys)
+    p_train_step = step_lib.compile_train_step(settings, state_shardings, mesh, batch_keys,
+                                               xla_options=config.train.xla_options)
     p_eval_step = step_lib.compile_eval_step(settings, state_shardings["params"], mesh,
                                              batch_keys)
 

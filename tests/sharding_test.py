@@ -95,6 +95,24 @@ SCRIPT = textwrap.dedent(r'''
             state, m = step(state, batch)
             losses.append(float(m["loss"]))
     assert step._cache_size() == 1, step._cache_size()
+    # train.xla_options reach this computation's compiler (an unknown option is refused)
+    bad = step_lib.compile_train_step(settings, shardings, mesh, ("input_ids",),
+                                      xla_options="xla_no_such_option=1")
+    try:
+        with sharding.use_mesh(mesh):
+            bad.lower(state, batch).compile()
+    except Exception as e:  # noqa: BLE001
+        assert "xla_no_such_option" in str(e), e
+    else:
+        raise AssertionError("unknown XLA option accepted")
+    assert step_lib.parse_xla_options(" xla_a=false, xla_b=12,xla_c=x ") == {
+        "xla_a": False, "xla_b": 12, "xla_c": "x"}
+    try:
+        step_lib.parse_xla_options("triton=false")
+    except ValueError as e:
+        assert "'triton=false'" in str(e), e
+    else:
+        raise AssertionError("bad option accepted")
     assert all(np.isfinite(losses)), losses
     wq = state["params"]["blocks"]["attn"]["Wqkv"]
     assert wq.sharding.spec == P(None, "fsdp", "tensor"), wq.sharding.spec
