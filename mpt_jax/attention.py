@@ -165,6 +165,58 @@ def flash_attention(
     return per_shard(run, q, k, v, alibi_slopes, segment_ids)
 
 
+def flash_attention_packed(
+    qkv,
+    n_heads: int,
+    kv_heads: int,
+    *,
+    alibi_slopes=None,
+    causal: bool = True,
+    segment_ids=None,
+    softmax_scale: float | None = None,
+    impl: str = "auto",
+    interpret: bool = False,
+    block_sizes=None,
+):
+    """`flash_attention` of the fused projection qkv `[B, T, (H + 2 KV) * D]` (query heads,
+    then key heads, then value heads) against itself -> `[B, T, H, D]`.
+
+    On the Pallas GPU path the kernels read q, k and v in place and return the gradient as one
+    array like qkv: no slices in the forward pass, no concatenation in the backward. Elsewhere
+    (and where a mesh splits the heads) it slices and calls `flash_attention`.
+    """
+    b, t, f = qkv.shape
+    if n_heads % kv_heads or f % (n_heads + 2 * kv_heads):
+        raise ValueError(f"qkv width {f} is not (H + 2 KV) * D for H={n_heads}, KV={kv_heads}")
+    d = f // (n_heads + 2 * kv_heads)
+    if alibi_slopes is not None and jnp.shape(alibi_slopes) != (n_heads,):
+        raise ValueError(f"alibi_slopes must be [H={n_heads}], got {jnp.shape(alibi_slopes)}")
+    impl = resolve_impl(impl)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    mesh = sharding.kernel_mesh()
+    whole_heads = mesh is None or sharding.divided_axes(mesh, "heads", n_heads, kv_heads) is None
+    if impl == "pallas_gpu" and whole_heads:
+        def run(qkv, slopes, seg):
+            return flash_gpu.flash_attention_gpu_packed(
+                qkv, n_heads, kv_heads, slopes, causal=causal, segment_ids=seg,
+                softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret)
+
+        if mesh is None:
+            return run(qkv, alibi_slopes, segment_ids)
+        batch = sharding.divided_axes(mesh, "batch", b)
+        specs = (P(batch, None, None), None if alibi_slopes is None else P(),
+                 None if segment_ids is None else P(batch, None))
+        return sharding.per_shard(run, mesh, specs, P(batch, None, None, None))(
+            qkv, alibi_slopes, segment_ids)
+    q, k, v = jnp.split(qkv, [n_heads * d, (n_heads + kv_heads) * d], axis=-1)
+    return flash_attention(
+        q.reshape(b, t, n_heads, d), k.reshape(b, t, kv_heads, d),
+        v.reshape(b, t, kv_heads, d), alibi_slopes=alibi_slopes, causal=causal,
+        segment_ids=segment_ids, softmax_scale=softmax_scale, impl=impl, interpret=interpret,
+        block_sizes=block_sizes)
+
+
 def per_shard(run, q, k, v, slopes, seg):
     """Calls `run(q, k, v, slopes, seg)` (a flash kernel) once per device shard.
 

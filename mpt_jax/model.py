@@ -249,7 +249,16 @@ class Attention(nnx.Module):
                 f"attn_config.attn_pdrop={self.attn_pdrop}: attention-probability dropout is not "
                 "implemented in the flash kernels; train with attn_pdrop=0 (as MPT-7B did)"
             )
-        if cache_kv is None:
+        if cache_kv is None and self.q_ln is None:
+            # q, k and v are read in place from the fused projection (and the gradient comes
+            # back as one array) on the Pallas GPU path
+            o_bthd = attn_lib.flash_attention_packed(
+                qkv, h, kv, alibi_slopes=slopes, causal=True, segment_ids=ctx.segment_ids,
+                softmax_scale=self.softmax_scale, impl=self.attn_impl,
+                interpret=self.attn_interpret,
+            )
+            new_cache = None
+        elif cache_kv is None:
             o_bthd = attn_lib.flash_attention(
                 q_bthd, k_btkd, v_btkd, alibi_slopes=slopes, causal=True,
                 segment_ids=ctx.segment_ids, softmax_scale=self.softmax_scale,

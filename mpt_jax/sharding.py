@@ -93,11 +93,12 @@ def kernel_mesh():
 
 
 def divided_axes(mesh, logical: str, *sizes: int, rules=DEFAULT_RULES):
-    """The mesh axes the `logical` rule maps to, if they divide every size; else None."""
+    """The mesh axes the `logical` rule maps to, if they divide every size; else None (also
+    when those axes have one device in all: nothing is split)."""
     entry = logical_to_spec((logical,), rules)[0]
     for n in sizes:
         entry = fit_spec(P(entry), (n,), mesh)[0]
-    return entry
+    return None if _axes_size(mesh, entry) == 1 else entry
 
 
 def per_shard(fn, mesh, in_specs, out_specs):

@@ -41,8 +41,8 @@ SCRIPT = textwrap.dedent(r'''
         assert shapes == {"2x64x2x32"}, shapes
         grad = lambda q, k, v: jax.grad(lambda *a: jnp.sum(flash(*a, seg) ** 2), (0, 1, 2))(
             q, k, v)
-        shapes = kernel_operand_shapes(grad, q, k, v)  # some kernels view heads as [KV, G]
-        assert len(shapes) > 1 and all(s.startswith("2x64x2x") for s in shapes), shapes
+        shapes = kernel_operand_shapes(grad, q, k, v)
+        assert shapes and all(s.startswith("2x64x2x") for s in shapes), shapes
         # MQA: one kv head cannot split over tensor=2, so heads stay whole; batch still splits.
         k1, v1 = k[:, :, :1], v[:, :, :1]
         assert kernel_operand_shapes(lambda q, k, v: flash(q, k, v, None), q, k1, v1) == {
@@ -116,6 +116,26 @@ SCRIPT = textwrap.dedent(r'''
         shapes = {m for ln in txt.splitlines() if "add_norm" in ln and "xla.gpu.triton" in ln
                   for m in re.findall(r"tensor<([0-9x]+)xf32>", ln)}
         assert shapes == {"1x32", "32"}, shapes  # rows per shard, and the norm weight
+    # The packed entry (q/k/v read from the fused projection): with heads split over tensor=2
+    # it falls back to the sliced per-shard path; with tensor=1 the packed kernels run per
+    # batch shard on [B / 8, T, H + 2 KV, D] views.
+    qkv = jnp.concatenate([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], -1)
+    packed = lambda x: attention.flash_attention_packed(x, h, h, alibi_slopes=alibi_slopes(h),
+                                                        segment_ids=seg, impl="pallas_gpu")
+    with sharding.use_mesh(mesh):
+        assert kernel_operand_shapes(packed, qkv) == {"2x64x2x32"}
+    ref_out = np.asarray(flash(q, k, v, seg, impl="reference"))
+    mesh8 = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    with sharding.use_mesh(mesh8):
+        sh = kernel_operand_shapes(packed, qkv)
+        assert sh == {"1x64x12x32"}, sh
+        shapes = kernel_operand_shapes(jax.grad(lambda x: jnp.sum(packed(x) ** 2)), qkv)
+        assert all(s.startswith("1x64x") for s in shapes), shapes
+        interp = lambda x: attention.flash_attention_packed(
+            x, h, h, alibi_slopes=alibi_slopes(h), segment_ids=seg, impl="pallas_gpu",
+            interpret=True)
+        got = jax.jit(interp)(qkv)
+        assert float(np.max(np.abs(np.asarray(got) - ref_out))) < 1e-4
     # No mesh: the global shapes go straight to the kernel.
     assert kernel_operand_shapes(lambda q, k, v: flash(q, k, v, seg), q, k, v) == {"8x64x4x32"}
     print("OK")

@@ -198,6 +198,70 @@ def test_remat_policies_keep_the_attention_forward():
     assert _live_forward_kernels(jax.checkpoint_policies.dots_with_no_batch_dims_saveable) == 2
 
 
+@pytest.mark.parametrize("h,kvh,t,d,segments", [
+    (4, 4, 64, 32, False),  # MHA: K and V heads sit H and 2H heads into the packed array
+    (4, 2, 64, 32, True),   # GQA, packed documents
+    (6, 1, 64, 16, False),  # MQA, 6 heads (non power-of-two slopes and packed width)
+    (4, 4, 40, 32, False),  # T not a multiple of the blocks: the sliced fallback
+])
+def test_packed_qkv_matches_reference(h, kvh, t, d, segments):
+    """flash_attention_packed reads q/k/v from the fused projection in place (interpret mode)
+    and returns the gradient as one array: forward and gradient equal the reference on fresh
+    random inputs; outputs start as NaN buffers, so any element left unwritten shows."""
+    rng = np.random.default_rng()
+    b = 2
+    qkv = jnp.asarray(rng.normal(size=(b, t, (h + 2 * kvh) * d)), jnp.float32)
+    slopes = jnp.asarray(alibi_slopes(h))
+    seg = (jnp.asarray(np.repeat(np.arange(2), t // 2)[None].repeat(b, 0), jnp.int32)
+           if segments else None)
+
+    def ref(x):
+        q, k, v = jnp.split(x, [h * d, (h + kvh) * d], axis=-1)
+        return attention.reference_attention(
+            q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d),
+            alibi_slopes=slopes, segment_ids=seg)
+
+    def ker(x):
+        return flash_gpu.flash_attention_gpu_packed(x, h, kvh, slopes, segment_ids=seg,
+                                                    interpret=True, _poison=True)
+
+    ct = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    assert _rel(ker(qkv), ref(qkv)) < 1e-5
+    got = jax.grad(lambda x: jnp.sum(ker(x) * ct))(qkv)
+    want = jax.grad(lambda x: jnp.sum(ref(x) * ct))(qkv)
+    assert got.shape == qkv.shape and _rel(got, want) < 1e-5
+    # the public entry (auto impl on this CPU: the sliced reference) agrees
+    auto = attention.flash_attention_packed(qkv, h, kvh, alibi_slopes=slopes, segment_ids=seg)
+    assert _rel(auto, ref(qkv)) < 1e-6
+    # the CUDA lowering of the gradient: three kernels, and no slice or concatenate of q/k/v
+    # (the fallback slices and concatenates)
+    txt = jax.jit(jax.grad(lambda x: jnp.sum(flash_gpu.flash_attention_gpu_packed(
+        x, h, kvh, slopes, segment_ids=seg) * ct))).trace(qkv).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert txt.count("xla.gpu.triton") == 3
+    copies = txt.count("stablehlo.concatenate") + txt.count("stablehlo.slice")
+    assert (copies == 0) == (t % 64 == 0), copies
+
+
+def test_packed_qkv_keeps_the_remat_names():
+    import re
+
+    from mpt_jax.model import REMAT_POLICIES
+
+    def layer(x):
+        return jnp.tanh(flash_gpu.flash_attention_gpu_packed(x * 2, 2, 2, jnp.ones((2,)))
+                        .astype(jnp.float32))
+
+    x = jnp.ones((1, 128, 6 * 64), jnp.bfloat16)
+    for policy, want in ((REMAT_POLICIES["dots_no_batch"], 1),
+                         (jax.checkpoint_policies.dots_with_no_batch_dims_saveable, 2)):
+        loss = lambda x: jnp.sum(jax.checkpoint(layer, policy=policy)(x) ** 2)  # noqa: E731
+        txt = jax.jit(jax.grad(loss)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+        ids = [re.match(r"\s*(%\w+)", ln).group(1) for ln in txt.splitlines()
+               if "xla.gpu.triton" in ln and "alibi_flash_fwd" in ln]
+        assert sum(1 for i in ids if re.search(re.escape(i) + r"#", txt)) == want, policy
+
+
 @pytest.mark.parametrize("b,h,kvh,s,d,dtype", [
     (3, 4, 4, 128, 32, jnp.float32),   # MHA, several blocks
     (2, 8, 2, 192, 64, jnp.float32),   # GQA (4 query heads a KV head)

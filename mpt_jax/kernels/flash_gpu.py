@@ -103,6 +103,19 @@ class _Cfg:
     blocks: BlockSizes
     interpret: bool
     poison: bool = False  # tests: outputs start as NaN buffers, so unwritten elements show
+    # packed: q, k and v are one array [B, T, H + 2 KV, D] (the fused projection's output):
+    # query heads first, then the keys' and the values' heads; the gradient is one such array.
+    heads: int = 0  # H (packed only)
+
+    @property
+    def packed(self) -> bool:
+        return self.heads > 0
+
+    def kv_offsets(self):
+        """Head index of KV head 0 of k and of v in the array the kernels read."""
+        if not self.packed:
+            return 0, 0
+        return self.heads, self.heads + self.heads // self.group
 
 
 def _pallas_call(cfg: _Cfg, kernel, *, grid, in_specs, out_specs, out_shape, warps, stages, name,
@@ -245,17 +258,19 @@ def _specs_seg(cfg, tp, sp, idx_b):
 
 def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg):
     b, tp, h, d = q.shape
+    h = cfg.heads or h
     sp = k.shape[1]
     bs = cfg.blocks
     bq = bs.block_q
     n_qb = tp // bq
     g = cfg.group
+    ko, vo = cfg.kv_offsets()
     grid = (n_qb, b, h)
     rev = lambda i: n_qb - 1 - i  # noqa: E731
     in_specs = [
         pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
-        pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
-        pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
+        pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g + ko, 0)),
+        pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g + vo, 0)),
         pl.BlockSpec((slopes.shape[0],), lambda i, bi, hi: (0,)),
         *_specs_seg(cfg, tp, sp, lambda i, bi, hi: bi),
     ]
@@ -264,7 +279,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg):
         pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, rev(i))),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct((b, tp, h, d), q.dtype),
         jax.ShapeDtypeStruct((b, h, tp), jnp.float32),
     ]
     return _pallas_call(
@@ -279,8 +294,10 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg):
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qseg_ref, kvseg_ref,
-                dk_ref, dv_ref, dq_ref=None, *, cfg, fused=False):
-    """dk, dv of one KV block; fused: also adds ds @ k into the float32 dq buffer (atomics)."""
+                dk_ref, dv_ref=None, dq_ref=None, *, cfg, fused=False):
+    """dk, dv of one KV block; fused: also adds ds @ k into the float32 dq buffer (atomics).
+    Packed: dk_ref is the block of rows of the packed gradient [bk, H + 2 KV, D] (dv_ref None);
+    dk and dv go to this KV head's key and value heads in it."""
     if fused:
         bq, bk = cfg.blocks.block_q_fused, cfg.blocks.block_k_fused
     else:
@@ -349,38 +366,55 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qse
         dk, dv = group_body(0, (zeros, zeros))
     else:
         dk, dv = lax.fori_loop(0, cfg.group, group_body, (zeros, zeros))
+    if cfg.packed:
+        ko, vo = cfg.kv_offsets()
+        dk_ref[:, ko + kvh, :] = (dk * cfg.scale).astype(dk_ref.dtype)
+        dk_ref[:, vo + kvh, :] = dv.astype(dk_ref.dtype)
+        return
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg, *, fused=False):
-    """dk, dv; fused: also dq (unscaled, float32, [B, Tp, H, D]) from atomic adds."""
-    b, tp, h, d = q.shape
-    sp, kvh = k.shape[1], k.shape[2]
+    """dk, dv; fused: also dq (unscaled, float32, [B, Tp, H, D]) from atomic adds. Packed: the
+    packed gradient [B, Tp, H + 2 KV, D] with its dk and dv heads written (dq heads not)."""
+    b, tp, h, d = do.shape
     g = cfg.group
+    kvh = h // g
+    sp = k.shape[1]
     bs = cfg.blocks
     bk = bs.block_k_fused if fused else bs.block_k_dkv
-    q5 = q.reshape(b, tp, kvh, g, d)
-    do5 = do.reshape(b, tp, kvh, g, d)
+    ko, vo = cfg.kv_offsets()
     lse4 = lse.reshape(b, kvh, g, tp)
     delta4 = delta.reshape(b, kvh, g, tp)
     grid = (sp // bk, b, kvh)
-    qspec = pl.BlockSpec((None, tp, None, g, d), lambda i, bi, hi: (bi, 0, hi, 0, 0))
+    # a KV head's G query heads: one [tp, G, D] block of q (and of do)
+    qspec = pl.BlockSpec((None, tp, g, d), lambda i, bi, hi: (bi, 0, hi, 0))
     rowspec = pl.BlockSpec((None, None, g, tp), lambda i, bi, hi: (bi, hi, 0, 0))
-    kspec = pl.BlockSpec((None, bk, None, d), lambda i, bi, hi: (bi, i, hi, 0))
+    kspec = pl.BlockSpec((None, bk, None, d), lambda i, bi, hi: (bi, i, hi + ko, 0))
+    vspec = pl.BlockSpec((None, bk, None, d), lambda i, bi, hi: (bi, i, hi + vo, 0))
     in_specs = [
-        qspec, kspec, kspec, qspec, rowspec, rowspec,
+        qspec, kspec, vspec, qspec, rowspec, rowspec,
         pl.BlockSpec((slopes.shape[0],), lambda i, bi, hi: (0,)),
         *_specs_seg(cfg, tp, sp, lambda i, bi, hi: bi),
     ]
-    args = [q5, k, v, do5, lse4, delta4, slopes, qseg, kvseg]
-    out_specs = [kspec, kspec]
-    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    args = [q, k, v, do, lse4, delta4, slopes, qseg, kvseg]
+    if cfg.packed:  # every program writes its own heads of the same rows
+        out_specs = [pl.BlockSpec((None, bk, q.shape[2], d), lambda i, bi, hi: (bi, i, 0, 0))]
+        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    else:
+        out_specs = [kspec, kspec]
+        out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype),
+                     jax.ShapeDtypeStruct(v.shape, v.dtype)]
     if fused:
-        in_specs.append(qspec)
-        out_specs.append(qspec)
-        out_shape.append(jax.ShapeDtypeStruct(q5.shape, jnp.float32))
-        args.append(jnp.zeros(q5.shape, jnp.float32))
+        if cfg.packed:
+            raise ValueError("the atomic fused backward does not take packed q/k/v")
+        q5spec = pl.BlockSpec((None, tp, None, g, d), lambda i, bi, hi: (bi, 0, hi, 0, 0))
+        q5_shape = (b, tp, kvh, g, d)
+        in_specs.append(q5spec)
+        out_specs.append(q5spec)
+        out_shape.append(jax.ShapeDtypeStruct(q5_shape, jnp.float32))
+        args.append(jnp.zeros(q5_shape, jnp.float32))
         warps, stages = bs.num_warps_fused, bs.num_stages_fused
     else:
         warps, stages = bs.num_warps_dkv, bs.num_stages_dkv
@@ -392,7 +426,7 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg, *, fu
     if fused:
         dk, dv, dq5 = outs
         return dk, dv, dq5.reshape(q.shape)
-    return outs
+    return outs[0] if cfg.packed else outs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,27 +468,36 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qseg
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _backward_dq(cfg: _Cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
-    b, tp, h, d = q.shape
+def _backward_dq(cfg: _Cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg, dkv=None):
+    """dq. Packed: dkv is _backward_dkv's packed gradient; its dq heads are written in place
+    and the whole gradient returned."""
+    b, tp, h, d = do.shape
     sp = k.shape[1]
     g = cfg.group
+    ko, vo = cfg.kv_offsets()
     bs = cfg.blocks
     bq = bs.block_q_dq
     n_qb = tp // bq
     rev = lambda i: n_qb - 1 - i  # noqa: E731
     qspec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0))
-    kspec = pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
+    kspec = pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g + ko, 0))
+    vspec = pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g + vo, 0))
     rowspec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, rev(i)))
     in_specs = [
-        qspec, kspec, kspec, qspec, rowspec, rowspec,
+        qspec, kspec, vspec, qspec, rowspec, rowspec,
         pl.BlockSpec((slopes.shape[0],), lambda i, bi, hi: (0,)),
         *_specs_seg(cfg, tp, sp, lambda i, bi, hi: bi),
     ]
+    args = [q, k, v, do, lse, delta, slopes, qseg, kvseg]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if cfg.packed:  # the dk/dv heads already written ride through, aliased (never poisoned)
+        in_specs.append(qspec)
+        args.append(dkv)
     return _pallas_call(
         cfg, functools.partial(_dq_kernel, cfg=cfg), grid=(n_qb, b, h), in_specs=in_specs,
-        out_specs=[qspec], out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
-        warps=bs.num_warps_dq, stages=bs.num_stages_dq, name="alibi_flash_bwd_dq",
-    )(q, k, v, do, lse, delta, slopes, qseg, kvseg)
+        out_specs=[qspec], out_shape=out_shape, warps=bs.num_warps_dq, stages=bs.num_stages_dq,
+        name="alibi_flash_bwd_dq", n_acc=int(cfg.packed),
+    )(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,6 +530,27 @@ def _flash_bwd(cfg, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash_packed(cfg, x, slopes, qseg, kvseg):
+    return _forward(cfg, x, x, x, slopes, qseg, kvseg)[0]
+
+
+def _flash_packed_fwd(cfg, x, slopes, qseg, kvseg):
+    out, lse = name_residuals(*_forward(cfg, x, x, x, slopes, qseg, kvseg))
+    return out, (x, slopes, qseg, kvseg, out, lse)
+
+
+def _flash_packed_bwd(cfg, res, do):
+    x, slopes, qseg, kvseg, out, lse = res
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    dkv = _backward_dkv(cfg, x, x, x, do, lse, delta, slopes, qseg, kvseg)
+    (dx,) = _backward_dq(cfg, x, x, x, do, lse, delta, slopes, qseg, kvseg, dkv=dkv)
+    return dx, None, None, None
+
+
+_flash_packed.defvjp(_flash_packed_fwd, _flash_packed_bwd)
+
+
 def _fit(block: int, n: int) -> int:
     """A power-of-two block no larger than needed for length n (Triton dots need >= 16)."""
     return max(16, min(block, pl.next_power_of_2(n)))
@@ -510,6 +574,76 @@ def _pad_to(x, axis, n, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
+def _prepare(q_shape, kvh, s, dtype, alibi_slopes, segment_ids, *, causal, softmax_scale,
+             block_sizes, interpret, poison, heads=0):
+    """The call's static config, padded lengths, and padded slopes / segment ids."""
+    b, t, h, d = q_shape
+    scale = float(1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale)
+    if block_sizes is None:
+        wide = jnp.dtype(dtype).itemsize > 2
+        block_sizes = BlockSizes.for_float32() if wide else BlockSizes()
+    bs = _fit_blocks(block_sizes, t, s)
+    mq = max(bs.block_q, bs.block_q_dkv, bs.block_q_dq, bs.block_q_fused)  # powers of two:
+    mk = max(bs.block_k, bs.block_k_dkv, bs.block_k_dq, bs.block_k_fused)  # the max is the lcm
+    tp, sp = pl.cdiv(t, mq) * mq, pl.cdiv(s, mk) * mk
+    dp = max(16, pl.next_power_of_2(d))
+    q_seg, kv_seg = segment_ids
+    cfg = _Cfg(seq_q=t, seq_k=s, offset=s - t, group=h // kvh, scale=scale, causal=causal,
+               has_alibi=alibi_slopes is not None, has_segments=q_seg is not None,
+               blocks=bs, interpret=interpret, poison=poison, heads=heads)
+    hp = pl.next_power_of_2(h)
+    if alibi_slopes is None:
+        slopes = jnp.zeros((hp,), jnp.float32)
+    else:
+        slopes = _pad_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(h), 0, hp)
+    qseg = kvseg = None
+    if cfg.has_segments:
+        qseg = _pad_to(q_seg.astype(jnp.int32), 1, tp, value=-1)
+        kvseg = _pad_to(kv_seg.astype(jnp.int32), 1, sp, value=-2)
+    return cfg, tp, sp, dp, slopes, qseg, kvseg
+
+
+def flash_attention_gpu_packed(
+    qkv,
+    n_heads: int,
+    kv_heads: int,
+    alibi_slopes=None,
+    *,
+    causal: bool = True,
+    segment_ids=None,
+    softmax_scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+    _poison: bool = False,
+):
+    """Self-attention straight from the fused projection: qkv [B, T, (H + 2 KV) * D] (query
+    heads, then key heads, then value heads, as MPT's Wqkv lays them out) -> out [B, T, H, D].
+
+    The kernels read q, k and v in place, and the gradient comes back as one array shaped like
+    qkv (no slices before, no concatenation after). Where the blocks would need padding (T not
+    a multiple of them, D not a power of two >= 16) or the atomic fused backward is asked for,
+    it slices and calls `flash_attention_gpu` instead. segment_ids int32 [B, T] or None.
+    """
+    b, t, f = qkv.shape
+    h, kvh = n_heads, kv_heads
+    if h % kvh or f % (h + 2 * kvh):
+        raise ValueError(f"qkv width {f} is not (H + 2 KV) * D for H={h}, KV={kvh}")
+    d = f // (h + 2 * kvh)
+    cfg, tp, _, dp, slopes, seg, _ = _prepare(
+        (b, t, h, d), kvh, t, qkv.dtype, alibi_slopes, (segment_ids, segment_ids),
+        causal=causal, softmax_scale=softmax_scale, block_sizes=block_sizes,
+        interpret=interpret, poison=_poison, heads=h)
+    if tp != t or dp != d or cfg.blocks.fused_bwd:
+        q, k, v = jnp.split(qkv, [h * d, (h + kvh) * d], axis=-1)
+        return flash_attention_gpu(
+            q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d),
+            alibi_slopes, causal=causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+            softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret,
+            _poison=_poison)
+    x = qkv.reshape(b, t, h + 2 * kvh, d)
+    return _flash_packed(cfg, x, slopes, seg, seg)
+
+
 def flash_attention_gpu(
     q,
     k,
@@ -529,33 +663,16 @@ def flash_attention_gpu(
     alibi_slopes float32 [H] or None; q_segment_ids int32 [B, T] and kv_segment_ids [B, S]
     (both or neither). Differentiable in q, k, v (not in the slopes).
     """
-    b, t, h, d = q.shape
+    t, d = q.shape[1], q.shape[3]
     s, kvh = k.shape[1], k.shape[2]
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-    scale = float(1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale)
-    if block_sizes is None:
-        wide = jnp.dtype(q.dtype).itemsize > 2
-        block_sizes = BlockSizes.for_float32() if wide else BlockSizes()
-    bs = _fit_blocks(block_sizes, t, s)
-    mq = max(bs.block_q, bs.block_q_dkv, bs.block_q_dq, bs.block_q_fused)  # powers of two:
-    mk = max(bs.block_k, bs.block_k_dkv, bs.block_k_dq, bs.block_k_fused)  # the max is the lcm
-    tp, sp = pl.cdiv(t, mq) * mq, pl.cdiv(s, mk) * mk
-    dp = max(16, pl.next_power_of_2(d))
-    cfg = _Cfg(seq_q=t, seq_k=s, offset=s - t, group=h // kvh, scale=scale, causal=causal,
-               has_alibi=alibi_slopes is not None, has_segments=q_segment_ids is not None,
-               blocks=bs, interpret=interpret, poison=_poison)
+    cfg, tp, sp, dp, slopes, qseg, kvseg = _prepare(
+        q.shape, kvh, s, q.dtype, alibi_slopes, (q_segment_ids, kv_segment_ids), causal=causal,
+        softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret,
+        poison=_poison)
     qp = _pad_to(_pad_to(q, 1, tp), 3, dp)
     kp = _pad_to(_pad_to(k, 1, sp), 3, dp)
     vp = _pad_to(_pad_to(v, 1, sp), 3, dp)
-    hp = pl.next_power_of_2(h)
-    if alibi_slopes is None:
-        slopes = jnp.zeros((hp,), jnp.float32)
-    else:
-        slopes = _pad_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(h), 0, hp)
-    qseg = kvseg = None
-    if cfg.has_segments:
-        qseg = _pad_to(q_segment_ids.astype(jnp.int32), 1, tp, value=-1)
-        kvseg = _pad_to(kv_segment_ids.astype(jnp.int32), 1, sp, value=-2)
     out = _flash(cfg, qp, kp, vp, slopes, qseg, kvseg)
     return out[:, :t, :, :d]
