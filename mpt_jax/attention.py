@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mpt_jax import alibi, sharding
-from mpt_jax.kernels import decode_gpu, flash_gpu
+from mpt_jax.kernels import decode_gpu, flash_gpu, packed_head_dim, unpack_qkv
 
 IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
 
@@ -185,10 +185,8 @@ def flash_attention_packed(
     array like qkv: no slices in the forward pass, no concatenation in the backward. Elsewhere
     (and where a mesh splits the heads) it slices and calls `flash_attention`.
     """
-    b, t, f = qkv.shape
-    if n_heads % kv_heads or f % (n_heads + 2 * kv_heads):
-        raise ValueError(f"qkv width {f} is not (H + 2 KV) * D for H={n_heads}, KV={kv_heads}")
-    d = f // (n_heads + 2 * kv_heads)
+    b = qkv.shape[0]
+    packed_head_dim(qkv.shape, n_heads, kv_heads)  # validates the width
     if alibi_slopes is not None and jnp.shape(alibi_slopes) != (n_heads,):
         raise ValueError(f"alibi_slopes must be [H={n_heads}], got {jnp.shape(alibi_slopes)}")
     impl = resolve_impl(impl)
@@ -209,10 +207,8 @@ def flash_attention_packed(
                  None if segment_ids is None else P(batch, None))
         return sharding.per_shard(run, mesh, specs, P(batch, None, None, None))(
             qkv, alibi_slopes, segment_ids)
-    q, k, v = jnp.split(qkv, [n_heads * d, (n_heads + kv_heads) * d], axis=-1)
     return flash_attention(
-        q.reshape(b, t, n_heads, d), k.reshape(b, t, kv_heads, d),
-        v.reshape(b, t, kv_heads, d), alibi_slopes=alibi_slopes, causal=causal,
+        *unpack_qkv(qkv, n_heads, kv_heads), alibi_slopes=alibi_slopes, causal=causal,
         segment_ids=segment_ids, softmax_scale=softmax_scale, impl=impl, interpret=interpret,
         block_sizes=block_sizes)
 

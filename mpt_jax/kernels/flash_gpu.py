@@ -22,8 +22,8 @@ never visited; blocks entirely below it run a body without any mask arithmetic.
 Lengths are padded internally to a multiple of the blocks (padded keys are masked, padded query
 rows sliced off). Rows that see no key return 0 (their logsumexp is +inf, so their gradient is 0).
 
-This module imports from mpt_jax only name_residuals of mpt_jax.kernels: slopes come in
-as an array.
+This module imports from mpt_jax only mpt_jax.kernels' helpers (residual names, the packed qkv
+layout): slopes come in as an array.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mpt_jax.kernels import name_residuals
+from mpt_jax.kernels import name_residuals, packed_head_dim, unpack_qkv
 
 LOG2E = math.log2(math.e)
 
@@ -624,20 +624,16 @@ def flash_attention_gpu_packed(
     a multiple of them, D not a power of two >= 16) or the atomic fused backward is asked for,
     it slices and calls `flash_attention_gpu` instead. segment_ids int32 [B, T] or None.
     """
-    b, t, f = qkv.shape
+    b, t, _ = qkv.shape
     h, kvh = n_heads, kv_heads
-    if h % kvh or f % (h + 2 * kvh):
-        raise ValueError(f"qkv width {f} is not (H + 2 KV) * D for H={h}, KV={kvh}")
-    d = f // (h + 2 * kvh)
+    d = packed_head_dim(qkv.shape, h, kvh)
     cfg, tp, _, dp, slopes, seg, _ = _prepare(
         (b, t, h, d), kvh, t, qkv.dtype, alibi_slopes, (segment_ids, segment_ids),
         causal=causal, softmax_scale=softmax_scale, block_sizes=block_sizes,
         interpret=interpret, poison=_poison, heads=h)
     if tp != t or dp != d or cfg.blocks.fused_bwd:
-        q, k, v = jnp.split(qkv, [h * d, (h + kvh) * d], axis=-1)
         return flash_attention_gpu(
-            q.reshape(b, t, h, d), k.reshape(b, t, kvh, d), v.reshape(b, t, kvh, d),
-            alibi_slopes, causal=causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+            *unpack_qkv(qkv, h, kvh), alibi_slopes, causal=causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
             softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret,
             _poison=_poison)
     x = qkv.reshape(b, t, h + 2 * kvh, d)
