@@ -300,15 +300,19 @@ def test_kv_cache_matches_full_forward(name):
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-4, rtol=0)
 
 
-def test_forward_and_grads_through_pallas_kernel_match_reference():
+@pytest.mark.parametrize("d_model,t", [
+    (30, 13),  # head dim 5, odd length: the kernel on sliced, padded q/k/v
+    (96, 32),  # head dim 16, whole blocks: the packed kernels read the fused projection
+])
+def test_forward_and_grads_through_pallas_kernel_match_reference(d_model, t):
     """The model's attention through the Pallas GPU kernel (interpret mode on CPU) gives the
     reference forward and gradients: GQA, packed documents (sequence ids) and left padding."""
-    cfg = tiny(d_model=30, n_heads=6, attn_config=AttnConfig(
+    cfg = tiny(d_model=d_model, n_heads=6, attn_config=AttnConfig(
         attn_type="grouped_query_attention", kv_n_heads=2, attn_uses_sequence_id=True))
     pure = random_pure(cfg, seed=7)
     ref_model = model_from_pure_dict(cfg, pure, attn_impl="reference")
     pallas_model = model_from_pure_dict(cfg, pure, attn_impl="pallas_gpu", attn_interpret=True)
-    ids, mask = _ids_mask(T=13, seed=7)
+    ids, mask = _ids_mask(T=t, seed=7)
     seg = np.ones_like(ids)
     seg[:, 7:] = 2  # two packed documents per row
     kwargs = dict(attention_mask=jnp.asarray(mask), segment_ids=jnp.asarray(seg, jnp.int32))
