@@ -225,12 +225,11 @@ class Attention(nnx.Module):
         else:
             self.q_ln = self.k_ln = None
 
-    def __call__(self, x_btd, ctx: AttnContext, cache_kv, *, dtype, training: bool):
-        b, t, _ = x_btd.shape
+    def _heads(self, qkv, dtype):
+        """The fused projection `[B, T, (H + 2 KV) * hd]` -> q `[B, T, H, hd]`, k and v
+        `[B, T, KV, hd]`, with the q/k norms (qk_ln / qk_gn) applied."""
+        b, t, _ = qkv.shape
         h, kv, hd = self.n_heads, self.kv_heads, self.head_dim
-        qkv = _dense(x_btd, self.Wqkv, self.Wqkv_bias, dtype)
-        if self.clip_qkv is not None:
-            qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
         q, k, v = jnp.split(qkv, [h * hd, (h + kv) * hd], axis=-1)
         if self.q_ln is not None:
             if self.qk_gn:
@@ -239,9 +238,14 @@ class Attention(nnx.Module):
             else:
                 q = self.q_ln(q, dtype).astype(dtype)
                 k = self.k_ln(k, dtype).astype(dtype)
-        q_bthd = q.reshape(b, t, h, hd)
-        k_btkd = k.reshape(b, t, kv, hd)
-        v_btkd = v.reshape(b, t, kv, hd)
+        return q.reshape(b, t, h, hd), k.reshape(b, t, kv, hd), v.reshape(b, t, kv, hd)
+
+    def __call__(self, x_btd, ctx: AttnContext, cache_kv, *, dtype, training: bool):
+        b, t, _ = x_btd.shape
+        h, kv, hd = self.n_heads, self.kv_heads, self.head_dim
+        qkv = _dense(x_btd, self.Wqkv, self.Wqkv_bias, dtype)
+        if self.clip_qkv is not None:
+            qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
         slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
 
         if training and self.attn_pdrop > 0:
@@ -249,6 +253,7 @@ class Attention(nnx.Module):
                 f"attn_config.attn_pdrop={self.attn_pdrop}: attention-probability dropout is not "
                 "implemented in the flash kernels; train with attn_pdrop=0 (as MPT-7B did)"
             )
+        new_cache = None
         if cache_kv is None and self.q_ln is None:
             # q, k and v are read in place from the fused projection (and the gradient comes
             # back as one array) on the Pallas GPU path
@@ -257,15 +262,15 @@ class Attention(nnx.Module):
                 softmax_scale=self.softmax_scale, impl=self.attn_impl,
                 interpret=self.attn_interpret,
             )
-            new_cache = None
         elif cache_kv is None:
+            q_bthd, k_btkd, v_btkd = self._heads(qkv, dtype)
             o_bthd = attn_lib.flash_attention(
                 q_bthd, k_btkd, v_btkd, alibi_slopes=slopes, causal=True,
                 segment_ids=ctx.segment_ids, softmax_scale=self.softmax_scale,
                 impl=self.attn_impl, interpret=self.attn_interpret,
             )
-            new_cache = None
         else:
+            q_bthd, k_btkd, v_btkd = self._heads(qkv, dtype)
             k_cache, v_cache = cache_kv  # [B, KV, S, hd]
             idx = ctx.cache_index
             if isinstance(idx, int) and idx == 0:

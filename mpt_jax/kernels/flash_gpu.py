@@ -514,10 +514,14 @@ def _flash_fwd(cfg, q, k, v, slopes, qseg, kvseg):
     return out, (q, k, v, slopes, qseg, kvseg, out, lse)
 
 
+def _delta(out, do):
+    """rowsum(dout * out) `[B, H, Tp]` float32: the backward kernels' softmax correction."""
+    return jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+
+
 def _flash_bwd(cfg, res, do):
     q, k, v, slopes, qseg, kvseg, out, lse = res
-    # [B, H, Tp] float32
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    delta = _delta(out, do)
     if cfg.blocks.fused_bwd:
         dk, dv, dq = _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg, fused=True)
         dq = (dq * cfg.scale).astype(q.dtype)
@@ -542,7 +546,7 @@ def _flash_packed_fwd(cfg, x, slopes, qseg, kvseg):
 
 def _flash_packed_bwd(cfg, res, do):
     x, slopes, qseg, kvseg, out, lse = res
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    delta = _delta(out, do)
     dkv = _backward_dkv(cfg, x, x, x, do, lse, delta, slopes, qseg, kvseg)
     (dx,) = _backward_dq(cfg, x, x, x, do, lse, delta, slopes, qseg, kvseg, dkv=dkv)
     return dx, None, None, None
@@ -577,7 +581,7 @@ def _pad_to(x, axis, n, value=0):
 def _prepare(q_shape, kvh, s, dtype, alibi_slopes, segment_ids, *, causal, softmax_scale,
              block_sizes, interpret, poison, heads=0):
     """The call's static config, padded lengths, and padded slopes / segment ids."""
-    b, t, h, d = q_shape
+    _, t, h, d = q_shape
     scale = float(1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale)
     if block_sizes is None:
         wide = jnp.dtype(dtype).itemsize > 2
@@ -633,9 +637,9 @@ def flash_attention_gpu_packed(
         interpret=interpret, poison=_poison, heads=h)
     if tp != t or dp != d or cfg.blocks.fused_bwd:
         return flash_attention_gpu(
-            *unpack_qkv(qkv, h, kvh), alibi_slopes, causal=causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-            softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret,
-            _poison=_poison)
+            *unpack_qkv(qkv, h, kvh), alibi_slopes, causal=causal, q_segment_ids=segment_ids,
+            kv_segment_ids=segment_ids, softmax_scale=softmax_scale, block_sizes=block_sizes,
+            interpret=interpret, _poison=_poison)
     x = qkv.reshape(b, t, h + 2 * kvh, d)
     return _flash_packed(cfg, x, slopes, seg, seg)
 
