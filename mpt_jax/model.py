@@ -25,7 +25,7 @@ from mpt_jax import attention as attn_lib
 from mpt_jax import sharding
 from mpt_jax.alibi import alibi_slopes
 from mpt_jax.config import MPTConfig
-from mpt_jax.kernels import ATTN_LSE_NAME, ATTN_OUT_NAME, norm_gpu
+from mpt_jax.kernels import ATTN_LSE_NAME, ATTN_OUT_NAME, gemv_gpu, norm_gpu
 
 _cp = jax.checkpoint_policies
 _ATTN_NAMES = (ATTN_OUT_NAME, ATTN_LSE_NAME)
@@ -270,31 +270,38 @@ class Attention(nnx.Module):
                 impl=self.attn_impl, interpret=self.attn_interpret,
             )
         else:
-            q_bthd, k_btkd, v_btkd = self._heads(qkv, dtype)
-            k_cache, v_cache = cache_kv  # [B, KV, S, hd]
-            idx = ctx.cache_index
-            if isinstance(idx, int) and idx == 0:
-                k_cache = jax.lax.dynamic_update_slice(
-                    k_cache, k_btkd.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, 0, 0))
-                v_cache = jax.lax.dynamic_update_slice(
-                    v_cache, v_btkd.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, 0, 0))
-                # Prefill into an empty cache (a static 0): the new tokens see only each other,
-                # so attention runs over them alone through the flash path.
-                seg = None if ctx.kv_mask is None else ctx.kv_mask[:, :t].astype(jnp.int32)
-                o_bthd = attn_lib.flash_attention(
-                    q_bthd, k_btkd, v_btkd, alibi_slopes=slopes, causal=True, segment_ids=seg,
-                    softmax_scale=self.softmax_scale, impl=self.attn_impl,
-                    interpret=self.attn_interpret,
-                )
-            else:
-                o_bthd, k_cache, v_cache = attn_lib.append_and_attend(
-                    q_bthd, k_btkd, v_btkd, k_cache, v_cache, idx, alibi_slopes=slopes,
-                    softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask, impl=self.attn_impl,
-                    interpret=self.attn_interpret,
-                    qkv=None if self.q_ln is not None else qkv)  # q/k normed: use the slices
-            new_cache = (k_cache, v_cache)
+            o_bthd, new_cache = self.attend_cache(qkv, ctx, cache_kv, dtype=dtype)
         o_btd = o_bthd.reshape(b, t, h * hd)
         return _dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
+
+    def attend_cache(self, qkv, ctx: AttnContext, cache_kv, *, dtype):
+        """Attention of the fused projection's rows `[B, T, (H + 2 KV) * hd]` against the KV
+        cache, writing their keys and values into it: returns (out `[B, T, H, hd]`, new cache)."""
+        t = qkv.shape[1]
+        slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
+        q_bthd, k_btkd, v_btkd = self._heads(qkv, dtype)
+        k_cache, v_cache = cache_kv  # [B, KV, S, hd]
+        idx = ctx.cache_index
+        if isinstance(idx, int) and idx == 0:
+            k_cache = jax.lax.dynamic_update_slice(
+                k_cache, k_btkd.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(
+                v_cache, v_btkd.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, 0, 0))
+            # Prefill into an empty cache (a static 0): the new tokens see only each other,
+            # so attention runs over them alone through the flash path.
+            seg = None if ctx.kv_mask is None else ctx.kv_mask[:, :t].astype(jnp.int32)
+            o_bthd = attn_lib.flash_attention(
+                q_bthd, k_btkd, v_btkd, alibi_slopes=slopes, causal=True, segment_ids=seg,
+                softmax_scale=self.softmax_scale, impl=self.attn_impl,
+                interpret=self.attn_interpret,
+            )
+        else:
+            o_bthd, k_cache, v_cache = attn_lib.append_and_attend(
+                q_bthd, k_btkd, v_btkd, k_cache, v_cache, idx, alibi_slopes=slopes,
+                softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask, impl=self.attn_impl,
+                interpret=self.attn_interpret,
+                qkv=None if self.q_ln is not None else qkv)  # q/k normed: use the slices
+        return o_bthd, (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -377,6 +384,64 @@ class Block(nnx.Module):
         a_btd, new_cache = self.attn(h_btd, ctx, cache_kv, dtype=dtype, training=False)
         x_btd, h_btd = self.norm_2.fused(x_btd, a_btd, dtype, interpret=interpret)
         return x_btd, self.ffn(h_btd, dtype=dtype), new_cache
+
+    # -- batch 1: four GEMV kernels with the norms, the GELU and the residual adds fused in --
+    def gemv_kernels(self) -> bool:
+        """Whether `decode_step_gemv` applies to this block: the Pallas GPU path, no biases, no
+        qkv clipping or q/k norms, a plain (non-GLU) MLP, and projection shapes the GEMV blocks
+        divide."""
+        attn, ffn = self.attn, self.ffn
+        plain = (self.decode_kernels() and attn.Wqkv_bias is None and ffn.up_proj_bias is None
+                 and self.norm_1.bias is None and attn.clip_qkv is None and attn.q_ln is None
+                 and ffn.gate_proj is None and ffn.act in gemv_gpu.ACTIVATIONS)
+        return plain and all(gemv_gpu.supported(w.shape[-1], w.shape[-2]) for w in (
+            attn.Wqkv, attn.out_proj, ffn.up_proj, ffn.down_proj))
+
+    def decode_step_gemv(self, x_btd, wt: DecodeWeights, ctx: AttnContext, cache_kv, *,
+                         dtype):
+        """The block on one token (batch 1) in four GEMV launches plus attention's: norm_1 is
+        the qkv GEMV's prologue, norm_2 the up GEMV's, the activation the up GEMV's epilogue,
+        and the two residual adds the epilogues of the out and down GEMVs. Returns (x after
+        the block, new cache)."""
+        interpret = self.attn.attn_interpret
+
+        def gemv(x, w, norm=None, **kw):
+            if norm is not None:
+                kw.update(norm=gemv_gpu.NormSpec(norm.eps, norm.norm_type.endswith("rmsnorm"),
+                                                 norm.norm_type.startswith("low_precision")),
+                          norm_weight=norm.weight[...],
+                          norm_bias=None if norm.bias is None else norm.bias[...])
+            return gemv_gpu.gemv(x, w, compute_dtype=dtype, interpret=interpret, **kw)
+
+        qkv = gemv(x_btd, wt.qkv, self.norm_1)
+        o_bthd, new_cache = self.attn.attend_cache(qkv, ctx, cache_kv, dtype=dtype)
+        x_btd = gemv(o_bthd.reshape(*x_btd.shape[:-1], -1), wt.out, residual=x_btd)
+        h_btf = gemv(x_btd, wt.up, self.norm_2, act=self.ffn.act)
+        return gemv(h_btf, wt.down, residual=x_btd), new_cache
+
+
+# The projections' paths in a Block's state (the GEMV kernels read them transposed).
+PROJECTION_PATHS = (("attn", "Wqkv"), ("attn", "out_proj"), ("ffn", "up_proj"),
+                    ("ffn", "down_proj"))
+
+
+def is_projection(path, _value=None) -> bool:
+    """An nnx filter: the four projection weights of a Block's state."""
+    return tuple(path) in PROJECTION_PATHS
+
+
+class DecodeWeights(NamedTuple):
+    """One block's projection weights transposed to `[out, in]`, as the batch-1 GEMV kernels
+    read them (kernels/gemv_gpu.py); the Generator keeps them in this layout."""
+
+    qkv: jax.Array
+    out: jax.Array
+    up: jax.Array
+    down: jax.Array
+
+    @classmethod
+    def from_state(cls, transposed_state) -> DecodeWeights:
+        return cls(*(transposed_state[a][b][...] for a, b in PROJECTION_PATHS))
 
 
 class KVCache(NamedTuple):
