@@ -74,6 +74,26 @@ def test_gemv_matches_reference(case, dtype):
                                rtol=tol, atol=tol)
 
 
+def test_folded_norm_is_closer_to_exact_than_rounding_the_normed_row():
+    """The norm folded into the product (mean and rstd applied after it) against exact float32
+    math, with a mean far from zero: within 1e-5, where the unfused bf16 path is ~1e-3 off."""
+    k, n = 1024, 64
+    ks = jax.random.split(jax.random.key(7), 3)
+    x = (jax.random.normal(ks[0], (1, k)) * 2 + 3).astype(jnp.bfloat16)
+    wt = (jax.random.normal(ks[1], (n, k)) * 0.02).astype(jnp.bfloat16)
+    g = (1 + 0.1 * jax.random.normal(ks[2], (k,))).astype(jnp.bfloat16)
+    norm = gemv_gpu.NormSpec(1e-5, rms=False, low=True)
+    got = gemv_gpu.gemv(x, wt, norm=norm, norm_weight=g, compute_dtype=F32, block_n=16,
+                        block_k=128, interpret=True)
+    x32 = x.astype(F32)
+    h = (x32 - x32.mean()) * jax.lax.rsqrt(jnp.var(x32) + 1e-5) * g.astype(F32)
+    exact = jnp.einsum("mk,nk->mn", h, wt.astype(F32), precision="highest")
+    rounded = _reference(x, wt, norm=norm, nw=g, dtype=jnp.bfloat16).astype(F32)
+    scale = float(jnp.abs(exact).max())
+    assert float(jnp.abs(got - exact).max()) < 1e-5 * scale
+    assert float(jnp.abs(rounded - exact).max()) > 1e-4 * scale
+
+
 def test_every_output_written_and_blocks_default_to_small_dims():
     """N smaller than BLOCK_N and K smaller than BLOCK_K: one whole block; no stale output."""
     x = jnp.ones((1, 64), F32)
@@ -110,8 +130,11 @@ def test_bad_inputs_are_refused():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_generator_batch_one_gemv_path_equals_the_unfused_path(dtype):
     """Batch 1 decodes through the GEMV kernels (the projections held `[out, in]`); tokens and
-    every step's logits equal the generator without them (bf16: to rounding), and batch 2 on
-    the same generator (XLA reading the transposed weights) equals it too."""
+    every step's logits equal the generator without them, and batch 2 on the same generator
+    (XLA reading the transposed weights) equals it too. float32 checks the wiring tightly; in
+    bf16 the unfused path rounds each normed row to bf16 before its matmul (the kernel folds
+    the norm into the product, ~1e-6 from exact against ~2e-3), so only tokens and a loose
+    logits bound are compared there."""
     cfg = MPTConfig(d_model=64, n_heads=4, n_layers=3, vocab_size=64, max_seq_len=64)
     model = MPTForCausalLM(cfg, rngs=nnx.Rngs(3), attn_impl="pallas_gpu", attn_interpret=True,
                            dtype=dtype, param_dtype=dtype)
@@ -124,7 +147,7 @@ def test_generator_batch_one_gemv_path_equals_the_unfused_path(dtype):
         a = fused.generate(prompts, max_new_tokens=8, keep_logits=True)
         b = plain.generate(prompts, max_new_tokens=8, keep_logits=True)
         np.testing.assert_array_equal(a.tokens, b.tokens)
-        tol = 1e-4 if dtype == jnp.float32 else 0.025 * float(np.abs(b.logits).max())
+        tol = 1e-4 if dtype == jnp.float32 else 0.1 * float(np.abs(b.logits).max())
         np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=tol)
 
 
