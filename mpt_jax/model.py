@@ -243,9 +243,7 @@ class Attention(nnx.Module):
     def __call__(self, x_btd, ctx: AttnContext, cache_kv, *, dtype, training: bool):
         b, t, _ = x_btd.shape
         h, kv, hd = self.n_heads, self.kv_heads, self.head_dim
-        qkv = _dense(x_btd, self.Wqkv, self.Wqkv_bias, dtype)
-        if self.clip_qkv is not None:
-            qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
+        qkv = self.project_qkv(x_btd, dtype)
         slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
 
         if training and self.attn_pdrop > 0:
@@ -273,6 +271,13 @@ class Attention(nnx.Module):
             o_bthd, new_cache = self.attend_cache(qkv, ctx, cache_kv, dtype=dtype)
         o_btd = o_bthd.reshape(b, t, h * hd)
         return _dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
+
+    def project_qkv(self, x_btd, dtype):
+        """The fused projection `[B, T, (H + 2 KV) * hd]`, clipped when clip_qkv is set."""
+        qkv = _dense(x_btd, self.Wqkv, self.Wqkv_bias, dtype)
+        if self.clip_qkv is not None:
+            qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
+        return qkv
 
     def attend_cache(self, qkv, ctx: AttnContext, cache_kv, *, dtype):
         """Attention of the fused projection's rows `[B, T, (H + 2 KV) * hd]` against the KV
@@ -385,58 +390,52 @@ class Block(nnx.Module):
         x_btd, h_btd = self.norm_2.fused(x_btd, a_btd, dtype, interpret=interpret)
         return x_btd, self.ffn(h_btd, dtype=dtype), new_cache
 
-    # -- batch 1: four GEMV kernels with the norms, the GELU and the residual adds fused in --
+    # -- batch 1: the out and down projections as GEMV kernels with the residual adds fused --
     def gemv_kernels(self) -> bool:
-        """Whether `decode_step_gemv` applies to this block: the Pallas GPU path, no biases, no
-        qkv clipping or q/k norms, a plain (non-GLU) MLP, and projection shapes the GEMV blocks
-        divide."""
+        """Whether `decode_step_gemv` applies to this block: the decode kernels apply, the out
+        and down projections have no bias, the MLP is plain (not GLU) with an activation the
+        kernel has, and the GEMV blocks divide their shapes."""
         attn, ffn = self.attn, self.ffn
-        plain = (self.decode_kernels() and attn.Wqkv_bias is None and ffn.up_proj_bias is None
-                 and self.norm_1.bias is None and attn.clip_qkv is None and attn.q_ln is None
-                 and ffn.gate_proj is None and ffn.act in gemv_gpu.ACTIVATIONS)
-        return plain and all(gemv_gpu.supported(w.shape[-1], w.shape[-2]) for w in (
-            attn.Wqkv, attn.out_proj, ffn.up_proj, ffn.down_proj))
+        return (self.decode_kernels() and attn.out_proj_bias is None
+                and ffn.down_proj_bias is None and ffn.gate_proj is None
+                and ffn.act in gemv_gpu.ACTIVATIONS
+                and all(gemv_gpu.supported(w.shape[-1], w.shape[-2])
+                        for w in (attn.out_proj, ffn.down_proj)))
 
     def decode_step_gemv(self, x_btd, wt: DecodeWeights, ctx: AttnContext, cache_kv, *,
                          dtype):
-        """The block on one token (batch 1) in four GEMV launches plus attention's: norm_1 is
-        the qkv GEMV's prologue, norm_2 the up GEMV's, the activation the up GEMV's epilogue,
-        and the two residual adds the epilogues of the out and down GEMVs. Returns (x after
-        the block, new cache)."""
+        """The block on one token (batch 1). The out projection adds the attention residual in
+        its epilogue; the down projection applies the activation to its input row and adds
+        the MLP residual. XLA's GEMVs for these two split K and reduce in one more launch each,
+        and the activation is one more: three launches fewer a block. Returns (x after the
+        block, new cache)."""
         interpret = self.attn.attn_interpret
-
-        def gemv(x, w, norm=None, **kw):
-            if norm is not None:
-                kw.update(norm=gemv_gpu.NormSpec(norm.eps, norm.norm_type.endswith("rmsnorm"),
-                                                 norm.norm_type.startswith("low_precision")),
-                          norm_weight=norm.weight[...],
-                          norm_bias=None if norm.bias is None else norm.bias[...])
-            return gemv_gpu.gemv(x, w, compute_dtype=dtype, interpret=interpret, **kw)
-
-        qkv = gemv(x_btd, wt.qkv, self.norm_1)
+        _, h_btd = self.norm_1.fused(x_btd, None, dtype, interpret=interpret)
+        qkv = self.attn.project_qkv(h_btd, dtype)
         o_bthd, new_cache = self.attn.attend_cache(qkv, ctx, cache_kv, dtype=dtype)
-        x_btd = gemv(o_bthd.reshape(*x_btd.shape[:-1], -1), wt.out, residual=x_btd)
-        h_btf = gemv(x_btd, wt.up, self.norm_2, act=self.ffn.act)
-        return gemv(h_btf, wt.down, residual=x_btd), new_cache
+        x_btd = gemv_gpu.gemv(o_bthd.reshape(*x_btd.shape[:-1], -1), wt.out, residual=x_btd,
+                              compute_dtype=dtype, interpret=interpret)
+        _, h_btd = self.norm_2.fused(x_btd, None, dtype, interpret=interpret)
+        up_btf = _dense(h_btd, self.ffn.up_proj, self.ffn.up_proj_bias, dtype)
+        x_btd = gemv_gpu.gemv(up_btf, wt.down, act_in=self.ffn.act, residual=x_btd,
+                              compute_dtype=dtype, interpret=interpret)
+        return x_btd, new_cache
 
 
-# The projections' paths in a Block's state (the GEMV kernels read them transposed).
-PROJECTION_PATHS = (("attn", "Wqkv"), ("attn", "out_proj"), ("ffn", "up_proj"),
-                    ("ffn", "down_proj"))
+# The paths in a Block's state of the projections the batch-1 GEMV kernels read transposed.
+PROJECTION_PATHS = (("attn", "out_proj"), ("ffn", "down_proj"))
 
 
 def is_projection(path, _value=None) -> bool:
-    """An nnx filter: the four projection weights of a Block's state."""
+    """An nnx filter: the projection weights of a Block's state in PROJECTION_PATHS."""
     return tuple(path) in PROJECTION_PATHS
 
 
 class DecodeWeights(NamedTuple):
-    """One block's projection weights transposed to `[out, in]`, as the batch-1 GEMV kernels
-    read them (kernels/gemv_gpu.py); the Generator keeps them in this layout."""
+    """One block's out and down projections transposed to `[out, in]`, as the batch-1 GEMV
+    kernels read them (kernels/gemv_gpu.py); the Generator keeps them in this layout."""
 
-    qkv: jax.Array
     out: jax.Array
-    up: jax.Array
     down: jax.Array
 
     @classmethod

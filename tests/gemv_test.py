@@ -1,7 +1,6 @@
 """The batch-1 decode GEMV kernel (kernels/gemv_gpu.py) in interpret mode against jnp: the plain
-product, the norm prologue (LayerNorm/RMSNorm, low precision or not, with a bias), the
-activation and residual epilogues; its erf; its CUDA lowering; its errors; and the generator's
-batch-1 path built on it, against the path without it."""
+product, the activation prologue and the residual epilogue; its erf; its CUDA lowering; its
+errors; and the generator's batch-1 path built on it, against the path without it."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,31 +14,15 @@ from mpt_jax.kernels import gemv_gpu
 from mpt_jax.model import MPTForCausalLM
 
 F32 = jnp.float32
+ACTS = {"gelu": lambda a: jax.nn.gelu(a, approximate=False), "relu": jax.nn.relu,
+        "silu": jax.nn.silu}
 
 
-def _reference(x, wt, *, norm=None, nw=None, nb=None, act=None, residual=None, dtype):
-    """The unfused model's arithmetic: model.Norm, `_dense`, the activation, the residual add."""
-    h = x
-    if norm is not None:
-        cast = (lambda a: a.astype(dtype).astype(F32)) if norm.low else (lambda a: a.astype(F32))
-        x32 = cast(x)
-        if norm.rms:
-            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + norm.eps)
-        else:
-            mean = jnp.mean(x32, -1, keepdims=True)
-            y = (x32 - mean) * jax.lax.rsqrt(
-                jnp.mean(jnp.square(x32 - mean), -1, keepdims=True) + norm.eps)
-        y = y * cast(nw)
-        if nb is not None:
-            y = y + cast(nb)
-        h = y
+def _reference(x, wt, *, act_in=None, residual=None, dtype):
+    """The unfused model's arithmetic: the activation, `_dense`, the residual add."""
+    h = x if act_in is None else ACTS[act_in](x)
     y = jnp.einsum("...k,nk->...n", h.astype(dtype), wt.astype(dtype), precision="highest")
-    if act is not None:
-        y = {"gelu": lambda a: jax.nn.gelu(a, approximate=False), "relu": jax.nn.relu,
-             "silu": jax.nn.silu}[act](y)
-    if residual is not None:
-        y = residual + y.astype(residual.dtype)
-    return y
+    return y if residual is None else residual + y.astype(residual.dtype)
 
 
 def test_erf_matches_jax():
@@ -48,50 +31,21 @@ def test_erf_matches_jax():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("case", [
-    dict(),
-    dict(norm=gemv_gpu.NormSpec(1e-5, rms=False, low=True), act="gelu"),
-    dict(norm=gemv_gpu.NormSpec(1e-6, rms=True, low=False), act="silu", bias=True),
-    dict(act="relu", residual=True),
-    dict(norm=gemv_gpu.NormSpec(1e-5, rms=False, low=False), residual=True, bias=True),
-])
-def test_gemv_matches_reference(case, dtype):
+@pytest.mark.parametrize("act_in", [None, "gelu", "relu", "silu"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_gemv_matches_reference(act_in, residual, dtype):
     k, n = 96, 80  # blocks 32 x 16: three K steps, five programs
-    ks = jax.random.split(jax.random.key(len(case) + (dtype == F32)), 5)
+    ks = jax.random.split(jax.random.key(7 * (act_in is None) + residual + (dtype == F32)), 3)
     x = (jax.random.normal(ks[0], (1, 1, k)) * 2 + 0.5).astype(dtype)
     wt = (jax.random.normal(ks[1], (n, k)) * 0.3).astype(dtype)
-    norm = case.get("norm")
-    nw = (1 + 0.2 * jax.random.normal(ks[2], (k,))).astype(dtype) if norm else None
-    nb = (0.1 * jax.random.normal(ks[3], (k,))).astype(dtype) if case.get("bias") else None
-    res = jax.random.normal(ks[4], (1, 1, n)).astype(dtype) if case.get("residual") else None
-    kw = dict(norm=norm, act=case.get("act"), residual=res)
-    got = gemv_gpu.gemv(x, wt, norm_weight=nw, norm_bias=nb, compute_dtype=dtype, block_n=16,
-                        block_k=32, interpret=True, **kw)
-    want = _reference(x, wt, nw=nw, nb=nb, dtype=dtype, **kw)
+    res = jax.random.normal(ks[2], (1, 1, n)).astype(dtype) if residual else None
+    got = gemv_gpu.gemv(x, wt, act_in=act_in, residual=res, compute_dtype=dtype, block_n=16,
+                        block_k=32, interpret=True)
+    want = _reference(x, wt, act_in=act_in, residual=res, dtype=dtype)
     assert got.shape == (1, 1, n) and got.dtype == want.dtype
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               rtol=tol, atol=tol)
-
-
-def test_folded_norm_is_closer_to_exact_than_rounding_the_normed_row():
-    """The norm folded into the product (mean and rstd applied after it) against exact float32
-    math, with a mean far from zero: within 1e-5, where the unfused bf16 path is ~1e-3 off."""
-    k, n = 1024, 64
-    ks = jax.random.split(jax.random.key(7), 3)
-    x = (jax.random.normal(ks[0], (1, k)) * 2 + 3).astype(jnp.bfloat16)
-    wt = (jax.random.normal(ks[1], (n, k)) * 0.02).astype(jnp.bfloat16)
-    g = (1 + 0.1 * jax.random.normal(ks[2], (k,))).astype(jnp.bfloat16)
-    norm = gemv_gpu.NormSpec(1e-5, rms=False, low=True)
-    got = gemv_gpu.gemv(x, wt, norm=norm, norm_weight=g, compute_dtype=F32, block_n=16,
-                        block_k=128, interpret=True)
-    x32 = x.astype(F32)
-    h = (x32 - x32.mean()) * jax.lax.rsqrt(jnp.var(x32) + 1e-5) * g.astype(F32)
-    exact = jnp.einsum("mk,nk->mn", h, wt.astype(F32), precision="highest")
-    rounded = _reference(x, wt, norm=norm, nw=g, dtype=jnp.bfloat16).astype(F32)
-    scale = float(jnp.abs(exact).max())
-    assert float(jnp.abs(got - exact).max()) < 1e-5 * scale
-    assert float(jnp.abs(rounded - exact).max()) > 1e-4 * scale
+    want = np.asarray(want, np.float32)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2 * float(np.abs(want).max())  # bf16: rounding
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
 
 
 def test_every_output_written_and_blocks_default_to_small_dims():
@@ -106,11 +60,10 @@ def test_every_output_written_and_blocks_default_to_small_dims():
 def test_lowers_for_cuda_with_fused_gelu():
     x = jnp.ones((1, 1, 256), jnp.bfloat16)
     wt = jnp.ones((128, 256), jnp.bfloat16)
-    nw = jnp.ones((256,), jnp.bfloat16)
-    f = lambda x, wt, nw: gemv_gpu.gemv(
-        x, wt, norm=gemv_gpu.NormSpec(1e-5, False, True), norm_weight=nw, act="gelu")
-    txt = jax.jit(f).trace(x, wt, nw).lower(lowering_platforms=("cuda",)).as_text()
-    assert "gemv_norm_gelu" in txt
+    res = jnp.ones((1, 1, 128), jnp.bfloat16)
+    f = lambda x, wt, res: gemv_gpu.gemv(x, wt, act_in="gelu", residual=res)
+    txt = jax.jit(f).trace(x, wt, res).lower(lowering_platforms=("cuda",)).as_text()
+    assert "gemv_gelu_residual" in txt
 
 
 def test_bad_inputs_are_refused():
@@ -120,21 +73,18 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="powers of two"):
         gemv_gpu.gemv(jnp.ones((1, 64), F32), jnp.ones((24, 64), F32), block_n=16,
                       interpret=True)
-    with pytest.raises(ValueError, match="norm_weight"):
-        gemv_gpu.gemv(jnp.ones((1, 64), F32), wt, norm=gemv_gpu.NormSpec(1e-5, False, True),
+    with pytest.raises(ValueError, match="residual"):
+        gemv_gpu.gemv(jnp.ones((1, 64), F32), wt, residual=jnp.ones((1, 16), F32),
                       interpret=True)
     with pytest.raises(ValueError, match="activation"):
-        gemv_gpu.gemv(jnp.ones((1, 64), F32), wt, act="tanh", interpret=True)
+        gemv_gpu.gemv(jnp.ones((1, 64), F32), wt, act_in="tanh", interpret=True)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_generator_batch_one_gemv_path_equals_the_unfused_path(dtype):
-    """Batch 1 decodes through the GEMV kernels (the projections held `[out, in]`); tokens and
+    """Batch 1 decodes through the GEMV kernels (out and down held `[out, in]`); tokens and
     every step's logits equal the generator without them, and batch 2 on the same generator
-    (XLA reading the transposed weights) equals it too. float32 checks the wiring tightly; in
-    bf16 the unfused path rounds each normed row to bf16 before its matmul (the kernel folds
-    the norm into the product, ~1e-6 from exact against ~2e-3), so only tokens and a loose
-    logits bound are compared there."""
+    (XLA reading the transposed weights) equals it too."""
     cfg = MPTConfig(d_model=64, n_heads=4, n_layers=3, vocab_size=64, max_seq_len=64)
     model = MPTForCausalLM(cfg, rngs=nnx.Rngs(3), attn_impl="pallas_gpu", attn_interpret=True,
                            dtype=dtype, param_dtype=dtype)
@@ -142,12 +92,12 @@ def test_generator_batch_one_gemv_path_equals_the_unfused_path(dtype):
     nnx.update(model.blocks, jax.tree.map(lambda a: a * 4 if a.ndim >= 3 else a, blocks))
     fused, plain = Generator(model), Generator(model, gemv_kernels=False)
     assert fused.weights.layers_t is not None and plain.weights.layers_t is None
-    assert "Wqkv" not in str(fused.weights.layers[0])  # held once, transposed
+    assert "out_proj" not in str(fused.weights.layers[0])  # held once, transposed
     for prompts in ([[1, 2, 3, 4, 5, 9, 11]], [[1, 2, 3], [7, 8, 9, 10, 11]]):
         a = fused.generate(prompts, max_new_tokens=8, keep_logits=True)
         b = plain.generate(prompts, max_new_tokens=8, keep_logits=True)
         np.testing.assert_array_equal(a.tokens, b.tokens)
-        tol = 1e-4 if dtype == jnp.float32 else 0.1 * float(np.abs(b.logits).max())
+        tol = 1e-4 if dtype == jnp.float32 else 0.025 * float(np.abs(b.logits).max())
         np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=tol)
 
 
