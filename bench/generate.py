@@ -1,7 +1,6 @@
 """Decode speed of mpt_jax.generate on MPT-7B shapes with random bf16 weights (GPU).
 
     python bench/generate.py [--batches 1,16] [--prompt 128] [--new 256] [--json PATH]
-                             [--gemv "off;on;on:16,512,4,3"]
 
 Weights are initialised directly in bfloat16 on the device (never float32 on the host). For each
 batch: one warm-up generate (compiles), then timed runs of the whole generate (prefill + 256
@@ -25,10 +24,10 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mpt_jax.config import MPTConfig
-from mpt_jax.generate import Generator, SamplingParams
-from mpt_jax.kernels import decode_gpu, gemv_gpu
-from mpt_jax.model import MPTForCausalLM
+from mpt_jax.config import MPTConfig  # noqa: E402
+from mpt_jax.generate import Generator, SamplingParams  # noqa: E402
+from mpt_jax.kernels import decode_gpu  # noqa: E402
+from mpt_jax.model import MPTForCausalLM  # noqa: E402
 
 
 def random_bf16_model(cfg: MPTConfig, attn_impl: str) -> MPTForCausalLM:
@@ -107,10 +106,6 @@ def main():
                          "(decode_gpu.TARGET_PROGRAMS; 0 = never split)")
     ap.add_argument("--norm_warps", type=int, default=0,
                     help="add+norm kernel warps (kernels/norm_gpu.NUM_WARPS)")
-    ap.add_argument("--gemv", default="on",
-                    help="';'-separated variants, each run over every batch size: 'off' (no "
-                         "batch-1 GEMV kernels), 'on' (the defaults), or 'on:BN,BK,WARPS,STAGES' "
-                         "(kernels/gemv_gpu knobs)")
     args = ap.parse_args()
     from mpt_jax.kernels import norm_gpu
 
@@ -128,37 +123,25 @@ def main():
     print(f"# device {dev.device_kind}, jax {jax.__version__}", flush=True)
     t0 = time.perf_counter()
     model = random_bf16_model(cfg, args.attn_impl)
-    variants = args.gemv.split(";")
-    gens = {on: Generator(model, gemv_kernels=on)
-            for on in {not v.startswith("off") for v in variants}}
+    gen = Generator(model)
     del model
-    jax.block_until_ready([g.weights for g in gens.values()])
-    n_bytes = sum(x.nbytes for x in jax.tree.leaves(next(iter(gens.values())).weights))
+    jax.block_until_ready(gen.weights)
+    n_bytes = sum(x.nbytes for x in jax.tree.leaves(gen.weights))
     print(f"# weights {n_bytes / 1e9:.2f} GB bf16, ready in {time.perf_counter() - t0:.1f}s",
           flush=True)
     results = {"device": dev.device_kind, "weight_gb": n_bytes / 1e9, "attn_impl": args.attn_impl}
-    defaults = (gemv_gpu.BLOCK_N, gemv_gpu.BLOCK_K, gemv_gpu.NUM_WARPS, gemv_gpu.NUM_STAGES)
-    for variant in variants:
-        on = not variant.startswith("off")
-        blocks = [int(v) for v in variant.split(":")[1].split(",")] if ":" in variant else defaults
-        gemv_gpu.BLOCK_N, gemv_gpu.BLOCK_K, gemv_gpu.NUM_WARPS, gemv_gpu.NUM_STAGES = blocks
-        jax.clear_caches()  # the knobs are read when the decode loop is traced
-        label = ("gemv kernels " + "bn{} bk{} warps{} stages{}".format(*blocks)
-                 if gens[on].weights.layers_t is not None else "no gemv kernels")
-        print(f"# {label}", flush=True)
-        for b in [int(x) for x in args.batches.split(",")]:
-            try:
-                r = bench_batch(gens[on], b, args.prompt, args.new, args.reps, args.profile)
-            except Exception as e:
-                r = {"batch": b, "error": f"{type(e).__name__}: {e}"[:600]}
-            r["variant"] = label
-            results[f"{label} bs{b}"] = r
-            print(json.dumps(r), flush=True)
+    for b in [int(x) for x in args.batches.split(",")]:
+        try:
+            r = bench_batch(gen, b, args.prompt, args.new, args.reps, args.profile)
+        except Exception as e:  # noqa: BLE001  (keep the other batch sizes' figures)
+            r = {"batch": b, "error": f"{type(e).__name__}: {e}"[:600]}
+        results[f"bs{b}"] = r
+        print(json.dumps(r), flush=True)
     date = time.strftime("%Y-%m-%d")
     for r in results.values():
         if isinstance(r, dict) and "error" not in r:
-            name = (f"generate mpt_jax MPT-{args.size} random bf16 B={r['batch']} "
-                    f"prompt={args.prompt} new={args.new} greedy, {knobs}, {r['variant']}")
+            name = (f"generate mpt_jax MPT-{args.size} random bf16 B={r['batch']} prompt={args.prompt} "
+                    f"new={args.new} greedy, {knobs}")
             print(f"| {date} | {name} | decode ms/step | {r['decode_ms_per_step']:.2f} | "
                   f"{dev.device_kind} | COMMIT |")
             print(f"| {date} | {name} | new tokens/s (prefill incl.) | {r['tokens_per_s']:.0f} | "

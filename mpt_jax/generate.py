@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding
 
 from mpt_jax import sharding
 from mpt_jax.kernels import decode_gpu
-from mpt_jax.model import AttnContext, DecodeWeights, MPTForCausalLM, is_projection
+from mpt_jax.model import AttnContext, MPTForCausalLM
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,9 +137,6 @@ class _Weights(NamedTuple):
     top: nnx.State  # everything but the blocks
     placeholder: nnx.State  # scalar stand-ins for the stacked blocks (never read)
     layers: tuple  # per-layer block states, no leading `layers` axis
-    # With the batch-1 GEMV kernels: per layer, the four projections' state transposed to
-    # `[out, in]` (model.PROJECTION_PATHS), and `layers` holds the rest of each block's state.
-    layers_t: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,20 +168,7 @@ class _Spec:
                             cache_index=cache_index).astype(dtype)
         ctx = AttnContext(segment_ids=None, kv_mask=kv_mask_bs, cache_index=cache_index)
         new_cache = []
-        if w.layers_t is None:
-            blocks = [nnx.merge(self.block_graphdef, layer_state) for layer_state in w.layers]
-        else:  # the projections back in `[in, out]` as transposed views (XLA folds them)
-            blocks = [nnx.merge(self.block_graphdef, layer_state,
-                                jax.tree.map(lambda a: jnp.swapaxes(a, -1, -2), proj_t))
-                      for layer_state, proj_t in zip(w.layers, w.layers_t)]
-            if ids_bt.size == 1:  # batch 1, one token: four fused GEMV launches a block
-                for block, proj_t, kv in zip(blocks, w.layers_t, cache):
-                    x_btd, kv = block.decode_step_gemv(x_btd, DecodeWeights.from_state(proj_t),
-                                                       ctx, kv, dtype=dtype)
-                    new_cache.append(kv)
-                _, h_btd = model.norm_f.fused(x_btd, None, dtype,
-                                              interpret=blocks[0].attn.attn_interpret)
-                return model.unembed(h_btd[:, -1]), tuple(new_cache)
+        blocks = [nnx.merge(self.block_graphdef, layer_state) for layer_state in w.layers]
         if ids_bt.shape[1] == 1 and blocks[0].decode_kernels():
             # Each block's last residual add rides in the next norm kernel (and the final one
             # in norm_f's): one launch for add + norm instead of five.
@@ -253,7 +237,6 @@ class _Spec:
         state = state._replace(done=done)
         return state, state.tokens + 0, state.step + 0, jnp.all(done)
 
-_layer_t = jax.jit(lambda a, i: jnp.swapaxes(a[i], -1, -2))  # one layer's slice, transposed
 _prefill_jit = jax.jit(_Spec._prefill_impl, static_argnums=(0, 6, 7, 8, 9))
 _decode_jit = jax.jit(_Spec._decode_impl, static_argnums=(0, 3, 4, 5), donate_argnums=(2,))
 
@@ -269,7 +252,7 @@ class Generator:
     """
 
     def __init__(self, model: MPTForCausalLM, *, mesh=None, rules=sharding.DEFAULT_RULES,
-                 cache_dtype=None, gemv_kernels: bool = True):
+                 cache_dtype=None):
         self.config = model.config
         self.dtype = model.dtype
         self.cache_dtype = model.dtype if cache_dtype is None else cache_dtype
@@ -283,15 +266,9 @@ class Generator:
         if mesh is not None:
             top = self._place(top)
             stacked = self._place(stacked)  # per-layer slices keep the sharding of dims 1..
-        layers_t = None
-        if gemv_kernels and mesh is None and model.blocks.gemv_kernels():
-            # Batch 1 reads the projections through GEMV kernels that want them `[out, in]`:
-            # held once, in that layout (prefill and larger batches read them transposed).
-            proj, stacked = nnx.split_state(stacked, is_projection, ...)
-            layers_t = tuple(jax.tree.map(lambda a, i=i: _layer_t(a, i), proj) for i in range(n))
         layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
         placeholder = jax.tree.map(lambda a: jnp.zeros((), a.dtype), blocks_state)
-        self.weights = _Weights(top, placeholder, tuple(layers), layers_t)
+        self.weights = _Weights(top, placeholder, layers)
         self._prefill = functools.partial(_prefill_jit, self._spec)
         self._decode = functools.partial(_decode_jit, self._spec)
 

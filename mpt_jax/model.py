@@ -25,7 +25,7 @@ from mpt_jax import attention as attn_lib
 from mpt_jax import sharding
 from mpt_jax.alibi import alibi_slopes
 from mpt_jax.config import MPTConfig
-from mpt_jax.kernels import ATTN_LSE_NAME, ATTN_OUT_NAME, gemv_gpu, norm_gpu
+from mpt_jax.kernels import ATTN_LSE_NAME, ATTN_OUT_NAME, norm_gpu
 
 _cp = jax.checkpoint_policies
 _ATTN_NAMES = (ATTN_OUT_NAME, ATTN_LSE_NAME)
@@ -243,7 +243,9 @@ class Attention(nnx.Module):
     def __call__(self, x_btd, ctx: AttnContext, cache_kv, *, dtype, training: bool):
         b, t, _ = x_btd.shape
         h, kv, hd = self.n_heads, self.kv_heads, self.head_dim
-        qkv = self.project_qkv(x_btd, dtype)
+        qkv = _dense(x_btd, self.Wqkv, self.Wqkv_bias, dtype)
+        if self.clip_qkv is not None:
+            qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
         slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
 
         if training and self.attn_pdrop > 0:
@@ -268,45 +270,31 @@ class Attention(nnx.Module):
                 impl=self.attn_impl, interpret=self.attn_interpret,
             )
         else:
-            o_bthd, new_cache = self.attend_cache(qkv, ctx, cache_kv, dtype=dtype)
+            q_bthd, k_btkd, v_btkd = self._heads(qkv, dtype)
+            k_cache, v_cache = cache_kv  # [B, KV, S, hd]
+            idx = ctx.cache_index
+            if isinstance(idx, int) and idx == 0:
+                k_cache = jax.lax.dynamic_update_slice(
+                    k_cache, k_btkd.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, 0, 0))
+                v_cache = jax.lax.dynamic_update_slice(
+                    v_cache, v_btkd.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, 0, 0))
+                # Prefill into an empty cache (a static 0): the new tokens see only each other,
+                # so attention runs over them alone through the flash path.
+                seg = None if ctx.kv_mask is None else ctx.kv_mask[:, :t].astype(jnp.int32)
+                o_bthd = attn_lib.flash_attention(
+                    q_bthd, k_btkd, v_btkd, alibi_slopes=slopes, causal=True, segment_ids=seg,
+                    softmax_scale=self.softmax_scale, impl=self.attn_impl,
+                    interpret=self.attn_interpret,
+                )
+            else:
+                o_bthd, k_cache, v_cache = attn_lib.append_and_attend(
+                    q_bthd, k_btkd, v_btkd, k_cache, v_cache, idx, alibi_slopes=slopes,
+                    softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask, impl=self.attn_impl,
+                    interpret=self.attn_interpret,
+                    qkv=None if self.q_ln is not None else qkv)  # q/k normed: use the slices
+            new_cache = (k_cache, v_cache)
         o_btd = o_bthd.reshape(b, t, h * hd)
         return _dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
-
-    def project_qkv(self, x_btd, dtype):
-        """The fused projection `[B, T, (H + 2 KV) * hd]`, clipped when clip_qkv is set."""
-        qkv = _dense(x_btd, self.Wqkv, self.Wqkv_bias, dtype)
-        if self.clip_qkv is not None:
-            qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
-        return qkv
-
-    def attend_cache(self, qkv, ctx: AttnContext, cache_kv, *, dtype):
-        """Attention of the fused projection's rows `[B, T, (H + 2 KV) * hd]` against the KV
-        cache, writing their keys and values into it: returns (out `[B, T, H, hd]`, new cache)."""
-        t = qkv.shape[1]
-        slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
-        q_bthd, k_btkd, v_btkd = self._heads(qkv, dtype)
-        k_cache, v_cache = cache_kv  # [B, KV, S, hd]
-        idx = ctx.cache_index
-        if isinstance(idx, int) and idx == 0:
-            k_cache = jax.lax.dynamic_update_slice(
-                k_cache, k_btkd.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(
-                v_cache, v_btkd.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, 0, 0))
-            # Prefill into an empty cache (a static 0): the new tokens see only each other,
-            # so attention runs over them alone through the flash path.
-            seg = None if ctx.kv_mask is None else ctx.kv_mask[:, :t].astype(jnp.int32)
-            o_bthd = attn_lib.flash_attention(
-                q_bthd, k_btkd, v_btkd, alibi_slopes=slopes, causal=True, segment_ids=seg,
-                softmax_scale=self.softmax_scale, impl=self.attn_impl,
-                interpret=self.attn_interpret,
-            )
-        else:
-            o_bthd, k_cache, v_cache = attn_lib.append_and_attend(
-                q_bthd, k_btkd, v_btkd, k_cache, v_cache, idx, alibi_slopes=slopes,
-                softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask, impl=self.attn_impl,
-                interpret=self.attn_interpret,
-                qkv=None if self.q_ln is not None else qkv)  # q/k normed: use the slices
-        return o_bthd, (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -389,58 +377,6 @@ class Block(nnx.Module):
         a_btd, new_cache = self.attn(h_btd, ctx, cache_kv, dtype=dtype, training=False)
         x_btd, h_btd = self.norm_2.fused(x_btd, a_btd, dtype, interpret=interpret)
         return x_btd, self.ffn(h_btd, dtype=dtype), new_cache
-
-    # -- batch 1: the out and down projections as GEMV kernels with the residual adds fused --
-    def gemv_kernels(self) -> bool:
-        """Whether `decode_step_gemv` applies to this block: the decode kernels apply, the out
-        and down projections have no bias, the MLP is plain (not GLU) with an activation the
-        kernel has, and the GEMV blocks divide their shapes."""
-        attn, ffn = self.attn, self.ffn
-        return (self.decode_kernels() and attn.out_proj_bias is None
-                and ffn.down_proj_bias is None and ffn.gate_proj is None
-                and ffn.act in gemv_gpu.ACTIVATIONS
-                and all(gemv_gpu.supported(w.shape[-1], w.shape[-2])
-                        for w in (attn.out_proj, ffn.down_proj)))
-
-    def decode_step_gemv(self, x_btd, wt: DecodeWeights, ctx: AttnContext, cache_kv, *,
-                         dtype):
-        """The block on one token (batch 1). The out projection adds the attention residual in
-        its epilogue; the down projection applies the activation to its input row and adds
-        the MLP residual. XLA's GEMVs for these two split K and reduce in one more launch each,
-        and the activation is one more: three launches fewer a block. Returns (x after the
-        block, new cache)."""
-        interpret = self.attn.attn_interpret
-        _, h_btd = self.norm_1.fused(x_btd, None, dtype, interpret=interpret)
-        qkv = self.attn.project_qkv(h_btd, dtype)
-        o_bthd, new_cache = self.attn.attend_cache(qkv, ctx, cache_kv, dtype=dtype)
-        x_btd = gemv_gpu.gemv(o_bthd.reshape(*x_btd.shape[:-1], -1), wt.out, residual=x_btd,
-                              compute_dtype=dtype, interpret=interpret)
-        _, h_btd = self.norm_2.fused(x_btd, None, dtype, interpret=interpret)
-        up_btf = _dense(h_btd, self.ffn.up_proj, self.ffn.up_proj_bias, dtype)
-        x_btd = gemv_gpu.gemv(up_btf, wt.down, act_in=self.ffn.act, residual=x_btd,
-                              compute_dtype=dtype, interpret=interpret)
-        return x_btd, new_cache
-
-
-# The paths in a Block's state of the projections the batch-1 GEMV kernels read transposed.
-PROJECTION_PATHS = (("attn", "out_proj"), ("ffn", "down_proj"))
-
-
-def is_projection(path, _value=None) -> bool:
-    """An nnx filter: the projection weights of a Block's state in PROJECTION_PATHS."""
-    return tuple(path) in PROJECTION_PATHS
-
-
-class DecodeWeights(NamedTuple):
-    """One block's out and down projections transposed to `[out, in]`, as the batch-1 GEMV
-    kernels read them (kernels/gemv_gpu.py); the Generator keeps them in this layout."""
-
-    out: jax.Array
-    down: jax.Array
-
-    @classmethod
-    def from_state(cls, transposed_state) -> DecodeWeights:
-        return cls(*(transposed_state[a][b][...] for a, b in PROJECTION_PATHS))
 
 
 class KVCache(NamedTuple):
