@@ -142,8 +142,7 @@ def flash_attention(
         )
     if alibi_slopes is not None and jnp.shape(alibi_slopes) != (q.shape[2],):
         raise ValueError(f"alibi_slopes must be [H={q.shape[2]}], got {jnp.shape(alibi_slopes)}")
-    if impl == "auto":
-        impl = _default_impl()
+    impl = resolve_impl(impl)
     if impl == "reference":
         return reference_attention(
             q, k, v, alibi_slopes=alibi_slopes, causal=causal, segment_ids=segment_ids,

@@ -25,7 +25,7 @@ from mpt_jax import attention as attn_lib
 from mpt_jax import sharding
 from mpt_jax.alibi import alibi_slopes
 from mpt_jax.config import MPTConfig
-from mpt_jax.kernels import ATTN_LSE_NAME, ATTN_OUT_NAME, norm_gpu
+from mpt_jax.kernels import ATTN_LSE_NAME, ATTN_OUT_NAME, norm_gpu, unpack_qkv
 
 _cp = jax.checkpoint_policies
 _ATTN_NAMES = (ATTN_OUT_NAME, ATTN_LSE_NAME)
@@ -228,17 +228,15 @@ class Attention(nnx.Module):
     def _heads(self, qkv, dtype):
         """The fused projection `[B, T, (H + 2 KV) * hd]` -> q `[B, T, H, hd]`, k and v
         `[B, T, KV, hd]`, with the q/k norms (qk_ln / qk_gn) applied."""
-        b, t, _ = qkv.shape
-        h, kv, hd = self.n_heads, self.kv_heads, self.head_dim
-        q, k, v = jnp.split(qkv, [h * hd, (h + kv) * hd], axis=-1)
+        q, k, v = unpack_qkv(qkv, self.n_heads, self.kv_heads)
         if self.q_ln is not None:
-            if self.qk_gn:
-                q = self.q_ln(q.reshape(b, t, h, hd), dtype).astype(dtype)
-                k = self.k_ln(k.reshape(b, t, kv, hd), dtype).astype(dtype)
-            else:
+            if self.qk_gn:  # per head
                 q = self.q_ln(q, dtype).astype(dtype)
                 k = self.k_ln(k, dtype).astype(dtype)
-        return q.reshape(b, t, h, hd), k.reshape(b, t, kv, hd), v.reshape(b, t, kv, hd)
+            else:  # over all heads' features
+                q = self.q_ln(q.reshape(*q.shape[:2], -1), dtype).astype(dtype).reshape(q.shape)
+                k = self.k_ln(k.reshape(*k.shape[:2], -1), dtype).astype(dtype).reshape(k.shape)
+        return q, k, v
 
     def __call__(self, x_btd, ctx: AttnContext, cache_kv, *, dtype, training: bool):
         b, t, _ = x_btd.shape
