@@ -111,13 +111,8 @@ def main():
                     help="variants measured in turn, ';'-separated 'ATTN_MB,NORM_MB': MiB of the "
                          "next weight the decode-attention and add+norm kernels load into L2 "
                          "(decode_gpu/norm_gpu.PREFETCH_BYTES; 0 = off); default: the defaults")
-    ap.add_argument("--prefetch_steps", type=int, default=0,
-                    help="loop steps per prefetching program (kernels/prefetch.STEPS)")
     args = ap.parse_args()
-    from mpt_jax.kernels import norm_gpu, prefetch
-
-    if args.prefetch_steps:
-        prefetch.STEPS = args.prefetch_steps
+    from mpt_jax.kernels import norm_gpu
 
     if args.norm_warps:
         norm_gpu.NUM_WARPS = args.norm_warps
@@ -146,7 +141,7 @@ def main():
         jax.clear_caches()  # the knobs are read when the decode step is traced
         knobs = (f"decode kernel block {decode_gpu.BLOCK_S}, target programs "
                  f"{decode_gpu.TARGET_PROGRAMS}, norm warps {norm_gpu.NUM_WARPS}, L2 prefetch "
-                 f"attention {attn_mb:g} MiB / norms {norm_mb:g} MiB, {prefetch.STEPS} step(s) a program")
+                 f"attention {attn_mb:g} MiB / norms {norm_mb:g} MiB")
         print(f"# {knobs}", flush=True)
         for b in [int(x) for x in args.batches.split(",")]:
             try:

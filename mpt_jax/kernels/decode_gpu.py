@@ -226,9 +226,9 @@ def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, 
     partial = splits > 1
     append = k_new is not None or qkv is not None
     # Extra programs per (row, KV head) that warm L2 with the out projection's weight.
-    pre = (prefetch.plan(prefetch_w, prefetch_bytes, unit=b * kvh)
+    extra = -(-prefetch.PROGRAMS // (b * kvh))
+    pre = (prefetch.plan(prefetch_w, prefetch_bytes, programs=b * kvh * extra)
            if prefetch_w is not None else None)
-    extra = pre.programs // (b * kvh) if pre is not None else 0
     kernel = functools.partial(_kernel, splits=splits, pre=pre, group=g, scale=float(scale),
                                block_s=block_s, blocks_per_split=per_split,
                                has_alibi=has_alibi, has_mask=has_mask, partial=partial,
@@ -282,7 +282,7 @@ def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, 
         out_shape.append(prefetch.sink_shape(pre))
     outs = pl.pallas_call(
         kernel,
-        grid=(b, kvh, splits + extra),
+        grid=(b, kvh, splits + (extra if pre is not None else 0)),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,

@@ -25,11 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 
 ROW = 1024  # elements per row of the flat view the extra programs read
 ROWS_PER_STEP = 8  # rows one loop step loads (16 KiB of bf16)
-# Loop steps per extra program. The loads of one program's steps follow one another, so a
-# program of 8 steps is bound by 8 round trips to HBM (H100: 256 programs x 8 steps made the
-# attention kernel 4.4 us longer for 16 MiB, as long as the bytes take anyway); one step each
-# issues every load at once.
-STEPS = 1
+PROGRAMS = 256  # extra programs to spread the bytes over
 SINK = 16  # lanes of each program's scratch output row
 
 
@@ -50,18 +46,17 @@ def flat_view(w):
     return w.reshape(-1, ROW)
 
 
-def plan(w, n_bytes: int, unit: int = 1) -> Plan | None:
-    """How extra programs split the first `n_bytes` of `w` (at most all of it): STEPS loop steps
-    each, their count a multiple of `unit` (the grid's other dimensions). None when there is
-    nothing to load: no weight, no bytes, a size the flat view does not fit, or fewer bytes
-    than one step per program."""
+def plan(w, n_bytes: int, programs: int = PROGRAMS) -> Plan | None:
+    """How the extra programs split the first `n_bytes` of `w` (at most all of it); None when
+    there is nothing to load (no weight, no bytes, a size the flat view does not fit, or fewer
+    bytes than one loop step per program)."""
     if w is None or n_bytes <= 0 or flat_view(w) is None:
         return None
     rows = min(n_bytes // (ROW * w.dtype.itemsize), w.size // ROW)
-    programs = rows // (ROWS_PER_STEP * STEPS) // unit * unit
-    if programs == 0:
+    steps = rows // (ROWS_PER_STEP * programs)
+    if steps == 0:
         return None
-    return Plan(programs=programs, steps=rows // (ROWS_PER_STEP * programs))
+    return Plan(programs=programs, steps=steps)
 
 
 def sink_shape(p: Plan) -> jax.ShapeDtypeStruct:
