@@ -1,7 +1,6 @@
 """Decode speed of mpt_jax.generate on MPT-7B shapes with random bf16 weights (GPU).
 
     python bench/generate.py [--batches 1,16] [--prompt 128] [--new 256] [--json PATH]
-                             [--prefetch "0,0;16,4"]
 
 Weights are initialised directly in bfloat16 on the device (never float32 on the host). For each
 batch: one warm-up generate (compiles), then timed runs of the whole generate (prefill + 256
@@ -107,10 +106,6 @@ def main():
                          "(decode_gpu.TARGET_PROGRAMS; 0 = never split)")
     ap.add_argument("--norm_warps", type=int, default=0,
                     help="add+norm kernel warps (kernels/norm_gpu.NUM_WARPS)")
-    ap.add_argument("--prefetch", default="",
-                    help="variants measured in turn, ';'-separated 'ATTN_MB,NORM_MB': MiB of the "
-                         "next weight the decode-attention and add+norm kernels load into L2 "
-                         "(decode_gpu/norm_gpu.PREFETCH_BYTES; 0 = off); default: the defaults")
     args = ap.parse_args()
     from mpt_jax.kernels import norm_gpu
 
@@ -120,9 +115,9 @@ def main():
         decode_gpu.BLOCK_S = args.decode_block
     if args.decode_programs >= 0:
         decode_gpu.TARGET_PROGRAMS = args.decode_programs
-    variants = ([tuple(float(x) for x in v.split(",")) for v in args.prefetch.split(";")]
-                if args.prefetch else [(decode_gpu.PREFETCH_BYTES / 2**20,
-                                        norm_gpu.PREFETCH_BYTES / 2**20)])
+    knobs = (f"decode kernel block {decode_gpu.BLOCK_S}, target programs "
+             f"{decode_gpu.TARGET_PROGRAMS}, norm warps {norm_gpu.NUM_WARPS}")
+    print(f"# {knobs}", flush=True)
     cfg = MPTConfig.mpt_7b() if args.size == "7b" else MPTConfig.preset(args.size)
     dev = jax.devices()[0]
     print(f"# device {dev.device_kind}, jax {jax.__version__}", flush=True)
@@ -135,27 +130,16 @@ def main():
     print(f"# weights {n_bytes / 1e9:.2f} GB bf16, ready in {time.perf_counter() - t0:.1f}s",
           flush=True)
     results = {"device": dev.device_kind, "weight_gb": n_bytes / 1e9, "attn_impl": args.attn_impl}
-    for attn_mb, norm_mb in variants:
-        decode_gpu.PREFETCH_BYTES = int(attn_mb * 2**20)
-        norm_gpu.PREFETCH_BYTES = int(norm_mb * 2**20)
-        jax.clear_caches()  # the knobs are read when the decode step is traced
-        knobs = (f"decode kernel block {decode_gpu.BLOCK_S}, target programs "
-                 f"{decode_gpu.TARGET_PROGRAMS}, norm warps {norm_gpu.NUM_WARPS}, L2 prefetch "
-                 f"attention {attn_mb:g} MiB / norms {norm_mb:g} MiB")
-        print(f"# {knobs}", flush=True)
-        for b in [int(x) for x in args.batches.split(",")]:
-            try:
-                r = bench_batch(gen, b, args.prompt, args.new, args.reps, args.profile and
-                                f"{args.profile}/prefetch{attn_mb:g}_{norm_mb:g}")
-            except Exception as e:  # noqa: BLE001  (keep the other batch sizes' figures)
-                r = {"batch": b, "error": f"{type(e).__name__}: {e}"[:600]}
-            r["knobs"] = knobs
-            results[f"bs{b} {attn_mb:g},{norm_mb:g}"] = r
-            print(json.dumps(r), flush=True)
+    for b in [int(x) for x in args.batches.split(",")]:
+        try:
+            r = bench_batch(gen, b, args.prompt, args.new, args.reps, args.profile)
+        except Exception as e:  # noqa: BLE001  (keep the other batch sizes' figures)
+            r = {"batch": b, "error": f"{type(e).__name__}: {e}"[:600]}
+        results[f"bs{b}"] = r
+        print(json.dumps(r), flush=True)
     date = time.strftime("%Y-%m-%d")
     for r in results.values():
         if isinstance(r, dict) and "error" not in r:
-            knobs = r["knobs"]
             name = (f"generate mpt_jax MPT-{args.size} random bf16 B={r['batch']} prompt={args.prompt} "
                     f"new={args.new} greedy, {knobs}")
             print(f"| {date} | {name} | decode ms/step | {r['decode_ms_per_step']:.2f} | "

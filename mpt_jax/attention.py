@@ -292,7 +292,7 @@ def decode_attention(
 
 def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_slopes=None,
                       softmax_scale: float | None = None, kv_mask=None, impl: str = "auto",
-                      interpret: bool = False, qkv=None, prefetch_w=None):
+                      interpret: bool = False, qkv=None):
     """Writes T new tokens' keys/values (`[B, T, KV, D]`) into the caches (`[B, KV, S, D]`) at
     slot `cache_index` (int32 scalar) and attends q `[B, T, H, D]` against them (as
     `decode_attention` with cache_len = cache_index + T). Returns (out, k_cache, v_cache).
@@ -301,8 +301,7 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
     new row into the caches (no separate update kernels); otherwise the caches are updated with
     dynamic_update_slice and `decode_attention` runs. qkv (optional) `[B, T, (H + 2 KV) * D]`:
     the fused projection q, k_new and v_new were sliced from; the kernel then reads it in
-    place. prefetch_w (optional): the weight the next matmul reads; on one GPU the kernel loads
-    part of it into L2 while it attends (kernels/prefetch.py)."""
+    place."""
     b, t, h, d = q.shape
     impl = resolve_impl(impl)
     if impl == "pallas_gpu" and t == 1 and decode_gpu.supported((b, h, d), k_cache.shape):
@@ -317,10 +316,10 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
             if heads is not None:
                 qkv = None  # a shard of the fused projection is not whole heads: use the slices
 
-        def run(q1, k_cache, v_cache, cache_len, kv_mask, slopes, qkv1, k1, v1, w=None):
+        def run(q1, k_cache, v_cache, cache_len, kv_mask, slopes, qkv1, k1, v1):
             return decode_gpu.decode_attention_gpu(
                 q1, k_cache, v_cache, cache_len, kv_mask, slopes, scale=float(scale),
-                interpret=interpret, qkv=qkv1, k_new=k1, v_new=v1, prefetch_w=w)
+                interpret=interpret, qkv=qkv1, k_new=k1, v_new=v1)
 
         if qkv is not None:
             args = (None, k_cache, v_cache, cache_len, kv_mask, slopes, qkv[:, 0], None, None)
@@ -333,8 +332,6 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
                      rows)
             specs = tuple(None if a is None else sp for a, sp in zip(args, specs))
             run = sharding.per_shard(run, mesh, specs, (rows, caches, caches))
-        else:
-            args = (*args, prefetch_w)
         o, k_cache, v_cache = run(*args)
         return o[:, None], k_cache, v_cache
     k_cache = jax.lax.dynamic_update_slice(

@@ -177,8 +177,7 @@ class _Spec:
                 x_btd, pending, kv = block.decode_step(x_btd, pending, ctx, kv, dtype=dtype)
                 new_cache.append(kv)
             _, h_btd = model.norm_f.fused(x_btd, pending, dtype,
-                                          interpret=blocks[0].attn.attn_interpret,
-                                          prefetch_w=model.output_embedding())
+                                          interpret=blocks[0].attn.attn_interpret)
             return model.unembed(h_btd[:, -1]), tuple(new_cache)
         for block, kv in zip(blocks, cache):
             x_btd, kv = block(x_btd, ctx, kv, None, dtype=dtype)

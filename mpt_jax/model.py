@@ -147,25 +147,23 @@ class Norm(nnx.Module):
             y = y + cast(self.bias[...])
         return y.astype(compute_dtype) if low else y
 
-    def fused(self, x, delta, compute_dtype, *, prefetch_w=None, interpret: bool = False):
+    def fused(self, x, delta, compute_dtype, *, interpret: bool = False):
         """(x + delta, norm(x + delta)) in one GPU kernel (forward only; delta may be None).
-        x `[B, ..., D]`; under a multi-device mesh it runs once per batch shard. prefetch_w:
-        the weight of the matmul that follows, part of which the kernel loads into L2 on one
-        device (kernels/prefetch.py)."""
+        x `[B, ..., D]`; under a multi-device mesh it runs once per batch shard."""
 
-        def run(x, delta, weight, bias, prefetch_w=None):
+        def run(x, delta, weight, bias):
             return norm_gpu.add_norm_gpu(
                 x, delta, weight, bias, eps=self.eps, rms=self.norm_type.endswith("rmsnorm"),
                 low=self.norm_type.startswith("low_precision"), compute_dtype=compute_dtype,
-                prefetch_w=prefetch_w, interpret=interpret)
+                interpret=interpret)
 
         args = (x, delta, self.weight[...], None if self.bias is None else self.bias[...])
         mesh = sharding.kernel_mesh()
-        if mesh is None:
-            return run(*args, prefetch_w)
-        rows = P(sharding.divided_axes(mesh, "batch", x.shape[0]))
-        specs = (rows, None if delta is None else rows, P(), None if args[3] is None else P())
-        return sharding.per_shard(run, mesh, specs, (rows, rows))(*args)
+        if mesh is not None:
+            rows = P(sharding.divided_axes(mesh, "batch", x.shape[0]))
+            specs = (rows, None if delta is None else rows, P(), None if args[3] is None else P())
+            run = sharding.per_shard(run, mesh, specs, (rows, rows))
+        return run(*args)
 
 
 def _dense(x, w, b, dtype):
@@ -291,8 +289,7 @@ class Attention(nnx.Module):
                     q_bthd, k_btkd, v_btkd, k_cache, v_cache, idx, alibi_slopes=slopes,
                     softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask, impl=self.attn_impl,
                     interpret=self.attn_interpret,
-                    qkv=None if self.q_ln is not None else qkv,  # q/k normed: use the slices
-                    prefetch_w=self.out_proj[...])
+                    qkv=None if self.q_ln is not None else qkv)  # q/k normed: use the slices
             new_cache = (k_cache, v_cache)
         o_btd = o_bthd.reshape(b, t, h * hd)
         return _dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
@@ -374,13 +371,9 @@ class Block(nnx.Module):
         first norm kernel. Returns (x after the attention residual, this block's MLP output,
         new cache): the caller adds the MLP output, or hands it on to the next block."""
         interpret = self.attn.attn_interpret
-        ffn = self.ffn
-        x_btd, h_btd = self.norm_1.fused(x_btd, pending, dtype, interpret=interpret,
-                                         prefetch_w=self.attn.Wqkv[...])
+        x_btd, h_btd = self.norm_1.fused(x_btd, pending, dtype, interpret=interpret)
         a_btd, new_cache = self.attn(h_btd, ctx, cache_kv, dtype=dtype, training=False)
-        first = ffn.gate_proj if ffn.gate_proj is not None else ffn.up_proj
-        x_btd, h_btd = self.norm_2.fused(x_btd, a_btd, dtype, interpret=interpret,
-                                         prefetch_w=first[...])
+        x_btd, h_btd = self.norm_2.fused(x_btd, a_btd, dtype, interpret=interpret)
         return x_btd, self.ffn(h_btd, dtype=dtype), new_cache
 
 

@@ -18,7 +18,7 @@ Layout: q `[B, H, D]`, caches `[B, KV, S, D]` (attention.decode_attention's layo
 int32 `[B]`, kv_mask `[B, S]`. Needs S % block_s == 0 (the generator allocates its cache so) and
 D a power of two >= 16; `supported()` says whether a shape qualifies.
 
-Imports from mpt_jax only kernels/prefetch.py (warming L2 with the out projection's weight).
+Imports from mpt_jax nothing.
 """
 from __future__ import annotations
 
@@ -30,14 +30,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mpt_jax.kernels import prefetch
-
-# Tuning knobs (module level so a benchmark can sweep them): cache slots per loop step, the
-# number of programs `n_splits` aims for (0: never split a (row, head)'s slots), and how many
-# bytes of the out projection's weight the kernel warms L2 with when given it.
+# Tuning knobs (module level so a benchmark can sweep them): cache slots per loop step, and
+# the number of programs `n_splits` aims for (0: never split a (row, head)'s slots).
 BLOCK_S = 64
 TARGET_PROGRAMS = 256
-PREFETCH_BYTES = 16 << 20
 
 
 def supported(q_shape, cache_shape, block_s: int | None = None) -> bool:
@@ -47,33 +43,7 @@ def supported(q_shape, cache_shape, block_s: int | None = None) -> bool:
     return (d == dk and d >= 16 and d & (d - 1) == 0 and s % block_s == 0 and h % kvh == 0)
 
 
-def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, splits, pre, **kw):
-    """Programs (b, kv, s < splits) attend; with a prefetch plan `pre`, programs s >= splits
-    warm L2 with the next matmul's weight (kernels/prefetch.py)."""
-    refs = list(refs)
-    append = kw["append"]
-    ins = [refs.pop(0), refs.pop(0)] if append else []  # the new token's key and value
-    w_ref = refs.pop(0) if pre is not None else None
-    sink_ref = refs.pop() if pre is not None else None
-    cache_refs = [refs.pop(-2), refs.pop()] if append else []  # the caches, aliased outputs
-    args = (lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *ins, *refs, *cache_refs)
-    # program ids are read here, outside the pl.when branches (interpret mode needs that)
-    si = pl.program_id(2)
-    if pre is None:
-        return _attend(si, *args, **kw)
-    extra = pl.num_programs(2) - splits
-    index = (pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)) * extra + si - splits
-
-    @pl.when(si < splits)
-    def _():
-        _attend(si, *args, **kw)
-
-    @pl.when(si >= splits)
-    def _():
-        prefetch.body(w_ref, sink_ref, index, pre)
-
-
-def _attend(si, lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, group, scale,
+def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, group, scale,
             block_s, blocks_per_split, has_alibi, has_mask, partial, append):
     if append:  # the new token's key and value, and the caches again, as aliased outputs
         kn_ref, vn_ref, *out_refs, kc_ref, vc_ref = refs
@@ -118,7 +88,7 @@ def _attend(si, lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, grou
     init = tuple((jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros((d,), jnp.float32))
                  for _ in range(group))
     # This program's share of the filled blocks: [lo, hi) of cdiv(n, block_s).
-    lo = si * blocks_per_split
+    lo = pl.program_id(2) * blocks_per_split
     hi = jnp.minimum(lo + blocks_per_split, lax.div(n + block_s - 1, block_s))
     final = lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
     if append:
@@ -166,8 +136,7 @@ def _combine_kernel(m_ref, l_ref, acc_ref, o_ref, *, group):
 def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=None, *,
                          k_new=None, v_new=None, qkv=None, scale: float,
                          block_s: int | None = None, num_warps: int = 4,
-                         splits: int | None = None, prefetch_w=None,
-                         prefetch_bytes: int | None = None, interpret: bool = False):
+                         splits: int | None = None, interpret: bool = False):
     """q [B, H, D], caches [B, KV, S, D], cache_len int32 [B] (the new token included),
     kv_mask [B, S] or None, slopes float32 [H] or None -> [B, H, D] in q's dtype.
     Rows with no visible slot return zeros. splits: programs per (row, KV head) (default
@@ -179,28 +148,19 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
     under jit when donated or loop-carried); returns (out, k_cache, v_cache) then.
 
     qkv [B, (H + 2 KV) * D]: instead of q, k_new and v_new (pass None for them), the fused
-    projection they are slices of; the kernel reads its rows in place (no slice copies).
-
-    prefetch_w: the weight the next matmul reads (the out projection); extra programs load its
-    first `prefetch_bytes` (default PREFETCH_BYTES) into L2 while the attention runs
-    (kernels/prefetch.py). The result does not depend on it."""
+    projection they are slices of; the kernel reads its rows in place (no slice copies)."""
     block_s = BLOCK_S if block_s is None else block_s
-    if prefetch_bytes is None:
-        prefetch_bytes = PREFETCH_BYTES
     if splits is None:
         splits = n_splits(k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], block_s)
-    if prefetch_w is not None and prefetch.flat_view(prefetch_w) is None:
-        prefetch_w = None  # a size the flat view does not fit: nothing to warm
     return _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv,
-                   prefetch_w, scale=float(scale), block_s=block_s, num_warps=num_warps,
-                   splits=splits, prefetch_bytes=int(prefetch_bytes) if prefetch_w is not None
-                   else 0, interpret=interpret)
+                   scale=float(scale), block_s=block_s, num_warps=num_warps, splits=splits,
+                   interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_s", "num_warps", "splits",
-                                             "prefetch_bytes", "interpret"))
-def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, prefetch_w, *,
-            scale, block_s, num_warps, splits, prefetch_bytes, interpret):
+                                             "interpret"))
+def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, *, scale,
+            block_s, num_warps, splits, interpret):
     kvh, s, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     if qkv is not None:
         b = qkv.shape[0]
@@ -225,21 +185,14 @@ def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, 
           else jnp.zeros((kvh, g), jnp.float32))
     partial = splits > 1
     append = k_new is not None or qkv is not None
-    # Extra programs per (row, KV head) that warm L2 with the out projection's weight.
-    extra = -(-prefetch.PROGRAMS // (b * kvh))
-    pre = (prefetch.plan(prefetch_w, prefetch_bytes, programs=b * kvh * extra)
-           if prefetch_w is not None else None)
-    kernel = functools.partial(_kernel, splits=splits, pre=pre, group=g, scale=float(scale),
-                               block_s=block_s, blocks_per_split=per_split,
-                               has_alibi=has_alibi, has_mask=has_mask, partial=partial,
-                               append=append)
+    kernel = functools.partial(_kernel, group=g, scale=float(scale), block_s=block_s,
+                               blocks_per_split=per_split, has_alibi=has_alibi,
+                               has_mask=has_mask, partial=partial, append=append)
     cache_spec = pl.BlockSpec((None, None, s, d), lambda bi, ki, si: (bi, ki, 0, 0))
-    if partial:  # prefetching programs (si >= splits) map to the last split's block, unwritten
-        last = lambda si: jnp.minimum(si, splits - 1)  # noqa: E731
-        out_specs = [pl.BlockSpec((None, None, None, g),
-                                  lambda bi, ki, si: (bi, ki, last(si), 0))] * 2
+    if partial:
+        out_specs = [pl.BlockSpec((None, None, None, g), lambda bi, ki, si: (bi, ki, si, 0))] * 2
         out_specs.append(pl.BlockSpec((None, None, None, g, d),
-                                      lambda bi, ki, si: (bi, ki, last(si), 0, 0)))
+                                      lambda bi, ki, si: (bi, ki, si, 0, 0)))
         out_shape = [jax.ShapeDtypeStruct((b, kvh, splits, g), jnp.float32)] * 2
         out_shape.append(jax.ShapeDtypeStruct((b, kvh, splits, g, d), jnp.float32))
     else:
@@ -274,15 +227,9 @@ def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, 
         out_specs = [*out_specs, cache_spec, cache_spec]
         out_shape = [*out_shape, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                      jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
-    if pre is not None:
-        view, view_spec, sink_spec = prefetch.specs(prefetch_w, pre)
-        args.append(view)
-        in_specs.append(view_spec)
-        out_specs.append(sink_spec)
-        out_shape.append(prefetch.sink_shape(pre))
     outs = pl.pallas_call(
         kernel,
-        grid=(b, kvh, splits + (extra if pre is not None else 0)),
+        grid=(b, kvh, splits),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -291,8 +238,6 @@ def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, 
         interpret=interpret,
         name="alibi_decode",
     )(*args)
-    if pre is not None:
-        outs = outs[:-1]  # the sink
     caches = tuple(outs[-2:]) if append else ()
     outs = outs[:-2] if append else outs
     out_dtype = (q if qkv is None else qkv).dtype
