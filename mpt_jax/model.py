@@ -46,8 +46,34 @@ REMAT_POLICIES = {
     "nothing": _cp.nothing_saveable,
 }
 
+@jax.custom_jvp
+def exact_gelu(x):
+    """torch.nn.GELU(approximate='none'): 0.5 x (1 + erf(x / sqrt 2)), evaluated in float32
+    (as torch does for bf16 inputs) and returned in x's dtype.
+
+    jax.nn.gelu(approximate=False) goes through erfc, whose float32 expansion has several
+    branches and an exp; on an H100 it made the MLP's GELU forward and backward compute-bound
+    at 2-3x their memory time (62 ms of a 686 ms MPT-1B step, bench/PERF_NOTES.md). erf is one
+    rational polynomial, and the derivative below needs one exp."""
+    x32 = x.astype(jnp.float32)
+    return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))).astype(x.dtype)
+
+
+@exact_gelu.defjvp
+def _exact_gelu_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    x32 = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))
+    pdf = jnp.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
+    y = (x32 * cdf).astype(x.dtype)
+    return y, (t.astype(jnp.float32) * (cdf + x32 * pdf)).astype(t.dtype)
+
+
+_SQRT_HALF = float(1.0 / np.sqrt(2.0))
+_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
+
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": exact_gelu,
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
 }
