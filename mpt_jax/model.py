@@ -47,6 +47,10 @@ REMAT_POLICIES = {
     "nothing": _cp.nothing_saveable,
 }
 
+_SQRT_HALF = float(1.0 / np.sqrt(2.0))
+_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
+
+
 @jax.custom_jvp
 def exact_gelu(x):
     """torch.nn.GELU(approximate='none'): 0.5 x (1 + erf(x / sqrt 2)), evaluated in float32
@@ -69,9 +73,6 @@ def _exact_gelu_jvp(primals, tangents):
     y = (x32 * cdf).astype(x.dtype)
     return y, (t.astype(jnp.float32) * (cdf + x32 * pdf)).astype(t.dtype)
 
-
-_SQRT_HALF = float(1.0 / np.sqrt(2.0))
-_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
 
 _ACTIVATIONS = {
     "gelu": exact_gelu,
