@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mpt_jax.kernels import name_residuals, packed_head_dim, unpack_qkv
+from mpt_jax.kernels import flash_mgpu, name_residuals, packed_head_dim, unpack_qkv
 
 LOG2E = math.log2(math.e)
 
@@ -73,6 +73,10 @@ class BlockSizes:
     block_k_fused: int = 64
     num_warps_fused: int = 4
     num_stages_fused: int = 2
+    # On Hopper (sm_90), calls that flash_mgpu.supported takes run its Mosaic GPU kernels
+    # (wgmma, TMA, warp specialisation) instead of the Triton ones above: the forward always, the
+    # backward with one query head per KV head. False: always Triton.
+    hopper: bool = True
 
     @classmethod
     def for_float32(cls) -> "BlockSizes":
@@ -106,6 +110,8 @@ class _Cfg:
     # packed: q, k and v are one array [B, T, H + 2 KV, D] (the fused projection's output):
     # query heads first, then the keys' and the values' heads; the gradient is one such array.
     heads: int = 0  # H (packed only)
+    hopper_fwd: bool = False  # flash_mgpu kernels run the forward / the backward
+    hopper_bwd: bool = False
 
     @property
     def packed(self) -> bool:
@@ -256,9 +262,17 @@ def _specs_seg(cfg, tp, sp, idx_b):
             pl.BlockSpec((None, sp), lambda *g: (idx_b(*g), 0))]
 
 
+def _mgpu_cfg(cfg: _Cfg, h, d):
+    ko, vo = cfg.kv_offsets()
+    return flash_mgpu.make_cfg(seq=cfg.seq_q, heads=h, group=cfg.group, head_dim=d,
+                               scale=cfg.scale, has_alibi=cfg.has_alibi, offsets=(0, ko, vo))
+
+
 def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg):
     b, tp, h, d = q.shape
     h = cfg.heads or h
+    if cfg.hopper_fwd:
+        return flash_mgpu.forward(_mgpu_cfg(cfg, h, d), q, k, v, slopes)
     sp = k.shape[1]
     bs = cfg.blocks
     bq = bs.block_q
@@ -522,7 +536,11 @@ def _delta(out, do):
 def _flash_bwd(cfg, res, do):
     q, k, v, slopes, qseg, kvseg, out, lse = res
     delta = _delta(out, do)
-    if cfg.blocks.fused_bwd:
+    if cfg.hopper_bwd:
+        h = q.shape[2]
+        dx = flash_mgpu.backward(_mgpu_cfg(cfg, h, q.shape[3]), q, k, v, slopes, do, lse, delta)
+        dq, dk, dv = dx[:, :, :h], dx[:, :, h:2 * h], dx[:, :, 2 * h:]
+    elif cfg.blocks.fused_bwd:
         dk, dv, dq = _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg, fused=True)
         dq = (dq * cfg.scale).astype(q.dtype)
     else:
@@ -547,6 +565,10 @@ def _flash_packed_fwd(cfg, x, slopes, qseg, kvseg):
 def _flash_packed_bwd(cfg, res, do):
     x, slopes, qseg, kvseg, out, lse = res
     delta = _delta(out, do)
+    if cfg.hopper_bwd:  # its [B, T, 3 H, D] gradient is the packed layout (one KV head per head)
+        dx = flash_mgpu.backward(_mgpu_cfg(cfg, cfg.heads, x.shape[3]), x, x, x, slopes, do, lse,
+                                 delta)
+        return dx, None, None, None
     dkv = _backward_dkv(cfg, x, x, x, do, lse, delta, slopes, qseg, kvseg)
     (dx,) = _backward_dq(cfg, x, x, x, do, lse, delta, slopes, qseg, kvseg, dkv=dkv)
     return dx, None, None, None
@@ -592,9 +614,13 @@ def _prepare(q_shape, kvh, s, dtype, alibi_slopes, segment_ids, *, causal, softm
     tp, sp = pl.cdiv(t, mq) * mq, pl.cdiv(s, mk) * mk
     dp = max(16, pl.next_power_of_2(d))
     q_seg, kv_seg = segment_ids
+    hopper = (bs.hopper and not interpret and not poison and flash_mgpu.is_hopper()
+              and flash_mgpu.supported(q_shape, kvh, s, dtype, causal=causal,
+                                       has_segments=q_seg is not None))
     cfg = _Cfg(seq_q=t, seq_k=s, offset=s - t, group=h // kvh, scale=scale, causal=causal,
                has_alibi=alibi_slopes is not None, has_segments=q_seg is not None,
-               blocks=bs, interpret=interpret, poison=poison, heads=heads)
+               blocks=bs, interpret=interpret, poison=poison, heads=heads,
+               hopper_fwd=hopper, hopper_bwd=hopper and kvh == h)
     hp = pl.next_power_of_2(h)
     if alibi_slopes is None:
         slopes = jnp.zeros((hp,), jnp.float32)

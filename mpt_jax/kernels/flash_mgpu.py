@@ -1,0 +1,591 @@
+"""ALiBi flash attention for Hopper GPUs: Pallas kernels lowered through Mosaic GPU.
+
+FlashAttention-3's structure (warp specialisation, TMA, wgmma), for MPT's case: causal
+self-attention with ALiBi computed in the kernel, bf16/fp16, head dim a multiple of 64, the
+sequence a multiple of the tiles, no segment ids. Anything else goes to the Triton kernels
+(`flash_gpu`), which this module's entry points fall back to; `supported(...)` says which.
+
+Each CTA runs three warpgroups: two compute warpgroups, each owning `block` rows of the CTA's
+tile, and one memory warpgroup that streams the other operand's blocks through a ring of shared
+memory buffers with TMA, guarded by "loaded" and "consumed" barriers.
+
+  forward  grid (H, q tiles, B): rows are queries, the stream is K/V; writes out and the per-row
+           logsumexp, both as `flash_gpu` does (base 2, ALiBi's row term folded in), so the
+           backward kernels of either module can consume them.
+  dk/dv    grid (H, kv tiles, B): rows are keys, the stream is q/do/lse/delta from the diagonal
+           block to the end (4 wgmmas a step).
+  dq       grid (H, q tiles, B): rows are queries, the stream is K/V up to the diagonal (3 wgmmas
+           a step).
+dk/dv and dq are one launch (the first CTAs do dk/dv, the rest dq) writing one gradient array, so
+the packed layout (q, k and v heads in one [B, T, H + 2 KV, D] array) needs no concatenation.
+
+ALiBi: score(i, j) = scale * q_i.k_j + slope_h * (j - i). With the anchor a = first row of a
+warpgroup's block, the kernels add slope * (j - a) per column and fold -slope * (i - a), which is
+constant along a row, into the logsumexp; so no large positions cancel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+_WGS = 2  # compute warpgroups per CTA
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuBlocks:
+    """Tile sizes: rows per compute warpgroup and the streamed block, per kernel; `stages`
+    is the depth of the shared-memory ring."""
+
+    block_q: int = 64
+    block_kv: int = 128
+    stages: int = 2
+    block_kv_dkv: int = 64
+    block_q_dkv: int = 64
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
+    stages_bwd: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    seq: int
+    heads: int
+    group: int  # query heads per KV head
+    head_dim: int
+    scale: float
+    has_alibi: bool
+    blocks: MgpuBlocks
+    q_off: int  # head index of query head 0 / key head 0 / value head 0 in the arrays read
+    k_off: int
+    v_off: int
+
+
+def supported(q_shape, kv_heads, seq_k, dtype, *, causal, has_segments, blocks=None) -> bool:
+    """Whether these kernels take the call (else use flash_gpu)."""
+    b, t, h, d = q_shape
+    bs = blocks or MgpuBlocks()
+    tile = math.lcm(_WGS * bs.block_q, bs.block_kv, _WGS * bs.block_kv_dkv, bs.block_q_dkv,
+                    _WGS * bs.block_q_dq, bs.block_kv_dq)
+    return (causal and not has_segments and seq_k == t and t % tile == 0 and d in (64, 128)
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and h % kv_heads == 0)
+
+
+def _smem(shape, dtype, swizzled=True):
+    if not swizzled:
+        return plgpu.SMEM(shape, dtype)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+                                                plgpu.SwizzleTransform(128)))
+
+
+def _accumulate(cfg: _Cfg, acc, issue):
+    """acc + the wgmma(s) that `issue(acc_ref)` starts, accumulated in place."""
+    del cfg
+    return pl.run_state(issue)(plgpu.ACC.init(acc))
+
+
+def _full(cfg: _Cfg, shape, value, rows=False):
+    """A float32 constant in the WGMMA register layout (rows=True: a per-row vector)."""
+    del cfg
+    x = jnp.full(shape, value, jnp.float32)
+    return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1) if rows else plgpu.Layout.WGMMA)
+
+
+def _iota(cfg: _Cfg, shape, dim):
+    """int32 iota in the WGMMA layout of a [rows, cols] tile ([rows]: its row vector)."""
+    del cfg
+    layout = plgpu.Layout.WGMMA if len(shape) == 2 else plgpu.Layout.WGMMA.reduce(1)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=layout)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+
+
+def _forward(cfg: _Cfg, q, k, v, slopes):
+    b, t = q.shape[:2]
+    h, d = cfg.heads, cfg.head_dim
+    bq, bkv, stages = cfg.blocks.block_q, cfg.blocks.block_kv, cfg.blocks.stages
+    n_tiles = t // (_WGS * bq)
+    dtype = q.dtype
+    c = cfg.scale * LOG2E
+
+    def kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped):
+        smem, loaded, consumed, sched = scoped
+        qo_smem2, k_smem, v_smem, lse_smem2 = smem
+        k_bar, v_bar, q_bar = loaded
+        k_free, v_free = consumed
+        bi = lax.axis_index("batch")
+        hi = lax.axis_index("heads")
+        tile = n_tiles - 1 - lax.axis_index("q_seq")  # the longest rows first
+        wg = lax.axis_index("wg")
+        kvh = lax.div(hi, jnp.array(cfg.group, hi.dtype))
+        # key blocks the CTA needs: up to its last row
+        cta_steps = pl.cdiv((tile + 1) * (_WGS * bq), jnp.array(bkv, jnp.int32))
+
+        def sched_barrier():
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+        @pl.when(wg < _WGS)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            qo_smem = qo_smem2.at[wg]
+            lse_smem = lse_smem2.at[wg]
+            base = tile * (_WGS * bq) + wg * bq  # first row (the anchor)
+            steps = pl.cdiv(base + bq, jnp.array(bkv, jnp.int32))
+            full = lax.div(base + 1, jnp.array(bkv, jnp.int32))  # blocks with no masked key
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(base, bq), cfg.q_off + hi], qo_smem,
+                                    q_bar.at[wg])
+            if cfg.has_alibi:
+                slope = slopes_ref[hi]
+            plgpu.barrier_wait(q_bar.at[wg])
+            m_i = _full(cfg, (bq,), -jnp.inf, rows=True)
+            l_i = _full(cfg, (bq,), 0.0, rows=True)
+            acc = _full(cfg, (bq, d), 0.0)
+            plgpu.barrier_wait(k_bar.at[0])
+            pl.when(wg == 1)(sched_barrier)
+
+            def step(j, carry, masked):
+                acc, m_i, l_i = carry
+                slot = lax.rem(j, jnp.array(stages, j.dtype))
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    sched_barrier()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = s * c
+                if cfg.has_alibi or masked:
+                    rel = _iota(cfg, (bq, bkv), 1) + (j * bkv - base)  # key position - anchor
+                if cfg.has_alibi:
+                    s = s + rel.astype(jnp.float32) * slope
+                if masked:
+                    s = jnp.where(rel <= _iota(cfg, (bq, bkv), 0), s, -jnp.inf)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(sched)
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    nxt = j + 1
+
+                    @pl.when(nxt < steps)
+                    def _():
+                        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.array(stages, j.dtype))])
+
+                acc = _accumulate(cfg, acc, pv)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i
+
+            carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (acc, m_i, l_i))
+            acc, m_i, l_i = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
+
+            def drain(j, _):  # blocks the other warpgroup needs: release them, keep in step
+                slot = lax.rem(j, jnp.array(stages, j.dtype))
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                sched_barrier()
+                sched_barrier()
+
+            lax.fori_loop(steps, cta_steps, drain, None)
+            pl.when(wg == 0)(sched_barrier)
+            acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
+            qo_smem[...] = acc.astype(dtype)
+            lse = m_i + jnp.log2(l_i)
+            if cfg.has_alibi:
+                rows = _iota(cfg, (bq,), 0)
+                lse = lse - rows.astype(jnp.float32) * slope
+            lse_smem[...] = lse
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[bi, pl.ds(base, bq), hi])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(base, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == _WGS)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+            kh, vh = cfg.k_off + kvh, cfg.v_off + kvh
+
+            def load(j, slot):
+                rows = pl.ds(j * bkv, bkv)
+                plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kh], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, vh], v_smem.at[slot], v_bar.at[slot])
+
+            for i in range(stages):
+                @pl.when(i < cta_steps)
+                def _():
+                    load(i, i)
+
+            @pl.loop(stages, cta_steps)
+            def _(j):
+                slot = lax.rem(j, jnp.array(stages, j.dtype))
+                plgpu.barrier_wait(k_free.at[slot])
+                rows = pl.ds(j * bkv, bkv)
+                plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kh], k_smem.at[slot], k_bar.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, vh], v_smem.at[slot], v_bar.at[slot])
+
+    def entry(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref):
+        scratch = (
+            _smem((_WGS, bq, d), dtype), _smem((stages, bkv, d), dtype),
+            _smem((stages, bkv, d), dtype), _smem((_WGS, bq), jnp.float32, swizzled=False),
+        )
+        pl.run_scoped(
+            lambda *args: kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, args),
+            scratch,
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=_WGS)),
+            (plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=_WGS),
+            collective_axes="wg",
+        )
+
+    out, lse = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct((b, t, h, d), dtype),
+                  jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
+        grid=(h, n_tiles, b),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, slopes)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# backward: one launch, dk/dv CTAs then dq CTAs, writing one [B, T, 3 H, D] gradient
+
+
+def _load_vec(cfg: _Cfg, ref, dim):
+    """A [n] float32 vector from shared memory in the layout that broadcasts along `dim` of a
+    WGMMA tile (dim 1: one value per row; dim 0: one value per column)."""
+    del cfg
+    layout = plgpu.Layout.WGMMA.reduce(1 if dim == 1 else 0)
+    return plgpu.load(ref, (), layout=layout)
+
+
+def _stream(cfg: _Cfg, srcs, bufs, loaded, consumed, start, stop, stages):
+    """The memory warpgroup's loop: TMA block j of every source into ring slot j % stages,
+    for j in [start, stop); a slot is refilled once both compute warpgroups released it.
+    srcs: functions j -> source ref slice; bufs/loaded/consumed: per source."""
+    def issue(j, slot):
+        for src, buf, bar in zip(srcs, bufs, loaded):
+            plgpu.copy_gmem_to_smem(src(j), buf.at[slot], bar.at[slot])
+
+    for i in range(stages):
+        @pl.when(start + i < stop)
+        def _():
+            issue(start + i, i)
+
+    @pl.loop(start + stages, stop)
+    def _(j):
+        slot = lax.rem(j - start, jnp.array(stages, j.dtype))
+        for src, buf, bar, free in zip(srcs, bufs, loaded, consumed):
+            plgpu.barrier_wait(free.at[slot])
+            plgpu.copy_gmem_to_smem(src(j), buf.at[slot], bar.at[slot])
+
+
+def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
+    """dx [B, T, 3 H, D]: dq for query head h at h, dk at H + h, dv at 2 H + h (group 1)."""
+    b, t = q.shape[:2]
+    h, d = cfg.heads, cfg.head_dim
+    bs = cfg.blocks
+    stages = bs.stages_bwd
+    dtype = q.dtype
+    c = cfg.scale * LOG2E
+    n_kv_tiles = t // (_WGS * bs.block_kv_dkv)
+    n_q_tiles = t // (_WGS * bs.block_q_dq)
+
+    def dkv(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref, bi, hi, tile,
+            wg):
+        bk, bq = bs.block_kv_dkv, bs.block_q_dkv
+        n_qb = t // bq
+        first = lax.div(tile * (_WGS * bk), jnp.array(bq, jnp.int32))  # CTA's first q block
+
+        def body(smem, loaded, consumed):
+            k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = smem
+            kv_bar, = loaded[:1]
+            q_bar, do_bar, lse_bar, delta_bar = loaded[1:]
+            q_free, do_free, lse_free, delta_free = consumed
+
+            @pl.when(wg < _WGS)
+            def _compute():
+                plgpu.set_max_registers(232, action="increase")
+                k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+                base = tile * (_WGS * bk) + wg * bk
+                rows = pl.ds(base, bk)
+                plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, cfg.k_off + hi], k_smem,
+                                        kv_bar.at[2 * wg])
+                plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, cfg.v_off + hi], v_smem,
+                                        kv_bar.at[2 * wg + 1])
+                if cfg.has_alibi:
+                    slope = slopes_ref[hi]
+                plgpu.barrier_wait(kv_bar.at[2 * wg])
+                plgpu.barrier_wait(kv_bar.at[2 * wg + 1])
+                mine = lax.div(base, jnp.array(bq, jnp.int32))  # first q block with a visible row
+                full = jnp.minimum(pl.cdiv(base + bk, jnp.array(bq, jnp.int32)), n_qb)
+
+                def release(slot):
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    plgpu.barrier_arrive(do_free.at[slot])
+                    plgpu.barrier_arrive(lse_free.at[slot])
+                    plgpu.barrier_arrive(delta_free.at[slot])
+
+                def skip(i, _):  # a block above this warpgroup's rows: wait (the barriers'
+                    slot = lax.rem(i - first, jnp.array(stages, i.dtype))  # phases stay in
+                    for bar in (q_bar, do_bar, lse_bar, delta_bar):  # step) and release it
+                        plgpu.barrier_wait(bar.at[slot])
+                    release(slot)
+
+                def step(i, carry, masked):
+                    dk, dv = carry
+                    slot = lax.rem(i - first, jnp.array(stages, i.dtype))
+                    plgpu.barrier_wait(q_bar.at[slot])
+
+                    def st(acc_ref):
+                        plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(st, plgpu.ACC((bk, bq), jnp.float32)) * c
+                    if cfg.has_alibi or masked:
+                        # key position - query position
+                        rel = (_iota(cfg, (bk, bq), 0) - _iota(cfg, (bk, bq), 1)
+                               + (base - i * bq))
+                    if cfg.has_alibi:
+                        s = s + rel.astype(jnp.float32) * slope
+                    plgpu.barrier_wait(lse_bar.at[slot])
+                    lse_v = _load_vec(cfg, lse_smem.at[slot], 0)
+                    p = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [1]))
+                    if masked:
+                        p = jnp.where(rel <= 0, p, 0.0)
+                    plgpu.barrier_wait(do_bar.at[slot])
+                    p16 = p.astype(dtype)
+
+                    def dv_dp(refs):
+                        dv_ref, dp_ref = refs
+                        plgpu.wgmma(dv_ref, p16, do_smem.at[slot])
+                        plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+
+                    dv, dp = pl.run_state(dv_dp)(
+                        (plgpu.ACC.init(dv), plgpu.ACC.init(_full(cfg, (bk, bq), 0.0))))
+                    plgpu.barrier_arrive(do_free.at[slot])
+                    plgpu.barrier_arrive(lse_free.at[slot])
+                    plgpu.barrier_wait(delta_bar.at[slot])
+                    delta_v = _load_vec(cfg, delta_smem.at[slot], 0)
+                    plgpu.barrier_arrive(delta_free.at[slot])
+                    ds = p * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [1]))
+                    ds16 = ds.astype(dtype)
+                    dk = _accumulate(cfg, dk, lambda r: plgpu.wgmma(r, ds16, q_smem.at[slot]))
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    return dk, dv
+
+                lax.fori_loop(first, mine, skip, None)
+                carry = (_full(cfg, (bk, d), 0.0), _full(cfg, (bk, d), 0.0))
+                carry = lax.fori_loop(mine, full, functools.partial(step, masked=True), carry)
+                dk, dv = lax.fori_loop(full, n_qb, functools.partial(step, masked=False), carry)
+                k_smem[...] = (dk * cfg.scale).astype(dtype)
+                v_smem[...] = dv.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(k_smem, dx_ref.at[bi, rows, h + hi], commit_group=False)
+                plgpu.copy_smem_to_gmem(v_smem, dx_ref.at[bi, rows, 2 * h + hi],
+                                        commit_group=False)
+                plgpu.commit_smem_to_gmem_group()
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == _WGS)
+            def _memory():
+                plgpu.set_max_registers(40, action="decrease")
+                qh = cfg.q_off + hi
+                _stream(cfg,
+                        [lambda j: q_ref.at[bi, pl.ds(j * bq, bq), qh],
+                         lambda j: do_ref.at[bi, pl.ds(j * bq, bq), hi],
+                         lambda j: lse_ref.at[bi, hi, pl.ds(j * bq, bq)],
+                         lambda j: delta_ref.at[bi, hi, pl.ds(j * bq, bq)]],
+                        [q_smem, do_smem, lse_smem, delta_smem],
+                        [q_bar, do_bar, lse_bar, delta_bar],
+                        [q_free, do_free, lse_free, delta_free], first, n_qb, stages)
+
+        pl.run_scoped(
+            body,
+            (_smem((_WGS, bk, d), dtype), _smem((_WGS, bk, d), dtype),
+             _smem((stages, bq, d), dtype), _smem((stages, bq, d), dtype),
+             _smem((stages, bq), jnp.float32, swizzled=False),
+             _smem((stages, bq), jnp.float32, swizzled=False)),
+            (plgpu.Barrier(num_barriers=2 * _WGS),) + (plgpu.Barrier(num_barriers=stages),) * 4,
+            (plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),) * 4,
+            collective_axes="wg",
+        )
+
+    def dq(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref, bi, hi, tile, wg):
+        bq, bkv = bs.block_q_dq, bs.block_kv_dq
+        tile = n_q_tiles - 1 - tile  # the longest rows first
+        cta_steps = pl.cdiv((tile + 1) * (_WGS * bq), jnp.array(bkv, jnp.int32))
+
+        def body(smem, loaded, consumed):
+            q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = smem
+            row_bar, k_bar, v_bar = loaded
+            k_free, v_free = consumed
+
+            @pl.when(wg < _WGS)
+            def _compute():
+                plgpu.set_max_registers(232, action="increase")
+                q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+                lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
+                base = tile * (_WGS * bq) + wg * bq
+                rows = pl.ds(base, bq)
+                srcs = [(q_ref.at[bi, rows, cfg.q_off + hi], q_smem),
+                        (do_ref.at[bi, rows, hi], do_smem),
+                        (lse_ref.at[bi, hi, rows], lse_smem),
+                        (delta_ref.at[bi, hi, rows], delta_smem)]
+                for n, (src, dst) in enumerate(srcs):
+                    plgpu.copy_gmem_to_smem(src, dst, row_bar.at[4 * wg + n])
+                if cfg.has_alibi:
+                    slope = slopes_ref[hi]
+                for n in range(4):
+                    plgpu.barrier_wait(row_bar.at[4 * wg + n])
+                lse_v = _load_vec(cfg, lse_smem, 1)
+                if cfg.has_alibi:  # p = exp2(s c + slope (j - a) - (lse + slope (i - a)))
+                    lse_v = lse_v + _iota(cfg, (bq,), 0).astype(jnp.float32) * slope
+                delta_v = _load_vec(cfg, delta_smem, 1)
+                steps = pl.cdiv(base + bq, jnp.array(bkv, jnp.int32))
+                full = lax.div(base + 1, jnp.array(bkv, jnp.int32))
+
+                def step(j, acc, masked):
+                    slot = lax.rem(j, jnp.array(stages, j.dtype))
+                    plgpu.barrier_wait(k_bar.at[slot])
+
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                        return acc_ref[...]
+
+                    s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32)) * c
+                    if cfg.has_alibi or masked:
+                        rel = _iota(cfg, (bq, bkv), 1) + (j * bkv - base)
+                    if cfg.has_alibi:
+                        s = s + rel.astype(jnp.float32) * slope
+                    p = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
+                    if masked:
+                        p = jnp.where(rel <= _iota(cfg, (bq, bkv), 0), p, 0.0)
+                    plgpu.barrier_wait(v_bar.at[slot])
+
+                    def dpv(acc_ref):
+                        plgpu.wgmma(acc_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+                        return acc_ref[...]
+
+                    dp = pl.run_scoped(dpv, plgpu.ACC((bq, bkv), jnp.float32))
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    ds16 = (p * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0]))).astype(dtype)
+                    acc = _accumulate(cfg, acc, lambda r: plgpu.wgmma(r, ds16, k_smem.at[slot]))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    return acc
+
+                acc = _full(cfg, (bq, d), 0.0)
+                acc = lax.fori_loop(0, full, functools.partial(step, masked=False), acc)
+                acc = lax.fori_loop(full, steps, functools.partial(step, masked=True), acc)
+
+                def drain(j, _):
+                    slot = lax.rem(j, jnp.array(stages, j.dtype))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+
+                lax.fori_loop(steps, cta_steps, drain, None)
+                q_smem[...] = (acc * cfg.scale).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(q_smem, dx_ref.at[bi, rows, hi])
+                plgpu.wait_smem_to_gmem(0)
+
+            @pl.when(wg == _WGS)
+            def _memory():
+                plgpu.set_max_registers(40, action="decrease")
+                kh, vh = cfg.k_off + hi, cfg.v_off + hi
+                _stream(cfg,
+                        [lambda j: k_ref.at[bi, pl.ds(j * bkv, bkv), kh],
+                         lambda j: v_ref.at[bi, pl.ds(j * bkv, bkv), vh]],
+                        [k_smem, v_smem], [k_bar, v_bar], [k_free, v_free], 0, cta_steps,
+                        stages)
+
+        pl.run_scoped(
+            body,
+            (_smem((_WGS, bq, d), dtype), _smem((_WGS, bq, d), dtype),
+             _smem((_WGS, bq), jnp.float32, swizzled=False),
+             _smem((_WGS, bq), jnp.float32, swizzled=False),
+             _smem((stages, bkv, d), dtype), _smem((stages, bkv, d), dtype)),
+            (plgpu.Barrier(num_barriers=4 * _WGS), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=stages)),
+            (plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),) * 2,
+            collective_axes="wg",
+        )
+
+    def entry(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref):
+        bi = lax.axis_index("batch")
+        hi = lax.axis_index("heads")
+        tile = lax.axis_index("tile")
+        wg = lax.axis_index("wg")
+        refs = (q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref, bi, hi)
+
+        @pl.when(tile < n_kv_tiles)
+        def _():
+            dkv(*refs, tile, wg)
+
+        @pl.when(tile >= n_kv_tiles)
+        def _():
+            dq(*refs, tile - n_kv_tiles, wg)
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((b, t, 3 * h, d), dtype),
+        grid=(h, n_kv_tiles + n_q_tiles, b),
+        grid_names=("heads", "tile", "batch"),
+        num_threads=_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, slopes, do, lse, delta)
+
+
+# ----------------------------------------------------------------------------------------------
+# entry points for flash_gpu (which owns the custom VJP, padding and fallbacks)
+
+
+def is_hopper() -> bool:
+    """Whether the default device is an sm_90 GPU (H100/H200), which these kernels target."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def make_cfg(*, seq, heads, group, head_dim, scale, has_alibi, offsets=(0, 0, 0),
+             blocks=None) -> _Cfg:
+    return _Cfg(seq=seq, heads=heads, group=group, head_dim=head_dim, scale=float(scale),
+                has_alibi=has_alibi, blocks=blocks or MgpuBlocks(), q_off=offsets[0],
+                k_off=offsets[1], v_off=offsets[2])
+
+
+def forward(cfg: _Cfg, q, k, v, slopes):
+    """(out [B, T, H, D], lse [B, H, T] float32 base 2). q/k/v may be one packed array (the
+    offsets in cfg say where its query/key/value heads start). slopes: float32 [>= H]."""
+    return _forward(cfg, q, k, v, slopes.astype(jnp.float32) * LOG2E)
+
+
+def backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
+    """[B, T, 3 H, D]: dq at heads [0, H), dk at [H, 2 H), dv at [2 H, 3 H). Group 1 only."""
+    if cfg.group != 1:
+        raise ValueError("the Hopper backward takes one query head per KV head")
+    return _backward(cfg, q, k, v, slopes.astype(jnp.float32) * LOG2E, do, lse, delta)
