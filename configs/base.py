@@ -11,7 +11,7 @@ files change values, never add keys; `--config.a.b=value` overrides any of them)
                  micro_batch_size (sequences per batch shard per micro-step; 0 = no gradient
                  accumulation), compute_dtype, param_dtype, remat_policy
                  (none|full|dots|dots_no_batch|dots_act|nothing), scan_layers, attn_impl
-                 (auto|reference|pallas_gpu|pallas_tpu), loss_chunk_size (positions per
+                 (auto|reference|pallas_gpu|pallas_triton|pallas_tpu), loss_chunk_size (positions per
                  cross-entropy chunk; 0 = whole sequence), nonfinite (stop|skip),
                  xla_options (XLA options for the train step alone, "name=value,...")
   optim.*        name (decoupled_lion|decoupled_adamw), lr, b1, b2, eps, weight_decay,

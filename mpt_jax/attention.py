@@ -7,6 +7,8 @@ in flash-attn), so causal masking and ALiBi distances work against a KV cache.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -14,7 +16,8 @@ from jax.sharding import PartitionSpec as P
 from mpt_jax import alibi, sharding
 from mpt_jax.kernels import decode_gpu, flash_gpu, packed_head_dim, unpack_qkv
 
-IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+IMPLS = ("auto", "reference", "pallas_gpu", "pallas_triton", "pallas_tpu")
+GPU_IMPLS = ("pallas_gpu", "pallas_triton")
 
 
 def _check_shapes(q, k, v):
@@ -101,6 +104,13 @@ def resolve_impl(impl: str) -> str:
     return _default_impl() if impl == "auto" else impl
 
 
+def _triton_only(impl: str, block_sizes):
+    """("pallas_gpu", block sizes): "pallas_triton" is "pallas_gpu" without the Hopper kernels."""
+    if impl != "pallas_triton":
+        return impl, block_sizes
+    return "pallas_gpu", dataclasses.replace(block_sizes or flash_gpu.BlockSizes(), hopper=None)
+
+
 def _default_impl() -> str:
     """The fastest implementation for the default backend: Pallas on GPU/TPU, jnp on CPU."""
     backend = jax.default_backend()
@@ -127,7 +137,9 @@ def flash_attention(
     """Causal/ALiBi/segment-aware attention; see the module docstring for shapes.
 
     impl: "auto" (pallas_gpu on GPU, pallas_tpu on TPU, reference on CPU), "reference" (jnp,
-    float32), "pallas_gpu" (Triton-lowered Pallas; `interpret=True` runs it on CPU),
+    float32), "pallas_gpu" (on Hopper, the Mosaic GPU kernels of kernels/flash_mgpu.py for the
+    calls they take; otherwise Triton-lowered Pallas; `interpret=True` runs Triton on CPU),
+    "pallas_triton" (Triton-lowered Pallas only),
     "pallas_tpu" (Mosaic TPU Pallas; `interpret=True` runs it on CPU). ALiBi is computed inside
     the kernels from the slopes, never materialised. block_sizes: the kernel's own BlockSizes
     (tuning only). Differentiable in q, k, v.
@@ -142,7 +154,7 @@ def flash_attention(
         )
     if alibi_slopes is not None and jnp.shape(alibi_slopes) != (q.shape[2],):
         raise ValueError(f"alibi_slopes must be [H={q.shape[2]}], got {jnp.shape(alibi_slopes)}")
-    impl = resolve_impl(impl)
+    impl, block_sizes = _triton_only(resolve_impl(impl), block_sizes)
     if impl == "reference":
         return reference_attention(
             q, k, v, alibi_slopes=alibi_slopes, causal=causal, segment_ids=segment_ids,
@@ -191,6 +203,7 @@ def flash_attention_packed(
     impl = resolve_impl(impl)
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    impl, block_sizes = _triton_only(impl, block_sizes)
     mesh = sharding.kernel_mesh()
     whole_heads = mesh is None or sharding.divided_axes(mesh, "heads", n_heads, kv_heads) is None
     if impl == "pallas_gpu" and whole_heads:
@@ -304,7 +317,7 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
     place."""
     b, t, h, d = q.shape
     impl = resolve_impl(impl)
-    if impl == "pallas_gpu" and t == 1 and decode_gpu.supported((b, h, d), k_cache.shape):
+    if impl in GPU_IMPLS and t == 1 and decode_gpu.supported((b, h, d), k_cache.shape):
         scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
         slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
         cache_len = jnp.asarray(cache_index, jnp.int32) + 1

@@ -437,7 +437,7 @@ class Block(nnx.Module):
     def decode_kernels(self) -> bool:
         """One token per row against the cache on the Pallas GPU path: the residual adds and
         norms run as single-launch kernels (kernels/norm_gpu.py)."""
-        return (attn_lib.resolve_impl(self.attn.attn_impl) == "pallas_gpu"
+        return (attn_lib.resolve_impl(self.attn.attn_impl) in attn_lib.GPU_IMPLS
                 and norm_gpu.supported(self.norm_1.weight.shape[-1]))
 
     def decode_step(self, x_btd, pending, ctx: AttnContext, cache_kv, *, dtype):

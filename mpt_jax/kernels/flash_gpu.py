@@ -74,9 +74,9 @@ class BlockSizes:
     num_warps_fused: int = 4
     num_stages_fused: int = 2
     # On Hopper (sm_90), calls that flash_mgpu.supported takes run its Mosaic GPU kernels
-    # (wgmma, TMA, warp specialisation) instead of the Triton ones above: the forward always, the
-    # backward with one query head per KV head. False: always Triton.
-    hopper: bool = True
+    # (wgmma, TMA, warp specialisation) with these tiles instead of the Triton ones above: the
+    # forward always, the backward with one query head per KV head. None: always Triton.
+    hopper: flash_mgpu.MgpuBlocks | None = flash_mgpu.MgpuBlocks()
 
     @classmethod
     def for_float32(cls) -> "BlockSizes":
@@ -265,7 +265,8 @@ def _specs_seg(cfg, tp, sp, idx_b):
 def _mgpu_cfg(cfg: _Cfg, h, d):
     ko, vo = cfg.kv_offsets()
     return flash_mgpu.make_cfg(seq=cfg.seq_q, heads=h, group=cfg.group, head_dim=d,
-                               scale=cfg.scale, has_alibi=cfg.has_alibi, offsets=(0, ko, vo))
+                               scale=cfg.scale, has_alibi=cfg.has_alibi, offsets=(0, ko, vo),
+                               blocks=cfg.blocks.hopper)
 
 
 def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg):
@@ -614,9 +615,10 @@ def _prepare(q_shape, kvh, s, dtype, alibi_slopes, segment_ids, *, causal, softm
     tp, sp = pl.cdiv(t, mq) * mq, pl.cdiv(s, mk) * mk
     dp = max(16, pl.next_power_of_2(d))
     q_seg, kv_seg = segment_ids
-    hopper = (bs.hopper and not interpret and not poison and flash_mgpu.is_hopper()
+    hopper = (bs.hopper is not None and not interpret and not poison
+              and flash_mgpu.is_hopper()
               and flash_mgpu.supported(q_shape, kvh, s, dtype, causal=causal,
-                                       has_segments=q_seg is not None))
+                                       has_segments=q_seg is not None, blocks=bs.hopper))
     cfg = _Cfg(seq_q=t, seq_k=s, offset=s - t, group=h // kvh, scale=scale, causal=causal,
                has_alibi=alibi_slopes is not None, has_segments=q_seg is not None,
                blocks=bs, interpret=interpret, poison=poison, heads=heads,

@@ -52,6 +52,9 @@ class MgpuBlocks:
     block_q_dq: int = 64
     block_kv_dq: int = 64
     stages_bwd: int = 2
+    # fused_dq: no dq CTAs; each dk/dv step also forms its dq share (ds^T k, one more wgmma)
+    # and adds it to a float32 dq with a TMA reduce-add (5 wgmmas a step in all, not 4 + 3).
+    fused_dq: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +76,7 @@ def supported(q_shape, kv_heads, seq_k, dtype, *, causal, has_segments, blocks=N
     b, t, h, d = q_shape
     bs = blocks or MgpuBlocks()
     tile = math.lcm(_WGS * bs.block_q, bs.block_kv, _WGS * bs.block_kv_dkv, bs.block_q_dkv,
-                    _WGS * bs.block_q_dq, bs.block_kv_dq)
+                    _WGS * bs.block_q_dq, bs.block_kv_dq)  # every kernel's tiles divide T
     return (causal and not has_segments and seq_k == t and t % tile == 0 and d in (64, 128)
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and h % kv_heads == 0)
@@ -104,6 +107,20 @@ def _iota(cfg: _Cfg, shape, dim):
     del cfg
     layout = plgpu.Layout.WGMMA if len(shape) == 2 else plgpu.Layout.WGMMA.reduce(1)
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=layout)
+
+
+def _cols(n):
+    """int32 iota over the columns of a WGMMA tile, as a [n] vector (a few registers: a
+    thread holds n / 4 columns), to broadcast with `_bcast_cols`."""
+    return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
+
+
+def _bcast_rows(x, shape):
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _bcast_cols(x, shape):
+    return lax.broadcast_in_dim(x, shape, [1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,12 +182,13 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
 
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                s = s * c
-                if cfg.has_alibi or masked:
-                    rel = _iota(cfg, (bq, bkv), 1) + (j * bkv - base)  # key position - anchor
-                if cfg.has_alibi:
-                    s = s + rel.astype(jnp.float32) * slope
+                if cfg.has_alibi:  # slope * (key position - anchor), one value per column
+                    col = (_cols(bkv) + (j * bkv - base)).astype(jnp.float32) * slope
+                    s = s * c + _bcast_cols(col, s.shape)
+                else:
+                    s = s * c
                 if masked:
+                    rel = _iota(cfg, (bq, bkv), 1) + (j * bkv - base)  # key position - anchor
                     s = jnp.where(rel <= _iota(cfg, (bq, bkv), 0), s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
@@ -316,12 +334,13 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
     n_q_tiles = t // (_WGS * bs.block_q_dq)
 
     def dkv(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref, bi, hi, tile,
-            wg):
+            wg, dq_acc_ref=None):
         bk, bq = bs.block_kv_dkv, bs.block_q_dkv
         n_qb = t // bq
         first = lax.div(tile * (_WGS * bk), jnp.array(bq, jnp.int32))  # CTA's first q block
+        fused = dq_acc_ref is not None
 
-        def body(smem, loaded, consumed):
+        def body(smem, loaded, consumed, fused_smem=None):
             k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = smem
             kv_bar, = loaded[:1]
             q_bar, do_bar, lse_bar, delta_bar = loaded[1:]
@@ -339,6 +358,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                                         kv_bar.at[2 * wg + 1])
                 if cfg.has_alibi:
                     slope = slopes_ref[hi]
+                    row_bias = _iota(cfg, (bk,), 0).astype(jnp.float32) * slope
                 plgpu.barrier_wait(kv_bar.at[2 * wg])
                 plgpu.barrier_wait(kv_bar.at[2 * wg + 1])
                 mine = lax.div(base, jnp.array(bq, jnp.int32))  # first q block with a visible row
@@ -365,17 +385,18 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                         plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
                         return acc_ref[...]
 
-                    s = pl.run_scoped(st, plgpu.ACC((bk, bq), jnp.float32)) * c
-                    if cfg.has_alibi or masked:
-                        # key position - query position
+                    s = pl.run_scoped(st, plgpu.ACC((bk, bq), jnp.float32))
+                    plgpu.barrier_wait(lse_bar.at[slot])
+                    col = -_load_vec(cfg, lse_smem.at[slot], 0)
+                    if cfg.has_alibi:  # slope * (key - query) = row term + column term
+                        col = col + (base - i * bq - _cols(bq)).astype(jnp.float32) * slope
+                        s = s * c + _bcast_rows(row_bias, s.shape)
+                    else:
+                        s = s * c
+                    p = jnp.exp2(s + _bcast_cols(col, s.shape))
+                    if masked:  # key position - query position <= 0
                         rel = (_iota(cfg, (bk, bq), 0) - _iota(cfg, (bk, bq), 1)
                                + (base - i * bq))
-                    if cfg.has_alibi:
-                        s = s + rel.astype(jnp.float32) * slope
-                    plgpu.barrier_wait(lse_bar.at[slot])
-                    lse_v = _load_vec(cfg, lse_smem.at[slot], 0)
-                    p = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [1]))
-                    if masked:
                         p = jnp.where(rel <= 0, p, 0.0)
                     plgpu.barrier_wait(do_bar.at[slot])
                     p16 = p.astype(dtype)
@@ -396,6 +417,21 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                     ds16 = ds.astype(dtype)
                     dk = _accumulate(cfg, dk, lambda r: plgpu.wgmma(r, ds16, q_smem.at[slot]))
                     plgpu.barrier_arrive(q_free.at[slot])
+                    if fused:  # dq[q rows] += ds^T k, through shared memory and a TMA reduce-add
+                        ds_smem, dq_smem = fused_smem[0].at[wg], fused_smem[1].at[wg]
+                        ds_smem[...] = ds16
+                        plgpu.commit_smem()
+
+                        def dq_part(acc_ref):
+                            plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_smem, (1, 0)), k_smem)
+                            return acc_ref[...]
+
+                        part = pl.run_scoped(dq_part, plgpu.ACC((bq, d), jnp.float32))
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous reduce read
+                        dq_smem[...] = part
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(dq_smem, dq_acc_ref.at[bi, pl.ds(i * bq, bq), hi],
+                                                reduction_op="add")
                     return dk, dv
 
                 lax.fori_loop(first, mine, skip, None)
@@ -424,6 +460,12 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                         [q_bar, do_bar, lse_bar, delta_bar],
                         [q_free, do_free, lse_free, delta_free], first, n_qb, stages)
 
+        fused_scratch = ()
+        if fused:
+            fused_scratch = ((_smem((_WGS, bk, bq), dtype),
+                              plgpu.SMEM((_WGS, bq, d), jnp.float32,
+                                         transforms=(plgpu.TilingTransform((8, 32)),
+                                                     plgpu.SwizzleTransform(128)))),)
         pl.run_scoped(
             body,
             (_smem((_WGS, bk, d), dtype), _smem((_WGS, bk, d), dtype),
@@ -432,6 +474,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
              _smem((stages, bq), jnp.float32, swizzled=False)),
             (plgpu.Barrier(num_barriers=2 * _WGS),) + (plgpu.Barrier(num_barriers=stages),) * 4,
             (plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),) * 4,
+            *fused_scratch,
             collective_axes="wg",
         )
 
@@ -477,13 +520,15 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                         plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
                         return acc_ref[...]
 
-                    s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32)) * c
-                    if cfg.has_alibi or masked:
-                        rel = _iota(cfg, (bq, bkv), 1) + (j * bkv - base)
+                    s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
                     if cfg.has_alibi:
-                        s = s + rel.astype(jnp.float32) * slope
-                    p = jnp.exp2(s - lax.broadcast_in_dim(lse_v, s.shape, [0]))
+                        col = (_cols(bkv) + (j * bkv - base)).astype(jnp.float32) * slope
+                        s = s * c + _bcast_cols(col, s.shape)
+                    else:
+                        s = s * c
+                    p = jnp.exp2(s - _bcast_rows(lse_v, s.shape))
                     if masked:
+                        rel = _iota(cfg, (bq, bkv), 1) + (j * bkv - base)
                         p = jnp.where(rel <= _iota(cfg, (bq, bkv), 0), p, 0.0)
                     plgpu.barrier_wait(v_bar.at[slot])
 
@@ -550,15 +595,32 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
         def _():
             dq(*refs, tile - n_kv_tiles, wg)
 
-    return plgpu.kernel(
-        entry,
-        out_type=jax.ShapeDtypeStruct((b, t, 3 * h, d), dtype),
-        grid=(h, n_kv_tiles + n_q_tiles, b),
-        grid_names=("heads", "tile", "batch"),
-        num_threads=_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v, slopes, do, lse, delta)
+    dx_type = jax.ShapeDtypeStruct((b, t, 3 * h, d), dtype)
+    if not bs.fused_dq:
+        return plgpu.kernel(
+            entry,
+            out_type=dx_type,
+            grid=(h, n_kv_tiles + n_q_tiles, b),
+            grid_names=("heads", "tile", "batch"),
+            num_threads=_WGS + 1,
+            thread_name="wg",
+            compiler_params=plgpu.CompilerParams(approx_math=True),
+        )(q, k, v, slopes, do, lse, delta)
+
+    def entry_fused(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dq_acc_ref,
+                    dx_ref):
+        dkv(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref,
+            lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tile"),
+            lax.axis_index("wg"), dq_acc_ref=dq_acc_ref)
+
+    # the float32 dq accumulator is a mutable ref: zeroed here, aliased through the kernel
+    dq_acc = jax.new_ref(jnp.zeros((b, t, h, d), jnp.float32))
+    mesh = plgpu.Mesh(grid=(h, n_kv_tiles, b), grid_names=("heads", "tile", "batch"),
+                      num_threads=_WGS + 1, thread_name="wg")
+    dx = pl.kernel(entry_fused, out_type=dx_type, mesh=mesh,
+                   compiler_params=plgpu.CompilerParams(approx_math=True),
+                   name="alibi_flash_bwd_mgpu")(q, k, v, slopes, do, lse, delta, dq_acc)
+    return dx.at[:, :, :h].set((dq_acc[...] * cfg.scale).astype(dtype))
 
 
 # ----------------------------------------------------------------------------------------------
