@@ -4,7 +4,9 @@
   python bench/attention.py check                 fresh random inputs vs the jnp reference
   python bench/attention.py sweep [--batch 4 --seq 2048]
                                                   each kernel (fwd, dk/dv, dq) per block config
-  python bench/attention.py bench [--config NAME] ours with/without ALiBi at (4, 2048), (1, 8192)
+  python bench/attention.py bench [--config NAME] [--results bench/RESULTS.md --card C --commit X]
+                                                  ours with/without ALiBi at (4, 2048), (1, 8192):
+                                                  Mosaic GPU kernels (Hopper) and Triton kernels
   python bench/attention.py memory                compiled + measured peak of fwd+bwd, T up to 64k
 
 bf16, causal, H=32, D=128 unless flags say otherwise. FLOP convention (as ../shared peers.py):
@@ -18,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import sys
@@ -42,7 +45,7 @@ import numpy as np  # noqa: E402
 
 from mpt_jax import attention  # noqa: E402
 from mpt_jax.alibi import alibi_slopes  # noqa: E402
-from mpt_jax.kernels import flash_gpu  # noqa: E402
+from mpt_jax.kernels import flash_gpu, flash_mgpu  # noqa: E402
 
 B0 = flash_gpu.BlockSizes()
 CONFIGS = {  # named whole-kernel configurations for `bench`
@@ -213,17 +216,22 @@ def _parse_blocks(spec):
 
 
 def mode_bench(args):
+    """Ours with and without ALiBi at (4, 2048) and (1, 8192): impl pallas_gpu (on Hopper the
+    Mosaic GPU kernels of kernels/flash_mgpu.py) and pallas_triton (the Triton kernels)."""
     bs = _parse_blocks(args.config)
     rows = []
+    kernels = [("pallas_triton", "ours_pallas_triton")]
+    if flash_mgpu.is_hopper():
+        kernels.insert(0, ("pallas_gpu", "ours_mosaic_gpu"))
     for b, t in [(4, 2048), (1, 8192)]:
         h, d = args.heads, 128
         q, k, v, do = inputs(b, t, h, h, d)
         fl = fwd_flops(b, t, h, d)
-        for use_alibi in (True, False):
+        for (impl, label), use_alibi in itertools.product(kernels, (True, False)):
             slopes = jnp.asarray(alibi_slopes(h)) if use_alibi else None
-            f = lambda q, k, v, slopes=slopes: attention.flash_attention(  # noqa: E731
-                q, k, v, alibi_slopes=slopes, impl="pallas_gpu", block_sizes=bs)
-            name = "ours_pallas_triton_" + ("alibi" if use_alibi else "noalibi")
+            f = lambda q, k, v, slopes=slopes, impl=impl: attention.flash_attention(  # noqa: E731
+                q, k, v, alibi_slopes=slopes, impl=impl, block_sizes=bs)
+            name = f"{label}_{'alibi' if use_alibi else 'noalibi'}"
             try:
                 t_f = jax_time(jax.jit(f), (q, k, v))
                 t_fb = jax_time(fwd_bwd_fn(f), (q, k, v, do))
@@ -234,8 +242,23 @@ def mode_bench(args):
                 rows.append(dict(name=name, batch=b, seq=t,
                                  error=f"{type(e).__name__}: {str(e)[:300]}"))
             print(rows[-1], flush=True)
-    return dict(blocks=dataclasses.asdict(bs), rows=rows,
-                device=jax.devices()[0].device_kind, jax=jax.__version__)
+    device = jax.devices()[0].device_kind
+    print(f"\n| kernel | B | T | fwd TFLOP/s | fwd+bwd TFLOP/s |  ({device})\n|---|---|---|---|---|")
+    for r in rows:
+        if "error" not in r:
+            print(f"| {r['name']} | {r['batch']} | {r['seq']} | {r['fwd_tflops']:.0f} | "
+                  f"{r['fwdbwd_tflops']:.0f} |")
+    if args.results:
+        date = time.strftime("%Y-%m-%d")
+        with open(args.results, "a") as fh:
+            for r in rows:
+                if "error" in r:
+                    continue
+                fh.write(f"| {date} | attention {r['name']} bf16 causal H={h} D=128 B={r['batch']} "
+                         f"T={r['seq']} (bench/attention.py bench) | TFLOP/s fwd / fwd+bwd | "
+                         f"{r['fwd_tflops']:.0f} / {r['fwdbwd_tflops']:.0f} | {args.card or device}"
+                         f" | {args.commit} |\n")
+    return dict(blocks=dataclasses.asdict(bs), rows=rows, device=device, jax=jax.__version__)
 
 
 def mode_memory(args):
@@ -436,6 +459,9 @@ def main():
     ap.add_argument("--mem_seqs", type=int, nargs="+", default=[16384, 32768, 65536])
     ap.add_argument("--budget_s", type=float, default=150, help="tune: cut the sweep after this")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--results", default="", help="bench: append rows to this RESULTS.md")
+    ap.add_argument("--card", default="")
+    ap.add_argument("--commit", default="")
     args = ap.parse_args()
     print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     try:

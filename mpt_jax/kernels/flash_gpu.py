@@ -76,7 +76,7 @@ class BlockSizes:
     # On Hopper (sm_90), calls that flash_mgpu.supported takes run its Mosaic GPU kernels
     # (wgmma, TMA, warp specialisation) with these tiles instead of the Triton ones above: the
     # forward always, the backward with one query head per KV head. None: always Triton.
-    hopper: flash_mgpu.MgpuBlocks | None = flash_mgpu.MgpuBlocks()
+    hopper: flash_mgpu.MgpuBlocks | None = flash_mgpu.MgpuBlocks()  # noqa: RUF009 (frozen)
 
     @classmethod
     def for_float32(cls) -> "BlockSizes":

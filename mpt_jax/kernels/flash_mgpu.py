@@ -52,9 +52,6 @@ class MgpuBlocks:
     block_q_dq: int = 64
     block_kv_dq: int = 64
     stages_bwd: int = 2
-    # fused_dq: no dq CTAs; each dk/dv step also forms its dq share (ds^T k, one more wgmma)
-    # and adds it to a float32 dq with a TMA reduce-add (5 wgmmas a step in all, not 4 + 3).
-    fused_dq: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +70,7 @@ class _Cfg:
 
 def supported(q_shape, kv_heads, seq_k, dtype, *, causal, has_segments, blocks=None) -> bool:
     """Whether these kernels take the call (else use flash_gpu)."""
-    b, t, h, d = q_shape
+    _, t, h, d = q_shape
     bs = blocks or MgpuBlocks()
     tile = math.lcm(_WGS * bs.block_q, bs.block_kv, _WGS * bs.block_kv_dkv, bs.block_q_dkv,
                     _WGS * bs.block_q_dq, bs.block_kv_dq)  # every kernel's tiles divide T
@@ -89,22 +86,19 @@ def _smem(shape, dtype, swizzled=True):
                                                 plgpu.SwizzleTransform(128)))
 
 
-def _accumulate(cfg: _Cfg, acc, issue):
+def _accumulate(acc, issue):
     """acc + the wgmma(s) that `issue(acc_ref)` starts, accumulated in place."""
-    del cfg
     return pl.run_state(issue)(plgpu.ACC.init(acc))
 
 
-def _full(cfg: _Cfg, shape, value, rows=False):
+def _full(shape, value, rows=False):
     """A float32 constant in the WGMMA register layout (rows=True: a per-row vector)."""
-    del cfg
     x = jnp.full(shape, value, jnp.float32)
     return plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1) if rows else plgpu.Layout.WGMMA)
 
 
-def _iota(cfg: _Cfg, shape, dim):
+def _iota(shape, dim):
     """int32 iota in the WGMMA layout of a [rows, cols] tile ([rows]: its row vector)."""
-    del cfg
     layout = plgpu.Layout.WGMMA if len(shape) == 2 else plgpu.Layout.WGMMA.reduce(1)
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=layout)
 
@@ -165,9 +159,9 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
             if cfg.has_alibi:
                 slope = slopes_ref[hi]
             plgpu.barrier_wait(q_bar.at[wg])
-            m_i = _full(cfg, (bq,), -jnp.inf, rows=True)
-            l_i = _full(cfg, (bq,), 0.0, rows=True)
-            acc = _full(cfg, (bq, d), 0.0)
+            m_i = _full((bq,), -jnp.inf, rows=True)
+            l_i = _full((bq,), 0.0, rows=True)
+            acc = _full((bq, d), 0.0)
             plgpu.barrier_wait(k_bar.at[0])
             pl.when(wg == 1)(sched_barrier)
 
@@ -188,8 +182,8 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
                 else:
                     s = s * c
                 if masked:
-                    rel = _iota(cfg, (bq, bkv), 1) + (j * bkv - base)  # key position - anchor
-                    s = jnp.where(rel <= _iota(cfg, (bq, bkv), 0), s, -jnp.inf)
+                    rel = _iota((bq, bkv), 1) + (j * bkv - base)  # key position - anchor
+                    s = jnp.where(rel <= _iota((bq, bkv), 0), s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -209,7 +203,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
                     def _():
                         plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.array(stages, j.dtype))])
 
-                acc = _accumulate(cfg, acc, pv)
+                acc = _accumulate(acc, pv)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
@@ -229,7 +223,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
             qo_smem[...] = acc.astype(dtype)
             lse = m_i + jnp.log2(l_i)
             if cfg.has_alibi:
-                rows = _iota(cfg, (bq,), 0)
+                rows = _iota((bq,), 0)
                 lse = lse - rows.astype(jnp.float32) * slope
             lse_smem[...] = lse
             plgpu.commit_smem()
@@ -247,9 +241,9 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
                 plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kh], k_smem.at[slot], k_bar.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, vh], v_smem.at[slot], v_bar.at[slot])
 
-            for i in range(stages):
+            for i in range(min(stages, t // bkv)):  # static bound: no slice past the end
                 @pl.when(i < cta_steps)
-                def _():
+                def _(i=i):
                     load(i, i)
 
             @pl.loop(stages, cta_steps)
@@ -261,7 +255,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
                 plgpu.barrier_wait(v_free.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, vh], v_smem.at[slot], v_bar.at[slot])
 
-    def entry(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref):
+    def alibi_flash_fwd_mgpu(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref):
         scratch = (
             _smem((_WGS, bq, d), dtype), _smem((stages, bkv, d), dtype),
             _smem((stages, bkv, d), dtype), _smem((_WGS, bq), jnp.float32, swizzled=False),
@@ -277,7 +271,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
         )
 
     out, lse = plgpu.kernel(
-        entry,
+        alibi_flash_fwd_mgpu,
         out_type=(jax.ShapeDtypeStruct((b, t, h, d), dtype),
                   jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
         grid=(h, n_tiles, b),
@@ -293,25 +287,25 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
 # backward: one launch, dk/dv CTAs then dq CTAs, writing one [B, T, 3 H, D] gradient
 
 
-def _load_vec(cfg: _Cfg, ref, dim):
+def _load_vec(ref, dim):
     """A [n] float32 vector from shared memory in the layout that broadcasts along `dim` of a
     WGMMA tile (dim 1: one value per row; dim 0: one value per column)."""
-    del cfg
     layout = plgpu.Layout.WGMMA.reduce(1 if dim == 1 else 0)
     return plgpu.load(ref, (), layout=layout)
 
 
-def _stream(cfg: _Cfg, srcs, bufs, loaded, consumed, start, stop, stages):
+def _stream(srcs, bufs, loaded, consumed, start, stop, stages, n_blocks):
     """The memory warpgroup's loop: TMA block j of every source into ring slot j % stages,
-    for j in [start, stop); a slot is refilled once both compute warpgroups released it.
-    srcs: functions j -> source ref slice; bufs/loaded/consumed: per source."""
+    for j in [start, stop) (stop <= n_blocks, a static count); a slot is refilled once both
+    compute warpgroups released it. srcs: functions j -> source ref slice; bufs/loaded/consumed:
+    per source."""
     def issue(j, slot):
         for src, buf, bar in zip(srcs, bufs, loaded):
             plgpu.copy_gmem_to_smem(src(j), buf.at[slot], bar.at[slot])
 
-    for i in range(stages):
+    for i in range(min(stages, n_blocks)):
         @pl.when(start + i < stop)
-        def _():
+        def _(i=i):
             issue(start + i, i)
 
     @pl.loop(start + stages, stop)
@@ -334,13 +328,12 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
     n_q_tiles = t // (_WGS * bs.block_q_dq)
 
     def dkv(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref, bi, hi, tile,
-            wg, dq_acc_ref=None):
+            wg):
         bk, bq = bs.block_kv_dkv, bs.block_q_dkv
         n_qb = t // bq
         first = lax.div(tile * (_WGS * bk), jnp.array(bq, jnp.int32))  # CTA's first q block
-        fused = dq_acc_ref is not None
 
-        def body(smem, loaded, consumed, fused_smem=None):
+        def body(smem, loaded, consumed):
             k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = smem
             kv_bar, = loaded[:1]
             q_bar, do_bar, lse_bar, delta_bar = loaded[1:]
@@ -358,7 +351,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                                         kv_bar.at[2 * wg + 1])
                 if cfg.has_alibi:
                     slope = slopes_ref[hi]
-                    row_bias = _iota(cfg, (bk,), 0).astype(jnp.float32) * slope
+                    row_bias = _iota((bk,), 0).astype(jnp.float32) * slope
                 plgpu.barrier_wait(kv_bar.at[2 * wg])
                 plgpu.barrier_wait(kv_bar.at[2 * wg + 1])
                 mine = lax.div(base, jnp.array(bq, jnp.int32))  # first q block with a visible row
@@ -377,65 +370,51 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                     release(slot)
 
                 def step(i, carry, masked):
+                    # S and dP are issued together (one wait), then dv and dk (one wait)
                     dk, dv = carry
                     slot = lax.rem(i - first, jnp.array(stages, i.dtype))
+                    q_blk, do_blk = q_smem.at[slot], do_smem.at[slot]
                     plgpu.barrier_wait(q_bar.at[slot])
+                    plgpu.barrier_wait(do_bar.at[slot])
 
-                    def st(acc_ref):
-                        plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
-                        return acc_ref[...]
+                    def s_dp(s_ref, dp_ref):
+                        plgpu.wgmma(s_ref, k_smem, plgpu.transpose_ref(q_blk, (1, 0)))
+                        plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_blk, (1, 0)))
+                        return s_ref[...], dp_ref[...]
 
-                    s = pl.run_scoped(st, plgpu.ACC((bk, bq), jnp.float32))
+                    s, dp = pl.run_scoped(s_dp, plgpu.ACC((bk, bq), jnp.float32),
+                                          plgpu.ACC((bk, bq), jnp.float32))
                     plgpu.barrier_wait(lse_bar.at[slot])
-                    col = -_load_vec(cfg, lse_smem.at[slot], 0)
-                    if cfg.has_alibi:  # slope * (key - query) = row term + column term
+                    col = -_load_vec(lse_smem.at[slot], 0)
+                    plgpu.barrier_arrive(lse_free.at[slot])
+                    if cfg.has_alibi:
                         col = col + (base - i * bq - _cols(bq)).astype(jnp.float32) * slope
                         s = s * c + _bcast_rows(row_bias, s.shape)
                     else:
                         s = s * c
                     p = jnp.exp2(s + _bcast_cols(col, s.shape))
-                    if masked:  # key position - query position <= 0
-                        rel = (_iota(cfg, (bk, bq), 0) - _iota(cfg, (bk, bq), 1)
+                    if masked:
+                        rel = (_iota((bk, bq), 0) - _iota((bk, bq), 1)
                                + (base - i * bq))
                         p = jnp.where(rel <= 0, p, 0.0)
-                    plgpu.barrier_wait(do_bar.at[slot])
+                    plgpu.barrier_wait(delta_bar.at[slot])
+                    delta_v = _load_vec(delta_smem.at[slot], 0)
+                    plgpu.barrier_arrive(delta_free.at[slot])
+                    ds16 = (p * (dp - _bcast_cols(delta_v, dp.shape))).astype(dtype)
                     p16 = p.astype(dtype)
 
-                    def dv_dp(refs):
-                        dv_ref, dp_ref = refs
-                        plgpu.wgmma(dv_ref, p16, do_smem.at[slot])
-                        plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
+                    def dv_dk(refs):
+                        dv_ref, dk_ref = refs
+                        plgpu.wgmma(dv_ref, p16, do_blk)
+                        plgpu.wgmma(dk_ref, ds16, q_blk)
 
-                    dv, dp = pl.run_state(dv_dp)(
-                        (plgpu.ACC.init(dv), plgpu.ACC.init(_full(cfg, (bk, bq), 0.0))))
+                    dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
                     plgpu.barrier_arrive(do_free.at[slot])
-                    plgpu.barrier_arrive(lse_free.at[slot])
-                    plgpu.barrier_wait(delta_bar.at[slot])
-                    delta_v = _load_vec(cfg, delta_smem.at[slot], 0)
-                    plgpu.barrier_arrive(delta_free.at[slot])
-                    ds = p * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [1]))
-                    ds16 = ds.astype(dtype)
-                    dk = _accumulate(cfg, dk, lambda r: plgpu.wgmma(r, ds16, q_smem.at[slot]))
                     plgpu.barrier_arrive(q_free.at[slot])
-                    if fused:  # dq[q rows] += ds^T k, through shared memory and a TMA reduce-add
-                        ds_smem, dq_smem = fused_smem[0].at[wg], fused_smem[1].at[wg]
-                        ds_smem[...] = ds16
-                        plgpu.commit_smem()
-
-                        def dq_part(acc_ref):
-                            plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_smem, (1, 0)), k_smem)
-                            return acc_ref[...]
-
-                        part = pl.run_scoped(dq_part, plgpu.ACC((bq, d), jnp.float32))
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous reduce read
-                        dq_smem[...] = part
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(dq_smem, dq_acc_ref.at[bi, pl.ds(i * bq, bq), hi],
-                                                reduction_op="add")
                     return dk, dv
 
                 lax.fori_loop(first, mine, skip, None)
-                carry = (_full(cfg, (bk, d), 0.0), _full(cfg, (bk, d), 0.0))
+                carry = (_full((bk, d), 0.0), _full((bk, d), 0.0))
                 carry = lax.fori_loop(mine, full, functools.partial(step, masked=True), carry)
                 dk, dv = lax.fori_loop(full, n_qb, functools.partial(step, masked=False), carry)
                 k_smem[...] = (dk * cfg.scale).astype(dtype)
@@ -451,21 +430,15 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
             def _memory():
                 plgpu.set_max_registers(40, action="decrease")
                 qh = cfg.q_off + hi
-                _stream(cfg,
+                _stream(
                         [lambda j: q_ref.at[bi, pl.ds(j * bq, bq), qh],
                          lambda j: do_ref.at[bi, pl.ds(j * bq, bq), hi],
                          lambda j: lse_ref.at[bi, hi, pl.ds(j * bq, bq)],
                          lambda j: delta_ref.at[bi, hi, pl.ds(j * bq, bq)]],
                         [q_smem, do_smem, lse_smem, delta_smem],
                         [q_bar, do_bar, lse_bar, delta_bar],
-                        [q_free, do_free, lse_free, delta_free], first, n_qb, stages)
+                        [q_free, do_free, lse_free, delta_free], first, n_qb, stages, n_qb)
 
-        fused_scratch = ()
-        if fused:
-            fused_scratch = ((_smem((_WGS, bk, bq), dtype),
-                              plgpu.SMEM((_WGS, bq, d), jnp.float32,
-                                         transforms=(plgpu.TilingTransform((8, 32)),
-                                                     plgpu.SwizzleTransform(128)))),)
         pl.run_scoped(
             body,
             (_smem((_WGS, bk, d), dtype), _smem((_WGS, bk, d), dtype),
@@ -474,7 +447,6 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
              _smem((stages, bq), jnp.float32, swizzled=False)),
             (plgpu.Barrier(num_barriers=2 * _WGS),) + (plgpu.Barrier(num_barriers=stages),) * 4,
             (plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),) * 4,
-            *fused_scratch,
             collective_axes="wg",
         )
 
@@ -505,22 +477,26 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                     slope = slopes_ref[hi]
                 for n in range(4):
                     plgpu.barrier_wait(row_bar.at[4 * wg + n])
-                lse_v = _load_vec(cfg, lse_smem, 1)
+                lse_v = _load_vec(lse_smem, 1)
                 if cfg.has_alibi:  # p = exp2(s c + slope (j - a) - (lse + slope (i - a)))
-                    lse_v = lse_v + _iota(cfg, (bq,), 0).astype(jnp.float32) * slope
-                delta_v = _load_vec(cfg, delta_smem, 1)
+                    lse_v = lse_v + _iota((bq,), 0).astype(jnp.float32) * slope
+                delta_v = _load_vec(delta_smem, 1)
                 steps = pl.cdiv(base + bq, jnp.array(bkv, jnp.int32))
                 full = lax.div(base + 1, jnp.array(bkv, jnp.int32))
 
-                def step(j, acc, masked):
+                def step(j, acc, masked):  # S and dP issued together, then dq
                     slot = lax.rem(j, jnp.array(stages, j.dtype))
                     plgpu.barrier_wait(k_bar.at[slot])
+                    plgpu.barrier_wait(v_bar.at[slot])
 
-                    def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                        return acc_ref[...]
+                    def s_dp(s_ref, dp_ref):
+                        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                        plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+                        return s_ref[...], dp_ref[...]
 
-                    s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+                    s, dp = pl.run_scoped(s_dp, plgpu.ACC((bq, bkv), jnp.float32),
+                                          plgpu.ACC((bq, bkv), jnp.float32))
+                    plgpu.barrier_arrive(v_free.at[slot])
                     if cfg.has_alibi:
                         col = (_cols(bkv) + (j * bkv - base)).astype(jnp.float32) * slope
                         s = s * c + _bcast_cols(col, s.shape)
@@ -528,22 +504,14 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                         s = s * c
                     p = jnp.exp2(s - _bcast_rows(lse_v, s.shape))
                     if masked:
-                        rel = _iota(cfg, (bq, bkv), 1) + (j * bkv - base)
-                        p = jnp.where(rel <= _iota(cfg, (bq, bkv), 0), p, 0.0)
-                    plgpu.barrier_wait(v_bar.at[slot])
-
-                    def dpv(acc_ref):
-                        plgpu.wgmma(acc_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-                        return acc_ref[...]
-
-                    dp = pl.run_scoped(dpv, plgpu.ACC((bq, bkv), jnp.float32))
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    ds16 = (p * (dp - lax.broadcast_in_dim(delta_v, dp.shape, [0]))).astype(dtype)
-                    acc = _accumulate(cfg, acc, lambda r: plgpu.wgmma(r, ds16, k_smem.at[slot]))
+                        rel = _iota((bq, bkv), 1) + (j * bkv - base)
+                        p = jnp.where(rel <= _iota((bq, bkv), 0), p, 0.0)
+                    ds16 = (p * (dp - _bcast_rows(delta_v, dp.shape))).astype(dtype)
+                    acc = _accumulate(acc, lambda r: plgpu.wgmma(r, ds16, k_smem.at[slot]))
                     plgpu.barrier_arrive(k_free.at[slot])
                     return acc
 
-                acc = _full(cfg, (bq, d), 0.0)
+                acc = _full((bq, d), 0.0)
                 acc = lax.fori_loop(0, full, functools.partial(step, masked=False), acc)
                 acc = lax.fori_loop(full, steps, functools.partial(step, masked=True), acc)
 
@@ -562,11 +530,11 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
             def _memory():
                 plgpu.set_max_registers(40, action="decrease")
                 kh, vh = cfg.k_off + hi, cfg.v_off + hi
-                _stream(cfg,
+                _stream(
                         [lambda j: k_ref.at[bi, pl.ds(j * bkv, bkv), kh],
                          lambda j: v_ref.at[bi, pl.ds(j * bkv, bkv), vh]],
                         [k_smem, v_smem], [k_bar, v_bar], [k_free, v_free], 0, cta_steps,
-                        stages)
+                        stages, t // bkv)
 
         pl.run_scoped(
             body,
@@ -580,7 +548,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
             collective_axes="wg",
         )
 
-    def entry(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref):
+    def alibi_flash_bwd_mgpu(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref):
         bi = lax.axis_index("batch")
         hi = lax.axis_index("heads")
         tile = lax.axis_index("tile")
@@ -595,32 +563,15 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
         def _():
             dq(*refs, tile - n_kv_tiles, wg)
 
-    dx_type = jax.ShapeDtypeStruct((b, t, 3 * h, d), dtype)
-    if not bs.fused_dq:
-        return plgpu.kernel(
-            entry,
-            out_type=dx_type,
-            grid=(h, n_kv_tiles + n_q_tiles, b),
-            grid_names=("heads", "tile", "batch"),
-            num_threads=_WGS + 1,
-            thread_name="wg",
-            compiler_params=plgpu.CompilerParams(approx_math=True),
-        )(q, k, v, slopes, do, lse, delta)
-
-    def entry_fused(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dq_acc_ref,
-                    dx_ref):
-        dkv(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref,
-            lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tile"),
-            lax.axis_index("wg"), dq_acc_ref=dq_acc_ref)
-
-    # the float32 dq accumulator is a mutable ref: zeroed here, aliased through the kernel
-    dq_acc = jax.new_ref(jnp.zeros((b, t, h, d), jnp.float32))
-    mesh = plgpu.Mesh(grid=(h, n_kv_tiles, b), grid_names=("heads", "tile", "batch"),
-                      num_threads=_WGS + 1, thread_name="wg")
-    dx = pl.kernel(entry_fused, out_type=dx_type, mesh=mesh,
-                   compiler_params=plgpu.CompilerParams(approx_math=True),
-                   name="alibi_flash_bwd_mgpu")(q, k, v, slopes, do, lse, delta, dq_acc)
-    return dx.at[:, :, :h].set((dq_acc[...] * cfg.scale).astype(dtype))
+    return plgpu.kernel(
+        alibi_flash_bwd_mgpu,
+        out_type=jax.ShapeDtypeStruct((b, t, 3 * h, d), dtype),
+        grid=(h, n_kv_tiles + n_q_tiles, b),
+        grid_names=("heads", "tile", "batch"),
+        num_threads=_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, slopes, do, lse, delta)
 
 
 # ----------------------------------------------------------------------------------------------

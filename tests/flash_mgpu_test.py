@@ -1,0 +1,138 @@
+"""The Hopper (Mosaic GPU) attention kernels: which calls they take, that they lower for CUDA
+(no GPU needed: the Mosaic GPU lowering runs on the host), that remat keeps their forward, and,
+on an H100/H200 only, their values and gradients against the jnp reference.
+
+JAX's GPU interpret mode cannot run them (no transposed wgmma operands, no run_state), so the
+numerical checks need the card.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mpt_jax import attention
+from mpt_jax.alibi import alibi_slopes
+from mpt_jax.kernels import flash_gpu, flash_mgpu
+
+ON_HOPPER = flash_mgpu.is_hopper()
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def test_supported_shapes():
+    ok = dict(causal=True, has_segments=False)
+    bf16 = jnp.bfloat16
+    assert flash_mgpu.supported((2, 2048, 32, 128), 32, 2048, bf16, **ok)
+    assert flash_mgpu.supported((1, 128, 6, 64), 2, 128, jnp.float16, **ok)
+    assert not flash_mgpu.supported((2, 2000, 32, 128), 32, 2000, bf16, **ok)  # not tiled
+    assert not flash_mgpu.supported((2, 2048, 32, 96), 32, 2048, bf16, **ok)  # head dim
+    assert not flash_mgpu.supported((2, 2048, 32, 128), 32, 2048, jnp.float32, **ok)
+    assert not flash_mgpu.supported((2, 2048, 32, 128), 32, 4096, bf16, **ok)  # S != T
+    assert not flash_mgpu.supported((2, 2048, 32, 128), 32, 2048, bf16, causal=False,
+                                    has_segments=False)
+    assert not flash_mgpu.supported((2, 2048, 32, 128), 32, 2048, bf16, causal=True,
+                                    has_segments=True)
+
+
+def _cuda_hlo(fn, *args):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _kernels(txt):
+    """(Mosaic GPU forward, Mosaic GPU backward, Triton) custom calls in lowered text."""
+    calls = [ln for ln in txt.splitlines() if "custom_call" in ln]
+    return (sum("alibi_flash_fwd_mgpu" in ln for ln in calls),
+            sum("alibi_flash_bwd_mgpu" in ln for ln in calls),
+            sum("triton" in ln for ln in calls))
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 2, 64), (2, 256, 3, 128)])
+def test_hopper_path_lowers_forward_and_backward(monkeypatch, shape):
+    monkeypatch.setattr(flash_mgpu, "is_hopper", lambda: True)
+    b, t, h, d = shape
+    slopes = jnp.asarray(alibi_slopes(h))
+    q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    loss = lambda q, k, v: flash_gpu.flash_attention_gpu(q, k, v, slopes).sum()  # noqa: E731
+    assert _kernels(_cuda_hlo(jax.grad(loss, (0, 1, 2)), q, q, q)) == (1, 1, 0)
+    x = jax.ShapeDtypeStruct((b, t, 3 * h * d), jnp.bfloat16)
+    lossp = lambda x: flash_gpu.flash_attention_gpu_packed(x, h, h, slopes).sum()  # noqa: E731
+    assert _kernels(_cuda_hlo(jax.grad(lossp), x)) == (1, 1, 0)
+    # GQA: Hopper forward, Triton backward; segments, or Triton asked for: Triton only
+    k = jax.ShapeDtypeStruct((b, t, 1, d), jnp.bfloat16)
+    assert _kernels(_cuda_hlo(jax.grad(loss, (0, 1, 2)), q, k, k))[:2] == (1, 0)
+    seg = jnp.zeros((b, t), jnp.int32)
+    loss_seg = lambda q: flash_gpu.flash_attention_gpu(  # noqa: E731
+        q, q, q, slopes, q_segment_ids=seg, kv_segment_ids=seg).sum()
+    assert _kernels(_cuda_hlo(jax.grad(loss_seg), q))[:2] == (0, 0)
+    loss_tr = lambda q: attention.flash_attention(  # noqa: E731
+        q, q, q, alibi_slopes=slopes, impl="pallas_triton").sum()
+    assert _kernels(_cuda_hlo(jax.grad(loss_tr), q))[:2] == (0, 0)
+
+
+def test_remat_keeps_the_hopper_forward(monkeypatch):
+    """Its out/logsumexp carry the residual names the model's remat policies save: the backward
+    pass does not rerun the forward kernel (with the bare dots policy it does)."""
+    from mpt_jax.model import REMAT_POLICIES
+
+    monkeypatch.setattr(flash_mgpu, "is_hopper", lambda: True)
+
+    def live_forwards(policy):
+        def layer(q):
+            o = flash_gpu.flash_attention_gpu(q * 2, q, q, jnp.ones((2,), jnp.float32))
+            return jnp.tanh(o.astype(jnp.float32))
+
+        loss = lambda q: jnp.sum(jax.checkpoint(layer, policy=policy)(q) ** 2)  # noqa: E731
+        txt = _cuda_hlo(jax.grad(loss), jnp.ones((1, 128, 2, 64), jnp.bfloat16))
+        ids = [re.match(r"\s*(%\w+)", ln).group(1) for ln in txt.splitlines()
+               if "custom_call" in ln and "alibi_flash_fwd_mgpu" in ln]
+        return sum(1 for i in ids if re.search(re.escape(i) + r"#", txt))
+
+    assert live_forwards(REMAT_POLICIES["dots_no_batch"]) == 1
+    assert live_forwards(jax.checkpoint_policies.dots_with_no_batch_dims_saveable) == 2
+
+
+def test_pallas_triton_impl_matches_pallas_gpu_in_interpret_mode():
+    q = jax.random.normal(jax.random.key(1), (1, 40, 3, 16), jnp.float32)
+    slopes = jnp.asarray(alibi_slopes(3))
+    run = lambda impl: attention.flash_attention(  # noqa: E731
+        q, q * 0.5, q, alibi_slopes=slopes, impl=impl, interpret=True)
+    np.testing.assert_array_equal(run("pallas_triton"), run("pallas_gpu"))
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        run("pallas_mosaic")
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="needs an H100/H200: compiles the Mosaic GPU kernels")
+@pytest.mark.parametrize("b,t,h,kvh,d,alibi", [(2, 512, 4, 4, 128, True), (1, 256, 3, 3, 64, True),
+                                               (1, 384, 2, 2, 128, False),
+                                               (2, 256, 8, 2, 128, True)])
+def test_hopper_kernels_against_reference(b, t, h, kvh, d, alibi):
+    ks = jax.random.split(jax.random.key(np.random.SeedSequence().generate_state(1)[0]), 4)
+    q = jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, t, kvh, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, t, kvh, d), jnp.bfloat16)
+    do = jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16)
+    slopes = jnp.asarray(alibi_slopes(h)) if alibi else None
+
+    def fwd_bwd(f, *args):
+        out, vjp = jax.vjp(f, *args)
+        return (out, *vjp(do.astype(out.dtype)))
+
+    f32 = lambda *a: [x.astype(jnp.float32) for x in a]  # noqa: E731
+    want = jax.jit(lambda q, k, v: fwd_bwd(lambda q, k, v: attention.reference_attention(
+        q, k, v, alibi_slopes=slopes), *f32(q, k, v)))(q, k, v)
+    got = jax.jit(lambda q, k, v: fwd_bwd(lambda q, k, v: attention.flash_attention(
+        q, k, v, alibi_slopes=slopes, impl="pallas_gpu"), q, k, v))(q, k, v)
+    for a, w in zip(got, want):
+        assert _rel(a, w) < 1e-2
+    if kvh == h:  # the packed path: one gradient array from the one backward launch
+        x = jnp.concatenate([a.reshape(b, t, h * d) for a in (q, k, v)], -1)
+        out, dx = jax.jit(lambda x: fwd_bwd(lambda x: attention.flash_attention_packed(
+            x, h, h, alibi_slopes=slopes, impl="pallas_gpu"), x))(x)
+        dx = dx.reshape(b, t, 3, h, d)
+        for a, w in zip((out, dx[:, :, 0], dx[:, :, 1], dx[:, :, 2]), want):
+            assert _rel(a, w) < 1e-2
