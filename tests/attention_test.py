@@ -12,9 +12,18 @@ import pytest
 
 from mpt_jax import attention
 from mpt_jax.alibi import alibi_slopes
-from mpt_jax.kernels import flash_gpu
+from mpt_jax.kernels import flash_gpu, flash_mgpu
 
 ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.fixture(autouse=True)
+def _triton_kernels(monkeypatch):
+    """This file tests the Triton kernels: on an H100/H200 flash_gpu would hand the calls the
+    Mosaic GPU kernels take to them (tests/flash_mgpu_test.py covers those)."""
+    monkeypatch.setattr(flash_mgpu, "is_hopper", lambda: False)
+
+
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # interpret mode: exact f32 dots; bf16 p @ v
 GPU_TOL = {jnp.float32: 3e-3, jnp.bfloat16: 2e-2}  # tf32 dots for float32 on the GPU
 SMALL = flash_gpu.BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64,
