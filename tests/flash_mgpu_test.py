@@ -28,7 +28,8 @@ def test_supported_shapes():
     ok = dict(causal=True, has_segments=False)
     bf16 = jnp.bfloat16
     assert flash_mgpu.supported((2, 2048, 32, 128), 32, 2048, bf16, **ok)
-    assert flash_mgpu.supported((1, 128, 6, 64), 2, 128, jnp.float16, **ok)
+    assert flash_mgpu.supported((1, 128, 6, 64), 2, 128, bf16, **ok)
+    assert not flash_mgpu.supported((1, 128, 6, 64), 2, 128, jnp.float16, **ok)
     assert not flash_mgpu.supported((2, 2000, 32, 128), 32, 2000, bf16, **ok)  # not tiled
     assert not flash_mgpu.supported((2, 2048, 32, 96), 32, 2048, bf16, **ok)  # head dim
     assert not flash_mgpu.supported((2, 2048, 32, 128), 32, 2048, jnp.float32, **ok)

@@ -1,9 +1,9 @@
 """ALiBi flash attention for Hopper GPUs: Pallas kernels lowered through Mosaic GPU.
 
 FlashAttention-3's structure (warp specialisation, TMA, wgmma), for MPT's case: causal
-self-attention with ALiBi computed in the kernel, bf16/fp16, head dim a multiple of 64, the
-sequence a multiple of the tiles, no segment ids. Anything else goes to the Triton kernels
-(`flash_gpu`), which this module's entry points fall back to; `supported(...)` says which.
+self-attention with ALiBi computed in the kernel, bf16, head dim 64 or 128, the sequence a
+multiple of the tiles (128), no segment ids. `flash_gpu` owns the custom VJP and calls this
+module on sm_90 for what `supported(...)` takes; anything else runs its Triton kernels.
 
 Each CTA runs three warpgroups: two compute warpgroups, each owning `block` rows of the CTA's
 tile, and one memory warpgroup that streams the other operand's blocks through a ring of shared
@@ -13,9 +13,9 @@ memory buffers with TMA, guarded by "loaded" and "consumed" barriers.
            logsumexp, both as `flash_gpu` does (base 2, ALiBi's row term folded in), so the
            backward kernels of either module can consume them.
   dk/dv    grid (H, kv tiles, B): rows are keys, the stream is q/do/lse/delta from the diagonal
-           block to the end (4 wgmmas a step).
+           block to the end (4 wgmmas a step: S and dP issued together, then dv and dk).
   dq       grid (H, q tiles, B): rows are queries, the stream is K/V up to the diagonal (3 wgmmas
-           a step).
+           a step: S and dP together, then dq).
 dk/dv and dq are one launch (the first CTAs do dk/dv, the rest dq) writing one gradient array, so
 the packed layout (q, k and v heads in one [B, T, H + 2 KV, D] array) needs no concatenation.
 
@@ -75,7 +75,7 @@ def supported(q_shape, kv_heads, seq_k, dtype, *, causal, has_segments, blocks=N
     tile = math.lcm(_WGS * bs.block_q, bs.block_kv, _WGS * bs.block_kv_dkv, bs.block_q_dkv,
                     _WGS * bs.block_q_dq, bs.block_kv_dq)  # every kernel's tiles divide T
     return (causal and not has_segments and seq_k == t and t % tile == 0 and d in (64, 128)
-            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)  # fp16: never run on a GPU
             and h % kv_heads == 0)
 
 
