@@ -264,7 +264,7 @@ def _specs_seg(cfg, tp, sp, idx_b):
 
 def _mgpu_cfg(cfg: _Cfg, h, d):
     ko, vo = cfg.kv_offsets()
-    return flash_mgpu.make_cfg(seq=cfg.seq_q, heads=h, group=cfg.group, head_dim=d,
+    return flash_mgpu.make_cfg(heads=h, group=cfg.group, head_dim=d,
                                scale=cfg.scale, has_alibi=cfg.has_alibi, offsets=(0, ko, vo),
                                blocks=cfg.blocks.hopper)
 

@@ -56,7 +56,6 @@ class MgpuBlocks:
 
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
-    seq: int
     heads: int
     group: int  # query heads per KV head
     head_dim: int
@@ -235,25 +234,10 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
             kh, vh = cfg.k_off + kvh, cfg.v_off + kvh
-
-            def load(j, slot):
-                rows = pl.ds(j * bkv, bkv)
-                plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kh], k_smem.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, vh], v_smem.at[slot], v_bar.at[slot])
-
-            for i in range(min(stages, t // bkv)):  # static bound: no slice past the end
-                @pl.when(i < cta_steps)
-                def _(i=i):
-                    load(i, i)
-
-            @pl.loop(stages, cta_steps)
-            def _(j):
-                slot = lax.rem(j, jnp.array(stages, j.dtype))
-                plgpu.barrier_wait(k_free.at[slot])
-                rows = pl.ds(j * bkv, bkv)
-                plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, kh], k_smem.at[slot], k_bar.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, vh], v_smem.at[slot], v_bar.at[slot])
+            _stream([lambda j: k_ref.at[bi, pl.ds(j * bkv, bkv), kh],
+                     lambda j: v_ref.at[bi, pl.ds(j * bkv, bkv), vh]],
+                    [k_smem, v_smem], [k_bar, v_bar], [k_free, v_free], 0, cta_steps, stages,
+                    t // bkv)
 
     def alibi_flash_fwd_mgpu(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref):
         scratch = (
@@ -584,9 +568,9 @@ def is_hopper() -> bool:
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
-def make_cfg(*, seq, heads, group, head_dim, scale, has_alibi, offsets=(0, 0, 0),
+def make_cfg(*, heads, group, head_dim, scale, has_alibi, offsets=(0, 0, 0),
              blocks=None) -> _Cfg:
-    return _Cfg(seq=seq, heads=heads, group=group, head_dim=head_dim, scale=float(scale),
+    return _Cfg(heads=heads, group=group, head_dim=head_dim, scale=float(scale),
                 has_alibi=has_alibi, blocks=blocks or MgpuBlocks(), q_off=offsets[0],
                 k_off=offsets[1], v_off=offsets[2])
 
