@@ -405,8 +405,8 @@ def test_exact_gelu_value_and_derivative(dtype, tol, floor):
 def test_norm_custom_vjp_matches_autodiff(norm_type, x_dtype):
     """model.norm's written-out backward against jax autodiff of the same forward (written
     here in plain jnp) on fresh random inputs: equal outputs, and gradients for x, the weight
-    and the bias within float32 rounding (one ulp where they are bf16), in the dtypes autodiff
-    gives."""
+    and the bias within float32 rounding (one bf16 ulp where they are bf16 or went through a
+    bf16 cast), in the dtypes autodiff gives."""
     from mpt_jax.model import norm
 
     rng = np.random.default_rng()
@@ -439,5 +439,8 @@ def test_norm_custom_vjp_matches_autodiff(norm_type, x_dtype):
     for g, r in zip(got, want):
         assert g.dtype == r.dtype
         g32, r32 = np.asarray(g, np.float32), np.asarray(r, np.float32)
-        tol = 8e-3 if g.dtype == jnp.bfloat16 else 1e-5  # bf16: a rounding flip, one ulp
+        # One ulp of bf16 where the gradient is bf16, or passed through a bf16 cast (the
+        # low-precision norms cast x and the weight to bf16: autodiff rounds their gradients to
+        # bf16 even when it hands them back as float32); float32 rounding elsewhere.
+        tol = 8e-3 if (low or g.dtype == jnp.bfloat16) else 1e-5
         assert np.abs(g32 - r32).max() <= tol * np.abs(r32).max()
