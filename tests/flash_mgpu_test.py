@@ -113,35 +113,35 @@ def test_pallas_triton_impl_matches_pallas_gpu_in_interpret_mode():
 
 
 MESH_STEP = textwrap.dedent(r'''
+    import importlib.util
     import re
-    import jax, jax.numpy as jnp, ml_collections
+    import jax, jax.numpy as jnp
     from mpt_jax import optim, sharding
     from mpt_jax import train_step as step_lib
     from mpt_jax.config import MPTConfig
     from mpt_jax.kernels import flash_mgpu
 
     flash_mgpu.is_hopper = lambda: True
+    spec = importlib.util.spec_from_file_location("mpt7b", "configs/mpt7b.py")
+    mpt7b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mpt7b)
+    run = mpt7b.get_config()  # MPT-7B as trained: LION, bf16, remat; small shapes below
+    run.train.seq_len, run.train.global_batch_size, run.train.micro_batch_size = 256, 8, 0
+    run.train.scan_layers, run.train.attn_impl = True, "pallas_gpu"
     cfg = MPTConfig(d_model=256, n_heads=2, n_layers=3, vocab_size=131, max_seq_len=256)
-    train = ml_collections.ConfigDict(dict(
-        seq_len=256, global_batch_size=8, micro_batch_size=0, compute_dtype="bfloat16",
-        param_dtype="float32", remat_policy="dots_no_batch", scan_layers=True,
-        attn_impl="pallas_gpu", loss_chunk_size=0, nonfinite="stop"))
-    ocfg = ml_collections.ConfigDict(dict(
-        name="decoupled_lion", lr=1e-4, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
-        weight_decay_mask="all", mu_dtype="bfloat16", clip_norm=1.0, schedule="cosine",
-        warmup_steps=10, alpha_f=0.1))
     mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1})
     rules = sharding.DEFAULT_RULES
-    tx = optim.make_optimizer(ocfg, 1000, clip=False)
-    settings = step_lib.make_settings(cfg, train, tx, lambda s: 1e-4, mesh=mesh, rules=rules,
+    tx = optim.make_optimizer(run.optim, 1000, clip=False)
+    settings = step_lib.make_settings(cfg, run.train, tx, lambda s: 1e-4, mesh=mesh, rules=rules,
                                       seed=0, global_batch=8, clip_norm=1.0)
-    abstract, shardings = step_lib.state_shardings(cfg, train, tx, mesh, rules)
+    abstract, shardings = step_lib.state_shardings(cfg, run.train, tx, mesh, rules)
     step = step_lib.compile_train_step(settings, shardings, mesh, ("input_ids",))
     batch = {"input_ids": jax.ShapeDtypeStruct((8, 256), jnp.int32)}
     with sharding.use_mesh(mesh):
         txt = step.trace(abstract, batch).lower(lowering_platforms=("cuda",)).as_text()
     calls = [ln for ln in txt.splitlines() if "custom_call" in ln]
     mosaic = [ln for ln in calls if "mosaic_gpu" in ln]
+    print("OPTIM", run.optim.name, run.train.remat_policy, run.train.compute_dtype)
     print("KERNELS", len(mosaic), sum("triton" in ln for ln in calls))
     for ln in mosaic:
         print("OPERANDS", re.search(r"\} : \((tensor<[0-9a-z]+>)", ln).group(1))
@@ -149,8 +149,8 @@ MESH_STEP = textwrap.dedent(r'''
 
 
 def test_sharded_train_step_lowers_with_the_hopper_kernels():
-    """The real FSDP train step (4 fake devices, layers under scan, remat, LION; MPT-7B's head
-    dim 128) lowered for CUDA as for Hopper: one Mosaic GPU forward and one backward launch per
+    """The real FSDP train step with configs/mpt7b.py's training and optimizer sections (4 fake
+    devices, layers under scan, MPT-7B's head dim 128; small shapes) lowered for CUDA as for Hopper: one Mosaic GPU forward and one backward launch per
     layer (the scan body), on each shard's rows of the fused projection ([B / 4, T, 3H, D]
     read in place), and no Triton attention kernel."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -159,6 +159,7 @@ def test_sharded_train_step_lowers_with_the_hopper_kernels():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
+    assert "OPTIM decoupled_lion dots_no_batch bfloat16" in lines, out.stdout
     assert "KERNELS 2 0" in lines, out.stdout
     assert [ln for ln in lines if ln.startswith("OPERANDS")] == [
         "OPERANDS tensor<2x256x6x128xbf16>"] * 2, out.stdout
