@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default=None, help="default: the checkpoint directory")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     ap.add_argument("--eos_id", type=int, default=None,
-                    help="default: the tokenizer's <|endoftext|> (no EOS stop if it has none)")
+                    help="default: config.json's eos_token_id, else the tokenizer's <|endoftext|> "
+                         "(no EOS stop if neither)")
     ap.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes; one may be -1")
     args = ap.parse_args(argv)
 
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
     del model  # the generator keeps per-layer copies of the weights
 
     eos_id = args.eos_id
+    if eos_id is None and isinstance(gen.config.eos_token_id, int):
+        eos_id = gen.config.eos_token_id  # config.json's, as HF's generate uses it
     if eos_id is None:
         eos_id = tok.token_to_id("<|endoftext|>")
     if eos_id is not None and eos_id >= gen.config.vocab_size:

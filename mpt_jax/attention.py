@@ -37,6 +37,13 @@ def _check_shapes(q, k, v):
         raise ValueError(f"key length {s} is shorter than query length {q.shape[1]}")
 
 
+def _check_rows(name: str, x, shape: tuple[int, ...]) -> None:
+    """`x` (segment ids, a mask: one entry per batch row and position) must have `shape`."""
+    if x is not None and tuple(jnp.shape(x)) != tuple(shape):
+        raise ValueError(f"{name} must be {list(shape)} (batch, positions), got "
+                         f"{list(jnp.shape(x))}")
+
+
 def reference_attention(
     q,
     k,
@@ -61,6 +68,9 @@ def reference_attention(
     _check_shapes(q, k, v)
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
+    _check_rows("segment_ids", segment_ids, (b, t))
+    _check_rows("kv_segment_ids", kv_segment_ids, (b, s))
+    _check_rows("kv_mask", kv_mask, (b, s))
     g = h // kvh
     scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
     if q_positions is None:
@@ -147,6 +157,7 @@ def flash_attention(
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
     _check_shapes(q, k, v)
+    _check_rows("segment_ids", segment_ids, q.shape[:2])
     if segment_ids is not None and k.shape[1] != q.shape[1]:
         raise ValueError(
             f"segment_ids need S == T (got T={q.shape[1]}, S={k.shape[1]}); "
@@ -198,6 +209,7 @@ def flash_attention_packed(
     """
     b = qkv.shape[0]
     packed_head_dim(qkv.shape, n_heads, kv_heads)  # validates the width
+    _check_rows("segment_ids", segment_ids, qkv.shape[:2])
     if alibi_slopes is not None and jnp.shape(alibi_slopes) != (n_heads,):
         raise ValueError(f"alibi_slopes must be [H={n_heads}], got {jnp.shape(alibi_slopes)}")
     impl = resolve_impl(impl)
@@ -273,6 +285,7 @@ def decode_attention(
     _check_shapes(q, k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2))
     b, t, h, d = q.shape
     kvh, s = k_cache.shape[1], k_cache.shape[2]
+    _check_rows("kv_mask", kv_mask, (b, s))
     g = h // kvh
     scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
     prec = (jax.lax.Precision.HIGHEST if k_cache.dtype == jnp.float32
@@ -298,9 +311,11 @@ def decode_attention(
     p = jnp.where(mask_b11ts, jnp.exp(logits_bkgts - m), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0, 1.0, denom)
-    out_btkgd = jnp.einsum("bkgts,bksd->btkgd", p.astype(v_cache.dtype), v_cache, precision=prec,
+    # Batch dims first in the product's output, then one transpose (with "->btkgd" directly,
+    # XLA:CPU cannot run the bf16 x bf16 -> f32 product for batch > 1).
+    out_bkgtd = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v_cache.dtype), v_cache, precision=prec,
                            preferred_element_type=jnp.float32)
-    return out_btkgd.reshape(b, t, h, d).astype(q.dtype)
+    return out_bkgtd.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
 def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_slopes=None,
@@ -316,6 +331,13 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
     the fused projection q, k_new and v_new were sliced from; the kernel then reads it in
     place."""
     b, t, h, d = q.shape
+    s = k_cache.shape[2]
+    _check_rows("kv_mask", kv_mask, (b, s))
+    if not isinstance(cache_index, jax.core.Tracer) and not 0 <= int(cache_index) <= s - t:
+        # (a traced index is the caller's to keep in range: dynamic_update_slice would clamp it
+        # and overwrite earlier slots)
+        raise ValueError(f"cache_index {int(cache_index)} with {t} new token(s) does not fit "
+                         f"a cache of {s} slots")
     impl = resolve_impl(impl)
     if impl in GPU_IMPLS and t == 1 and decode_gpu.supported((b, h, d), k_cache.shape):
         scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale

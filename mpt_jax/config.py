@@ -60,6 +60,9 @@ class InitConfig:
     init_gain: float = 0.0
 
 
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
 @dataclasses.dataclass(frozen=True)
 class MPTConfig:
     d_model: int = 2048
@@ -82,6 +85,11 @@ class MPTConfig:
     tie_word_embeddings: bool = True
     use_cache: bool = False
     init_device: str = "cpu"
+    # Special token ids of config.json (transformers' PretrainedConfig keys), carried through
+    # conversion: HF's generate stops at eos_token_id. None: not set. A list becomes a tuple.
+    bos_token_id: int | tuple[int, ...] | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
         self.validate()
@@ -220,6 +228,9 @@ class MPTConfig:
             if key in top_fields and key not in ("attn_config", "ffn_config", "init_config",
                                                  "norm_eps"):
                 kwargs[key] = value
+        for key in TOKEN_ID_KEYS:
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
         if "expansion_ratio" in kwargs and float(kwargs["expansion_ratio"]).is_integer():
             kwargs["expansion_ratio"] = int(kwargs["expansion_ratio"])
         act = ffn.pop("ffn_act_fn", None)
@@ -263,6 +274,10 @@ class MPTConfig:
             "init_device": self.init_device,
             "tie_word_embeddings": self.tie_word_embeddings,
         }
+        for key in TOKEN_ID_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = list(value) if isinstance(value, tuple) else value
         if form == "hf":
             out["architectures"] = ["MptForCausalLM"]
             out["attn_config"] = {
@@ -307,35 +322,56 @@ class MPTConfig:
             json.dump(self.to_dict(form), fh, indent=2, sort_keys=True)
             fh.write("\n")
 
+    def _hf_native_gaps(self) -> list[tuple[str, str, dict]]:
+        """Where transformers' native MptForCausalLM computes something other than this config:
+        (what, the config section, the values native MPT uses instead). It always applies
+        ALiBi with alibi_bias_max 8, multi-head attention without qk norms, a bias-free GELU MLP
+        of 4 * d_model, bias-free LayerNorm and no logit scale; it honours d_model, n_heads,
+        n_layers, vocab_size, max_seq_len, layer_norm_epsilon, softmax_scale, clip_qkv and
+        tie_word_embeddings."""
+        a, f = self.attn_config, self.ffn_config
+        gaps = []
+        if a.attn_type != "multihead_attention":
+            gaps.append((f"attn_type={a.attn_type}", "attn", {"attn_type": "multihead_attention"}))
+        if a.qk_ln or a.qk_gn:
+            gaps.append(("qk_ln/qk_gn", "attn", {"qk_ln": False, "qk_gn": False}))
+        if not a.alibi:
+            gaps.append(("alibi=False (native MPT always applies ALiBi)", "attn", {"alibi": True}))
+        if a.alibi_bias_max != 8:
+            gaps.append((f"alibi_bias_max={a.alibi_bias_max} (native MPT always uses 8)", "attn",
+                         {"alibi_bias_max": 8}))
+        if a.attn_uses_sequence_id:
+            gaps.append(("attn_uses_sequence_id", "attn", {"attn_uses_sequence_id": False}))
+        if f.ffn_type != "mptmlp" or f.ffn_act_fn != "gelu":
+            gaps.append((f"ffn {f.ffn_type}/{f.ffn_act_fn}", "ffn",
+                         {"ffn_type": "mptmlp", "ffn_act_fn": "gelu"}))
+        if self.ffn_hidden_size != 4 * self.d_model:
+            gaps.append((f"ffn hidden size {self.ffn_hidden_size} != 4*d_model", "top",
+                         {"expansion_ratio": 4}))
+            gaps.append(("", "ffn", {"ffn_hidden_size": None}))
+        if not self.no_bias:
+            gaps.append(("no_bias=False", "top", {"no_bias": True}))
+        if self.logit_scale is not None:
+            gaps.append((f"logit_scale={self.logit_scale}", "top", {"logit_scale": None}))
+        if self.norm_type not in ("low_precision_layernorm", "layernorm"):
+            gaps.append((f"norm_type={self.norm_type}", "top", {"norm_type": "layernorm"}))
+        if self.embedding_fraction != 1.0:
+            gaps.append(("embedding_fraction", "top", {"embedding_fraction": 1.0}))
+        return gaps
+
     def hf_native_problems(self) -> list[str]:
         """What transformers' native MptForCausalLM cannot express (empty = loadable)."""
-        problems = []
-        a = self.attn_config
-        if a.attn_type != "multihead_attention":
-            problems.append(f"attn_type={a.attn_type}")
-        if a.qk_ln or a.qk_gn:
-            problems.append("qk_ln/qk_gn")
-        if not a.alibi:
-            problems.append("alibi=False (native MPT always applies ALiBi)")
-        elif a.alibi_bias_max != 8:
-            problems.append(f"alibi_bias_max={a.alibi_bias_max} (native MPT always uses 8)")
-        if a.attn_uses_sequence_id:
-            problems.append("attn_uses_sequence_id")
-        if self.ffn_config.ffn_type != "mptmlp" or self.ffn_config.ffn_act_fn != "gelu":
-            problems.append(f"ffn {self.ffn_config.ffn_type}/{self.ffn_config.ffn_act_fn}")
-        if self.ffn_hidden_size != 4 * self.d_model:
-            problems.append(f"ffn hidden size {self.ffn_hidden_size} != 4*d_model")
-        if not self.no_bias:
-            problems.append("no_bias=False")
-        if self.logit_scale is not None:
-            problems.append("logit_scale")
-        if not self.tie_word_embeddings:
-            problems.append("untied lm_head")
-        if self.norm_type not in ("low_precision_layernorm", "layernorm"):
-            problems.append(f"norm_type={self.norm_type}")
-        if self.embedding_fraction != 1.0:
-            problems.append("embedding_fraction")
-        return problems
+        return [what for what, _, _ in self._hf_native_gaps() if what]
+
+    def as_hf_native(self) -> tuple["MPTConfig", list[str]]:
+        """The model native MptForCausalLM builds from this config (what a config.json of
+        transformers' own, without llm-foundry's auto_map, means), and the options it ignores."""
+        top, attn, ffn = {}, {}, {}
+        for _, section, changes in self._hf_native_gaps():
+            {"top": top, "attn": attn, "ffn": ffn}[section].update(changes)
+        cfg = self.replace(attn_config=dataclasses.replace(self.attn_config, **attn),
+                           ffn_config=dataclasses.replace(self.ffn_config, **ffn), **top)
+        return cfg, self.hf_native_problems()
 
     # ---- presets ------------------------------------------------------------------------
     @classmethod

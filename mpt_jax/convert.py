@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import sys
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -68,19 +69,40 @@ def read_config(path: Path) -> MPTConfig:
         raise ConversionError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
 
 
+def read_source_config(path: Path) -> tuple[MPTConfig, list[str]]:
+    """config.json of a safetensors source -> (the model its PyTorch class computes, notes).
+
+    A config.json of transformers' own MptForCausalLM (architectures ["MptForCausalLM"] and no
+    llm-foundry auto_map) means what native MPT computes from it: options native MPT ignores
+    (logit_scale, alibi_bias_max, norm_type, ...) are ignored here too, and named in a note.
+    Anything else is llm-foundry's MPTConfig, every option honoured."""
+    cfg = read_config(path)
+    with open(path) as fh:
+        raw = json.load(fh)
+    if raw.get("auto_map") or "MptForCausalLM" not in (raw.get("architectures") or []):
+        return cfg, []
+    cfg, ignored = cfg.as_hf_native()
+    if not ignored:
+        return cfg, []
+    return cfg, [f"{path} is transformers' native MptForCausalLM config (no llm-foundry "
+                 f"auto_map), which ignores {'; '.join(ignored)}: imported as native MPT "
+                 "computes it"]
+
+
 class Plan(NamedTuple):
     cfg: MPTConfig
     rows: list[Row]
     sources: dict[str, TensorInfo]  # torch key (unprefixed) -> where it is
     dtypes: dict[tuple[str, ...], np.dtype]  # the source dtype per our path
     files: list[Path]
+    notes: list[str]  # what the import changed of config.json's literal meaning, and why
 
 
 def plan_import(src: Path) -> Plan:
     """Reads config.json and every safetensors header of `src`; checks keys and shapes."""
     if not src.is_dir():
         raise ConversionError(f"{src}: not a directory")
-    cfg = read_config(src / "config.json")
+    cfg, notes = read_source_config(src / "config.json")
     tensors, files = scan_source(src)
     if tensors and all(k.startswith("model.") for k in tensors):
         tensors = {k[len("model."):]: v for k, v in tensors.items()}
@@ -116,7 +138,7 @@ def plan_import(src: Path) -> Plan:
         if info.dtype.kind != "f" and info.dtype.name != "bfloat16":
             raise ConversionError(f"{info.file}: {key!r} has dtype {info.dtype}, expected float")
         dtypes.setdefault(row.path, info.dtype)
-    return Plan(cfg, rows, tensors, dtypes, files)
+    return Plan(cfg, rows, tensors, dtypes, files, notes)
 
 
 def iter_tensors(plan: Plan, dtype=None) -> Iterator[tuple[Row, int | None, np.ndarray]]:
@@ -165,7 +187,10 @@ class _AtomicDir:
         parent = self.dst.parent
         if not parent.is_dir():
             raise ConversionError(f"{parent}: destination's parent directory does not exist")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=parent))
+        # os.mkdir honours the umask (tempfile.mkdtemp would make it 0700, and a serving
+        # process of another user could not read the result)
+        self.tmp = parent / f".{self.dst.name}.partial-{secrets.token_hex(4)}"
+        os.mkdir(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -185,8 +210,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def import_checkpoint(src, dst, *, dtype: str | None = None) -> MPTConfig:
-    """HF / llm-foundry safetensors directory -> our checkpoint directory (streaming)."""
+def import_checkpoint(src, dst, *, dtype: str | None = None) -> tuple[MPTConfig, list[str]]:
+    """HF / llm-foundry safetensors directory -> our checkpoint directory (streaming).
+    Returns the config written and notes on how config.json was read (read_source_config)."""
     src, dst = Path(src), Path(dst)
     np_dtype = _parse_dtype(dtype)
     plan = plan_import(src)
@@ -202,7 +228,7 @@ def import_checkpoint(src, dst, *, dtype: str | None = None) -> MPTConfig:
         writer.close()
         plan.cfg.to_json_file(tmp / "config.json", form="foundry")
         _copy_tokenizer(src, tmp)
-    return plan.cfg
+    return plan.cfg, plan.notes
 
 
 class OurCheckpoint(NamedTuple):
@@ -349,6 +375,8 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
     else:
         plan = plan_import(path)
         cfg = plan.cfg
+        for note in plan.notes:
+            warnings.warn(note, stacklevel=2)
         stacks = {}
         for row, i, arr in iter_tensors(plan, pd):
             if row.stacked:
@@ -401,8 +429,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "import":
-            cfg = import_checkpoint(args.src, args.dst, dtype=args.dtype)
+            cfg, notes = import_checkpoint(args.src, args.dst, dtype=args.dtype)
             print(f"imported {args.src} -> {args.dst} ({cfg.num_params():,} parameters)")
+            for note in notes:
+                print(f"note: {note}")
         else:
             form, problems = export_checkpoint(args.src, args.dst, dtype=args.dtype,
                                                max_shard_bytes=int(args.max_shard_size * 1e9))

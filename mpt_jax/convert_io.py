@@ -276,7 +276,10 @@ class ParamsReader:
             else:
                 kv = {"driver": "file", "path": str(self.dir / name)}
             try:
-                self._open[path] = ts.open({"driver": self.driver, "kvstore": kv},
+                # A missing chunk is an error, not zeros: both writers store every chunk
+                # (orbax: store_data_equal_to_fill_value; ours: zarr without a fill value).
+                self._open[path] = ts.open({"driver": self.driver, "kvstore": kv,
+                                            "fill_missing_data_reads": False},
                                            open=True, read=True, context=_CONTEXT).result()
             except ValueError as e:
                 raise ConversionError(f"{self.dir / name}: cannot open array ({e})") from None

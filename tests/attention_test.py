@@ -376,3 +376,66 @@ def test_append_and_attend_kernel_writes_the_cache(s, splits_hint):
     assert _rel(one[0], want[0][:, 0]) < 1e-5
     np.testing.assert_array_equal(one[1], want[1])
     np.testing.assert_array_equal(one[2], want[2])
+
+
+def test_row_arguments_of_the_wrong_shape_and_cache_overflow_are_errors():
+    """segment_ids / kv_mask must be exactly [B, T] / [B, S] (the kernels would pad a short one
+    into a fake document); a concrete cache_index past the cache is refused (the slice would
+    clamp it and overwrite earlier slots)."""
+    q = jnp.ones((2, 16, 4, 16), jnp.float32)
+    seg = jnp.zeros((2, 15), jnp.int32)
+    for impl in ("reference", "pallas_gpu", "pallas_tpu"):
+        with pytest.raises(ValueError, match=r"segment_ids must be \[2, 16\]"):
+            attention.flash_attention(q, q, q, segment_ids=seg, impl=impl, interpret=True)
+    with pytest.raises(ValueError, match=r"segment_ids must be \[2, 16\]"):
+        attention.flash_attention_packed(jnp.ones((2, 16, 3 * 64)), 4, 4, segment_ids=seg,
+                                         impl="pallas_gpu", interpret=True)
+    kc = jnp.zeros((2, 4, 64, 16), jnp.float32)
+    q1, new = q[:, :1], jnp.ones((2, 1, 4, 16), jnp.float32)
+    with pytest.raises(ValueError, match=r"kv_mask must be \[2, 64\]"):
+        attention.decode_attention(q1, kc, kc, 3, kv_mask=jnp.ones((2, 40), bool))
+    for impl in ("reference", "pallas_gpu"):
+        with pytest.raises(ValueError, match=r"kv_mask must be \[2, 64\]"):
+            attention.append_and_attend(q1, new, new, kc, kc, 3, kv_mask=jnp.ones((2, 40), bool),
+                                        impl=impl, interpret=True)
+        with pytest.raises(ValueError, match="cache_index 64 with 1 new token"):
+            attention.append_and_attend(q1, new, new, kc, kc, 64, impl=impl, interpret=True)
+    out, k2, _ = attention.append_and_attend(q1, new, new, kc, kc, 63, impl="reference")
+    assert float(k2[0, 0, 63, 0]) == 1.0 and out.shape == q1.shape  # the last slot fits
+
+
+def test_bf16_cache_decode_runs_on_cpu():
+    """The jnp KV-cache path with a bf16 cache and several rows (generate.py's default dtype):
+    XLA:CPU runs it, and it equals the float32 computation on the same bf16 values."""
+    rng = np.random.default_rng()
+    q = jnp.asarray(rng.normal(size=(3, 2, 4, 16)), jnp.bfloat16)
+    kc = jnp.asarray(rng.normal(size=(3, 2, 32, 16)), jnp.bfloat16)
+    vc = jnp.asarray(rng.normal(size=(3, 2, 32, 16)), jnp.bfloat16)
+    kw = dict(alibi_slopes=jnp.asarray(alibi_slopes(4)))
+    got = attention.decode_attention(q, kc, vc, jnp.asarray([32, 20, 9]), **kw)
+    want = attention.decode_attention(*(x.astype(jnp.float32) for x in (q, kc, vc)),
+                                      jnp.asarray([32, 20, 9]), **kw)
+    assert got.dtype == jnp.bfloat16 and _rel(got, want) < 1e-2
+
+
+def test_gpu_kernels_trace_with_x64_enabled():
+    """jax_enable_x64 on (Python ints become int64): the Triton kernels (interpret mode) still
+    trace, forward, backward and decode, and agree with the reference."""
+    with jax.enable_x64(True):
+        q, k, v, do = _inputs(1, 40, 40, 2, 2, 16, jnp.float32)
+        slopes = jnp.asarray(alibi_slopes(2), jnp.float32)
+        ours = _fwd_bwd(lambda q, k, v: attention.flash_attention(
+            q, k, v, alibi_slopes=slopes, impl="pallas_gpu", interpret=True, block_sizes=SMALL),
+            q, k, v, do)
+        ref = _fwd_bwd(lambda q, k, v: attention.reference_attention(
+            q, k, v, alibi_slopes=slopes), q, k, v, do)
+        for a, w in zip(ours, ref):
+            assert _rel(a, w) < TOL[jnp.float32]
+        from mpt_jax.kernels import decode_gpu
+
+        kc = jnp.pad(k.swapaxes(1, 2), ((0, 0), (0, 0), (0, 24), (0, 0)))  # 64 slots, 40 full
+        got = decode_gpu.decode_attention_gpu(q[:, -1], kc, kc, jnp.asarray([40], jnp.int32),
+                                              None, slopes, scale=0.25, interpret=True)
+        want = attention.decode_attention(q[:, -1:], kc, kc, 40, alibi_slopes=slopes,
+                                          softmax_scale=0.25)
+        assert _rel(got, want[:, 0]) < 1e-5

@@ -344,3 +344,60 @@ def test_cli_script_subprocess(hf_dir, tmp_path):
     assert p.returncode == 1
     lines = [l for l in p.stderr.splitlines() if "Warning" not in l and l.strip()]
     assert lines == [f"error: {tmp_path / 'nope'}: not a directory"], p.stderr
+
+
+def test_native_config_means_what_transformers_computes(tmp_path, capsys):
+    """A config.json of transformers' own MptForCausalLM (no llm-foundry auto_map) is read as
+    native MPT reads it: options it ignores (logit_scale, alibi_bias_max, norm_type) are ignored
+    and named in a note, so the logits are HF's. An untied lm_head and eos_token_id travel, and
+    the export is native again and loads in transformers with the same logits."""
+    from transformers import MptConfig
+
+    d = HF_CONFIGS["h3"].to_dict("hf")
+    d.update(logit_scale=0.5, norm_type="rmsnorm", tie_word_embeddings=False, eos_token_id=0)
+    d["attn_config"] = dict(d["attn_config"], alibi_bias_max=4)
+    torch.manual_seed(3)
+    hf = MptForCausalLM(MptConfig(**d)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.25) if p.ndim > 1 else p.normal_(1.0, 0.1)
+    src, ours, out = tmp_path / "src", tmp_path / "ours", tmp_path / "out"
+    hf.save_pretrained(src)
+    ids, mask = _ids_mask(seed=3)
+    ref = hf_logits(hf, ids, mask)
+    rc, stdout, _ = _run(["import", src, ours], capsys)
+    assert rc == 0 and "note:" in stdout, stdout
+    assert all(s in stdout for s in ("logit_scale=0.5", "alibi_bias_max=4", "norm_type=rmsnorm"))
+    assert np.abs(_logits(load_pretrained(ours), ids, mask) - ref)[mask > 0].max() <= 1e-4
+    with pytest.warns(UserWarning, match="logit_scale=0.5"):
+        direct = load_pretrained(src)
+    assert np.abs(_logits(direct, ids, mask) - ref)[mask > 0].max() <= 1e-4
+    rc, stdout, _ = _run(["export", ours, out], capsys)
+    assert rc == 0 and "note" not in stdout, stdout
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["architectures"] == ["MptForCausalLM"] and "auto_map" not in conf
+    assert conf["tie_word_embeddings"] is False and conf["eos_token_id"] == 0
+    back = MptForCausalLM.from_pretrained(out).eval()
+    assert back.config.eos_token_id == 0
+    np.testing.assert_array_equal(hf_logits(back, ids, mask), ref)
+
+
+def test_missing_chunk_is_an_error_and_outputs_honour_the_umask(hf_dir, tmp_path, capsys):
+    """A chunk file lost from our checkpoint (an interrupted copy) fails export and loading
+    instead of reading as zeros; the directories the converter writes get the umask's mode."""
+    from mpt_jax.convert import ConversionError
+
+    ours, out = tmp_path / "ours", tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        assert _run(["import", hf_dir[0], ours], capsys)[0] == 0
+        assert _run(["export", ours, out], capsys)[0] == 0
+    finally:
+        os.umask(old)
+    assert (os.stat(ours).st_mode & 0o777) == (os.stat(out).st_mode & 0o777) == 0o755
+    (ours / "params" / "blocks.attn.Wqkv" / "1.0.0").unlink()
+    rc, _, err = _run(["export", ours, tmp_path / "again"], capsys)
+    assert rc == 1 and "1.0.0" in err and "missing" in err, err
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(ConversionError, match="missing"):
+        load_pretrained(ours)

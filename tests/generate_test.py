@@ -1,6 +1,7 @@
 """Generation: greedy tokens equal transformers' MptForCausalLM.generate (single and batched with
 left padding), KV-cache logits equal full-recompute logits at every step, ALiBi extrapolation
 past max_seq_len, seeded sampling, top-k/top-p sets, streaming, the CLI end to end."""
+import json
 import os
 import subprocess
 import sys
@@ -222,6 +223,17 @@ def test_cli_prints_only_the_completion(pair, tmp_path_factory, capsys):
     assert rc == 0, captured.err
     assert captured.out == expected + "\n"
     assert "[generate]" in captured.err
+    # config.json's eos_token_id (HF's generate stops there) comes before the tokenizer's
+    first = int(out.tokens[0, 0])
+    assert first != eos
+    conf = json.loads(open(os.path.join(dst, "config.json")).read())
+    conf["eos_token_id"] = first
+    with open(os.path.join(dst, "config.json"), "w") as fh:
+        json.dump(conf, fh)
+    rc = cli.main(["--checkpoint", dst, "--prompt", prompt, "--max_new_tokens", "7",
+                   "--dtype", "float32"])
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.out == "\n" and f"eos_id={first}" in captured.err, captured
     assert cli.main(["--checkpoint", dst, "--prompt", "the dog " * 40, "--dtype", "float32",
                      "--max_new_tokens", "40"]) == 1  # past max_seq_len without the override
     assert "max_seq_len" in capsys.readouterr().err

@@ -89,7 +89,7 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, group, s
                  for _ in range(group))
     # This program's share of the filled blocks: [lo, hi) of cdiv(n, block_s).
     lo = pl.program_id(2) * blocks_per_split
-    hi = jnp.minimum(lo + blocks_per_split, lax.div(n + block_s - 1, block_s))
+    hi = jnp.minimum(lo + blocks_per_split, lax.div(n + block_s - 1, jnp.int32(block_s)))
     final = lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
     if append:
         # The program whose share holds slot n - 1 writes the new row into the caches.

@@ -180,8 +180,9 @@ def _kv_range(cfg: _Cfg, qs, bq, bk):
     n_valid = pl.cdiv(cfg.seq_k, bk)
     if cfg.causal:
         last = jnp.minimum(qs + bq + cfg.offset, cfg.seq_k)  # one past the last visible key
-        n_end = jnp.maximum(lax.div(last + bk - 1, bk), 0)
-        n_full = jnp.minimum(lax.div(jnp.maximum(qs + cfg.offset + 1, 0), bk), cfg.seq_k // bk)
+        n_end = jnp.maximum(lax.div(last + bk - 1, jnp.int32(bk)), 0)
+        n_full = jnp.minimum(lax.div(jnp.maximum(qs + cfg.offset + 1, 0), jnp.int32(bk)),
+                             cfg.seq_k // bk)
     else:
         n_end = n_valid
         n_full = cfg.seq_k // bk
@@ -330,9 +331,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qse
     hi = pl.cdiv(cfg.seq_q, bq)
     if cfg.causal:
         first_q = jnp.maximum(ks - cfg.offset, 0)  # first query index that sees key ks
-        lo = jnp.minimum(lax.div(first_q, bq), hi)
+        lo = jnp.minimum(lax.div(first_q, jnp.int32(bq)), hi)
         full_q = jnp.maximum(ks + bk - 1 - cfg.offset, 0)  # first query seeing the whole block
-        full = jnp.minimum(lax.div(full_q + bq - 1, bq), hi)
+        full = jnp.minimum(lax.div(full_q + bq - 1, jnp.int32(bq)), hi)
     else:
         lo = 0
         full = 0
