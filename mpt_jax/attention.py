@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from mpt_jax import alibi, sharding
@@ -333,8 +334,8 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
     b, t, h, d = q.shape
     s = k_cache.shape[2]
     _check_rows("kv_mask", kv_mask, (b, s))
-    if not isinstance(cache_index, jax.core.Tracer) and not 0 <= int(cache_index) <= s - t:
-        # (a traced index is the caller's to keep in range: dynamic_update_slice would clamp it
+    if isinstance(cache_index, (int, np.integer)) and not 0 <= cache_index <= s - t:
+        # (an array index is the caller's to keep in range: dynamic_update_slice would clamp it
         # and overwrite earlier slots)
         raise ValueError(f"cache_index {int(cache_index)} with {t} new token(s) does not fit "
                          f"a cache of {s} slots")

@@ -299,6 +299,11 @@ def test_kv_cache_matches_full_forward(name):
                               cache_index=t)
         outs.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-4, rtol=0)
+    # a step past the cache's 12 slots is refused, not clamped onto earlier slots
+    with pytest.raises(ValueError, match="cache_index 12 with 1 new token"):
+        model(jnp.asarray(ids[:, :1], jnp.int32), cache=cache, cache_index=12)
+    with pytest.raises(ValueError, match="cache_index 10 with 3 new token"):
+        model(jnp.asarray(ids[:, :3], jnp.int32), cache=cache, cache_index=10)
 
 
 @pytest.mark.parametrize("d_model,t", [
