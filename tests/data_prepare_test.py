@@ -166,6 +166,28 @@ def test_existing_output_must_match(tmp_path, tok_path):
                                 keep_documents=True, progress=False)
 
 
+def test_failed_redo_of_a_changed_input_leaves_a_consistent_directory(tmp_path, tok_path):
+    """An input that changed is redone; when the redo fails (too many bad lines) the manifest
+    no longer lists the old shards it removed, and once the input is fixed a rerun finishes
+    with the records a fresh prepare writes."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(a, make_docs(30, 1, "a"))
+    write_jsonl(b, make_docs(30, 2, "b"))
+    inputs, out = [str(a), str(b)], str(tmp_path / "out")
+    prepare.prepare_dataset(inputs, out, tok_path, seq_len=8, progress=False)
+    a.write_text("{broken\n" * 20 + a.read_text())
+    with pytest.raises(ValueError, match="over --max_bad_fraction"):
+        prepare.prepare_dataset(inputs, out, tok_path, seq_len=8, progress=False)
+    listed = [sh["path"] for inp in prepare.read_manifest(out)["inputs"].values()
+              for sh in inp["shards"]]
+    assert listed and all(os.path.exists(os.path.join(out, p)) for p in listed)
+    write_jsonl(a, make_docs(25, 3, "a"))
+    prepare.prepare_dataset(inputs, out, tok_path, seq_len=8, progress=False)
+    prepare.prepare_dataset(inputs, str(tmp_path / "fresh"), tok_path, seq_len=8, progress=False)
+    assert [r.tolist() for r in read_records(out)] == [
+        r.tolist() for r in read_records(tmp_path / "fresh")]
+
+
 def test_bad_lines_counted_then_fatal_past_threshold(tmp_path, tok_path, capsys):
     docs = make_docs(99)
     lines = [json.dumps({"text": d}) for d in docs]

@@ -142,6 +142,14 @@ class _ShardWriter:
             os.replace(final + ".tmp", final)
 
 
+def _remove_shards(output_dir: str, shards: list[dict]) -> None:
+    for shard in shards:  # one already gone (an earlier run stopped here) is fine
+        try:
+            os.remove(os.path.join(output_dir, shard["path"]))
+        except FileNotFoundError:
+            pass
+
+
 def _write_json_atomic(path: str, obj: dict):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -274,9 +282,11 @@ def prepare_dataset(
                 bar.update(1)
                 continue
             if done is not None:  # the file changed since: redo it
-                for shard in done["shards"]:
-                    os.remove(os.path.join(output_dir, shard["path"]))
+                # The manifest forgets the old shards before they go, so a redo that fails or
+                # is interrupted leaves a consistent directory that the next run completes.
                 del manifest["inputs"][path]
+                _write_json_atomic(manifest_path, _with_totals(manifest))
+                _remove_shards(output_dir, done["shards"])
             bar.set_description(os.path.basename(path)[-40:])
             manifest["inputs"][path] = _prepare_one(
                 path, output_dir, settings, pool, max_bad_fraction, shard_tokens, bar)
@@ -291,8 +301,7 @@ def prepare_dataset(
     for path in set(manifest["inputs"]) - set(files):
         print(f"{output_dir}: dropping shards of {path}, not an input of this run",
               file=sys.stderr)
-        for shard in manifest["inputs"].pop(path)["shards"]:
-            os.remove(os.path.join(output_dir, shard["path"]))
+        _remove_shards(output_dir, manifest["inputs"].pop(path)["shards"])
     manifest["inputs"] = {path: manifest["inputs"][path] for path in files}
     manifest = _with_totals(manifest)
     if manifest["records"] == 0:
