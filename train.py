@@ -4,6 +4,7 @@ Re-running the same command resumes from DIR's last checkpoint. Multi-host: star
 per host with --coordinator_address/--num_processes/--process_id (or let TPU pods and SLURM
 be detected); see README.md.
 """
+import ast
 import logging
 import sys
 
@@ -49,7 +50,16 @@ def parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        msg = str(e).strip().strip('"') or type(e).__name__
+        # (a KeyError's str() is a repr: quotes, and a literal \n before "Did you mean"; the
+        # config override code may pass that on inside another exception)
+        msg = str(e.args[0]) if e.args else str(e)
+        for _ in range(2):
+            if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
+                try:
+                    msg = str(ast.literal_eval(msg))
+                except (ValueError, SyntaxError):
+                    break
+        msg = " ".join(msg.split()) or type(e).__name__
         if isinstance(e, (AttributeError, KeyError)):
             msg = f"unknown config key {msg} (see configs/base.py for the keys)"
         print(f"train.py: error: {msg}".splitlines()[0], file=sys.stderr)

@@ -1,7 +1,8 @@
 """llm-foundry's MPT pretraining sizes: `--config configs/mpt.py:1b` (125m, 350m, 760m, 1b, 3b,
 7b, 13b, 30b). Model presets from MPTConfig.preset; lr, batch and duration from llm-foundry's
-scripts/train/yamls/pretrain/mpt-<size>.yaml (decoupled AdamW). Point `data.sources` at prepared
-shards (python -m mpt_jax.data.prepare), e.g. --config.data.builtin=python_stdlib for a demo.
+scripts/train/yamls/pretrain/mpt-<size>.yaml (decoupled AdamW). Data: C4 shards prepared with
+python -m mpt_jax.data.prepare at /data/c4 (--config.data.sources.c4.path=DIR), or
+--config.data.builtin=python_stdlib for a demo.
 For MPT-7B exactly as trained (LION, 1760 x 2048, the 10-source mix) use configs/mpt7b.py.
 """
 import os
@@ -9,6 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import ml_collections  # noqa: E402
 from base import get_base_config  # noqa: E402
 
 # size: (lr, global batch, max_steps = llm-foundry's max_duration in batches, micro batch).
@@ -34,4 +36,8 @@ def get_config(size: str = "125m"):
     c.train.micro_batch_size = micro
     c.train.seq_len = c.model.max_seq_len
     c.max_steps = steps
+    # llm-foundry's pretraining yamls train on C4: one source, prepared shards at /data/c4 by
+    # default (--config.data.sources.c4.path=DIR points elsewhere; data.builtin overrides it).
+    c.data.sources = ml_collections.ConfigDict(
+        {"c4": ml_collections.ConfigDict(dict(path="/data/c4", weight=1.0))})
     return c

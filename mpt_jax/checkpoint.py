@@ -67,6 +67,12 @@ def _abstract(tree_abstract, shardings):
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree_abstract, shardings)
 
 
+def restore_model_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The model_config JSON of checkpoint `step` alone (no arrays read)."""
+    return manager.restore(step, args=ocp.args.Composite(
+        model_config=ocp.args.JsonRestore()))["model_config"]
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict, shardings: dict
             ) -> tuple[dict, dict, dict]:
     """-> (state on the mesh, train_state JSON, model_config JSON) of checkpoint `step`."""

@@ -49,9 +49,20 @@ class StepSettings:
     clip_norm: float = 0.0
 
 
+def _float_dtype(name: str, key: str):
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{key}={name!r}: expected a float dtype (bfloat16, float16, float32)")
+    return dtype
+
+
 def model_kwargs(train_cfg) -> dict:
-    return dict(dtype=jnp.dtype(train_cfg.compute_dtype),
-                param_dtype=jnp.dtype(train_cfg.param_dtype), attn_impl=train_cfg.attn_impl,
+    return dict(dtype=_float_dtype(train_cfg.compute_dtype, "train.compute_dtype"),
+                param_dtype=_float_dtype(train_cfg.param_dtype, "train.param_dtype"),
+                attn_impl=train_cfg.attn_impl,
                 remat_policy=train_cfg.remat_policy, scan_layers=train_cfg.scan_layers)
 
 

@@ -187,7 +187,8 @@ def train(config, workdir: str) -> dict:
     train_iter = data_lib.make_train_iterator(
         config.data, seq_len=seq_len, batch_size=global_batch // nproc, seed=config.seed,
         process_index=pid, process_count=nproc, workdir=workdir)
-    eval_batches = data_lib.make_eval_batches(
+    # data.eval_fraction 0: everything is training data, and there is no evaluation
+    eval_batches = None if config.data.eval_fraction == 0 else data_lib.make_eval_batches(
         config.data, seq_len=seq_len, batch_size=config.eval.batch_size // nproc,
         num_batches=config.eval.num_batches, process_index=pid, process_count=nproc,
         workdir=workdir)
@@ -203,18 +204,23 @@ def train(config, workdir: str) -> dict:
 
     # 5. state ----------------------------------------------------------------------------
     abstract_state, state_shardings = step_lib.state_shardings(cfg, config.train, tx, mesh, rules)
+    if config.checkpoint.keep < 1:
+        raise ValueError(f"checkpoint.keep={config.checkpoint.keep}: keep at least 1 checkpoint "
+                         "(0 would delete each one as it is written)")
     manager = ckpt_lib.make_manager(workdir, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)
     latest = manager.latest_step()
     if latest is not None:
-        with sharding.use_mesh(mesh):
-            state, train_state, saved_cfg = ckpt_lib.restore(manager, latest, abstract_state,
-                                                             state_shardings)
+        # the model config first: arrays of another model would fail inside orbax, unclearly
+        saved_cfg = ckpt_lib.restore_model_config(manager, latest)
         if saved_cfg != cfg.to_dict("foundry"):
             diff = sorted(k for k in set(saved_cfg) | set(cfg.to_dict("foundry"))
                           if saved_cfg.get(k) != cfg.to_dict("foundry").get(k))
             raise ValueError(f"checkpoint {latest} in {workdir} has a different model config "
                              f"(keys {diff}); use another workdir")
+        with sharding.use_mesh(mesh):
+            state, train_state, _ = ckpt_lib.restore(manager, latest, abstract_state,
+                                                     state_shardings)
         if len(train_state["data_states"]) != nproc:
             raise ValueError(f"checkpoint {latest} was written by "
                              f"{len(train_state['data_states'])} processes, this run has {nproc}")
@@ -316,7 +322,8 @@ def train(config, workdir: str) -> dict:
                     bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
                     t_log, steps_since_log = now, 0
 
-                if step % config.eval_every == 0 or step == config.max_steps:
+                if eval_batches is not None and (step % config.eval_every == 0
+                                                 or step == config.max_steps):
                     last_eval = evaluate(state["params"])
                     writer.write(step, {"eval_loss": last_eval})
                     if writer_process:

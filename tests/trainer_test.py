@@ -307,3 +307,44 @@ def test_sigterm_then_rerun_logs_the_uninterrupted_losses(small_corpus, tmp_path
     for workdir in (full, split):
         assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
     assert not os.path.exists(os.path.join(split, "profile"))  # only on request
+
+
+def test_train_py_refuses_bad_settings_clearly(small_corpus, tmp_path):
+    """data.eval_fraction 0 trains without evaluation; then, each as one `train.py: error:`
+    line and no traceback: a changed model on an existing workdir (named before any array is
+    read), checkpoint.keep 0, a dtype that is not one, a misspelt key, a shard that the
+    manifest lists but is gone."""
+    import shutil
+
+    config_path = write_test_config(str(tmp_path / "cfg.py"), small_corpus, max_steps=3,
+                                    checkpoint_every=3)
+    workdir = str(tmp_path / "run")
+
+    def run(*extra, workdir=workdir):
+        out = subprocess.run(_train_cmd(config_path, workdir) + list(extra), cwd=ROOT,
+                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        return out.returncode, out.stderr
+
+    rc, err = run("--config.data.eval_fraction=0")
+    assert rc == 0, err[-2000:]
+    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    assert rows and not [r for r in rows if "eval_loss" in r]
+
+    def one_error(rc, err, *needles):
+        lines = [ln for ln in err.splitlines() if ln.startswith("train.py: error:")]
+        assert rc in (1, 2) and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+        assert all(n in lines[0] for n in needles), lines[0]
+
+    one_error(*run("--config.model.n_layers=3"), "different model config", "n_layers")
+    fresh = str(tmp_path / "fresh")
+    one_error(*run("--config.checkpoint.keep=0", workdir=fresh), "checkpoint.keep=0")
+    one_error(*run("--config.train.compute_dtype=bfloat15", workdir=fresh),
+              "train.compute_dtype='bfloat15'")
+    one_error(*run("--config.train.seqlen=24", workdir=fresh),
+              "unknown config key 'seqlen' Did you mean \"seq_len\"")
+    broken = str(tmp_path / "broken")
+    shutil.copytree(small_corpus, broken)
+    os.remove(sorted(glob.glob(os.path.join(broken, "*.array_record")))[0])
+    one_error(*run(f"--config.data.sources.stdlib.path={broken}", workdir=fresh),
+              "is missing")

@@ -375,9 +375,15 @@ def _with_totals(manifest: dict) -> dict:
 
 
 def shard_paths(shards_dir: str, manifest: dict) -> list[str]:
-    """Absolute shard paths in record order (inputs in manifest order, shards in order)."""
-    return [os.path.join(shards_dir, shard["path"])
-            for entry in manifest["inputs"].values() for shard in entry["shards"]]
+    """Absolute shard paths in record order (inputs in manifest order, shards in order);
+    ValueError naming the first one the manifest lists that is not there."""
+    paths = [os.path.join(shards_dir, shard["path"])
+             for entry in manifest["inputs"].values() for shard in entry["shards"]]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: shard listed in {os.path.join(shards_dir, MANIFEST)} "
+                             "is missing (re-run mpt_jax.data.prepare on its inputs)")
+    return paths
 
 
 # ------------------------------------------------------------------------------------------
