@@ -125,6 +125,16 @@ class LossSpikeGuard:
                     f"{c.multiplier}, cap {c.loss_cap}) for {c.patience} consecutive steps")
         return None
 
+    def state(self) -> dict:
+        """JSON-serialisable, for checkpoints: a resumed run judges spikes as an
+        uninterrupted one would."""
+        return {"window": list(self.window), "bad": self.bad}
+
+    def set_state(self, state: dict) -> None:
+        self.window.clear()
+        self.window.extend(float(x) for x in state["window"])
+        self.bad = int(state["bad"])
+
 
 class StopSignal:
     """SIGTERM / SIGINT set a flag; the loop finishes the step, saves and returns."""
@@ -225,11 +235,12 @@ def train(config, workdir: str) -> dict:
             raise ValueError(f"checkpoint {latest} was written by "
                              f"{len(train_state['data_states'])} processes, this run has {nproc}")
         train_iter.set_state(train_state["data_states"][pid])
+        resumed = train_state
         start_step = int(train_state["step"])
         log.info("resumed from checkpoint %d", start_step)
     else:
         state = step_lib.init_state(cfg, config.train, tx, mesh, rules, config.seed)
-        start_step = 0
+        start_step, resumed = 0, {}
 
     # 6. steps ----------------------------------------------------------------------------
     p_train_step = step_lib.compile_train_step(settings, state_shardings, mesh, batch_keys,
@@ -242,6 +253,8 @@ def train(config, workdir: str) -> dict:
     bar = metrics_lib.progress_bar(start=start_step, total=config.max_steps,
                                    enabled=writer_process)
     guard = LossSpikeGuard(config.loss_spike)
+    if "loss_spike" in resumed:  # (checkpoints of older versions have neither key)
+        guard.set_state(resumed["loss_spike"])
     flops_token = metrics_lib.flops_per_token(cfg, seq_len)
     n_devices = jax.device_count()
     tokens_per_step = global_batch * seq_len
@@ -259,13 +272,14 @@ def train(config, workdir: str) -> dict:
 
     def save(step):
         ckpt_lib.save(manager, step, state, model_config=cfg.to_dict("foundry"), train_state={
-            "step": step, "seed": config.seed,
+            "step": step, "seed": config.seed, "skipped_steps": skipped,
+            "loss_spike": guard.state(),
             "data_states": ckpt_lib.gather_process_states(train_iter.get_state())})
 
     step, last_saved = start_step, start_step if latest is not None else None
     last_loss = last_eval = None
     stop_reason = "max_steps"
-    skipped = 0
+    skipped = int(resumed.get("skipped_steps", 0))
     t_log, steps_since_log, compile_s = time.time(), 0, None
     profiling = False
     with sharding.use_mesh(mesh), StopSignal() as stop:

@@ -238,6 +238,26 @@ def test_nan_is_caught_and_update_not_applied():
 # ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------
+def test_loss_spike_guard_state_resumes_the_same_judgement():
+    """The guard's window and run of bad steps go into checkpoints (trainer.save): a guard
+    restored from a JSON round trip of its state judges the next losses as the original."""
+    from mpt_jax.trainer import LossSpikeGuard
+
+    cfg = ml_collections.ConfigDict(dict(enabled=True, window=5, multiplier=2.0, patience=2,
+                                         loss_cap=10.0, action="warn"))
+    rng = np.random.default_rng()
+    losses = list(rng.uniform(1.0, 1.2, 12)) + [5.0, 5.0, 1.1, 6.0, 6.0, 6.0]
+    a = LossSpikeGuard(cfg)
+    for x in losses[:6]:
+        a.check(x)
+    a.check(5.0)  # one bad step pending
+    b = LossSpikeGuard(cfg)
+    b.set_state(json.loads(json.dumps(a.state())))
+    assert b.state() == a.state() and b.bad == 1
+    assert [a.check(x) for x in losses[6:]] == [b.check(x) for x in losses[6:]]
+    assert any(a.check(x) for x in (7.0, 7.0))  # the guard does fire
+
+
 def test_nonfinite_loss_stops_run_and_writes_no_bad_checkpoint(small_corpus, tmp_path):
     from mpt_jax import checkpoint as ckpt_lib
 
