@@ -268,6 +268,10 @@ def test_bad_configs(data, tmp_path):
         train(data_config({"x": (str(tmp_path), 1.0)}))
     with pytest.raises(ValueError, match=r"prepared with seq_len 16, the config asks for seq_len"):
         train(data_config({"a": (data["a_seq"], 1.0)}), seq_len=32)
+    # document records serve any seq_len, though a_doc's manifest records 16 (older CLIs
+    # required one)
+    assert next(train(data_config({"a": (data["a_doc"], 1.0)}, packing=True),
+                      seq_len=32))["input_ids"].shape == (2, 32)
     with pytest.raises(ValueError, match="packing=True needs shards that keep documents"):
         train(data_config({"a": (data["a_seq"], 1.0)}, packing=True))
     with pytest.raises(ValueError, match="disagree on mode"):

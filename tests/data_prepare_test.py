@@ -256,6 +256,14 @@ def test_cli(tmp_path, tok_path, capsys):
                          "--tokenizer", tok_path, "--seq_len", "8", "--workers", "1",
                          "--no_progress"]) == 0
     assert "20 documents" in capsys.readouterr().out
+    # --seq_len is for the sequences layout; whole documents need none
+    assert prepare.main(["--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "d"),
+                         "--tokenizer", tok_path, "--keep_documents", "--workers", "1",
+                         "--no_progress"]) == 0
+    assert prepare.read_manifest(str(tmp_path / "d"))["seq_len"] is None
+    assert prepare.main(["--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "s"),
+                         "--tokenizer", tok_path, "--workers", "1", "--no_progress"]) == 1
+    assert "--seq_len must be a positive integer" in capsys.readouterr().err
     # A real process: exit status 1, one line on stderr, no traceback.
     result = subprocess.run(
         [sys.executable, "-m", "mpt_jax.data.prepare", "--input", str(tmp_path / "nope.jsonl"),

@@ -237,7 +237,9 @@ def _check_shapes(resolved: ResolvedData, data_cfg, seq_len: int, batch_size: in
         raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
     for source in resolved.sources:
         prepared_len = source.manifest["seq_len"]
-        if prepared_len is not None and prepared_len != seq_len:
+        # (document records serve any seq_len; older CLIs recorded one for them anyway)
+        if (prepared_len is not None and source.manifest["mode"] != "documents"
+                and prepared_len != seq_len):
             raise ValueError(
                 f"data source {source.name!r} at {source.path!r} was prepared with seq_len "
                 f"{prepared_len}, the config asks for seq_len {seq_len}")

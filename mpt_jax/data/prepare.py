@@ -1,8 +1,8 @@
 """Text -> tokenized ArrayRecord shards + manifest.json (llm-foundry's convert_dataset_*).
 
     python -m mpt_jax.data.prepare --input PATH... --output DIR --tokenizer PATH_OR_NAME \
-        --seq_len N [--text_field text] [--eos_text ...] [--bos_text ...] [--workers K] \
-        [--keep_documents] [--max_bad_fraction F]
+        (--seq_len N | --keep_documents) [--text_field text] [--eos_text ...] \
+        [--bos_text ...] [--workers K] [--max_bad_fraction F]
 
 Inputs (files or directories of them): plain text (`.txt`, `.text`, `.md`; a whole file is one
 document, as llm-foundry's convert_text_to_mds does), JSON lines (`.jsonl`, `.json`; one object
@@ -14,7 +14,8 @@ Two layouts (the manifest's `mode`):
   sequences  (default)           documents are concatenated and cut into records of exactly
                                  `seq_len` tokens (MPT's pretraining); each input's final partial
                                  sequence is dropped and counted as `dropped_tokens`.
-  documents  (--keep_documents)  one record per document, for packing with segment ids.
+  documents  (--keep_documents)  one record per document, for packing with segment ids; it
+                                 serves any training seq_len (no --seq_len needed).
 Records are little-endian uint16 token ids when the vocabulary fits (< 65536), else int32.
 
 Resumable: each input file is its own unit. Its shards are written under temporary names, renamed
@@ -397,7 +398,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--input", nargs="+", required=True, help="files or directories")
     parser.add_argument("--output", required=True, help="output directory (resumable)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json, its dir, or hub name")
-    parser.add_argument("--seq_len", type=int, required=True)
+    parser.add_argument("--seq_len", type=int, default=None,
+                        help="tokens per record (required unless --keep_documents, whose "
+                             "records are whole documents and serve any training seq_len)")
     parser.add_argument("--text_field", default="text")
     parser.add_argument("--eos_text", default=tokenizer_lib.ENDOFTEXT)
     parser.add_argument("--bos_text", default="")
