@@ -157,7 +157,11 @@ def train_step(state, batch, *, settings: StepSettings):
     new_params, new_opt_state = jax.lax.cond(
         finite, update, lambda _: (params, state["opt_state"]), None)
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt_state}
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": s.lr_fn(state["step"]),
+    # The lr this step applies: the optimizer's schedule runs on its count of updates applied,
+    # which a skipped (non-finite) step does not advance.
+    applied = optax.tree_utils.tree_get(state["opt_state"], "count")
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "lr": s.lr_fn(state["step"] if applied is None else applied),
                "finite": finite.astype(jnp.float32), "tokens": count}
     return new_state, metrics
 

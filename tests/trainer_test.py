@@ -233,6 +233,14 @@ def test_nan_is_caught_and_update_not_applied():
     for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(new_state["params"])):
         np.testing.assert_array_equal(a, np.asarray(b))
     assert int(new_state["opt_state"][1].count) == 0
+    # the next step logs the lr it applies: the schedule's at 0 updates applied, not at step 1
+    import dataclasses
+
+    new_state["params"] = jax.tree.map(lambda x: jnp.nan_to_num(x), new_state["params"])
+    ramp = dataclasses.replace(settings, lr_fn=lambda c: 0.5 + c)
+    with sharding.use_mesh(mesh):
+        _, m = step_lib.train_step(new_state, batch, settings=ramp)
+    assert int(new_state["step"]) == 1 and float(m["finite"]) == 1.0 and float(m["lr"]) == 0.5
 
 
 # ---------------------------------------------------------------------------------------------
