@@ -53,12 +53,11 @@ def parse_flags(argv):
         # (a KeyError's str() is a repr: quotes, and a literal \n before "Did you mean"; the
         # config override code may pass that on inside another exception)
         msg = str(e.args[0]) if e.args else str(e)
-        for _ in range(2):
-            if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
-                try:
-                    msg = str(ast.literal_eval(msg))
-                except (ValueError, SyntaxError):
-                    break
+        if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
+            try:
+                msg = str(ast.literal_eval(msg))
+            except (ValueError, SyntaxError):
+                pass
         msg = " ".join(msg.split()) or type(e).__name__
         if isinstance(e, (AttributeError, KeyError)):
             msg = f"unknown config key {msg} (see configs/base.py for the keys)"

@@ -45,6 +45,15 @@ def _check_rows(name: str, x, shape: tuple[int, ...]) -> None:
                          f"{list(jnp.shape(x))}")
 
 
+def check_cache_index(cache_index, t: int, slots: int) -> None:
+    """A Python/numpy int `cache_index` must leave room for `t` new tokens in `slots`. (An
+    array index is the caller's to keep in range: the cache update would clamp it and
+    overwrite earlier slots.)"""
+    if isinstance(cache_index, (int, np.integer)) and not 0 <= cache_index <= slots - t:
+        raise ValueError(f"cache_index {int(cache_index)} with {t} new token(s) does not fit "
+                         f"a cache of {slots} slots")
+
+
 def reference_attention(
     q,
     k,
@@ -332,13 +341,8 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
     the fused projection q, k_new and v_new were sliced from; the kernel then reads it in
     place."""
     b, t, h, d = q.shape
-    s = k_cache.shape[2]
-    _check_rows("kv_mask", kv_mask, (b, s))
-    if isinstance(cache_index, (int, np.integer)) and not 0 <= cache_index <= s - t:
-        # (an array index is the caller's to keep in range: dynamic_update_slice would clamp it
-        # and overwrite earlier slots)
-        raise ValueError(f"cache_index {int(cache_index)} with {t} new token(s) does not fit "
-                         f"a cache of {s} slots")
+    _check_rows("kv_mask", kv_mask, (b, k_cache.shape[2]))
+    check_cache_index(cache_index, t, k_cache.shape[2])
     impl = resolve_impl(impl)
     if impl in GPU_IMPLS and t == 1 and decode_gpu.supported((b, h, d), k_cache.shape):
         scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale

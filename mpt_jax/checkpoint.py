@@ -74,12 +74,12 @@ def restore_model_config(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict, shardings: dict
-            ) -> tuple[dict, dict, dict]:
-    """-> (state on the mesh, train_state JSON, model_config JSON) of checkpoint `step`."""
+            ) -> tuple[dict, dict]:
+    """-> (state on the mesh, train_state JSON) of checkpoint `step`; its model_config is
+    `restore_model_config`'s, to be compared before any array is read."""
     out = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(abstract_state["params"],
                                                   shardings["params"])),
-        model_config=ocp.args.JsonRestore(),
         opt_state=ocp.args.StandardRestore(_abstract(abstract_state["opt_state"],
                                                      shardings["opt_state"])),
         train_state=ocp.args.JsonRestore(),
@@ -87,4 +87,4 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict, sha
     train_state = out["train_state"]
     step_array = jax.device_put(np.asarray(train_state["step"], np.int32), shardings["step"])
     state = {"step": step_array, "params": out["params"], "opt_state": out["opt_state"]}
-    return state, train_state, out["model_config"]
+    return state, train_state

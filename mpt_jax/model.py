@@ -552,13 +552,8 @@ class MPTForCausalLM(nnx.Module):
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         if cache is not None and cache_index is None:
             raise ValueError("cache given without cache_index")
-        slots = None if cache is None else cache.k.shape[3]
-        if slots is not None and isinstance(cache_index, (int, np.integer)) and not (
-                0 <= cache_index <= slots - input_ids.shape[1]):
-            # (an array index is the caller's to keep in range: the cache update would clamp
-            # it and overwrite earlier slots)
-            raise ValueError(f"cache_index {cache_index} with {input_ids.shape[1]} new token(s) "
-                             f"does not fit a cache of {slots} slots")
+        if cache is not None:  # (before cache_index becomes an array below)
+            attn_lib.check_cache_index(cache_index, input_ids.shape[1], cache.k.shape[3])
 
         x_btd = self.embed(input_ids, attention_mask=attention_mask, cache_index=cache_index)
         keys = None

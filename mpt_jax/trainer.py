@@ -223,14 +223,15 @@ def train(config, workdir: str) -> dict:
     if latest is not None:
         # the model config first: arrays of another model would fail inside orbax, unclearly
         saved_cfg = ckpt_lib.restore_model_config(manager, latest)
-        if saved_cfg != cfg.to_dict("foundry"):
-            diff = sorted(k for k in set(saved_cfg) | set(cfg.to_dict("foundry"))
-                          if saved_cfg.get(k) != cfg.to_dict("foundry").get(k))
+        want_cfg = cfg.to_dict("foundry")
+        if saved_cfg != want_cfg:
+            diff = sorted(k for k in set(saved_cfg) | set(want_cfg)
+                          if saved_cfg.get(k) != want_cfg.get(k))
             raise ValueError(f"checkpoint {latest} in {workdir} has a different model config "
                              f"(keys {diff}); use another workdir")
         with sharding.use_mesh(mesh):
-            state, train_state, _ = ckpt_lib.restore(manager, latest, abstract_state,
-                                                     state_shardings)
+            state, train_state = ckpt_lib.restore(manager, latest, abstract_state,
+                                                  state_shardings)
         if len(train_state["data_states"]) != nproc:
             raise ValueError(f"checkpoint {latest} was written by "
                              f"{len(train_state['data_states'])} processes, this run has {nproc}")

@@ -37,7 +37,8 @@ def test_layout_and_restore_onto_shardings(tmp_path):
     d = os.path.join(str(tmp_path), "checkpoints", "3")
     assert {"model_config", "opt_state", "params", "train_state"} <= set(os.listdir(d))
     abstract = jax.eval_shape(lambda: _state(0.0))
-    state, train_state, model_config = ckpt_lib.restore(manager, 3, abstract, _shardings(abstract))
+    state, train_state = ckpt_lib.restore(manager, 3, abstract, _shardings(abstract))
+    model_config = ckpt_lib.restore_model_config(manager, 3)
     assert train_state["data_states"] == [{"i": 3}] and model_config == {"d_model": 8}
     assert int(state["step"]) == 3
     np.testing.assert_array_equal(state["params"]["wte"], 3.0)
@@ -70,6 +71,6 @@ def test_save_killed_midway_keeps_previous_checkpoint(tmp_path):
     manager = ckpt_lib.make_manager(str(tmp_path), keep=3)
     assert manager.latest_step() == 1, os.listdir(os.path.join(str(tmp_path), "checkpoints"))
     abstract = jax.eval_shape(lambda: _state(0.0))
-    state, train_state, _ = ckpt_lib.restore(manager, 1, abstract, _shardings(abstract))
+    state, train_state = ckpt_lib.restore(manager, 1, abstract, _shardings(abstract))
     np.testing.assert_array_equal(state["params"]["wte"], 1.0)
     assert train_state["step"] == 1
