@@ -43,7 +43,7 @@ def main(argv=None) -> int:
 
     from mpt_jax import load_pretrained
     from mpt_jax.data.tokenizer import load_tokenizer
-    from mpt_jax.generate import Generator
+    from mpt_jax.infer.generate import Generator
 
     if not os.path.exists(args.checkpoint):
         print(f"generate.py: checkpoint {args.checkpoint!r} does not exist", file=sys.stderr)

@@ -34,7 +34,7 @@ def main(argv):
         sys.exit(2)
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax chatter
     logging.getLogger("mpt_jax").setLevel(logging.INFO)
-    from mpt_jax import trainer
+    from mpt_jax.train import trainer
 
     trainer.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
     try:

@@ -44,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mpt_jax import attention  # noqa: E402
-from mpt_jax.alibi import alibi_slopes  # noqa: E402
+from mpt_jax.model.alibi import alibi_slopes  # noqa: E402
 from mpt_jax.kernels import flash_gpu, flash_mgpu  # noqa: E402
 
 B0 = flash_gpu.BlockSizes()

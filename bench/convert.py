@@ -32,9 +32,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mpt_jax.config import MPTConfig  # noqa: E402
-from mpt_jax.convert import name_table  # noqa: E402
-from mpt_jax.convert_io import SafetensorsWriter  # noqa: E402
+from mpt_jax.model.config import MPTConfig  # noqa: E402
+from mpt_jax.convert.convert import name_table  # noqa: E402
+from mpt_jax.convert.io import SafetensorsWriter  # noqa: E402
 
 
 def write_source(d: Path, cfg: MPTConfig) -> int:

@@ -24,8 +24,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mpt_jax.config import MPTConfig  # noqa: E402
-from mpt_jax.generate import Generator, SamplingParams  # noqa: E402
+from mpt_jax.model.config import MPTConfig  # noqa: E402
+from mpt_jax.infer.generate import Generator, SamplingParams  # noqa: E402
 from mpt_jax.kernels import decode_gpu  # noqa: E402
 from mpt_jax.model import MPTForCausalLM  # noqa: E402
 

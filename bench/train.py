@@ -32,10 +32,11 @@ def run_one(args) -> dict:
     import ml_collections
     import numpy as np
 
-    from mpt_jax import metrics as metrics_lib
-    from mpt_jax import optim, sharding
-    from mpt_jax import train_step as step_lib
-    from mpt_jax.config import MPTConfig
+    from mpt_jax.train import metrics as metrics_lib
+    from mpt_jax import sharding
+    from mpt_jax.train import optim
+    from mpt_jax.train import step as step_lib
+    from mpt_jax.model.config import MPTConfig
 
     cfg = MPTConfig.preset(args.model, max_seq_len=max(args.seq, 2048))
     n = jax.device_count()

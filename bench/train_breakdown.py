@@ -49,11 +49,13 @@ def main():
     import ml_collections
     import numpy as np
 
-    from mpt_jax import attention, optim, sharding
-    from mpt_jax import loss as loss_lib
-    from mpt_jax import train_step as step_lib
-    from mpt_jax.alibi import alibi_slopes
-    from mpt_jax.config import MPTConfig
+    from mpt_jax import sharding
+    from mpt_jax.model import attention
+    from mpt_jax.train import optim
+    from mpt_jax.train import loss as loss_lib
+    from mpt_jax.train import step as step_lib
+    from mpt_jax.model.alibi import alibi_slopes
+    from mpt_jax.model.config import MPTConfig
 
     cfg = MPTConfig.preset(args.model, max_seq_len=max(args.seq, 2048))
     if args.layers:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mpt_jax.config import MPTConfig
+from mpt_jax.model.config import MPTConfig
 from mpt_jax.sharding import DEFAULT_RULES
 
 SIZES = ("125m", "350m", "760m", "1b", "3b", "7b", "13b", "30b")

@@ -5,13 +5,9 @@ python -m mpt_jax.data.prepare at /data/c4 (--config.data.sources.c4.path=DIR), 
 --config.data.builtin=python_stdlib for a demo.
 For MPT-7B exactly as trained (LION, 1760 x 2048, the 10-source mix) use configs/mpt7b.py.
 """
-import os
-import sys
+import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import ml_collections  # noqa: E402
-from base import get_base_config  # noqa: E402
+from configs.base import get_base_config
 
 # size: (lr, global batch, max_steps = llm-foundry's max_duration in batches, micro batch).
 # 125m, 1b and 7b were checked against llm-foundry's yamls (2026-11-27); the other rows are

@@ -22,12 +22,10 @@ asks for a micro-batch that divides 220 rows per shard: use --config.train.micro
 or 5 or 10 there; on 16/32/... devices adjust likewise).
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ml_collections
 
-import ml_collections  # noqa: E402
-from base import data_section, get_base_config  # noqa: E402
+from configs.base import data_section, get_base_config
 
 # (name, weight) as on the MPT-7B model card.
 MIX = (

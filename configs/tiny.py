@@ -6,12 +6,7 @@ The corpus and a byte-level BPE (data.builtin_vocab_size tokens) are prepared in
 WORKDIR/data on the first run (about a minute on 2 cores, cached after). model.vocab_size 0 =
 the tokenizer's vocabulary padded to a multiple of 128.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from base import data_section, get_base_config  # noqa: E402
+from configs.base import data_section, get_base_config
 
 
 def get_config():

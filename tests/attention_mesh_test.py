@@ -13,8 +13,9 @@ SCRIPT = textwrap.dedent(r'''
     import re
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from mpt_jax import attention, sharding
-    from mpt_jax.alibi import alibi_slopes
+    from mpt_jax import sharding
+    from mpt_jax.model import attention
+    from mpt_jax.model.alibi import alibi_slopes
 
     def kernel_operand_shapes(fn, *args):
         """Shapes of the first operand of every Triton kernel in the CUDA lowering."""
@@ -105,8 +106,8 @@ SCRIPT = textwrap.dedent(r'''
                 ref = decode(qd, kc, vc, fused, impl="reference")
                 for a, w in zip(got, ref):
                     assert float(jnp.max(jnp.abs(a - w))) < 1e-4, "decode values"
-        from mpt_jax.config import MPTConfig
-        from mpt_jax.model import Norm
+        from mpt_jax.model.config import MPTConfig
+        from mpt_jax.model.layers import Norm
 
         norm = Norm(32, MPTConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=64),
                     param_dtype=jnp.float32, use_bias=False)

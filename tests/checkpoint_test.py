@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mpt_jax import checkpoint as ckpt_lib
+from mpt_jax.train import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +51,7 @@ KILLED_SAVE = textwrap.dedent(r'''
     import jax, jax.numpy as jnp
     sys.path.insert(0, "tests")
     from checkpoint_test import _state
-    from mpt_jax import checkpoint as ckpt_lib
+    from mpt_jax.train import checkpoint as ckpt_lib
     manager = ckpt_lib.make_manager(sys.argv[1], keep=3)
     ckpt_lib.save(manager, 1, _state(1.0), model_config={}, train_state={"step": 1,
                   "data_states": [{}]})

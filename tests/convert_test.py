@@ -21,7 +21,7 @@ from transformers import MptForCausalLM
 from model_test import (HF_CONFIGS, NP_CONFIGS, _ids_mask, hf_logits, hf_model, hf_state,
                         np_forward, random_pure)
 from mpt_jax import load_pretrained
-from mpt_jax.convert import (ParamsReader, main, model_shapes,
+from mpt_jax.convert.convert import (ParamsReader, main, model_shapes,
                              name_table)
 from mpt_jax.model import abstract_model
 
@@ -385,7 +385,7 @@ def test_native_config_means_what_transformers_computes(tmp_path, capsys):
 def test_missing_chunk_is_an_error_and_outputs_honour_the_umask(hf_dir, tmp_path, capsys):
     """A chunk file lost from our checkpoint (an interrupted copy) fails export and loading
     instead of reading as zeros; the directories the converter writes get the umask's mode."""
-    from mpt_jax.convert import ConversionError
+    from mpt_jax.convert.convert import ConversionError
 
     ours, out = tmp_path / "ours", tmp_path / "out"
     old = os.umask(0o022)

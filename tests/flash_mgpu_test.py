@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpt_jax import attention
-from mpt_jax.alibi import alibi_slopes
+from mpt_jax.model import attention
+from mpt_jax.model.alibi import alibi_slopes
 from mpt_jax.kernels import flash_gpu, flash_mgpu
 
 ON_HOPPER = flash_mgpu.is_hopper()
@@ -116,9 +116,10 @@ MESH_STEP = textwrap.dedent(r'''
     import importlib.util
     import re
     import jax, jax.numpy as jnp
-    from mpt_jax import optim, sharding
-    from mpt_jax import train_step as step_lib
-    from mpt_jax.config import MPTConfig
+    from mpt_jax import sharding
+    from mpt_jax.train import optim
+    from mpt_jax.train import step as step_lib
+    from mpt_jax.model.config import MPTConfig
     from mpt_jax.kernels import flash_mgpu
 
     flash_mgpu.is_hopper = lambda: True

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from mpt_jax import load_pretrained
-from mpt_jax.generate import Generator, SamplingParams, filter_logits, left_pad, sample
+from mpt_jax.infer.generate import Generator, SamplingParams, filter_logits, left_pad, sample
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -201,7 +201,7 @@ def _tiny_tokenizer():
 def test_cli_prints_only_the_completion(pair, tmp_path_factory, capsys):
     import importlib.util
 
-    from mpt_jax.convert import import_checkpoint
+    from mpt_jax.convert.convert import import_checkpoint
 
     _, gen, _, src = pair
     tok = _tiny_tokenizer()
@@ -246,7 +246,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from mpt_jax import MPTConfig, MPTForCausalLM, sharding
-from mpt_jax.generate import Generator, left_pad
+from mpt_jax.infer.generate import Generator, left_pad
 cfg = MPTConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=64, max_seq_len=32)
 model = MPTForCausalLM(cfg, rngs=nnx.Rngs(1))
 mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=2))

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mpt_jax import attention
-from mpt_jax.alibi import alibi_slopes
+from mpt_jax.model import attention
+from mpt_jax.model.alibi import alibi_slopes
 from mpt_jax.kernels import flash_tpu
 
 TOL = 2e-5  # float32, interpret mode

@@ -15,8 +15,8 @@ from flax import nnx
 from scipy.special import erf
 
 from mpt_jax import MPTConfig
-from mpt_jax.config import AttnConfig, FFNConfig
-from mpt_jax.convert import model_from_pure_dict, model_shapes, pure_dict_from_torch
+from mpt_jax.model.config import AttnConfig, FFNConfig
+from mpt_jax.convert.convert import model_from_pure_dict, model_shapes, pure_dict_from_torch
 from mpt_jax.model import abstract_model
 
 V = 101
@@ -347,7 +347,7 @@ def test_forward_and_grads_through_pallas_kernel_match_reference(d_model, t):
 def test_add_norm_kernel_matches_norm(norm_type, use_bias):
     """The decode path's residual-add + norm kernel (interpret mode) equals `x + delta` and
     model.Norm on fresh random rows, bf16 compute; without delta it is the norm alone."""
-    from mpt_jax.model import Norm
+    from mpt_jax.model.layers import Norm
 
     rng = np.random.default_rng()
     cfg = MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=101, norm_type=norm_type)
@@ -386,7 +386,7 @@ def test_exact_gelu_value_and_derivative(dtype, tol, floor):
     the analytic one. Errors are relative to max(|value|, floor): float32 keeps 1 + erf's
     cancellation in the negative tail, as torch does; bf16 is within about one rounding (the
     erfc form of jax.nn.gelu is off by up to 1.6e-2 there)."""
-    from mpt_jax.model import exact_gelu
+    from mpt_jax.model.layers import exact_gelu
 
     rng = np.random.default_rng()
     x = np.concatenate([rng.normal(0, 3, 4000), np.linspace(-12, 12, 2001)])
@@ -412,7 +412,7 @@ def test_norm_custom_vjp_matches_autodiff(norm_type, x_dtype):
     here in plain jnp) on fresh random inputs: equal outputs, and gradients for x, the weight
     and the bias within float32 rounding (one bf16 ulp where they are bf16 or went through a
     bf16 cast), in the dtypes autodiff gives."""
-    from mpt_jax.model import norm
+    from mpt_jax.model.layers import norm
 
     rng = np.random.default_rng()
     rms, low, cd = norm_type.endswith("rmsnorm"), norm_type.startswith("low_precision"), \

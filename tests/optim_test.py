@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from mpt_jax import optim
+from mpt_jax.train import optim
 
 
 def _np_lion(params, grads_seq, lr, b1, b2, wd, fs):

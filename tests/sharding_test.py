@@ -41,9 +41,10 @@ SCRIPT = textwrap.dedent(r'''
     import jax, jax.numpy as jnp, numpy as np, ml_collections
     from flax import nnx
     from jax.sharding import PartitionSpec as P
-    from mpt_jax import sharding, optim
-    from mpt_jax import train_step as step_lib
-    from mpt_jax.config import MPTConfig
+    from mpt_jax import sharding
+    from mpt_jax.train import optim
+    from mpt_jax.train import step as step_lib
+    from mpt_jax.model.config import MPTConfig
     from mpt_jax.model import abstract_model
     assert jax.device_count() == 8
     cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=256, max_seq_len=16)

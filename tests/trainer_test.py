@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mpt_jax import loss as loss_lib
-from mpt_jax import optim, sharding
-from mpt_jax import train_step as step_lib
-from mpt_jax.config import MPTConfig
+from mpt_jax.train import loss as loss_lib
+from mpt_jax import sharding
+from mpt_jax.train import optim
+from mpt_jax.train import step as step_lib
+from mpt_jax.model.config import MPTConfig
 from mpt_jax.model import MPTForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,10 +63,8 @@ def write_test_config(path: str, shards: str, **top) -> str:
     overrides = "\n".join(f"    c.{k} = {v!r}" for k, v in top.items())
     with open(path, "w") as fh:
         fh.write(textwrap.dedent(f'''\
-            import sys
-            sys.path.insert(0, {os.path.join(ROOT, "configs")!r})
             import ml_collections
-            import tiny
+            from configs import tiny
 
             def get_config():
                 c = tiny.get_config()
@@ -249,7 +248,7 @@ def test_nan_is_caught_and_update_not_applied():
 def test_loss_spike_guard_state_resumes_the_same_judgement():
     """The guard's window and run of bad steps go into checkpoints (trainer.save): a guard
     restored from a JSON round trip of its state judges the next losses as the original."""
-    from mpt_jax.trainer import LossSpikeGuard
+    from mpt_jax.train.trainer import LossSpikeGuard
 
     cfg = ml_collections.ConfigDict(dict(enabled=True, window=5, multiplier=2.0, patience=2,
                                          loss_cap=10.0, action="warn"))
@@ -267,7 +266,7 @@ def test_loss_spike_guard_state_resumes_the_same_judgement():
 
 
 def test_nonfinite_loss_stops_run_and_writes_no_bad_checkpoint(small_corpus, tmp_path):
-    from mpt_jax import checkpoint as ckpt_lib
+    from mpt_jax.train import checkpoint as ckpt_lib
 
     config_path = write_test_config(str(tmp_path / "cfg.py"), small_corpus, max_steps=6,
                                     checkpoint_every=1)
@@ -310,7 +309,7 @@ def test_sigterm_then_rerun_logs_the_uninterrupted_losses(small_corpus, tmp_path
     stopped_at = max(read_losses(split))
     assert stopped_at < 8, "the run finished before the signal arrived"
     assert "signal" in err
-    from mpt_jax import checkpoint as ckpt_lib
+    from mpt_jax.train import checkpoint as ckpt_lib
 
     assert ckpt_lib.make_manager(split, keep=3).latest_step() == stopped_at
     again = subprocess.run(_train_cmd(config_path, split), cwd=ROOT, env=env,

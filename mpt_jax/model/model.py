@@ -11,8 +11,6 @@ RNG keys are passed explicitly: `dropout_rng=None` means deterministic (eval).
 """
 from __future__ import annotations
 
-import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -20,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
-from jax.sharding import PartitionSpec as P
 
-from mpt_jax import attention as attn_lib
 from mpt_jax import sharding
-from mpt_jax.alibi import alibi_slopes
-from mpt_jax.config import MPTConfig
 from mpt_jax.kernels import ATTN_LSE_NAME, ATTN_OUT_NAME, norm_gpu, unpack_qkv
+from mpt_jax.model import attention as attn_lib
+from mpt_jax.model.alibi import alibi_slopes
+from mpt_jax.model.config import MPTConfig
+from mpt_jax.model.layers import ACTIVATIONS, Norm, dense, dropout, init_weight, residual_div
 
 _cp = jax.checkpoint_policies
 _ATTN_NAMES = (ATTN_OUT_NAME, ATTN_LSE_NAME)
@@ -46,213 +44,6 @@ REMAT_POLICIES = {
         _cp.save_only_these_names(*_ATTN_NAMES, MLP_ACT_NAME)),
     "nothing": _cp.nothing_saveable,
 }
-
-_SQRT_HALF = float(1.0 / np.sqrt(2.0))
-_INV_SQRT_2PI = float(1.0 / np.sqrt(2.0 * np.pi))
-
-
-@jax.custom_jvp
-def exact_gelu(x):
-    """torch.nn.GELU(approximate='none'): 0.5 x (1 + erf(x / sqrt 2)), evaluated in float32
-    (as torch does for bf16 inputs) and returned in x's dtype.
-
-    jax.nn.gelu(approximate=False) goes through erfc, whose float32 expansion has several
-    branches and an exp; on an H100 it made the MLP's GELU forward and backward compute-bound
-    at 2-3x their memory time (62 ms of a 686 ms MPT-1B step, bench/PERF_NOTES.md). erf is one
-    rational polynomial, and the derivative below needs one exp."""
-    x32 = x.astype(jnp.float32)
-    return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))).astype(x.dtype)
-
-
-@exact_gelu.defjvp
-def _exact_gelu_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
-    x32 = x.astype(jnp.float32)
-    cdf = 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))
-    pdf = jnp.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
-    y = (x32 * cdf).astype(x.dtype)
-    return y, (t.astype(jnp.float32) * (cdf + x32 * pdf)).astype(t.dtype)
-
-
-_ACTIVATIONS = {
-    "gelu": exact_gelu,
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Initialisation (llm-foundry's param_init_fns, for the schemes MPT uses)
-# ---------------------------------------------------------------------------------------------
-def _gain(nonlinearity: str, a: float) -> float:
-    if nonlinearity == "relu":
-        return math.sqrt(2.0)
-    if nonlinearity == "leaky_relu":
-        return math.sqrt(2.0 / (1 + a * a))
-    if nonlinearity in ("linear", "sigmoid"):
-        return 1.0
-    if nonlinearity == "tanh":
-        return 5.0 / 3
-    raise ValueError(f"unknown init_config.init_nonlinearity {nonlinearity!r}")
-
-
-def _init_weight(key, shape_in_out, cfg: MPTConfig, dtype, *, div: float = 1.0,
-                 embedding: bool = False):
-    """Initialises a weight stored `[in, out]` (or `[V, d]` for embeddings) as llm-foundry does
-    for the torch tensor (`[out, in]`, or `[V, d]`), so fan_in/fan_out follow torch's rules."""
-    ic = cfg.init_config
-    if embedding:
-        v, d = shape_in_out
-        torch_fan_in, torch_fan_out = d, v
-        if ic.emb_init_std is not None:
-            return (jax.random.normal(key, shape_in_out) * ic.emb_init_std).astype(dtype)
-        if ic.emb_init_uniform_lim is not None:
-            lim = ic.emb_init_uniform_lim
-            lo, hi = (-lim, lim) if isinstance(lim, (int, float)) else lim
-            return jax.random.uniform(key, shape_in_out, minval=lo, maxval=hi).astype(dtype)
-    else:
-        torch_fan_in, torch_fan_out = shape_in_out
-    fan = torch_fan_in if ic.fan_mode == "fan_in" else torch_fan_out
-    name = ic.name
-    if name == "kaiming_normal_":
-        std = _gain(ic.init_nonlinearity, ic.init_gain) / math.sqrt(fan)
-        w = jax.random.normal(key, shape_in_out) * std
-    elif name == "kaiming_uniform_":
-        bound = math.sqrt(3.0) * _gain(ic.init_nonlinearity, ic.init_gain) / math.sqrt(fan)
-        w = jax.random.uniform(key, shape_in_out, minval=-bound, maxval=bound)
-    elif name == "baseline_":
-        if ic.init_std is None:
-            raise ValueError("init_config.name 'baseline_' needs init_config.init_std")
-        w = jax.random.normal(key, shape_in_out) * ic.init_std
-    elif name == "small_init_":
-        w = jax.random.normal(key, shape_in_out) * math.sqrt(2.0 / (5 * cfg.d_model))
-    else:
-        raise ValueError(
-            f"init_config.name {name!r} is not supported; use kaiming_normal_, "
-            "kaiming_uniform_, baseline_ or small_init_"
-        )
-    return (w / div).astype(dtype)
-
-
-def _residual_div(cfg: MPTConfig) -> float:
-    d = cfg.init_config.init_div_is_residual
-    if d is True:
-        return math.sqrt(2 * cfg.n_layers)
-    if d is False:
-        return 1.0
-    return float(d)
-
-
-# ---------------------------------------------------------------------------------------------
-# Modules
-# ---------------------------------------------------------------------------------------------
-def _norm_cast(a, low: bool, compute_dtype):
-    """The norm's view of an input or a parameter: rounded to the compute dtype first when low."""
-    return a.astype(compute_dtype).astype(jnp.float32) if low else a.astype(jnp.float32)
-
-
-def _norm_stats(x32, eps: float, rms: bool):
-    """Per-row (mean, 1/std) of a float32 `[..., D]`, keepdims; mean 0 for RMSNorm."""
-    if rms:
-        return (jnp.zeros(x32.shape[:-1] + (1,), jnp.float32),
-                jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps))
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    return mean, jax.lax.rsqrt(var + eps)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def norm(x, weight, bias, eps: float, rms: bool, low: bool, compute_dtype):
-    """LayerNorm / RMSNorm of `x [..., D]` with Norm's precision semantics (see Norm), bias
-    optional (None). Float32 out unless `low` (then the compute dtype).
-
-    The backward is written out: the weight and bias gradients are column sums of
-    `dy * xhat` and `dy` with xhat rebuilt from the saved per-row mean and 1/std, so XLA reduces
-    them straight from x and dy. Autodiff of the forward made XLA write `dy * xhat` out in
-    float32 (its row statistics cannot share a fusion with a column sum) and read it back: 18 ms
-    of an MPT-1B step at micro-batch 20 on an H100. Rounding follows autodiff of the forward:
-    gradients pass through the same casts (bf16 for the low-precision variants)."""
-    return _norm_fwd(x, weight, bias, eps, rms, low, compute_dtype)[0]
-
-
-def _norm_fwd(x, weight, bias, eps, rms, low, compute_dtype):
-    x32 = _norm_cast(x, low, compute_dtype)
-    mean, rstd = _norm_stats(x32, eps, rms)
-    y = (x32 - mean) * rstd * _norm_cast(weight, low, compute_dtype)
-    if bias is not None:
-        y = y + _norm_cast(bias, low, compute_dtype)
-    return (y.astype(compute_dtype) if low else y), (x, weight, bias, mean, rstd)
-
-
-def _norm_bwd(eps, rms, low, compute_dtype, res, dy):
-    del eps
-    x, weight, bias, mean, rstd = res
-    back = (lambda g, like: g.astype(compute_dtype).astype(like.dtype)) if low else (
-        lambda g, like: g.astype(like.dtype))
-    dy32 = dy.astype(jnp.float32)
-    xhat = (_norm_cast(x, low, compute_dtype) - mean) * rstd
-    g = dy32 * _norm_cast(weight, low, compute_dtype)
-    dx = g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
-    if not rms:
-        dx = dx - jnp.mean(g, axis=-1, keepdims=True)
-    rows = tuple(range(x.ndim - 1))
-    dw = back(jnp.sum(dy32 * xhat, axis=rows), weight)
-    db = None if bias is None else back(jnp.sum(dy32, axis=rows), bias)
-    return back(dx * rstd, x), dw, db
-
-
-norm.defvjp(_norm_fwd, _norm_bwd)
-
-
-class Norm(nnx.Module):
-    """LayerNorm / RMSNorm, optionally low precision (llm-foundry's LPLayerNorm: the input and
-    weight are rounded to the compute dtype, statistics are taken in float32, the output is in
-    the compute dtype). Full-precision variants return float32."""
-
-    def __init__(self, dim: int, cfg: MPTConfig, *, param_dtype, use_bias: bool):
-        self.norm_type = cfg.norm_type
-        self.eps = cfg.norm_eps
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
-        rms = cfg.norm_type.endswith("rmsnorm")
-        self.bias = (nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=("norm",))
-                     if use_bias and not rms else None)
-
-    def __call__(self, x, compute_dtype):
-        bias = None if self.bias is None else self.bias[...]
-        return norm(x, self.weight[...], bias, self.eps, self.norm_type.endswith("rmsnorm"),
-                    self.norm_type.startswith("low_precision"), jnp.dtype(compute_dtype))
-
-    def fused(self, x, delta, compute_dtype, *, interpret: bool = False):
-        """(x + delta, norm(x + delta)) in one GPU kernel (forward only; delta may be None).
-        x `[B, ..., D]`; under a multi-device mesh it runs once per batch shard."""
-
-        def run(x, delta, weight, bias):
-            return norm_gpu.add_norm_gpu(
-                x, delta, weight, bias, eps=self.eps, rms=self.norm_type.endswith("rmsnorm"),
-                low=self.norm_type.startswith("low_precision"), compute_dtype=compute_dtype,
-                interpret=interpret)
-
-        args = (x, delta, self.weight[...], None if self.bias is None else self.bias[...])
-        mesh = sharding.kernel_mesh()
-        if mesh is not None:
-            rows = P(sharding.divided_axes(mesh, "batch", x.shape[0]))
-            specs = (rows, None if delta is None else rows, P(), None if args[3] is None else P())
-            run = sharding.per_shard(run, mesh, specs, (rows, rows))
-        return run(*args)
-
-
-def _dense(x, w, b, dtype):
-    y = jnp.einsum("...i,io->...o", x.astype(dtype), w[...].astype(dtype))
-    if b is not None:
-        y = y + b[...].astype(dtype)
-    return y
-
-
-def _dropout(x, rate: float, key):
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class AttnContext(NamedTuple):
@@ -280,10 +71,10 @@ class Attention(nnx.Module):
                        if cfg.attn_config.alibi else None)
         n_qkv = (h + 2 * kv) * hd
         self.Wqkv = nnx.Param(
-            _init_weight(rngs.params(), (d, n_qkv), cfg, param_dtype), logical_axes=("embed", "qkv")
+            init_weight(rngs.params(), (d, n_qkv), cfg, param_dtype), logical_axes=("embed", "qkv")
         )
         self.out_proj = nnx.Param(
-            _init_weight(rngs.params(), (h * hd, d), cfg, param_dtype, div=_residual_div(cfg)),
+            init_weight(rngs.params(), (h * hd, d), cfg, param_dtype, div=residual_div(cfg)),
             logical_axes=("heads", "embed"),
         )
         use_bias = not cfg.no_bias
@@ -316,7 +107,7 @@ class Attention(nnx.Module):
     def __call__(self, x_btd, ctx: AttnContext, cache_kv, *, dtype, training: bool):
         b, t, _ = x_btd.shape
         h, kv, hd = self.n_heads, self.kv_heads, self.head_dim
-        qkv = _dense(x_btd, self.Wqkv, self.Wqkv_bias, dtype)
+        qkv = dense(x_btd, self.Wqkv, self.Wqkv_bias, dtype)
         if self.clip_qkv is not None:
             qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
         slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
@@ -367,7 +158,7 @@ class Attention(nnx.Module):
                     qkv=None if self.q_ln is not None else qkv)  # q/k normed: use the slices
             new_cache = (k_cache, v_cache)
         o_btd = o_bthd.reshape(b, t, h * hd)
-        return _dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
+        return dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
 
 
 class MLP(nnx.Module):
@@ -377,13 +168,13 @@ class MLP(nnx.Module):
         d, f = cfg.d_model, cfg.ffn_hidden_size
         use_bias = not cfg.no_bias
         self.act = cfg.ffn_config.ffn_act_fn
-        self.up_proj = nnx.Param(_init_weight(rngs.params(), (d, f), cfg, param_dtype),
+        self.up_proj = nnx.Param(init_weight(rngs.params(), (d, f), cfg, param_dtype),
                                  logical_axes=("embed", "mlp"))
         self.down_proj = nnx.Param(
-            _init_weight(rngs.params(), (f, d), cfg, param_dtype, div=_residual_div(cfg)),
+            init_weight(rngs.params(), (f, d), cfg, param_dtype, div=residual_div(cfg)),
             logical_axes=("mlp", "embed"),
         )
-        self.gate_proj = (nnx.Param(_init_weight(rngs.params(), (d, f), cfg, param_dtype),
+        self.gate_proj = (nnx.Param(init_weight(rngs.params(), (d, f), cfg, param_dtype),
                                     logical_axes=("embed", "mlp"))
                           if cfg.ffn_config.ffn_type == "mptglu" else None)
         self.up_proj_bias = (nnx.Param(jnp.zeros((f,), param_dtype), logical_axes=("mlp",))
@@ -394,15 +185,15 @@ class MLP(nnx.Module):
                                if use_bias and self.gate_proj is not None else None)
 
     def __call__(self, x_btd, *, dtype):
-        act = _ACTIVATIONS[self.act]
-        up_btf = _dense(x_btd, self.up_proj, self.up_proj_bias, dtype)
+        act = ACTIVATIONS[self.act]
+        up_btf = dense(x_btd, self.up_proj, self.up_proj_bias, dtype)
         if self.gate_proj is not None:
-            h_btf = act(_dense(x_btd, self.gate_proj, self.gate_proj_bias, dtype)) * up_btf
+            h_btf = act(dense(x_btd, self.gate_proj, self.gate_proj_bias, dtype)) * up_btf
         else:
             h_btf = act(up_btf)
         h_btf = checkpoint_name(h_btf, MLP_ACT_NAME)
         h_btf = sharding.constrain(h_btf, ("batch", "seq", "mlp"))
-        return _dense(h_btf, self.down_proj, self.down_proj_bias, dtype)
+        return dense(h_btf, self.down_proj, self.down_proj_bias, dtype)
 
 
 class Block(nnx.Module):
@@ -429,9 +220,9 @@ class Block(nnx.Module):
             k1, k2 = jax.random.split(dropout_key)
         a_btd, new_cache = self.attn(self.norm_1(x_btd, dtype), ctx, cache_kv, dtype=dtype,
                                      training=training)
-        x_btd = x_btd + _dropout(a_btd, self.resid_pdrop, k1).astype(x_btd.dtype)
+        x_btd = x_btd + dropout(a_btd, self.resid_pdrop, k1).astype(x_btd.dtype)
         m_btd = self.ffn(self.norm_2(x_btd, dtype), dtype=dtype)
-        x_btd = x_btd + _dropout(m_btd, self.resid_pdrop, k2).astype(x_btd.dtype)
+        x_btd = x_btd + dropout(m_btd, self.resid_pdrop, k2).astype(x_btd.dtype)
         return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), new_cache
 
     def decode_kernels(self) -> bool:
@@ -503,17 +294,17 @@ class MPTForCausalLM(nnx.Module):
         self.scan_layers = scan_layers
         d = cfg.d_model
         self.wte = nnx.Param(
-            _init_weight(rngs.params(), (cfg.vocab_size, d), cfg, param_dtype, embedding=True),
+            init_weight(rngs.params(), (cfg.vocab_size, d), cfg, param_dtype, embedding=True),
             logical_axes=("vocab", "embed"),
         )
         self.wpe = (nnx.Param(
-            _init_weight(rngs.params(), (cfg.max_seq_len, d), cfg, param_dtype, embedding=True),
+            init_weight(rngs.params(), (cfg.max_seq_len, d), cfg, param_dtype, embedding=True),
             logical_axes=("positions", "embed")) if cfg.use_wpe else None)
         self.blocks = _stacked_blocks(cfg, rngs.params(), param_dtype=param_dtype,
                                       attn_impl=attn_impl, attn_interpret=attn_interpret)
         self.norm_f = Norm(d, cfg, param_dtype=param_dtype, use_bias=not cfg.no_bias)
         self.lm_head = (None if cfg.tie_word_embeddings else nnx.Param(
-            _init_weight(rngs.params(), (cfg.vocab_size, d), cfg, param_dtype, embedding=True),
+            init_weight(rngs.params(), (cfg.vocab_size, d), cfg, param_dtype, embedding=True),
             logical_axes=("vocab", "embed")))
 
     # -- public API ------------------------------------------------------------------------
@@ -559,7 +350,7 @@ class MPTForCausalLM(nnx.Module):
         keys = None
         if dropout_rng is not None:
             emb_key, layers_key = jax.random.split(dropout_rng)
-            x_btd = _dropout(x_btd, cfg.emb_pdrop, emb_key)
+            x_btd = dropout(x_btd, cfg.emb_pdrop, emb_key)
             keys = jax.random.split(layers_key, cfg.n_layers)
         x_btd = sharding.constrain(x_btd.astype(dtype), ("batch", "seq", "act_embed"))
 

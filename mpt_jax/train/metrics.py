@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from mpt_jax.config import MPTConfig
+from mpt_jax.model.config import MPTConfig
 
 # Dense bf16 peak FLOP/s per device, by substrings of `device_kind` (vendor spec sheets).
 PEAK_FLOPS = (

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mpt_jax.config import MPTConfig
+from mpt_jax.model.config import MPTConfig
 
 # our path (inside blocks, or top level) -> (torch name, transpose)
 _BLOCK_TABLE = {

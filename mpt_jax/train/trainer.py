@@ -22,12 +22,12 @@ from collections import deque
 import jax
 import numpy as np
 
-from mpt_jax import checkpoint as ckpt_lib
-from mpt_jax import metrics as metrics_lib
-from mpt_jax import optim as optim_lib
+from mpt_jax.train import checkpoint as ckpt_lib
+from mpt_jax.train import metrics as metrics_lib
+from mpt_jax.train import optim as optim_lib
 from mpt_jax import sharding
-from mpt_jax import train_step as step_lib
-from mpt_jax.config import MPTConfig
+from mpt_jax.train import step as step_lib
+from mpt_jax.model.config import MPTConfig
 
 log = logging.getLogger("mpt_jax.trainer")
 

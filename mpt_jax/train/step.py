@@ -23,9 +23,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mpt_jax import loss as loss_lib
+from mpt_jax.train import loss as loss_lib
 from mpt_jax import sharding
-from mpt_jax.config import MPTConfig
+from mpt_jax.model.config import MPTConfig
 from mpt_jax.model import MPTForCausalLM, abstract_model
 
 NONFINITE_ACTIONS = ("stop", "skip")

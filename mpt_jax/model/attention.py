@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from mpt_jax import alibi, sharding
+from mpt_jax import sharding
+from mpt_jax.model import alibi
 from mpt_jax.kernels import decode_gpu, flash_gpu, packed_head_dim, unpack_qkv
 
 IMPLS = ("auto", "reference", "pallas_gpu", "pallas_triton", "pallas_tpu")

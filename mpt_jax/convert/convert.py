@@ -10,11 +10,11 @@ config before anything is written: missing keys, unexpected keys and wrong shape
 With tied embeddings a source `lm_head.weight` (a copy of `transformer.wte.weight`) is accepted
 and skipped.
 
-Streaming: tensors are read one at a time (`convert_io.read_tensor`) and written as one layer
+Streaming: tensors are read one at a time (`io.read_tensor`) and written as one layer
 slice of the stacked array (one layer per zarr chunk), so peak memory is a few tensors, not the
 model (measured: ~1.2 GB peak RSS for MPT-7B, see bench/convert.py). Matrices go into
 Fortran-order chunks, whose bytes are torch's `[out, in]` tensor as is: no transpose is computed
-either way (see `convert_io.ParamsWriter`). Params are stored in the source dtype (`--dtype` to
+either way (see `io.ParamsWriter`). Params are stored in the source dtype (`--dtype` to
 change). `export` reads our params (or a trainer checkpoint's) layer by layer and writes
 safetensors shards of at most `max_shard_bytes` (5 GB by default) plus
 `model.safetensors.index.json`.
@@ -45,10 +45,10 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from mpt_jax.config import MPTConfig
-from mpt_jax.convert_io import (ConversionError, ParamsReader, ParamsWriter, SafetensorsWriter,
+from mpt_jax.model.config import MPTConfig
+from mpt_jax.convert.io import (ConversionError, ParamsReader, ParamsWriter, SafetensorsWriter,
                                 TensorInfo, read_tensor, scan_source)
-from mpt_jax.convert_table import (Row, _set_path, export_form,  # noqa: F401
+from mpt_jax.convert.table import (Row, _set_path, export_form,  # noqa: F401
                                    model_shapes, name_table, pure_dict_from_torch)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

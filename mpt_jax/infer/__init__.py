@@ -1,0 +1,1 @@
+"""Inference: prefill + KV-cache decoding."""

@@ -1,0 +1,1 @@
+"""Training: optimizers, loss, the pure step functions, checkpoints, metrics, the trainer."""
