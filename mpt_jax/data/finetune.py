@@ -43,6 +43,10 @@ assistant message, no assistant message, a conversation that does not end with a
 message, or two consecutive messages of one role (llm-foundry's
 `_validate_chat_formatted_example`). Unlike llm-foundry, other keys of a row (an id, a source
 name) are ignored rather than refused. Truncation to a maximum length is `fit_example`'s job.
+
+Records of the examples layout (`mpt_jax.data.prepare --format ...` writes them, the pipeline
+reads them): the token ids (little-endian, the shard dtype), then one uint8 loss-mask byte per
+token (`encode_record` / `decode_record`).
 """
 
 from __future__ import annotations
@@ -415,3 +419,74 @@ def fit_example(tokens: Mapping[str, np.ndarray], max_seq_len: int, on_too_long:
     if not cut["loss_mask"].any():
         return None, "dropped"
     return cut, "truncated"
+
+
+# ------------------------------------------------------------------------------------------
+# Records of the examples layout (prepare writes them, the pipeline reads them)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerEncoding:
+    """What a worker of mpt_jax.data.prepare needs to turn example rows into records."""
+
+    tokenizer_json: str
+    eos_ids: tuple[int, ...]
+    chat_template: str | None
+    template_tokens: tuple[tuple[str, str], ...]
+    format: str
+    template: str
+    target_responses: str
+    max_seq_len: int
+    on_too_long: str
+    dtype: str
+
+
+_worker: tuple[WorkerEncoding, ExampleTokenizer] | None = None
+
+
+def init_worker(encoding: WorkerEncoding):
+    global _worker
+
+    tok = ExampleTokenizer(tokenizers.Tokenizer.from_str(encoding.tokenizer_json),
+                           encoding.eos_ids, encoding.chat_template, encoding.template_tokens)
+    _worker = (encoding, tok)
+
+
+def encode_rows(rows: list[tuple[str, object]]) -> list[tuple]:
+    """Per row: ('bad', where, why) or (status, ids, mask) with status 'fits' | 'truncated' |
+    'dropped' (ids and mask None), ids in the shard dtype and mask uint8."""
+    assert _worker is not None, "init_worker first"
+    enc, tok = _worker
+    out = []
+    for where, row in rows:
+        try:
+            example = tokenize_example(row, tok, template=enc.template,
+                                       target_responses=enc.target_responses, format=enc.format)
+        except BadExample as e:
+            out.append(("bad", where, str(e)))
+            continue
+        fitted, status = fit_example(example, enc.max_seq_len, enc.on_too_long)
+        if fitted is None:
+            out.append((status, None, None))
+        else:
+            out.append((status, fitted["input_ids"].astype(enc.dtype),
+                        fitted["loss_mask"].astype(np.uint8)))
+    return out
+
+
+def encode_record(ids_t: np.ndarray, mask_t: np.ndarray) -> bytes:
+    """An examples-layout record: little-endian token ids, then one uint8 mask byte a token."""
+    return (ids_t.astype(ids_t.dtype.newbyteorder("<"), copy=False).tobytes()
+            + mask_t.astype(np.uint8).tobytes())
+
+
+def decode_record(record: bytes, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """encode_record's inverse -> (ids int32 [n], loss mask int32 [n])."""
+    dtype = np.dtype(dtype).newbyteorder("<")
+    n = len(record) // (dtype.itemsize + 1)
+    if n * (dtype.itemsize + 1) != len(record):
+        raise ValueError(f"an examples record of {len(record)} bytes does not hold {dtype} ids "
+                         "and uint8 mask bytes: not an examples shard")
+    ids = np.frombuffer(record, dtype, count=n).astype(np.int32)
+    mask = np.frombuffer(record, np.uint8, offset=n * dtype.itemsize).astype(np.int32)
+    return ids, mask
