@@ -53,6 +53,7 @@ import numpy as np
 from mpt_jax.data import corpus
 from mpt_jax.data import finetune
 from mpt_jax.data import prepare as prepare_lib
+from mpt_jax.data import sft_corpus
 from mpt_jax.data import tokenizer as tokenizer_lib
 
 
@@ -86,7 +87,9 @@ def resolve_data(data_cfg, workdir: str | None) -> ResolvedData:
 
     For `data.builtin == 'python_stdlib'` the built-in corpus is prepared into
     `{workdir}/data` on first use (cached after, reused on rerun), with a byte-level BPE of
-    `data.builtin_vocab_size` tokens trained in seconds unless `data.tokenizer` is set.
+    `data.builtin_vocab_size` tokens trained in seconds unless `data.tokenizer` is set; for
+    'python_stdlib_sft' the built-in instruction set is prepared there with `data.tokenizer`
+    (required) into examples of at most `data.builtin_max_seq_len` tokens.
     Otherwise every `data.sources` entry must be a prepared shards directory; all must share one
     tokenizer and layout, and `data.tokenizer` (when set) must be that tokenizer. Raises
     ValueError naming the path and numbers on any mismatch, a missing directory or an empty
@@ -95,9 +98,15 @@ def resolve_data(data_cfg, workdir: str | None) -> ResolvedData:
     if data_cfg.builtin:
         if workdir is None:
             raise ValueError(f"data.builtin={data_cfg.builtin!r} needs a workdir to prepare into")
-        shards_dir = corpus.prepare_builtin(
-            data_cfg.builtin, os.path.join(workdir, "data"),
-            vocab_size=data_cfg.builtin_vocab_size, tokenizer=data_cfg.tokenizer)
+        if data_cfg.builtin in sft_corpus.BUILTIN_NAMES:
+            shards_dir = sft_corpus.prepare_builtin(
+                data_cfg.builtin, os.path.join(workdir, "data"), tokenizer=data_cfg.tokenizer,
+                max_seq_len=data_cfg.builtin_max_seq_len,
+                on_too_long=data_cfg.builtin_on_too_long)
+        else:
+            shards_dir = corpus.prepare_builtin(
+                data_cfg.builtin, os.path.join(workdir, "data"),
+                vocab_size=data_cfg.builtin_vocab_size, tokenizer=data_cfg.tokenizer)
         named = [(data_cfg.builtin, shards_dir, 1.0)]
     else:
         if not data_cfg.sources:
