@@ -2,6 +2,8 @@
 their loss masks aligned, packing efficiency, the held-out split, process shares, and an
 example longer than seq_len refused. (Exact resume: data_pipeline_test's parametrisation.)"""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -74,7 +76,7 @@ def test_packing_fills_rows_better_than_padding(data, tmp_path):
         take(it, 20)
         effs.append(it.packing_efficiency())
         it.close()
-    assert effs[0] < 0.5 < 0.8 < effs[1], effs
+    assert effs[0] < 0.5 and effs[1] > 0.8, effs
 
 
 def test_held_out_split_and_process_shares(data):
@@ -105,3 +107,61 @@ def test_examples_longer_than_seq_len_are_refused(data):
         pipeline.make_train_iterator(data_config({"c": (data["c_ex"], 1.0),
                                                   "a": (data["a_doc"], 1.0)}),
                                      seq_len=T, batch_size=2, seed=0)
+
+
+SOURCE = '''
+import os
+
+def plain(a, b=2):
+    """Adds.
+
+    Twice."""
+    # a comment
+    return a + b
+
+class C:
+    @property
+    def m(self):
+        """Doc."""
+        return 1
+
+def no_doc():
+    return 3
+
+def only_doc():
+    """Nothing after."""
+'''
+
+
+def test_builtin_instruction_set(tmp_path, monkeypatch, data):
+    from mpt_jax.data import corpus, sft_corpus
+
+    rows = sft_corpus.function_examples(SOURCE)
+    assert [(r["name"], r["prompt"], r["response"]) for r in rows] == [
+        ("plain", 'def plain(a, b=2):\n    """Adds.\n\n    Twice."""\n',
+         "    # a comment\n    return a + b\n"),
+        ("m", 'def m(self):\n    """Doc."""\n', "    return 1\n")]
+    files = corpus.stdlib_files()
+    monkeypatch.setattr(corpus, "stdlib_files", lambda: [f for f in files
+                                                         if f.endswith(("/textwrap.py",
+                                                                        "/shlex.py"))])
+    monkeypatch.setattr(corpus, "_prepare_workers", lambda: 1)
+    cfg = data_config({}, builtin="python_stdlib_sft", tokenizer=data["tok"], eval_fraction=0.1,
+                      builtin_max_seq_len=256, builtin_on_too_long="truncate")
+    with pytest.raises(ValueError, match="needs data.tokenizer"):
+        pipeline.resolve_data(data_config({}, builtin="python_stdlib_sft",
+                                          builtin_max_seq_len=64, builtin_on_too_long="drop"),
+                              str(tmp_path))
+    resolved = pipeline.resolve_data(cfg, str(tmp_path))
+    manifest = resolved.sources[0].manifest
+    assert resolved.mode == "examples" and manifest["template"] == "instruct"
+    chosen = corpus.stdlib_files()
+    n_functions = sum(len(sft_corpus.function_examples(Path(f).read_text())) for f in chosen)
+    assert len(chosen) == 2 and n_functions > 15
+    assert manifest["examples"] + manifest["dropped"] == n_functions
+    assert manifest["examples"] > 5 and manifest["truncated"] > 0
+    batch = next(pipeline.make_train_iterator(cfg, seq_len=256, batch_size=2, seed=0,
+                                              workdir=str(tmp_path)))
+    assert batch["loss_mask"].shape == (2, 256) and batch["loss_mask"].sum() > 0
+    monkeypatch.setattr(prepare, "prepare_dataset", None)  # cached: not prepared again
+    assert pipeline.resolve_data(cfg, str(tmp_path)) == resolved

@@ -221,7 +221,7 @@ def load_params_sharded(path, abstract_params, shardings):
     for name, missing_in in ((set(abstract) - set(rows), "the checkpoint"),
                              (set(rows) - set(abstract), "the model")):
         if name:
-            raise ConversionError(f"{path}: parameter {'.'.join(sorted(name)[0])!r} is not in "
+            raise ConversionError(f"{path}: parameter {'.'.join(min(name))!r} is not in "
                                   f"{missing_in} ({len(name)} such)")
     if set(placements) != set(abstract):
         raise ValueError("load_params_sharded: shardings and abstract_params are different "
