@@ -13,7 +13,12 @@ files change values, never add keys; `--config.a.b=value` overrides any of them)
                  (none|full|dots|dots_no_batch|dots_act|nothing), scan_layers, attn_impl
                  (auto|reference|pallas_gpu|pallas_triton|pallas_tpu), loss_chunk_size (positions per
                  cross-entropy chunk; 0 = whole sequence), nonfinite (stop|skip),
-                 xla_options (XLA options for the train step alone, "name=value,...")
+                 xla_options (XLA options for the train step alone, "name=value,..."),
+                 init_from ('' = random init; else the pretrained weights to finetune: an
+                 HF-layout directory, one of our converted checkpoints, a training workdir or
+                 step directory; weights only, the model config comes from it and `model.*`
+                 may change only max_seq_len, dropout and attn_uses_sequence_id, see
+                 mpt_jax/convert/pretrained.py)
   optim.*        name (decoupled_lion|decoupled_adamw), lr, b1, b2, eps, weight_decay,
                  weight_decay_mask (all|matrices), mu_dtype ('' = param dtype), clip_norm,
                  schedule (cosine|linear|constant), warmup_steps, alpha_f
@@ -25,7 +30,15 @@ files change values, never add keys; `--config.a.b=value` overrides any of them)
                  loss_cap, action (warn|stop)
   profile.*      start_step (-1 = off), num_steps: a jax.profiler trace in WORKDIR/profile
   data.*         mpt_jax.data's keys: builtin, tokenizer, sources, packing, eval_fraction,
-                 shuffle, num_workers, prefetch, builtin_vocab_size
+                 shuffle, num_workers, prefetch, builtin_vocab_size. A source may be a
+                 directory of finetuning examples (prepare --format prompt_response|chat):
+                 batches then carry a loss_mask and the loss is on response tokens only;
+                 packing=True packs whole examples (pair it with
+                 model.attn_uses_sequence_id=True). builtin='python_stdlib_sft' is the built-in
+                 instruction set (a stdlib function's signature and docstring in the instruct
+                 template -> its body), tokenized with data.tokenizer (the pretrained model's)
+                 into examples of at most builtin_max_seq_len tokens (builtin_on_too_long:
+                 truncate|drop)
 """
 from __future__ import annotations
 
@@ -47,7 +60,8 @@ def model_section(cfg: MPTConfig) -> ml_collections.ConfigDict:
 def data_section(**overrides) -> ml_collections.ConfigDict:
     data = ml_collections.ConfigDict(dict(
         builtin="", tokenizer="", sources={}, packing=False, eval_fraction=0.01, shuffle=True,
-        num_workers=0, prefetch=2, builtin_vocab_size=4096))
+        num_workers=0, prefetch=2, builtin_vocab_size=4096, builtin_max_seq_len=2048,
+        builtin_on_too_long="drop"))
     data.update(overrides)
     return data
 
@@ -70,7 +84,7 @@ def get_base_config(size: str = "125m") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         seq_len=2048, global_batch_size=256, micro_batch_size=0, compute_dtype="bfloat16",
         param_dtype="float32", remat_policy="dots_no_batch", scan_layers=False, attn_impl="auto",
-        loss_chunk_size=512, nonfinite="stop", xla_options=""))
+        loss_chunk_size=512, nonfinite="stop", xla_options="", init_from=""))
 
     # llm-foundry's pretrain yamls: decoupled_adamw lr 6e-4 (125m) ... 1.2e-4 (7b), betas
     # (0.9, 0.95), eps 1e-8, weight_decay 0; cosine_with_warmup t_warmup 100ba, alpha_f 0.1;

@@ -49,6 +49,14 @@ def data(tmp_path_factory):
             out[f"{name}_{mode}"] = str(root / f"{name}_{mode}")
             prepare.prepare_dataset([str(jsonl)], out[f"{name}_{mode}"], tok_path, seq_len=T,
                                     keep_documents=mode == "doc", progress=False)
+        # finetuning examples: the document's tag and first word prompt the rest (truncated to T)
+        examples = root / f"{name}_examples.jsonl"
+        examples.write_text("".join(
+            json.dumps({"prompt": " ".join(d.split()[:2]), "response": " " + " ".join(
+                d.split()[2:] or ["alpha"])}) + "\n" for d in source_docs))
+        out[f"{name}_ex"] = str(root / f"{name}_ex")
+        prepare.prepare_dataset([str(examples)], out[f"{name}_ex"], tok_path, seq_len=None,
+                                format="prompt_response", max_seq_len=T, progress=False)
     return out
 
 
@@ -103,7 +111,8 @@ def test_same_seed_same_batches_other_seed_other_batches(data):
 
 
 @pytest.mark.parametrize("mode,packing,num_workers", [
-    ("seq", False, 0), ("doc", True, 0), ("doc", False, 0), ("doc", True, 1)])
+    ("seq", False, 0), ("doc", True, 0), ("doc", False, 0), ("doc", True, 1), ("ex", True, 0),
+    ("ex", False, 0)])
 def test_resume_mid_epoch_yields_identical_next_batches(data, mode, packing, num_workers):
     cfg = data_config({"a": (data[f"a_{mode}"], 2.0), "c": (data[f"c_{mode}"], 1.0)},
                       packing=packing, num_workers=num_workers, eval_fraction=0.05)
@@ -112,9 +121,11 @@ def test_resume_mid_epoch_yields_identical_next_batches(data, mode, packing, num
     state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
     expected = take(it, 12)  # runs past an epoch of c
     it.close()
+    efficiency = it.packing_efficiency()
     restored = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=3, seed=7)
     restored.set_state(state)
     assert_same_batches(take(restored, 12), expected)
+    assert restored.packing_efficiency() == efficiency
     restored.close()
 
 

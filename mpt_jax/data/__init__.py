@@ -9,11 +9,13 @@ import importlib
 _EXPORTS = {
     "DataIterator": "pipeline",
     "ResolvedData": "pipeline",
+    "batch_keys": "pipeline",
     "make_eval_batches": "pipeline",
     "make_train_iterator": "pipeline",
     "resolve_data": "pipeline",
     "load_tokenizer": "tokenizer",
     "padded_vocab_size": "tokenizer",
+    "tokenize_example": "finetune",
 }
 __all__ = list(_EXPORTS)
 

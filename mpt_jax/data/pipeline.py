@@ -14,9 +14,16 @@ Then, by the shards' layout and `data.packing`:
     documents layout, packing     documents split into <= seq_len pieces, first-fit packed into
                                   rows with segment ids (a piece never spans two rows) -> batch
     documents layout, no packing  documents concatenated and cut into seq_len rows -> batch
+    examples layout, packing      whole finetuning examples first-fit packed into rows with
+                                  segment ids, never split (one longer than seq_len is refused
+                                  when the pipeline is built) -> batch
+    examples layout, no packing   one example per row, padded -> batch
 
 Batches are dicts of numpy int32 `[batch_size, seq_len]`: `input_ids`, plus `segment_ids`
 (0 = padding, 1.. = document within the row) when packing; packed padding has input_ids 0.
+Examples add `loss_mask` (1 on response tokens, 0 on prompts and padding) and always carry
+`segment_ids` (a padded row is segment 1 then padding 0): `batch_keys` says which keys come.
+`DataIterator.packing_efficiency()` is the share of row positions holding real tokens so far.
 Worker processes (`data.num_workers`) or a background thread (`data.prefetch`) run the pipeline
 ahead of the trainer. The iterator's state is a small JSON-serialisable dict; restoring it
 yields exactly the batches the original would have yielded next.
@@ -44,7 +51,9 @@ import grain
 import numpy as np
 
 from mpt_jax.data import corpus
+from mpt_jax.data import finetune
 from mpt_jax.data import prepare as prepare_lib
+from mpt_jax.data import sft_corpus
 from mpt_jax.data import tokenizer as tokenizer_lib
 
 
@@ -78,7 +87,9 @@ def resolve_data(data_cfg, workdir: str | None) -> ResolvedData:
 
     For `data.builtin == 'python_stdlib'` the built-in corpus is prepared into
     `{workdir}/data` on first use (cached after, reused on rerun), with a byte-level BPE of
-    `data.builtin_vocab_size` tokens trained in seconds unless `data.tokenizer` is set.
+    `data.builtin_vocab_size` tokens trained in seconds unless `data.tokenizer` is set; for
+    'python_stdlib_sft' the built-in instruction set is prepared there with `data.tokenizer`
+    (required) into examples of at most `data.builtin_max_seq_len` tokens.
     Otherwise every `data.sources` entry must be a prepared shards directory; all must share one
     tokenizer and layout, and `data.tokenizer` (when set) must be that tokenizer. Raises
     ValueError naming the path and numbers on any mismatch, a missing directory or an empty
@@ -87,9 +98,15 @@ def resolve_data(data_cfg, workdir: str | None) -> ResolvedData:
     if data_cfg.builtin:
         if workdir is None:
             raise ValueError(f"data.builtin={data_cfg.builtin!r} needs a workdir to prepare into")
-        shards_dir = corpus.prepare_builtin(
-            data_cfg.builtin, os.path.join(workdir, "data"),
-            vocab_size=data_cfg.builtin_vocab_size, tokenizer=data_cfg.tokenizer)
+        if data_cfg.builtin in sft_corpus.BUILTIN_NAMES:
+            shards_dir = sft_corpus.prepare_builtin(
+                data_cfg.builtin, os.path.join(workdir, "data"), tokenizer=data_cfg.tokenizer,
+                max_seq_len=data_cfg.builtin_max_seq_len,
+                on_too_long=data_cfg.builtin_on_too_long)
+        else:
+            shards_dir = corpus.prepare_builtin(
+                data_cfg.builtin, os.path.join(workdir, "data"),
+                vocab_size=data_cfg.builtin_vocab_size, tokenizer=data_cfg.tokenizer)
         named = [(data_cfg.builtin, shards_dir, 1.0)]
     else:
         if not data_cfg.sources:
@@ -203,6 +220,40 @@ class DecodeTokens:
         return {"input_ids": ids, SOURCE_STARTS: starts}
 
 
+class DecodeExample:
+    """Examples-layout record bytes -> {'input_ids', 'loss_mask' (int32 [n]), 'source_starts'}."""
+
+    def __init__(self, dtype: str, source_index: int):
+        self._dtype = dtype
+        self._mark = source_index + 1
+
+    def __call__(self, record: bytes) -> dict[str, np.ndarray]:
+        ids, mask = finetune.decode_record(record, self._dtype)
+        starts = np.zeros(ids.shape, np.int16)
+        starts[:1] = self._mark
+        return {"input_ids": ids, "loss_mask": mask, SOURCE_STARTS: starts}
+
+
+class PadExample:
+    """One example -> one row of seq_len: segment 1 on its tokens, 0 (and loss_mask 0, id 0) on
+    the padding after it."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def __call__(self, element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(element["input_ids"])
+        row = {key: np.zeros(self.seq_len, value.dtype) for key, value in element.items()}
+        for key, value in element.items():
+            row[key][:n] = value
+        row["segment_ids"] = (np.arange(self.seq_len) < n).astype(np.int32)
+        return row
+
+
+def _packed_example_row(element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {**_packed_row(element), "loss_mask": element["loss_mask"].astype(np.int32)}
+
+
 class SplitLongDocuments(grain.experimental.FlatMapTransform):
     """A document longer than seq_len becomes consecutive pieces of at most seq_len tokens."""
 
@@ -243,10 +294,17 @@ def _check_shapes(resolved: ResolvedData, data_cfg, seq_len: int, batch_size: in
             raise ValueError(
                 f"data source {source.name!r} at {source.path!r} was prepared with seq_len "
                 f"{prepared_len}, the config asks for seq_len {seq_len}")
-    if data_cfg.packing and resolved.mode != "documents":
+    if data_cfg.packing and resolved.mode == "sequences":
         raise ValueError(
             f"data.packing=True needs shards that keep documents (prepare --keep_documents); "
             f"{resolved.sources[0].path!r} holds {resolved.mode}")
+    for source in resolved.sources:
+        longest = source.manifest.get("max_example_tokens", 0)
+        if source.manifest["mode"] == "examples" and longest > seq_len:
+            raise ValueError(
+                f"data source {source.name!r} at {source.path!r} holds examples of up to "
+                f"{longest} tokens (prepared with --max_seq_len {source.manifest['max_seq_len']}),"
+                f" longer than seq_len {seq_len}: prepare it again with --max_seq_len {seq_len}")
 
 
 def _mixed_records(resolved: ResolvedData, *, split: str, eval_fraction: float, shuffle: bool,
@@ -268,7 +326,8 @@ def _mixed_records(resolved: ResolvedData, *, split: str, eval_fraction: float, 
                 f"records for process {process_index} of {process_count} "
                 f"({source.manifest['records']} records, eval_fraction {eval_fraction})")
         share_sizes[source.name] = len(ds)
-        ds = ds.map(DecodeTokens(resolved.dtype, source_index))
+        decode = DecodeExample if resolved.mode == "examples" else DecodeTokens
+        ds = ds.map(decode(resolved.dtype, source_index))
         if split == "train":
             if shuffle:
                 ds = ds.shuffle(seed=_source_seed(seed, source.name))
@@ -286,9 +345,16 @@ def _rows_and_batches(records: grain.MapDataset, resolved: ResolvedData, *, pack
     lengths = {"input_ids": seq_len, SOURCE_STARTS: seq_len}
     if resolved.mode == "sequences":
         return records.batch(batch_size, drop_remainder=True).to_iter_dataset(read_options)
+    if resolved.mode == "examples" and not packing:
+        return records.map(PadExample(seq_len)).batch(
+            batch_size, drop_remainder=True).to_iter_dataset(read_options)
     documents = records.to_iter_dataset(
         grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(prefetch, 1) * batch_size))
-    if packing:
+    if resolved.mode == "examples":  # (packing) whole examples: _check_shapes saw they fit
+        rows = grain.experimental.FirstFitPackIterDataset(
+            documents, length_struct={**lengths, "loss_mask": seq_len},
+            num_packing_bins=batch_size, shuffle_bins=False).map(_packed_example_row)
+    elif packing:
         longest = max(int(s.manifest.get("max_document_tokens", 0) or 0) for s in resolved.sources)
         pieces = grain.experimental.FlatMapIterDataset(
             documents, SplitLongDocuments(seq_len, max(1, -(-longest // seq_len))))
@@ -321,6 +387,7 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
         self._fingerprint = fingerprint
         self._share_sizes = dict(share_sizes)  # source name -> records in this process's share
         self._consumed = np.zeros(len(share_sizes), np.int64)  # in source order
+        self._tokens = {"real": 0, "rows": 0}  # row positions yielded, and those with a token
         # Close grain's threads/processes when this is collected or, at the latest, at exit
         # (grain's own __del__ at interpreter teardown finds its modules gone and complains).
         self._finalizer = weakref.finalize(self, self._iterator.close)
@@ -332,7 +399,15 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
         batch = next(self._iterator)
         marks = batch.pop(SOURCE_STARTS)  # [B, T]: source index + 1 at each record's start
         self._consumed += np.bincount(marks.ravel(), minlength=len(self._consumed) + 1)[1:]
+        self._tokens["rows"] += int(marks.size)
+        self._tokens["real"] += (int(np.count_nonzero(batch["segment_ids"]))
+                                 if "segment_ids" in batch else int(marks.size))
         return batch
+
+    def packing_efficiency(self) -> float:
+        """Real tokens / row positions over the batches yielded so far (padding is the rest);
+        1.0 for layouts without padding, and before the first batch."""
+        return self._tokens["real"] / self._tokens["rows"] if self._tokens["rows"] else 1.0
 
     def epochs(self) -> dict[str, float]:
         """Per source name: records consumed by this process / records in its share."""
@@ -343,7 +418,8 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
         return {"pipeline": self._fingerprint,
                 "grain": json.loads(json.dumps(self._iterator.get_state())),
                 "records_consumed": {name: int(n) for name, n in
-                                     zip(self._share_sizes, self._consumed)}}
+                                     zip(self._share_sizes, self._consumed)},
+                "tokens": dict(self._tokens)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("pipeline") != self._fingerprint:
@@ -359,6 +435,9 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
                 f"{sorted(self._share_sizes)} (a state from before epochs were counted?)")
         self._iterator.set_state(_tuples_restored(state["grain"]))
         self._consumed = np.array([consumed[name] for name in self._share_sizes], np.int64)
+        # (a state written before packing efficiency was counted: it counts from here)
+        self._tokens = {key: int(n) for key, n in state.get("tokens", {"real": 0, "rows": 0}
+                                                             ).items()}
 
     def close(self) -> None:
         """Stops worker processes and threads, if any."""
@@ -384,13 +463,21 @@ def _fingerprint(resolved: ResolvedData, **settings) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def batch_keys(resolved: ResolvedData, packing: bool) -> tuple[str, ...]:
+    """The keys of the batches this data yields (what the jitted step's shardings name)."""
+    if resolved.mode == "examples":
+        return ("input_ids", "segment_ids", "loss_mask")
+    return ("input_ids", "segment_ids") if packing else ("input_ids",)
+
+
 def make_train_iterator(data_cfg, *, seq_len: int, batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
                         workdir: str | None = None) -> DataIterator:
     """Infinite iterator of this process's training batches.
 
     Yields dict(input_ids=np.int32 [batch_size, seq_len]) and, when `data_cfg.packing`,
-    segment_ids=np.int32 [batch_size, seq_len] (0 = padding, 1.. = document within the row).
+    segment_ids=np.int32 [batch_size, seq_len] (0 = padding, 1.. = document within the row);
+    example sources add loss_mask and always segment_ids (`batch_keys`).
     Process `process_index` of `process_count` reads a disjoint share of every source's records;
     `batch_size` is the per-process batch. Each source is shuffled with a seed derived from
     `seed` and its name, afresh each epoch. Reads data_cfg.builtin / tokenizer / sources /

@@ -3,6 +3,9 @@
     python -m mpt_jax.data.prepare --input PATH... --output DIR --tokenizer PATH_OR_NAME \
         (--seq_len N | --keep_documents) [--text_field text] [--eos_text ...] \
         [--bos_text ...] [--workers K] [--max_bad_fraction F]
+    python -m mpt_jax.data.prepare --format prompt_response|chat --input PATH... \
+        --output DIR --tokenizer PATH_OR_NAME [--template auto|none|instruct|chatml|tokenizer] \
+        [--target_responses last|all] [--max_seq_len 2048] [--on_too_long truncate|drop]
 
 Inputs (files or directories of them): plain text (`.txt`, `.text`, `.md`; a whole file is one
 document, as llm-foundry's convert_text_to_mds does), JSON lines (`.jsonl`, `.json`; one object
@@ -10,13 +13,22 @@ per line, text under `--text_field`) and Parquet (`.parquet`, column `--text_fie
 JSON lines may be compressed (`.gz`, `.zst`). Every document gets `--bos_text` (if given) in
 front and `--eos_text` (default `<|endoftext|>`; '' for none) at the end.
 
-Two layouts (the manifest's `mode`):
+Three layouts (the manifest's `mode`):
   sequences  (default)           documents are concatenated and cut into records of exactly
                                  `seq_len` tokens (MPT's pretraining); each input's final partial
                                  sequence is dropped and counted as `dropped_tokens`.
   documents  (--keep_documents)  one record per document, for packing with segment ids; it
                                  serves any training seq_len (no --seq_len needed).
-Records are little-endian uint16 token ids when the vocabulary fits (< 65536), else int32.
+  examples   (--format prompt_response|chat)  one record per finetuning example: its token ids
+                                 then its loss mask, one uint8 per token (1 on response tokens;
+                                 `mpt_jax.data.finetune.tokenize_example` builds both). Rows are
+                                 JSON lines or Parquet rows: {"prompt", "response"} or
+                                 {"messages": [{"role", "content"}, ...]}, templated by
+                                 --template (see finetune.py). An example longer than
+                                 --max_seq_len is truncated (--on_too_long truncate: the end of
+                                 the response goes) or dropped (drop); counts of examples,
+                                 truncated, dropped and bad rows go into the manifest.
+Token ids are little-endian uint16 when the vocabulary fits (< 65536), else int32.
 
 Resumable: each input file is its own unit. Its shards are written under temporary names, renamed
 when the file is finished, and only then recorded in the manifest; a rerun skips recorded inputs
@@ -24,8 +36,10 @@ when the file is finished, and only then recorded in the manifest; a rerun skips
 directory prepared with another tokenizer, seq_len, layout or BOS/EOS is refused.
 
 Bad lines (invalid JSON, a missing or non-string text field, undecodable bytes, null Parquet
-cells) are counted, reported on stderr and skipped; an input whose bad fraction exceeds
-`--max_bad_fraction` fails the run. Errors exit with status 1 and one line on stderr.
+cells; for examples also a missing key, an empty response, an unknown role, no assistant turn,
+non-string content, ...) are counted, reported on stderr and skipped; an input whose bad
+fraction exceeds `--max_bad_fraction` fails the run, naming its first bad line, and leaves none
+of that input's shards. Errors exit with status 1 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tqdm
 
+from mpt_jax.data import finetune
 from mpt_jax.data import readers
 from mpt_jax.data import tokenizer as tokenizer_lib
 
@@ -55,6 +70,10 @@ SHARD_SUFFIX = ".array_record"
 
 # Documents handed to a tokenizer worker at once.
 _DOCS_PER_BATCH = 256
+FORMATS = ("text",) + finetune.FORMATS
+# What an examples directory must have been prepared with to take more inputs.
+_EXAMPLE_SETTINGS = ("format", "template", "chat_template", "target_responses", "max_seq_len",
+                     "on_too_long")
 
 
 # ------------------------------------------------------------------------------------------
@@ -116,6 +135,12 @@ class _ShardWriter:
         self.shards: list[dict] = []  # {"path", "records", "tokens"} per shard
 
     def write(self, tokens_t: np.ndarray):
+        self.write_record(
+            tokens_t.astype(tokens_t.dtype.newbyteorder("<"), copy=False).tobytes(),
+            int(tokens_t.size))
+
+    def write_record(self, payload: bytes, n_tokens: int):
+        """One record of `n_tokens` tokens (what shard rollover counts)."""
         from array_record.python.array_record_module import ArrayRecordWriter
 
         if self._writer is None or self._tokens_in_shard >= self._shard_tokens:
@@ -125,10 +150,10 @@ class _ShardWriter:
                 os.path.join(self._output_dir, name + ".tmp"), ARRAY_RECORD_OPTIONS)
             self.shards.append({"path": name, "records": 0, "tokens": 0})
             self._tokens_in_shard = 0
-        self._writer.write(tokens_t.astype(tokens_t.dtype.newbyteorder("<"), copy=False).tobytes())
+        self._writer.write(payload)
         self.shards[-1]["records"] += 1
-        self.shards[-1]["tokens"] += int(tokens_t.size)
-        self._tokens_in_shard += int(tokens_t.size)
+        self.shards[-1]["tokens"] += n_tokens
+        self._tokens_in_shard += n_tokens
 
     def _close_current(self):
         if self._writer is not None:
@@ -202,14 +227,36 @@ def prepare_dataset(
     max_bad_fraction: float = 0.01,
     shard_tokens: int = 1 << 27,
     progress: bool = True,
+    format: str = "text",
+    template: str = "auto",
+    target_responses: str = "last",
+    max_seq_len: int = 2048,
+    on_too_long: str = "truncate",
 ) -> dict:
     """Tokenizes `inputs` into ArrayRecord shards under `output_dir`; returns the manifest.
 
     `seq_len` is required for the sequences layout; with `keep_documents` it may be None (the
-    shards then serve any sequence length). See the module docstring for layouts, resumption
-    and bad-line handling. Raises ValueError naming the offending path and numbers.
+    shards then serve any sequence length). `format` 'prompt_response' or 'chat' writes the
+    examples layout (template, target_responses, max_seq_len and on_too_long apply; seq_len,
+    keep_documents, text_field and bos_text do not). See the module docstring for layouts,
+    resumption and bad-line handling. Raises ValueError naming the offending path and numbers.
     """
-    if not keep_documents and (seq_len is None or seq_len <= 0):
+    examples = format != "text"
+    if format not in FORMATS:
+        raise ValueError(f"--format {format!r}: expected one of {FORMATS}")
+    if examples:
+        if seq_len is not None or keep_documents:
+            raise ValueError(f"--format {format}: examples take --max_seq_len, not --seq_len "
+                             "or --keep_documents")
+        if not isinstance(max_seq_len, int) or max_seq_len <= 0:
+            raise ValueError(f"--max_seq_len must be a positive integer, got {max_seq_len}")
+        for flag, value, allowed in (("--template", template, finetune.TEMPLATES),
+                                     ("--target_responses", target_responses,
+                                      finetune.TARGET_RESPONSES),
+                                     ("--on_too_long", on_too_long, finetune.ON_TOO_LONG)):
+            if value not in allowed:
+                raise ValueError(f"{flag} {value!r}: expected one of {allowed}")
+    elif not keep_documents and (seq_len is None or seq_len <= 0):
         raise ValueError(f"--seq_len must be a positive integer, got {seq_len}")
     if seq_len is not None and seq_len <= 0:
         raise ValueError(f"--seq_len must be a positive integer, got {seq_len}")
@@ -225,7 +272,7 @@ def prepare_dataset(
     bos_ids = tuple(tok.encode(bos_text, add_special_tokens=False).ids) if bos_text else ()
     settings = {
         "format_version": FORMAT_VERSION,
-        "mode": "documents" if keep_documents else "sequences",
+        "mode": "examples" if examples else "documents" if keep_documents else "sequences",
         "seq_len": seq_len,
         "dtype": dtype,
         "tokenizer": {"name": tokenizer, "sha256": tokenizer_lib.tokenizer_sha256(tok),
@@ -234,13 +281,25 @@ def prepare_dataset(
         "eos_text": eos_text, "eos_ids": list(eos_ids),
         "bos_text": bos_text, "bos_ids": list(bos_ids),
     }
+    compared = ("mode", "seq_len", "dtype", "text_field", "eos_ids", "bos_ids")
+    if examples:
+        example_tok = finetune.load_example_tokenizer(tokenizer, eos_text=eos_text)
+        resolved_template = finetune.resolve_template(template, format, example_tok)
+        settings.update({
+            "text_field": None, "bos_text": "", "bos_ids": [],
+            "format": format, "template": resolved_template,
+            "chat_template": (example_tok.chat_template if resolved_template == "tokenizer"
+                              else None),
+            "target_responses": target_responses, "max_seq_len": max_seq_len,
+            "on_too_long": on_too_long})
+        compared += _EXAMPLE_SETTINGS
 
     # An existing output directory must have been prepared the same way.
     os.makedirs(output_dir, exist_ok=True)
     manifest_path = os.path.join(output_dir, MANIFEST)
     if os.path.exists(manifest_path):
         manifest = read_manifest(output_dir)
-        for key in ("mode", "seq_len", "dtype", "text_field", "eos_ids", "bos_ids"):
+        for key in compared:
             if manifest.get(key) != settings[key]:
                 raise ValueError(
                     f"{output_dir}: prepared with {key}={manifest.get(key)!r}, this run asks "
@@ -262,7 +321,13 @@ def prepare_dataset(
     manifest["sources"] = files
     _write_json_atomic(manifest_path, _with_totals(manifest))
 
-    encoding = _Encoding(tok.to_str(), bos_ids, eos_ids, dtype)
+    if examples:
+        initializer, encoding = finetune.init_worker, finetune.WorkerEncoding(
+            tok.to_str(), example_tok.eos_ids, example_tok.chat_template,
+            example_tok.template_tokens, format, resolved_template, target_responses,
+            max_seq_len, on_too_long, dtype)
+    else:
+        initializer, encoding = _init_worker, _Encoding(tok.to_str(), bos_ids, eos_ids, dtype)
     pool = None
     if workers > 1:
         # Each worker tokenizes its batches single-threaded: parallelism comes from processes.
@@ -270,10 +335,10 @@ def prepare_dataset(
         # forkserver: safe in a process that already runs jax threads, and the server imports
         # this module (and with it the mpt_jax package) once for all workers.
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        pool = context.Pool(workers, _init_worker, (encoding,))
+        context.set_forkserver_preload([__name__, finetune.__name__])
+        pool = context.Pool(workers, initializer, (encoding,))
     else:
-        _init_worker(encoding)
+        initializer(encoding)
     try:
         bar = tqdm.tqdm(total=len(files), unit=" files", file=sys.stderr, disable=not progress,
                         dynamic_ncols=True)
@@ -308,18 +373,42 @@ def prepare_dataset(
     if manifest["records"] == 0:
         raise ValueError(
             f"{output_dir}: no records written from {len(files)} input file(s) "
-            f"({manifest['documents']} documents, {manifest['tokens']} tokens"
-            + (f"; seq_len {seq_len} is longer than all of it" if not keep_documents else "")
-            + ")")
+            + (f"({manifest['dropped']} examples dropped as longer than --max_seq_len "
+               f"{max_seq_len}, {manifest['bad_lines']} bad rows)" if examples else
+               f"({manifest['documents']} documents, {manifest['tokens']} tokens"
+               + (f"; seq_len {seq_len} is longer than all of it" if not keep_documents else "")
+               + ")"))
     _write_json_atomic(manifest_path, manifest)
     return manifest
 
 
+def _shard_stem(path: str) -> str:
+    return os.path.basename(path).split(".")[0][:40] + "-" + hashlib.sha1(
+        path.encode()).hexdigest()[:8]
+
+
+def _commit_unless_too_bad(path, output_dir, writer, bad, max_bad_fraction) -> None:
+    """Reports the input's bad lines; past max_bad_fraction removes its shards and raises,
+    naming the first bad line, else commits them."""
+    if bad.count:
+        print(f"{path}: {bad.count} bad of {bad.total} lines skipped (first: "
+              + "; ".join(bad.examples) + ")", file=sys.stderr)
+    if bad.total and bad.count / bad.total > max_bad_fraction:
+        writer.commit()
+        for shard in writer.shards:
+            os.remove(os.path.join(output_dir, shard["path"]))
+        raise ValueError(
+            f"{path}: {bad.count} of {bad.total} lines bad ({bad.count / bad.total:.2%}), over "
+            f"--max_bad_fraction {max_bad_fraction:.2%} (first: {bad.examples[0]})")
+    writer.commit()
+
+
 def _prepare_one(path, output_dir, settings, pool, max_bad_fraction, shard_tokens, bar) -> dict:
     """Tokenizes one input file into committed shards; returns its manifest entry."""
-    stem = os.path.basename(path).split(".")[0][:40] + "-" + hashlib.sha1(
-        path.encode()).hexdigest()[:8]
-    writer = _ShardWriter(output_dir, stem, shard_tokens)
+    if settings["mode"] == "examples":
+        return _prepare_examples_one(path, output_dir, settings, pool, max_bad_fraction,
+                                     shard_tokens, bar)
+    writer = _ShardWriter(output_dir, _shard_stem(path), shard_tokens)
     bad = readers.BadLines()
     seq_len, keep_documents = settings["seq_len"], settings["mode"] == "documents"
     pending_t = np.zeros((0,), settings["dtype"])  # sequences layout: tokens not yet in a record
@@ -341,17 +430,7 @@ def _prepare_one(path, output_dir, settings, pool, max_bad_fraction, shard_token
                 writer.write(row_t)
             pending_t = pending_t[n_full * seq_len:]
         bar.set_postfix(docs=documents, tokens=tokens, refresh=False)
-    if bad.count:
-        print(f"{path}: {bad.count} bad of {bad.total} lines skipped (first: "
-              + "; ".join(bad.examples) + ")", file=sys.stderr)
-    if bad.total and bad.count / bad.total > max_bad_fraction:
-        writer.commit()
-        for shard in writer.shards:
-            os.remove(os.path.join(output_dir, shard["path"]))
-        raise ValueError(
-            f"{path}: {bad.count} of {bad.total} lines bad ({bad.count / bad.total:.2%}), over "
-            f"--max_bad_fraction {max_bad_fraction:.2%} (first: {bad.examples[0]})")
-    writer.commit()
+    _commit_unless_too_bad(path, output_dir, writer, bad, max_bad_fraction)
     return {
         "input": _input_fingerprint(path),
         "shards": writer.shards,
@@ -364,12 +443,57 @@ def _prepare_one(path, output_dir, settings, pool, max_bad_fraction, shard_token
     }
 
 
+def _prepare_examples_one(path, output_dir, settings, pool, max_bad_fraction, shard_tokens,
+                          bar) -> dict:
+    """The examples layout's _prepare_one: rows -> (ids, mask) records, counted."""
+    writer = _ShardWriter(output_dir, _shard_stem(path), shard_tokens)
+    bad = readers.BadLines()
+    counts = dict.fromkeys(("examples", "tokens", "loss_tokens", "truncated", "dropped",
+                            "max_example_tokens"), 0)
+    batches = _batched(readers.iter_records(path, bad), _DOCS_PER_BATCH)
+    encoded = (pool.imap(finetune.encode_rows, batches) if pool is not None
+               else map(finetune.encode_rows, batches))
+    for results in encoded:
+        for result in results:
+            if result[0] == "bad":
+                bad.add(*result[1:])  # (where, why)
+                continue
+            status, ids_t, mask_t = result
+            if status != "fits":
+                counts[status] += 1
+            if ids_t is None:
+                continue
+            writer.write_record(finetune.encode_record(ids_t, mask_t), int(ids_t.size))
+            counts["examples"] += 1
+            counts["tokens"] += int(ids_t.size)
+            counts["loss_tokens"] += int(mask_t.sum())
+            counts["max_example_tokens"] = max(counts["max_example_tokens"], int(ids_t.size))
+        bar.set_postfix(examples=counts["examples"], tokens=counts["tokens"], refresh=False)
+    _commit_unless_too_bad(path, output_dir, writer, bad, max_bad_fraction)
+    return {
+        "input": _input_fingerprint(path),
+        "shards": writer.shards,
+        "documents": counts["examples"],
+        "records": sum(s["records"] for s in writer.shards),
+        "dropped_tokens": 0,
+        "max_document_tokens": counts["max_example_tokens"],
+        "bad_lines": bad.count,
+        **counts,
+    }
+
+
+_EXAMPLE_COUNTS = ("examples", "loss_tokens", "truncated", "dropped")
+
+
 def _with_totals(manifest: dict) -> dict:
     inputs = manifest["inputs"].values()
     totals = {key: sum(entry[key] for entry in inputs)
               for key in ("documents", "records", "tokens", "dropped_tokens", "bad_lines")}
     totals["max_document_tokens"] = max((entry["max_document_tokens"] for entry in inputs),
                                         default=0)
+    if manifest["mode"] == "examples":
+        totals.update({key: sum(entry[key] for entry in inputs) for key in _EXAMPLE_COUNTS})
+        totals["max_example_tokens"] = totals["max_document_tokens"]
     # "sequences": records of the sequences layout; documents layout has none until packed.
     totals["sequences"] = totals["records"] if manifest["mode"] == "sequences" else 0
     return {**manifest, **totals}
@@ -410,6 +534,21 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--max_bad_fraction", type=float, default=0.01)
     parser.add_argument("--shard_tokens", type=int, default=1 << 27)
     parser.add_argument("--no_progress", action="store_true")
+    examples = parser.add_argument_group(
+        "finetuning examples (--format prompt_response|chat: one record per example, with a "
+        "loss mask on its response tokens)")
+    examples.add_argument("--format", default="text", choices=FORMATS,
+                          help="text (pretraining documents, the default), prompt_response "
+                               "({prompt, response} rows) or chat ({messages} rows)")
+    examples.add_argument("--template", default="auto", choices=finetune.TEMPLATES,
+                          help="auto: prompts as given / the tokenizer's chat template, else "
+                               "ChatML; instruct: MPT-7B-Instruct's prompt; chatml: MPT-7B-Chat's")
+    examples.add_argument("--target_responses", default="last", choices=finetune.TARGET_RESPONSES,
+                          help="chat: loss on the last assistant turn, or on all of them")
+    examples.add_argument("--max_seq_len", type=int, default=2048,
+                          help="longest example, in tokens (default 2048, MPT-7B's context)")
+    examples.add_argument("--on_too_long", default="truncate", choices=finetune.ON_TOO_LONG,
+                          help="a longer example loses the end of its response, or is dropped")
     return parser.parse_args(argv)
 
 
@@ -422,10 +561,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             keep_documents=args.keep_documents, text_field=args.text_field,
             eos_text=args.eos_text, bos_text=args.bos_text, workers=args.workers,
             max_bad_fraction=args.max_bad_fraction, shard_tokens=args.shard_tokens,
-            progress=not args.no_progress)
+            progress=not args.no_progress, format=args.format, template=args.template,
+            target_responses=args.target_responses, max_seq_len=args.max_seq_len,
+            on_too_long=args.on_too_long)
     except (ValueError, OSError) as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 1
+    if manifest["mode"] == "examples":
+        print(f"{args.output}: {manifest['examples']} examples ({manifest['template']} "
+              f"template; {manifest['truncated']} truncated, {manifest['dropped']} dropped as "
+              f"longer than {manifest['max_seq_len']} tokens), {manifest['tokens']} tokens "
+              f"({manifest['loss_tokens']} in the loss), {manifest['bad_lines']} bad rows")
+        return 0
     print(f"{args.output}: {manifest['documents']} documents, {manifest['records']} records "
           f"({manifest['mode']}), {manifest['tokens']} tokens, {manifest['bad_lines']} bad lines")
     return 0

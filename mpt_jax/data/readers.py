@@ -151,3 +151,39 @@ def iter_documents(path: str, text_field: str, bad: BadLines) -> Iterator[str]:
                     continue
                 if text:
                     yield text
+
+
+def iter_records(path: str, bad: BadLines) -> Iterator[tuple[str, object]]:
+    """Yields (where, row) for each row of a JSON-lines or Parquet file: where is 'line N' or
+    'row N', row the parsed JSON value (any type: the caller checks it) or the Parquet row as a
+    dict of its columns. Lines that are not JSON are counted in `bad` and skipped; blank lines
+    are skipped. Plain-text files hold no rows: ValueError."""
+    kind = input_kind(path)
+    if kind == "text":
+        raise ValueError(f"{path}: a plain-text file holds no examples; examples are read from "
+                         "JSON lines (.jsonl/.json, optionally .gz/.zst) or Parquet")
+    if kind == "jsonl":
+        with _open_binary(path) as f:
+            for line_number, raw_line in enumerate(io.BufferedReader(f), start=1):
+                if not raw_line.strip():
+                    continue
+                bad.total += 1
+                try:
+                    record = json.loads(raw_line)
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    bad.add(f"line {line_number}", f"invalid JSON ({str(e).splitlines()[0]})")
+                    continue
+                yield f"line {line_number}", record
+        return
+    import pyarrow.parquet as pq
+
+    try:
+        parquet_file = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 (pyarrow raises several types)
+        raise ValueError(f"{path}: not a readable Parquet file ({e})".splitlines()[0]) from None
+    row = 0
+    for batch in parquet_file.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            row += 1
+            bad.total += 1
+            yield f"row {row}", record

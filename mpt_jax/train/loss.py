@@ -15,6 +15,12 @@ Targets: position t predicts input_ids[t + 1]; the last position has no target. 
 rows (`segment_ids`), a target whose segment id is 0 (padding) is masked; a document's last
 token predicting the next document's first token is kept, as llm-foundry's concatenated
 pretraining data does.
+
+Finetuning batches carry `loss_mask` (1 on response tokens): the weight at t is then
+loss_mask[t + 1], the mask of the token t predicts (llm-foundry's labels are -100 where the
+mask is 0, and its loss shifts them the same way), and never across a segment boundary (a
+packed example's last token does not learn the next example's first). The step normalises by
+the number of loss tokens of the whole global batch (see train/step.py).
 """
 from __future__ import annotations
 
@@ -24,16 +30,23 @@ import jax
 import jax.numpy as jnp
 
 
-def targets_and_weights(input_ids_bt, segment_ids_bt=None):
+def _next(x_bt):
+    """x shifted left by one position (the value at t + 1), 0 after the end."""
+    return jnp.concatenate([x_bt[:, 1:], jnp.zeros((x_bt.shape[0], 1), x_bt.dtype)], axis=1)
+
+
+def targets_and_weights(input_ids_bt, segment_ids_bt=None, loss_mask_bt=None):
     """-> (targets [B, T] int32, weights [B, T] float32)."""
     b, t = input_ids_bt.shape
-    targets_bt = jnp.concatenate(
-        [input_ids_bt[:, 1:], jnp.zeros((b, 1), input_ids_bt.dtype)], axis=1)
+    targets_bt = _next(input_ids_bt)
     weights_bt = jnp.broadcast_to((jnp.arange(t) < t - 1)[None, :], (b, t))
     if segment_ids_bt is not None:
-        next_seg_bt = jnp.concatenate(
-            [segment_ids_bt[:, 1:], jnp.zeros((b, 1), segment_ids_bt.dtype)], axis=1)
+        next_seg_bt = _next(segment_ids_bt)
         weights_bt = weights_bt & (next_seg_bt != 0) & (segment_ids_bt != 0)
+        if loss_mask_bt is not None:
+            weights_bt = weights_bt & (next_seg_bt == segment_ids_bt)
+    if loss_mask_bt is not None:
+        weights_bt = weights_bt & (_next(loss_mask_bt) != 0)
     return targets_bt.astype(jnp.int32), weights_bt.astype(jnp.float32)
 
 

@@ -8,6 +8,20 @@ the state donated. Gradient accumulation runs inside the step: the global batch 
 viewed as `n_micro` micro-batches (each spread over every batch shard) and `lax.scan`ned, summing
 float32 NLL and gradients; the mean is taken once over every target token of the global batch,
 so the loss and update do not depend on the micro-batch count.
+
+With finetuning batches (`loss_mask`), the target tokens are the loss tokens (response tokens):
+loss = sum of their NLLs / their number in the whole global batch, every response token
+weighted alike. llm-foundry's loss is a mean over the non-ignored targets of each micro-batch
+on each device; Composer then weights those means by the micro-batch's share of the batch. With
+`accumulate_train_batch_on_tokens: true` (llm-foundry's default) the share counts loss tokens
+(all-reduced over devices), which is exactly this normalisation. With it false (Composer's own
+default, and the older llm-foundry that finetuned MPT-7B-Instruct) the share counts sequences:
+loss = sum_m (B_m / B) * S_m / N_m over micro-batches m (S_m the NLL sum, N_m the loss tokens,
+B_m the sequences), equal to ours only when every micro-batch has the same loss tokens per
+sequence. E.g. two one-sequence micro-batches with 10 and 100 response tokens: there each token
+of the first weighs 1/20 and each of the second 1/200; here every token weighs 1/110. A padding
+row (no loss token) adds nothing to either sum. eval_step returns (NLL sum, loss-token count),
+so the held-out loss of finetuning data is the response-token loss.
 """
 from __future__ import annotations
 
@@ -78,7 +92,8 @@ def _nll_sum(params, graphdef, batch, dropout_rng, chunk_size):
     segment_ids = batch.get("segment_ids")
     h_btd, _ = model.hidden_states(batch["input_ids"], segment_ids=segment_ids,
                                    dropout_rng=dropout_rng)
-    targets_bt, weights_bt = loss_lib.targets_and_weights(batch["input_ids"], segment_ids)
+    targets_bt, weights_bt = loss_lib.targets_and_weights(batch["input_ids"], segment_ids,
+                                                          batch.get("loss_mask"))
     return loss_lib.chunked_cross_entropy(h_btd, model.output_embedding(), targets_bt,
                                           weights_bt, chunk_size=chunk_size,
                                           logit_scale=model.config.logit_scale_value)
