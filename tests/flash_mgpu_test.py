@@ -18,7 +18,7 @@ import pytest
 
 from mpt_jax.model import attention
 from mpt_jax.model.alibi import alibi_slopes
-from mpt_jax.kernels import flash_gpu, flash_mgpu
+from mpt_jax.kernels import flash_mgpu
 
 ON_HOPPER = flash_mgpu.is_hopper()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,17 +63,19 @@ def test_hopper_path_lowers_forward_and_backward(monkeypatch, shape):
     b, t, h, d = shape
     slopes = jnp.asarray(alibi_slopes(h))
     q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    loss = lambda q, k, v: flash_gpu.flash_attention_gpu(q, k, v, slopes).sum()  # noqa: E731
+    loss = lambda q, k, v: attention.flash_attention(  # noqa: E731
+        q, k, v, alibi_slopes=slopes, impl="pallas_gpu").sum()
     assert _kernels(_cuda_hlo(jax.grad(loss, (0, 1, 2)), q, q, q)) == (1, 1, 0)
     x = jax.ShapeDtypeStruct((b, t, 3 * h * d), jnp.bfloat16)
-    lossp = lambda x: flash_gpu.flash_attention_gpu_packed(x, h, h, slopes).sum()  # noqa: E731
+    lossp = lambda x: attention.flash_attention_packed(  # noqa: E731
+        x, h, h, alibi_slopes=slopes, impl="pallas_gpu").sum()
     assert _kernels(_cuda_hlo(jax.grad(lossp), x)) == (1, 1, 0)
     # GQA: Hopper forward, Triton backward; segments, or Triton asked for: Triton only
     k = jax.ShapeDtypeStruct((b, t, 1, d), jnp.bfloat16)
     assert _kernels(_cuda_hlo(jax.grad(loss, (0, 1, 2)), q, k, k))[:2] == (1, 0)
     seg = jnp.zeros((b, t), jnp.int32)
-    loss_seg = lambda q: flash_gpu.flash_attention_gpu(  # noqa: E731
-        q, q, q, slopes, q_segment_ids=seg, kv_segment_ids=seg).sum()
+    loss_seg = lambda q: attention.flash_attention(  # noqa: E731
+        q, q, q, alibi_slopes=slopes, segment_ids=seg, impl="pallas_gpu").sum()
     assert _kernels(_cuda_hlo(jax.grad(loss_seg), q))[:2] == (0, 0)
     loss_tr = lambda q: attention.flash_attention(  # noqa: E731
         q, q, q, alibi_slopes=slopes, impl="pallas_triton").sum()
@@ -89,7 +91,8 @@ def test_remat_keeps_the_hopper_forward(monkeypatch):
 
     def live_forwards(policy):
         def layer(q):
-            o = flash_gpu.flash_attention_gpu(q * 2, q, q, jnp.ones((2,), jnp.float32))
+            o = attention.flash_attention(q * 2, q, q, alibi_slopes=jnp.ones((2,), jnp.float32),
+                                          impl="pallas_gpu")
             return jnp.tanh(o.astype(jnp.float32))
 
         loss = lambda q: jnp.sum(jax.checkpoint(layer, policy=policy)(q) ** 2)  # noqa: E731

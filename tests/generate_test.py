@@ -265,7 +265,7 @@ np.testing.assert_array_equal(a.tokens, np.asarray(full)[:, 4:-1].argmax(-1))
 cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=64, max_seq_len=32)
 ref = MPTForCausalLM(cfg, rngs=nnx.Rngs(2))
 kern = MPTForCausalLM(cfg, rngs=nnx.Rngs(2), attn_impl="pallas_gpu", attn_interpret=True)
-assert kern.blocks.decode_kernels()
+assert kern._norm_kernels(1)  # the decode chain of add+norm kernels runs
 want = Generator(ref).generate(prompts, max_new_tokens=6).tokens
 got = Generator(kern, mesh=mesh).generate(prompts, max_new_tokens=6).tokens
 np.testing.assert_array_equal(got, want)
