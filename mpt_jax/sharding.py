@@ -9,13 +9,10 @@ is nothing to constrain. Pallas kernels run once per shard through `per_shard_lo
 The rules in force are the ones of the innermost `use_rules(rules)` context (DEFAULT_RULES when
 none is entered): every function here that takes `rules=None` reads them, so the activation
 constraints and the kernels' shard_map specs follow the same table as the parameters. They are
-read when a function is traced: a jitted step enters them inside itself (train.step does), so
-its compiled form carries the rules it was traced with.
+read when a function is traced, and jit's caches key on them (a jax user context).
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -42,24 +39,20 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-_RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("mpt_jax_rules",
-                                                                      default=None)
+# jax keys its tracing and compilation caches on a user context's value, so a function traced
+# under one table is traced again under another.
+_RULES = jax.make_user_context(None)
 
 
-@contextlib.contextmanager
 def use_rules(rules):
-    """Makes `rules` (a sequence of (logical name, mesh axes) pairs, as rules_from_config
-    returns) the rules in force inside the block."""
-    token = _RULES.set(tuple(rules))
-    try:
-        yield
-    finally:
-        _RULES.reset(token)
+    """Context manager: `rules` (a sequence of (logical name, mesh axes) pairs, as
+    rules_from_config returns) are the rules in force inside the block."""
+    return _RULES(tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in rules))
 
 
 def current_rules() -> tuple:
     """The rules in force: the innermost `use_rules`, else DEFAULT_RULES."""
-    rules = _RULES.get()
+    rules = _RULES.value
     return DEFAULT_RULES if rules is None else rules
 
 
