@@ -142,6 +142,35 @@ def test_dispatch():
     assert _rel(auto, ref) < 1e-6
 
 
+def test_plan_picks_the_kernel_and_layout():
+    """attention.plan without a mesh (the Hopper choice: flash_mgpu_test): each impl's kernel,
+    the packed layout only where the kernel needs no padding, the decode kernel only for one
+    new token a row against a cache of whole blocks; nothing split."""
+    bf16 = jnp.bfloat16
+
+    def plan(impl, q_shape=(2, 128, 4, 64), kvh=4, s=128, **kw):
+        return attention.plan(impl, q_shape, kvh, s, bf16, **kw)
+
+    assert attention.plan("auto", (2, 8, 4, 16), 4, 8, bf16) == attention.Plan(
+        "reference" if jax.default_backend() == "cpu" else "flash_gpu")
+    assert plan("reference", packed=True) == attention.Plan("reference")
+    assert plan("pallas_tpu", packed=True) == attention.Plan("flash_tpu")
+    assert plan("pallas_triton", packed=True) == attention.Plan("flash_gpu", packed=True)
+    assert plan("pallas_gpu", packed=True) == attention.Plan("flash_gpu", packed=True)
+    assert plan("pallas_triton") == attention.Plan("flash_gpu")  # no fused projection given
+    assert not plan("pallas_gpu", (2, 100, 4, 64), s=100, packed=True).packed  # T padded
+    assert not plan("pallas_gpu", (2, 128, 4, 40), packed=True).packed  # D padded
+    decode = attention.Plan("decode_gpu", packed=True)
+    assert plan("pallas_triton", (2, 1, 4, 64), s=128, cache=True, packed=True) == decode
+    assert plan("pallas_gpu", (2, 1, 4, 64), 2, 128, cache=True) == attention.Plan("decode_gpu")
+    assert plan("pallas_gpu", (2, 2, 4, 64), s=128, cache=True) == attention.Plan("reference")
+    assert plan("pallas_gpu", (2, 1, 4, 64), s=100, cache=True) == attention.Plan("reference")
+    assert plan("pallas_tpu", (2, 1, 4, 64), s=128, cache=True) == attention.Plan("reference")
+    assert plan("reference", (2, 1, 4, 64), s=128, cache=True) == attention.Plan("reference")
+    with pytest.raises(ValueError, match="unknown attention impl 'cuda'"):
+        plan("cuda")
+
+
 def test_decode_attention_matches_reference():
     """Few new rows against a partly filled cache, per-sequence lengths."""
     b, t, smax, h, kvh, d = 2, 2, 50, 4, 2, 64

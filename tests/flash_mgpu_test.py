@@ -45,6 +45,38 @@ def test_supported_shapes():
                                     has_segments=True)
 
 
+@pytest.mark.parametrize("hopper_card", [True, False])
+def test_plan_runs_the_hopper_kernels_exactly_where_supported_says(monkeypatch, hopper_card):
+    """attention.plan, over a grid of calls: Mosaic GPU forward exactly where the card is
+    Hopper, the impl pallas_gpu, the kernels compiled and flash_mgpu.supported takes the call;
+    the backward too only with one query head per KV head; Triton otherwise."""
+    monkeypatch.setattr(flash_mgpu, "is_hopper", lambda: hopper_card)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    seen = set()
+    for impl in ("pallas_gpu", "pallas_triton"):
+        for (b, t, h, kvh, s, d), dtype, causal, seg, interpret in [
+            ((2, 256, 4, 4, 256, 64), bf16, True, False, False),
+            ((2, 256, 4, 2, 256, 128), bf16, True, False, False),  # GQA
+            ((2, 256, 4, 4, 256, 64), bf16, True, True, False),  # segments
+            ((2, 256, 4, 4, 256, 64), f32, True, False, False),
+            ((2, 200, 4, 4, 200, 64), bf16, True, False, False),  # not whole tiles
+            ((2, 256, 4, 4, 512, 64), bf16, True, False, False),  # S != T
+            ((2, 256, 4, 4, 256, 96), bf16, True, False, False),  # head dim
+            ((2, 256, 4, 4, 256, 64), bf16, False, False, False),
+            ((2, 256, 4, 4, 256, 64), bf16, True, False, True),  # interpret: Triton only
+        ]:
+            p = attention.plan(impl, (b, t, h, d), kvh, s, dtype, causal=causal,
+                               has_segments=seg, interpret=interpret)
+            want = (impl == "pallas_gpu" and hopper_card and not interpret
+                    and flash_mgpu.supported((b, t, h, d), kvh, s, dtype, causal=causal,
+                                             has_segments=seg))
+            assert p.kernel == "flash_gpu"
+            assert (p.hopper_fwd, p.hopper_bwd) == (want, want and kvh == h), (impl, b, t, h)
+            seen.add((p.hopper_fwd, p.hopper_bwd))
+    assert seen == ({(True, True), (True, False), (False, False)} if hopper_card
+                    else {(False, False)})
+
+
 def _cuda_hlo(fn, *args):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 

@@ -335,7 +335,7 @@ def test_mode_and_cache_arguments_are_checked():
             model(ids, **kwargs)
 
 
-def _count_kernels(jaxpr, names):
+def pallas_kernels(jaxpr, names):
     """Names of the pallas_calls in a jaxpr (recursing into jit, scan and shard_map bodies)."""
     from jax.extend import core as jcore
 
@@ -346,9 +346,9 @@ def _count_kernels(jaxpr, names):
         for v in e.params.values():
             for sub in v if isinstance(v, (tuple, list)) else (v,):
                 if isinstance(sub, jcore.ClosedJaxpr):
-                    _count_kernels(sub.jaxpr, names)
+                    pallas_kernels(sub.jaxpr, names)
                 elif isinstance(sub, jcore.Jaxpr):
-                    _count_kernels(sub, names)
+                    pallas_kernels(sub, names)
     return names
 
 
@@ -383,7 +383,7 @@ def test_prefill_runs_the_flash_kernel_and_fills_the_cache(monkeypatch, qk_ln):
                                           cache=kern.init_cache(2, s), cache_index=0,
                                           mode="prefill")
 
-    assert _count_kernels(jax.make_jaxpr(prefill)(state).jaxpr, []) == ["alibi_flash_fwd"]
+    assert pallas_kernels(jax.make_jaxpr(prefill)(state).jaxpr, []) == ["alibi_flash_fwd"]
     logits, cache = jax.jit(prefill)(state)  # (the layers' scan body: one launch a layer)
     keep = mask.astype(bool)
     np.testing.assert_array_less(np.abs(np.asarray(logits) - full)[keep].max(), 1e-4)
