@@ -148,7 +148,7 @@ def test_decode_step_launches_the_same_kernels(batch):
                                        jnp.int32(-1), jnp.int32(0))
 
     def counts(traced):
-        names = pallas_kernels(traced.jaxpr.jaxpr, [])
+        names = pallas_kernels(traced.jaxpr.jaxpr)
         return {k: names.count(k) for k in set(names)}
 
     assert counts(prefill) == {"alibi_flash_fwd": layers}

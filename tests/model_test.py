@@ -335,20 +335,28 @@ def test_mode_and_cache_arguments_are_checked():
             model(ids, **kwargs)
 
 
-def pallas_kernels(jaxpr, names):
-    """Names of the pallas_calls in a jaxpr (recursing into jit, scan and shard_map bodies)."""
+def all_eqns(jaxpr):
+    """Every equation of a jaxpr, recursing into jit, scan, while, cond and shard_map bodies
+    (an equation in a loop body counts once)."""
     from jax.extend import core as jcore
 
     for e in jaxpr.eqns:
-        if e.primitive.name == "pallas_call":  # (newer jax: name_and_src_info)
-            info = e.params.get("name_and_src_info")
-            names.append(e.params["name"] if info is None else info.name)
+        yield e
         for v in e.params.values():
             for sub in v if isinstance(v, (tuple, list)) else (v,):
                 if isinstance(sub, jcore.ClosedJaxpr):
-                    pallas_kernels(sub.jaxpr, names)
+                    yield from all_eqns(sub.jaxpr)
                 elif isinstance(sub, jcore.Jaxpr):
-                    pallas_kernels(sub, names)
+                    yield from all_eqns(sub)
+
+
+def pallas_kernels(jaxpr):
+    """The names of the Pallas kernels a jaxpr launches, one per call site."""
+    names = []
+    for e in all_eqns(jaxpr):
+        if e.primitive.name == "pallas_call":  # (newer jax: name_and_src_info)
+            info = e.params.get("name_and_src_info")
+            names.append(e.params["name"] if info is None else info.name)
     return names
 
 
@@ -383,7 +391,7 @@ def test_prefill_runs_the_flash_kernel_and_fills_the_cache(monkeypatch, qk_ln):
                                           cache=kern.init_cache(2, s), cache_index=0,
                                           mode="prefill")
 
-    assert pallas_kernels(jax.make_jaxpr(prefill)(state).jaxpr, []) == ["alibi_flash_fwd"]
+    assert pallas_kernels(jax.make_jaxpr(prefill)(state).jaxpr) == ["alibi_flash_fwd"]
     logits, cache = jax.jit(prefill)(state)  # (the layers' scan body: one launch a layer)
     keep = mask.astype(bool)
     np.testing.assert_array_less(np.abs(np.asarray(logits) - full)[keep].max(), 1e-4)

@@ -166,13 +166,14 @@ def test_eight_devices_params_sharded_by_rules_and_step_compiles_once():
 
 RULES_SCRIPT = textwrap.dedent(r'''
     import functools
+    import sys
     import jax, jax.numpy as jnp, ml_collections
-    from jax.extend import core as jcore
-    from jax.sharding import PartitionSpec as P
     from mpt_jax import sharding
     from mpt_jax.train import optim
     from mpt_jax.train import step as step_lib
     from mpt_jax.model.config import MPTConfig
+    sys.path.insert(0, "tests")
+    from model_test import all_eqns
     assert jax.device_count() == 8
     # head dim 16, T 16: the packed Triton flash kernel (traced only) under shard_map
     cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=16)
@@ -187,18 +188,13 @@ RULES_SCRIPT = textwrap.dedent(r'''
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     data_only = tuple((n, "data" if n == "batch" else t) for n, t in sharding.DEFAULT_RULES)
 
-    def walk(jaxpr, out):
-        for e in jaxpr.eqns:
+    def specs(jaxpr):
+        out = {"constraints": [], "kernels": []}
+        for e in all_eqns(jaxpr):
             if e.primitive.name == "sharding_constraint":
                 out["constraints"].append(tuple(e.params["sharding"].spec))
             if e.primitive.name == "shard_map":
                 out["kernels"].append(tuple(tuple(s) for s in e.params["in_specs"]))
-            for v in e.params.values():
-                for sub in v if isinstance(v, (tuple, list)) else (v,):
-                    if isinstance(sub, jcore.ClosedJaxpr):
-                        walk(sub.jaxpr, out)
-                    elif isinstance(sub, jcore.Jaxpr):
-                        walk(sub, out)
         return out
 
     def traced(rules):
@@ -212,7 +208,7 @@ RULES_SCRIPT = textwrap.dedent(r'''
         with sharding.use_mesh(mesh):
             jaxpr = jax.make_jaxpr(functools.partial(step_lib.train_step, settings=settings))(
                 abstract, batch)
-        return settings.n_micro, walk(jaxpr.jaxpr, {"constraints": [], "kernels": []})
+        return settings.n_micro, specs(jaxpr.jaxpr)
 
     both = ("data", "fsdp")
     n_micro, got = traced(data_only)
