@@ -234,7 +234,8 @@ def test_configured_rules_reach_activations_and_kernels():
     """mesh.rules with batch -> data only on a data=2 x fsdp=4 mesh: the traced train step
     constrains its micro-batches and block outputs to ('data', ...) and runs the attention
     kernel per shard of 'data' alone, never ('data', 'fsdp') as DEFAULT_RULES would."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, "-c", RULES_SCRIPT], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
