@@ -17,9 +17,7 @@ Results go to --out DIR as JSON (one file per mode).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import functools
 import itertools
 import json
 import os
@@ -288,176 +286,14 @@ def mode_memory(args):
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# tune: one device call that checks the fused backward and times it against the split one
-
-
-@contextlib.contextmanager
-def relaxed_atomics():
-    """Experiment only: lower Pallas-Triton atomics with relaxed (not acq_rel) ordering."""
-    from jax._src.lib.triton import dialect as tt
-    from jax._src.pallas.triton import lowering as tl
-    orig = tl._atomic_rmw
-    tl._atomic_rmw = functools.partial(orig, semantic=tt.MemSemantic.RELAXED)
-    try:
-        yield
-    finally:
-        tl._atomic_rmw = orig
-
-
-FUSED_SWEEP = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2),
-               (32, 128, 4, 2), (32, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)]
-FWD_SWEEP = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)]
-
-
-def mode_tune(args):
-    t_start = time.perf_counter()
-    out = dict(check=[], kernels=[], e2e=[])
-    rng = np.random.default_rng()
-    split = dataclasses.replace(B0, fused_bwd=False)
-    fused = dataclasses.replace(B0, fused_bwd=True)
-    # 1. correctness of the default (fused) path and the split fallback, fresh inputs
-    cases = [  # b, t, h, kv, d, causal, alibi, seg, dtype, blocks
-        (2, 1000, 8, 2, 128, True, True, True, jnp.bfloat16, fused),
-        (2, 1000, 8, 2, 128, True, True, True, jnp.bfloat16, split),
-        (2, 777, 6, 3, 64, False, True, False, jnp.bfloat16, fused),
-        (1, 1024, 8, 1, 64, True, True, True, jnp.float32, fused),
-        (2, 2048, 4, 4, 128, True, True, False, jnp.float32, fused),
-    ]
-    for b, t, h, kvh, d, causal, use_alibi, use_seg, dtype, bs in cases:
-        q, k, v, do = inputs(b, t, h, kvh, d, dtype)
-        slopes = jnp.asarray(alibi_slopes(h)) if use_alibi else None
-        seg = (jnp.asarray(np.sort(rng.integers(0, 4, (b, t)), 1), jnp.int32)
-               if use_seg else None)
-        kw = dict(alibi_slopes=slopes, causal=causal, segment_ids=seg)
-        ours = lambda q, k, v: attention.flash_attention(  # noqa: E731
-            q, k, v, impl="pallas_gpu", block_sizes=bs, **kw)
-        ref = lambda q, k, v: attention.reference_attention(q, k, v, **kw)  # noqa: E731
-        both = lambda f: jax.jit(lambda q, k, v, do: (lambda o, vjp: (o, *vjp(do)))(  # noqa
-            *jax.vjp(f, q, k, v)))
-        name = (f"b{b} t{t} h{h} kv{kvh} d{d} causal={causal} alibi={use_alibi} seg={use_seg} "
-                f"{jnp.dtype(dtype).name} {'split' if bs is split else 'fused'}")
-        try:
-            g1 = both(ours)(q, k, v, do)
-            g2 = both(ref)(q, k, v, do)
-            errs = {n: rel(a, w) for n, a, w in zip(("out", "dq", "dk", "dv"), g1, g2)}
-            fin = all(bool(jnp.isfinite(x.astype(jnp.float32)).all()) for x in g1)
-            row = dict(case=name, finite=fin, **errs)
-        except Exception as e:
-            row = dict(case=name, error=f"{type(e).__name__}: {str(e)[:600]}")
-        out["check"].append(row)
-        print("check", row, flush=True)
-    print(f"# t={time.perf_counter() - t_start:.0f}s", flush=True)
-
-    # 2. each kernel alone, B=4 T=2048 (and fwd at B=1 T=8192)
-    h, d = 32, 128
-    slopes = jnp.asarray(alibi_slopes(h))
-
-    def cfg_for(bs, t):
-        return flash_gpu._Cfg(seq_q=t, seq_k=t, offset=0, group=1, scale=d ** -0.5, causal=True,
-                              has_alibi=True, has_segments=False, blocks=bs, interpret=False)
-
-    def timed(kind, tag, fl, fn, fargs, relaxed=False):
-        try:
-            with (relaxed_atomics() if relaxed else contextlib.nullcontext()):
-                comp = jax.jit(fn).lower(*fargs).compile()
-            tt = jax_time(comp, fargs)
-            row = dict(kernel=kind, cfg=tag, ms=tt * 1e3, tflops=fl / tt / 1e12)
-        except Exception as e:
-            row = dict(kernel=kind, cfg=tag, error=f"{type(e).__name__}: {str(e)[:400]}")
-        out["kernels"].append(row)
-        print(row, flush=True)
-        return row
-
-    for b, t in [(4, 2048), (1, 8192)]:
-        q, k, v, do = inputs(b, t, h, h, d)
-        fl = fwd_flops(b, t, h, d)
-        for bq, bk, w, st in FWD_SWEEP:
-            bs = dataclasses.replace(B0, block_q=bq, block_k=bk, num_warps=w, num_stages=st)
-            timed("fwd", f"b{b} t{t} {bq}x{bk} w{w} s{st}", fl,
-                  lambda q, k, v, cfg=cfg_for(bs, t): flash_gpu._forward(
-                      cfg, q, k, v, slopes, None, None), (q, k, v))
-        if t != 2048:
-            continue
-        cfg0 = cfg_for(B0, t)
-        o, lse = jax.jit(lambda q, k, v: flash_gpu._forward(cfg0, q, k, v, slopes, None, None))(
-            q, k, v)
-        delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-        bwd_args = (q, k, v, do, lse, delta)
-        timed("dkv", "split 64x64 w4 s2", 2 * fl, lambda *a: flash_gpu._backward_dkv(
-            cfg0, *a, slopes, None, None), bwd_args)
-        timed("dq", "split 128x64 w8 s3", 1.5 * fl, lambda *a: flash_gpu._backward_dq(
-            cfg0, *a, slopes, None, None), bwd_args)
-        for i, (bq, bk, w, st) in enumerate(FUSED_SWEEP):
-            if time.perf_counter() - t_start > args.budget_s:
-                print("# budget: sweep cut", flush=True)
-                break
-            bs = dataclasses.replace(B0, block_q_fused=bq, block_k_fused=bk, num_warps_fused=w,
-                                     num_stages_fused=st)
-            cfg = cfg_for(bs, t)
-            fn = lambda *a, cfg=cfg: flash_gpu._backward_dkv(  # noqa: E731
-                cfg, *a, slopes, None, None, fused=True)
-            # fused: 5 matmuls = 2.5x forward flops (the whole backward)
-            timed("fused", f"{bq}x{bk} w{w} s{st}", 2.5 * fl, fn, bwd_args)
-            if i == 0:
-                timed("fused", f"{bq}x{bk} w{w} s{st} relaxed", 2.5 * fl, fn, bwd_args,
-                      relaxed=True)
-    print(f"# t={time.perf_counter() - t_start:.0f}s", flush=True)
-
-    # 3. end to end fwd+bwd: split (old default) vs fused, and the best fused config of the sweep
-    best = {}
-    for r in out["kernels"]:
-        if "ms" in r and r["kernel"] in ("fused",) and "relaxed" not in r["cfg"]:
-            if "fused" not in best or r["ms"] < best["fused"]["ms"]:
-                best["fused"] = r
-    variants = {"split": split, "fused_default": fused}
-    if "fused" in best:
-        bq, bk = map(int, best["fused"]["cfg"].split()[0].split("x"))
-        w, st = int(best["fused"]["cfg"].split()[1][1:]), int(best["fused"]["cfg"].split()[2][1:])
-        variants["fused_best"] = dataclasses.replace(
-            fused, block_q_fused=bq, block_k_fused=bk, num_warps_fused=w, num_stages_fused=st)
-    for b, t in [(4, 2048), (1, 8192)]:
-        q, k, v, do = inputs(b, t, h, h, d)
-        fl = fwd_flops(b, t, h, d)
-        for vname, bs in variants.items():
-            for use_alibi in (True, False) if vname == "fused_default" else (True,):
-                sl = slopes if use_alibi else None
-                f = lambda q, k, v, sl=sl, bs=bs: attention.flash_attention(  # noqa: E731
-                    q, k, v, alibi_slopes=sl, impl="pallas_gpu", block_sizes=bs)
-                try:
-                    t_fb = jax_time(fwd_bwd_fn(f), (q, k, v, do))
-                    row = dict(variant=vname, alibi=use_alibi, batch=b, seq=t,
-                               blocks=dataclasses.asdict(bs), fwdbwd_ms=t_fb * 1e3,
-                               fwdbwd_tflops=3.5 * fl / t_fb / 1e12)
-                except Exception as e:
-                    row = dict(variant=vname, alibi=use_alibi, batch=b, seq=t,
-                               error=f"{type(e).__name__}: {str(e)[:400]}")
-                out["e2e"].append(row)
-                print("e2e", {k_: v_ for k_, v_ in row.items() if k_ != "blocks"}, flush=True)
-    print(f"# total t={time.perf_counter() - t_start:.0f}s", flush=True)
-    print("\n# summary", flush=True)
-    for r in out["check"]:
-        print(" ", r.get("case"), " ".join(f"{k_}={r[k_]:.1e}" for k_ in ("out", "dq", "dk", "dv")
-                                          if k_ in r), r.get("error", ""))
-    for r in out["kernels"]:
-        print(f"  {r['kernel']:6s} {r['cfg']:28s}", f"{r['ms']:.3f} ms {r['tflops']:.0f} TF/s"
-              if "ms" in r else r["error"][:200])
-    for r in out["e2e"]:
-        print(f"  e2e {r['variant']:14s} alibi={r['alibi']} B={r['batch']} T={r['seq']}",
-              f"{r['fwdbwd_ms']:.3f} ms {r['fwdbwd_tflops']:.0f} TF/s" if "fwdbwd_ms" in r
-              else r["error"][:200])
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["check", "sweep", "bench", "memory", "tune"])
+    ap.add_argument("mode", choices=["check", "sweep", "bench", "memory"])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--config", default="default", help="a CONFIGS name or BlockSizes JSON")
     ap.add_argument("--mem_seqs", type=int, nargs="+", default=[16384, 32768, 65536])
-    ap.add_argument("--budget_s", type=float, default=150, help="tune: cut the sweep after this")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--results", default="", help="bench: append rows to this RESULTS.md")
     ap.add_argument("--card", default="")

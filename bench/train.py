@@ -66,7 +66,7 @@ def run_one(args) -> dict:
         {"input_ids": rng.integers(0, cfg.vocab_size, (train.global_batch_size // jax.process_count(),
                                                        args.seq)).astype(np.int32)}, mesh, rules)
         for _ in range(2)]
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh), sharding.use_rules(rules):
         t0 = time.time()
         compiled = step.lower(state, batches[0]).compile()
         compile_s = time.time() - t0

@@ -80,7 +80,7 @@ def main():
     batch = sharding.make_global_batch(
         {"input_ids": rng.integers(0, cfg.vocab_size, (b, t)).astype(np.int32)}, mesh, rules)
     rows = {}
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh), sharding.use_rules(rules):
         step = step_lib.compile_train_step(settings, shardings, mesh, ("input_ids",))
         state, _ = step(state, batch)  # compile + warm
         jax.block_until_ready(state)

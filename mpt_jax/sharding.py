@@ -3,14 +3,20 @@ mapping them onto the mesh axes `data`, `fsdp`, `tensor`.
 
 Parameters carry their logical names as NNX variable metadata (`logical_axes`); stacked layers add
 a leading `layers` axis. Activations are constrained at block boundaries through `constrain`,
-which applies only inside a mesh context (`jax.sharding.use_mesh` / `jax.set_mesh`) — on a single
-device without a mesh there is nothing to constrain.
+which applies only inside a mesh context (`use_mesh`) — on a single device without a mesh there
+is nothing to constrain. Pallas kernels run once per shard through `per_shard_logical`.
+
+The rules in force are the ones of the innermost `use_rules(rules)` context (DEFAULT_RULES when
+none is entered): every function here that takes `rules=None` reads them, so the activation
+constraints and the kernels' shard_map specs follow the same table as the parameters. They are
+read when a function is traced, and jit's caches key on them (a jax user context).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -33,11 +39,29 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def logical_to_spec(logical_axes: Sequence[str | None] | None, rules=DEFAULT_RULES) -> P:
-    """PartitionSpec for a tuple of logical axis names; unknown names raise ValueError."""
+# jax keys its tracing and compilation caches on a user context's value, so a function traced
+# under one table is traced again under another.
+_RULES = jax.make_user_context(None)
+
+
+def use_rules(rules):
+    """Context manager: `rules` (a sequence of (logical name, mesh axes) pairs, as
+    rules_from_config returns) are the rules in force inside the block."""
+    return _RULES(tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in rules))
+
+
+def current_rules() -> tuple:
+    """The rules in force: the innermost `use_rules`, else DEFAULT_RULES."""
+    rules = _RULES.value
+    return DEFAULT_RULES if rules is None else rules
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None, rules=None) -> P:
+    """PartitionSpec for a tuple of logical axis names (by `rules`, default: the rules in
+    force); unknown names raise ValueError."""
     if logical_axes is None:
         return P()
-    table = dict(rules)
+    table = dict(current_rules() if rules is None else rules)
     spec = []
     used: set[str] = set()
     for name in logical_axes:
@@ -54,7 +78,8 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None, rules=DEFAULT_RUL
     return P(*spec)
 
 
-def _active_mesh():
+def active_mesh():
+    """The ambient mesh (`use_mesh`), or None."""
     get_abstract = getattr(jax.sharding, "get_abstract_mesh", None)
     mesh = get_abstract() if get_abstract is not None else None
     if mesh is None or not mesh.axis_names:
@@ -62,14 +87,18 @@ def _active_mesh():
     return mesh
 
 
-def constrain(x, logical_axes: Sequence[str | None], rules=DEFAULT_RULES):
-    """`with_sharding_constraint` by logical names, inside a mesh context; identity outside one."""
-    mesh = _active_mesh()
+def constrain(x, logical_axes: Sequence[str | None], rules=None):
+    """`with_sharding_constraint` by logical names (the rules in force unless `rules`), inside a
+    mesh context; identity outside one. A dimension the mesh axes do not divide stays whole."""
+    mesh = active_mesh()
     if mesh is None:
         return x
-    spec = logical_to_spec(logical_axes, rules)
-    spec = P(*(_drop_missing(s, mesh.axis_names) for s in spec))
+    spec = fit_spec(logical_to_spec(logical_axes, rules), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _as_axes(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 def _drop_missing(entry, axis_names):
@@ -87,25 +116,74 @@ def _drop_missing(entry, axis_names):
 def kernel_mesh():
     """The ambient mesh when it has more than one device, else None. A Pallas call is opaque
     to XLA's SPMD partitioner: under a mesh it would gather every operand to every device and
-    compute the whole global batch there. Kernels run under `per_shard` instead."""
-    mesh = _active_mesh()
+    compute the whole global batch there. Kernels run under `per_shard_logical` instead."""
+    mesh = active_mesh()
     return None if mesh is None or mesh.size == 1 else mesh
 
 
-def divided_axes(mesh, logical: str, *sizes: int, rules=DEFAULT_RULES):
-    """The mesh axes the `logical` rule maps to, if they divide every size; else None (also
-    when those axes have one device in all: nothing is split)."""
-    entry = logical_to_spec((logical,), rules)[0]
-    for n in sizes:
-        entry = fit_spec(P(entry), (n,), mesh)[0]
-    return None if _axes_size(mesh, entry) == 1 else entry
+def shard_axes(sizes: Mapping[str, Sequence[int]], rules=None) -> dict:
+    """{logical name: the mesh axes its rule maps to, or None} for a kernel's dimensions under
+    the kernel mesh (`kernel_mesh`; no mesh: all None). `sizes` gives every length a name
+    labels. A name keeps its axes only if their device count divides each of its lengths (as
+    `fit_spec` does), and only the axes no earlier name took (a mesh axis splits one dimension
+    at most); one device in all is None: nothing is split."""
+    mesh = kernel_mesh()
+    out, used = {}, set()
+    for name, lengths in sizes.items():
+        entry = None
+        if mesh is not None:
+            entry = _drop_missing(logical_to_spec((name,), rules)[0], mesh.axis_names)
+            axes = tuple(a for a in _as_axes(entry) if a not in used)
+            entry = axes[0] if len(axes) == 1 else (axes or None)
+            n = axes_size(mesh, entry)
+            if n == 1 or any(length % n for length in lengths):
+                entry = None
+        out[name] = entry
+        used.update(_as_axes(entry))
+    return out
 
 
-def per_shard(fn, mesh, in_specs, out_specs):
-    """`fn` under `shard_map` over `mesh` (in/out specs as shard_map takes them; None for an
-    argument that is None)."""
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)
+def per_shard_logical(fn, in_axes, out_axes):
+    """`fn` (a Pallas call) once per device shard: under the kernel mesh, `jax.shard_map` with
+    specs from logical axis names; without one, `fn` itself.
+
+    in_axes: one tuple of logical names (or None) per argument, a name per dimension; an
+    argument passed as None needs no spec. out_axes: one such tuple, or a tuple of them for
+    several outputs. Each name resolves once over every dimension it labels (`shard_axes`, the
+    rules in force), so arrays that share a name split alike (the query and key heads of GQA
+    stay in whole groups); names resolve in the order they first appear."""
+    def is_axes(x):
+        return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+    def run(*args):
+        if kernel_mesh() is None:
+            return fn(*args)
+        if len(args) != len(in_axes):
+            raise ValueError(f"{len(args)} arguments for {len(in_axes)} in_axes")
+        sizes: dict[str, list[int]] = {}
+        for arg, axes in zip(args, in_axes):
+            if arg is None:
+                continue
+            if len(axes) != jnp.ndim(arg):
+                raise ValueError(f"in_axes {axes} do not name the {jnp.ndim(arg)} "
+                                 f"dimensions of an argument of shape {jnp.shape(arg)}")
+            for name, n in zip(axes, jnp.shape(arg)):
+                if name is not None:
+                    sizes.setdefault(name, []).append(n)
+        resolved = shard_axes(sizes)
+
+        def spec(axes):
+            missing = [a for a in axes if a is not None and a not in resolved]
+            if missing:
+                raise ValueError(f"out_axes name {missing} that no input dimension carries")
+            return P(*(None if a is None else resolved[a] for a in axes))
+
+        in_specs = tuple(None if a is None else spec(axes) for a, axes in zip(args, in_axes))
+        out_specs = spec(out_axes) if is_axes(out_axes) else tuple(spec(a) for a in out_axes)
+        return jax.shard_map(fn, mesh=kernel_mesh(), in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)(*args)
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +224,8 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
 
 
 def use_mesh(mesh):
-    """Context manager that makes `mesh` the ambient mesh (so `constrain` applies)."""
+    """Context manager that makes `mesh` the ambient mesh (so `constrain` applies and the
+    kernels run per shard); the rules stay those of `use_rules`."""
     if hasattr(jax, "set_mesh"):
         return jax.set_mesh(mesh)
     return jax.sharding.use_mesh(mesh)
@@ -172,7 +251,8 @@ def rules_from_config(rules_cfg) -> tuple:
 # ---------------------------------------------------------------------------------------------
 # Parameter shardings (from the `logical_axes` metadata and the rules table)
 # ---------------------------------------------------------------------------------------------
-def _axes_size(mesh, entry) -> int:
+def axes_size(mesh, entry) -> int:
+    """Devices along a spec entry (a mesh axis, a tuple of them, or None: 1)."""
     if entry is None:
         return 1
     names = (entry,) if isinstance(entry, str) else entry
@@ -182,7 +262,7 @@ def _axes_size(mesh, entry) -> int:
     return size
 
 
-def fit_spec(spec: P, shape, mesh, *, what: str = "array") -> P:
+def fit_spec(spec: P, shape, mesh) -> P:
     """`spec` with the sharding of every dimension the mesh does not divide dropped
     (replicated), so tiny or odd-sized arrays still place; large parameters of real configs
     divide and keep their sharding (tests/sharding_test.py checks that)."""
@@ -190,11 +270,11 @@ def fit_spec(spec: P, shape, mesh, *, what: str = "array") -> P:
     fitted = []
     for dim, entry in zip(shape, entries):
         entry = _drop_missing(entry, mesh.axis_names)
-        fitted.append(entry if entry is None or dim % _axes_size(mesh, entry) == 0 else None)
+        fitted.append(entry if entry is None or dim % axes_size(mesh, entry) == 0 else None)
     return P(*fitted)
 
 
-def param_specs(param_state, mesh, rules=DEFAULT_RULES):
+def param_specs(param_state, mesh, rules=None):
     """Pure-dict tree of PartitionSpecs for the parameters of an (abstract) model state."""
     from flax import nnx
 
@@ -215,16 +295,16 @@ def named(mesh, spec_tree):
 # ---------------------------------------------------------------------------------------------
 # Batches: global arrays from each process's local rows
 # ---------------------------------------------------------------------------------------------
-def batch_spec(rules=DEFAULT_RULES) -> P:
+def batch_spec(rules=None) -> P:
     return logical_to_spec(("batch", "seq"), rules)
 
 
-def batch_shards(mesh, rules=DEFAULT_RULES) -> int:
+def batch_shards(mesh, rules=None) -> int:
     """Number of ways the batch dimension is split across the mesh."""
-    return _axes_size(mesh, _drop_missing(batch_spec(rules)[0], mesh.axis_names))
+    return axes_size(mesh, _drop_missing(batch_spec(rules)[0], mesh.axis_names))
 
 
-def check_batch(global_batch: int, mesh, rules=DEFAULT_RULES, *, what="global batch") -> None:
+def check_batch(global_batch: int, mesh, rules=None, *, what="global batch") -> None:
     n = batch_shards(mesh, rules)
     if global_batch % n:
         raise ValueError(
@@ -235,7 +315,7 @@ def check_batch(global_batch: int, mesh, rules=DEFAULT_RULES, *, what="global ba
                          f"{jax.process_count()} processes")
 
 
-def make_global_batch(local_batch: dict, mesh, rules=DEFAULT_RULES) -> dict:
+def make_global_batch(local_batch: dict, mesh, rules=None) -> dict:
     """Each process's rows ([global_batch / process_count, T] numpy) -> global jax.Arrays
     sharded over the batch axes (jax.make_array_from_process_local_data)."""
     sharding = jax.sharding.NamedSharding(mesh, batch_spec(rules))

@@ -36,7 +36,20 @@ SCRIPT = textwrap.dedent(r'''
     seg = jnp.asarray(np.repeat(np.arange(2), t // 2)[None].repeat(b, 0), jnp.int32)
     act = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
     q, k, v = (jax.device_put(x, act) for x in (q, k, v))
+    data_only = tuple((n, "data" if n == "batch" else r) for n, r in sharding.DEFAULT_RULES)
     with sharding.use_mesh(mesh):
+        # The plan names the mesh axes; split heads keep the packed layout from the kernel.
+        p = attention.plan("pallas_gpu", (b, t, h, d), h, t, jnp.float32, packed=True)
+        assert (p.batch_axes, p.head_axes, p.packed) == (("data", "fsdp"), "tensor", False), p
+        p = attention.plan("pallas_gpu", (b, t, h, d), 1, t, jnp.float32, packed=True)
+        assert (p.batch_axes, p.head_axes, p.packed) == (("data", "fsdp"), None, True), p
+        p = attention.plan("pallas_gpu", (2, 1, h, d), 2, 64, jnp.float32, cache=True)
+        assert (p.kernel, p.batch_axes, p.head_axes) == ("decode_gpu", None, "tensor"), p
+        with sharding.use_rules(data_only):  # the rules in force split the kernels
+            p = attention.plan("pallas_gpu", (b, t, h, d), h, t, jnp.float32)
+            assert (p.batch_axes, p.head_axes) == ("data", "tensor"), p
+            shapes = kernel_operand_shapes(lambda q, k, v: flash(q, k, v, seg), q, k, v)
+            assert shapes == {"4x64x2x32"}, shapes
         # Batch over data x fsdp (8 / 4), heads over tensor (4 / 2); forward and gradient.
         shapes = kernel_operand_shapes(lambda q, k, v: flash(q, k, v, seg), q, k, v)
         assert shapes == {"2x64x2x32"}, shapes

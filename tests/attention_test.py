@@ -28,8 +28,6 @@ TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}  # interpret mode: exact f32 dots;
 GPU_TOL = {jnp.float32: 3e-3, jnp.bfloat16: 2e-2}  # tf32 dots for float32 on the GPU
 SMALL = flash_gpu.BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64,
                              block_q_dq=64, block_k_dq=32)
-# the opt-in fused backward (dk/dv + atomic dq in one kernel)
-FUSED = dataclasses.replace(SMALL, fused_bwd=True, block_q_fused=32, block_k_fused=64)
 
 
 def _rel(a, b):
@@ -57,12 +55,11 @@ def _fwd_bwd(fn, q, k, v, do):
     return (out, *vjp(do))
 
 
-CASES = [  # b, t, s, h, kv, d, causal, alibi, segments, dtype, blocks (split or fused backward)
+CASES = [  # b, t, s, h, kv, d, causal, alibi, segments, dtype, blocks
     pytest.param(2, 67, 67, 4, 4, 64, True, True, False, jnp.float32, SMALL, id="odd_len_alibi"),
-    pytest.param(2, 128, 128, 4, 2, 64, True, True, True, jnp.float32, FUSED,
-                 id="fused_gqa_segments"),
-    pytest.param(2, 67, 67, 6, 3, 64, False, True, False, jnp.float32, FUSED,
-                 id="fused_noncausal_h6_gqa_odd"),
+    pytest.param(2, 128, 128, 4, 2, 64, True, True, True, jnp.float32, SMALL, id="gqa_segments"),
+    pytest.param(2, 67, 67, 6, 3, 64, False, True, False, jnp.float32, SMALL,
+                 id="noncausal_h6_gqa_odd"),
     pytest.param(1, 16, 100, 4, 1, 64, True, True, False, jnp.float32, SMALL, id="mqa_s_gt_t"),
     pytest.param(2, 67, 67, 4, 4, 64, True, False, True, jnp.bfloat16, SMALL,
                  id="bf16_noalibi_seg"),
@@ -145,6 +142,35 @@ def test_dispatch():
     assert _rel(auto, ref) < 1e-6
 
 
+def test_plan_picks_the_kernel_and_layout():
+    """attention.plan without a mesh (the Hopper choice: flash_mgpu_test): each impl's kernel,
+    the packed layout only where the kernel needs no padding, the decode kernel only for one
+    new token a row against a cache of whole blocks; nothing split."""
+    bf16 = jnp.bfloat16
+
+    def plan(impl, q_shape=(2, 128, 4, 64), kvh=4, s=128, **kw):
+        return attention.plan(impl, q_shape, kvh, s, bf16, **kw)
+
+    assert attention.plan("auto", (2, 8, 4, 16), 4, 8, bf16) == attention.Plan(
+        "reference" if jax.default_backend() == "cpu" else "flash_gpu")
+    assert plan("reference", packed=True) == attention.Plan("reference")
+    assert plan("pallas_tpu", packed=True) == attention.Plan("flash_tpu")
+    assert plan("pallas_triton", packed=True) == attention.Plan("flash_gpu", packed=True)
+    assert plan("pallas_gpu", packed=True) == attention.Plan("flash_gpu", packed=True)
+    assert plan("pallas_triton") == attention.Plan("flash_gpu")  # no fused projection given
+    assert not plan("pallas_gpu", (2, 100, 4, 64), s=100, packed=True).packed  # T padded
+    assert not plan("pallas_gpu", (2, 128, 4, 40), packed=True).packed  # D padded
+    decode = attention.Plan("decode_gpu", packed=True)
+    assert plan("pallas_triton", (2, 1, 4, 64), s=128, cache=True, packed=True) == decode
+    assert plan("pallas_gpu", (2, 1, 4, 64), 2, 128, cache=True) == attention.Plan("decode_gpu")
+    assert plan("pallas_gpu", (2, 2, 4, 64), s=128, cache=True) == attention.Plan("reference")
+    assert plan("pallas_gpu", (2, 1, 4, 64), s=100, cache=True) == attention.Plan("reference")
+    assert plan("pallas_tpu", (2, 1, 4, 64), s=128, cache=True) == attention.Plan("reference")
+    assert plan("reference", (2, 1, 4, 64), s=128, cache=True) == attention.Plan("reference")
+    with pytest.raises(ValueError, match="unknown attention impl 'cuda'"):
+        plan("cuda")
+
+
 def test_decode_attention_matches_reference():
     """Few new rows against a partly filled cache, per-sequence lengths."""
     b, t, smax, h, kvh, d = 2, 2, 50, 4, 2, 64
@@ -211,12 +237,13 @@ def test_remat_policies_keep_the_attention_forward():
     (4, 4, 64, 32, False),  # MHA: K and V heads sit H and 2H heads into the packed array
     (4, 2, 64, 32, True),   # GQA, packed documents
     (6, 1, 64, 16, False),  # MQA, 6 heads (non power-of-two slopes and packed width)
-    (4, 4, 40, 32, False),  # T not a multiple of the blocks: the sliced fallback
+    (4, 4, 40, 32, False),  # T not a multiple of the blocks: the plan slices q, k, v
 ])
 def test_packed_qkv_matches_reference(h, kvh, t, d, segments):
-    """flash_attention_packed reads q/k/v from the fused projection in place (interpret mode)
-    and returns the gradient as one array: forward and gradient equal the reference on fresh
-    random inputs; outputs start as NaN buffers, so any element left unwritten shows."""
+    """The packed kernels read q/k/v from the fused projection in place (interpret mode) and
+    return the gradient as one array: forward and gradient equal the reference on fresh random
+    inputs; outputs start as NaN buffers, so any element left unwritten shows. Where they need
+    padding they refuse, and the public entry slices instead."""
     rng = np.random.default_rng()
     b = 2
     qkv = jnp.asarray(rng.normal(size=(b, t, (h + 2 * kvh) * d)), jnp.float32)
@@ -234,19 +261,30 @@ def test_packed_qkv_matches_reference(h, kvh, t, d, segments):
         return flash_gpu.flash_attention_gpu_packed(x, h, kvh, slopes, segment_ids=seg,
                                                     interpret=True, _poison=True)
 
+    def public(x, impl="pallas_triton", interpret=True):
+        return attention.flash_attention_packed(x, h, kvh, alibi_slopes=slopes, segment_ids=seg,
+                                                impl=impl, interpret=interpret)
+
     ct = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
-    assert _rel(ker(qkv), ref(qkv)) < 1e-5
-    got = jax.grad(lambda x: jnp.sum(ker(x) * ct))(qkv)
     want = jax.grad(lambda x: jnp.sum(ref(x) * ct))(qkv)
+    takes = flash_gpu.takes_packed(t, d, qkv.dtype)
+    assert takes == (t % 64 == 0)
+    fn = ker if takes else public
+    out = fn(qkv)
+    assert _rel(out, ref(qkv)) < 1e-5
+    got = jax.grad(lambda x: jnp.sum(fn(x) * ct))(qkv)
     assert got.shape == qkv.shape and _rel(got, want) < 1e-5
-    # the public entry (auto impl on this CPU: the sliced reference) agrees
-    auto = attention.flash_attention_packed(qkv, h, kvh, alibi_slopes=slopes, segment_ids=seg)
-    assert _rel(auto, ref(qkv)) < 1e-6
+    if takes:  # the public entry runs that same kernel
+        np.testing.assert_array_equal(public(qkv), out)
+    else:
+        with pytest.raises(ValueError, match=f"T={t}, D={d}"):
+            ker(qkv)
+    # the public entry with the auto impl (on this CPU: the sliced reference) agrees
+    assert _rel(public(qkv, impl="auto", interpret=False), ref(qkv)) < 1e-6
     # the CUDA lowering of the gradient: three kernels, and no slice or concatenate of q/k/v
-    # (the fallback slices and concatenates)
-    txt = jax.jit(jax.grad(lambda x: jnp.sum(flash_gpu.flash_attention_gpu_packed(
-        x, h, kvh, slopes, segment_ids=seg) * ct))).trace(qkv).lower(
-        lowering_platforms=("cuda",)).as_text()
+    # (the sliced layout slices and concatenates)
+    txt = jax.jit(jax.grad(lambda x: jnp.sum(public(x, interpret=False) * ct))).trace(
+        qkv).lower(lowering_platforms=("cuda",)).as_text()
     assert txt.count("xla.gpu.triton") == 3
     copies = txt.count("stablehlo.concatenate") + txt.count("stablehlo.slice")
     assert (copies == 0) == (t % 64 == 0), copies

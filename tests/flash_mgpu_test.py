@@ -18,7 +18,7 @@ import pytest
 
 from mpt_jax.model import attention
 from mpt_jax.model.alibi import alibi_slopes
-from mpt_jax.kernels import flash_gpu, flash_mgpu
+from mpt_jax.kernels import flash_mgpu
 
 ON_HOPPER = flash_mgpu.is_hopper()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +45,38 @@ def test_supported_shapes():
                                     has_segments=True)
 
 
+@pytest.mark.parametrize("hopper_card", [True, False])
+def test_plan_runs_the_hopper_kernels_exactly_where_supported_says(monkeypatch, hopper_card):
+    """attention.plan, over a grid of calls: Mosaic GPU forward exactly where the card is
+    Hopper, the impl pallas_gpu, the kernels compiled and flash_mgpu.supported takes the call;
+    the backward too only with one query head per KV head; Triton otherwise."""
+    monkeypatch.setattr(flash_mgpu, "is_hopper", lambda: hopper_card)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    seen = set()
+    for impl in ("pallas_gpu", "pallas_triton"):
+        for (b, t, h, kvh, s, d), dtype, causal, seg, interpret in [
+            ((2, 256, 4, 4, 256, 64), bf16, True, False, False),
+            ((2, 256, 4, 2, 256, 128), bf16, True, False, False),  # GQA
+            ((2, 256, 4, 4, 256, 64), bf16, True, True, False),  # segments
+            ((2, 256, 4, 4, 256, 64), f32, True, False, False),
+            ((2, 200, 4, 4, 200, 64), bf16, True, False, False),  # not whole tiles
+            ((2, 256, 4, 4, 512, 64), bf16, True, False, False),  # S != T
+            ((2, 256, 4, 4, 256, 96), bf16, True, False, False),  # head dim
+            ((2, 256, 4, 4, 256, 64), bf16, False, False, False),
+            ((2, 256, 4, 4, 256, 64), bf16, True, False, True),  # interpret: Triton only
+        ]:
+            p = attention.plan(impl, (b, t, h, d), kvh, s, dtype, causal=causal,
+                               has_segments=seg, interpret=interpret)
+            want = (impl == "pallas_gpu" and hopper_card and not interpret
+                    and flash_mgpu.supported((b, t, h, d), kvh, s, dtype, causal=causal,
+                                             has_segments=seg))
+            assert p.kernel == "flash_gpu"
+            assert (p.hopper_fwd, p.hopper_bwd) == (want, want and kvh == h), (impl, b, t, h)
+            seen.add((p.hopper_fwd, p.hopper_bwd))
+    assert seen == ({(True, True), (True, False), (False, False)} if hopper_card
+                    else {(False, False)})
+
+
 def _cuda_hlo(fn, *args):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -63,17 +95,19 @@ def test_hopper_path_lowers_forward_and_backward(monkeypatch, shape):
     b, t, h, d = shape
     slopes = jnp.asarray(alibi_slopes(h))
     q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    loss = lambda q, k, v: flash_gpu.flash_attention_gpu(q, k, v, slopes).sum()  # noqa: E731
+    loss = lambda q, k, v: attention.flash_attention(  # noqa: E731
+        q, k, v, alibi_slopes=slopes, impl="pallas_gpu").sum()
     assert _kernels(_cuda_hlo(jax.grad(loss, (0, 1, 2)), q, q, q)) == (1, 1, 0)
     x = jax.ShapeDtypeStruct((b, t, 3 * h * d), jnp.bfloat16)
-    lossp = lambda x: flash_gpu.flash_attention_gpu_packed(x, h, h, slopes).sum()  # noqa: E731
+    lossp = lambda x: attention.flash_attention_packed(  # noqa: E731
+        x, h, h, alibi_slopes=slopes, impl="pallas_gpu").sum()
     assert _kernels(_cuda_hlo(jax.grad(lossp), x)) == (1, 1, 0)
     # GQA: Hopper forward, Triton backward; segments, or Triton asked for: Triton only
     k = jax.ShapeDtypeStruct((b, t, 1, d), jnp.bfloat16)
     assert _kernels(_cuda_hlo(jax.grad(loss, (0, 1, 2)), q, k, k))[:2] == (1, 0)
     seg = jnp.zeros((b, t), jnp.int32)
-    loss_seg = lambda q: flash_gpu.flash_attention_gpu(  # noqa: E731
-        q, q, q, slopes, q_segment_ids=seg, kv_segment_ids=seg).sum()
+    loss_seg = lambda q: attention.flash_attention(  # noqa: E731
+        q, q, q, alibi_slopes=slopes, segment_ids=seg, impl="pallas_gpu").sum()
     assert _kernels(_cuda_hlo(jax.grad(loss_seg), q))[:2] == (0, 0)
     loss_tr = lambda q: attention.flash_attention(  # noqa: E731
         q, q, q, alibi_slopes=slopes, impl="pallas_triton").sum()
@@ -89,7 +123,8 @@ def test_remat_keeps_the_hopper_forward(monkeypatch):
 
     def live_forwards(policy):
         def layer(q):
-            o = flash_gpu.flash_attention_gpu(q * 2, q, q, jnp.ones((2,), jnp.float32))
+            o = attention.flash_attention(q * 2, q, q, alibi_slopes=jnp.ones((2,), jnp.float32),
+                                          impl="pallas_gpu")
             return jnp.tanh(o.astype(jnp.float32))
 
         loss = lambda q: jnp.sum(jax.checkpoint(layer, policy=policy)(q) ** 2)  # noqa: E731

@@ -120,6 +120,45 @@ def test_pallas_kernels_greedy_matches_hf(tmp_path_factory):
     np.testing.assert_array_equal(out.tokens, _hf_greedy(hf, ids, mask, 6))
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_step_launches_the_same_kernels(batch):
+    """The generator's prefill and decode loop on the Pallas GPU path (traced, as for a GPU),
+    counted launch by launch: prefill one flash forward a layer; each decode step one decode
+    attention kernel a layer (which appends the new K/V row in place; plus its combine launch
+    where the slots are split), two add+norm kernels a layer and one for norm_f (each block's
+    MLP residual rides in the next norm kernel), and nothing else. The counts are the ones the
+    generator had with its own copy of the decode chain."""
+    from model_test import pallas_kernels
+
+    from mpt_jax import MPTConfig, MPTForCausalLM
+    from mpt_jax.infer import generate as gen_lib
+    from mpt_jax.kernels import decode_gpu
+
+    layers, t, n = 3, 128, 8
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=layers, vocab_size=V, max_seq_len=256)
+    model = MPTForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                           attn_impl="pallas_gpu")
+    gen = Generator(model)
+    alloc = -(-(t + n) // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S
+    args = (gen.weights, jnp.zeros((batch, t), jnp.int32), jnp.ones((batch, t), jnp.int32),
+            jax.random.key(0), jnp.int32(0), alloc, n, SamplingParams(), False)
+    prefill = gen_lib._prefill_jit.trace(gen._spec, *args)
+    state = jax.eval_shape(lambda: gen_lib._prefill_jit(gen._spec, *args))
+    decode = gen_lib._decode_jit.trace(gen._spec, gen.weights, state, t, n, SamplingParams(),
+                                       jnp.int32(-1), jnp.int32(0))
+
+    def counts(traced):
+        names = pallas_kernels(traced.jaxpr.jaxpr)
+        return {k: names.count(k) for k in set(names)}
+
+    assert counts(prefill) == {"alibi_flash_fwd": layers}
+    split = decode_gpu.n_splits(batch, cfg.kv_n_heads, alloc) > 1
+    want = {"alibi_decode": layers, "add_norm": 2 * layers + 1}
+    if split:
+        want["alibi_decode_combine"] = layers
+    assert counts(decode) == want
+
+
 def test_prompt_past_max_seq_len_with_override(pair):
     _, gen, model, _ = pair  # trained length 64
     prompt = list(np.random.RandomState(5).randint(1, V, 70))
@@ -265,7 +304,7 @@ np.testing.assert_array_equal(a.tokens, np.asarray(full)[:, 4:-1].argmax(-1))
 cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=64, max_seq_len=32)
 ref = MPTForCausalLM(cfg, rngs=nnx.Rngs(2))
 kern = MPTForCausalLM(cfg, rngs=nnx.Rngs(2), attn_impl="pallas_gpu", attn_interpret=True)
-assert kern.blocks.decode_kernels()
+assert kern._norm_kernels(1)  # the decode chain of add+norm kernels runs
 want = Generator(ref).generate(prompts, max_new_tokens=6).tokens
 got = Generator(kern, mesh=mesh).generate(prompts, max_new_tokens=6).tokens
 np.testing.assert_array_equal(got, want)

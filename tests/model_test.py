@@ -17,7 +17,7 @@ from scipy.special import erf
 from mpt_jax import MPTConfig
 from mpt_jax.model.config import AttnConfig, FFNConfig
 from mpt_jax.convert.convert import model_from_pure_dict, model_shapes, pure_dict_from_torch
-from mpt_jax.model import abstract_model
+from mpt_jax.model import KVCache, abstract_model, attention
 
 V = 101
 
@@ -286,17 +286,21 @@ def test_config_json_round_trip(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["h5_clip", "gqa"])
 def test_kv_cache_matches_full_forward(name):
+    """Prefill, then a chunk of 3 tokens at position 4 against the partly filled cache, then
+    one token at a time: the logits of the full forward."""
     cfg = {**HF_CONFIGS, **NP_CONFIGS}[name]
     model = model_from_pure_dict(cfg, random_pure(cfg, seed=5))
     ids, _ = _ids_mask(T=9, seed=5)
     full = np.asarray(model(jnp.asarray(ids, jnp.int32)))
     cache = model.init_cache(ids.shape[0], 12)
-    t0 = 5
-    logits, cache = model(jnp.asarray(ids[:, :t0], jnp.int32), cache=cache, cache_index=0)
+    logits, cache = model(jnp.asarray(ids[:, :4], jnp.int32), cache=cache, cache_index=0,
+                          mode="prefill")
     outs = [np.asarray(logits)]
-    for t in range(t0, ids.shape[1]):
+    logits, cache = model(jnp.asarray(ids[:, 4:7], jnp.int32), cache=cache, cache_index=4)
+    outs.append(np.asarray(logits))
+    for t in range(7, ids.shape[1]):
         logits, cache = model(jnp.asarray(ids[:, t:t + 1], jnp.int32), cache=cache,
-                              cache_index=t)
+                              cache_index=t, mode="decode")
         outs.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-4, rtol=0)
     # a step past the cache's 12 slots is refused, not clamped onto earlier slots
@@ -304,6 +308,142 @@ def test_kv_cache_matches_full_forward(name):
         model(jnp.asarray(ids[:, :1], jnp.int32), cache=cache, cache_index=12)
     with pytest.raises(ValueError, match="cache_index 10 with 3 new token"):
         model(jnp.asarray(ids[:, :3], jnp.int32), cache=cache, cache_index=10)
+    with pytest.raises(ValueError, match=r"cache_index \[3, 12\] with 1 new token"):
+        model(jnp.asarray(ids[:, :1], jnp.int32), cache=cache, cache_index=np.array([3, 12]))
+
+
+def test_mode_and_cache_arguments_are_checked():
+    cfg = HF_CONFIGS["h3"]
+    model = model_from_pure_dict(cfg, random_pure(cfg))
+    ids = jnp.ones((2, 3), jnp.int32)
+    cache = model.init_cache(2, 8)
+    cases = [
+        (dict(mode="prefill"), "needs a cache"),
+        (dict(mode="full", cache=cache, cache_index=0), "takes no cache"),
+        (dict(mode="chunk", cache=cache, cache_index=0), "unknown mode 'chunk'"),
+        (dict(cache=cache), "cache given without cache_index"),
+        (dict(mode="prefill", cache=cache, cache_index=2), "fills an empty cache from slot 0"),
+        (dict(cache=cache, cache_index=0, segment_ids=ids), "segment_ids"),
+        (dict(cache=cache, cache_index=0, attention_mask=jnp.ones((2, 3))),
+         r"attention_mask must be \[2, 8\] \(batch, cache slots\)"),
+        (dict(attention_mask=jnp.ones((2, 8))), r"attention_mask must be \[2, 3\]"),
+        (dict(cache=cache, cache_index=jnp.zeros((3,), jnp.int32)),
+         r"cache_index must be a scalar or \[batch=2\]"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            model(ids, **kwargs)
+
+
+def all_eqns(jaxpr):
+    """Every equation of a jaxpr, recursing into jit, scan, while, cond and shard_map bodies
+    (an equation in a loop body counts once)."""
+    from jax.extend import core as jcore
+
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    yield from all_eqns(sub.jaxpr)
+                elif isinstance(sub, jcore.Jaxpr):
+                    yield from all_eqns(sub)
+
+
+def pallas_kernels(jaxpr):
+    """The names of the Pallas kernels a jaxpr launches, one per call site."""
+    names = []
+    for e in all_eqns(jaxpr):
+        if e.primitive.name == "pallas_call":  # (newer jax: name_and_src_info)
+            info = e.params.get("name_and_src_info")
+            names.append(e.params["name"] if info is None else info.name)
+    return names
+
+
+@pytest.mark.parametrize("qk_ln", [False, True])  # the packed kernel, and q/k/v slices
+def test_prefill_runs_the_flash_kernel_and_fills_the_cache(monkeypatch, qk_ln):
+    """mode="prefill" into an empty cache attends through the flash kernel (Triton, interpret
+    mode) and nothing else; its logits are the full forward's and its cache holds the keys and
+    values the jnp cache path writes, with a left-padded row."""
+    cfg = tiny(d_model=64, n_heads=4, attn_config=AttnConfig(qk_ln=qk_ln))
+    pure = random_pure(cfg, seed=11)
+    ref = model_from_pure_dict(cfg, pure)
+    ids, mask = _ids_mask(T=16, seed=11)  # row 1: 4 pads
+    s = 24
+    cache_mask = jnp.asarray(np.concatenate([mask, np.ones((2, s - 16), mask.dtype)], 1))
+    ids = jnp.asarray(ids, jnp.int32)
+    full, (_, ref_cache) = jax.jit(lambda ids: (  # the cache: the dense jnp path
+        ref(ids, attention_mask=jnp.asarray(mask)),
+        ref(ids, attention_mask=cache_mask, cache=ref.init_cache(2, s), cache_index=0,
+            mode="decode")))(ids)
+    full = np.asarray(full)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a jnp attention path was traced")
+
+    monkeypatch.setattr(attention, "reference_attention", never)
+    monkeypatch.setattr(attention, "decode_attention", never)
+    kern = model_from_pure_dict(cfg, pure, attn_impl="pallas_triton", attn_interpret=True)
+    graphdef, state = nnx.split(kern)
+
+    def prefill(state):
+        return nnx.merge(graphdef, state)(ids, attention_mask=cache_mask,
+                                          cache=kern.init_cache(2, s), cache_index=0,
+                                          mode="prefill")
+
+    assert pallas_kernels(jax.make_jaxpr(prefill)(state).jaxpr) == ["alibi_flash_fwd"]
+    logits, cache = jax.jit(prefill)(state)  # (the layers' scan body: one launch a layer)
+    keep = mask.astype(bool)
+    np.testing.assert_array_less(np.abs(np.asarray(logits) - full)[keep].max(), 1e-4)
+    for got, want in ((cache.k, ref_cache.k), (cache.v, ref_cache.v)):
+        # [L, B, KV, S, hd] -> [L, B, S, KV, hd]: the prompt's slots (pad slots differ: never
+        # attended), and nothing past them
+        got, want = (np.asarray(a).swapaxes(2, 3) for a in (got, want))
+        np.testing.assert_allclose(got[:, :, :16][:, keep], want[:, :, :16][:, keep],
+                                   atol=1e-5, rtol=0)
+        assert not got[:, :, 16:].any()
+
+
+@pytest.mark.parametrize("name", ["h5_clip", "wpe_no_alibi_fraction", "gqa_kernels"])
+def test_decode_rows_at_their_own_positions(name):
+    """One decode call with cache_index [B] (rows at different lengths, as continuous batching
+    has them) gives each row the logits and cache it gets decoded alone, and the full
+    forward's logits: per-row cache writes, ALiBi / causal positions and learned positions;
+    "gqa_kernels": the Pallas decode and add+norm kernels (interpret mode)."""
+    kernels = name == "gqa_kernels"
+    cfg = (tiny(d_model=64, n_heads=4, attn_config=AttnConfig(
+        attn_type="grouped_query_attention", kv_n_heads=2)) if kernels
+        else {**HF_CONFIGS, **NP_CONFIGS}[name])
+    kw = dict(attn_impl="pallas_triton", attn_interpret=True) if kernels else {}
+    model = model_from_pure_dict(cfg, random_pure(cfg, seed=13), **kw)
+    if kernels:
+        assert model._norm_kernels(1)
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, ids, **a: nnx.merge(graphdef, state)(ids, **a))
+    s = 64  # (the decode kernel streams the cache in blocks of 64 slots)
+    lens = np.array([5, 9, 7])
+    ids = np.random.default_rng(13).integers(0, V, (3, 10)).astype(np.int32)
+    full = np.asarray(run(state, ids))
+    alone = []
+    for i, n in enumerate(lens):  # each row alone, one token at a time (one compilation)
+        c = model.init_cache(1, s)
+        for j in range(n + 1):
+            one, c = run(state, ids[i:i + 1, j:j + 1], cache=c, cache_index=jnp.int32(j))
+        alone.append((c, one))
+    # the rows' caches before their last token, side by side, and one call for all the rows
+    cache = KVCache(*(jnp.concatenate([getattr(c, f) for c, _ in alone], axis=1).at[
+        :, np.arange(3), :, lens].set(0) for f in "kv"))
+    new = ids[np.arange(3), lens][:, None]
+    logits, batched = run(state, new, cache=cache, cache_index=jnp.asarray(lens, jnp.int32),
+                          attention_mask=jnp.ones((3, s), jnp.int32))
+    for i, (c, one) in enumerate(alone):
+        np.testing.assert_allclose(np.asarray(logits[i]), np.asarray(one[0]), atol=1e-5,
+                                   rtol=0)
+        np.testing.assert_allclose(np.asarray(logits[i, 0]), full[i, lens[i]], atol=1e-4,
+                                   rtol=0)
+        for got, want in ((batched.k, c.k), (batched.v, c.v)):
+            np.testing.assert_allclose(np.asarray(got[:, i]), np.asarray(want[:, 0]),
+                                       atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("d_model,t", [

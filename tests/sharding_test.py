@@ -26,6 +26,23 @@ def test_mesh_shape_fills_minus_one_and_names_numbers():
         sharding.mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
 
 
+def test_use_rules_sets_the_rules_in_force():
+    """Functions that default to the rules in force read the innermost use_rules (lists become
+    tuples), and DEFAULT_RULES again outside it."""
+    data_only = [("batch", ["data"]), ("seq", None)]
+    assert sharding.current_rules() == sharding.DEFAULT_RULES
+    assert sharding.batch_spec() == P(("data", "fsdp"), None)
+    with sharding.use_rules(data_only):
+        assert sharding.current_rules() == (("batch", ("data",)), ("seq", None))
+        assert sharding.batch_spec() == P("data", None)
+        with sharding.use_rules([("batch", "fsdp"), ("seq", "tensor")]):
+            assert sharding.logical_to_spec(("batch", "seq")) == P("fsdp", "tensor")
+        assert sharding.logical_to_spec(("batch", "seq")) == P("data", None)
+        with pytest.raises(ValueError, match="'embed' has no rule"):
+            sharding.logical_to_spec(("embed",))
+    assert sharding.batch_spec() == P(("data", "fsdp"), None)
+
+
 def test_logical_to_spec_uses_each_mesh_axis_once():
     assert sharding.logical_to_spec(("layers", "embed", "qkv")) == P(None, "fsdp", "tensor")
     assert sharding.logical_to_spec(("batch", "seq")) == P(("data", "fsdp"), None)
@@ -145,3 +162,81 @@ def test_eight_devices_params_sharded_by_rules_and_step_compiles_once():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK" in out.stdout
+
+
+RULES_SCRIPT = textwrap.dedent(r'''
+    import functools
+    import sys
+    import jax, jax.numpy as jnp, ml_collections
+    from mpt_jax import sharding
+    from mpt_jax.train import optim
+    from mpt_jax.train import step as step_lib
+    from mpt_jax.model.config import MPTConfig
+    sys.path.insert(0, "tests")
+    from model_test import all_eqns
+    assert jax.device_count() == 8
+    # head dim 16, T 16: the packed Triton flash kernel (traced only) under shard_map
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=16)
+    train = ml_collections.ConfigDict(dict(
+        seq_len=16, global_batch_size=8, micro_batch_size=1, compute_dtype="float32",
+        param_dtype="float32", remat_policy="dots_no_batch", scan_layers=True,
+        attn_impl="pallas_triton", loss_chunk_size=8, nonfinite="stop"))
+    ocfg = ml_collections.ConfigDict(dict(
+        name="decoupled_lion", lr=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
+        weight_decay_mask="all", mu_dtype="", clip_norm=1.0, schedule="constant",
+        warmup_steps=0, alpha_f=0.1))
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    data_only = tuple((n, "data" if n == "batch" else t) for n, t in sharding.DEFAULT_RULES)
+
+    def specs(jaxpr):
+        out = {"constraints": [], "kernels": []}
+        for e in all_eqns(jaxpr):
+            if e.primitive.name == "sharding_constraint":
+                out["constraints"].append(tuple(e.params["sharding"].spec))
+            if e.primitive.name == "shard_map":
+                out["kernels"].append(tuple(tuple(s) for s in e.params["in_specs"]))
+        return out
+
+    def traced(rules):
+        """The train step's activation constraints and kernel shard_map specs, traced with
+        `rules` in the settings and none in force around it."""
+        tx = optim.make_optimizer(ocfg, 10)
+        settings = step_lib.make_settings(cfg, train, tx, lambda s: 1e-3, mesh=mesh,
+                                          rules=rules, seed=0, global_batch=8)
+        abstract, _ = step_lib.state_shardings(cfg, train, tx, mesh, rules)
+        batch = {"input_ids": jax.ShapeDtypeStruct((8, 16), jnp.int32)}
+        with sharding.use_mesh(mesh):
+            jaxpr = jax.make_jaxpr(functools.partial(step_lib.train_step, settings=settings))(
+                abstract, batch)
+        return settings.n_micro, specs(jaxpr.jaxpr)
+
+    both = ("data", "fsdp")
+    n_micro, got = traced(data_only)
+    assert n_micro == 4, n_micro  # 8 rows over 2 batch shards, micro-batches of 1
+    entries = {e for spec in got["constraints"] + [s for k in got["kernels"] for s in k]
+               for e in spec}
+    assert both not in entries, entries
+    assert (None, "data", None) in got["constraints"]  # the micro-batches
+    assert ("data", None, None) in got["constraints"]  # block boundaries
+    # the flash kernel's shard_map takes the fused projection's rows per 'data' shard (the
+    # other specs there are jax's own, for the residuals it keeps per device)
+    assert any(("data", None, None) in k for k in got["kernels"]), got["kernels"]
+    # the default rules put the batch over data x fsdp in the same places (the check can fail)
+    n_micro, got = traced(sharding.DEFAULT_RULES)
+    assert n_micro == 1, n_micro
+    assert (both, None, None) in got["constraints"]
+    assert any((both, None, None) in k for k in got["kernels"]), got["kernels"]
+    print("RULES OK")
+''')
+
+
+def test_configured_rules_reach_activations_and_kernels():
+    """mesh.rules with batch -> data only on a data=2 x fsdp=4 mesh: the traced train step
+    constrains its micro-batches and block outputs to ('data', ...) and runs the attention
+    kernel per shard of 'data' alone, never ('data', 'fsdp') as DEFAULT_RULES would."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run([sys.executable, "-c", RULES_SCRIPT], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RULES OK" in out.stdout

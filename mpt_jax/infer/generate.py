@@ -5,13 +5,17 @@ preallocated KV cache; greedy, temperature, top-k and top-p sampling, seeded; pe
     out = gen.generate([[5, 7, 9], [3, 4]], max_new_tokens=32, temperature=0.0, eos_id=0)
     out.tokens  # [B, N] int32, pad_id after a row's EOS;  out.lengths  # [B] (EOS included)
 
+The model's own forward runs both (`MPTForCausalLM.hidden_states`, mode "prefill" then
+"decode"): the prompt goes through the flash kernels into an empty cache, each new token through
+the decode path.
+
 Layout for speed. Decoding one token reads every weight once, so the loop must read weights in
 place: the model's stacked `[L, ...]` block parameters are split once into per-layer arrays
-(dynamic slices of a stacked operand inside a scan can be copied before each matmul), and the
-layers are unrolled inside the decode `while_loop`. The cache is a tuple of per-layer `[B, KV, S,
-hd]` buffers carried through the loop and donated between calls, so each step writes only the
-new token's keys and values, in place. Shapes are fixed for a (batch, prompt length, cache
-length) triple: one compilation for prefill, one for the decode loop, none per step.
+(dynamic slices of a stacked operand inside a scan can be copied before each matmul) that the
+model runs unrolled (`layers=`) inside the decode `while_loop`. The cache is a tuple of per-layer
+`[B, KV, S, hd]` buffers carried through the loop and donated between calls, so each step writes
+only the new token's keys and values, in place. Shapes are fixed for a (batch, prompt length,
+cache length) triple: one compilation for prefill, one for the decode loop, none per step.
 
 Prompts of different lengths are left-padded; `attention_mask` marks real tokens. ALiBi uses raw
 cache-slot positions: left padding shifts every key of a row by the same amount, which softmax
@@ -23,11 +27,13 @@ Streaming: `generate(..., on_tokens=fn)` runs the loop in host-driven chunks of
 before the previous one is read, so the device never waits for the host. Without `on_tokens`
 the whole loop is a single call.
 
-Sharding: with `mesh=`, parameters are placed by the logical-axis rules (sharding.py) and the
-cache's KV heads follow the `kv_heads` rule; jit propagates the rest.
+Sharding: with `mesh=`, parameters are placed by the logical-axis rules (`rules`, sharding.py),
+the cache's KV heads follow the `kv_heads` rule, and prefill and decode run under that mesh and
+those rules (activation constraints, and the kernels once per shard); jit propagates the rest.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -41,7 +47,7 @@ from jax.sharding import NamedSharding
 
 from mpt_jax import sharding
 from mpt_jax.kernels import decode_gpu
-from mpt_jax.model import AttnContext, MPTForCausalLM
+from mpt_jax.model import MPTForCausalLM
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,13 +145,23 @@ class _Weights(NamedTuple):
     layers: tuple  # per-layer block states, no leading `layers` axis
 
 
+def _under_rules(impl):
+    """A _Spec method traced under the spec's sharding rules (the jitted functions are keyed on
+    the spec, so each compiled form carries its rules)."""
+    @functools.wraps(impl)
+    def run(spec, *args):
+        with sharding.use_rules(spec.rules):
+            return impl(spec, *args)
+
+    return run
+
+
 @dataclasses.dataclass(frozen=True)
 class _Spec:
     """Everything static about a model's decoding (hashable): the jitted functions are keyed on
     it, so Generators of equal models share compiled code."""
 
     graphdef: nnx.GraphDef
-    block_graphdef: nnx.GraphDef
     config: object
     dtype: object
     cache_dtype: object
@@ -158,33 +174,16 @@ class _Spec:
         spec = sharding.logical_to_spec(("batch", "kv_heads", None, None), self.rules)
         return NamedSharding(self.mesh, sharding.fit_spec(spec, shape, self.mesh))
 
-    # -- the forward pass over per-layer weights --------------------------------------------
-    def _forward(self, w: _Weights, ids_bt, kv_mask_bs, cache, cache_index):
-        """Runs T new tokens through every layer against the cache; returns the float32 logits
-        of the last position `[B, V]` and the new cache."""
-        dtype = self.dtype
+    # -- the model's forward over the per-layer weights -------------------------------------
+    def _forward(self, w: _Weights, ids_bt, kv_mask_bs, cache, cache_index, mode):
+        """T new tokens through the model against the cache (`mode` "prefill" or "decode");
+        returns the float32 logits of the last position `[B, V]` and the new cache."""
         model = nnx.merge(self.graphdef, w.placeholder, w.top)
-        x_btd = model.embed(ids_bt, attention_mask=kv_mask_bs,
-                            cache_index=cache_index).astype(dtype)
-        ctx = AttnContext(segment_ids=None, kv_mask=kv_mask_bs, cache_index=cache_index)
-        new_cache = []
-        blocks = [nnx.merge(self.block_graphdef, layer_state) for layer_state in w.layers]
-        if ids_bt.shape[1] == 1 and blocks[0].decode_kernels():
-            # Each block's last residual add rides in the next norm kernel (and the final one
-            # in norm_f's): one launch for add + norm instead of five.
-            pending = None
-            for block, kv in zip(blocks, cache):
-                x_btd, pending, kv = block.decode_step(x_btd, pending, ctx, kv, dtype=dtype)
-                new_cache.append(kv)
-            _, h_btd = model.norm_f.fused(x_btd, pending, dtype,
-                                          interpret=blocks[0].attn.attn_interpret)
-            return model.unembed(h_btd[:, -1]), tuple(new_cache)
-        for block, kv in zip(blocks, cache):
-            x_btd, kv = block(x_btd, ctx, kv, None, dtype=dtype)
-            new_cache.append(kv)
-        h_bd = model.norm_f(x_btd[:, -1], dtype)
-        return model.unembed(h_bd), tuple(new_cache)
+        h_btd, cache = model.hidden_states(ids_bt, attention_mask=kv_mask_bs, cache=cache,
+                                           cache_index=cache_index, mode=mode, layers=w.layers)
+        return model.unembed(h_btd[:, -1]), cache
 
+    @_under_rules
     def _prefill_impl(self, w, ids_bt, mask_bt, key, pad_id, cache_len, n_new, params,
                       keep_logits):
         cfg = self.config
@@ -199,7 +198,7 @@ class _Spec:
         cache = tuple((zeros(), zeros()) for _ in range(cfg.n_layers))
         kv_mask = jnp.concatenate(
             [mask_bt.astype(bool), jnp.ones((b, cache_len - t), bool)], axis=1)
-        logits_bv, cache = self._forward(w, ids_bt, kv_mask, cache, 0)  # static 0: flash path
+        logits_bv, cache = self._forward(w, ids_bt, kv_mask, cache, 0, "prefill")
         tok_b = sample(logits_bv, jax.random.fold_in(key, 0), params)
         tokens = jnp.full((b, n_new), pad_id, jnp.int32).at[:, 0].set(tok_b)
         logits = None
@@ -209,6 +208,7 @@ class _Spec:
         return DecodeState(cache, kv_mask, tokens, tok_b, jnp.int32(1), jnp.zeros((b,), bool),
                            key, logits)
 
+    @_under_rules
     def _decode_impl(self, w, state: DecodeState, prompt_len, n_steps, params, eos_id, pad_id):
         """Up to n_steps decode steps (fewer once every row is done or N tokens exist).
         eos_id: int32 scalar, -1 for none (traced: no recompile per EOS id)."""
@@ -221,7 +221,8 @@ class _Spec:
         def body(s: DecodeState):
             done = s.done | (s.last == eos_id)
             index = prompt_len + s.step - 1
-            logits_bv, cache = self._forward(w, s.last[:, None], s.kv_mask, s.cache, index)
+            logits_bv, cache = self._forward(w, s.last[:, None], s.kv_mask, s.cache, index,
+                                             "decode")
             tok_b = sample(logits_bv, jax.random.fold_in(s.key, s.step), params)
             tok_b = jnp.where(done, pad_id, tok_b)
             tokens = jax.lax.dynamic_update_slice(s.tokens, tok_b[:, None], (0, s.step))
@@ -246,22 +247,21 @@ class Generator:
 
     model: an `MPTForCausalLM` (its parameters' dtype is what decoding reads; build or load it
     in bfloat16 for speed). mesh: optional `jax.sharding.Mesh` with axes from sharding.MESH_AXES;
-    parameters are placed by `rules` (sharding.DEFAULT_RULES). cache_dtype: defaults to the
-    model's compute dtype. The model may be dropped after construction to free its stacked
-    weights.
+    parameters are placed, and activations and kernels split, by `rules` (default: the rules in
+    force when the Generator is made, sharding.DEFAULT_RULES unless `sharding.use_rules` says
+    otherwise). cache_dtype: defaults to the model's compute dtype. The model may be dropped
+    after construction to free its stacked weights.
     """
 
-    def __init__(self, model: MPTForCausalLM, *, mesh=None, rules=sharding.DEFAULT_RULES,
-                 cache_dtype=None):
+    def __init__(self, model: MPTForCausalLM, *, mesh=None, rules=None, cache_dtype=None):
         self.config = model.config
         self.dtype = model.dtype
         self.cache_dtype = model.dtype if cache_dtype is None else cache_dtype
         self.mesh = mesh
-        self.rules = rules
+        self.rules = sharding.current_rules() if rules is None else tuple(rules)
         graphdef, blocks_state, top = nnx.split(model, nnx.PathContains("blocks"), ...)
-        block_graphdef, stacked = nnx.split(model.blocks)
-        self._spec = _Spec(graphdef, block_graphdef, self.config, self.dtype, self.cache_dtype,
-                           mesh, rules)
+        stacked = nnx.state(model.blocks)
+        self._spec = _Spec(graphdef, self.config, self.dtype, self.cache_dtype, mesh, self.rules)
         n = self.config.n_layers
         if mesh is not None:
             top = self._place(top)
@@ -325,23 +325,24 @@ class Generator:
         # Slots past cache_len are never attended (decode masks slot >= tokens so far); rounding
         # the allocation up lets the decode kernel stream the cache in whole blocks.
         alloc = -(-cache_len // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S
-        state = self._prefill(self.weights, jnp.asarray(ids), jnp.asarray(mask), key, pad,
-                              alloc, max_new_tokens, params, keep_logits)
         statics = (t, max_new_tokens if on_tokens is None else max(1, stream_chunk), params,
                    jnp.int32(-1 if eos_id is None else eos_id), pad)
-        if on_tokens is None:
-            state, tokens, _, _ = self._decode(self.weights, state, *statics)
-        else:
-            on_tokens(np.asarray(state.tokens), 1)
-            state, tokens, step, all_done = self._decode(self.weights, state, *statics)
-            while True:
-                # Queue the next chunk before reading this one: the device never waits on us.
-                n, finished = int(step), bool(all_done) or int(step) >= max_new_tokens
-                nxt = None if finished else self._decode(self.weights, state, *statics)
-                on_tokens(np.asarray(tokens), n)
-                if nxt is None:
-                    break
-                state, tokens, step, all_done = nxt
+        with contextlib.nullcontext() if self.mesh is None else sharding.use_mesh(self.mesh):
+            state = self._prefill(self.weights, jnp.asarray(ids), jnp.asarray(mask), key, pad,
+                                  alloc, max_new_tokens, params, keep_logits)
+            if on_tokens is None:
+                state, tokens, _, _ = self._decode(self.weights, state, *statics)
+            else:
+                on_tokens(np.asarray(state.tokens), 1)
+                state, tokens, step, all_done = self._decode(self.weights, state, *statics)
+                while True:
+                    # Queue the next chunk before reading this one: the device never waits.
+                    n, finished = int(step), bool(all_done) or int(step) >= max_new_tokens
+                    nxt = None if finished else self._decode(self.weights, state, *statics)
+                    on_tokens(np.asarray(tokens), n)
+                    if nxt is None:
+                        break
+                    state, tokens, step, all_done = nxt
         tokens = np.asarray(tokens)
         lengths = _lengths(tokens, eos_id)
         logits = None if state.logits is None else np.asarray(state.logits)

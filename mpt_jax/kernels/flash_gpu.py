@@ -7,9 +7,7 @@ Three kernels, FlashAttention-2 style:
            so GQA/MQA gradients are summed over the group in registers (no K/V copies);
   dq       grid (q block, B, H): loops over KV blocks.
 The backward recomputes the probabilities from q, k and the saved logsumexp; the residuals are
-q, k, v, out and lse only. Opt-in (BlockSizes.fused_bwd): the dk/dv kernel also adds ds @ k into
-a float32 dq buffer with atomic adds, skipping the dq kernel; correct but much slower through
-Triton (element-wise atomics), kept for reference. delta = rowsum(dout * out) is one fused XLA reduction.
+q, k, v, out and lse only. delta = rowsum(dout * out) is one fused XLA reduction.
 
 ALiBi is computed in the kernel: score(i, j) = scale * q_i.k_j + slope_h * (pos_j - pos_i). The
 row term -slope_h * pos_i is constant along a row, so the kernels add only a column vector per
@@ -22,14 +20,18 @@ never visited; blocks entirely below it run a body without any mask arithmetic.
 Lengths are padded internally to a multiple of the blocks (padded keys are masked, padded query
 rows sliced off). Rows that see no key return 0 (their logsumexp is +inf, so their gradient is 0).
 
-This module imports from mpt_jax only mpt_jax.kernels' helpers (residual names, the packed qkv
-layout): slopes come in as an array.
+On Hopper the forward and/or the backward can run flash_mgpu's Mosaic GPU kernels instead
+(`hopper_fwd` / `hopper_bwd`: the attention plan, mpt_jax.model.attention.plan, decides); this
+module owns the custom VJP, the padding and the packed layout for both.
+
+Imports from mpt_jax only the other kernels (flash_mgpu, common): slopes come in as an array.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mpt_jax.kernels import flash_mgpu, name_residuals, packed_head_dim, unpack_qkv
+from mpt_jax.kernels import common, flash_mgpu
 
 LOG2E = math.log2(math.e)
 
@@ -63,27 +65,20 @@ class BlockSizes:
     block_k_dq: int = 64
     num_warps_dq: int = 8
     num_stages_dq: int = 3
-    # fused backward (opt-in, off by default): one kernel per KV block computes dk, dv and adds
-    # its share of dq into a float32 buffer with atomic adds (5 matmuls per block instead of the
-    # 7 of dk/dv + dq). Correct, but 5-10x SLOWER through Pallas-Triton on an H200 (2026-11-27,
-    # bench/ATTENTION_NOTES.md): the element-wise fp32 atomics, not the matmuls, set its time.
-    # dq's low bits also depend on the order of the atomic adds (not bitwise deterministic).
-    fused_bwd: bool = False
-    block_q_fused: int = 64
-    block_k_fused: int = 64
-    num_warps_fused: int = 4
-    num_stages_fused: int = 2
-    # On Hopper (sm_90), calls that flash_mgpu.supported takes run its Mosaic GPU kernels
-    # (wgmma, TMA, warp specialisation) with these tiles instead of the Triton ones above: the
-    # forward always, the backward with one query head per KV head. None: always Triton.
-    hopper: flash_mgpu.MgpuBlocks | None = flash_mgpu.MgpuBlocks()  # noqa: RUF009 (frozen)
+    # The tiles of flash_mgpu's Mosaic GPU kernels (wgmma, TMA, warp specialisation), for the
+    # calls the attention plan runs there on Hopper (sm_90).
+    hopper: flash_mgpu.MgpuBlocks = flash_mgpu.MgpuBlocks()  # noqa: RUF009 (frozen)
 
     @classmethod
     def for_float32(cls) -> "BlockSizes":
         return cls(block_q=64, block_k=64, num_warps=4, num_stages=2,
                    block_q_dkv=32, block_k_dkv=64, num_warps_dkv=4, num_stages_dkv=2,
-                   block_q_dq=64, block_k_dq=32, num_warps_dq=4, num_stages_dq=2,
-                   block_q_fused=32, block_k_fused=64, num_warps_fused=4, num_stages_fused=2)
+                   block_q_dq=64, block_k_dq=32, num_warps_dq=4, num_stages_dq=2)
+
+    @classmethod
+    def default(cls, dtype) -> "BlockSizes":
+        """The defaults for inputs of `dtype`: `for_float32()` past two bytes a value."""
+        return cls.for_float32() if jnp.dtype(dtype).itemsize > 2 else cls()
 
 
 def _dot(a, b, *, ta=False, tb=False):
@@ -128,9 +123,9 @@ def _pallas_call(cfg: _Cfg, kernel, *, grid, in_specs, out_specs, out_shape, war
                  n_acc=0):
     """pl.pallas_call; with cfg.poison the outputs alias NaN-filled inputs the kernel ignores.
 
-    n_acc > 0: the last n_acc outputs are accumulators that the kernel adds into (atomics); the
-    caller passes their initial values as the last n_acc inputs, which alias them (never
-    poisoned). The kernel sees (*inputs without the accumulators, *outputs).
+    n_acc > 0: the last n_acc outputs are written in place over the last n_acc inputs, which
+    alias them (never poisoned): the packed dq kernel writes its heads into the gradient the
+    dk/dv kernel began. The kernel sees (*inputs without the aliased ones, *outputs).
     """
     n_in, n_out = len(in_specs), len(out_shape)
     n_real = n_in - n_acc
@@ -310,14 +305,10 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg):
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qseg_ref, kvseg_ref,
-                dk_ref, dv_ref=None, dq_ref=None, *, cfg, fused=False):
-    """dk, dv of one KV block; fused: also adds ds @ k into the float32 dq buffer (atomics).
-    Packed: dk_ref is the block of rows of the packed gradient [bk, H + 2 KV, D] (dv_ref None);
-    dk and dv go to this KV head's key and value heads in it."""
-    if fused:
-        bq, bk = cfg.blocks.block_q_fused, cfg.blocks.block_k_fused
-    else:
-        bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+                dk_ref, dv_ref=None, *, cfg):
+    """dk, dv of one KV block. Packed: dk_ref is the block of rows of the packed gradient
+    [bk, H + 2 KV, D] (dv_ref None); dk and dv go to this KV head's key and value heads in it."""
+    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
     kb = pl.program_id(0)
     kvh = pl.program_id(2)
     ks = kb * bk
@@ -367,11 +358,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qse
             dv = dv + _dot(p.astype(do.dtype), do, ta=True)
             dp = _dot(do, v, tb=True)
             ds = p * (dp - delta[:, None])
-            ds_lo = ds.astype(q.dtype)
-            dk = dk + _dot(ds_lo, q, ta=True)
-            if fused:  # unscaled; the caller multiplies by the softmax scale
-                plgpu.atomic_add(dq_ref, (pl.ds(qs, bq), jnp.asarray(gi, jnp.int32), slice(None)),
-                                 _dot(ds_lo, k))
+            dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
             return dk, dv
 
         carry = lax.fori_loop(lo, full, functools.partial(body, masked=True), (dk, dv))
@@ -391,15 +378,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref, qse
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg, *, fused=False):
-    """dk, dv; fused: also dq (unscaled, float32, [B, Tp, H, D]) from atomic adds. Packed: the
-    packed gradient [B, Tp, H + 2 KV, D] with its dk and dv heads written (dq heads not)."""
+def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
+    """dk, dv. Packed: the packed gradient [B, Tp, H + 2 KV, D] with its dk and dv heads
+    written (dq heads not)."""
     b, tp, h, d = do.shape
     g = cfg.group
     kvh = h // g
     sp = k.shape[1]
     bs = cfg.blocks
-    bk = bs.block_k_fused if fused else bs.block_k_dkv
+    bk = bs.block_k_dkv
     ko, vo = cfg.kv_offsets()
     lse4 = lse.reshape(b, kvh, g, tp)
     delta4 = delta.reshape(b, kvh, g, tp)
@@ -422,26 +409,11 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg, *, fu
         out_specs = [kspec, kspec]
         out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype),
                      jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    if fused:
-        if cfg.packed:
-            raise ValueError("the atomic fused backward does not take packed q/k/v")
-        q5spec = pl.BlockSpec((None, tp, None, g, d), lambda i, bi, hi: (bi, 0, hi, 0, 0))
-        q5_shape = (b, tp, kvh, g, d)
-        in_specs.append(q5spec)
-        out_specs.append(q5spec)
-        out_shape.append(jax.ShapeDtypeStruct(q5_shape, jnp.float32))
-        args.append(jnp.zeros(q5_shape, jnp.float32))
-        warps, stages = bs.num_warps_fused, bs.num_stages_fused
-    else:
-        warps, stages = bs.num_warps_dkv, bs.num_stages_dkv
     outs = _pallas_call(
-        cfg, functools.partial(_dkv_kernel, cfg=cfg, fused=fused), grid=grid, in_specs=in_specs,
-        out_specs=out_specs, out_shape=out_shape, warps=warps, stages=stages,
-        name="alibi_flash_bwd_fused" if fused else "alibi_flash_bwd_dkv", n_acc=int(fused),
+        cfg, functools.partial(_dkv_kernel, cfg=cfg), grid=grid, in_specs=in_specs,
+        out_specs=out_specs, out_shape=out_shape, warps=bs.num_warps_dkv,
+        stages=bs.num_stages_dkv, name="alibi_flash_bwd_dkv",
     )(*args)
-    if fused:
-        dk, dv, dq5 = outs
-        return dk, dv, dq5.reshape(q.shape)
     return outs[0] if cfg.packed else outs
 
 
@@ -526,7 +498,7 @@ def _flash(cfg, q, k, v, slopes, qseg, kvseg):
 
 
 def _flash_fwd(cfg, q, k, v, slopes, qseg, kvseg):
-    out, lse = name_residuals(*_forward(cfg, q, k, v, slopes, qseg, kvseg))
+    out, lse = common.name_residuals(*_forward(cfg, q, k, v, slopes, qseg, kvseg))
     return out, (q, k, v, slopes, qseg, kvseg, out, lse)
 
 
@@ -542,9 +514,6 @@ def _flash_bwd(cfg, res, do):
         h = q.shape[2]
         dx = flash_mgpu.backward(_mgpu_cfg(cfg, h, q.shape[3]), q, k, v, slopes, do, lse, delta)
         dq, dk, dv = dx[:, :, :h], dx[:, :, h:2 * h], dx[:, :, 2 * h:]
-    elif cfg.blocks.fused_bwd:
-        dk, dv, dq = _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg, fused=True)
-        dq = (dq * cfg.scale).astype(q.dtype)
     else:
         dk, dv = _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg)
         (dq,) = _backward_dq(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg)
@@ -560,7 +529,7 @@ def _flash_packed(cfg, x, slopes, qseg, kvseg):
 
 
 def _flash_packed_fwd(cfg, x, slopes, qseg, kvseg):
-    out, lse = name_residuals(*_forward(cfg, x, x, x, slopes, qseg, kvseg))
+    out, lse = common.name_residuals(*_forward(cfg, x, x, x, slopes, qseg, kvseg))
     return out, (x, slopes, qseg, kvseg, out, lse)
 
 
@@ -579,61 +548,65 @@ def _flash_packed_bwd(cfg, res, do):
 _flash_packed.defvjp(_flash_packed_fwd, _flash_packed_bwd)
 
 
-def _fit(block: int, n: int) -> int:
-    """A power-of-two block no larger than needed for length n (Triton dots need >= 16)."""
-    return max(16, min(block, pl.next_power_of_2(n)))
-
-
 def _fit_blocks(bs: BlockSizes, t: int, s: int) -> BlockSizes:
+    """The blocks cut down to the lengths (Triton dots need at least 16 rows)."""
+    def q(block):
+        return common.fit_block(block, t, 16)
+
+    def k(block):
+        return common.fit_block(block, s, 16)
+
     return dataclasses.replace(
-        bs,
-        block_q=_fit(bs.block_q, t), block_k=_fit(bs.block_k, s),
-        block_q_dkv=_fit(bs.block_q_dkv, t), block_k_dkv=_fit(bs.block_k_dkv, s),
-        block_q_dq=_fit(bs.block_q_dq, t), block_k_dq=_fit(bs.block_k_dq, s),
-        block_q_fused=_fit(bs.block_q_fused, t), block_k_fused=_fit(bs.block_k_fused, s),
-    )
+        bs, block_q=q(bs.block_q), block_k=k(bs.block_k), block_q_dkv=q(bs.block_q_dkv),
+        block_k_dkv=k(bs.block_k_dkv), block_q_dq=q(bs.block_q_dq), block_k_dq=k(bs.block_k_dq))
 
 
-def _pad_to(x, axis, n, value=0):
-    if x.shape[axis] == n:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, n - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value)
+def _padded_lengths(bs: BlockSizes, t: int, s: int, d: int) -> tuple[int, int, int]:
+    """(T, S, D) padded to whole blocks (of bs fitted to t, s) and to a power-of-two head dim."""
+    mq = max(bs.block_q, bs.block_q_dkv, bs.block_q_dq)  # powers of two: the max is the lcm
+    mk = max(bs.block_k, bs.block_k_dkv, bs.block_k_dq)
+    return pl.cdiv(t, mq) * mq, pl.cdiv(s, mk) * mk, max(16, pl.next_power_of_2(d))
 
 
-def _prepare(q_shape, kvh, s, dtype, alibi_slopes, segment_ids, *, causal, softmax_scale,
-             block_sizes, interpret, poison, heads=0):
-    """The call's static config, padded lengths, and padded slopes / segment ids."""
+def takes_packed(t: int, d: int, dtype, block_sizes: BlockSizes | None = None) -> bool:
+    """Whether `flash_attention_gpu_packed` takes a fused projection of T rows and head dim D:
+    no padding needed (T a multiple of the blocks, D a power of two >= 16)."""
+    bs = _fit_blocks(block_sizes or BlockSizes.default(dtype), t, t)
+    return _padded_lengths(bs, t, t, d) == (t, t, d)
+
+
+class _Prepared(NamedTuple):
+    """One call's static config, padded lengths, and padded slopes / segment ids."""
+
+    cfg: _Cfg
+    tp: int  # T, S and D padded to whole blocks
+    sp: int
+    dp: int
+    slopes: jax.Array  # float32 [next power of two >= H]
+    qseg: jax.Array | None  # int32 [B, tp]
+    kvseg: jax.Array | None  # int32 [B, sp]
+
+
+def _prepare(q_shape, kvh, s, dtype, alibi_slopes, q_segment_ids, kv_segment_ids, *, causal,
+             softmax_scale, block_sizes, interpret, poison, hopper_fwd, hopper_bwd,
+             heads=0) -> _Prepared:
     _, t, h, d = q_shape
-    scale = float(1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale)
-    if block_sizes is None:
-        wide = jnp.dtype(dtype).itemsize > 2
-        block_sizes = BlockSizes.for_float32() if wide else BlockSizes()
-    bs = _fit_blocks(block_sizes, t, s)
-    mq = max(bs.block_q, bs.block_q_dkv, bs.block_q_dq, bs.block_q_fused)  # powers of two:
-    mk = max(bs.block_k, bs.block_k_dkv, bs.block_k_dq, bs.block_k_fused)  # the max is the lcm
-    tp, sp = pl.cdiv(t, mq) * mq, pl.cdiv(s, mk) * mk
-    dp = max(16, pl.next_power_of_2(d))
-    q_seg, kv_seg = segment_ids
-    hopper = (bs.hopper is not None and not interpret and not poison
-              and flash_mgpu.is_hopper()
-              and flash_mgpu.supported(q_shape, kvh, s, dtype, causal=causal,
-                                       has_segments=q_seg is not None, blocks=bs.hopper))
-    cfg = _Cfg(seq_q=t, seq_k=s, offset=s - t, group=h // kvh, scale=scale, causal=causal,
-               has_alibi=alibi_slopes is not None, has_segments=q_seg is not None,
-               blocks=bs, interpret=interpret, poison=poison, heads=heads,
-               hopper_fwd=hopper, hopper_bwd=hopper and kvh == h)
+    if poison and (hopper_fwd or hopper_bwd):
+        raise ValueError("_poison tests the Triton kernels; the Mosaic GPU ones do not take it")
+    bs = _fit_blocks(block_sizes or BlockSizes.default(dtype), t, s)
+    tp, sp, dp = _padded_lengths(bs, t, s, d)
+    qseg, kvseg = common.padded_segments(q_segment_ids, kv_segment_ids, tp, sp)
+    cfg = _Cfg(seq_q=t, seq_k=s, offset=s - t, group=h // kvh,
+               scale=common.softmax_scale(d, softmax_scale), causal=causal,
+               has_alibi=alibi_slopes is not None, has_segments=qseg is not None, blocks=bs,
+               interpret=interpret, poison=poison, heads=heads, hopper_fwd=hopper_fwd,
+               hopper_bwd=hopper_bwd)
     hp = pl.next_power_of_2(h)
     if alibi_slopes is None:
         slopes = jnp.zeros((hp,), jnp.float32)
     else:
-        slopes = _pad_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(h), 0, hp)
-    qseg = kvseg = None
-    if cfg.has_segments:
-        qseg = _pad_to(q_seg.astype(jnp.int32), 1, tp, value=-1)
-        kvseg = _pad_to(kv_seg.astype(jnp.int32), 1, sp, value=-2)
-    return cfg, tp, sp, dp, slopes, qseg, kvseg
+        slopes = common.pad_to(jnp.asarray(alibi_slopes, jnp.float32).reshape(h), 0, hp)
+    return _Prepared(cfg, tp, sp, dp, slopes, qseg, kvseg)
 
 
 def flash_attention_gpu_packed(
@@ -647,30 +620,31 @@ def flash_attention_gpu_packed(
     softmax_scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    hopper_fwd: bool = False,
+    hopper_bwd: bool = False,
     _poison: bool = False,
 ):
     """Self-attention straight from the fused projection: qkv [B, T, (H + 2 KV) * D] (query
     heads, then key heads, then value heads, as MPT's Wqkv lays them out) -> out [B, T, H, D].
 
     The kernels read q, k and v in place, and the gradient comes back as one array shaped like
-    qkv (no slices before, no concatenation after). Where the blocks would need padding (T not
-    a multiple of them, D not a power of two >= 16) or the atomic fused backward is asked for,
-    it slices and calls `flash_attention_gpu` instead. segment_ids int32 [B, T] or None.
+    qkv (no slices before, no concatenation after). Only for shapes that need no padding
+    (`takes_packed`); ValueError otherwise. segment_ids int32 [B, T] or None. hopper_fwd /
+    hopper_bwd: run flash_mgpu's kernels for the forward / the backward (the caller checks
+    flash_mgpu.supported).
     """
     b, t, _ = qkv.shape
     h, kvh = n_heads, kv_heads
-    d = packed_head_dim(qkv.shape, h, kvh)
-    cfg, tp, _, dp, slopes, seg, _ = _prepare(
-        (b, t, h, d), kvh, t, qkv.dtype, alibi_slopes, (segment_ids, segment_ids),
-        causal=causal, softmax_scale=softmax_scale, block_sizes=block_sizes,
-        interpret=interpret, poison=_poison, heads=h)
-    if tp != t or dp != d or cfg.blocks.fused_bwd:
-        return flash_attention_gpu(
-            *unpack_qkv(qkv, h, kvh), alibi_slopes, causal=causal, q_segment_ids=segment_ids,
-            kv_segment_ids=segment_ids, softmax_scale=softmax_scale, block_sizes=block_sizes,
-            interpret=interpret, _poison=_poison)
+    d = common.packed_head_dim(qkv.shape, h, kvh)
+    if not takes_packed(t, d, qkv.dtype, block_sizes):
+        raise ValueError(f"the packed kernels need T a multiple of the blocks and a power-of-two "
+                         f"head dim >= 16; got T={t}, D={d} (slice q, k, v instead)")
+    p = _prepare((b, t, h, d), kvh, t, qkv.dtype, alibi_slopes, segment_ids, segment_ids,
+                 causal=causal, softmax_scale=softmax_scale, block_sizes=block_sizes,
+                 interpret=interpret, poison=_poison, hopper_fwd=hopper_fwd,
+                 hopper_bwd=hopper_bwd, heads=h)
     x = qkv.reshape(b, t, h + 2 * kvh, d)
-    return _flash_packed(cfg, x, slopes, seg, seg)
+    return _flash_packed(p.cfg, x, p.slopes, p.qseg, p.qseg)
 
 
 def flash_attention_gpu(
@@ -685,23 +659,25 @@ def flash_attention_gpu(
     softmax_scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    hopper_fwd: bool = False,
+    hopper_bwd: bool = False,
     _poison: bool = False,
 ):
     """q [B, T, H, D], k/v [B, S, KV, D] (S >= T, KV divides H) -> out [B, T, H, D].
 
     alibi_slopes float32 [H] or None; q_segment_ids int32 [B, T] and kv_segment_ids [B, S]
-    (both or neither). Differentiable in q, k, v (not in the slopes).
+    (both or neither). Differentiable in q, k, v (not in the slopes). hopper_fwd / hopper_bwd:
+    flash_mgpu's kernels run the forward / the backward (the caller checks
+    flash_mgpu.supported; the backward needs KV == H).
     """
     t, d = q.shape[1], q.shape[3]
     s, kvh = k.shape[1], k.shape[2]
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-    cfg, tp, sp, dp, slopes, qseg, kvseg = _prepare(
-        q.shape, kvh, s, q.dtype, alibi_slopes, (q_segment_ids, kv_segment_ids), causal=causal,
-        softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret,
-        poison=_poison)
-    qp = _pad_to(_pad_to(q, 1, tp), 3, dp)
-    kp = _pad_to(_pad_to(k, 1, sp), 3, dp)
-    vp = _pad_to(_pad_to(v, 1, sp), 3, dp)
-    out = _flash(cfg, qp, kp, vp, slopes, qseg, kvseg)
+    p = _prepare(q.shape, kvh, s, q.dtype, alibi_slopes, q_segment_ids, kv_segment_ids,
+                 causal=causal, softmax_scale=softmax_scale, block_sizes=block_sizes,
+                 interpret=interpret, poison=_poison, hopper_fwd=hopper_fwd,
+                 hopper_bwd=hopper_bwd)
+    qp = common.pad_to(common.pad_to(q, 1, p.tp), 3, p.dp)
+    kp = common.pad_to(common.pad_to(k, 1, p.sp), 3, p.dp)
+    vp = common.pad_to(common.pad_to(v, 1, p.sp), 3, p.dp)
+    out = _flash(p.cfg, qp, kp, vp, p.slopes, p.qseg, p.kvseg)
     return out[:, :t, :, :d]

@@ -13,13 +13,12 @@ computed per block from the slopes (SMEM) and iotas. Positions: query i at i + (
 at j. Rows that see no key return 0 (logsumexp +inf, gradient 0). Lengths are padded to the
 block internally. Tested on CPU in TPU interpret mode only: no TPU was available.
 
-Imports from mpt_jax only name_residuals of mpt_jax.kernels.
+Imports from mpt_jax only the kernels' shared helpers (mpt_jax.kernels.common).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from mpt_jax.kernels import name_residuals
+from mpt_jax.kernels import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,7 +326,7 @@ def _flash(cfg, q, k, v, slopes, qseg, kvseg):
 
 
 def _flash_fwd(cfg, q, k, v, slopes, qseg, kvseg):
-    out, lse = name_residuals(*_forward(cfg, q, k, v, slopes, qseg, kvseg))
+    out, lse = common.name_residuals(*_forward(cfg, q, k, v, slopes, qseg, kvseg))
     return out, (q, k, v, slopes, qseg, kvseg, out, lse)
 
 
@@ -340,18 +339,6 @@ def _flash_bwd(cfg, res, do):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def _pad_to(x, axis, n, value=0):
-    if x.shape[axis] == n:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, n - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value)
-
-
-def _fit(block, n):
-    return max(8, min(block, pl.next_power_of_2(n)))
 
 
 def flash_attention_tpu(
@@ -370,24 +357,20 @@ def flash_attention_tpu(
     """q [B, T, H, D], k/v [B, S, KV, D] -> [B, T, H, D]; same contract as flash_attention_gpu."""
     b, t, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
     bs = block_sizes if isinstance(block_sizes, BlockSizes) else BlockSizes()
-    bq, bk = _fit(bs.block_q, t), _fit(bs.block_k, s)
+    bq, bk = common.fit_block(bs.block_q, t, 8), common.fit_block(bs.block_k, s, 8)
     tp, sp = pl.cdiv(t, bq) * bq, pl.cdiv(s, bk) * bk
+    qseg, kvseg = common.padded_segments(q_segment_ids, kv_segment_ids, tp, sp)
     cfg = _Cfg(seq_q=t, seq_k=s, offset=s - t, group=h // kvh,
-               scale=float(1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale),
-               causal=causal, has_alibi=alibi_slopes is not None,
-               has_segments=q_segment_ids is not None, block_q=bq, block_k=bk,
-               interpret=interpret)
-    q_bhtd = _pad_to(q, 1, tp).transpose(0, 2, 1, 3)
-    k_bhsd = _pad_to(k, 1, sp).transpose(0, 2, 1, 3)
-    v_bhsd = _pad_to(v, 1, sp).transpose(0, 2, 1, 3)
+               scale=common.softmax_scale(d, softmax_scale), causal=causal,
+               has_alibi=alibi_slopes is not None, has_segments=qseg is not None, block_q=bq,
+               block_k=bk, interpret=interpret)
+    q_bhtd = common.pad_to(q, 1, tp).transpose(0, 2, 1, 3)
+    k_bhsd = common.pad_to(k, 1, sp).transpose(0, 2, 1, 3)
+    v_bhsd = common.pad_to(v, 1, sp).transpose(0, 2, 1, 3)
     slopes = (jnp.zeros((h,), jnp.float32) if alibi_slopes is None
               else jnp.asarray(alibi_slopes, jnp.float32).reshape(h))
-    qseg = kvseg = None
-    if cfg.has_segments:
-        qseg = _pad_to(q_segment_ids.astype(jnp.int32), 1, tp, value=-1)[:, :, None]
-        kvseg = _pad_to(kv_segment_ids.astype(jnp.int32), 1, sp, value=-2)[:, None, :]
+    if cfg.has_segments:  # [B, tp, 1] and [B, 1, sp]: row and column vectors for the blocks
+        qseg, kvseg = qseg[:, :, None], kvseg[:, None, :]
     out = _flash(cfg, q_bhtd, k_bhsd, v_bhsd, slopes, qseg, kvseg)
     return out.transpose(0, 2, 1, 3)[:, :t]

@@ -1,9 +1,10 @@
-"""Attention entry point: `flash_attention` dispatch and the jnp reference every kernel is tested
-against.
+"""Attention: `plan` (which kernel runs a call, on what layout, split how), the `flash_attention`
+entry point, the KV-cache paths, and the jnp reference every kernel is tested against.
 
 Shapes: q `[B, T, H, D]`, k/v `[B, S, KV, D]` with KV dividing H (GQA/MQA: query head h uses KV
 head h // (H // KV)). When S > T the queries are the last T positions (bottom-right alignment, as
-in flash-attn), so causal masking and ALiBi distances work against a KV cache.
+in flash-attn), so causal masking and ALiBi distances work against a KV cache. KV caches are
+`[B, KV, S_max, D]` (see decode_attention).
 """
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from mpt_jax import sharding
 from mpt_jax.model import alibi
-from mpt_jax.kernels import decode_gpu, flash_gpu, packed_head_dim, unpack_qkv
+from mpt_jax.kernels import decode_gpu, flash_gpu, flash_mgpu
+from mpt_jax.kernels.common import packed_head_dim, softmax_scale as _scale, unpack_qkv
 
 IMPLS = ("auto", "reference", "pallas_gpu", "pallas_triton", "pallas_tpu")
 GPU_IMPLS = ("pallas_gpu", "pallas_triton")
+# logical axes of q, k, v [B, T, H, D] for the kernels' shard_map (sharding.per_shard_logical)
+_BTHD = ("batch", None, "heads", None)
 
 
 def _check_shapes(q, k, v):
@@ -46,13 +49,134 @@ def _check_rows(name: str, x, shape: tuple[int, ...]) -> None:
                          f"{list(jnp.shape(x))}")
 
 
-def check_cache_index(cache_index, t: int, slots: int) -> None:
-    """A Python/numpy int `cache_index` must leave room for `t` new tokens in `slots`. (An
-    array index is the caller's to keep in range: the cache update would clamp it and
-    overwrite earlier slots.)"""
-    if isinstance(cache_index, (int, np.integer)) and not 0 <= cache_index <= slots - t:
-        raise ValueError(f"cache_index {int(cache_index)} with {t} new token(s) does not fit "
-                         f"a cache of {slots} slots")
+def _check_slopes(alibi_slopes, h: int) -> None:
+    if alibi_slopes is not None and jnp.shape(alibi_slopes) != (h,):
+        raise ValueError(f"alibi_slopes must be [H={h}], got {jnp.shape(alibi_slopes)}")
+
+
+def _slopes(alibi_slopes):
+    return None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
+
+
+def check_cache_index(cache_index, t: int, slots: int, batch: int | None = None) -> None:
+    """`cache_index` is a scalar or one position per row (`[batch]`). A concrete one (Python or
+    numpy ints) must leave room for `t` new tokens in `slots`. (An array index is the caller's
+    to keep in range: the cache update would clamp it and overwrite earlier slots.)"""
+    shape = tuple(jnp.shape(cache_index))
+    if shape not in ((),) + (((batch,),) if batch is not None else ()):
+        raise ValueError(f"cache_index must be a scalar or [batch={batch}], got shape "
+                         f"{list(shape)}")
+    if isinstance(cache_index, (int, np.integer, np.ndarray)):
+        idx = np.asarray(cache_index)
+        if ((idx < 0) | (idx > slots - t)).any():
+            shown = int(idx) if idx.ndim == 0 else idx.tolist()
+            raise ValueError(f"cache_index {shown} with {t} new token(s) does not fit a cache "
+                             f"of {slots} slots")
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one attention call runs; `plan` decides.
+
+    kernel: "reference" (jnp: reference_attention, or decode_attention against a cache),
+    "flash_gpu" (kernels/flash_gpu: Triton, or Mosaic GPU where hopper_fwd / hopper_bwd),
+    "flash_tpu" (kernels/flash_tpu), "decode_gpu" (kernels/decode_gpu, which also writes the
+    new token's key and value into the cache in place). packed: the kernel reads q, k and v in
+    place from the fused projection. batch_axes / head_axes: the mesh axes the kernel's batch /
+    heads split over (shard_map, sharding.per_shard_logical); None when not split, without a
+    multi-device mesh, and for the jnp path (XLA partitions it).
+    """
+
+    kernel: str
+    packed: bool = False
+    hopper_fwd: bool = False
+    hopper_bwd: bool = False
+    batch_axes: str | tuple[str, ...] | None = None
+    head_axes: str | tuple[str, ...] | None = None
+
+
+def resolve_impl(impl: str) -> str:
+    """"auto" -> the backend's kernel (see _default_impl); anything else unchanged."""
+    return _default_impl() if impl == "auto" else impl
+
+
+def _default_impl() -> str:
+    """The fastest implementation for the default backend: Pallas on GPU/TPU, jnp on CPU."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "pallas_gpu"
+    if backend == "tpu":
+        return "pallas_tpu"
+    return "reference"
+
+
+def plan(impl: str, q_shape, kv_heads: int, kv_len: int, dtype, *, causal: bool = True,
+         has_segments: bool = False, cache: bool = False, packed: bool = False,
+         interpret: bool = False, block_sizes=None) -> Plan:
+    """The one place that decides which kernel runs an attention call, on which layout, and how
+    it splits over the mesh (the rules in force).
+
+    q_shape `[B, T, H, D]`; kv_heads / kv_len: the keys' heads and length (the cache's slots
+    when `cache`: T new tokens appended to a KV cache and attending to it; otherwise
+    self-attention over the given keys). packed: the caller holds the fused projection
+    `[B, T, (H + 2 KV) * D]` for the kernel to read in place.
+
+    The kernels are tried in order, each where its capability check takes the call as one
+    device shard sees it (batch and heads split by the "batch" and "heads" rules where the mesh
+    divides them, heads only in whole GQA groups):
+      pallas_gpu     Mosaic GPU (compiled, on Hopper: flash_mgpu.supported; its backward only
+                     with one query head per KV head), else Triton
+      pallas_triton  Triton
+      pallas_tpu     Mosaic TPU
+      reference      jnp
+    Against a cache, a GPU impl runs the decode kernel for one new token per row
+    (decode_gpu.supported), anything else the jnp path. packed holds where the kernel takes the
+    fused projection whole (heads not split; for the flash kernels no padding either,
+    flash_gpu.takes_packed); otherwise q, k and v are slices.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    impl = resolve_impl(impl)
+    b, t, h, d = q_shape
+    if impl == "reference" or (cache and impl not in GPU_IMPLS):
+        return Plan("reference")
+    axes = sharding.shard_axes({"batch": (b,), "heads": (h, kv_heads)})
+    mesh = sharding.kernel_mesh()
+    nb, nh = ((1, 1) if mesh is None else
+              (sharding.axes_size(mesh, axes["batch"]), sharding.axes_size(mesh, axes["heads"])))
+    split = dict(batch_axes=axes["batch"], head_axes=axes["heads"])
+    whole_heads = axes["heads"] is None
+    bs, hs, kvs = b // nb, h // nh, kv_heads // nh  # one shard's batch, heads, kv heads
+    if cache:
+        if t == 1 and decode_gpu.supported((bs, hs, d), (bs, kvs, kv_len, d)):
+            return Plan("decode_gpu", packed=packed and whole_heads, **split)
+        return Plan("reference")
+    if impl == "pallas_tpu":
+        return Plan("flash_tpu", **split)
+    blocks = block_sizes or flash_gpu.BlockSizes.default(dtype)
+    hopper = (impl == "pallas_gpu" and not interpret and flash_mgpu.is_hopper()
+              and flash_mgpu.supported((bs, t, hs, d), kvs, kv_len, dtype, causal=causal,
+                                       has_segments=has_segments, blocks=blocks.hopper))
+    return Plan("flash_gpu",
+                packed=packed and whole_heads and flash_gpu.takes_packed(t, d, dtype, blocks),
+                hopper_fwd=hopper, hopper_bwd=hopper and kv_heads == h, **split)
+
+
+# ---------------------------------------------------------------------------------------------
+# jnp reference
+# ---------------------------------------------------------------------------------------------
+def _masked_softmax(logits, mask):
+    """Softmax over the last axis of float32 `logits` where `mask` (broadcastable) is True;
+    rows with nothing visible give zeros."""
+    logits = jnp.where(mask, logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask, jnp.exp(logits - m), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    return p / jnp.where(denom == 0, 1.0, denom)
 
 
 def reference_attention(
@@ -83,7 +207,7 @@ def reference_attention(
     _check_rows("kv_segment_ids", kv_segment_ids, (b, s))
     _check_rows("kv_mask", kv_mask, (b, s))
     g = h // kvh
-    scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
+    scale = _scale(d, softmax_scale)
     if q_positions is None:
         q_positions = jnp.arange(s - t, s)
     if kv_positions is None:
@@ -108,40 +232,14 @@ def reference_attention(
         mask_bts &= segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     if kv_mask is not None:
         mask_bts &= kv_mask.astype(bool)[:, None, :]
-    mask_b11ts = mask_bts[:, None, None]
-    logits_bkgts = jnp.where(mask_b11ts, logits_bkgts, -jnp.inf)
-    m = jnp.max(logits_bkgts, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(logits_bkgts - m)
-    p = jnp.where(mask_b11ts, p, 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
+    p = _masked_softmax(logits_bkgts, mask_bts[:, None, None])
     out_btkgd = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32), precision="highest")
     return out_btkgd.reshape(b, t, h, d).astype(q.dtype)
 
 
-def resolve_impl(impl: str) -> str:
-    """"auto" -> the backend's kernel (see _default_impl); anything else unchanged."""
-    return _default_impl() if impl == "auto" else impl
-
-
-def _triton_only(impl: str, block_sizes):
-    """("pallas_gpu", block sizes): "pallas_triton" is "pallas_gpu" without the Hopper kernels."""
-    if impl != "pallas_triton":
-        return impl, block_sizes
-    return "pallas_gpu", dataclasses.replace(block_sizes or flash_gpu.BlockSizes(), hopper=None)
-
-
-def _default_impl() -> str:
-    """The fastest implementation for the default backend: Pallas on GPU/TPU, jnp on CPU."""
-    backend = jax.default_backend()
-    if backend == "gpu":
-        return "pallas_gpu"
-    if backend == "tpu":
-        return "pallas_tpu"
-    return "reference"
-
-
+# ---------------------------------------------------------------------------------------------
+# Self-attention: training, and prefill into an empty cache
+# ---------------------------------------------------------------------------------------------
 def flash_attention(
     q,
     k,
@@ -161,12 +259,11 @@ def flash_attention(
     float32), "pallas_gpu" (on Hopper, the Mosaic GPU kernels of kernels/flash_mgpu.py for the
     calls they take; otherwise Triton-lowered Pallas; `interpret=True` runs Triton on CPU),
     "pallas_triton" (Triton-lowered Pallas only),
-    "pallas_tpu" (Mosaic TPU Pallas; `interpret=True` runs it on CPU). ALiBi is computed inside
-    the kernels from the slopes, never materialised. block_sizes: the kernel's own BlockSizes
-    (tuning only). Differentiable in q, k, v.
+    "pallas_tpu" (Mosaic TPU Pallas; `interpret=True` runs it on CPU). `plan` says exactly
+    which kernel takes which call. ALiBi is computed inside the kernels from the slopes, never
+    materialised. block_sizes: the kernel's own BlockSizes (tuning only). Differentiable in q,
+    k, v. Under a multi-device mesh the kernels run once per shard.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
     _check_shapes(q, k, v)
     _check_rows("segment_ids", segment_ids, q.shape[:2])
     if segment_ids is not None and k.shape[1] != q.shape[1]:
@@ -174,28 +271,37 @@ def flash_attention(
             f"segment_ids need S == T (got T={q.shape[1]}, S={k.shape[1]}); "
             "use reference_attention with kv_segment_ids"
         )
-    if alibi_slopes is not None and jnp.shape(alibi_slopes) != (q.shape[2],):
-        raise ValueError(f"alibi_slopes must be [H={q.shape[2]}], got {jnp.shape(alibi_slopes)}")
-    impl, block_sizes = _triton_only(resolve_impl(impl), block_sizes)
-    if impl == "reference":
-        return reference_attention(
-            q, k, v, alibi_slopes=alibi_slopes, causal=causal, segment_ids=segment_ids,
-            softmax_scale=softmax_scale,
-        )
-    if impl == "pallas_gpu":
-        kernel = flash_gpu.flash_attention_gpu
-    elif impl == "pallas_tpu":
+    _check_slopes(alibi_slopes, q.shape[2])
+    p = plan(impl, q.shape, k.shape[2], k.shape[1], q.dtype, causal=causal,
+             has_segments=segment_ids is not None, interpret=interpret, block_sizes=block_sizes)
+    return _run_flash(p, q, k, v, _slopes(alibi_slopes), segment_ids, causal=causal,
+                      softmax_scale=softmax_scale, interpret=interpret, block_sizes=block_sizes)
+
+
+def _run_flash(p: Plan, q, k, v, slopes, seg, *, causal, softmax_scale, interpret,
+               block_sizes):
+    """flash_attention as planned by `p` (q, k and v apart)."""
+    if p.kernel == "reference":
+        return reference_attention(q, k, v, alibi_slopes=slopes, causal=causal, segment_ids=seg,
+                                   softmax_scale=softmax_scale)
+    if p.kernel == "flash_gpu":
+        def run(q, k, v, slopes, seg):
+            return flash_gpu.flash_attention_gpu(
+                q, k, v, slopes, causal=causal, q_segment_ids=seg, kv_segment_ids=seg,
+                softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret,
+                hopper_fwd=p.hopper_fwd, hopper_bwd=p.hopper_bwd)
+    elif p.kernel == "flash_tpu":
         from mpt_jax.kernels import flash_tpu  # Mosaic TPU imports stay off the GPU path
 
-        kernel = flash_tpu.flash_attention_tpu
+        def run(q, k, v, slopes, seg):
+            return flash_tpu.flash_attention_tpu(
+                q, k, v, slopes, causal=causal, q_segment_ids=seg, kv_segment_ids=seg,
+                softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret)
     else:
-        raise AssertionError(impl)
-
-    def run(q, k, v, slopes, seg):
-        return kernel(q, k, v, slopes, causal=causal, q_segment_ids=seg, kv_segment_ids=seg,
-                      softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret)
-
-    return per_shard(run, q, k, v, alibi_slopes, segment_ids)
+        raise AssertionError(p)
+    return sharding.per_shard_logical(
+        run, in_axes=(_BTHD, _BTHD, _BTHD, ("heads",), ("batch", None)), out_axes=_BTHD)(
+        q, k, v, slopes, seg)
 
 
 def flash_attention_packed(
@@ -214,59 +320,38 @@ def flash_attention_packed(
     """`flash_attention` of the fused projection qkv `[B, T, (H + 2 KV) * D]` (query heads,
     then key heads, then value heads) against itself -> `[B, T, H, D]`.
 
-    On the Pallas GPU path the kernels read q, k and v in place and return the gradient as one
-    array like qkv: no slices in the forward pass, no concatenation in the backward. Elsewhere
-    (and where a mesh splits the heads) it slices and calls `flash_attention`.
+    Where the plan keeps the packed layout (the Pallas GPU kernels, heads whole on each shard,
+    no padding) the kernels read q, k and v in place and return the gradient as one array like
+    qkv: no slices in the forward pass, no concatenation in the backward. Elsewhere q, k and v
+    are sliced out and attend as in `flash_attention`.
     """
-    b = qkv.shape[0]
-    packed_head_dim(qkv.shape, n_heads, kv_heads)  # validates the width
+    b, t, _ = qkv.shape
+    d = packed_head_dim(qkv.shape, n_heads, kv_heads)  # validates the width
     _check_rows("segment_ids", segment_ids, qkv.shape[:2])
-    if alibi_slopes is not None and jnp.shape(alibi_slopes) != (n_heads,):
-        raise ValueError(f"alibi_slopes must be [H={n_heads}], got {jnp.shape(alibi_slopes)}")
-    impl = resolve_impl(impl)
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
-    impl, block_sizes = _triton_only(impl, block_sizes)
-    mesh = sharding.kernel_mesh()
-    whole_heads = mesh is None or sharding.divided_axes(mesh, "heads", n_heads, kv_heads) is None
-    if impl == "pallas_gpu" and whole_heads:
-        def run(qkv, slopes, seg):
-            return flash_gpu.flash_attention_gpu_packed(
-                qkv, n_heads, kv_heads, slopes, causal=causal, segment_ids=seg,
-                softmax_scale=softmax_scale, block_sizes=block_sizes, interpret=interpret)
+    _check_slopes(alibi_slopes, n_heads)
+    p = plan(impl, (b, t, n_heads, d), kv_heads, t, qkv.dtype, causal=causal,
+             has_segments=segment_ids is not None, packed=True, interpret=interpret,
+             block_sizes=block_sizes)
+    kw = dict(causal=causal, softmax_scale=softmax_scale, interpret=interpret,
+              block_sizes=block_sizes)
+    if not p.packed:
+        return _run_flash(p, *unpack_qkv(qkv, n_heads, kv_heads), _slopes(alibi_slopes),
+                          segment_ids, **kw)
 
-        if mesh is None:
-            return run(qkv, alibi_slopes, segment_ids)
-        batch = sharding.divided_axes(mesh, "batch", b)
-        specs = (P(batch, None, None), None if alibi_slopes is None else P(),
-                 None if segment_ids is None else P(batch, None))
-        return sharding.per_shard(run, mesh, specs, P(batch, None, None, None))(
-            qkv, alibi_slopes, segment_ids)
-    return flash_attention(
-        *unpack_qkv(qkv, n_heads, kv_heads), alibi_slopes=alibi_slopes, causal=causal,
-        segment_ids=segment_ids, softmax_scale=softmax_scale, impl=impl, interpret=interpret,
-        block_sizes=block_sizes)
+    def run(qkv, slopes, seg):
+        return flash_gpu.flash_attention_gpu_packed(
+            qkv, n_heads, kv_heads, slopes, segment_ids=seg, hopper_fwd=p.hopper_fwd,
+            hopper_bwd=p.hopper_bwd, **kw)
+
+    # heads whole on every shard: the slopes go to each shard entire
+    return sharding.per_shard_logical(
+        run, in_axes=(("batch", None, None), (None,), ("batch", None)),
+        out_axes=("batch", None, None, None))(qkv, _slopes(alibi_slopes), segment_ids)
 
 
-def per_shard(run, q, k, v, slopes, seg):
-    """Calls `run(q, k, v, slopes, seg)` (a flash kernel) once per device shard.
-
-    Inside a multi-device mesh context this runs `run` under `shard_map` (see
-    sharding.kernel_mesh for why): the batch splits as the "batch" rule says and the heads as
-    the "heads" rule says, each only where the mesh divides it, heads only when the kv heads
-    divide too (each shard's GQA groups stay whole). No mesh: a plain call.
-    """
-    mesh = sharding.kernel_mesh()
-    if mesh is None:
-        return run(q, k, v, slopes, seg)
-    batch = sharding.divided_axes(mesh, "batch", q.shape[0])
-    heads = sharding.divided_axes(mesh, "heads", q.shape[2], k.shape[2])
-    qkv_spec = P(batch, None, heads, None)
-    in_specs = (qkv_spec, qkv_spec, qkv_spec,
-                None if slopes is None else P(heads), None if seg is None else P(batch, None))
-    return sharding.per_shard(run, mesh, in_specs, qkv_spec)(q, k, v, slopes, seg)
-
-
+# ---------------------------------------------------------------------------------------------
+# Against a KV cache: decoding, and chunks of tokens at any position
+# ---------------------------------------------------------------------------------------------
 def decode_attention(
     q,
     k_cache,
@@ -298,7 +383,7 @@ def decode_attention(
     kvh, s = k_cache.shape[1], k_cache.shape[2]
     _check_rows("kv_mask", kv_mask, (b, s))
     g = h // kvh
-    scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
+    scale = _scale(d, softmax_scale)
     prec = (jax.lax.Precision.HIGHEST if k_cache.dtype == jnp.float32
             else jax.lax.Precision.DEFAULT)
     cache_len_b = jnp.broadcast_to(jnp.asarray(cache_len, jnp.int32), (b,))
@@ -315,13 +400,7 @@ def decode_attention(
     mask_bts = (rel_bts <= 0) & (kv_pos_s[None, None, :] < cache_len_b[:, None, None])
     if kv_mask is not None:
         mask_bts &= jnp.asarray(kv_mask).astype(bool)[:, None, :]
-    mask_b11ts = mask_bts[:, None, None]
-    logits_bkgts = jnp.where(mask_b11ts, logits_bkgts, -jnp.inf)
-    m = jnp.max(logits_bkgts, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.where(mask_b11ts, jnp.exp(logits_bkgts - m), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
+    p = _masked_softmax(logits_bkgts, mask_bts[:, None, None])
     # Batch dims first in the product's output, then one transpose (with "->btkgd" directly,
     # XLA:CPU cannot run the bf16 x bf16 -> f32 product for batch > 1).
     out_bkgtd = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v_cache.dtype), v_cache, precision=prec,
@@ -329,56 +408,61 @@ def decode_attention(
     return out_bkgtd.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
+def write_cache(k_cache, v_cache, k_new, v_new, cache_index):
+    """The caches `[B, KV, S, D]` with T new keys/values `[B, T, KV, D]` written from slot
+    `cache_index` (int32 scalar, or `[B]`: each row at its own slot)."""
+    index = jnp.asarray(cache_index, jnp.int32)
+
+    def put(cache, new):
+        new = new.swapaxes(1, 2).astype(cache.dtype)
+        if index.ndim == 0:
+            return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+        return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (0, i, 0)))(
+            cache, new, index)
+
+    return put(k_cache, k_new), put(v_cache, v_new)
+
+
 def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_slopes=None,
                       softmax_scale: float | None = None, kv_mask=None, impl: str = "auto",
                       interpret: bool = False, qkv=None):
     """Writes T new tokens' keys/values (`[B, T, KV, D]`) into the caches (`[B, KV, S, D]`) at
-    slot `cache_index` (int32 scalar) and attends q `[B, T, H, D]` against them (as
-    `decode_attention` with cache_len = cache_index + T). Returns (out, k_cache, v_cache).
+    slot `cache_index` (int32 scalar, or `[B]`: each row at its own slot) and attends q
+    `[B, T, H, D]` against them (as `decode_attention` with cache_len = cache_index + T).
+    Returns (out, k_cache, v_cache).
 
-    One new token per row on the Pallas GPU path is a single kernel launch that also writes the
-    new row into the caches (no separate update kernels); otherwise the caches are updated with
-    dynamic_update_slice and `decode_attention` runs. qkv (optional) `[B, T, (H + 2 KV) * D]`:
-    the fused projection q, k_new and v_new were sliced from; the kernel then reads it in
-    place."""
+    Where the plan picks the Pallas decode kernel (GPU, one new token per row) it is a single
+    launch that also writes the new row into the caches (no separate update kernels); otherwise
+    `write_cache` and `decode_attention` run. qkv (optional) `[B, T, (H + 2 KV) * D]`: the fused
+    projection q, k_new and v_new were sliced from; the kernel then reads it in place."""
     b, t, h, d = q.shape
-    _check_rows("kv_mask", kv_mask, (b, k_cache.shape[2]))
-    check_cache_index(cache_index, t, k_cache.shape[2])
-    impl = resolve_impl(impl)
-    if impl in GPU_IMPLS and t == 1 and decode_gpu.supported((b, h, d), k_cache.shape):
-        scale = (1.0 / d**0.5) if softmax_scale is None else softmax_scale
-        slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, jnp.float32)
-        cache_len = jnp.asarray(cache_index, jnp.int32) + 1
-        mesh = sharding.kernel_mesh()
-        batch = heads = None
-        if mesh is not None:
-            batch = sharding.divided_axes(mesh, "batch", b)
-            heads = sharding.divided_axes(mesh, "heads", h, k_cache.shape[1])
-            if heads is not None:
-                qkv = None  # a shard of the fused projection is not whole heads: use the slices
+    s = k_cache.shape[2]
+    _check_rows("kv_mask", kv_mask, (b, s))
+    check_cache_index(cache_index, t, s, batch=b)
+    index = jnp.asarray(cache_index, jnp.int32)
+    p = plan(impl, q.shape, k_cache.shape[1], s, q.dtype, cache=True, packed=qkv is not None,
+             interpret=interpret)
+    if p.kernel == "reference":
+        k_cache, v_cache = write_cache(k_cache, v_cache, k_new, v_new, index)
+        o = decode_attention(q, k_cache, v_cache, index + t, alibi_slopes=alibi_slopes,
+                             softmax_scale=softmax_scale, kv_mask=kv_mask)
+        return o, k_cache, v_cache
+    scale = _scale(d, softmax_scale)
 
-        def run(q1, k_cache, v_cache, cache_len, kv_mask, slopes, qkv1, k1, v1):
-            return decode_gpu.decode_attention_gpu(
-                q1, k_cache, v_cache, cache_len, kv_mask, slopes, scale=float(scale),
-                interpret=interpret, qkv=qkv1, k_new=k1, v_new=v1)
+    def run(q1, k_cache, v_cache, cache_len, kv_mask, slopes, qkv1, k1, v1):
+        return decode_gpu.decode_attention_gpu(
+            q1, k_cache, v_cache, cache_len, kv_mask, slopes, scale=scale, interpret=interpret,
+            qkv=qkv1, k_new=k1, v_new=v1)
 
-        if qkv is not None:
-            args = (None, k_cache, v_cache, cache_len, kv_mask, slopes, qkv[:, 0], None, None)
-        else:
-            args = (q[:, 0], k_cache, v_cache, cache_len, kv_mask, slopes, None, k_new[:, 0],
-                    v_new[:, 0])
-        if mesh is not None:
-            rows, caches = P(batch, heads, None), P(batch, heads, None, None)
-            specs = (rows, caches, caches, P(), P(batch, None), P(heads), P(batch, None), rows,
-                     rows)
-            specs = tuple(None if a is None else sp for a, sp in zip(args, specs))
-            run = sharding.per_shard(run, mesh, specs, (rows, caches, caches))
-        o, k_cache, v_cache = run(*args)
-        return o[:, None], k_cache, v_cache
-    k_cache = jax.lax.dynamic_update_slice(
-        k_cache, k_new.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, cache_index, 0))
-    v_cache = jax.lax.dynamic_update_slice(
-        v_cache, v_new.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, cache_index, 0))
-    o = decode_attention(q, k_cache, v_cache, cache_index + t, alibi_slopes=alibi_slopes,
-                         softmax_scale=softmax_scale, kv_mask=kv_mask)
-    return o, k_cache, v_cache
+    cache_len = jnp.broadcast_to(index + 1, (b,))
+    if p.packed:
+        args = (None, qkv[:, 0], None, None)
+    else:
+        args = (q[:, 0], None, k_new[:, 0], v_new[:, 0])
+    row, caches = ("batch", "heads", None), ("batch", "heads", None, None)
+    o, k_cache, v_cache = sharding.per_shard_logical(
+        run, in_axes=(row, caches, caches, ("batch",), ("batch", None), ("heads",),
+                      ("batch", None), row, row),
+        out_axes=(row, caches, caches))(
+        args[0], k_cache, v_cache, cache_len, kv_mask, _slopes(alibi_slopes), *args[1:])
+    return o[:, None], k_cache, v_cache

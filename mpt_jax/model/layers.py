@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from mpt_jax import sharding
 from mpt_jax.kernels import norm_gpu
@@ -204,13 +203,11 @@ class Norm(nnx.Module):
                 low=self.norm_type.startswith("low_precision"), compute_dtype=compute_dtype,
                 interpret=interpret)
 
-        args = (x, delta, self.weight[...], None if self.bias is None else self.bias[...])
-        mesh = sharding.kernel_mesh()
-        if mesh is not None:
-            rows = P(sharding.divided_axes(mesh, "batch", x.shape[0]))
-            specs = (rows, None if delta is None else rows, P(), None if args[3] is None else P())
-            run = sharding.per_shard(run, mesh, specs, (rows, rows))
-        return run(*args)
+        rows = ("batch",) + (None,) * (x.ndim - 1)
+        bias = None if self.bias is None else self.bias[...]
+        return sharding.per_shard_logical(
+            run, in_axes=(rows, rows, (None,), (None,)), out_axes=(rows, rows))(
+            x, delta, self.weight[...], bias)
 
 
 def dense(x, w, b, dtype):

@@ -5,6 +5,10 @@ Every parameter carries its logical axis names as `logical_axes` metadata (see s
 blocks' parameters are stacked along a leading `layers` axis and applied with `jax.lax.scan`
 (or a Python loop over the same stacked state when `scan_layers=False`).
 
+One forward path: `MPTForCausalLM.hidden_states` serves training and scoring (mode "full"),
+prefill into an empty KV cache ("prefill") and decoding or chunks against a filled one
+("decode"); the generator drives the same code over its per-layer weight copies (`layers=`).
+
 Dtype policy: parameters in `param_dtype` (float32 by default), matmuls in `dtype` (the compute
 dtype; bfloat16 for training), softmax and norms' statistics in float32, logits float32.
 RNG keys are passed explicitly: `dropout_rng=None` means deterministic (eval).
@@ -20,7 +24,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from mpt_jax import sharding
-from mpt_jax.kernels import ATTN_LSE_NAME, ATTN_OUT_NAME, norm_gpu, unpack_qkv
+from mpt_jax.kernels import norm_gpu
+from mpt_jax.kernels.common import ATTN_LSE_NAME, ATTN_OUT_NAME, unpack_qkv
 from mpt_jax.model import attention as attn_lib
 from mpt_jax.model.alibi import alibi_slopes
 from mpt_jax.model.config import MPTConfig
@@ -46,12 +51,23 @@ REMAT_POLICIES = {
 }
 
 
-class AttnContext(NamedTuple):
-    """Per-call inputs shared by every layer's attention."""
+# "full": the whole sequence (training, scoring; no cache). "prefill": the new tokens into an
+# empty KV cache, attending to each other only (the flash kernels), written from slot 0.
+# "decode": new tokens against a filled cache at cache_index (one token a row, or a chunk).
+MODES = ("full", "prefill", "decode")
 
-    segment_ids: jax.Array | None  # [B, T] (training / full forward)
-    kv_mask: jax.Array | None  # [B, S] (cache mode: valid cache slots)
-    cache_index: jax.Array | None  # scalar int32 (cache mode: tokens already in the cache)
+
+class LayerContext(NamedTuple):
+    """Per-call inputs every layer shares (MPTForCausalLM.hidden_states builds it once)."""
+
+    mode: str  # one of MODES
+    segment_ids: jax.Array | None  # [B, T] int32 (full / prefill): 0 = padding, else documents
+    kv_mask: jax.Array | None  # [B, S] bool (decode: the cache slots to attend to)
+    cache_index: jax.Array | None  # int32 scalar or [B] (decode: tokens already in each row)
+    # Decode, one token a row, on the Pallas GPU path: every residual add + norm is one
+    # add+norm kernel, and each block's MLP residual is added in the next block's first norm
+    # kernel (or norm_f's) instead of by itself.
+    norm_kernels: bool
 
 
 class Attention(nnx.Module):
@@ -104,7 +120,7 @@ class Attention(nnx.Module):
                 k = self.k_ln(k.reshape(*k.shape[:2], -1), dtype).astype(dtype).reshape(k.shape)
         return q, k, v
 
-    def __call__(self, x_btd, ctx: AttnContext, cache_kv, *, dtype, training: bool):
+    def __call__(self, x_btd, ctx: LayerContext, cache_kv, *, dtype, training: bool):
         b, t, _ = x_btd.shape
         h, kv, hd = self.n_heads, self.kv_heads, self.head_dim
         qkv = dense(x_btd, self.Wqkv, self.Wqkv_bias, dtype)
@@ -117,46 +133,27 @@ class Attention(nnx.Module):
                 f"attn_config.attn_pdrop={self.attn_pdrop}: attention-probability dropout is not "
                 "implemented in the flash kernels; train with attn_pdrop=0 (as MPT-7B did)"
             )
+        kw = dict(alibi_slopes=slopes, softmax_scale=self.softmax_scale, impl=self.attn_impl,
+                  interpret=self.attn_interpret)
+        # Without q/k norms the kernels may read q, k and v in place from the projection (the
+        # attention plan decides); with them there is no such array.
+        packed = self.q_ln is None
+        heads = None if packed and ctx.mode == "full" else self._heads(qkv, dtype)
         new_cache = None
-        if cache_kv is None and self.q_ln is None:
-            # q, k and v are read in place from the fused projection (and the gradient comes
-            # back as one array) on the Pallas GPU path
-            o_bthd = attn_lib.flash_attention_packed(
-                qkv, h, kv, alibi_slopes=slopes, causal=True, segment_ids=ctx.segment_ids,
-                softmax_scale=self.softmax_scale, impl=self.attn_impl,
-                interpret=self.attn_interpret,
-            )
-        elif cache_kv is None:
-            q_bthd, k_btkd, v_btkd = self._heads(qkv, dtype)
-            o_bthd = attn_lib.flash_attention(
-                q_bthd, k_btkd, v_btkd, alibi_slopes=slopes, causal=True,
-                segment_ids=ctx.segment_ids, softmax_scale=self.softmax_scale,
-                impl=self.attn_impl, interpret=self.attn_interpret,
-            )
-        else:
-            q_bthd, k_btkd, v_btkd = self._heads(qkv, dtype)
-            k_cache, v_cache = cache_kv  # [B, KV, S, hd]
-            idx = ctx.cache_index
-            if isinstance(idx, int) and idx == 0:
-                k_cache = jax.lax.dynamic_update_slice(
-                    k_cache, k_btkd.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, 0, 0))
-                v_cache = jax.lax.dynamic_update_slice(
-                    v_cache, v_btkd.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, 0, 0))
-                # Prefill into an empty cache (a static 0): the new tokens see only each other,
-                # so attention runs over them alone through the flash path.
-                seg = None if ctx.kv_mask is None else ctx.kv_mask[:, :t].astype(jnp.int32)
-                o_bthd = attn_lib.flash_attention(
-                    q_bthd, k_btkd, v_btkd, alibi_slopes=slopes, causal=True, segment_ids=seg,
-                    softmax_scale=self.softmax_scale, impl=self.attn_impl,
-                    interpret=self.attn_interpret,
-                )
-            else:
-                o_bthd, k_cache, v_cache = attn_lib.append_and_attend(
-                    q_bthd, k_btkd, v_btkd, k_cache, v_cache, idx, alibi_slopes=slopes,
-                    softmax_scale=self.softmax_scale, kv_mask=ctx.kv_mask, impl=self.attn_impl,
-                    interpret=self.attn_interpret,
-                    qkv=None if self.q_ln is not None else qkv)  # q/k normed: use the slices
+        if ctx.mode == "decode":
+            o_bthd, k_cache, v_cache = attn_lib.append_and_attend(
+                *heads, *cache_kv, ctx.cache_index, kv_mask=ctx.kv_mask,
+                qkv=qkv if packed else None, **kw)
             new_cache = (k_cache, v_cache)
+        else:  # the tokens see only each other: left padding and documents are segment ids
+            if packed:
+                o_bthd = attn_lib.flash_attention_packed(
+                    qkv, h, kv, causal=True, segment_ids=ctx.segment_ids, **kw)
+            else:
+                o_bthd = attn_lib.flash_attention(*heads, causal=True,
+                                                  segment_ids=ctx.segment_ids, **kw)
+            if ctx.mode == "prefill":
+                new_cache = attn_lib.write_cache(*cache_kv, heads[1], heads[2], 0)
         o_btd = o_bthd.reshape(b, t, h * hd)
         return dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
 
@@ -209,12 +206,18 @@ class Block(nnx.Module):
         self.norm_2 = Norm(cfg.d_model, cfg, param_dtype=param_dtype, use_bias=use_bias)
         self.ffn = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, x_btd, ctx: AttnContext, cache_kv, dropout_key, *, dtype):
+    def __call__(self, x_btd, pending, ctx: LayerContext, cache_kv, dropout_key, *, dtype):
+        """-> (x, pending, new cache). With ctx.norm_kernels, `pending` is the previous block's
+        MLP output, not yet added to x (None before the first block): this block's first
+        add+norm kernel adds it, and its own MLP output is returned as the next pending.
+        Otherwise pending is None in and out."""
+        if ctx.norm_kernels:
+            interpret = self.attn.attn_interpret
+            x_btd, h_btd = self.norm_1.fused(x_btd, pending, dtype, interpret=interpret)
+            a_btd, new_cache = self.attn(h_btd, ctx, cache_kv, dtype=dtype, training=False)
+            x_btd, h_btd = self.norm_2.fused(x_btd, a_btd, dtype, interpret=interpret)
+            return x_btd, self.ffn(h_btd, dtype=dtype), new_cache
         training = dropout_key is not None
-        if cache_kv is not None and x_btd.shape[1] == 1 and self.decode_kernels():
-            x_btd, m_btd, new_cache = self.decode_step(x_btd, None, ctx, cache_kv, dtype=dtype)
-            x_btd = x_btd + m_btd.astype(x_btd.dtype)
-            return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), new_cache
         k1 = k2 = None
         if training:
             k1, k2 = jax.random.split(dropout_key)
@@ -223,24 +226,7 @@ class Block(nnx.Module):
         x_btd = x_btd + dropout(a_btd, self.resid_pdrop, k1).astype(x_btd.dtype)
         m_btd = self.ffn(self.norm_2(x_btd, dtype), dtype=dtype)
         x_btd = x_btd + dropout(m_btd, self.resid_pdrop, k2).astype(x_btd.dtype)
-        return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), new_cache
-
-    def decode_kernels(self) -> bool:
-        """One token per row against the cache on the Pallas GPU path: the residual adds and
-        norms run as single-launch kernels (kernels/norm_gpu.py)."""
-        return (attn_lib.resolve_impl(self.attn.attn_impl) in attn_lib.GPU_IMPLS
-                and norm_gpu.supported(self.norm_1.weight.shape[-1]))
-
-    def decode_step(self, x_btd, pending, ctx: AttnContext, cache_kv, *, dtype):
-        """The block on one new token per row with the add+norm kernels. `pending` (or None) is
-        the previous block's MLP output, not yet added to x: it is added inside this block's
-        first norm kernel. Returns (x after the attention residual, this block's MLP output,
-        new cache): the caller adds the MLP output, or hands it on to the next block."""
-        interpret = self.attn.attn_interpret
-        x_btd, h_btd = self.norm_1.fused(x_btd, pending, dtype, interpret=interpret)
-        a_btd, new_cache = self.attn(h_btd, ctx, cache_kv, dtype=dtype, training=False)
-        x_btd, h_btd = self.norm_2.fused(x_btd, a_btd, dtype, interpret=interpret)
-        return x_btd, self.ffn(h_btd, dtype=dtype), new_cache
+        return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), None, new_cache
 
 
 class KVCache(NamedTuple):
@@ -275,9 +261,14 @@ class MPTForCausalLM(nnx.Module):
     `model(input_ids)` -> float32 logits `[B, T, vocab]`. Optional `attention_mask` `[B, T]`
     (1 = token, 0 = padding; left padding is the supported layout), `segment_ids` `[B, T]` for
     packed documents (used when `attn_config.attn_uses_sequence_id`, as llm-foundry does),
-    `dropout_rng` for training. With `cache=` (from `init_cache`) and `cache_index` the call runs
-    against the KV cache and returns `(logits, new_cache)`; `attention_mask` is then `[B, S]` over
-    the whole cache. `attn_interpret=True` runs a Pallas `attn_impl` in interpret mode (CPU tests).
+    `dropout_rng` for training. With `cache=` (from `init_cache`) the call runs against the KV
+    cache and returns `(logits, new_cache)`; `attention_mask` is then `[B, S]` over the whole
+    cache, and `mode` says how (see MODES):
+      mode="prefill"  the prompt into an empty cache (cache_index 0): the flash kernels, the
+                      tokens attending to each other only;
+      mode="decode"   (the default with a cache) T new tokens at `cache_index` (int32 scalar,
+                      or `[B]`: each row at its own position) against what the cache holds.
+    `attn_interpret=True` runs a Pallas `attn_impl` in interpret mode (CPU tests).
     """
 
     def __init__(self, config: MPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -309,10 +300,10 @@ class MPTForCausalLM(nnx.Module):
 
     # -- public API ------------------------------------------------------------------------
     def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, dropout_rng=None,
-                 cache: KVCache | None = None, cache_index=None):
+                 cache: KVCache | None = None, cache_index=None, mode: str | None = None):
         h_btd, new_cache = self.hidden_states(
             input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
-            dropout_rng=dropout_rng, cache=cache, cache_index=cache_index)
+            dropout_rng=dropout_rng, cache=cache, cache_index=cache_index, mode=mode)
         logits = self.unembed(h_btd)
         return logits if cache is None else (logits, new_cache)
 
@@ -335,16 +326,31 @@ class MPTForCausalLM(nnx.Module):
         return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
 
     def hidden_states(self, input_ids, *, attention_mask=None, segment_ids=None,
-                      dropout_rng=None, cache: KVCache | None = None, cache_index=None):
-        """Token ids -> final normed hidden states `[B, T, D]` (and the updated cache)."""
+                      dropout_rng=None, cache=None, cache_index=None, mode: str | None = None,
+                      layers=None):
+        """Token ids -> final normed hidden states `[B, T, D]` (and the updated cache); the
+        arguments as for `__call__`.
+
+        layers: per-layer block states (each the stacked `blocks` state without its leading
+        axis) to run, unrolled, instead of `blocks`; `cache` is then a sequence of per-layer
+        (k, v) pairs `[B, KV, S, hd]`, returned likewise. The generator keeps its weights so:
+        decoding reads every weight in place, with no slice of a stacked array in its loop."""
         cfg, dtype = self.config, self.dtype
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        if cache is not None and cache_index is None:
-            raise ValueError("cache given without cache_index")
+        b, t = input_ids.shape
+        mode = _check_mode(mode, cache, cache_index, segment_ids)
+        if mode == "prefill":
+            cache_index = 0
         if cache is not None:  # (before cache_index becomes an array below)
-            attn_lib.check_cache_index(cache_index, input_ids.shape[1], cache.k.shape[3])
+            slots = jax.tree.leaves(cache)[0].shape[-2]
+            attn_lib.check_cache_index(cache_index, t, slots, batch=b)
+        want = (b, t) if cache is None else (b, slots)
+        if attention_mask is not None and tuple(jnp.shape(attention_mask)) != want:
+            raise ValueError(f"attention_mask must be {list(want)} (batch, "
+                             f"{'positions' if cache is None else 'cache slots'}), got "
+                             f"{list(jnp.shape(attention_mask))}")
 
         x_btd = self.embed(input_ids, attention_mask=attention_mask, cache_index=cache_index)
         keys = None
@@ -354,20 +360,14 @@ class MPTForCausalLM(nnx.Module):
             keys = jax.random.split(layers_key, cfg.n_layers)
         x_btd = sharding.constrain(x_btd.astype(dtype), ("batch", "seq", "act_embed"))
 
-        if cache is None:
-            seg = segment_ids if (cfg.attn_config.attn_uses_sequence_id
-                                  and segment_ids is not None) else None
-            if attention_mask is not None:
-                mask = jnp.asarray(attention_mask).astype(bool)
-                seg = jnp.where(mask, 1 if seg is None else seg + 1, 0).astype(jnp.int32)
-            ctx = AttnContext(segment_ids=seg, kv_mask=None, cache_index=None)
+        ctx = self._context(mode, t, attention_mask, segment_ids, cache_index)
+        x_btd, pending, new_cache = self._run_blocks(x_btd, ctx, cache, keys, layers)
+        if ctx.norm_kernels:  # the last block's MLP residual rides in norm_f's kernel
+            _, h_btd = self.norm_f.fused(x_btd, pending, dtype,
+                                         interpret=self.blocks.attn.attn_interpret)
         else:
-            kv_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-            ctx = AttnContext(segment_ids=None, kv_mask=kv_mask,
-                              cache_index=jnp.asarray(cache_index, jnp.int32))
-
-        x_btd, new_cache = self._run_blocks(x_btd, ctx, cache, keys)
-        return self.norm_f(x_btd, dtype), new_cache
+            h_btd = self.norm_f(x_btd, dtype)
+        return h_btd, new_cache
 
     def embed(self, input_ids, *, attention_mask=None, cache_index=None):
         """Token (and learned position) embeddings `[B, T, D]` float32, before dropout;
@@ -383,22 +383,41 @@ class MPTForCausalLM(nnx.Module):
 
     # -- internals -------------------------------------------------------------------------
     def _position_embeddings(self, t, attention_mask, cache_index):
-        """llm-foundry's learned positions: left padding does not advance the position."""
-        start = 0 if cache_index is None else cache_index
-        pos_bt = (start + jnp.arange(t))[None, :]
+        """llm-foundry's learned positions: left padding does not advance the position. Each
+        row starts at its cache_index (scalar or [B]; 0 without a cache)."""
+        start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+        pos_bt = start.reshape(-1, 1) + jnp.arange(t, dtype=jnp.int32)[None, :]  # [1 or B, T]
         if attention_mask is not None:
-            pads = jnp.cumsum(1 - jnp.asarray(attention_mask).astype(jnp.int32), axis=1)
-            pads = jax.lax.dynamic_slice_in_dim(pads, start, t, axis=1)
-            pos_bt = jnp.maximum(pos_bt - pads, 0)
+            pads_bs = jnp.cumsum(1 - jnp.asarray(attention_mask).astype(jnp.int32), axis=1)
+            pos_bt = jnp.broadcast_to(pos_bt, (pads_bs.shape[0], t))
+            pos_bt = jnp.maximum(pos_bt - jnp.take_along_axis(pads_bs, pos_bt, axis=1), 0)
         return jnp.take(self.wpe[...], pos_bt, axis=0).astype(jnp.float32)
 
-    def _run_blocks(self, x_btd, ctx, cache, keys):
-        graphdef, state = nnx.split(self.blocks)
+    def _context(self, mode, t, attention_mask, segment_ids, cache_index) -> LayerContext:
+        mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        if mode == "decode":
+            return LayerContext(mode, None, mask, jnp.asarray(cache_index, jnp.int32),
+                                self._norm_kernels(t))
+        seg = segment_ids if self.config.attn_config.attn_uses_sequence_id else None
+        if mask is not None:  # (prefill: the prompt's columns of the cache's mask)
+            seg = jnp.where(mask[:, :t], 1 if seg is None else seg + 1, 0).astype(jnp.int32)
+        return LayerContext(mode, seg, None, None, False)
+
+    def _norm_kernels(self, t: int) -> bool:
+        """Whether a decode call of t tokens a row runs its adds and norms as add+norm kernels
+        (kernels/norm_gpu.py): one token a row on a Pallas GPU impl, a power-of-two width. One
+        launch replaces XLA's four or five small kernels each time (bench/PERF_NOTES.md)."""
+        attn = self.blocks.attn
+        return (t == 1 and attn_lib.resolve_impl(attn.attn_impl) in attn_lib.GPU_IMPLS
+                and norm_gpu.supported(self.config.d_model))
+
+    def _run_blocks(self, x_btd, ctx: LayerContext, cache, keys, layers):
+        """-> (x, the last block's pending MLP output or None, new cache)."""
+        graphdef, stacked = nnx.split(self.blocks)
         dtype = self.dtype
 
-        def layer(x, layer_state, cache_kv, key):
-            block = nnx.merge(graphdef, layer_state)
-            return block(x, ctx, cache_kv, key, dtype=dtype)
+        def layer(x, pending, layer_state, cache_kv, key):
+            return nnx.merge(graphdef, layer_state)(x, pending, ctx, cache_kv, key, dtype=dtype)
 
         policy = REMAT_POLICIES[self.remat_policy]
         if policy == "full":
@@ -406,26 +425,60 @@ class MPTForCausalLM(nnx.Module):
         elif policy is not None:
             layer = jax.checkpoint(layer, policy=policy)
 
-        cache_xs = None if cache is None else (cache.k, cache.v)
-        if self.scan_layers:
-            def body(x, xs):
-                layer_state, cache_kv, key = xs
-                x, new_kv = layer(x, layer_state, cache_kv, key)
-                return x, new_kv
+        pending = None  # nothing for the first block's norm kernel to add
+        if layers is None and self.scan_layers:
+            if ctx.norm_kernels:  # a scan carry needs an array
+                pending = jnp.zeros_like(x_btd)
 
-            x_btd, new_kv = jax.lax.scan(body, x_btd, (state, cache_xs, keys))
-        else:
-            outs = []
-            for i in range(self.config.n_layers):
-                sl = jax.tree.map(lambda a, i=i: a[i], (state, cache_xs, keys))
-                x_btd, kv_i = layer(x_btd, *sl)
-                outs.append(kv_i)
-            new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return x_btd, (None if cache is None else KVCache(*new_kv))
+            def body(carry, xs):
+                x, p, kv = layer(*carry, *xs)
+                return (x, p), kv
+
+            cache_xs = None if cache is None else (cache.k, cache.v)
+            (x_btd, pending), new_kv = jax.lax.scan(body, (x_btd, pending),
+                                                    (stacked, cache_xs, keys))
+            return x_btd, pending, None if cache is None else KVCache(*new_kv)
+        n = self.config.n_layers
+        per_layer = layers is not None  # the caller's per-layer weights and caches
+        caches = cache
+        if not per_layer:  # unrolled over the stacked weights and cache
+            layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
+            if cache is not None:
+                caches = [(cache.k[i], cache.v[i]) for i in range(n)]
+        new_kv = []
+        for i, layer_state in enumerate(layers):
+            x_btd, pending, kv = layer(x_btd, pending, layer_state,
+                                       None if caches is None else caches[i],
+                                       None if keys is None else keys[i])
+            new_kv.append(kv)
+        if cache is None:
+            return x_btd, pending, None
+        if per_layer:
+            return x_btd, pending, tuple(new_kv)
+        return x_btd, pending, KVCache(jnp.stack([k for k, _ in new_kv]),
+                                       jnp.stack([v for _, v in new_kv]))
 
 
-def count_params(model: MPTForCausalLM) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def _check_mode(mode, cache, cache_index, segment_ids) -> str:
+    """The call's mode (default: "full" without a cache, "decode" with one), checked against
+    the other arguments."""
+    if mode is None:
+        mode = "full" if cache is None else "decode"
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if (mode == "full") != (cache is None):
+        raise ValueError(f"mode={mode!r} " + ("takes no cache" if cache is not None else
+                                              "needs a cache (init_cache)"))
+    if mode == "decode" and cache_index is None:
+        raise ValueError("cache given without cache_index")
+    if mode == "prefill" and not (cache_index is None or (
+            isinstance(cache_index, (int, np.integer)) and cache_index == 0)):
+        raise ValueError(f"mode='prefill' fills an empty cache from slot 0, got cache_index="
+                         f"{cache_index!r}; chunks at other positions run with mode='decode'")
+    if cache is not None and segment_ids is not None:
+        raise ValueError("segment_ids (packed documents) are for the full forward; a KV cache "
+                         "holds one sequence per row")
+    return mode
 
 
 def abstract_model(config: MPTConfig, **kwargs) -> MPTForCausalLM:

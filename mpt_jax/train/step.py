@@ -116,9 +116,14 @@ def train_step(state, batch, *, settings: StepSettings):
     """One optimizer update over the global batch. -> (new_state, metrics of float32 scalars).
 
     A non-finite loss or gradient norm leaves params and opt_state unchanged (`finite` = 0 in
-    the metrics); the trainer then stops or skips, by config.
+    the metrics); the trainer then stops or skips, by config. Activations and kernels split by
+    `settings.rules` (entered here, so the traced step carries them).
     """
-    s = settings
+    with sharding.use_rules(settings.rules):
+        return _train_step(state, batch, settings)
+
+
+def _train_step(state, batch, s: StepSettings):
     params = state["params"]
     step_key = jax.random.fold_in(jax.random.PRNGKey(s.seed), state["step"])
     grad_fn = jax.value_and_grad(_nll_sum, has_aux=True)
@@ -129,7 +134,7 @@ def train_step(state, batch, *, settings: StepSettings):
         return nll, count, grads
 
     def constrain_like_params(tree):
-        mesh = sharding._active_mesh()
+        mesh = sharding.active_mesh()
         if mesh is None:
             return tree
         return jax.tree.map(lambda x, spec: jax.lax.with_sharding_constraint(x, spec),
@@ -183,7 +188,8 @@ def train_step(state, batch, *, settings: StepSettings):
 
 def eval_step(params, batch, *, settings: StepSettings):
     """-> (sum of target-token NLLs, number of target tokens), float32."""
-    return _nll_sum(params, settings.graphdef, batch, None, settings.loss_chunk_size)
+    with sharding.use_rules(settings.rules):
+        return _nll_sum(params, settings.graphdef, batch, None, settings.loss_chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +242,7 @@ def init_state(model_cfg, train_cfg, tx, mesh, rules, seed: int):
     _, shardings = state_shardings(model_cfg, train_cfg, tx, mesh, rules)
     init = jax.jit(functools.partial(_init_state, model_cfg, model_kwargs(train_cfg), tx, seed),
                    out_shardings=shardings)
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh), sharding.use_rules(rules):
         return init()
 
 

@@ -283,7 +283,7 @@ def train(config, workdir: str) -> dict:
     skipped = int(resumed.get("skipped_steps", 0))
     t_log, steps_since_log, compile_s = time.time(), 0, None
     profiling = False
-    with sharding.use_mesh(mesh), StopSignal() as stop:
+    with sharding.use_mesh(mesh), sharding.use_rules(rules), StopSignal() as stop:
         try:
             while step < config.max_steps:
                 if config.profile.start_step == step and writer_process:
