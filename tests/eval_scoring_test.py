@@ -1,0 +1,69 @@
+"""The scoring core against transformers' MptForCausalLM: summed log-probabilities and greedy
+flags of flat rows and of shared contexts (several continuations of one context), one
+compilation per bucket shape and none per example, buckets."""
+import random
+
+import numpy as np
+import pytest
+
+import eval_common
+from mpt_jax.eval.scoring import Request, Scorer, bucket_length, parse_mesh
+
+
+def test_bucket_length():
+    assert [bucket_length(n) for n in range(1, 13)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12]
+    assert bucket_length(1000) == 1024 and bucket_length(1025) == 1536
+    assert bucket_length(65536) == 65536 and bucket_length(3, 16) == 16
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    # the mesh the CLI and the lm-eval backend use, so their compilations are shared
+    return Scorer(eval_common.model(), mesh=parse_mesh(None), batch_tokens=512, min_bucket=64,
+                  progress=False)
+
+
+def _requests(seed: int):
+    """Flat rows (own contexts, 1-20 continuation tokens) and shared contexts (2-4
+    continuations each, one of them the model's greedy continuation)."""
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for _ in range(5):
+        ctx = tuple(int(x) for x in rng.integers(1, eval_common.VOCAB, rng.integers(1, 40)))
+        reqs.append(Request(ctx, tuple(int(x) for x in rng.integers(1, eval_common.VOCAB,
+                                                                     rng.integers(1, 20)))))
+    for _ in range(4):
+        ctx = tuple(int(x) for x in rng.integers(1, eval_common.VOCAB, rng.integers(3, 50)))
+        reqs.append(Request(ctx, tuple(eval_common.hf_greedy(ctx, int(rng.integers(1, 6))))))
+        for _ in range(int(rng.integers(1, 3))):
+            reqs.append(Request(ctx, tuple(int(x) for x in rng.integers(
+                1, eval_common.VOCAB, rng.integers(1, 8)))))
+    order = list(range(len(reqs)))
+    random.Random(seed).shuffle(order)
+    return [reqs[i] for i in order]
+
+
+def test_scores_equal_transformers_without_recompiling(scorer):
+    reqs = _requests(0)
+    scores = scorer.score(reqs)
+    assert sum(s.greedy for s in scores) >= 4  # the greedy continuations are recognised
+    for req, sc in zip(reqs, scores):
+        want, greedy = eval_common.hf_score(*req)
+        assert abs(sc.logprob - want) <= 1e-4 * max(1.0, abs(want)), (req, sc.logprob, want)
+        assert sc.greedy == greedy
+        assert sc.token_logprobs.shape == (len(req.continuation),)
+    traces = scorer.traces
+    assert 2 <= traces <= 4  # flat and shared shapes, not one per example
+    # other requests of the same buckets: nothing is compiled again
+    more = [Request(r.context[::-1], r.continuation) for r in reqs]
+    again = scorer.score(more)
+    assert scorer.traces == traces
+    for req, sc in zip(more[:4], again[:4]):
+        assert abs(sc.logprob - eval_common.hf_score(*req)[0]) <= 1e-4 * max(1, abs(sc.logprob))
+
+
+def test_bad_requests_are_named(scorer):
+    with pytest.raises(ValueError, match="request 1: context .* need at least one token"):
+        scorer.score([Request((1,), (2,)), Request((), (2,))])
+    with pytest.raises(ValueError, match="request 0: token id 384 is outside"):
+        scorer.score([Request((1, 384), (2,))])
