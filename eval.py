@@ -11,8 +11,9 @@ gauntlet, or any lm-evaluation-harness task.
 C: an HF directory, one of our converted checkpoints, a training workdir or step directory;
 the tokenizer comes from C unless --tokenizer names one. Common flags: --dtype (bfloat16),
 --mesh data,fsdp,tensor (default: every device data-parallel), --batch_tokens (tokens per
-scoring batch), and for several hosts --coordinator_address / --num_processes / --process_id
-(as train.py; TPU pods and SLURM are detected). Results go to --output (JSON; perplexity also
+scoring batch), --min_bucket (shortest padded length), and for several hosts
+--coordinator_address / --num_processes / --process_id (as train.py; TPU pods and SLURM are
+detected). Results go to --output (JSON; perplexity also
 draws a PNG beside it, icl writes a markdown table beside it) on process 0, and a table to
 stdout. Bad input: one line on stderr, exit status 1.
 """
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default -1,1,1)")
     common.add_argument("--batch_tokens", type=int, default=None,
                         help="tokens per scoring batch (default 32768)")
+    common.add_argument("--min_bucket", type=int, default=16,
+                        help="shortest row bucket (default 16): larger trades padding for "
+                             "fewer compiled shapes")
     common.add_argument("--no_progress", action="store_true")
     common.add_argument("--coordinator_address", default="")
     common.add_argument("--num_processes", type=int, default=0)
@@ -108,7 +112,8 @@ def _perplexity(args, loaded, mesh, writer: bool) -> None:
                                     max_tokens=args.max_tokens)
     _log(f"{args.data}: {stream.size} tokens")
     scorer = Scorer(loaded.model, mesh=mesh, batch_tokens=args.batch_tokens or
-                    DEFAULT_BATCH_TOKENS, progress=not args.no_progress)
+                    DEFAULT_BATCH_TOKENS, min_bucket=args.min_bucket,
+                    progress=not args.no_progress)
     t0 = time.perf_counter()
     result = perplexity.evaluate(scorer, stream, seq_lens, stride=args.stride,
                                  final_tokens=args.final_tokens)
@@ -140,7 +145,7 @@ def _icl(args, loaded, mesh, writer: bool) -> None:
     results = icl.run_tasks(loaded.model, prepared, loaded.tokenizer, eos_id=loaded.eos_id,
                             mesh=mesh, batch_tokens=args.batch_tokens or DEFAULT_BATCH_TOKENS,
                             generation_batch_size=args.generation_batch_size, max_seq_len=limit,
-                            progress=not args.no_progress)
+                            min_bucket=args.min_bucket, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     out = {"checkpoint": args.checkpoint, "seconds": seconds, "examples": n,
            "examples_per_s": n / seconds, "tasks": icl.results_json(results)}
@@ -170,7 +175,7 @@ def _harness(args, mesh, writer: bool) -> None:
     lm = harness.MPTJaxLM(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype,
                           batch_size=args.batch_size, max_length=args.max_length,
                           batch_tokens=args.batch_tokens, mesh=mesh,
-                          progress=not args.no_progress)
+                          min_bucket=args.min_bucket, progress=not args.no_progress)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     t0 = time.perf_counter()
     results = harness.evaluate(lm, names, include_path=args.include_path,

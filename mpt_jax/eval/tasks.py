@@ -334,7 +334,7 @@ class _Prompter:
         # utils.py tokenizer_needs_prefix_space
         self.prefix_space = len(tokenizer.encode(" a", add_special_tokens=False).ids) == 1
         # GenerationTaskWithAnswers.read_dataset: has_cot when the column exists
-        self.has_cot = any("chain_of_thought" in r for r in rows)
+        self.has_cot = any("chain_of_thought" in r for r in raw_rows)
         self.context_key = "query" if cfg.icl_task_type == "multiple_choice" else "context"
 
     def encode(self, text: str, special: bool) -> list[int]:
