@@ -208,7 +208,7 @@ class MPTJaxLM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
             max_new = int(kwargs.pop("max_gen_toks"))
             sample = bool(kwargs.pop("do_sample", False))
-            temperature = float(kwargs.pop("temperature", 0.0) or 0.0) if sample else 0.0
+            temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
             top_k = int(kwargs.pop("top_k", 0) or 0)
             top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
             seed = int(kwargs.pop("seed", 0) or 0)
@@ -224,7 +224,7 @@ class MPTJaxLM(TemplateLM):
                        or [self.prefix_token_id] for i in members]
             texts = self._completer.complete(
                 prompts, max_new_tokens=max_new, stop=until, max_len=self.max_length,
-                temperature=temperature, top_k=top_k if sample else 0,
+                temperature=temperature if sample else 0.0, top_k=top_k if sample else 0,
                 top_p=top_p if sample else 1.0, seed=seed, desc="lm-eval: generate_until")
             for i, text in zip(members, texts):
                 out[i] = text
@@ -236,15 +236,21 @@ def evaluate(lm: MPTJaxLM, tasks: Sequence[str], *, include_path: str | None = N
              num_fewshot: int | None = None, limit: float | None = None,
              log_samples: bool = False) -> dict:
     """lm_eval.simple_evaluate on `lm` with a TaskManager that also reads `include_path`; an
-    unknown task name is a ValueError naming it."""
+    unknown task name is a ValueError naming it. (Tasks all found in include_path skip
+    indexing lm-eval's own ~15k task files, which takes tens of seconds.)"""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not os.path.isdir(include_path):
         raise ValueError(f"--include_path {include_path!r} is not a directory")
-    manager = TaskManager(include_path=include_path)
-    known = set(manager.all_tasks)
-    missing = [t for t in tasks if t not in known and not os.path.isfile(t)]
+    manager = None
+    if include_path is not None:
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if any(t not in manager.all_tasks and not os.path.isfile(t) for t in tasks):
+            manager = None
+    if manager is None:
+        manager = TaskManager(include_path=include_path)
+    missing = [t for t in tasks if t not in manager.all_tasks and not os.path.isfile(t)]
     if missing:
         raise ValueError(f"unknown lm-eval task {missing[0]!r} (not in lm-eval's tasks"
                          + (f" nor in {include_path}" if include_path else "") + ")")
