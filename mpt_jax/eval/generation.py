@@ -12,8 +12,10 @@ before the first stop sequence found in the text, as lm-eval's `postprocess_gene
 llm-foundry's generation metric cut it (stop strings are matched literally; llm-foundry joins
 them into a regular expression unescaped).
 
-Sharding: the Generator places the weights on `mesh`; every process runs the same batches with
-the same (replicated) prompts.
+Sharding: the Generator places the weights on `mesh` by the rules and the prompts are
+replicated. With several processes every process runs the same batches, and the weights are
+replicated over the mesh instead (every device then computes whole batches): the Generator's
+outputs are read on every process, which needs them replicated.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ class Completer:
         self.batch_size = -(-batch_size // shards) * shards
         self.min_bucket = min_bucket
         self.progress = progress
+        if mesh is not None and jax.process_count() > 1:
+            rules = tuple((name, None) for name, _ in rules)
         self.generator = Generator(model, mesh=mesh, rules=rules)
 
     def complete(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
