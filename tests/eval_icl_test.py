@@ -278,6 +278,32 @@ def test_gauntlet_and_tables_from_the_run(run, capsys):
     assert "| knowledge" in table and "Average" in table and "| core" in table
 
 
+def test_evaluate_tasks_for_the_trainer(run):
+    """The trainer's hook: models merged from params pure dicts (as train_step's state holds
+    them) with the trainer's one graphdef, task files prepared once: the CLI run's accuracies,
+    and a second call (new weights) compiles nothing."""
+    import jax
+    from flax import nnx
+
+    from mpt_jax.eval import icl, tasks
+    from mpt_jax.eval.scoring import TRACES, parse_mesh
+
+    result, _, _, d = run
+    base = eval_common.model()
+    graphdef, params = nnx.graphdef(base), nnx.to_pure_dict(nnx.state(base))
+    prepared = tasks.prepare_tasks([str(d / "tasks.yaml")], eval_common.tokenizer(), eos_id=0,
+                                   max_seq_len=128)
+    kw = dict(eos_id=0, mesh=parse_mesh(None), batch_tokens=1024, min_bucket=128)
+    got = icl.evaluate_tasks(nnx.merge(graphdef, params), prepared, eval_common.tokenizer(),
+                             **kw)
+    want = {k: v["metrics"][next(iter(v["metrics"]))] for k, v in result["tasks"].items()}
+    assert got == pytest.approx(want)
+    before = sum(TRACES.values())
+    params = jax.tree.map(lambda x: x * 1.01, params)
+    icl.evaluate_tasks(nnx.merge(graphdef, params), prepared, eval_common.tokenizer(), **kw)
+    assert sum(TRACES.values()) == before
+
+
 def test_gauntlet_arithmetic_on_hand_made_scores():
     spec = {"eval_gauntlet": {
         "weighting": "LOG_SAMPLE_SZ", "subtract_random_baseline": True, "rescale_accuracy": True,

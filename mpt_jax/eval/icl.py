@@ -188,15 +188,17 @@ def benchmark_sizes(results: Sequence[TaskResult]) -> dict[str, int]:
 def evaluate_tasks(model: MPTForCausalLM, tasks, tokenizer: tokenizers.Tokenizer, *,
                    eos_id: int | None, mesh=None, rules=sharding.DEFAULT_RULES,
                    max_seq_len: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                   progress: bool = False) -> dict[str, float]:
+                   min_bucket: int = 16, progress: bool = False) -> dict[str, float]:
     """{`label/N-shot`: accuracy} for the trainer's `eval_every` (the task's metric_names
     accuracy, categories averaged). tasks: prepared tasks (prepare once: `prepare_tasks`) or
-    task file paths."""
+    task file paths. The compiled scoring functions are keyed on the model's graph and the
+    mesh, not its weights: later calls with new weights compile nothing."""
     if tasks and isinstance(tasks[0], str):
         tasks = tasks_lib.prepare_tasks(tasks, tokenizer, eos_id=eos_id,
                                         max_seq_len=max_seq_len or model.config.max_seq_len)
     results = run_tasks(model, tasks, tokenizer, eos_id=eos_id, mesh=mesh, rules=rules,
-                        batch_tokens=batch_tokens, max_seq_len=max_seq_len, progress=progress)
+                        batch_tokens=batch_tokens, max_seq_len=max_seq_len,
+                        min_bucket=min_bucket, progress=progress)
     by_name = {r.benchmark: r.metric_names[0] for r in results}
     return {name: values[by_name[name]] for name, values in benchmark_scores(results).items()}
 
