@@ -67,3 +67,32 @@ def test_bad_requests_are_named(scorer):
         scorer.score([Request((1,), (2,)), Request((), (2,))])
     with pytest.raises(ValueError, match="request 0: token id 384 is outside"):
         scorer.score([Request((1, 384), (2,))])
+
+
+def test_learned_positions_model_padding_and_shared_contexts():
+    """No ALiBi (llm-foundry's learned positions): rows padded up to the position table and
+    shared contexts score as the model's own unpadded forward (no NaN from padding slots)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mpt_jax import MPTConfig, MPTForCausalLM
+    from mpt_jax.model.config import AttnConfig
+
+    cfg = MPTConfig(d_model=20, n_heads=4, n_layers=2, vocab_size=101, max_seq_len=40,
+                    attn_config=AttnConfig(alibi=False), learned_pos_emb=True)
+    model = MPTForCausalLM(cfg, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(5)
+    short = tuple(int(x) for x in rng.integers(0, 101, 20))  # shared: 24 + 8 slots fit 40
+    ctx = tuple(int(x) for x in rng.integers(0, 101, 33))  # 48 + 8 would not: flat rows
+    reqs = [Request(short, (3, 4, 5)), Request(short, (7,)), Request(ctx, (3, 4, 5)),
+            Request(ctx, (7,)), Request((1, 2), (9, 9, 9))]
+    scores = Scorer(model, batch_tokens=256, min_bucket=16, progress=False).score(reqs)
+    for req, sc in zip(reqs, scores):
+        ids = jnp.asarray([req.context + req.continuation], jnp.int32)
+        lp = jax.nn.log_softmax(model(ids)[0], -1)
+        n = len(req.context)
+        want = sum(float(lp[n - 1 + j, t]) for j, t in enumerate(req.continuation))
+        assert np.isfinite(sc.logprob) and abs(sc.logprob - want) <= 1e-4
+    with pytest.raises(ValueError, match="more than max_seq_len 40"):
+        Scorer(model, progress=False).score([Request(ctx, tuple(range(10)))])

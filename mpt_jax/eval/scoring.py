@@ -111,9 +111,10 @@ def parse_mesh(mesh=None):
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    """Everything static about a scorer (hashable): Scorers of equal models on the same mesh
-    share compiled code (the trainer evaluates a new set of weights every few thousand
-    steps)."""
+    """Everything static about a scorer (hashable): Scorers of one model graph on one mesh share
+    compiled code, whatever the weights (the trainer evaluates new weights with its one
+    graphdef every eval_every steps). (flax's GraphDefs of two separately built models compare
+    equal but hash apart, so those compile anew.)"""
 
     graphdef: nnx.GraphDef
     mesh: object
@@ -122,13 +123,15 @@ class _Spec:
 
 def _token_scores(model: MPTForCausalLM, h_bkd, tgt_bk):
     """Final hidden states at the scored positions `[B, K, D]` and their targets `[B, K]` ->
-    (log p(target) `[B, K]` float32, target == argmax `[B, K]`), unembedded in chunks of
-    positions so that at most ~_CHUNK_TOKENS rows of logits exist at once."""
+    (log p(target) `[B, K]` float32, target == argmax `[B, K]`). Unembedded in chunks of
+    positions (every row's, so the batch axis keeps its sharding) with at most ~_CHUNK_TOKENS
+    rows of logits at once."""
     b, k, d = h_bkd.shape
-    c = k
-    while c > 1 and c % 2 == 0 and b * c > _CHUNK_TOKENS:
-        c //= 2
-    n = k // c
+    c = max(1, min(k, _CHUNK_TOKENS // b))
+    n = -(-k // c)
+    if n * c != k:  # pad the positions to whole chunks (the padding's scores are dropped)
+        h_bkd = jnp.pad(h_bkd, ((0, 0), (0, n * c - k), (0, 0)))
+        tgt_bk = jnp.pad(tgt_bk, ((0, 0), (0, n * c - k)))
 
     def chunk(xs):
         h_bcd, tgt_bc = xs
@@ -141,7 +144,8 @@ def _token_scores(model: MPTForCausalLM, h_bkd, tgt_bk):
     h_nbcd = h_bkd.reshape(b, n, c, d).swapaxes(0, 1)
     tgt_nbc = tgt_bk.reshape(b, n, c).swapaxes(0, 1)
     lp_nbc, greedy_nbc = jax.lax.map(chunk, (h_nbcd, tgt_nbc))
-    return lp_nbc.swapaxes(0, 1).reshape(b, k), greedy_nbc.swapaxes(0, 1).reshape(b, k)
+    lp_bk = lp_nbc.swapaxes(0, 1).reshape(b, n * c)[:, :k]
+    return lp_bk, greedy_nbc.swapaxes(0, 1).reshape(b, n * c)[:, :k]
 
 
 def _flat_impl(spec: _Spec, state, ids_bl, tgt_bk, start_b):
@@ -297,11 +301,18 @@ class Scorer:
         groups: dict[tuple, list[int]] = collections.defaultdict(list)
         for i, req in enumerate(requests):
             groups[req.context].append(i)
-        flat, shared = [], []
+        flat, shared = [], {}
         for members in groups.values():
-            if (self.share_contexts and len(members) > 1 and max(
-                    len(requests[i].continuation) for i in members) <= MAX_SHARED_CONTINUATION):
-                shared.append(members)
+            longest = max(len(requests[i].continuation) for i in members)
+            # (suffixes of at least 8: a few tokens more per choice, far fewer shapes)
+            key = (self._row_bucket(len(requests[members[0]].context)),
+                   bucket_length(len(members)), bucket_length(longest - 1, 8))
+            # learned positions: slots past the position table would hold NaNs, which reach
+            # even masked attention (0 * NaN)
+            fits = not self.config.use_wpe or key[0] + key[2] <= self.config.max_seq_len
+            if (self.share_contexts and len(members) > 1 and fits
+                    and longest <= MAX_SHARED_CONTINUATION):
+                shared.setdefault(key, []).append(members)
             else:
                 flat.extend(members)
         return self._plan_flat(requests, flat) + self._plan_shared(requests, shared)
@@ -333,15 +344,8 @@ class Scorer:
                                       [len(requests[i].continuation) for i in chunk] + [0] * pad))
         return batches
 
-    def _plan_shared(self, requests, groups) -> list[_Batch]:
-        by_shape = collections.defaultdict(list)
-        for members in groups:
-            ctx = requests[members[0]].context
-            longest = max(len(requests[i].continuation) for i in members)
-            # (suffixes of at least 8: a few tokens more per choice, far fewer shapes)
-            key = (self._row_bucket(len(ctx)), bucket_length(len(members)),
-                   bucket_length(longest - 1, 8))
-            by_shape[key].append(members)
+    def _plan_shared(self, requests, by_shape: dict) -> list[_Batch]:
+        """by_shape: (prefix bucket, choices bucket, suffix bucket) -> groups of requests."""
         batches = []
         for (p, c, s), member_groups in sorted(by_shape.items(), reverse=True):
             k = s + 1  # the context's last position, then the suffix's
