@@ -13,9 +13,9 @@ the tokenizer comes from C unless --tokenizer names one. Common flags: --dtype (
 --mesh data,fsdp,tensor (default: every device data-parallel), --batch_tokens (tokens per
 scoring batch), --min_bucket (shortest padded length), and for several hosts
 --coordinator_address / --num_processes / --process_id (as train.py; TPU pods and SLURM are
-detected). Results go to --output (JSON; perplexity also
-draws a PNG beside it, icl writes a markdown table beside it) on process 0, and a table to
-stdout. Bad input: one line on stderr, exit status 1.
+detected). Results go to --output (JSON; perplexity also draws a PNG beside it, icl writes a
+markdown table beside it) on process 0, and a table to stdout. Bad input: one line on stderr,
+exit status 1.
 """
 from __future__ import annotations
 
@@ -152,13 +152,8 @@ def _icl(args, loaded, mesh, writer: bool) -> None:
     name = os.path.basename(os.path.normpath(args.checkpoint))
     table = icl.markdown_table(results, name, gauntlet.taxonomy() if gauntlet else None)
     if gauntlet is not None:
-        scores = icl.benchmark_scores(results)
-        primary = {r.benchmark: r.metric_names[0] for r in results}
-        composite = gauntlet.score({k: v[primary[k]] for k, v in scores.items()},
-                                   icl.benchmark_sizes(results))
-        out["gauntlet"] = composite
-        table += "\n\n" + icl._markdown(["model_name", *composite],
-                                        [[name, *(f"{v:.4f}" for v in composite.values())]])
+        out["gauntlet"] = icl.gauntlet_scores(results, gauntlet)
+        table += "\n\n" + icl.gauntlet_table(out["gauntlet"], name)
     if writer:
         _write(args.output, _json(out))
         _write(_beside(args.output, ".md"), table + "\n")
@@ -202,7 +197,6 @@ def main(argv=None) -> int:
         import jax
 
         from mpt_jax.eval.loading import load
-
         from mpt_jax.eval.scoring import parse_mesh
 
         mesh = parse_mesh(args.mesh)

@@ -203,6 +203,14 @@ def evaluate_tasks(model: MPTForCausalLM, tasks, tokenizer: tokenizers.Tokenizer
     return {name: values[by_name[name]] for name, values in benchmark_scores(results).items()}
 
 
+def gauntlet_scores(results: Sequence[TaskResult], gauntlet) -> dict[str, float]:
+    """The eval gauntlet's category scores and averages (gauntlet.Gauntlet) from the results:
+    each benchmark's metric_names accuracy, categories averaged, with its example count."""
+    primary = {r.benchmark: r.metric_names[0] for r in results}
+    scores = {k: v[primary[k]] for k, v in benchmark_scores(results).items()}
+    return gauntlet.score(scores, benchmark_sizes(results))
+
+
 # ---------------------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +259,12 @@ def markdown_table(results: Sequence[TaskResult], model_name: str,
             rows.append([cat, r.label, "Average", *fmt(scores[r.benchmark]), shot, model_name])
             rows.extend([cat, "", x.category, *fmt(x.metrics), shot, model_name] for x in subs)
     return _markdown(head, rows)
+
+
+def gauntlet_table(composite: dict[str, float], model_name: str) -> str:
+    """One row: the model's gauntlet category scores and averages (llm-foundry's layout)."""
+    return _markdown(["model_name", *composite],
+                     [[model_name, *(f"{v:.4f}" for v in composite.values())]])
 
 
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
