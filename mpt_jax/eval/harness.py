@@ -12,7 +12,8 @@ tokenizer (a path, or a tokenizers.Tokenizer; default the checkpoint's), dtype (
 batch_size (an int: batches of batch_size x max_length tokens, and batch_size prompts when
 generating; "auto": 32768 tokens and 16 prompts), max_length (config.max_seq_len), max_gen_toks
 (256), batch_tokens (overrides the batch_size token count), mesh ("data,fsdp,tensor" sizes, one
-may be -1; default every device data-parallel), prefix_token_id (default BOS, else EOS, as HF's).
+may be -1; default every device data-parallel), prefix_token_id (default BOS, else EOS, as HF's),
+min_bucket (16: the shortest padded row), progress (true: tqdm bars).
 
 The requests are lm-eval's, scored as lm-eval's `hf` model (lm_eval/models/huggingface.py HFLM)
 scores them, on the scoring core (mpt_jax/eval/scoring.py):
@@ -64,7 +65,7 @@ class MPTJaxLM(TemplateLM):
         if unknown:
             raise ValueError(f"mpt_jax: unknown model_args {sorted(unknown)}; known: pretrained, "
                              "tokenizer, dtype, batch_size, max_length, max_gen_toks, "
-                             "batch_tokens, mesh, prefix_token_id")
+                             "batch_tokens, mesh, prefix_token_id, min_bucket, progress")
         if pretrained is None:
             raise ValueError("mpt_jax: model_args needs pretrained=PATH")
         if device not in (None, "", "cpu", "cuda", "cuda:0"):

@@ -14,7 +14,7 @@ t_{N-1} is scored exactly once, with between 1 and L tokens of context for S = L
 L - S tokens otherwise. (HF's perplexity guide uses the same windows but predicts L - 1 tokens of
 each; lm-eval's rolling windows start from an EOS prefix and so also score t_0.) Reported per L:
 mean loss (nats per token), perplexity exp(loss), token count, and the loss by context length
-(log2 bins of how many tokens of the window precede the target).
+(log2 bins of how many tokens of the window precede the target: loss, tokens, mean context).
 
 Final tokens: the stream is cut into chunks of max(L) + 1 tokens; for each chunk and each L, the
 chunk's last F tokens (`final_tokens`, min(L) // 2 by default) are scored given the L + 1 - F
@@ -126,11 +126,13 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, in
 
 
 def _bin_sums(ctx_lengths: np.ndarray, nll: np.ndarray, sums: dict) -> None:
+    """Accumulates (loss sum, context-length sum, count) per log2 bin of context length."""
     bins = np.floor(np.log2(ctx_lengths)).astype(np.int64)
     for b in np.unique(bins):
         sel = bins == b
-        s, c = sums.get(int(b), (0.0, 0))
-        sums[int(b)] = (s + float(nll[sel].sum(dtype=np.float64)), c + int(sel.sum()))
+        s, ctx, c = sums.get(int(b), (0.0, 0, 0))
+        sums[int(b)] = (s + float(nll[sel].sum(dtype=np.float64)),
+                        ctx + int(ctx_lengths[sel].sum()), c + int(sel.sum()))
 
 
 def evaluate(scorer: Scorer, stream: np.ndarray, seq_lens: Sequence[int], *,
@@ -169,7 +171,8 @@ def evaluate(scorer: Scorer, stream: np.ndarray, seq_lens: Sequence[int], *,
             "loss": loss, "perplexity": math.exp(loss), "tokens": count, "windows": len(wins),
             "stride": s,
             "loss_by_context": [{"context": [1 << b, (1 << (b + 1)) - 1],
-                                 "loss": bins[b][0] / bins[b][1], "tokens": bins[b][1]}
+                                 "mean_context": bins[b][1] / bins[b][2],
+                                 "loss": bins[b][0] / bins[b][2], "tokens": bins[b][2]}
                                 for b in sorted(bins)]}
     f = seq_lens[0] // 2 if final_tokens is None else int(final_tokens)
     if not 1 <= f <= seq_lens[0]:
@@ -213,7 +216,7 @@ def plot(result: dict, path: str, title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for length, r in result["seq_lens"].items():
-        xs = [math.sqrt(b["context"][0] * (b["context"][1] + 1)) for b in r["loss_by_context"]]
+        xs = [b["mean_context"] for b in r["loss_by_context"]]
         ax.plot(xs, [b["loss"] for b in r["loss_by_context"]], "-", lw=1.2,
                 label=f"window {length}: loss by context length")
     final = result["final"]

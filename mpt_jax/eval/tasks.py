@@ -173,8 +173,10 @@ def _task_config(entry: Any, path: str, i: int) -> TaskConfig:
     shots = entry["num_fewshot"]
     shots = [shots] if isinstance(shots, int) and not isinstance(shots, bool) else shots
     if (not isinstance(shots, list) or not shots
-            or any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in shots)):
-        raise _type_error(where, "num_fewshot", "a list of integers >= 0", entry["num_fewshot"])
+            or any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in shots)
+            or len(set(shots)) != len(shots)):
+        raise _type_error(where, "num_fewshot", "a list of distinct integers >= 0",
+                          entry["num_fewshot"])
     strings = {}
     for key in ("label", "dataset_uri", "continuation_delimiter", "example_delimiter",
                 "prompt_string", "prelimiter", "question_prelimiter", "cot_delimiter"):
