@@ -253,8 +253,8 @@ SECTIONS = {"icl": section_icl, "harness": section_harness, "hf": section_hf, "p
 # ---------------------------------------------------------------------------------------------
 def _rows(results: dict, args) -> list[tuple[str, str, str]]:
     rows = []
-    shape = (f"MPT-{args.size} random bf16, 10-shot MC {args.examples} x {N_CHOICES} choices / 0-shot LM "
-             f"{args.lm_examples}")
+    shape = (f"MPT-{args.size} random bf16, 10-shot MC {args.examples} x {N_CHOICES} choices / "
+             f"0-shot LM {args.lm_examples}")
     names = {"icl": "eval.py icl (native)", "harness": "eval.py harness (our lm-eval backend)",
              "hf": f"lm-eval hf backend (batch {args.hf_batch})"}
     for sec, label in names.items():

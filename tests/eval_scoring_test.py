@@ -88,11 +88,14 @@ def test_learned_positions_model_padding_and_shared_contexts():
     reqs = [Request(short, (3, 4, 5)), Request(short, (7,)), Request(ctx, (3, 4, 5)),
             Request(ctx, (7,)), Request((1, 2), (9, 9, 9))]
     scores = Scorer(model, batch_tokens=256, min_bucket=16, progress=False).score(reqs)
-    for req, sc in zip(reqs, scores):
-        ids = jnp.asarray([req.context + req.continuation], jnp.int32)
-        lp = jax.nn.log_softmax(model(ids)[0], -1)
-        n = len(req.context)
-        want = sum(float(lp[n - 1 + j, t]) for j, t in enumerate(req.continuation))
-        assert np.isfinite(sc.logprob) and abs(sc.logprob - want) <= 1e-4
+    forward = jax.jit(lambda ids: jax.nn.log_softmax(model(ids)[0], -1))
+    # one unpadded forward per context: each of its continuations is a prefix of the longest
+    for ctx_, longest in ((short, (3, 4, 5)), (ctx, (3, 4, 5)), ((1, 2), (9, 9, 9))):
+        lp = np.asarray(forward(jnp.asarray([ctx_ + longest], jnp.int32)))
+        for req, sc in zip(reqs, scores):
+            if req.context == ctx_:
+                want = sum(float(lp[len(ctx_) - 1 + j, t])
+                           for j, t in enumerate(req.continuation))
+                assert np.isfinite(sc.logprob) and abs(sc.logprob - want) <= 1e-4
     with pytest.raises(ValueError, match="more than max_seq_len 40"):
         Scorer(model, progress=False).score([Request(ctx, tuple(range(10)))])

@@ -85,7 +85,9 @@ def load(checkpoint: str, *, tokenizer: str | None = None, dtype="bfloat16") -> 
         raise ValueError(f"checkpoint {checkpoint!r} does not exist")
     where = tokenizer_location(checkpoint, tokenizer)
     tok = load_tokenizer(where)
-    dt = jnp.dtype(dtype)
+    # jnp's scalar type (jnp.float32, not np.dtype('float32')): the model's static dtype then
+    # hashes as load_pretrained's default does, so equal models share compiled functions
+    dt = getattr(jnp, jnp.dtype(dtype).name)
     model = load_pretrained(checkpoint, dtype=dt, param_dtype=dt)
     tok_dir = where if os.path.isdir(where) else (
         os.path.dirname(where) if os.path.isfile(where) else None)

@@ -57,9 +57,9 @@ def load_stream(data: str, tokenizer=None, *, text_field: str = "text",
         if tokenizer is not None:
             want = manifest["tokenizer"]["sha256"]
             if tokenizer_sha256(tokenizer) != want:
-                raise ValueError(f"{data}: prepared with tokenizer {manifest['tokenizer']['name']!r}"
-                                 f" (sha256 {want[:12]}), not the checkpoint's (pass the right "
-                                 "--tokenizer)")
+                raise ValueError(f"{data}: prepared with tokenizer "
+                                 f"{manifest['tokenizer']['name']!r} (sha256 {want[:12]}), not "
+                                 "the checkpoint's (pass the right --tokenizer)")
         dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
         done = False
         for path in prepare.shard_paths(data, manifest):
