@@ -101,19 +101,17 @@ def run_tasks(model: MPTForCausalLM, tasks: Sequence[tasks_lib.PreparedTask],
               tokenizer: tokenizers.Tokenizer, *, eos_id: int | None, mesh=None,
               rules=sharding.DEFAULT_RULES, batch_tokens: int = DEFAULT_BATCH_TOKENS,
               generation_batch_size: int = 16, max_seq_len: int | None = None,
-              min_bucket: int = 16, progress: bool = True,
-              scorer: Scorer | None = None) -> list[TaskResult]:
+              min_bucket: int = 16, progress: bool = True) -> list[TaskResult]:
     """Scores every prepared task (see the module docstring). max_seq_len: the generation
-    limit (prompt + completion; config.max_seq_len when None). scorer: reuse one (its
-    model's weights are used, not `model`'s)."""
+    limit (prompt + completion; config.max_seq_len when None)."""
     requests: list[Request] = []
     where = []  # (task index, example index) -> first request index
     for ti, task in enumerate(tasks):
         for ex in task.examples:
             where.append((ti, ex.index, len(requests)))
             requests.extend(ex.requests)
-    scorer = scorer or Scorer(model, mesh=mesh, rules=rules, batch_tokens=batch_tokens,
-                              min_bucket=min_bucket, progress=progress)
+    scorer = Scorer(model, mesh=mesh, rules=rules, batch_tokens=batch_tokens,
+                    min_bucket=min_bucket, progress=progress)
     scores = scorer.score(requests, desc="icl: scoring") if requests else []
     first = {(ti, ei): r for ti, ei, r in where}
 
