@@ -1,0 +1,102 @@
+"""The scoring core against transformers' MptForCausalLM: summed log-probabilities and greedy
+flags of flat rows and of shared contexts (several continuations of one context), one
+compilation per bucket shape and none per example, buckets."""
+import random
+
+import numpy as np
+import pytest
+
+import eval_common
+from mpt_jax.eval.scoring import Request, Scorer, bucket_length, parse_mesh
+
+
+def test_bucket_length():
+    assert [bucket_length(n) for n in range(1, 13)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12]
+    assert bucket_length(1000) == 1024 and bucket_length(1025) == 1536
+    assert bucket_length(65536) == 65536 and bucket_length(3, 16) == 16
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    # the mesh the CLI and the lm-eval backend use, so their compilations are shared
+    return Scorer(eval_common.model(), mesh=parse_mesh(None), batch_tokens=512, min_bucket=64,
+                  progress=False)
+
+
+def _requests(seed: int):
+    """Flat rows (own contexts, 1-20 continuation tokens) and shared contexts (2-4
+    continuations each, one of them the model's greedy continuation)."""
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for _ in range(5):
+        ctx = tuple(int(x) for x in rng.integers(1, eval_common.VOCAB, rng.integers(1, 40)))
+        reqs.append(Request(ctx, tuple(int(x) for x in rng.integers(1, eval_common.VOCAB,
+                                                                     rng.integers(1, 20)))))
+    for _ in range(4):
+        ctx = tuple(int(x) for x in rng.integers(1, eval_common.VOCAB, rng.integers(3, 50)))
+        reqs.append(Request(ctx, tuple(eval_common.hf_greedy(ctx, int(rng.integers(1, 6))))))
+        for _ in range(int(rng.integers(1, 3))):
+            reqs.append(Request(ctx, tuple(int(x) for x in rng.integers(
+                1, eval_common.VOCAB, rng.integers(1, 8)))))
+    order = list(range(len(reqs)))
+    random.Random(seed).shuffle(order)
+    return [reqs[i] for i in order]
+
+
+def test_scores_equal_transformers_without_recompiling(scorer):
+    reqs = _requests(0)
+    scores = scorer.score(reqs)
+    assert sum(s.greedy for s in scores) >= 4  # the greedy continuations are recognised
+    for req, sc in zip(reqs, scores):
+        want, greedy = eval_common.hf_score(*req)
+        assert abs(sc.logprob - want) <= 1e-4 * max(1.0, abs(want)), (req, sc.logprob, want)
+        assert sc.greedy == greedy
+        assert sc.token_logprobs.shape == (len(req.continuation),)
+    traces = scorer.traces
+    assert 2 <= traces <= 4  # flat and shared shapes, not one per example
+    # other requests of the same buckets: nothing is compiled again
+    more = [Request(r.context[::-1], r.continuation) for r in reqs]
+    again = scorer.score(more)
+    assert scorer.traces == traces
+    for req, sc in zip(more[:4], again[:4]):
+        assert abs(sc.logprob - eval_common.hf_score(*req)[0]) <= 1e-4 * max(1, abs(sc.logprob))
+
+
+def test_bad_requests_are_named(scorer):
+    with pytest.raises(ValueError, match="request 1: context .* need at least one token"):
+        scorer.score([Request((1,), (2,)), Request((), (2,))])
+    with pytest.raises(ValueError, match="request 0: token id 384 is outside"):
+        scorer.score([Request((1, 384), (2,))])
+
+
+def test_learned_positions_model_padding_and_shared_contexts():
+    """No ALiBi (llm-foundry's learned positions): rows padded up to the position table and
+    shared contexts score as the model's own unpadded forward (no NaN from padding slots)."""
+    import jax
+    import jax.numpy as jnp
+
+    from model_test import random_pure
+    from mpt_jax import MPTConfig
+    from mpt_jax.convert.convert import model_from_pure_dict
+    from mpt_jax.model.config import AttnConfig
+
+    cfg = MPTConfig(d_model=20, n_heads=4, n_layers=2, vocab_size=101, max_seq_len=40,
+                    attn_config=AttnConfig(alibi=False), learned_pos_emb=True)
+    model = model_from_pure_dict(cfg, random_pure(cfg, seed=1))
+    rng = np.random.default_rng(5)
+    short = tuple(int(x) for x in rng.integers(0, 101, 20))  # shared: 24 + 8 slots fit 40
+    ctx = tuple(int(x) for x in rng.integers(0, 101, 33))  # 48 + 8 would not: flat rows
+    reqs = [Request(short, (3, 4, 5)), Request(short, (7,)), Request(ctx, (3, 4, 5)),
+            Request(ctx, (7,))]
+    scores = Scorer(model, batch_tokens=256, min_bucket=16, progress=False).score(reqs)
+    forward = jax.jit(lambda ids: jax.nn.log_softmax(model(ids)[0], -1))
+    # one unpadded forward per context: each of its continuations is a prefix of the longest
+    for ctx_, longest in ((short, (3, 4, 5)), (ctx, (3, 4, 5))):
+        lp = np.asarray(forward(jnp.asarray([ctx_ + longest], jnp.int32)))
+        for req, sc in zip(reqs, scores):
+            if req.context == ctx_:
+                want = sum(float(lp[len(ctx_) - 1 + j, t])
+                           for j, t in enumerate(req.continuation))
+                assert np.isfinite(sc.logprob) and abs(sc.logprob - want) <= 1e-4
+    with pytest.raises(ValueError, match="more than max_seq_len 40"):
+        Scorer(model, progress=False).score([Request(ctx, tuple(range(10)))])
