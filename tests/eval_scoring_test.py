@@ -45,6 +45,7 @@ def _requests(seed: int):
 
 def test_scores_equal_transformers_without_recompiling(scorer):
     reqs = _requests(0)
+    before = scorer.traces  # other tests' scorers share these compiled functions
     scores = scorer.score(reqs)
     assert sum(s.greedy for s in scores) >= 4  # the greedy continuations are recognised
     for req, sc in zip(reqs, scores):
@@ -53,7 +54,7 @@ def test_scores_equal_transformers_without_recompiling(scorer):
         assert sc.greedy == greedy
         assert sc.token_logprobs.shape == (len(req.continuation),)
     traces = scorer.traces
-    assert 2 <= traces <= 4  # flat and shared shapes, not one per example
+    assert traces - before <= 4  # at most the flat and shared shapes, not one per example
     # other requests of the same buckets: nothing is compiled again
     more = [Request(r.context[::-1], r.continuation) for r in reqs]
     again = scorer.score(more)
