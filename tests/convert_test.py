@@ -18,8 +18,8 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as torch_save_file
 from transformers import MptForCausalLM
 
-from model_test import (HF_CONFIGS, NP_CONFIGS, _ids_mask, hf_logits, hf_model, hf_state,
-                        np_forward, random_pure)
+from conftest import (HF_CONFIGS, NP_CONFIGS, _ids_mask, hf_logits, hf_model, hf_state,
+                      np_forward, random_pure)
 from mpt_jax import load_pretrained
 from mpt_jax.convert.convert import (ParamsReader, main, model_shapes,
                              name_table)

@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
-import textwrap
 import time
 
 import jax
@@ -18,99 +16,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import ROOT, read_losses, read_train_rows, subprocess_env, write_test_config
 from mpt_jax.train import loss as loss_lib
 from mpt_jax import sharding
 from mpt_jax.train import optim
 from mpt_jax.train import step as step_lib
 from mpt_jax.model.config import MPTConfig
 from mpt_jax.model import MPTForCausalLM
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Subprocess runs: CPU only, and LLVM at -O0 (halves XLA's compile time of these tiny models).
-FAST_XLA = "--xla_backend_optimization_level=0"
-
-
-def subprocess_env(n_devices: int | None = None) -> dict:
-    flags = FAST_XLA
-    if n_devices:
-        flags += f" --xla_force_host_platform_device_count={n_devices}"
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared: a small prepared corpus and a config file over it (multihost_test.py uses these)
-# ---------------------------------------------------------------------------------------------
-def prepare_small_corpus(out_dir: str) -> str:
-    """~30 stdlib modules, a 384-token byte-level BPE, document shards: seconds, not a minute."""
-    from mpt_jax.data import prepare, tokenizer
-
-    os.makedirs(out_dir, exist_ok=True)
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:40]
-    texts = [open(p, errors="replace").read()[:8000] for p in files]
-    docs = os.path.join(out_dir, "docs.jsonl")
-    with open(docs, "w") as fh:
-        for t in texts:
-            fh.write(json.dumps({"text": t}) + "\n")
-    tok_path = os.path.join(out_dir, "tokenizer.json")
-    tokenizer.train_byte_level_bpe(texts, 384).save(tok_path)
-    shards = os.path.join(out_dir, "shards")
-    prepare.prepare_dataset([docs], shards, tok_path, seq_len=None, keep_documents=True)
-    return shards
-
-
-def write_test_config(path: str, shards: str, **top) -> str:
-    """configs/tiny.py shrunk further (prime-ish tiny model, few steps) over `shards`."""
-    overrides = "\n".join(f"    c.{k} = {v!r}" for k, v in top.items())
-    with open(path, "w") as fh:
-        fh.write(textwrap.dedent(f'''\
-            import ml_collections
-            from configs import tiny
-
-            def get_config():
-                c = tiny.get_config()
-                c.data.builtin = ""
-                c.data.sources = {{"stdlib": ml_collections.ConfigDict(
-                    dict(path={shards!r}, weight=1.0))}}
-                c.data.eval_fraction = 0.1
-                c.data.prefetch = 0
-                c.model.d_model, c.model.n_heads, c.model.n_layers = 40, 4, 2
-                c.model.max_seq_len = 24
-                c.train.seq_len = 24
-                c.train.global_batch_size = 8
-                c.train.micro_batch_size = 0
-                c.train.loss_chunk_size = 8
-                c.eval.batch_size = 4
-                c.eval.num_batches = 2
-                c.optim.warmup_steps = 2
-                c.max_steps = 8
-                c.log_every = 1
-                c.eval_every = 4
-                c.checkpoint_every = 3
-                c.loss_spike.enabled = False
-            '''))
-        fh.write(overrides + "\n    return c\n")
-    return path
-
-
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory):
-    return prepare_small_corpus(str(tmp_path_factory.mktemp("corpus")))
-
-
-def read_train_rows(workdir):
-    """{step: the last train-metrics row logged for it} (a rerun after a resume overwrites)."""
-    rows = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
-        for line in fh:
-            row = json.loads(line)
-            if "loss" in row:
-                rows[row["step"]] = row
-    return rows
-
-
-def read_losses(workdir):
-    return {step: row["loss"] for step, row in read_train_rows(workdir).items()}
-
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
@@ -265,6 +177,7 @@ def test_loss_spike_guard_state_resumes_the_same_judgement():
     assert any(a.check(x) for x in (7.0, 7.0))  # the guard does fire
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_run_and_writes_no_bad_checkpoint(small_corpus, tmp_path):
     from mpt_jax.train import checkpoint as ckpt_lib
 
@@ -287,6 +200,7 @@ def _train_cmd(config_path, workdir):
     return [sys.executable, "train.py", f"--config={config_path}", f"--workdir={workdir}"]
 
 
+@pytest.mark.slow
 def test_sigterm_then_rerun_logs_the_uninterrupted_losses(small_corpus, tmp_path):
     config_path = write_test_config(str(tmp_path / "cfg.py"), small_corpus)
     env = subprocess_env()
@@ -336,6 +250,7 @@ def test_sigterm_then_rerun_logs_the_uninterrupted_losses(small_corpus, tmp_path
     assert not os.path.exists(os.path.join(split, "profile"))  # only on request
 
 
+@pytest.mark.slow
 def test_train_py_refuses_bad_settings_clearly(small_corpus, tmp_path):
     """data.eval_fraction 0 trains without evaluation; then, each as one `train.py: error:`
     line and no traceback: a changed model on an existing workdir (named before any array is
