@@ -21,8 +21,8 @@ from transformers import MptForCausalLM
 from conftest import (HF_CONFIGS, NP_CONFIGS, _ids_mask, hf_logits, hf_model, hf_state,
                       np_forward, random_pure)
 from mpt_jax import load_pretrained
-from mpt_jax.convert.convert import (ParamsReader, main, model_shapes,
-                             name_table)
+from mpt_jax.convert.convert import ParamsReader, main
+from mpt_jax.convert.table import model_shapes, name_table
 from mpt_jax.model import abstract_model
 
 TOKENIZER = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": "{}",

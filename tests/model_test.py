@@ -18,7 +18,8 @@ from mpt_jax import MPTConfig
 from mpt_jax.model.config import AttnConfig, FFNConfig
 from conftest import (HF_CONFIGS, NP_CONFIGS, _ids_mask, hf_logits, hf_model, hf_state,
                       np_forward, random_pure, tiny)
-from mpt_jax.convert.convert import model_from_pure_dict, pure_dict_from_torch
+from mpt_jax.convert.convert import model_from_pure_dict
+from mpt_jax.convert.table import pure_dict_from_torch
 from mpt_jax.model import abstract_model
 
 

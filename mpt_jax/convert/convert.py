@@ -48,8 +48,7 @@ import numpy as np
 from mpt_jax.model.config import MPTConfig
 from mpt_jax.convert.io import (ConversionError, ParamsReader, ParamsWriter, SafetensorsWriter,
                                 TensorInfo, read_tensor, scan_source)
-from mpt_jax.convert.table import (Row, _set_path, export_form,  # noqa: F401
-                                   model_shapes, name_table, pure_dict_from_torch)
+from mpt_jax.convert.table import Row, export_form, name_table, set_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
@@ -371,7 +370,7 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
         _check_params(ck, reader, rows)
         for r in rows:
             arr = reader.read(r.path)
-            _set_path(pure, r.path, arr if pd is None else arr.astype(pd))
+            set_path(pure, r.path, arr if pd is None else arr.astype(pd))
     else:
         plan = plan_import(path)
         cfg = plan.cfg
@@ -384,9 +383,9 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
                     stacks[row.path] = np.empty(row.shape, arr.dtype)
                 stacks[row.path][i] = arr.T if row.transpose else arr
             else:
-                _set_path(pure, row.path, arr)
+                set_path(pure, row.path, arr)
         for p, arr in stacks.items():
-            _set_path(pure, p, arr)
+            set_path(pure, p, arr)
     return model_from_pure_dict(cfg, pure, dtype, **model_kwargs)
 
 
