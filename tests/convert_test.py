@@ -343,7 +343,7 @@ def test_cli_script_subprocess(hf_dir, tmp_path):
                        capture_output=True, text=True, cwd=root)
     assert p.returncode == 1
     lines = [l for l in p.stderr.splitlines() if "Warning" not in l and l.strip()]
-    assert lines == [f"error: {tmp_path / 'nope'}: not a directory"], p.stderr
+    assert lines == [f"error: {tmp_path / 'nope'}: does not exist"], p.stderr
 
 
 def test_native_config_means_what_transformers_computes(tmp_path, capsys):

@@ -160,7 +160,7 @@ def test_nan_is_caught_and_update_not_applied():
 def test_loss_spike_guard_state_resumes_the_same_judgement():
     """The guard's window and run of bad steps go into checkpoints (trainer.save): a guard
     restored from a JSON round trip of its state judges the next losses as the original."""
-    from mpt_jax.train.trainer import LossSpikeGuard
+    from mpt_jax.train.monitor import LossSpikeGuard
 
     cfg = ml_collections.ConfigDict(dict(enabled=True, window=5, multiplier=2.0, patience=2,
                                          loss_cap=10.0, action="warn"))
