@@ -250,19 +250,20 @@ def prepare_small_corpus(out_dir: str) -> str:
     return shards
 
 
-def write_test_config(path: str, shards: str, **top) -> str:
-    """configs/tiny.py shrunk further (prime-ish tiny model, few steps) over `shards`."""
+def write_test_config(path: str, shards: str | None, **top) -> str:
+    """configs/tiny.py shrunk further (prime-ish tiny model, few steps) over `shards`, or over
+    the built-in corpus with a BPE of BUILTIN_VOCAB tokens when `shards` is None (prepare it
+    small first: `prepare_small_builtin`)."""
     overrides = "\n".join(f"    c.{k} = {v!r}" for k, v in top.items())
+    data = (f"c.data.builtin_vocab_size = {BUILTIN_VOCAB}" if shards is None else
+            f"c.data = tiny.get_config({shards!r}).data")
     with open(path, "w") as fh:
         fh.write(textwrap.dedent(f'''\
-            import ml_collections
             from configs import tiny
 
             def get_config():
                 c = tiny.get_config()
-                c.data.builtin = ""
-                c.data.sources = {{"stdlib": ml_collections.ConfigDict(
-                    dict(path={shards!r}, weight=1.0))}}
+                {data}
                 c.data.eval_fraction = 0.1
                 c.data.prefetch = 0
                 c.model.d_model, c.model.n_heads, c.model.n_layers = 40, 4, 2
@@ -282,6 +283,21 @@ def write_test_config(path: str, shards: str, **top) -> str:
             '''))
         fh.write(overrides + "\n    return c\n")
     return path
+
+
+BUILTIN_VOCAB = 384
+
+
+def prepare_small_builtin(workdir: str, monkeypatch) -> str:
+    """The built-in corpus, 40 stdlib files of it, prepared into `workdir`/data as the trainer
+    would (a train.py run on that workdir then finds it prepared): seconds, not a minute."""
+    from mpt_jax.data import corpus
+
+    files = corpus.stdlib_files()[:40]
+    monkeypatch.setattr(corpus, "stdlib_files", lambda: files)
+    monkeypatch.setattr(corpus, "_prepare_workers", lambda: 1)
+    return corpus.prepare_builtin("python_stdlib", os.path.join(workdir, "data"),
+                                  vocab_size=BUILTIN_VOCAB)
 
 
 @pytest.fixture(scope="session")

@@ -83,6 +83,10 @@ def check_config(config) -> MPTConfig:
     for key in ("max_steps", "log_every", "eval_every", "checkpoint_every"):
         if config[key] <= 0:
             raise ValueError(f"{key} must be positive, got {config[key]}")
+    for key in ("train.global_batch_size", "eval.batch_size"):
+        section, name = key.split(".")
+        if config[section][name] <= 0:
+            raise ValueError(f"{key} must be positive, got {config[section][name]}")
     if config.checkpoint.keep < 1:
         raise ValueError(f"checkpoint.keep={config.checkpoint.keep}: keep at least 1 checkpoint "
                          "(0 would delete each one as it is written)")
