@@ -1,4 +1,6 @@
-"""Train an MPT model: python train.py --config configs/X.py[:ARG] --workdir DIR [--config.a.b=v ...]
+"""Train an MPT model:
+
+    python train.py --config configs/X.py[:ARG] --workdir DIR [--config.a.b=v ...]
 
 Re-running the same command resumes from DIR's last checkpoint (a finished run says so and
 exits). Multi-host: start one process per host with --coordinator_address/--num_processes/

@@ -190,7 +190,8 @@ def main():
     args = parser.parse_args()
     where = machine()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = bench_prepare(tmp, args.prepare_mb, args.tokenizer) + bench_read(tmp, args.read_seconds)
+        rows = (bench_prepare(tmp, args.prepare_mb, args.tokenizer)
+                + bench_read(tmp, args.read_seconds))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             check=False, capture_output=True, text=True).stdout.strip() or "unknown"
     date = datetime.date.today().isoformat()

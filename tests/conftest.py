@@ -297,7 +297,7 @@ def prepare_small_builtin(workdir: str, monkeypatch) -> str:
     monkeypatch.setattr(corpus, "stdlib_files", lambda: files)
     monkeypatch.setattr(corpus, "_prepare_workers", lambda: 1)
     return corpus.prepare_builtin("python_stdlib", os.path.join(workdir, "data"),
-                                  vocab_size=BUILTIN_VOCAB)
+                                  vocab_size=BUILTIN_VOCAB, progress=True)
 
 
 @pytest.fixture(scope="session")

@@ -331,3 +331,66 @@ def test_builtin_corpus_prepared_once_and_cached(tmp_path, monkeypatch):
     assert batch["input_ids"].shape == (2, 32) and batch["input_ids"].max() < 512
     assert len(pipeline.make_eval_batches(cfg, seq_len=32, batch_size=2, num_batches=2,
                                           workdir=str(tmp_path))) == 2
+
+
+def test_copied_workdir_needs_no_preparation_and_resumes_the_stream(tmp_path, monkeypatch,
+                                                                    capsys):
+    """The built-in corpus under a workdir, copied as `cp -r` does (fresh mtimes) and the
+    original moved away: nothing is prepared again and an iterator state of the original
+    restores in the copy to the same next batches."""
+    import shutil
+    import subprocess
+
+    from conftest import prepare_small_builtin
+
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    prepare_small_builtin(str(run), monkeypatch)
+    assert "training a 384-token byte-level BPE" in capsys.readouterr().err  # says what it does
+    cfg = data_config({}, builtin="python_stdlib", builtin_vocab_size=384, eval_fraction=0.05)
+    it = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=2, seed=0, workdir=str(run))
+    take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    want = take(it, 3)
+    subprocess.run(["cp", "-r", str(run), str(copy)], check=True)
+    run.rename(tmp_path / "moved")
+    monkeypatch.setattr(prepare, "prepare_dataset", None)  # the copy must not prepare again
+    moved = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=2, seed=0,
+                                         workdir=str(copy))
+    moved.set_state(state)
+    assert_same_batches(take(moved, 3), want)
+    assert capsys.readouterr().err == ""  # a prepared corpus is silent
+
+
+def test_states_and_manifests_of_older_versions_still_resume(tmp_path, monkeypatch):
+    """Older versions keyed manifest inputs and the pipeline fingerprint by absolute paths: a
+    workdir of theirs (where it was written) is not prepared again and its iterator states
+    restore. The old fingerprint is computed here as they computed it."""
+    import hashlib
+
+    from conftest import prepare_small_builtin
+
+    run = tmp_path / "run"
+    shards = prepare_small_builtin(str(run), monkeypatch)
+    manifest_path = os.path.join(shards, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["inputs"] = {str(run / "data" / "python_stdlib.jsonl"): {
+        k: v for k, v in entry.items() if k != "path"}
+        for entry in manifest["inputs"].values()}
+    with open(manifest_path, "w") as fh:
+        json.dump(manifest, fh)
+    monkeypatch.setattr(prepare, "prepare_dataset", None)
+    cfg = data_config({}, builtin="python_stdlib", builtin_vocab_size=384, eval_fraction=0.05)
+    settings = dict(split="train", seq_len=T, batch_size=2, seed=0, process_index=0,
+                    process_count=1, packing=False, shuffle=True, eval_fraction=0.05,
+                    num_workers=0)
+    it = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=2, seed=0, workdir=str(run))
+    take(it, 2)
+    state = json.loads(json.dumps(it.get_state()))
+    want = take(it, 2)
+    old = {"sources": [("python_stdlib", shards, 1.0, manifest["records"],
+                        manifest["tokenizer"]["sha256"])], **settings}
+    state["pipeline"] = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert state["pipeline"] != it.get_state()["pipeline"]
+    again = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=2, seed=0, workdir=str(run))
+    again.set_state(state)
+    assert_same_batches(take(again, 2), want)

@@ -292,8 +292,9 @@ def prepare_dataset(
         raise ValueError(f"an input is given twice: {files}")
     for path, key in zip(files, keys):
         found = find_input(manifest, path, output_dir)
-        if found is not None and found != key:
-            manifest["inputs"][key] = manifest["inputs"].pop(found)
+        if found is not None:
+            manifest["inputs"][key] = {**manifest["inputs"].pop(found),
+                                       "path": os.path.abspath(path)}
 
     encoding = _Encoding(tok.to_str(), bos_ids, eos_ids, dtype)
     pool = None
