@@ -173,14 +173,15 @@ def train(config, workdir: str) -> dict:
     rules = sharding.rules_from_config(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh)
     check_batches(config, mesh, rules)
-    try:  # (only now: a config that fails its checks leaves no workdir behind)
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--workdir {workdir}: cannot create it ({e.strerror})") from None
 
     # 3. data: the shards (the built-in corpus is prepared on first use), the model config
     # with the tokenizer's vocabulary, the tokenizer beside the checkpoints ----------------
+    # (the workdir only now, and before the data only when the data goes into it: a run
+    # refused so far leaves no workdir behind)
+    if config.data.builtin:
+        _make_workdir(workdir)
     resolved = data_lib.resolve_data(config.data, workdir)
+    _make_workdir(workdir)
     cfg = model_config(config, resolved.vocab_size)
     with open(resolved.tokenizer_path) as fh:
         tokenizer_json = fh.read()
@@ -379,6 +380,13 @@ def train(config, workdir: str) -> dict:
     if writer_process:
         metrics_lib.plot_losses(workdir)
     return {"step": step, "loss": last_loss, "eval_loss": last_eval, "stopped": stop_reason}
+
+
+def _make_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir}: cannot create it ({e.strerror})") from None
 
 
 def _write_if_changed(path: str, text: str) -> None:
