@@ -26,8 +26,6 @@ from scipy.special import erf
 from mpt_jax.convert.table import model_shapes
 from mpt_jax.model.config import AttnConfig, FFNConfig, MPTConfig
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +219,8 @@ NP_CONFIGS = {
 # Training runs
 # ---------------------------------------------------------------------------------------------
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Subprocess runs: CPU only, and LLVM at -O0 (halves XLA's compile time of these tiny models).
+# Subprocess runs: CPU only, and LLVM at -O0 (halves XLA's compile time of these tiny models;
+# not for this process: at -O0 some in-process step and bf16 kernel tests compute otherwise).
 FAST_XLA = "--xla_backend_optimization_level=0"
 
 

@@ -333,6 +333,7 @@ def test_bad_export_inputs_and_existing_dst(hf_dir, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["exists", "ours"]
 
 
+@pytest.mark.slow
 def test_cli_script_subprocess(hf_dir, tmp_path):
     """The real entry point: exit status and a single stderr line, no traceback."""
     import subprocess

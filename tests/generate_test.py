@@ -273,6 +273,7 @@ print("MESH OK")
 """
 
 
+@pytest.mark.slow
 def test_sharded_over_a_mesh_of_fake_cpu_devices():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     p = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True,

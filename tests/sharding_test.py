@@ -138,6 +138,7 @@ SCRIPT = textwrap.dedent(r'''
 ''')
 
 
+@pytest.mark.slow
 def test_eight_devices_params_sharded_by_rules_and_step_compiles_once():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"
                " --xla_backend_optimization_level=0")

@@ -196,7 +196,8 @@ def train(config, workdir: str) -> dict:
                                       seed=config.seed, global_batch=global_batch,
                                       clip_norm=config.optim.clip_norm)
 
-    # 5. state: restored from the last checkpoint, or created directly sharded -------------
+    # 5. state: restored from the last checkpoint, or created directly sharded; the data
+    # iterators (after the model-config and complete checks: a run stopped there builds none)
     abstract_state, state_shardings = step_lib.state_shardings(cfg, config.train, tx, mesh, rules)
     manager = ckpt_lib.make_manager(workdir, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)
