@@ -3,7 +3,7 @@
     python convert_torch.py import SRC DST [--dtype bf16|fp16|fp32]
     python convert_torch.py export SRC DST [--dtype ...] [--max_shard_size GB]
 
-See mpt_jax/convert.py for the formats. Bad input: exit status 1 with one line on stderr.
+See mpt_jax/convert/convert.py for the formats. Bad input: exit status 1 with one line on stderr.
 """
 import sys
 

@@ -3,8 +3,9 @@
     python generate.py --checkpoint PATH --prompt TEXT [--max_new_tokens N --temperature T
         --top_k K --top_p P --seed S --max_seq_len L --tokenizer P --dtype bfloat16]
 
-PATH is one of our checkpoint directories or an HF-layout directory (config.json +
-safetensors); the tokenizer comes from PATH unless --tokenizer names a file, directory or hub
+PATH is one of our checkpoint directories, a training workdir or step directory, or an
+HF-layout directory (config.json + safetensors); the tokenizer comes from PATH (a workdir and
+each of its step directories carry the run's) unless --tokenizer names a file, directory or hub
 name. --max_seq_len lets prompt + completion run past the training length (ALiBi extrapolation).
 With several devices, --mesh data,fsdp,tensor shards the model (e.g. --mesh 1,1,-1).
 """
@@ -39,30 +40,52 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes; one may be -1")
     args = ap.parse_args(argv)
 
+    def fail(msg: str) -> int:
+        print(f"generate.py: {msg}".splitlines()[0], file=sys.stderr)
+        return 1
+
+    if not args.prompt:
+        return fail("--prompt is empty")
+    if not os.path.exists(args.checkpoint):
+        return fail(f"checkpoint {args.checkpoint!r} does not exist")
+    mesh_sizes = None
+    if args.mesh:
+        try:
+            mesh_sizes = [int(x) for x in args.mesh.split(",")]
+        except ValueError:
+            mesh_sizes = []
+        if len(mesh_sizes) != 3:
+            return fail(f"--mesh {args.mesh!r}: expected three integers data,fsdp,tensor "
+                        "(one may be -1), e.g. 1,1,-1")
+
+    import jax
     import jax.numpy as jnp
 
-    from mpt_jax import load_pretrained
+    from mpt_jax import load_pretrained, sharding
+    from mpt_jax.convert.convert import tokenizer_dir
     from mpt_jax.data.tokenizer import load_tokenizer
     from mpt_jax.infer.generate import Generator
 
-    if not os.path.exists(args.checkpoint):
-        print(f"generate.py: checkpoint {args.checkpoint!r} does not exist", file=sys.stderr)
-        return 1
+    if mesh_sizes is not None:
+        try:
+            sharding.mesh_shape(dict(zip(sharding.MESH_AXES, mesh_sizes)), jax.device_count())
+        except ValueError as e:
+            return fail(f"--mesh {args.mesh}: {e}")
     try:
-        tok = load_tokenizer(args.tokenizer or args.checkpoint)
+        tok = load_tokenizer(args.tokenizer or str(tokenizer_dir(args.checkpoint)))
         t0 = time.perf_counter()
         dtype = jnp.dtype(args.dtype)
         model = load_pretrained(args.checkpoint, dtype=dtype, param_dtype=dtype)
     except Exception as e:  # noqa: BLE001  (bad path or file: one line, no traceback)
-        print(f"generate.py: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
-        return 1
+        return fail(f"{type(e).__name__}: {e}")
     _log(f"loaded {args.checkpoint} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
+    vocab = model.config.vocab_size
+    if args.eos_id is not None and not 0 <= args.eos_id < vocab:
+        return fail(f"--eos_id {args.eos_id} is not a token id of this model (vocab_size "
+                    f"{vocab})")
     mesh = None
-    if args.mesh:
-        from mpt_jax import sharding
-
-        sizes = [int(x) for x in args.mesh.split(",")]
-        mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
+    if mesh_sizes is not None:
+        mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_sizes)))
         _log(f"mesh {dict(mesh.shape)}")
     gen = Generator(model, mesh=mesh)
     del model  # the generator keeps per-layer copies of the weights
@@ -75,6 +98,8 @@ def main(argv=None) -> int:
     if eos_id is not None and eos_id >= gen.config.vocab_size:
         eos_id = None
     prompt_ids = tok.encode(args.prompt).ids
+    if not prompt_ids:
+        return fail(f"--prompt {args.prompt!r} encodes to no tokens")
     _log(f"prompt: {len(prompt_ids)} tokens; eos_id={eos_id}")
 
     printed = ""
@@ -99,8 +124,7 @@ def main(argv=None) -> int:
                            seed=args.seed, eos_id=eos_id, max_len=args.max_seq_len,
                            on_tokens=on_tokens)
     except ValueError as e:
-        print(f"generate.py: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e))
     n = int(out.lengths[0])
     ids = [int(x) for x in out.tokens[0, :n] if x != eos_id]
     text = tok.decode(ids)

@@ -1,11 +1,12 @@
 """Data benchmark: prepare throughput (tokens/s per core) and pipeline read throughput.
 
-    python bench/data.py [--prepare_mb 4] [--read_seconds 10] [--no_record]
+    python bench/data.py [--prepare_mb 4] [--read_seconds 10] [--tokenizer PATH] [--no_record]
 
 1. prepare: the Python stdlib (the built-in corpus) as JSON lines, tokenized into sequences-layout
    shards by `mpt_jax.data.prepare` with one tokenizer process (tokens/s per core) and with one
-   per core. Tokenizer: GPT-NeoX-20B from ../shared/tokenizers when present (MPT's), else a
-   byte-level BPE trained here.
+   per core. Tokenizer: `--tokenizer` (a tokenizer.json or its directory; default: the
+   MPT_JAX_NEOX_TOKENIZER environment variable, e.g. GPT-NeoX-20B's, MPT's), else a byte-level
+   BPE trained here.
 2. read: tokens/s delivered by `make_train_iterator` from local shards (synthetic random token
    ids written in prepare's format; reading does not look at the values): MPT-7B's shape
    (seq_len 2048) and its 10-source mix, shuffled; in-process and with grain workers; and the
@@ -34,7 +35,6 @@ from mpt_jax.data import corpus, pipeline, prepare
 from mpt_jax.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NEOX_JSON = os.path.join(REPO, "..", "shared", "tokenizers", "gpt-neox-20b.json")
 MPT_MIX = {"mc4": 0.33, "c4": 0.299, "rp_cc": 0.1, "the_stack": 0.1, "wikipedia": 0.04,
            "stack_markdown": 0.035, "s2orc": 0.033, "books": 0.03, "arxiv": 0.019,
            "stackexchange": 0.014}
@@ -69,11 +69,12 @@ def stdlib_jsonl(path: str, max_mb: float) -> int:
     return total
 
 
-def bench_prepare(tmp: str, max_mb: float) -> list[tuple[str, str, float]]:
+def bench_prepare(tmp: str, max_mb: float, tokenizer: str) -> list[tuple[str, str, float]]:
     jsonl = os.path.join(tmp, "stdlib.jsonl")
     n_bytes = stdlib_jsonl(jsonl, max_mb)
-    if os.path.isfile(NEOX_JSON):
-        tok_path, tok_name = NEOX_JSON, "gpt-neox-20b"
+    if tokenizer:
+        tok_path = tokenizer
+        tok_name = os.path.basename(tokenizer.rstrip("/")).removesuffix(".json")
     else:
         tok_path, tok_name = os.path.join(tmp, "bpe.json"), "byte-level BPE 4096"
         with open(jsonl) as f:
@@ -182,11 +183,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--prepare_mb", type=float, default=12.0)
     parser.add_argument("--read_seconds", type=float, default=10.0)
+    parser.add_argument("--tokenizer", default=os.environ.get("MPT_JAX_NEOX_TOKENIZER", ""),
+                        help="tokenizer.json (or its directory) for the prepare bench; default "
+                             "$MPT_JAX_NEOX_TOKENIZER, else a byte-level BPE trained here")
     parser.add_argument("--no_record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
     where = machine()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = bench_prepare(tmp, args.prepare_mb) + bench_read(tmp, args.read_seconds)
+        rows = (bench_prepare(tmp, args.prepare_mb, args.tokenizer)
+                + bench_read(tmp, args.read_seconds))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             check=False, capture_output=True, text=True).stdout.strip() or "unknown"
     date = datetime.date.today().isoformat()

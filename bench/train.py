@@ -5,7 +5,15 @@ loses only that variant).
 
     python bench/train.py --model 1b --seq 2048 --micro_batch 8,16 --remat dots_no_batch,full \
         --attn auto,reference [--optim decoupled_lion --mu_dtype bfloat16 --steps 10]
+        [--host_sync_every_step 0,1 --log_every 10]
         [--results bench/RESULTS.md --card H100 --commit abc1234]
+
+--host_sync_every_step runs the trainer's host side around each step (a batch put on the
+devices from host memory, the metrics read off them, the stop signal checked): 0 as the trainer
+does it (metrics read one step late, everything else at --log_every boundaries), 1 as it was
+before (every metric fetched right after its step and the stop flag gathered every step, so
+the devices idle while the host prepares the next step). Without the flag the timed loop only
+dispatches steps on two device-resident batches.
 
 The global batch is micro_batch x devices x accum (accum micro-steps per optimizer step, summed
 inside the jitted step), parameters and
@@ -62,10 +70,11 @@ def run_one(args) -> dict:
     step = step_lib.compile_train_step(settings, shardings, mesh, ("input_ids",),
                                        xla_options=args.xla_options)
     rng = np.random.default_rng(0)
-    batches = [sharding.make_global_batch(
+    host_batches = [
         {"input_ids": rng.integers(0, cfg.vocab_size, (train.global_batch_size // jax.process_count(),
-                                                       args.seq)).astype(np.int32)}, mesh, rules)
+                                                       args.seq)).astype(np.int32)}
         for _ in range(2)]
+    batches = [sharding.make_global_batch(b, mesh, rules) for b in host_batches]
     with sharding.use_mesh(mesh), sharding.use_rules(rules):
         t0 = time.time()
         compiled = step.lower(state, batches[0]).compile()
@@ -74,9 +83,12 @@ def run_one(args) -> dict:
             state, m = compiled(state, batches[i % 2])
         jax.block_until_ready(m["loss"])
         t0 = time.time()
-        for i in range(args.steps):
-            state, m = compiled(state, batches[i % 2])
-        loss = float(m["loss"])
+        if args.host_sync_every_step == "":
+            for i in range(args.steps):
+                state, m = compiled(state, batches[i % 2])
+            loss = float(m["loss"])
+        else:
+            state, loss = trainer_host_loop(compiled, state, host_batches, mesh, rules, args)
         dt = (time.time() - t0) / args.steps
         if args.profile:
             from profile_util import profile
@@ -91,7 +103,8 @@ def run_one(args) -> dict:
     tokens = train.global_batch_size * args.seq
     tps = tokens / dt
     mem = metrics_lib.device_memory_gb()
-    return dict(model=args.model, seq=args.seq, micro_batch=args.micro_batch, accum=args.accum,
+    return dict(host_sync_every_step=args.host_sync_every_step, log_every=args.log_every,
+                model=args.model, seq=args.seq, micro_batch=args.micro_batch, accum=args.accum,
                 loss_chunk=args.loss_chunk, scan=int(args.scan), clip=args.clip,
                 xla_flags=os.environ.get("XLA_FLAGS", ""), xla_options=args.xla_options,
                 global_batch=train.global_batch_size, remat=args.remat,
@@ -99,6 +112,29 @@ def run_one(args) -> dict:
                 devices=n, step_s=dt, compile_s=compile_s, tokens_per_s_per_device=tps / n,
                 mfu=metrics_lib.mfu(tps, cfg, args.seq, n), peak_mem_gb=mem["mem_peak_gb"],
                 loss=loss, device=jax.devices()[0].device_kind)
+
+
+def trainer_host_loop(compiled, state, host_batches, mesh, rules, args):
+    """The trainer's per-step host work around `compiled` (see the module docstring)."""
+    from mpt_jax import sharding
+    from mpt_jax.train import monitor
+
+    stop = monitor.StopSignal()
+    values = {}
+    reader = monitor.StepMetrics(lambda step, v: values.update(v))
+    for i in range(1, args.steps + 1):
+        batch = sharding.make_global_batch(host_batches[i % 2], mesh, rules)
+        state, m = compiled(state, batch)
+        if args.host_sync_every_step == "1":
+            values = monitor.host_metrics(m)  # waits for this step
+            stop.any_process()
+        else:
+            reader.push(i, m)  # waits for step i - 1 only
+            if i % args.log_every == 0 or i == args.steps:
+                reader.flush()
+                stop.any_process()
+    reader.flush()
+    return state, values["loss"]
 
 
 def main():
@@ -129,6 +165,11 @@ def main():
     p.add_argument("--profile", default="",
                    help="trace 2 steps of each variant into this directory and print the device "
                         "time per kernel / XLA op (bench/profile_util.py)")
+    p.add_argument("--host_sync_every_step", default="",
+                   help="'0': the trainer's host loop (metrics one step late); '1': the old one "
+                        "(every metric fetched after its step); a comma list runs both")
+    p.add_argument("--log_every", type=int, default=10,
+                   help="log boundary of --host_sync_every_step 0 (the trainer's log_every)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -137,11 +178,14 @@ def main():
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
     rows = []
-    for mb, remat, attn, scan in itertools.product(
+    for mb, remat, attn, scan, sync in itertools.product(
             args.micro_batch.split(","), args.remat.split(","), args.attn.split(","),
-            args.scan.split(",")):
+            args.scan.split(","), args.host_sync_every_step.split(",")):
+        if sync not in ("", "0", "1"):
+            p.error(f"--host_sync_every_step {sync!r}: expected 0, 1 or a comma list of them")
         cmd = [sys.executable, __file__, "--one", "--model", args.model, "--seq", str(args.seq),
                "--micro_batch", mb, "--remat", remat, "--attn", attn, "--scan", scan,
+               "--host_sync_every_step", sync, "--log_every", str(args.log_every),
                "--optim", args.optim,
                "--mu_dtype", args.mu_dtype, "--loss_chunk", str(args.loss_chunk),
                "--steps", str(args.steps), "--accum", str(args.accum), "--clip", args.clip,
@@ -154,14 +198,16 @@ def main():
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not lines:
             err = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
-            print(f"mb={mb} remat={remat} attn={attn} scan={scan}: FAILED ({err})", flush=True)
+            print(f"mb={mb} remat={remat} attn={attn} scan={scan} sync={sync}: FAILED ({err})",
+                  flush=True)
             rows.append(dict(micro_batch=mb, remat=remat, attn=attn, failed=err))
             continue
         r = json.loads(lines[-1][7:])
         rows.append(r)
         print(f"{r['model']} seq {r['seq']} mb {r['micro_batch']} x accum {r['accum']} "
               f"(global {r['global_batch']}) remat {r['remat']} scan {r['scan']} attn "
-              f"{r['attn']} {r['optim']}/{r['mu_dtype']}: {r['tokens_per_s_per_device']:,.0f} "
+              f"{r['attn']} {r['optim']}/{r['mu_dtype']}{_loop_name(r)}: "
+              f"{r['tokens_per_s_per_device']:,.0f} "
               f"tok/s/device, MFU {100 * (r['mfu'] or 0):.1f}%, step {r['step_s']:.3f}s, compile "
               f"{r['compile_s']:.1f}s, peak {r['peak_mem_gb'] or 0:.1f} GiB, loss {r['loss']:.3f} "
               f"[{r['device']} x{r['devices']}]", flush=True)
@@ -180,6 +226,7 @@ def main():
                         f"mu {r['mu_dtype']} loss_chunk {r['loss_chunk']}"
                         + ("" if r["scan"] else " layers unrolled (no scan)")
                         + ("" if r["clip"] == "step" else " clip in optax chain")
+                        + _loop_name(r)
                         + (f" XLA_FLAGS={r['xla_flags']}" if r["xla_flags"] else "")
                         + (f" train.xla_options={r['xla_options']}" if r["xla_options"] else ""))
                 card = args.card or r["device"]
@@ -189,6 +236,14 @@ def main():
                                  ("compile s", f"{r['compile_s']:.1f}"),
                                  ("peak GiB/GPU", f"{r['peak_mem_gb'] or 0:.1f}")):
                     fh.write(f"| {date} | {name} | {fig} | {val} | {card} | {args.commit} |\n")
+
+
+def _loop_name(r) -> str:
+    sync = r.get("host_sync_every_step", "")
+    if sync == "":
+        return ""
+    return (" trainer host loop: metrics every step (old)" if sync == "1" else
+            f" trainer host loop: metrics one step late, log_every {r['log_every']}")
 
 
 if __name__ == "__main__":

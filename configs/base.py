@@ -79,8 +79,8 @@ def get_base_config(size: str = "125m") -> ml_collections.ConfigDict:
     c.model = model_section(MPTConfig.preset(size))
 
     # scan_layers False unrolls the blocks: no per-layer copies of saved activations in and out
-    # of the scan's stacked buffers. MPT-1B, H100, micro-batch 8 (bench/RESULTS.md,
-    # 2026-11-27): 53.3k tokens/s unrolled against 49.9k under scan, at twice the compile time.
+    # of the scan's stacked buffers; faster steps on GPUs at about twice the compile time
+    # (bench/RESULTS.md has the measurements).
     c.train = ml_collections.ConfigDict(dict(
         seq_len=2048, global_batch_size=256, micro_batch_size=0, compute_dtype="bfloat16",
         param_dtype="float32", remat_policy="dots_no_batch", scan_layers=False, attn_impl="auto",

@@ -10,8 +10,8 @@ import ml_collections
 from configs.base import get_base_config
 
 # size: (lr, global batch, max_steps = llm-foundry's max_duration in batches, micro batch).
-# 125m, 1b and 7b were checked against llm-foundry's yamls (2026-11-27); the other rows are
-# recalled, not re-checked: verify against scripts/train/yamls/pretrain/mpt-<size>.yaml.
+# 125m, 1b and 7b are llm-foundry's yamls; the other rows are not checked against them:
+# verify against scripts/train/yamls/pretrain/mpt-<size>.yaml before relying on them.
 RECIPES = {
     "125m": (6.0e-4, 256, 4800, 16),
     "350m": (3.0e-4, 256, 13400, 8),

@@ -9,16 +9,10 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from conftest import ROOT, toy_train_state
 from mpt_jax.train import checkpoint as ckpt_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _state(scale, n=64):
-    params = {"wte": jnp.full((n, 8), scale, jnp.float32), "blocks": {"w": jnp.arange(6.0) * scale}}
-    return {"step": jnp.int32(0), "params": params,
-            "opt_state": ({"mu": jax.tree.map(jnp.zeros_like, params)}, jnp.int32(3))}
 
 
 def _shardings(state):
@@ -30,13 +24,13 @@ def _shardings(state):
 def test_layout_and_restore_onto_shardings(tmp_path):
     manager = ckpt_lib.make_manager(str(tmp_path), keep=2)
     for step in (1, 2, 3):
-        ckpt_lib.save(manager, step, _state(float(step)), model_config={"d_model": 8},
+        ckpt_lib.save(manager, step, toy_train_state(float(step)), model_config={"d_model": 8},
                       train_state={"step": step, "seed": 0, "data_states": [{"i": step}]})
     manager.wait_until_finished()
     assert manager.all_steps() == [2, 3]  # keep-N
     d = os.path.join(str(tmp_path), "checkpoints", "3")
     assert {"model_config", "opt_state", "params", "train_state"} <= set(os.listdir(d))
-    abstract = jax.eval_shape(lambda: _state(0.0))
+    abstract = jax.eval_shape(lambda: toy_train_state(0.0))
     state, train_state = ckpt_lib.restore(manager, 3, abstract, _shardings(abstract))
     model_config = ckpt_lib.restore_model_config(manager, 3)
     assert train_state["data_states"] == [{"i": 3}] and model_config == {"d_model": 8}
@@ -50,19 +44,20 @@ KILLED_SAVE = textwrap.dedent(r'''
     import os, signal, sys, time
     import jax, jax.numpy as jnp
     sys.path.insert(0, "tests")
-    from checkpoint_test import _state
+    from conftest import toy_train_state
     from mpt_jax.train import checkpoint as ckpt_lib
     manager = ckpt_lib.make_manager(sys.argv[1], keep=3)
-    ckpt_lib.save(manager, 1, _state(1.0), model_config={}, train_state={"step": 1,
+    ckpt_lib.save(manager, 1, toy_train_state(1.0), model_config={}, train_state={"step": 1,
                   "data_states": [{}]})
     manager.wait_until_finished()
     # a large second save: killed while orbax writes it in the background
-    ckpt_lib.save(manager, 2, _state(2.0, n=4_000_000), model_config={},
+    ckpt_lib.save(manager, 2, toy_train_state(2.0, n=4_000_000), model_config={},
                   train_state={"step": 2, "data_states": [{}]})
     os.kill(os.getpid(), signal.SIGKILL)
 ''')
 
 
+@pytest.mark.slow
 def test_save_killed_midway_keeps_previous_checkpoint(tmp_path):
     out = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path)], cwd=ROOT,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
@@ -70,7 +65,7 @@ def test_save_killed_midway_keeps_previous_checkpoint(tmp_path):
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     manager = ckpt_lib.make_manager(str(tmp_path), keep=3)
     assert manager.latest_step() == 1, os.listdir(os.path.join(str(tmp_path), "checkpoints"))
-    abstract = jax.eval_shape(lambda: _state(0.0))
+    abstract = jax.eval_shape(lambda: toy_train_state(0.0))
     state, train_state = ckpt_lib.restore(manager, 1, abstract, _shardings(abstract))
     np.testing.assert_array_equal(state["params"]["wte"], 1.0)
     assert train_state["step"] == 1

@@ -18,11 +18,11 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as torch_save_file
 from transformers import MptForCausalLM
 
-from model_test import (HF_CONFIGS, NP_CONFIGS, _ids_mask, hf_logits, hf_model, hf_state,
-                        np_forward, random_pure)
+from conftest import (HF_CONFIGS, NP_CONFIGS, _ids_mask, hf_logits, hf_model, hf_state,
+                      np_forward, random_pure)
 from mpt_jax import load_pretrained
-from mpt_jax.convert.convert import (ParamsReader, main, model_shapes,
-                             name_table)
+from mpt_jax.convert.convert import ParamsReader, main
+from mpt_jax.convert.table import model_shapes, name_table
 from mpt_jax.model import abstract_model
 
 TOKENIZER = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": "{}",
@@ -333,6 +333,7 @@ def test_bad_export_inputs_and_existing_dst(hf_dir, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["exists", "ours"]
 
 
+@pytest.mark.slow
 def test_cli_script_subprocess(hf_dir, tmp_path):
     """The real entry point: exit status and a single stderr line, no traceback."""
     import subprocess
@@ -343,7 +344,7 @@ def test_cli_script_subprocess(hf_dir, tmp_path):
                        capture_output=True, text=True, cwd=root)
     assert p.returncode == 1
     lines = [l for l in p.stderr.splitlines() if "Warning" not in l and l.strip()]
-    assert lines == [f"error: {tmp_path / 'nope'}: not a directory"], p.stderr
+    assert lines == [f"error: {tmp_path / 'nope'}: does not exist"], p.stderr
 
 
 def test_native_config_means_what_transformers_computes(tmp_path, capsys):
@@ -401,3 +402,53 @@ def test_missing_chunk_is_an_error_and_outputs_honour_the_umask(hf_dir, tmp_path
     assert not (tmp_path / "again").exists()
     with pytest.raises(ConversionError, match="missing"):
         load_pretrained(ours)
+
+
+def test_cli_refusals_name_the_problem(hf_dir, tmp_path, capsys):
+    """--max_shard_size must be positive; a missing SRC does not exist, a file is not a
+    directory; a DST under a file names its parent as not a directory. One line, exit 1."""
+    ours = tmp_path / "ours"
+    assert _run(["import", hf_dir[0], ours], capsys)[0] == 0
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["export", ours, tmp_path / "o1", "--max_shard_size", "0"],
+         "--max_shard_size must be a positive number of GB, got 0"),
+        (["export", ours, tmp_path / "o2", "--max_shard_size", "nan"],
+         "--max_shard_size must be a positive number of GB, got nan"),
+        (["export", tmp_path / "missing", tmp_path / "o3"],
+         f"{tmp_path / 'missing'}: does not exist"),
+        (["export", afile, tmp_path / "o4"], f"{afile}: not a directory"),
+        (["import", tmp_path / "missing", tmp_path / "o5"],
+         f"{tmp_path / 'missing'}: does not exist"),
+        (["import", hf_dir[0], afile / "sub"],
+         f"{afile}: destination's parent is not a directory"),
+        (["import", hf_dir[0], tmp_path / "no" / "sub"],
+         f"{tmp_path / 'no'}: destination's parent directory does not exist"),
+    ]
+    for argv, line in cases:
+        rc, _, err = _run(argv, capsys)
+        assert rc == 1 and err.strip().splitlines() == [f"error: {line}"], (argv, err)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "ours"]
+
+
+def test_trainer_step_directory_exports_its_tokenizer(tmp_path, capsys):
+    """The trainer saves the run's tokenizer.json as each step's `tokenizer` item (and in the
+    workdir): export from the step directory alone, or from a workdir without its own copy,
+    carries it to the HF directory."""
+    from mpt_jax.train import checkpoint as ckpt_lib
+
+    cfg = NP_CONFIGS["gqa"]
+    tok = {"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}}}
+    manager = ckpt_lib.make_manager(str(tmp_path / "work"), keep=2)
+    pure = jax.tree.map(jnp.asarray, random_pure(cfg, seed=1))
+    ckpt_lib.save(manager, 5, {"params": pure, "opt_state": {"count": jnp.int32(0)}},
+                  model_config=cfg.to_dict("foundry"),
+                  train_state={"step": 5, "data_states": [{}]}, tokenizer=tok)
+    manager.wait_until_finished()
+    step_dir = tmp_path / "work" / "checkpoints" / "5"
+    assert json.loads((step_dir / "tokenizer" / "tokenizer.json").read_text()) == tok
+    for src, dst in ((step_dir, tmp_path / "from_step"),
+                     (tmp_path / "work", tmp_path / "from_work")):
+        assert _run(["export", src, dst], capsys)[0] == 0
+        assert json.loads((dst / "tokenizer.json").read_text()) == tok

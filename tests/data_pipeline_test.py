@@ -8,62 +8,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import PIPELINE_T as T
+from conftest import WORDS, data, data_config, make_docs, take  # noqa: F401 (data: fixture)
 from mpt_jax.data import corpus, pipeline, prepare
 from mpt_jax.data import tokenizer as tokenizer_lib
-
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa",
-         "lambda", "mu"]
-T = 16  # seq_len
-
-
-def make_docs(n, seed, tag, max_words=40):
-    rng = np.random.default_rng(seed)
-    return [f"{tag}{i} " + " ".join(rng.choice(WORDS, rng.integers(1, max_words)))
-            for i in range(n)]
-
-
-def data_config(sources, **overrides):
-    cfg = ml_collections.ConfigDict(dict(
-        builtin="", tokenizer="", sources={}, packing=False, eval_fraction=0.0, shuffle=True,
-        num_workers=0, prefetch=2, builtin_vocab_size=4096))
-    cfg.sources = {name: dict(path=path, weight=weight) for name, (path, weight) in
-                   sources.items()}
-    cfg.update(overrides)
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A tokenizer and sources a (200 docs), b (60 docs), c (long docs) in both layouts."""
-    root = tmp_path_factory.mktemp("data")
-    docs = {"a": make_docs(200, 1, "a"), "b": make_docs(60, 2, "b"),
-            "c": make_docs(20, 3, "c", max_words=60)}
-    tok_path = str(root / "tokenizer.json")
-    all_docs = [d for source_docs in docs.values() for d in source_docs]
-    tokenizer_lib.train_byte_level_bpe(all_docs, 320).save(tok_path)
-    out = {"tok": tok_path, "docs": docs}
-    for name, source_docs in docs.items():
-        jsonl = root / f"{name}.jsonl"
-        jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in source_docs))
-        for mode in ("seq", "doc"):
-            out[f"{name}_{mode}"] = str(root / f"{name}_{mode}")
-            prepare.prepare_dataset([str(jsonl)], out[f"{name}_{mode}"], tok_path, seq_len=T,
-                                    keep_documents=mode == "doc", progress=False)
-        # finetuning examples: the document's tag and first word prompt the rest (truncated to T)
-        examples = root / f"{name}_examples.jsonl"
-        examples.write_text("".join(
-            json.dumps({"prompt": " ".join(d.split()[:2]), "response": " " + " ".join(
-                d.split()[2:] or ["alpha"])}) + "\n" for d in source_docs))
-        out[f"{name}_ex"] = str(root / f"{name}_ex")
-        prepare.prepare_dataset([str(examples)], out[f"{name}_ex"], tok_path, seq_len=None,
-                                format="prompt_response", max_seq_len=T, progress=False)
-    return out
-
-
-def take(iterator, n):
-    batches = [next(iterator) for _ in range(n)]
-    return batches
-
 
 def rows_of(batches):
     return [tuple(row) for b in batches for row in b["input_ids"].tolist()]
@@ -342,3 +290,66 @@ def test_builtin_corpus_prepared_once_and_cached(tmp_path, monkeypatch):
     assert batch["input_ids"].shape == (2, 32) and batch["input_ids"].max() < 512
     assert len(pipeline.make_eval_batches(cfg, seq_len=32, batch_size=2, num_batches=2,
                                           workdir=str(tmp_path))) == 2
+
+
+def test_copied_workdir_needs_no_preparation_and_resumes_the_stream(tmp_path, monkeypatch,
+                                                                    capsys):
+    """The built-in corpus under a workdir, copied as `cp -r` does (fresh mtimes) and the
+    original moved away: nothing is prepared again and an iterator state of the original
+    restores in the copy to the same next batches."""
+    import shutil
+    import subprocess
+
+    from conftest import prepare_small_builtin
+
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    prepare_small_builtin(str(run), monkeypatch)
+    assert "training a 384-token byte-level BPE" in capsys.readouterr().err  # says what it does
+    cfg = data_config({}, builtin="python_stdlib", builtin_vocab_size=384, eval_fraction=0.05)
+    it = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=2, seed=0, workdir=str(run))
+    take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    want = take(it, 3)
+    subprocess.run(["cp", "-r", str(run), str(copy)], check=True)
+    run.rename(tmp_path / "moved")
+    monkeypatch.setattr(prepare, "prepare_dataset", None)  # the copy must not prepare again
+    moved = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=2, seed=0,
+                                         workdir=str(copy))
+    moved.set_state(state)
+    assert_same_batches(take(moved, 3), want)
+    assert capsys.readouterr().err == ""  # a prepared corpus is silent
+
+
+def test_states_and_manifests_of_older_versions_still_resume(tmp_path, monkeypatch):
+    """Older versions keyed manifest inputs and the pipeline fingerprint by absolute paths: a
+    workdir of theirs (where it was written) is not prepared again and its iterator states
+    restore. The old fingerprint is computed here as they computed it."""
+    import hashlib
+
+    from conftest import prepare_small_builtin
+
+    run = tmp_path / "run"
+    shards = prepare_small_builtin(str(run), monkeypatch)
+    manifest_path = os.path.join(shards, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["inputs"] = {str(run / "data" / "python_stdlib.jsonl"): {
+        k: v for k, v in entry.items() if k != "path"}
+        for entry in manifest["inputs"].values()}
+    with open(manifest_path, "w") as fh:
+        json.dump(manifest, fh)
+    monkeypatch.setattr(prepare, "prepare_dataset", None)
+    cfg = data_config({}, builtin="python_stdlib", builtin_vocab_size=384, eval_fraction=0.05)
+    settings = dict(split="train", seq_len=T, batch_size=2, seed=0, process_index=0,
+                    process_count=1, packing=False, shuffle=True, eval_fraction=0.05,
+                    num_workers=0)
+    it = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=2, seed=0, workdir=str(run))
+    take(it, 2)
+    state = json.loads(json.dumps(it.get_state()))
+    want = take(it, 2)
+    old = {"sources": [("python_stdlib", shards, 1.0, manifest["records"],
+                        manifest["tokenizer"]["sha256"])], **settings}
+    state["pipeline"] = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert state["pipeline"] != it.get_state()["pipeline"]
+    again = pipeline.make_train_iterator(cfg, seq_len=T, batch_size=2, seed=0, workdir=str(run))
+    again.set_state(state)
+    assert_same_batches(take(again, 2), want)

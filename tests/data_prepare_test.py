@@ -272,3 +272,33 @@ def test_cli(tmp_path, tok_path, capsys):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nope.jsonl'}: no such file or directory"]
+
+
+def test_relocatable_output_and_progress(tmp_path, tok_path, monkeypatch, capsys):
+    """Inputs are recorded relative to the output (and by absolute path): a tree of inputs and
+    output moved together, or the output moved alone, is recognised as done by a rerun; the
+    progress bar counts documents and tokens from the first file on."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    (tree / "raw").mkdir(parents=True)
+    write_jsonl(tree / "raw" / "a.jsonl", make_docs(30, 3, "a"))
+    manifest = prepare.prepare_dataset([str(tree / "raw" / "a.jsonl")], str(tree / "out"),
+                                       tok_path, seq_len=8)
+    err = capsys.readouterr().err
+    assert "30 docs" in err and f"{manifest['tokens']:,} tokens written" in err, err
+    assert list(manifest["inputs"]) == [os.path.join("..", "raw", "a.jsonl")]
+    calls = []
+    real_prepare_one = prepare._prepare_one
+    monkeypatch.setattr(prepare, "_prepare_one",
+                        lambda path, *a: calls.append(path) or real_prepare_one(path, *a))
+    shutil.move(str(tree), str(tmp_path / "moved"))  # (keeps mtimes, as a move does)
+    moved = tmp_path / "moved"
+    again = prepare.prepare_dataset([str(moved / "raw" / "a.jsonl")], str(moved / "out"),
+                                    tok_path, seq_len=8, progress=False)
+    shutil.move(str(moved / "out"), str(tmp_path / "out_alone"))
+    alone = prepare.prepare_dataset([str(moved / "raw" / "a.jsonl")],
+                                    str(tmp_path / "out_alone"), tok_path, seq_len=8,
+                                    progress=False)
+    assert calls == [] and again["records"] == alone["records"] == manifest["records"]
+    assert list(alone["inputs"]) == [os.path.join("..", "moved", "raw", "a.jsonl")]

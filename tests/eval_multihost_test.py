@@ -10,7 +10,7 @@ import sys
 import portpicker
 
 import eval_common
-from trainer_test import ROOT, subprocess_env
+from conftest import ROOT, subprocess_env
 
 TASKS = """icl_tasks:
 - {label: mc, dataset_uri: mc.jsonl, icl_task_type: multiple_choice, num_fewshot: [1]}

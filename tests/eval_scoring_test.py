@@ -76,7 +76,7 @@ def test_learned_positions_model_padding_and_shared_contexts():
     import jax
     import jax.numpy as jnp
 
-    from model_test import random_pure
+    from conftest import random_pure
     from mpt_jax import MPTConfig
     from mpt_jax.convert.convert import model_from_pure_dict
     from mpt_jax.model.config import AttnConfig

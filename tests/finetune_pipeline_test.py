@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline_test import T, data, data_config, take  # noqa: F401 (fixture)
+from conftest import PIPELINE_T as T
+from conftest import data, data_config, take  # noqa: F401 (data: fixture)
 from mpt_jax.data import finetune, pipeline, prepare
 
 

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from model_test import hf_model, hf_state, tiny
+from conftest import hf_model, hf_state, tiny
 from mpt_jax import sharding
-from mpt_jax.convert.convert import pure_dict_from_torch
+from mpt_jax.convert.table import pure_dict_from_torch
 from mpt_jax.model.config import AttnConfig
 from mpt_jax.train import optim
 from mpt_jax.train import step as step_lib
@@ -79,7 +79,7 @@ def test_masked_loss_equals_transformers_labels_minus_100():
 
 def test_packing_leaves_an_examples_loss_and_gradients_unchanged():
     cfg = tiny(attn_config=AttnConfig(attn_uses_sequence_id=True))
-    from model_test import random_pure
+    from conftest import random_pure
 
     params = random_pure(cfg, seed=4)
     rng = np.random.default_rng(1)
@@ -111,7 +111,7 @@ def test_packing_leaves_an_examples_loss_and_gradients_unchanged():
 
 def test_accumulation_equals_one_batch_with_loss_token_normalisation():
     cfg = tiny()
-    from model_test import random_pure
+    from conftest import random_pure
 
     params = jax.tree.map(jnp.asarray, random_pure(cfg, seed=6, std=0.1))
     rng = np.random.default_rng(2)

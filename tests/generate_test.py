@@ -128,7 +128,7 @@ def test_decode_step_launches_the_same_kernels(batch):
     where the slots are split), two add+norm kernels a layer and one for norm_f (each block's
     MLP residual rides in the next norm kernel), and nothing else. The counts are the ones the
     generator had with its own copy of the decode chain."""
-    from model_test import pallas_kernels
+    from conftest import pallas_kernels
 
     from mpt_jax import MPTConfig, MPTForCausalLM
     from mpt_jax.infer import generate as gen_lib
@@ -312,6 +312,7 @@ print("MESH OK")
 """
 
 
+@pytest.mark.slow
 def test_sharded_over_a_mesh_of_fake_cpu_devices():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     p = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True,

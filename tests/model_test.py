@@ -16,175 +16,11 @@ from scipy.special import erf
 
 from mpt_jax import MPTConfig
 from mpt_jax.model.config import AttnConfig, FFNConfig
-from mpt_jax.convert.convert import model_from_pure_dict, model_shapes, pure_dict_from_torch
+from conftest import (HF_CONFIGS, NP_CONFIGS, _ids_mask, all_eqns, hf_logits, hf_model,  # noqa: F401
+                      hf_state, np_forward, pallas_kernels, random_pure, tiny)
+from mpt_jax.convert.convert import model_from_pure_dict
+from mpt_jax.convert.table import pure_dict_from_torch
 from mpt_jax.model import KVCache, abstract_model, attention
-
-V = 101
-
-
-def tiny(**kw) -> MPTConfig:
-    base = dict(d_model=21, n_heads=3, n_layers=2, vocab_size=V, max_seq_len=32,
-                expansion_ratio=4, attn_config=AttnConfig())
-    base.update(kw)
-    return MPTConfig(**base)
-
-
-def random_pure(cfg: MPTConfig, seed=0, std=0.25) -> dict:
-    """Random params for every leaf: matrices N(0, std), norm weights 1 + N(0, 0.1)."""
-    rng = np.random.default_rng(seed)
-    pure = {}
-    for path, shape in model_shapes(cfg).items():
-        if path[-1] == "weight":  # norms
-            val = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif path[-1] == "bias" or path[-1].endswith("_bias"):
-            val = 0.1 * rng.standard_normal(shape)
-        else:
-            val = std * rng.standard_normal(shape)
-        d = pure
-        for k in path[:-1]:
-            d = d.setdefault(k, {})
-        d[path[-1]] = val.astype(np.float32)
-    return pure
-
-
-# ---------------------------------------------------------------------------------------------
-# Independent numpy reference (float64)
-# ---------------------------------------------------------------------------------------------
-def np_slopes(h, bias_max):
-    n = 2 ** math.ceil(math.log2(h))
-    m = np.arange(1, n + 1) * bias_max / n
-    s = 1.0 / 2.0 ** m
-    if n != h:
-        s = np.concatenate([s[1::2], s[::2]])[:h]
-    return s
-
-
-def np_norm(x, w, b, eps, rms=False):
-    if rms:
-        y = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps)
-    else:
-        mu = x.mean(-1, keepdims=True)
-        y = (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
-    y = y * w
-    return y if b is None else y + b
-
-
-def np_act(name, x):
-    if name == "gelu":
-        return 0.5 * x * (1 + erf(x / np.sqrt(2)))
-    if name == "silu":
-        return x / (1 + np.exp(-x))
-    return np.maximum(x, 0)
-
-
-def np_forward(cfg: MPTConfig, pure, ids, mask=None):
-    P = jax.tree.map(lambda a: np.asarray(a, np.float64), pure)
-    a, eps = cfg.attn_config, cfg.norm_eps
-    rms = cfg.norm_type.endswith("rmsnorm")
-    B, T = ids.shape
-    H, KV, hd = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
-    mask = np.ones((B, T), bool) if mask is None else mask.astype(bool)
-    x = P["wte"][ids]
-    if cfg.use_wpe:
-        pos = np.maximum(np.arange(T)[None] - np.cumsum(~mask, 1), 0)
-        x = x + P["wpe"][pos]
-    x = x * cfg.embedding_fraction + x * (1 - cfg.embedding_fraction)
-
-    def g(tree, *ks):
-        for k in ks:
-            tree = tree.get(k) if isinstance(tree, dict) else None
-            if tree is None:
-                return None
-        return tree
-
-    blk = P["blocks"]
-    scale = a.softmax_scale if a.softmax_scale is not None else 1 / math.sqrt(hd)
-    slopes = np_slopes(H, a.alibi_bias_max) if a.alibi else np.zeros(H)
-    i_, j_ = np.arange(T)[:, None], np.arange(T)[None, :]
-    for l in range(cfg.n_layers):
-        L = jax.tree.map(lambda t: t[l], blk)
-        h = np_norm(x, L["norm_1"]["weight"], g(L, "norm_1", "bias"), eps, rms)
-        qkv = h @ L["attn"]["Wqkv"] + (g(L, "attn", "Wqkv_bias") if not cfg.no_bias else 0)
-        if a.clip_qkv is not None:
-            qkv = np.clip(qkv, -a.clip_qkv, a.clip_qkv)
-        q, k, v = qkv[..., :H * hd], qkv[..., H * hd:(H + KV) * hd], qkv[..., (H + KV) * hd:]
-        if a.qk_ln:
-            q = np_norm(q, L["attn"]["q_ln"]["weight"], g(L, "attn", "q_ln", "bias"), eps, rms)
-            k = np_norm(k, L["attn"]["k_ln"]["weight"], g(L, "attn", "k_ln", "bias"), eps, rms)
-        q, k, v = (t.reshape(B, T, -1, hd) for t in (q, k, v))
-        if a.qk_gn:
-            q = np_norm(q, L["attn"]["q_ln"]["weight"], g(L, "attn", "q_ln", "bias"), eps, rms)
-            k = np_norm(k, L["attn"]["k_ln"]["weight"], g(L, "attn", "k_ln", "bias"), eps, rms)
-        grp = H // KV
-        k, v = k[:, :, np.arange(H) // grp], v[:, :, np.arange(H) // grp]
-        s = np.einsum("bihd,bjhd->bhij", q, k) * scale
-        s = s + slopes[None, :, None, None] * (j_ - i_)[None, None]
-        allowed = (j_ <= i_)[None, None] & mask[:, None, None, :]
-        s = np.where(allowed, s, -1e30)  # fully masked (padding) rows: garbage, never compared
-        p = np.exp(s - s.max(-1, keepdims=True)) * allowed
-        p = p / np.maximum(p.sum(-1, keepdims=True), 1e-30)
-        o = np.einsum("bhij,bjhd->bihd", p, v).reshape(B, T, H * hd)
-        o = o @ L["attn"]["out_proj"] + (0 if cfg.no_bias else L["attn"]["out_proj_bias"])
-        x = x + o
-        h = np_norm(x, L["norm_2"]["weight"], g(L, "norm_2", "bias"), eps, rms)
-        f = L["ffn"]
-        up = h @ f["up_proj"] + (0 if cfg.no_bias else f["up_proj_bias"])
-        if cfg.ffn_config.ffn_type == "mptglu":
-            gate = h @ f["gate_proj"] + (0 if cfg.no_bias else f["gate_proj_bias"])
-            m = np_act(cfg.ffn_config.ffn_act_fn, gate) * up
-        else:
-            m = np_act(cfg.ffn_config.ffn_act_fn, up)
-        x = x + m @ f["down_proj"] + (0 if cfg.no_bias else f["down_proj_bias"])
-    x = np_norm(x, P["norm_f"]["weight"], g(P, "norm_f", "bias"), eps, rms)
-    w = P["wte"] if cfg.tie_word_embeddings else P["lm_head"]
-    logits = x @ w.T
-    return logits if cfg.logit_scale is None else logits * cfg.logit_scale_value
-
-
-def _ids_mask(B=2, T=11, pad=4, seed=0):
-    ids = np.random.default_rng(seed).integers(0, V, (B, T))
-    mask = np.ones((B, T), np.int64)
-    mask[1, :pad] = 0
-    return ids, mask
-
-
-# ---------------------------------------------------------------------------------------------
-# transformers' MptForCausalLM
-# ---------------------------------------------------------------------------------------------
-def hf_model(cfg: MPTConfig, seed=0, std=0.25):
-    torch = pytest.importorskip("torch")
-    from transformers import MptConfig, MptForCausalLM
-
-    torch.manual_seed(seed)
-    hf = MptForCausalLM(MptConfig(**cfg.to_dict("hf"))).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0, std)
-            else:
-                p.normal_(1.0, 0.1)
-    return hf
-
-
-def hf_logits(hf, ids, mask=None):
-    import torch
-
-    with torch.no_grad():
-        kw = {} if mask is None else {"attention_mask": torch.tensor(mask)}
-        return hf(torch.tensor(ids), **kw).logits.numpy()
-
-
-def hf_state(hf) -> dict:
-    return {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
-
-
-HF_CONFIGS = {
-    "h3": tiny(),
-    "h4": tiny(d_model=28, n_heads=4),
-    "h5_clip": tiny(d_model=35, n_heads=5, attn_config=AttnConfig(clip_qkv=0.7)),
-    "h6_scale": tiny(d_model=42, n_heads=6, n_layers=3,
-                     attn_config=AttnConfig(softmax_scale=0.21)),
-}
 
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
@@ -212,24 +48,6 @@ def test_numpy_reference_matches_transformers():
     ref = hf_logits(hf, ids, mask)
     np.testing.assert_array_less(np.abs(np_forward(cfg, pure, ids, mask) - ref)[mask > 0].max(),
                                  1e-4)
-
-
-NP_CONFIGS = {
-    "alibi_bias_max_5_h6": tiny(d_model=42, n_heads=6, attn_config=AttnConfig(alibi_bias_max=5)),
-    "gqa": tiny(d_model=30, n_heads=6, attn_config=AttnConfig(
-        attn_type="grouped_query_attention", kv_n_heads=2)),
-    "mqa": tiny(d_model=28, n_heads=4, attn_config=AttnConfig(attn_type="multiquery_attention")),
-    "glu_silu_bias": tiny(no_bias=False, ffn_config=FFNConfig(ffn_type="mptglu",
-                                                             ffn_act_fn="silu"),
-                          expansion_ratio=3),
-    "qk_ln_bias_gqa": tiny(d_model=30, n_heads=6, no_bias=False, attn_config=AttnConfig(
-        qk_ln=True, attn_type="grouped_query_attention", kv_n_heads=3)),
-    "qk_gn_rms": tiny(norm_type="low_precision_rmsnorm", attn_config=AttnConfig(qk_gn=True)),
-    "logit_scale_untied": tiny(logit_scale=0.37, tie_word_embeddings=False),
-    "logit_scale_inv_sqrt": tiny(logit_scale="inv_sqrt_d_model"),
-    "wpe_no_alibi_fraction": tiny(learned_pos_emb=True, embedding_fraction=0.3,
-                                  attn_config=AttnConfig(alibi=False)),
-}
 
 
 @pytest.mark.parametrize("name", list(NP_CONFIGS))
@@ -333,31 +151,6 @@ def test_mode_and_cache_arguments_are_checked():
     for kwargs, needle in cases:
         with pytest.raises(ValueError, match=needle):
             model(ids, **kwargs)
-
-
-def all_eqns(jaxpr):
-    """Every equation of a jaxpr, recursing into jit, scan, while, cond and shard_map bodies
-    (an equation in a loop body counts once)."""
-    from jax.extend import core as jcore
-
-    for e in jaxpr.eqns:
-        yield e
-        for v in e.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                if isinstance(sub, jcore.ClosedJaxpr):
-                    yield from all_eqns(sub.jaxpr)
-                elif isinstance(sub, jcore.Jaxpr):
-                    yield from all_eqns(sub)
-
-
-def pallas_kernels(jaxpr):
-    """The names of the Pallas kernels a jaxpr launches, one per call site."""
-    names = []
-    for e in all_eqns(jaxpr):
-        if e.primitive.name == "pallas_call":  # (newer jax: name_and_src_info)
-            info = e.params.get("name_and_src_info")
-            names.append(e.params["name"] if info is None else info.name)
-    return names
 
 
 @pytest.mark.parametrize("qk_ln", [False, True])  # the packed kernel, and q/k/v slices

@@ -12,7 +12,7 @@ import sysconfig
 import portpicker
 import pytest
 
-from trainer_test import ROOT, read_losses, subprocess_env, write_test_config
+from conftest import ROOT, read_losses, subprocess_env, write_test_config
 
 SEQ_LEN = 24  # write_test_config's train.seq_len
 
@@ -47,6 +47,7 @@ def row_corpus(tmp_path_factory):
     return shards
 
 
+@pytest.mark.slow
 def test_two_processes_checkpoint_resume_and_match_one_process(row_corpus, tmp_path):
     # mesh data=2 x fsdp=2: the batch is split over processes and devices, params over fsdp
     config_path = write_test_config(str(tmp_path / "cfg.py"), row_corpus, max_steps=6,

@@ -9,9 +9,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from model_test import hf_model, hf_state, tiny
+from conftest import hf_model, hf_state, tiny
 from mpt_jax.convert import pretrained
-from mpt_jax.convert.convert import import_checkpoint, pure_dict_from_torch
+from mpt_jax.convert.convert import import_checkpoint
+from mpt_jax.convert.table import pure_dict_from_torch
 from mpt_jax.model.config import AttnConfig, MPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -155,6 +155,7 @@ SCRIPT = textwrap.dedent(r'''
 ''')
 
 
+@pytest.mark.slow
 def test_eight_devices_params_sharded_by_rules_and_step_compiles_once():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"
                " --xla_backend_optimization_level=0")
@@ -173,7 +174,7 @@ RULES_SCRIPT = textwrap.dedent(r'''
     from mpt_jax.train import step as step_lib
     from mpt_jax.model.config import MPTConfig
     sys.path.insert(0, "tests")
-    from model_test import all_eqns
+    from conftest import all_eqns
     assert jax.device_count() == 8
     # head dim 16, T 16: the packed Triton flash kernel (traced only) under shard_map
     cfg = MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=16)

@@ -48,8 +48,7 @@ import numpy as np
 from mpt_jax.model.config import MPTConfig
 from mpt_jax.convert.io import (ConversionError, ParamsReader, ParamsWriter, SafetensorsWriter,
                                 TensorInfo, read_tensor, scan_source)
-from mpt_jax.convert.table import (Row, _set_path, export_form,  # noqa: F401
-                                   model_shapes, name_table, pure_dict_from_torch)
+from mpt_jax.convert.table import Row, export_form, name_table, set_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
@@ -98,10 +97,16 @@ class Plan(NamedTuple):
     notes: list[str]  # what the import changed of config.json's literal meaning, and why
 
 
-def plan_import(src: Path) -> Plan:
-    """Reads config.json and every safetensors header of `src`; checks keys and shapes."""
+def _check_source_dir(src: Path) -> None:
+    if not os.path.lexists(src):
+        raise ConversionError(f"{src}: does not exist")
     if not src.is_dir():
         raise ConversionError(f"{src}: not a directory")
+
+
+def plan_import(src: Path) -> Plan:
+    """Reads config.json and every safetensors header of `src`; checks keys and shapes."""
+    _check_source_dir(src)
     cfg, notes = read_source_config(src / "config.json")
     tensors, files = scan_source(src)
     if tensors and all(k.startswith("model.") for k in tensors):
@@ -185,8 +190,10 @@ class _AtomicDir:
         if os.path.lexists(self.dst):
             raise ConversionError(f"{self.dst}: destination already exists")
         parent = self.dst.parent
-        if not parent.is_dir():
+        if not os.path.lexists(parent):
             raise ConversionError(f"{parent}: destination's parent directory does not exist")
+        if not parent.is_dir():
+            raise ConversionError(f"{parent}: destination's parent is not a directory")
         # os.mkdir honours the umask (tempfile.mkdtemp would make it 0700, and a serving
         # process of another user could not read the result)
         self.tmp = parent / f".{self.dst.name}.partial-{secrets.token_hex(4)}"
@@ -238,14 +245,16 @@ class OurCheckpoint(NamedTuple):
 
 
 def resolve_checkpoint(path: Path) -> OurCheckpoint:
-    """Our converter dir, a trainer step dir (params + model_config) or a trainer workdir."""
+    """Our converter dir, a trainer step dir (params + model_config) or a trainer workdir.
+    Tokenizer files: beside params/ (converter dir, workdir), or a step dir's tokenizer/ item
+    (the trainer saves the run's tokenizer.json in every step)."""
     if (path / "checkpoints").is_dir() and not (path / "params").is_dir():
         steps = sorted((int(p.name), p) for p in (path / "checkpoints").iterdir()
                        if p.name.isdigit() and (p / "params").is_dir())
         if not steps:
             raise ConversionError(f"{path / 'checkpoints'}: no finished step directories")
         ck = resolve_checkpoint(steps[-1][1])
-        return ck._replace(files_dir=path)
+        return ck if not (path / "tokenizer.json").is_file() else ck._replace(files_dir=path)
     params = path / "params"
     if not params.is_dir():
         raise ConversionError(f"{path}: not one of our checkpoints (no params/ directory)")
@@ -261,7 +270,19 @@ def resolve_checkpoint(path: Path) -> OurCheckpoint:
         cfg = read_config(files[0])
     else:
         raise ConversionError(f"{path}: no config.json or model_config next to params/")
-    return OurCheckpoint(cfg, params, path)
+    step_tokenizer = path / "tokenizer"  # a trainer step dir's item
+    files_dir = step_tokenizer if (step_tokenizer / "tokenizer.json").is_file() else path
+    return OurCheckpoint(cfg, params, files_dir)
+
+
+def tokenizer_dir(path) -> Path:
+    """Where the tokenizer of checkpoint `path` lies: an HF directory or our converter's
+    directory itself, a trainer workdir (its tokenizer.json, else its latest step's), a trainer
+    step directory's tokenizer/ item."""
+    path = Path(path)
+    if (path / "params").is_dir() or (path / "checkpoints").is_dir():
+        return resolve_checkpoint(path).files_dir
+    return path
 
 
 def _check_params(ck: OurCheckpoint, reader: ParamsReader, rows: list[Row]) -> None:
@@ -285,8 +306,10 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
     Returns the config form written and, for 'foundry', why native MPT could not be used."""
     src, dst = Path(src), Path(dst)
     np_dtype = _parse_dtype(dtype)
-    if not src.is_dir():
-        raise ConversionError(f"{src}: not a directory")
+    if not (max_shard_bytes > 0):  # (also refuses NaN)
+        raise ConversionError(f"--max_shard_size must be a positive number of GB, got "
+                              f"{max_shard_bytes / 1e9:g}")
+    _check_source_dir(src)
     ck = resolve_checkpoint(src)
     cfg = ck.cfg
     rows = name_table(cfg)
@@ -360,8 +383,7 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
     import jax.numpy as jnp
 
     path = Path(path)
-    if not path.is_dir():
-        raise ConversionError(f"{path}: not a directory")
+    _check_source_dir(path)
     pd = None if param_dtype is None else np.dtype(jnp.dtype(param_dtype))
     pure: dict = {}
     if (path / "params").is_dir() or (path / "checkpoints").is_dir():
@@ -371,7 +393,7 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
         _check_params(ck, reader, rows)
         for r in rows:
             arr = reader.read(r.path)
-            _set_path(pure, r.path, arr if pd is None else arr.astype(pd))
+            set_path(pure, r.path, arr if pd is None else arr.astype(pd))
     else:
         plan = plan_import(path)
         cfg = plan.cfg
@@ -384,9 +406,9 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
                     stacks[row.path] = np.empty(row.shape, arr.dtype)
                 stacks[row.path][i] = arr.T if row.transpose else arr
             else:
-                _set_path(pure, row.path, arr)
+                set_path(pure, row.path, arr)
         for p, arr in stacks.items():
-            _set_path(pure, p, arr)
+            set_path(pure, p, arr)
     return model_from_pure_dict(cfg, pure, dtype, **model_kwargs)
 
 
@@ -434,6 +456,9 @@ def main(argv=None) -> int:
             for note in notes:
                 print(f"note: {note}")
         else:
+            if not args.max_shard_size > 0:  # (NaN too)
+                raise ConversionError(f"--max_shard_size must be a positive number of GB, got "
+                                      f"{args.max_shard_size:g}")
             form, problems = export_checkpoint(args.src, args.dst, dtype=args.dtype,
                                                max_shard_bytes=int(args.max_shard_size * 1e9))
             print(f"exported {args.src} -> {args.dst}")

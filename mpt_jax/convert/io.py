@@ -17,7 +17,6 @@ Reading handles both that layout and orbax's default OCDBT one (the trainer's ch
 from __future__ import annotations
 
 import json
-import os
 import struct
 import time
 from pathlib import Path
@@ -299,6 +298,3 @@ class ParamsReader:
         except ValueError as e:
             raise ConversionError(f"{self.dir / leaf_name(path)}: cannot read ({e})") from None
 
-
-def dir_size(path: Path) -> int:
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)

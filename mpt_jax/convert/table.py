@@ -116,7 +116,7 @@ def name_table(cfg: MPTConfig) -> list[Row]:
     return rows
 
 
-def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
     tree[path[-1]] = value
@@ -141,7 +141,7 @@ def pure_dict_from_torch(cfg: MPTConfig, tensors: dict[str, np.ndarray]) -> dict
             if a.shape != r.torch_shape():
                 raise ValueError(f"{k}: shape {a.shape}, expected {r.torch_shape()}")
         arrs = [a.T if r.transpose else a for a in arrs]
-        _set_path(pure, r.path, np.stack(arrs) if r.stacked else arrs[0])
+        set_path(pure, r.path, np.stack(arrs) if r.stacked else arrs[0])
         used.update(keys)
     extra = set(tensors) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     if extra:

@@ -14,7 +14,11 @@ import contextlib
 import fcntl
 import json
 import os
+import sys
 import sysconfig
+import time
+
+import tqdm
 
 from mpt_jax.data import prepare as prepare_lib
 from mpt_jax.data import tokenizer as tokenizer_lib
@@ -51,11 +55,13 @@ def _file_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write_corpus_jsonl(jsonl_path: str) -> None:
+def _write_corpus_jsonl(jsonl_path: str, progress: bool) -> None:
     root = sysconfig.get_paths()["stdlib"]
     tmp = jsonl_path + ".tmp"
+    files = stdlib_files()
     with open(tmp, "w") as f:
-        for path in stdlib_files():
+        for path in tqdm.tqdm(files, desc=f"built-in corpus: reading {root}", unit=" files",
+                              file=sys.stderr, disable=not progress, dynamic_ncols=True):
             try:
                 with open(path, encoding="utf-8") as source:
                     text = source.read()
@@ -78,7 +84,8 @@ def prepare_builtin(name: str, data_dir: str, *, vocab_size: int, tokenizer: str
 
     The shards directory holds `manifest.json`, the shards and `tokenizer.json`: the given
     `tokenizer` (path or hub name) or, when it is '', a byte-level BPE of `vocab_size` tokens
-    trained here.
+    trained here. `progress`: say on stderr what is being done (files read, the tokenizer
+    training, documents and tokens written) while preparing; a prepared corpus is silent.
     """
     if name not in BUILTIN_NAMES:
         raise ValueError(f"data.builtin={name!r}: unknown built-in corpus (have {BUILTIN_NAMES})")
@@ -86,7 +93,7 @@ def prepare_builtin(name: str, data_dir: str, *, vocab_size: int, tokenizer: str
     with _file_lock(os.path.join(data_dir, ".lock")):
         jsonl_path = os.path.join(data_dir, f"{name}.jsonl")
         if not os.path.exists(jsonl_path):
-            _write_corpus_jsonl(jsonl_path)
+            _write_corpus_jsonl(jsonl_path, progress)
         if tokenizer:
             tok = tokenizer_lib.load_tokenizer(tokenizer)
             shards_dir = os.path.join(
@@ -97,13 +104,21 @@ def prepare_builtin(name: str, data_dir: str, *, vocab_size: int, tokenizer: str
             tokenizer_source = os.path.join(shards_dir, prepare_lib.TOKENIZER_FILE)
             if not os.path.exists(tokenizer_source):
                 os.makedirs(shards_dir, exist_ok=True)
+                if progress:
+                    print(f"built-in corpus: training a {vocab_size}-token byte-level BPE on a "
+                          f"quarter of {jsonl_path} ...", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
                 tok = tokenizer_lib.train_byte_level_bpe(_iter_texts(jsonl_path, 4), vocab_size)
                 tok.save(tokenizer_source + ".tmp")
                 os.replace(tokenizer_source + ".tmp", tokenizer_source)
+                if progress:
+                    print(f"built-in corpus: tokenizer trained in {time.perf_counter() - t0:.1f}"
+                          f" s -> {tokenizer_source}", file=sys.stderr, flush=True)
         manifest_path = os.path.join(shards_dir, prepare_lib.MANIFEST)
         if os.path.exists(manifest_path):
             manifest = prepare_lib.read_manifest(shards_dir)
-            if os.path.abspath(jsonl_path) in manifest["inputs"]:
+            # by its path relative to the shards: a copied or moved workdir is still prepared
+            if prepare_lib.find_input(manifest, jsonl_path, shards_dir) is not None:
                 return shards_dir
         prepare_lib.prepare_dataset(
             [jsonl_path], shards_dir, tokenizer_source, seq_len=None, keep_documents=True,

@@ -82,6 +82,25 @@ class ResolvedData:
     dtype: str
 
 
+def check_data_config(data_cfg) -> None:
+    """The checks of `data_cfg` that read no data (the trainer runs them before preparing any):
+    a known built-in corpus or some sources, positive weights, eval_fraction in range."""
+    if data_cfg.builtin:
+        if data_cfg.builtin not in corpus.BUILTIN_NAMES:
+            raise ValueError(f"data.builtin={data_cfg.builtin!r}: unknown built-in corpus (have "
+                             f"{corpus.BUILTIN_NAMES})")
+    elif not data_cfg.sources:
+        raise ValueError("data.sources is empty and data.builtin is '': no data to read (name "
+                         "a prepared shards directory, e.g. --config configs/tiny.py:DIR)")
+    else:
+        for name, src in data_cfg.sources.items():
+            weight = src.weight
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+                raise ValueError(
+                    f"data.sources.{name}.weight must be a positive number, got {weight!r}")
+    _eval_every(data_cfg.eval_fraction)
+
+
 def resolve_data(data_cfg, workdir: str | None) -> ResolvedData:
     """Finds (and for a built-in corpus, prepares) the data that `data_cfg` names.
 
@@ -95,6 +114,7 @@ def resolve_data(data_cfg, workdir: str | None) -> ResolvedData:
     ValueError naming the path and numbers on any mismatch, a missing directory or an empty
     source.
     """
+    check_data_config(data_cfg)
     if data_cfg.builtin:
         if workdir is None:
             raise ValueError(f"data.builtin={data_cfg.builtin!r} needs a workdir to prepare into")
@@ -106,21 +126,18 @@ def resolve_data(data_cfg, workdir: str | None) -> ResolvedData:
         else:
             shards_dir = corpus.prepare_builtin(
                 data_cfg.builtin, os.path.join(workdir, "data"),
-                vocab_size=data_cfg.builtin_vocab_size, tokenizer=data_cfg.tokenizer)
+                vocab_size=data_cfg.builtin_vocab_size, tokenizer=data_cfg.tokenizer, progress=True)
         named = [(data_cfg.builtin, shards_dir, 1.0)]
     else:
-        if not data_cfg.sources:
-            raise ValueError("data.sources is empty and data.builtin is '': no data to read")
         named = [(name, src.path, src.weight) for name, src in data_cfg.sources.items()]
-    for name, path, weight in named:
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
-            raise ValueError(
-                f"data.sources.{name}.weight must be a positive number, got {weight!r}")
     total_weight = sum(weight for _, _, weight in named)
 
     sources = []
     for name, path, weight in named:
-        manifest = prepare_lib.read_manifest(path)
+        try:
+            manifest = prepare_lib.read_manifest(path)
+        except ValueError as e:
+            raise ValueError(f"data source {name!r}: {e}") from None
         if manifest["records"] == 0:
             raise ValueError(f"data source {name!r} at {path!r} is empty: 0 records")
         sources.append(Source(name, path, weight / total_weight, manifest))
@@ -381,10 +398,11 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
     counts are part of the state.
     """
 
-    def __init__(self, dataset: grain.IterDataset, fingerprint: str,
+    def __init__(self, dataset: grain.IterDataset, fingerprints: tuple[str, ...],
                  share_sizes: dict[str, int]):
         self._iterator = iter(dataset)
-        self._fingerprint = fingerprint
+        # The first is written into states; any of them is accepted (older versions' form).
+        self._fingerprint, self._accepted = fingerprints[0], frozenset(fingerprints)
         self._share_sizes = dict(share_sizes)  # source name -> records in this process's share
         self._consumed = np.zeros(len(share_sizes), np.int64)  # in source order
         self._tokens = {"real": 0, "rows": 0}  # row positions yielded, and those with a token
@@ -422,11 +440,12 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
                 "tokens": dict(self._tokens)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("pipeline") != self._fingerprint:
+        if state.get("pipeline") not in self._accepted:
             raise ValueError(
                 f"data iterator state is from another pipeline (fingerprint "
                 f"{state.get('pipeline')!r}, this one {self._fingerprint!r}): the data config, "
-                f"seq_len, batch size, seed or process layout changed")
+                f"seq_len, batch size, seed or process layout changed (or the workdir of a "
+                f"checkpoint from before workdirs were relocatable moved)")
         consumed = state.get("records_consumed")
         if consumed is None or set(consumed) != set(self._share_sizes):
             raise ValueError(
@@ -454,13 +473,32 @@ def _tuples_restored(state):
     return state
 
 
-def _fingerprint(resolved: ResolvedData, **settings) -> str:
-    description = {
-        "sources": [(s.name, s.path, s.weight, s.manifest["records"],
-                     s.manifest["tokenizer"]["sha256"]) for s in resolved.sources],
-        **settings,
-    }
-    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+def _fingerprints(resolved: ResolvedData, workdir: str | None, **settings) -> tuple[str, ...]:
+    """The pipeline's fingerprint, then the ones it had before that this pipeline still accepts.
+
+    A source under the workdir (the built-in corpus) is named by its path relative to the
+    workdir, so a copied or moved workdir resumes; other sources by their absolute path. Older
+    versions named every source by its absolute path: that fingerprint is accepted too, so
+    their checkpoints resume where they were written."""
+    def digest(paths):
+        description = {
+            "sources": [(s.name, path, s.weight, s.manifest["records"],
+                         s.manifest["tokenizer"]["sha256"])
+                        for s, path in zip(resolved.sources, paths)],
+            **settings,
+        }
+        return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+    absolute = [os.path.abspath(s.path) for s in resolved.sources]
+    relative = [_relative_to(path, workdir) for path in absolute]
+    return (digest(relative), digest([s.path for s in resolved.sources]))
+
+
+def _relative_to(path: str, workdir: str | None) -> str:
+    if workdir is None:
+        return path
+    rel = os.path.relpath(path, os.path.abspath(workdir))
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
 
 def batch_keys(resolved: ResolvedData, packing: bool) -> tuple[str, ...]:
@@ -504,12 +542,12 @@ def make_train_iterator(data_cfg, *, seq_len: int, batch_size: int, seed: int,
     elif data_cfg.prefetch > 0:
         batches = grain.experimental.ThreadPrefetchIterDataset(
             batches, prefetch_buffer_size=data_cfg.prefetch)
-    fingerprint = _fingerprint(
-        resolved, split="train", seq_len=seq_len, batch_size=batch_size, seed=seed,
+    fingerprints = _fingerprints(
+        resolved, workdir, split="train", seq_len=seq_len, batch_size=batch_size, seed=seed,
         process_index=process_index, process_count=process_count, packing=data_cfg.packing,
         shuffle=data_cfg.shuffle, eval_fraction=data_cfg.eval_fraction,
         num_workers=data_cfg.num_workers)
-    return DataIterator(batches, fingerprint, share_sizes)
+    return DataIterator(batches, fingerprints, share_sizes)
 
 
 def make_eval_batches(data_cfg, *, seq_len: int, batch_size: int, num_batches: int,

@@ -35,6 +35,10 @@ when the file is finished, and only then recorded in the manifest; a rerun skips
 (unless the file changed), deletes leftovers of an interrupted one and redoes it. An output
 directory prepared with another tokenizer, seq_len, layout or BOS/EOS is refused.
 
+Relocatable: the manifest names shards by file name and inputs by their path relative to the
+output directory (plus the absolute path, to recognise them when only the output moved), so a
+prepared directory, or a tree holding inputs and output, can be copied or moved.
+
 Bad lines (invalid JSON, a missing or non-string text field, undecodable bytes, null Parquet
 cells; for examples also a missing key, an empty response, an unknown role, no assistant turn,
 non-string content, ...) are counted, reported on stderr and skipped; an input whose bad
@@ -208,6 +212,25 @@ def shard_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size < 65536 else "int32"
 
 
+def input_key(path: str, output_dir: str) -> str:
+    """The manifest's name for input `path`: its path relative to the output directory."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))
+
+
+def find_input(manifest: dict, path: str, output_dir: str) -> str | None:
+    """The key under which `manifest` records input `path`, or None: its relative key, else an
+    entry recorded with its absolute path (an output directory moved without its inputs, or a
+    manifest of an older version, which keyed inputs by absolute path)."""
+    key = input_key(path, output_dir)
+    if key in manifest["inputs"]:
+        return key
+    absolute = os.path.abspath(path)
+    for name, entry in manifest["inputs"].items():
+        if entry.get("path") == absolute or (os.path.isabs(name) and name == absolute):
+            return name
+    return None
+
+
 def _input_fingerprint(path: str) -> dict:
     stat = os.stat(path)
     return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -321,6 +344,17 @@ def prepare_dataset(
     manifest["sources"] = files
     _write_json_atomic(manifest_path, _with_totals(manifest))
 
+    # Recorded inputs under their relative key (a manifest of an older version, or an output
+    # that moved alone, knows them by absolute path).
+    keys = [input_key(path, output_dir) for path in files]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"an input is given twice: {files}")
+    for path, key in zip(files, keys):
+        found = find_input(manifest, path, output_dir)
+        if found is not None:
+            manifest["inputs"][key] = {**manifest["inputs"].pop(found),
+                                       "path": os.path.abspath(path)}
+
     if examples:
         initializer, encoding = finetune.init_worker, finetune.WorkerEncoding(
             tok.to_str(), example_tok.eos_ids, example_tok.chat_template,
@@ -340,35 +374,35 @@ def prepare_dataset(
     else:
         initializer(encoding)
     try:
-        bar = tqdm.tqdm(total=len(files), unit=" files", file=sys.stderr, disable=not progress,
-                        dynamic_ncols=True)
-        for path in files:
-            done = manifest["inputs"].get(path)
+        # Documents read and tokens written, from the first batch on (the files may be few
+        # and large: a bar over files alone would sit at 0 for minutes).
+        bar = tqdm.tqdm(unit=" docs", file=sys.stderr, disable=not progress, dynamic_ncols=True,
+                        desc=f"prepare {os.path.basename(os.path.normpath(output_dir))}")
+        for i, (path, key) in enumerate(zip(files, keys)):
+            done = manifest["inputs"].get(key)
             if done is not None and done["input"] == _input_fingerprint(path):
-                bar.update(1)
                 continue
             if done is not None:  # the file changed since: redo it
                 # The manifest forgets the old shards before they go, so a redo that fails or
                 # is interrupted leaves a consistent directory that the next run completes.
-                del manifest["inputs"][path]
+                del manifest["inputs"][key]
                 _write_json_atomic(manifest_path, _with_totals(manifest))
                 _remove_shards(output_dir, done["shards"])
-            bar.set_description(os.path.basename(path)[-40:])
-            manifest["inputs"][path] = _prepare_one(
-                path, output_dir, settings, pool, max_bad_fraction, shard_tokens, bar)
+            bar.set_postfix_str(f"file {i + 1}/{len(files)} {os.path.basename(path)[-40:]}")
+            manifest["inputs"][key] = _prepare_one(
+                path, key, output_dir, settings, pool, max_bad_fraction, shard_tokens, bar)
             _write_json_atomic(manifest_path, _with_totals(manifest))
-            bar.update(1)
         bar.close()
     finally:
         if pool is not None:
             pool.close()
             pool.join()
     # Keep only the inputs of this run, in this run's order (the record order of the dataset).
-    for path in set(manifest["inputs"]) - set(files):
-        print(f"{output_dir}: dropping shards of {path}, not an input of this run",
+    for key in set(manifest["inputs"]) - set(keys):
+        print(f"{output_dir}: dropping shards of {key}, not an input of this run",
               file=sys.stderr)
-        _remove_shards(output_dir, manifest["inputs"].pop(path)["shards"])
-    manifest["inputs"] = {path: manifest["inputs"][path] for path in files}
+        _remove_shards(output_dir, manifest["inputs"].pop(key)["shards"])
+    manifest["inputs"] = {key: manifest["inputs"][key] for key in keys}
     manifest = _with_totals(manifest)
     if manifest["records"] == 0:
         raise ValueError(
@@ -382,9 +416,10 @@ def prepare_dataset(
     return manifest
 
 
-def _shard_stem(path: str) -> str:
+def _shard_stem(path: str, key: str) -> str:
+    """A shard file name stem: the input's name and a hash of its (relative) manifest key."""
     return os.path.basename(path).split(".")[0][:40] + "-" + hashlib.sha1(
-        path.encode()).hexdigest()[:8]
+        key.encode()).hexdigest()[:8]
 
 
 def _commit_unless_too_bad(path, output_dir, writer, bad, max_bad_fraction) -> None:
@@ -403,12 +438,13 @@ def _commit_unless_too_bad(path, output_dir, writer, bad, max_bad_fraction) -> N
     writer.commit()
 
 
-def _prepare_one(path, output_dir, settings, pool, max_bad_fraction, shard_tokens, bar) -> dict:
+def _prepare_one(path, key, output_dir, settings, pool, max_bad_fraction, shard_tokens, bar
+                 ) -> dict:
     """Tokenizes one input file into committed shards; returns its manifest entry."""
     if settings["mode"] == "examples":
-        return _prepare_examples_one(path, output_dir, settings, pool, max_bad_fraction,
+        return _prepare_examples_one(path, key, output_dir, settings, pool, max_bad_fraction,
                                      shard_tokens, bar)
-    writer = _ShardWriter(output_dir, _shard_stem(path), shard_tokens)
+    writer = _ShardWriter(output_dir, _shard_stem(path, key), shard_tokens)
     bad = readers.BadLines()
     seq_len, keep_documents = settings["seq_len"], settings["mode"] == "documents"
     pending_t = np.zeros((0,), settings["dtype"])  # sequences layout: tokens not yet in a record
@@ -419,6 +455,7 @@ def _prepare_one(path, output_dir, settings, pool, max_bad_fraction, shard_token
     for docs in encoded:
         documents += len(docs)
         tokens += sum(int(d.size) for d in docs)
+        bar.update(len(docs))
         max_document_tokens = max(max_document_tokens, *(int(d.size) for d in docs))
         if keep_documents:
             for doc_t in docs:
@@ -429,10 +466,12 @@ def _prepare_one(path, output_dir, settings, pool, max_bad_fraction, shard_token
             for row_t in pending_t[: n_full * seq_len].reshape(n_full, seq_len):
                 writer.write(row_t)
             pending_t = pending_t[n_full * seq_len:]
-        bar.set_postfix(docs=documents, tokens=tokens, refresh=False)
+        bar.set_postfix_str(f"{os.path.basename(path)[-40:]}: {tokens:,} tokens written",
+                            refresh=False)
     _commit_unless_too_bad(path, output_dir, writer, bad, max_bad_fraction)
     return {
         "input": _input_fingerprint(path),
+        "path": os.path.abspath(path),
         "shards": writer.shards,
         "documents": documents,
         "records": sum(s["records"] for s in writer.shards),
@@ -443,10 +482,10 @@ def _prepare_one(path, output_dir, settings, pool, max_bad_fraction, shard_token
     }
 
 
-def _prepare_examples_one(path, output_dir, settings, pool, max_bad_fraction, shard_tokens,
-                          bar) -> dict:
+def _prepare_examples_one(path, key, output_dir, settings, pool, max_bad_fraction,
+                          shard_tokens, bar) -> dict:
     """The examples layout's _prepare_one: rows -> (ids, mask) records, counted."""
-    writer = _ShardWriter(output_dir, _shard_stem(path), shard_tokens)
+    writer = _ShardWriter(output_dir, _shard_stem(path, key), shard_tokens)
     bad = readers.BadLines()
     counts = dict.fromkeys(("examples", "tokens", "loss_tokens", "truncated", "dropped",
                             "max_example_tokens"), 0)
@@ -472,6 +511,7 @@ def _prepare_examples_one(path, output_dir, settings, pool, max_bad_fraction, sh
     _commit_unless_too_bad(path, output_dir, writer, bad, max_bad_fraction)
     return {
         "input": _input_fingerprint(path),
+        "path": os.path.abspath(path),
         "shards": writer.shards,
         "documents": counts["examples"],
         "records": sum(s["records"] for s in writer.shards),

@@ -4,6 +4,8 @@
     model_config  ocp.args.JsonSave(MPTConfig.to_dict('foundry'))
     opt_state     ocp.args.StandardSave(optax state)
     train_state   ocp.args.JsonSave({"step", "seed", "data_states": [one per process], ...})
+    tokenizer     the run's tokenizer, as `tokenizer/tokenizer.json` (a step directory is
+                  self-contained: generate.py, export and load_tokenizer find it there)
 
 Saves are asynchronous (the device-to-host copy happens in `save`, the writes in the
 background); `keep` checkpoints are kept. Orbax writes each step into a temporary directory and
@@ -21,7 +23,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-ITEMS = ("params", "model_config", "opt_state", "train_state")
+ITEMS = ("params", "model_config", "opt_state", "train_state", "tokenizer")
+TOKENIZER_ITEM = "tokenizer"  # checkpoints/<step>/tokenizer/tokenizer.json
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -32,7 +35,14 @@ def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.Che
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+    handlers = {"params": ocp.StandardCheckpointHandler(),
+                "model_config": ocp.JsonCheckpointHandler(),
+                "opt_state": ocp.StandardCheckpointHandler(),
+                "train_state": ocp.JsonCheckpointHandler(),
+                TOKENIZER_ITEM: ocp.JsonCheckpointHandler(filename="tokenizer.json")}
+    assert tuple(handlers) == ITEMS
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                 item_handlers=handlers)
 
 
 def gather_process_states(local_state: Any) -> list:
@@ -51,15 +61,18 @@ def gather_process_states(local_state: Any) -> list:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict, *, model_config: dict,
-         train_state: dict) -> None:
+         train_state: dict, tokenizer: dict | None = None) -> None:
     """Starts an (async) save of the sharded state; returns once the arrays are copied off the
-    devices, so the state may be donated to the next step."""
-    manager.save(step, args=ocp.args.Composite(
+    devices, so the state may be donated to the next step. `tokenizer`: the parsed
+    tokenizer.json of the run, saved beside the weights."""
+    items = dict(
         params=ocp.args.StandardSave(state["params"]),
         model_config=ocp.args.JsonSave(model_config),
         opt_state=ocp.args.StandardSave(state["opt_state"]),
-        train_state=ocp.args.JsonSave(train_state),
-    ), force=True)
+        train_state=ocp.args.JsonSave(train_state))
+    if tokenizer is not None:
+        items[TOKENIZER_ITEM] = ocp.args.JsonSave(tokenizer)
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def _abstract(tree_abstract, shardings):

@@ -100,8 +100,25 @@ def progress_bar(*, start: int, total: int, enabled: bool):
                      dynamic_ncols=True, smoothing=0.1)
 
 
+def smoothed(values, window: int) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing) with the weight of a
+    `window`-point moving average, beta = 1 - 2 / (window + 1): y_i = m_i / (1 - beta^(i+1)),
+    m_i = beta m_(i-1) + (1 - beta) x_i. The first point is x_0 itself; window 1 is no
+    smoothing."""
+    if window < 1:
+        raise ValueError(f"smoothing window must be >= 1, got {window}")
+    beta = 1.0 - 2.0 / (window + 1)
+    out, m = [], 0.0
+    for i, x in enumerate(values):
+        m = beta * m + (1.0 - beta) * x
+        out.append(m / (1.0 - beta ** (i + 1)))
+    return out
+
+
 def plot_losses(workdir: str) -> str | None:
-    """WORKDIR/loss.png from metrics.jsonl: train loss and held-out eval loss against step."""
+    """WORKDIR/loss.png from metrics.jsonl: the train loss smoothed (each logged loss is one
+    batch's, noisy, and would zig-zag below the held-out line), the raw points faint behind
+    it, and the held-out loss, against step."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return None
@@ -121,10 +138,14 @@ def plot_losses(workdir: str) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         steps = sorted(train)
-        ax.plot(steps, [train[s] for s in steps], label="train loss", lw=1)
+        raw = [train[s] for s in steps]
+        window = max(1, len(steps) // 10)
+        ax.plot(steps, raw, color="C0", alpha=0.25, lw=0.8, label="train loss (one batch)")
+        ax.plot(steps, smoothed(raw, window), color="C0", lw=1.6,
+                label=f"train loss (EMA over ~{window} logs)")
     if evals:
         steps = sorted(evals)
-        ax.plot(steps, [evals[s] for s in steps], "o-", label="held-out loss")
+        ax.plot(steps, [evals[s] for s in steps], "o-", color="C1", label="held-out loss")
     ax.set_xlabel("step")
     ax.set_ylabel("cross entropy (nats/token)")
     ax.grid(alpha=0.3)

@@ -213,7 +213,3 @@ def make_optimizer(optim_cfg, max_steps: int, *, clip: bool = True
         return optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), opt)
     return opt
 
-
-def current_lr(optim_cfg, max_steps: int, step) -> jax.Array:
-    """The learning rate applied at update `step` (base lr * schedule)."""
-    return optim_cfg.lr * make_schedule(optim_cfg, max_steps)(step)

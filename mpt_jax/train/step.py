@@ -195,23 +195,30 @@ def eval_step(params, batch, *, settings: StepSettings):
 # ---------------------------------------------------------------------------------------------
 # Sharded state and compiled steps
 # ---------------------------------------------------------------------------------------------
+def micro_steps(global_batch: int, micro_batch_size: int, mesh, rules) -> int:
+    """Micro-steps per optimizer step: global_batch / (micro_batch_size * batch shards), 1 when
+    micro_batch_size is 0. ValueError naming the numbers when they do not divide."""
+    shards = sharding.batch_shards(mesh, rules)
+    sharding.check_batch(global_batch, mesh, rules, what="train.global_batch_size")
+    per_shard = global_batch // shards
+    mb = micro_batch_size or per_shard
+    if mb < 0 or per_shard % mb:
+        raise ValueError(
+            f"train.global_batch_size {global_batch} over {shards} batch shards is {per_shard} "
+            f"rows per shard, not a multiple of train.micro_batch_size {mb}")
+    return per_shard // mb
+
+
 def make_settings(model_cfg: MPTConfig, train_cfg, tx, lr_fn, *, mesh, rules, seed: int,
                   global_batch: int, clip_norm: float = 0.0) -> StepSettings:
     """Derives the micro-batch count from the mesh: n_micro = global_batch /
     (train.micro_batch_size * batch shards); micro_batch_size 0 = no accumulation.
     clip_norm > 0: the step clips (pair it with make_optimizer(..., clip=False))."""
-    shards = sharding.batch_shards(mesh, rules)
-    sharding.check_batch(global_batch, mesh, rules, what="train.global_batch_size")
-    per_shard = global_batch // shards
-    mb = train_cfg.micro_batch_size or per_shard
-    if per_shard % mb:
-        raise ValueError(
-            f"train.global_batch_size {global_batch} over {shards} batch shards is {per_shard} "
-            f"rows per shard, not a multiple of train.micro_batch_size {mb}")
+    n_micro = micro_steps(global_batch, train_cfg.micro_batch_size, mesh, rules)
     abstract = abstract_model(model_cfg, **model_kwargs(train_cfg))
     specs = sharding.param_specs(nnx.state(abstract, nnx.Param), mesh, rules)
     return StepSettings(graphdef=nnx.graphdef(abstract), tx=tx, lr_fn=lr_fn,
-                        n_micro=per_shard // mb, loss_chunk_size=train_cfg.loss_chunk_size,
+                        n_micro=n_micro, loss_chunk_size=train_cfg.loss_chunk_size,
                         seed=seed, use_dropout=uses_dropout(model_cfg), param_specs=specs,
                         rules=rules, clip_norm=float(clip_norm or 0.0))
 

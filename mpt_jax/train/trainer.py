@@ -1,35 +1,43 @@
 """train(config, workdir): the training loop, read top to bottom in the order things are built.
 
     0. processes     jax.distributed.initialize (explicit coordinator, or auto on TPU / SLURM)
-    1. config        the model config (vocabulary from the tokenizer when model.vocab_size = 0)
-    2. mesh          ('data', 'fsdp', 'tensor') from config.mesh
-    3. data          this process's train iterator and held-out batches
+    1. config        every section checked before any data is read or prepared
+    2. mesh          ('data', 'fsdp', 'tensor') from config.mesh; the batches divide over it
+    3. data          the shards (the built-in corpus prepared on first use); the model config
+                     (vocabulary from the tokenizer when model.vocab_size = 0); the tokenizer
+                     written beside the checkpoints
     4. optimizer     clipping + decoupled LION / AdamW with the schedule
-    5. state         restored from the last checkpoint, or created directly sharded
+    5. state         restored from the last checkpoint (a run already at max_steps stops
+                     here), or created directly sharded; this process's data iterators
     6. steps         train_step / eval_step jitted once with explicit shardings
-    7. loop          step, log, eval, checkpoint, stop on non-finite / spike / SIGTERM
+    7. loop          step; metrics read one step late (monitor.StepMetrics), so dispatch runs
+                     ahead of the devices; at log / eval / checkpoint boundaries: log, eval,
+                     save, stop on SIGTERM; every step checked for non-finite values and
+                     loss spikes before a checkpoint that includes it
     8. finish        wait for the last save, write loss.png
 """
 from __future__ import annotations
 
+import json
 import logging
-import math
 import os
-import signal
 import time
-from collections import deque
 
 import jax
-import numpy as np
 
+from mpt_jax import sharding
+from mpt_jax.model import REMAT_POLICIES, attention
+from mpt_jax.model.config import MPTConfig
 from mpt_jax.train import checkpoint as ckpt_lib
 from mpt_jax.train import metrics as metrics_lib
+from mpt_jax.train import monitor
 from mpt_jax.train import optim as optim_lib
-from mpt_jax import sharding
 from mpt_jax.train import step as step_lib
-from mpt_jax.model.config import MPTConfig
 
-log = logging.getLogger("mpt_jax.trainer")
+log = logging.getLogger(__name__)
+# The run's tokenizer, beside the checkpoints (each step directory holds a copy too), so
+# generate.py, load_pretrained's callers and export find it with no flag.
+TOKENIZER_FILE = "tokenizer.json"
 
 
 class NonFiniteError(RuntimeError):
@@ -67,6 +75,66 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
 # ---------------------------------------------------------------------------------------------
 # 1. config
 # ---------------------------------------------------------------------------------------------
+def check_config(config) -> MPTConfig:
+    """Checks every section that needs no data, so a bad value fails before any data is read
+    or prepared. Returns the model config with a placeholder vocabulary of 128 when
+    model.vocab_size is 0 (the real one comes from the tokenizer: `model_config`). The mesh and
+    batch sizes are checked with the mesh (`check_batches`)."""
+    for key in ("max_steps", "log_every", "eval_every", "checkpoint_every"):
+        if config[key] <= 0:
+            raise ValueError(f"{key} must be positive, got {config[key]}")
+    for key in ("train.global_batch_size", "eval.batch_size"):
+        section, name = key.split(".")
+        if config[section][name] <= 0:
+            raise ValueError(f"{key} must be positive, got {config[section][name]}")
+    if config.checkpoint.keep < 1:
+        raise ValueError(f"checkpoint.keep={config.checkpoint.keep}: keep at least 1 checkpoint "
+                         "(0 would delete each one as it is written)")
+    if config.train.nonfinite not in step_lib.NONFINITE_ACTIONS:
+        raise ValueError(f"train.nonfinite must be one of {step_lib.NONFINITE_ACTIONS}, got "
+                         f"{config.train.nonfinite!r}")
+    if config.loss_spike.action not in ("warn", "stop"):
+        raise ValueError(f"loss_spike.action must be 'warn' or 'stop', got "
+                         f"{config.loss_spike.action!r}")
+    d = config.model.to_dict()
+    cfg = MPTConfig.from_dict({**d, "vocab_size": d["vocab_size"] or 128})
+    if cfg.attn_config.attn_pdrop > 0:
+        raise ValueError(
+            f"model.attn_config.attn_pdrop={cfg.attn_config.attn_pdrop}: attention-probability "
+            "dropout is not supported in training (the flash kernels never form the attention "
+            "probabilities to drop); use 0, as MPT-7B did (resid_pdrop / emb_pdrop work)")
+    seq = config.train.seq_len
+    if not 0 < seq <= cfg.max_seq_len:
+        raise ValueError(f"train.seq_len {seq} must be in [1, model.max_seq_len "
+                         f"{cfg.max_seq_len}]")
+    chunk = config.train.loss_chunk_size
+    if chunk > 0 and seq % min(chunk, seq):
+        raise ValueError(f"train.loss_chunk_size {chunk} must divide train.seq_len {seq}")
+    step_lib.model_kwargs(config.train)  # the dtypes
+    if config.train.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"train.remat_policy={config.train.remat_policy!r}: expected one of "
+                         f"{tuple(REMAT_POLICIES)}")
+    if config.train.attn_impl not in attention.IMPLS:
+        raise ValueError(f"train.attn_impl={config.train.attn_impl!r}: expected one of "
+                         f"{attention.IMPLS}")
+    step_lib.parse_xla_options(config.train.xla_options)
+    optim_lib.make_optimizer(config.optim, config.max_steps)  # name, schedule, warmup, mask
+    if config.eval.num_batches <= 0 and config.data.eval_fraction > 0:
+        raise ValueError(f"eval.num_batches must be positive, got {config.eval.num_batches} "
+                         "(data.eval_fraction 0 turns evaluation off)")
+    from mpt_jax.data import pipeline as data_lib
+
+    data_lib.check_data_config(config.data)
+    return cfg
+
+
+def check_batches(config, mesh, rules) -> None:
+    """The train and eval batches divide over the mesh (and the micro-batches over the rows)."""
+    step_lib.micro_steps(config.train.global_batch_size, config.train.micro_batch_size, mesh,
+                         rules)
+    sharding.check_batch(config.eval.batch_size, mesh, rules, what="eval.batch_size")
+
+
 def model_config(config, tokenizer_vocab: int | None) -> MPTConfig:
     """MPTConfig from config.model; vocab_size 0 -> the tokenizer's, padded to 128."""
     d = config.model.to_dict()
@@ -79,94 +147,7 @@ def model_config(config, tokenizer_vocab: int | None) -> MPTConfig:
     elif tokenizer_vocab is not None and tokenizer_vocab > vocab:
         raise ValueError(f"the tokenizer has {tokenizer_vocab} tokens, more than "
                          f"model.vocab_size {vocab}")
-    cfg = MPTConfig.from_dict(d)
-    seq = config.train.seq_len
-    if seq > cfg.max_seq_len:
-        raise ValueError(f"train.seq_len {seq} exceeds model.max_seq_len {cfg.max_seq_len}")
-    if config.train.nonfinite not in step_lib.NONFINITE_ACTIONS:
-        raise ValueError(f"train.nonfinite must be one of {step_lib.NONFINITE_ACTIONS}, got "
-                         f"{config.train.nonfinite!r}")
-    if config.loss_spike.action not in ("warn", "stop"):
-        raise ValueError(f"loss_spike.action must be 'warn' or 'stop', got "
-                         f"{config.loss_spike.action!r}")
-    for key in ("max_steps", "log_every", "eval_every", "checkpoint_every"):
-        if config[key] <= 0:
-            raise ValueError(f"{key} must be positive, got {config[key]}")
-    return cfg
-
-
-# ---------------------------------------------------------------------------------------------
-# Reliability helpers
-# ---------------------------------------------------------------------------------------------
-class LossSpikeGuard:
-    """llm-foundry's kill_loss_spike: over a window of recent losses, a loss above
-    `multiplier` x the window mean (or above `loss_cap`) for `patience` consecutive steps is a
-    spike; `check` returns a message then (the trainer warns or stops, by config)."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.window: deque[float] = deque(maxlen=cfg.window)
-        self.bad = 0
-
-    def check(self, loss: float) -> str | None:
-        c = self.cfg
-        if not c.enabled:
-            return None
-        full = len(self.window) == c.window
-        mean = float(np.mean(self.window)) if self.window else math.inf
-        outlier = full and loss > c.multiplier * mean
-        capped = full and loss > c.loss_cap
-        self.bad = self.bad + 1 if (outlier or capped) else 0
-        if not (outlier or capped):
-            self.window.append(loss)
-        if self.bad >= c.patience:
-            self.bad = 0
-            return (f"loss spike: {loss:.4f} vs window mean {mean:.4f} (multiplier "
-                    f"{c.multiplier}, cap {c.loss_cap}) for {c.patience} consecutive steps")
-        return None
-
-    def state(self) -> dict:
-        """JSON-serialisable, for checkpoints: a resumed run judges spikes as an
-        uninterrupted one would."""
-        return {"window": list(self.window), "bad": self.bad}
-
-    def set_state(self, state: dict) -> None:
-        self.window.clear()
-        self.window.extend(float(x) for x in state["window"])
-        self.bad = int(state["bad"])
-
-
-class StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop finishes the step, saves and returns."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def any_process(self) -> bool:
-        flag = self.received is not None
-        if jax.process_count() == 1:
-            return flag
-        from jax.experimental import multihost_utils
-
-        return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-
-
-def _host(x) -> float:
-    """A replicated scalar's local value (works for multi-process global arrays)."""
-    return float(np.asarray(x.addressable_data(0)))
+    return MPTConfig.from_dict(d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,35 +155,38 @@ def _host(x) -> float:
 # ---------------------------------------------------------------------------------------------
 def train(config, workdir: str) -> dict:
     """Trains per `config` in `workdir`, resuming from its last checkpoint. Returns a summary
-    (last step, last loss, last eval loss, why it stopped)."""
+    (last step, last loss, last eval loss, why it stopped: 'max_steps', 'signal ...' or
+    'already complete' when the last checkpoint is at max_steps and nothing was trained)."""
     from mpt_jax.data import pipeline as data_lib  # heavy import (grain), only for training
 
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir}: a file, not a directory")
     pid, nproc = jax.process_index(), jax.process_count()
     writer_process = pid == 0
 
-    # 1. config ---------------------------------------------------------------------------
-    resolved = data_lib.resolve_data(config.data, workdir)
-    cfg = model_config(config, resolved.vocab_size)
+    # 1. config: every section that needs no data ----------------------------------------
+    check_config(config)
     seq_len, global_batch = config.train.seq_len, config.train.global_batch_size
 
     # 2. mesh -----------------------------------------------------------------------------
     rules = sharding.rules_from_config(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch(global_batch, mesh, rules, what="train.global_batch_size")
-    sharding.check_batch(config.eval.batch_size, mesh, rules, what="eval.batch_size")
+    check_batches(config, mesh, rules)
 
-    # 3. data -----------------------------------------------------------------------------
-    train_iter = data_lib.make_train_iterator(
-        config.data, seq_len=seq_len, batch_size=global_batch // nproc, seed=config.seed,
-        process_index=pid, process_count=nproc, workdir=workdir)
-    # data.eval_fraction 0: everything is training data, and there is no evaluation
-    eval_batches = None if config.data.eval_fraction == 0 else data_lib.make_eval_batches(
-        config.data, seq_len=seq_len, batch_size=config.eval.batch_size // nproc,
-        num_batches=config.eval.num_batches, process_index=pid, process_count=nproc,
-        workdir=workdir)
-    batch_keys = ("input_ids", "segment_ids") if config.data.packing else ("input_ids",)
+    # 3. data: the shards (the built-in corpus is prepared on first use), the model config
+    # with the tokenizer's vocabulary, the tokenizer beside the checkpoints ----------------
+    # (the workdir only now, and before the data only when the data goes into it: a run
+    # refused so far leaves no workdir behind)
+    if config.data.builtin:
+        _make_workdir(workdir)
+    resolved = data_lib.resolve_data(config.data, workdir)
+    _make_workdir(workdir)
+    cfg = model_config(config, resolved.vocab_size)
+    with open(resolved.tokenizer_path) as fh:
+        tokenizer_json = fh.read()
+    if writer_process:
+        _write_if_changed(os.path.join(workdir, TOKENIZER_FILE), tokenizer_json)
 
     # 4. optimizer ------------------------------------------------------------------------
     tx = optim_lib.make_optimizer(config.optim, config.max_steps, clip=False)  # the step clips
@@ -212,11 +196,9 @@ def train(config, workdir: str) -> dict:
                                       seed=config.seed, global_batch=global_batch,
                                       clip_norm=config.optim.clip_norm)
 
-    # 5. state ----------------------------------------------------------------------------
+    # 5. state: restored from the last checkpoint, or created directly sharded; the data
+    # iterators (after the model-config and complete checks: a run stopped there builds none)
     abstract_state, state_shardings = step_lib.state_shardings(cfg, config.train, tx, mesh, rules)
-    if config.checkpoint.keep < 1:
-        raise ValueError(f"checkpoint.keep={config.checkpoint.keep}: keep at least 1 checkpoint "
-                         "(0 would delete each one as it is written)")
     manager = ckpt_lib.make_manager(workdir, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)
     latest = manager.latest_step()
@@ -229,6 +211,22 @@ def train(config, workdir: str) -> dict:
                           if saved_cfg.get(k) != want_cfg.get(k))
             raise ValueError(f"checkpoint {latest} in {workdir} has a different model config "
                              f"(keys {diff}); use another workdir")
+        if latest >= config.max_steps:
+            manager.close()
+            log.info("%s: already complete at step %d (max_steps %d); nothing to train",
+                     workdir, latest, config.max_steps)
+            return {"step": latest, "loss": None, "eval_loss": None,
+                    "stopped": "already complete"}
+    train_iter = data_lib.make_train_iterator(
+        config.data, seq_len=seq_len, batch_size=global_batch // nproc, seed=config.seed,
+        process_index=pid, process_count=nproc, workdir=workdir)
+    # data.eval_fraction 0: everything is training data, and there is no evaluation
+    eval_batches = None if config.data.eval_fraction == 0 else data_lib.make_eval_batches(
+        config.data, seq_len=seq_len, batch_size=config.eval.batch_size // nproc,
+        num_batches=config.eval.num_batches, process_index=pid, process_count=nproc,
+        workdir=workdir)
+    batch_keys = ("input_ids", "segment_ids") if config.data.packing else ("input_ids",)
+    if latest is not None:
         with sharding.use_mesh(mesh):
             state, train_state = ckpt_lib.restore(manager, latest, abstract_state,
                                                   state_shardings)
@@ -253,12 +251,13 @@ def train(config, workdir: str) -> dict:
     writer = metrics_lib.MetricWriter(workdir, enabled=writer_process)
     bar = metrics_lib.progress_bar(start=start_step, total=config.max_steps,
                                    enabled=writer_process)
-    guard = LossSpikeGuard(config.loss_spike)
+    guard = monitor.LossSpikeGuard(config.loss_spike)
     if "loss_spike" in resumed:  # (checkpoints of older versions have neither key)
         guard.set_state(resumed["loss_spike"])
     flops_token = metrics_lib.flops_per_token(cfg, seq_len)
     n_devices = jax.device_count()
     tokens_per_step = global_batch * seq_len
+    tokenizer_tree = json.loads(tokenizer_json)
     if writer_process:
         log.info("model %s: %.2fM params, %.3g GFLOP/token; mesh %s; %d micro-steps of %d",
                  cfg.d_model, cfg.num_params() / 1e6, flops_token / 1e9, dict(mesh.shape),
@@ -268,88 +267,101 @@ def train(config, workdir: str) -> dict:
         nll = count = 0.0
         for local in eval_batches:
             s, c = p_eval_step(params, sharding.make_global_batch(local, mesh, rules))
-            nll, count = nll + _host(s), count + _host(c)
+            values = monitor.host_metrics({"nll": s, "count": c})
+            nll, count = nll + values["nll"], count + values["count"]
         return nll / max(count, 1.0)
 
     def save(step):
         ckpt_lib.save(manager, step, state, model_config=cfg.to_dict("foundry"), train_state={
             "step": step, "seed": config.seed, "skipped_steps": skipped,
             "loss_spike": guard.state(),
-            "data_states": ckpt_lib.gather_process_states(train_iter.get_state())})
+            "data_states": ckpt_lib.gather_process_states(train_iter.get_state())},
+            tokenizer=tokenizer_tree)
+
+    skipped = int(resumed.get("skipped_steps", 0))
+    last_loss = last_eval = None
+    # train time between log rows: from when a step's metrics arrive, eval time taken out
+    clock = {"compile_s": None, "t_log": None, "steps": 0}
+
+    def on_step(step, m):  # every step's metrics, in order, one step late
+        nonlocal skipped, last_loss
+        now = time.time()
+        if clock["compile_s"] is None:
+            clock["compile_s"], clock["t_log"] = now - t_first, now
+        else:
+            clock["steps"] += 1
+        if m["finite"] == 0.0:
+            msg = (f"step {step}: non-finite loss {m['loss']} or grad_norm {m['grad_norm']}; "
+                   "the update was not applied")
+            if config.train.nonfinite == "stop":
+                raise NonFiniteError(msg + f"; stopping (last good checkpoint: "
+                                     f"{manager.latest_step()})")
+            skipped += 1
+            log.warning(msg + " (skipped)")
+        else:
+            last_loss = m["loss"]
+            spike = guard.check(m["loss"])
+            if spike:
+                if config.loss_spike.action == "stop":
+                    raise LossSpikeError(f"step {step}: {spike}")
+                log.warning("step %d: %s", step, spike)
+
+    def log_row(step, m):
+        now = time.time()
+        dt = (now - clock["t_log"]) / clock["steps"] if clock["steps"] else None
+        tps = tokens_per_step / dt if dt else None
+        writer.write(step, {
+            "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens_per_s": tps,
+            "tokens_per_s_per_device": tps / n_devices if tps else None,
+            "mfu": metrics_lib.mfu(tps, cfg, seq_len, n_devices) if tps else None,
+            "step_time_s": dt, "compile_s": clock["compile_s"],
+            "tokens": step * tokens_per_step, "skipped_steps": skipped,
+            "data_epochs": train_iter.epochs(),  # this process's, per source
+            **metrics_lib.device_memory_gb()})
+        bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
+        clock["t_log"], clock["steps"] = now, 0
 
     step, last_saved = start_step, start_step if latest is not None else None
-    last_loss = last_eval = None
     stop_reason = "max_steps"
-    skipped = int(resumed.get("skipped_steps", 0))
-    t_log, steps_since_log, compile_s = time.time(), 0, None
+    reader = monitor.StepMetrics(on_step)
     profiling = False
-    with sharding.use_mesh(mesh), sharding.use_rules(rules), StopSignal() as stop:
+    t_first = time.time()
+    with sharding.use_mesh(mesh), sharding.use_rules(rules), monitor.StopSignal() as stop:
         try:
             while step < config.max_steps:
                 if config.profile.start_step == step and writer_process:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
                     profiling = True
-                t0 = time.time()
                 batch = sharding.make_global_batch(next(train_iter), mesh, rules)
-                state, m = p_train_step(state, batch)
-                m = {k: _host(v) for k, v in m.items()}
+                state, metrics = p_train_step(state, batch)
                 step += 1
-                if compile_s is None:
-                    compile_s = time.time() - t0
-                    t_log, steps_since_log = time.time(), 0
-                else:
-                    steps_since_log += 1
+                reader.push(step, metrics)  # checks step - 1: no wait on this step
+                bar.update(1)
                 if profiling and step >= config.profile.start_step + config.profile.num_steps:
                     jax.profiler.stop_trace()
                     profiling = False
-                bar.update(1)
 
-                if m["finite"] == 0.0:
-                    msg = (f"step {step}: non-finite loss {m['loss']} or grad_norm "
-                           f"{m['grad_norm']}; the update was not applied")
-                    if config.train.nonfinite == "stop":
-                        raise NonFiniteError(msg + f"; stopping (last good checkpoint: "
-                                             f"{manager.latest_step()})")
-                    skipped += 1
-                    log.warning(msg + " (skipped)")
-                else:
-                    last_loss = m["loss"]
-                    spike = guard.check(m["loss"])
-                    if spike:
-                        if config.loss_spike.action == "stop":
-                            raise LossSpikeError(f"step {step}: {spike}")
-                        log.warning("step %d: %s", step, spike)
-
-                if step % config.log_every == 0 or step == config.max_steps:
-                    now = time.time()
-                    dt = (now - t_log) / steps_since_log if steps_since_log else None
-                    tps = tokens_per_step / dt if dt else None
-                    row = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                           "tokens_per_s": tps,
-                           "tokens_per_s_per_device": tps / n_devices if tps else None,
-                           "mfu": (metrics_lib.mfu(tps, cfg, seq_len, n_devices)
-                                   if tps else None),
-                           "step_time_s": dt, "compile_s": compile_s,
-                           "tokens": step * tokens_per_step, "skipped_steps": skipped,
-                           "data_epochs": train_iter.epochs(),  # this process's, per source
-                           **metrics_lib.device_memory_gb()}
-                    writer.write(step, row)
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
-                    t_log, steps_since_log = now, 0
-
-                if eval_batches is not None and (step % config.eval_every == 0
-                                                 or step == config.max_steps):
+                last = step == config.max_steps
+                log_now = step % config.log_every == 0 or last
+                eval_now = eval_batches is not None and (step % config.eval_every == 0 or last)
+                save_now = step % config.checkpoint_every == 0 or last
+                if not (log_now or eval_now or save_now):
+                    continue
+                # A boundary: this step's metrics (checked) before anything is logged or saved.
+                m = reader.flush()
+                if log_now:
+                    log_row(step, m)
+                if eval_now:
+                    t0 = time.time()
                     last_eval = evaluate(state["params"])
                     writer.write(step, {"eval_loss": last_eval})
                     if writer_process:
                         bar.write(f"step {step}: eval loss {last_eval:.4f}")
-                    t_log = time.time()  # eval time is not train time
-
-                if step % config.checkpoint_every == 0 or step == config.max_steps:
+                    clock["t_log"] += time.time() - t0  # eval time is not train time
+                if save_now:
                     save(step)
                     last_saved = step
-
-                if stop.any_process():
+                if stop.any_process():  # at boundaries only: a collective across processes
                     stop_reason = f"signal {stop.received or 'on another process'}"
                     break
         finally:
@@ -360,6 +372,7 @@ def train(config, workdir: str) -> dict:
 
         # 8. finish -------------------------------------------------------------------------
         if last_saved != step:
+            reader.flush()
             save(step)
         manager.wait_until_finished()
     manager.close()
@@ -368,3 +381,21 @@ def train(config, workdir: str) -> dict:
     if writer_process:
         metrics_lib.plot_losses(workdir)
     return {"step": step, "loss": last_loss, "eval_loss": last_eval, "stopped": stop_reason}
+
+
+def _make_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir}: cannot create it ({e.strerror})") from None
+
+
+def _write_if_changed(path: str, text: str) -> None:
+    """Writes `text` to `path` atomically, unless the file already holds exactly that."""
+    if os.path.isfile(path):
+        with open(path) as fh:
+            if fh.read() == text:
+                return
+    with open(path + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(path + ".tmp", path)
