@@ -25,6 +25,8 @@ import pytest
 from scipy.special import erf
 
 from mpt_jax.convert.table import model_shapes
+from mpt_jax.data import prepare
+from mpt_jax.data import tokenizer as tokenizer_lib
 from mpt_jax.model.config import AttnConfig, FFNConfig, MPTConfig
 
 # ---------------------------------------------------------------------------------------------
