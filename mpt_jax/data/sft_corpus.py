@@ -96,7 +96,7 @@ def prepare_builtin(name: str, data_dir: str, *, tokenizer: str, max_seq_len: in
         manifest_path = os.path.join(shards_dir, prepare_lib.MANIFEST)
         if os.path.exists(manifest_path):
             manifest = prepare_lib.read_manifest(shards_dir)
-            if os.path.abspath(jsonl_path) in manifest["inputs"]:
+            if prepare_lib.find_input(manifest, jsonl_path, shards_dir) is not None:
                 return shards_dir
         prepare_lib.prepare_dataset(
             [jsonl_path], shards_dir, tokenizer, seq_len=None, format="prompt_response",
