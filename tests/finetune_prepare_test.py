@@ -164,7 +164,7 @@ def test_each_bad_row_named_then_fatal_past_the_threshold(tmp_path, tok_path, ca
                        f"bad ({len(bad) / (95 + len(bad)):.2%}), over --max_bad_fraction 1.00% "
                        f"(first: line 4: {bad[0][1]}" + err[-1].split(bad[0][1], 1)[1])
     manifest = prepare.read_manifest(str(out))
-    assert list(manifest["inputs"]) == [str(tmp_path / "good.jsonl")]
+    assert list(manifest["inputs"]) == [prepare.input_key(str(tmp_path / "good.jsonl"), str(out))]
     listed = {sh["path"] for e in manifest["inputs"].values() for sh in e["shards"]}
     assert {n for n in os.listdir(out) if n.endswith(prepare.SHARD_SUFFIX)} == listed
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]

@@ -16,7 +16,7 @@ from scipy.special import erf
 
 from mpt_jax import MPTConfig
 from mpt_jax.model.config import AttnConfig, FFNConfig
-from conftest import (HF_CONFIGS, NP_CONFIGS, _ids_mask, all_eqns, hf_logits, hf_model,  # noqa: F401
+from conftest import (V, HF_CONFIGS, NP_CONFIGS, _ids_mask, all_eqns, hf_logits, hf_model,  # noqa: F401
                       hf_state, np_forward, pallas_kernels, random_pure, tiny)
 from mpt_jax.convert.convert import model_from_pure_dict
 from mpt_jax.convert.table import pure_dict_from_torch
