@@ -3,7 +3,6 @@ step-0 held-out loss equal transformers' on the same batches, stop and resume re
 uninterrupted run without reading init_from again, ICL tasks during training compile once, and
 every bad input is refused before anything is written."""
 import json
-import os
 import re
 import shutil
 

@@ -86,9 +86,10 @@ def check_data_config(data_cfg) -> None:
     """The checks of `data_cfg` that read no data (the trainer runs them before preparing any):
     a known built-in corpus or some sources, positive weights, eval_fraction in range."""
     if data_cfg.builtin:
-        if data_cfg.builtin not in corpus.BUILTIN_NAMES:
+        known = corpus.BUILTIN_NAMES + sft_corpus.BUILTIN_NAMES
+        if data_cfg.builtin not in known:
             raise ValueError(f"data.builtin={data_cfg.builtin!r}: unknown built-in corpus (have "
-                             f"{corpus.BUILTIN_NAMES})")
+                             f"{known})")
     elif not data_cfg.sources:
         raise ValueError("data.sources is empty and data.builtin is '': no data to read (name "
                          "a prepared shards directory, e.g. --config configs/tiny.py:DIR)")

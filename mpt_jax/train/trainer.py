@@ -241,9 +241,12 @@ def train(config, workdir: str) -> dict:
     # (the workdir only now, and before the data only when the data goes into it: a run
     # refused so far leaves no workdir behind)
     data_cfg = config.data
-    ckpt_tokenizer = None  # a fresh finetune's tokenizer: the checkpoint's (the data's agrees)
-    if init_from and not resuming:
-        ckpt_tokenizer = _checkpoint_tokenizer(init_from)
+    # A finetune's tokenizer: the checkpoint's (the data's must be the same); a resumed one
+    # has it beside its own checkpoints.
+    ckpt_tokenizer = None
+    if init_from:
+        ckpt_tokenizer = (_checkpoint_tokenizer(init_from) if not resuming else
+                          _checkpoint_tokenizer(workdir))
         if ckpt_tokenizer is not None and data_cfg.builtin and not data_cfg.tokenizer:
             data_cfg = data_cfg.copy_and_resolve_references()  # (the built-in set tokenizes
             with data_cfg.unlocked():                           # with the checkpoint's)
@@ -269,7 +272,7 @@ def train(config, workdir: str) -> dict:
     _make_workdir(workdir)
     if writer_process:
         _write_if_changed(os.path.join(workdir, TOKENIZER_FILE), tokenizer_json)
-        if ckpt_tokenizer is not None:  # its special tokens and chat template come along
+        if ckpt_tokenizer is not None and not resuming:  # its special tokens, chat template
             _copy_tokenizer_files(os.path.dirname(ckpt_tokenizer), workdir)
 
     # 4. optimizer ------------------------------------------------------------------------
@@ -302,11 +305,11 @@ def train(config, workdir: str) -> dict:
             return {"step": latest, "loss": None, "eval_loss": None,
                     "stopped": "already complete"}
     train_iter = data_lib.make_train_iterator(
-        config.data, seq_len=seq_len, batch_size=global_batch // nproc, seed=config.seed,
+        data_cfg, seq_len=seq_len, batch_size=global_batch // nproc, seed=config.seed,
         process_index=pid, process_count=nproc, workdir=workdir)
     # data.eval_fraction 0: everything is training data, and there is no evaluation
-    eval_batches = None if config.data.eval_fraction == 0 else data_lib.make_eval_batches(
-        config.data, seq_len=seq_len, batch_size=config.eval.batch_size // nproc,
+    eval_batches = None if data_cfg.eval_fraction == 0 else data_lib.make_eval_batches(
+        data_cfg, seq_len=seq_len, batch_size=config.eval.batch_size // nproc,
         num_batches=config.eval.num_batches, process_index=pid, process_count=nproc,
         workdir=workdir)
     batch_keys = data_lib.batch_keys(resolved, data_cfg.packing)
