@@ -25,7 +25,11 @@ files change values, never add keys; `--config.a.b=value` overrides any of them)
   mesh.*         data, fsdp, tensor (one may be -1: the rest of the devices), rules (the
                  logical-axis table of mpt_jax/sharding.py)
   checkpoint.*   keep, async_save
-  eval.*         batch_size (global), num_batches
+  eval.*         batch_size (global), num_batches, first (also evaluate at step 0 of a fresh
+                 run: llm-foundry's eval_first, the pretrained model's held-out loss before a
+                 finetune), icl_tasks (llm-foundry ICL task yaml files run at eval_every, each
+                 task's accuracy logged as `icl/<label>/<N>-shot`; () = none), icl_batch_tokens
+                 (tokens per ICL scoring batch)
   loss_spike.*   llm-foundry's kill_loss_spike: enabled, window, multiplier, patience,
                  loss_cap, action (warn|stop)
   profile.*      start_step (-1 = off), num_steps: a jax.profiler trace in WORKDIR/profile
@@ -97,7 +101,8 @@ def get_base_config(size: str = "125m") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1,
                                             rules=tuple(DEFAULT_RULES)))
     c.checkpoint = ml_collections.ConfigDict(dict(keep=3, async_save=True))
-    c.eval = ml_collections.ConfigDict(dict(batch_size=8, num_batches=4))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=8, num_batches=4, first=False,
+                                            icl_tasks=(), icl_batch_tokens=32768))
     c.loss_spike = ml_collections.ConfigDict(dict(
         enabled=True, window=100, multiplier=2.0, patience=4, loss_cap=10.0, action="warn"))
     c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=5))

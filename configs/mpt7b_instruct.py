@@ -27,9 +27,10 @@ May 2023):
   data            train split, decoder_only_format, allow_pad_trimming false, shuffle, drop_last
 Steps: dolly_hhrlhf's train split has 59,310 rows (its dataset card); with every 20th held out
 for evaluation (data.eval_fraction 0.05) 56,345 train, 1,173 batches of 48 an epoch (drop_last),
-2 epochs = 2,346 steps. Deviations: llm-foundry evaluates on the dataset's test split (5,129
-rows) and before training (eval_first); we hold out part of train, evaluate every epoch and not
-at step 0. Micro-batch 6 (not 8): it divides the 48 / n rows per device for n = 1, 2, 4, 8.
+2 epochs = 2,346 steps. Deviation: llm-foundry evaluates on the dataset's test split (5,129
+rows); we hold out part of train. Evaluated before training (eval.first, llm-foundry's
+eval_first) and every epoch. Micro-batch 6 (not 8): it divides the 48 / n rows per device
+for n = 1, 2, 4, 8.
 """
 import ml_collections
 
@@ -69,6 +70,7 @@ def get_config(init_from: str = "", data_root: str = "/data/ft"):
     c.log_every = 1  # console_log_interval 1ba
     c.eval.batch_size = 64
     c.eval.num_batches = 16
+    c.eval.first = True
     c.loss_spike.enabled = False  # a finetune's first steps move fast; llm-foundry's yaml has none
     c.data = data_section(
         sources={"dolly_hhrlhf": ml_collections.ConfigDict(

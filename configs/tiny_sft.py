@@ -8,15 +8,14 @@ its body, with the loss on the body alone.
 
 The instruction set is built from the running interpreter's stdlib on first use (6.5k
 documented functions on CPython 3.11) and tokenized with the pretrained run's tokenizer
-(data.tokenizer) into examples of at most 128 tokens, the tiny model's context; longer ones are
-dropped (about 2.7k of 6.5k fit on CPython 3.11 with the demo's 4096-token BPE), so the model
-learns whole bodies that end in EOS. Every 20th example is held out (data.eval_fraction): the
-held-out loss is the response-token loss on functions the finetune never saw. Packing puts whole
-examples side by side in a row with segment ids (model.attn_uses_sequence_id, a change the
-finetune may make to the pretrained config).
+(train.init_from's, as every finetune's) into examples of at most 128 tokens, the tiny model's
+context; longer ones are dropped (about 2.7k of 6.5k fit on CPython 3.11 with the demo's
+4096-token BPE), so the model learns whole bodies that end in EOS. Every 20th example is held
+out (data.eval_fraction): the held-out loss is the response-token loss on functions the finetune
+never saw, logged at step 0 (eval.first: the pretrained model's) and every eval_every steps.
+Packing puts whole examples side by side in a row with segment ids
+(model.attn_uses_sequence_id, a change the finetune may make to the pretrained config).
 """
-import os
-
 from configs import tiny
 from configs.base import data_section
 
@@ -35,9 +34,9 @@ def get_config(pretrained: str = "runs/tiny"):
     c.optim.schedule = "linear"
     c.optim.warmup_steps = 10
     c.optim.alpha_f = 0.0
+    c.eval.first = True  # step 0: the pretrained model's loss on the held-out responses
+    # data.tokenizer '': the built-in set is tokenized with train.init_from's tokenizer
     c.data = data_section(
         builtin="python_stdlib_sft", packing=True, eval_fraction=0.05,
-        # the pretrained demo's tokenizer (configs/tiny.py trains a 4096-token BPE there)
-        tokenizer=os.path.join(pretrained, "data", "python_stdlib-bpe4096", "tokenizer.json"),
         builtin_max_seq_len=c.train.seq_len, builtin_on_too_long="drop")
     return c

@@ -40,5 +40,6 @@ def test_tiny_sft_over_the_tiny_model():
     cfg = merge_finetune_config(pretrained, c.model.to_dict())
     assert cfg == pretrained.replace(attn_config=pretrained.attn_config.__class__(
         **{**pretrained.attn_config.__dict__, "attn_uses_sequence_id": True}))
-    assert c.data.tokenizer == "runs/tiny/data/python_stdlib-bpe4096/tokenizer.json"
+    assert c.data.tokenizer == "" and c.train.init_from == "runs/tiny"  # its tokenizer
+    assert c.eval.first
     assert c.data.builtin_max_seq_len == c.train.seq_len == 128

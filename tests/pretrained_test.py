@@ -166,6 +166,30 @@ SCRIPT = textwrap.dedent(r'''
         assert "has shape" in str(e) and "the model wants" in str(e), e
     else:
         raise AssertionError("a model of another shape loaded")
+    # the trainer's path (train.init_from): parameters and a fresh optimizer state, each
+    # placed as the rules say
+    import ml_collections
+    from mpt_jax.train import optim, step as step_lib, trainer
+    ocfg = ml_collections.ConfigDict(dict(
+        name="decoupled_lion", lr=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
+        weight_decay_mask="all", mu_dtype="", clip_norm=0.0, schedule="constant",
+        warmup_steps=0, alpha_f=0.0))
+    tx = optim.make_optimizer(ocfg, 10)
+    train = ml_collections.ConfigDict(dict(compute_dtype="float32", param_dtype="float32",
+                                           attn_impl="reference", remat_policy="none",
+                                           scan_layers=True))
+    rules = sharding.DEFAULT_RULES
+    abstract_state, shardings = step_lib.state_shardings(cfg, train, tx, mesh, rules)
+    pieces.clear()
+    state = trainer.init_finetune_state(os.path.join(root, "hf"), abstract_state, shardings,
+                                        tx, mesh, rules)
+    placed = jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, state, shardings))
+    assert placed and all(placed), "a parameter or moment is not where the rules put it"
+    assert int(state["step"]) == 0 and int(state["opt_state"].count) == 0
+    for p, a in jax.tree_util.tree_leaves_with_path(state["params"]):
+        np.testing.assert_array_equal(np.asarray(a), want[".".join(str(k.key) for k in p)])
+    assert all(np.prod(shape) < np.prod(full) for path, shape, full in pieces
+               if any(s is not None for s in flat_specs[".".join(path)]))
     print("OK")
 ''')
 

@@ -75,6 +75,30 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, *, model_config
     manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+def finished_steps(workdir: str) -> list[int]:
+    """The steps of WORKDIR's complete checkpoints, ascending (orbax renames a step directory
+    into place only once every item is written), read without a manager: nothing created."""
+    root = checkpoint_dir(workdir)
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(name) for name in os.listdir(root)
+                  if name.isdigit() and os.path.isdir(os.path.join(root, name, "model_config")))
+
+
+def latest_model_config(workdir: str) -> dict | None:
+    """The model_config JSON of WORKDIR's latest checkpoint, or None when it has none."""
+    steps = finished_steps(workdir)
+    if not steps:
+        return None
+    item = os.path.join(checkpoint_dir(workdir), str(steps[-1]), "model_config")
+    files = [os.path.join(item, name) for name in sorted(os.listdir(item))
+             if not name.startswith((".", "_"))]
+    if not files:
+        raise ValueError(f"{item}: no model config file inside")
+    with open(files[0]) as fh:
+        return json.load(fh)
+
+
 def _abstract(tree_abstract, shardings):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree_abstract, shardings)

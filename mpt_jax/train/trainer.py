@@ -4,14 +4,18 @@
     1. config        every section checked before any data is read or prepared
     2. mesh          ('data', 'fsdp', 'tensor') from config.mesh; the batches divide over it
     3. data          the shards (the built-in corpus prepared on first use); the model config
-                     (vocabulary from the tokenizer when model.vocab_size = 0); the tokenizer
-                     written beside the checkpoints
+                     (vocabulary from the tokenizer when model.vocab_size = 0; a finetune's is
+                     train.init_from's, and so is its tokenizer, which the data's must equal);
+                     the tokenizer written beside the checkpoints; ICL tasks tokenized
     4. optimizer     clipping + decoupled LION / AdamW with the schedule
     5. state         restored from the last checkpoint (a run already at max_steps stops
-                     here), or created directly sharded; this process's data iterators
+                     here; a finetune resumes from its own checkpoints, never init_from), or
+                     created directly sharded: random, or train.init_from's weights read
+                     straight into their shards with a fresh optimizer; the data iterators
     6. steps         train_step / eval_step jitted once with explicit shardings
-    7. loop          step; metrics read one step late (monitor.StepMetrics), so dispatch runs
-                     ahead of the devices; at log / eval / checkpoint boundaries: log, eval,
+    7. loop          (eval.first: evaluate at step 0) step; metrics read one step late
+                     (monitor.StepMetrics), so dispatch runs ahead of the devices; at log /
+                     eval (held-out loss, ICL accuracies) / checkpoint boundaries: log, eval,
                      save, stop on SIGTERM; every step checked for non-finite values and
                      loss spikes before a checkpoint that includes it
     8. finish        wait for the last save, write loss.png
@@ -24,6 +28,8 @@ import os
 import time
 
 import jax
+import tokenizers
+from flax import nnx
 
 from mpt_jax import sharding
 from mpt_jax.model import REMAT_POLICIES, attention
@@ -75,11 +81,12 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
 # ---------------------------------------------------------------------------------------------
 # 1. config
 # ---------------------------------------------------------------------------------------------
-def check_config(config) -> MPTConfig:
+def check_config(config, workdir: str | None = None) -> MPTConfig:
     """Checks every section that needs no data, so a bad value fails before any data is read
-    or prepared. Returns the model config with a placeholder vocabulary of 128 when
-    model.vocab_size is 0 (the real one comes from the tokenizer: `model_config`). The mesh and
-    batch sizes are checked with the mesh (`check_batches`)."""
+    or prepared. Returns the model config: with train.init_from the checkpoint's merged with
+    config.model (`pretrained_model_config`); otherwise config.model's, with a placeholder
+    vocabulary of 128 when model.vocab_size is 0 (the real one comes from the tokenizer:
+    `model_config`). The mesh and batch sizes are checked with the mesh (`check_batches`)."""
     for key in ("max_steps", "log_every", "eval_every", "checkpoint_every"):
         if config[key] <= 0:
             raise ValueError(f"{key} must be positive, got {config[key]}")
@@ -96,8 +103,11 @@ def check_config(config) -> MPTConfig:
     if config.loss_spike.action not in ("warn", "stop"):
         raise ValueError(f"loss_spike.action must be 'warn' or 'stop', got "
                          f"{config.loss_spike.action!r}")
-    d = config.model.to_dict()
-    cfg = MPTConfig.from_dict({**d, "vocab_size": d["vocab_size"] or 128})
+    if config.train.init_from:
+        cfg = pretrained_model_config(config, workdir)
+    else:
+        d = config.model.to_dict()
+        cfg = MPTConfig.from_dict({**d, "vocab_size": d["vocab_size"] or 128})
     if cfg.attn_config.attn_pdrop > 0:
         raise ValueError(
             f"model.attn_config.attn_pdrop={cfg.attn_config.attn_pdrop}: attention-probability "
@@ -122,10 +132,52 @@ def check_config(config) -> MPTConfig:
     if config.eval.num_batches <= 0 and config.data.eval_fraction > 0:
         raise ValueError(f"eval.num_batches must be positive, got {config.eval.num_batches} "
                          "(data.eval_fraction 0 turns evaluation off)")
+    if config.eval.icl_batch_tokens < 1:
+        raise ValueError(f"eval.icl_batch_tokens must be positive, got "
+                         f"{config.eval.icl_batch_tokens}")
+    if config.eval.icl_tasks:
+        from mpt_jax.eval import tasks as tasks_lib
+
+        for path in config.eval.icl_tasks:  # (tokenized once the tokenizer is known)
+            tasks_lib.load_task_file(path)
     from mpt_jax.data import pipeline as data_lib
+    from mpt_jax.data import sft_corpus
 
     data_lib.check_data_config(config.data)
+    if config.data.builtin in sft_corpus.BUILTIN_NAMES:
+        check_packing(cfg, "examples", config.data.packing)
     return cfg
+
+
+def check_packing(cfg: MPTConfig, mode: str, packing: bool) -> None:
+    """Packed finetuning examples need segment-aware attention. Without it the examples of a
+    row would attend to each other (their loss stays apart, but each response would be
+    conditioned on unrelated examples before it), so such a run is refused rather than the
+    model config changed behind the user's back."""
+    if mode == "examples" and packing and not cfg.attn_config.attn_uses_sequence_id:
+        raise ValueError(
+            "data.packing=True packs several finetuning examples into a row, but "
+            "model.attn_config.attn_uses_sequence_id is False, so they would attend to each "
+            "other: set --config.model.attn_config.attn_uses_sequence_id=True (a change a "
+            "finetune may make) or data.packing=False")
+
+
+def pretrained_model_config(config, workdir: str | None) -> MPTConfig:
+    """The model of a finetune: train.init_from's config with config.model's overrides
+    (convert.pretrained.merge_finetune_config: only safe keys may differ). A workdir that
+    already holds a checkpoint resumes from it: its own saved config is the base then, and
+    train.init_from is not read (it may be gone)."""
+    from mpt_jax.convert import pretrained
+    from mpt_jax.convert.io import ConversionError
+
+    init_from = config.train.init_from
+    saved = ckpt_lib.latest_model_config(workdir) if workdir else None
+    try:
+        base = MPTConfig.from_dict(saved) if saved is not None else \
+            pretrained.read_model_config(init_from)
+    except ConversionError as e:
+        raise ValueError(f"train.init_from={init_from!r}: {e}") from None
+    return pretrained.merge_finetune_config(base, config.model.to_dict())
 
 
 def check_batches(config, mesh, rules) -> None:
@@ -135,8 +187,15 @@ def check_batches(config, mesh, rules) -> None:
     sharding.check_batch(config.eval.batch_size, mesh, rules, what="eval.batch_size")
 
 
-def model_config(config, tokenizer_vocab: int | None) -> MPTConfig:
-    """MPTConfig from config.model; vocab_size 0 -> the tokenizer's, padded to 128."""
+def model_config(config, tokenizer_vocab: int | None, base: MPTConfig | None = None
+                 ) -> MPTConfig:
+    """MPTConfig from config.model; vocab_size 0 -> the tokenizer's, padded to 128. `base`:
+    a finetune's model (pretrained_model_config), checked against the tokenizer."""
+    if base is not None:
+        if tokenizer_vocab is not None and tokenizer_vocab > base.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer_vocab} tokens, more than "
+                             f"train.init_from's vocab_size {base.vocab_size}")
+        return base
     d = config.model.to_dict()
     vocab = d["vocab_size"]
     if vocab == 0:
@@ -165,8 +224,11 @@ def train(config, workdir: str) -> dict:
     pid, nproc = jax.process_index(), jax.process_count()
     writer_process = pid == 0
 
-    # 1. config: every section that needs no data ----------------------------------------
-    check_config(config)
+    # 1. config: every section that needs no data (a finetune's model: init_from's) --------
+    init_from = config.train.init_from
+    resuming = bool(ckpt_lib.finished_steps(workdir))
+    checked = check_config(config, workdir)
+    base_cfg = checked if init_from else None
     seq_len, global_batch = config.train.seq_len, config.train.global_batch_size
 
     # 2. mesh -----------------------------------------------------------------------------
@@ -178,15 +240,40 @@ def train(config, workdir: str) -> dict:
     # with the tokenizer's vocabulary, the tokenizer beside the checkpoints ----------------
     # (the workdir only now, and before the data only when the data goes into it: a run
     # refused so far leaves no workdir behind)
-    if config.data.builtin:
+    data_cfg = config.data
+    # A finetune's tokenizer: the checkpoint's (the data's must be the same); a resumed one
+    # has it beside its own checkpoints.
+    ckpt_tokenizer = None
+    if init_from:
+        ckpt_tokenizer = (_checkpoint_tokenizer(init_from) if not resuming else
+                          _checkpoint_tokenizer(workdir))
+        if ckpt_tokenizer is not None and data_cfg.builtin and not data_cfg.tokenizer:
+            data_cfg = data_cfg.copy_and_resolve_references()  # (the built-in set tokenizes
+            with data_cfg.unlocked():                           # with the checkpoint's)
+                data_cfg.tokenizer = ckpt_tokenizer
+    if data_cfg.builtin:
         _make_workdir(workdir)
-    resolved = data_lib.resolve_data(config.data, workdir)
-    _make_workdir(workdir)
-    cfg = model_config(config, resolved.vocab_size)
+    resolved = data_lib.resolve_data(data_cfg, workdir)
+    if ckpt_tokenizer is not None:
+        _check_same_tokenizer(init_from, ckpt_tokenizer, resolved)
+    cfg = model_config(config, resolved.vocab_size, base_cfg)
+    check_packing(cfg, resolved.mode, data_cfg.packing)
     with open(resolved.tokenizer_path) as fh:
         tokenizer_json = fh.read()
+    tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+    icl_tasks, eos_id = [], None
+    if config.eval.icl_tasks:  # tokenized now: a bad task or example fails before step 1
+        from mpt_jax.eval import loading, tasks as tasks_lib
+
+        eos_id, _ = loading.special_ids(
+            tokenizer, None if ckpt_tokenizer is None else os.path.dirname(ckpt_tokenizer), cfg)
+        icl_tasks = tasks_lib.prepare_tasks(list(config.eval.icl_tasks), tokenizer,
+                                            eos_id=eos_id, max_seq_len=seq_len)
+    _make_workdir(workdir)
     if writer_process:
         _write_if_changed(os.path.join(workdir, TOKENIZER_FILE), tokenizer_json)
+        if ckpt_tokenizer is not None and not resuming:  # its special tokens, chat template
+            _copy_tokenizer_files(os.path.dirname(ckpt_tokenizer), workdir)
 
     # 4. optimizer ------------------------------------------------------------------------
     tx = optim_lib.make_optimizer(config.optim, config.max_steps, clip=False)  # the step clips
@@ -218,14 +305,14 @@ def train(config, workdir: str) -> dict:
             return {"step": latest, "loss": None, "eval_loss": None,
                     "stopped": "already complete"}
     train_iter = data_lib.make_train_iterator(
-        config.data, seq_len=seq_len, batch_size=global_batch // nproc, seed=config.seed,
+        data_cfg, seq_len=seq_len, batch_size=global_batch // nproc, seed=config.seed,
         process_index=pid, process_count=nproc, workdir=workdir)
     # data.eval_fraction 0: everything is training data, and there is no evaluation
-    eval_batches = None if config.data.eval_fraction == 0 else data_lib.make_eval_batches(
-        config.data, seq_len=seq_len, batch_size=config.eval.batch_size // nproc,
+    eval_batches = None if data_cfg.eval_fraction == 0 else data_lib.make_eval_batches(
+        data_cfg, seq_len=seq_len, batch_size=config.eval.batch_size // nproc,
         num_batches=config.eval.num_batches, process_index=pid, process_count=nproc,
         workdir=workdir)
-    batch_keys = ("input_ids", "segment_ids") if config.data.packing else ("input_ids",)
+    batch_keys = data_lib.batch_keys(resolved, data_cfg.packing)
     if latest is not None:
         with sharding.use_mesh(mesh):
             state, train_state = ckpt_lib.restore(manager, latest, abstract_state,
@@ -236,7 +323,14 @@ def train(config, workdir: str) -> dict:
         train_iter.set_state(train_state["data_states"][pid])
         resumed = train_state
         start_step = int(train_state["step"])
-        log.info("resumed from checkpoint %d", start_step)
+        log.info("resumed from checkpoint %d%s", start_step,
+                 f" (the finetune's own; train.init_from {init_from} not read)"
+                 if init_from else "")
+    elif init_from:
+        state = init_finetune_state(init_from, abstract_state, state_shardings, tx, mesh, rules)
+        start_step, resumed = 0, {}
+        log.info("finetuning from %s: its weights, a fresh optimizer and schedule at step 0",
+                 init_from)
     else:
         state = step_lib.init_state(cfg, config.train, tx, mesh, rules, config.seed)
         start_step, resumed = 0, {}
@@ -264,12 +358,34 @@ def train(config, workdir: str) -> dict:
                  settings.n_micro, global_batch // settings.n_micro)
 
     def evaluate(params):
-        nll = count = 0.0
-        for local in eval_batches:
-            s, c = p_eval_step(params, sharding.make_global_batch(local, mesh, rules))
-            values = monitor.host_metrics({"nll": s, "count": c})
-            nll, count = nll + values["nll"], count + values["count"]
-        return nll / max(count, 1.0)
+        """Held-out loss (of finetuning examples: their response tokens), and the ICL
+        tasks' accuracies."""
+        out = {}
+        if eval_batches is not None:
+            nll = count = 0.0
+            for local in eval_batches:
+                s, c = p_eval_step(params, sharding.make_global_batch(local, mesh, rules))
+                values = monitor.host_metrics({"nll": s, "count": c})
+                nll, count = nll + values["nll"], count + values["count"]
+            out["eval_loss"], out["eval_tokens"] = nll / max(count, 1.0), count
+        if icl_tasks:
+            from mpt_jax.eval import icl
+
+            scores = icl.evaluate_tasks(
+                nnx.merge(settings.graphdef, params), icl_tasks, tokenizer, eos_id=eos_id,
+                mesh=mesh, rules=rules, max_seq_len=seq_len,
+                batch_tokens=config.eval.icl_batch_tokens)
+            out.update({f"icl/{name}": value for name, value in scores.items()})
+        return out
+
+    def eval_and_log(step):
+        nonlocal last_eval
+        values = evaluate(state["params"])
+        writer.write(step, values)
+        last_eval = values.get("eval_loss", last_eval)
+        if writer_process:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "eval_tokens")
+            bar.write(f"step {step}: {shown}")
 
     def save(step):
         ckpt_lib.save(manager, step, state, model_config=cfg.to_dict("foundry"), train_state={
@@ -317,6 +433,8 @@ def train(config, workdir: str) -> dict:
             "step_time_s": dt, "compile_s": clock["compile_s"],
             "tokens": step * tokens_per_step, "skipped_steps": skipped,
             "data_epochs": train_iter.epochs(),  # this process's, per source
+            **({"packing_efficiency": train_iter.packing_efficiency(),  # this process's rows
+                "loss_tokens": m["tokens"]} if "segment_ids" in batch_keys else {}),
             **metrics_lib.device_memory_gb()})
         bar.set_postfix(loss=f"{m['loss']:.3f}", refresh=False)
         clock["t_log"], clock["steps"] = now, 0
@@ -325,8 +443,11 @@ def train(config, workdir: str) -> dict:
     stop_reason = "max_steps"
     reader = monitor.StepMetrics(on_step)
     profiling = False
-    t_first = time.time()
+    evaluating = eval_batches is not None or bool(icl_tasks)
     with sharding.use_mesh(mesh), sharding.use_rules(rules), monitor.StopSignal() as stop:
+        if evaluating and config.eval.first and start_step == 0:
+            eval_and_log(0)  # the starting point (a finetune: the pretrained model's)
+        t_first = time.time()
         try:
             while step < config.max_steps:
                 if config.profile.start_step == step and writer_process:
@@ -343,7 +464,7 @@ def train(config, workdir: str) -> dict:
 
                 last = step == config.max_steps
                 log_now = step % config.log_every == 0 or last
-                eval_now = eval_batches is not None and (step % config.eval_every == 0 or last)
+                eval_now = evaluating and (step % config.eval_every == 0 or last)
                 save_now = step % config.checkpoint_every == 0 or last
                 if not (log_now or eval_now or save_now):
                     continue
@@ -353,10 +474,7 @@ def train(config, workdir: str) -> dict:
                     log_row(step, m)
                 if eval_now:
                     t0 = time.time()
-                    last_eval = evaluate(state["params"])
-                    writer.write(step, {"eval_loss": last_eval})
-                    if writer_process:
-                        bar.write(f"step {step}: eval loss {last_eval:.4f}")
+                    eval_and_log(step)
                     clock["t_log"] += time.time() - t0  # eval time is not train time
                 if save_now:
                     save(step)
@@ -381,6 +499,61 @@ def train(config, workdir: str) -> dict:
     if writer_process:
         metrics_lib.plot_losses(workdir)
     return {"step": step, "loss": last_loss, "eval_loss": last_eval, "stopped": stop_reason}
+
+
+def init_finetune_state(init_from: str, abstract_state, state_shardings, tx, mesh, rules):
+    """Step 0 of a finetune: train.init_from's parameters read tensor by tensor straight into
+    their shards (convert.pretrained.load_params_sharded: no process or device ever holds the
+    whole model), and a fresh optimizer state made directly sharded."""
+    import jax.numpy as jnp
+
+    from mpt_jax.convert import pretrained
+    from mpt_jax.convert.io import ConversionError
+
+    try:
+        params = pretrained.load_params_sharded(init_from, abstract_state["params"],
+                                                state_shardings["params"])
+    except ConversionError as e:
+        raise ValueError(f"train.init_from={init_from!r}: {e}") from None
+    with sharding.use_mesh(mesh), sharding.use_rules(rules):
+        opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)
+        step = jax.device_put(jnp.zeros([], jnp.int32), state_shardings["step"])
+    return {"step": step, "params": params, "opt_state": opt_state}
+
+
+def _checkpoint_tokenizer(init_from: str) -> str | None:
+    """The tokenizer.json of checkpoint `init_from` (where load_pretrained's callers find it),
+    or None when it carries none (an HF directory of weights only)."""
+    from mpt_jax.convert.convert import tokenizer_dir
+
+    path = os.path.join(str(tokenizer_dir(init_from)), TOKENIZER_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def _check_same_tokenizer(init_from: str, ckpt_tokenizer: str, resolved) -> None:
+    from mpt_jax.data import tokenizer as tokenizer_lib
+
+    want = tokenizer_lib.tokenizer_sha256(tokenizer_lib.load_tokenizer(ckpt_tokenizer))
+    source = resolved.sources[0]
+    have = source.manifest["tokenizer"]["sha256"]
+    if want != have:
+        raise ValueError(
+            f"data source {source.name!r} at {source.path!r} was tokenized with "
+            f"{source.manifest['tokenizer']['name']!r} (sha256 {have[:12]}), not with "
+            f"train.init_from's tokenizer {ckpt_tokenizer} (sha256 {want[:12]}): prepare the "
+            "data with the pretrained model's tokenizer")
+
+
+def _copy_tokenizer_files(src_dir: str, workdir: str) -> None:
+    """tokenizer_config.json and friends beside the run's tokenizer.json (EOS / BOS, chat
+    template: what evaluation and export read)."""
+    import shutil
+
+    from mpt_jax.convert.convert import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        if name != TOKENIZER_FILE and os.path.isfile(os.path.join(src_dir, name)):
+            shutil.copyfile(os.path.join(src_dir, name), os.path.join(workdir, name))
 
 
 def _make_workdir(workdir: str) -> None:
