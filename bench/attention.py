@@ -9,7 +9,7 @@
                                                   Mosaic GPU kernels (Hopper) and Triton kernels
   python bench/attention.py memory                compiled + measured peak of fwd+bwd, T up to 64k
 
-bf16, causal, H=32, D=128 unless flags say otherwise. FLOP convention (as ../shared peers.py):
+bf16, causal, H=32, D=128 unless flags say otherwise. FLOP convention (as peers.py's):
 causal forward = 2*B*H*T^2*D, forward+backward = 3.5x that. Every timing is the median over 5
 batches of 20 back-to-back calls with one host sync per batch (peers.py's jax_time).
 Results go to --out DIR as JSON (one file per mode).
@@ -129,7 +129,7 @@ def mode_check(args):
     return rows
 
 
-# (block_q, block_k, num_warps, num_stages); the first sweep (H200, 2026-11-27) covered
+# (block_q, block_k, num_warps, num_stages); the first H200 sweep (ATTENTION_NOTES.md) covered
 # fwd (128,64,8,3) (128,64,4,3) (128,128,8,2) (64,64,4,3) (128,32,4,3) (128,64,8,4) (64,128,4,3),
 # dkv (64,128,8,2|3) (32,128,4,3) (32,64,4,3) (128,128,8,2) (16,128,4,3) (32,128,8,2),
 # dq (128,64,8,2) (128,32,4,3) (64,64,4,2) (128,128,8,2) (64,32,4,3) (64,128,8,2): all slower.
