@@ -165,7 +165,8 @@ def test_plan_picks_the_kernel_and_layout():
     assert plan("pallas_gpu", (2, 1, 4, 64), 2, 128, cache=True) == attention.Plan("decode_gpu")
     assert plan("pallas_gpu", (2, 2, 4, 64), s=128, cache=True) == attention.Plan("reference")
     assert plan("pallas_gpu", (2, 1, 4, 64), s=100, cache=True) == attention.Plan("reference")
-    assert plan("pallas_tpu", (2, 1, 4, 64), s=128, cache=True) == attention.Plan("reference")
+    assert plan("pallas_tpu", (2, 1, 4, 64), s=128, cache=True) == attention.Plan("decode_tpu")
+    assert plan("pallas_tpu", (2, 2, 4, 64), s=128, cache=True) == attention.Plan("reference")
     assert plan("reference", (2, 1, 4, 64), s=128, cache=True) == attention.Plan("reference")
     with pytest.raises(ValueError, match="unknown attention impl 'cuda'"):
         plan("cuda")

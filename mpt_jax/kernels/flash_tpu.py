@@ -50,13 +50,18 @@ class _Cfg:
     interpret: bool
 
 
-def _interpret_arg(interpret: bool):
+def interpret_arg(interpret: bool):
+    """pallas_call's `interpret` for the TPU kernels: TPU interpret mode (InterpretParams: TPU
+    memory spaces, DMAs and the pipeline simulated on the CPU; uninitialized reads give NaN)
+    where this jax has it."""
     if not interpret:
         return False
     return pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
 
 
-def _compiler_params(n_parallel: int, n_arbitrary: int):
+def compiler_params(n_parallel: int, n_arbitrary: int):
+    """Grid semantics: the leading axes parallel (megacore chips share them out), the trailing
+    ones sequential (reductions over VMEM scratch)."""
     sem = ("parallel",) * n_parallel + ("arbitrary",) * n_arbitrary
     return pltpu.CompilerParams(dimension_semantics=sem)
 
@@ -78,6 +83,14 @@ def _scores(cfg, q, k, slope, qi, ki, qseg_ref, kvseg_ref):
     return jnp.where(mask, s, -jnp.inf)
 
 
+def div(i, n: int):
+    """i // n for a non-negative traced index i: lax.div truncates, which is the same here, and
+    it lowers to one integer division, where jnp's floor division adds a sign op whose Mosaic
+    lowering asks the default device which TPU it is (lowering for "tpu" from a CPU host then
+    fails)."""
+    return lax.div(i, jnp.int32(n))
+
+
 def _block_visible(cfg, qi, ki):
     """Some query of block qi may see some key of block ki (causal) and ki holds real keys."""
     vis = ki * cfg.block_k < cfg.seq_k
@@ -89,13 +102,13 @@ def _block_visible(cfg, qi, ki):
 def _last_kv_block(cfg, qi, nk):
     if not cfg.causal:
         return nk - 1
-    return jnp.minimum((qi * cfg.block_q + cfg.block_q - 1 + cfg.offset) // cfg.block_k, nk - 1)
+    return jnp.minimum(div(qi * cfg.block_q + cfg.block_q - 1 + cfg.offset, cfg.block_k), nk - 1)
 
 
 def _first_q_block(cfg, ki):
     if not cfg.causal:
         return 0
-    return jnp.maximum(ki * cfg.block_k - cfg.offset, 0) // cfg.block_q
+    return div(jnp.maximum(ki * cfg.block_k - cfg.offset, 0), cfg.block_q)
 
 
 def _unpack(cfg, refs, n_in):
@@ -165,7 +178,7 @@ def _forward(cfg, q, k, v, slopes, qseg, kvseg):
     sp = k.shape[2]
     bq, bk, g = cfg.block_q, cfg.block_k, cfg.group
     nq, nk = tp // bq, sp // bk
-    kv_map = lambda bi, hi, qi, ki: (bi, hi // g, jnp.minimum(ki, _last_kv_block(cfg, qi, nk)), 0)  # noqa
+    kv_map = lambda bi, hi, qi, ki: (bi, div(hi, g), jnp.minimum(ki, _last_kv_block(cfg, qi, nk)), 0)  # noqa
     q_map = lambda bi, hi, qi, ki: (bi, hi, qi, 0)  # noqa: E731
     in_specs = [
         pl.BlockSpec(memory_space=pltpu.SMEM),
@@ -185,8 +198,8 @@ def _forward(cfg, q, k, v, slopes, qseg, kvseg):
                    jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                         pltpu.VMEM((bq, d), jnp.float32)],
-        compiler_params=_compiler_params(3, 1),
-        interpret=_interpret_arg(cfg.interpret),
+        compiler_params=compiler_params(3, 1),
+        interpret=interpret_arg(cfg.interpret),
         name="alibi_flash_fwd_tpu",
     )(slopes, q, k, v, *_seg_args(cfg, qseg, kvseg))
 
@@ -231,7 +244,7 @@ def _backward_dq(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
     sp = k.shape[2]
     bq, bk, g = cfg.block_q, cfg.block_k, cfg.group
     nq, nk = tp // bq, sp // bk
-    kv_map = lambda bi, hi, qi, ki: (bi, hi // g, jnp.minimum(ki, _last_kv_block(cfg, qi, nk)), 0)  # noqa
+    kv_map = lambda bi, hi, qi, ki: (bi, div(hi, g), jnp.minimum(ki, _last_kv_block(cfg, qi, nk)), 0)  # noqa
     q_map = lambda bi, hi, qi, ki: (bi, hi, qi, 0)  # noqa: E731
     qspec = pl.BlockSpec((None, None, bq, d), q_map)
     rowspec = pl.BlockSpec((None, None, bq, 1), q_map)
@@ -248,8 +261,8 @@ def _backward_dq(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
         out_specs=qspec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
-        compiler_params=_compiler_params(3, 1),
-        interpret=_interpret_arg(cfg.interpret),
+        compiler_params=compiler_params(3, 1),
+        interpret=interpret_arg(cfg.interpret),
         name="alibi_flash_bwd_dq_tpu",
     )(slopes, q, k, v, do, lse, delta, *_seg_args(cfg, qseg, kvseg))
 
@@ -310,8 +323,8 @@ def _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
         out_specs=[kspec, kspec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-        compiler_params=_compiler_params(3, 2),
-        interpret=_interpret_arg(cfg.interpret),
+        compiler_params=compiler_params(3, 2),
+        interpret=interpret_arg(cfg.interpret),
         name="alibi_flash_bwd_dkv_tpu",
     )(slopes, q, k, v, do, lse, delta, *_seg_args(cfg, qseg, kvseg))
 
