@@ -25,8 +25,9 @@ a combine pass to every other call.
 Layout: q [B, H, D], caches [B, KV, S, D] (attention.decode_attention's layout), cache_len int32
 [B], kv_mask [B, S]. The slot block is the whole cache when S <= BLOCK_S, else the largest
 multiple of the dtype's sublane tile (8 rows of 32 bits) up to BLOCK_S that divides S;
-`supported()` says whether a shape qualifies. Tested on CPU in TPU interpret mode, lowered (and,
-with libtpu installed, compiled) for TPU from the CPU; it has not run on a TPU.
+`supported()` says whether a shape qualifies. Tested on CPU in TPU interpret mode and lowered for
+TPU from the CPU (tests/tpu_lowering_test.py); libtpu's Mosaic compiler has never compiled it and
+it has never run on a TPU.
 
 Imports from mpt_jax only the TPU flash kernel's interpret and compiler settings.
 """

@@ -11,7 +11,9 @@ Causal: blocks above the diagonal do no work (pl.when) and their index_map repea
 useful block, so the pipeline issues no copy for them. ALiBi slope_h * (pos_j - pos_i) is
 computed per block from the slopes (SMEM) and iotas. Positions: query i at i + (S - T), key j
 at j. Rows that see no key return 0 (logsumexp +inf, gradient 0). Lengths are padded to the
-block internally. Tested on CPU in TPU interpret mode only: no TPU was available.
+block internally. Tested on CPU in TPU interpret mode and lowered for TPU from the CPU
+(tests/tpu_lowering_test.py); libtpu's Mosaic compiler has never compiled it and it has never run
+on a TPU (none was available).
 
 Imports from mpt_jax only the kernels' shared helpers (mpt_jax.kernels.common).
 """
@@ -166,7 +168,8 @@ def _fwd_kernel(*refs, cfg):
 def _seg_specs(cfg, tp, sp, qmap, kmap):
     if not cfg.has_segments:
         return []
-    return [pl.BlockSpec((None, cfg.block_q, 1), qmap), pl.BlockSpec((None, 1, cfg.block_k), kmap)]
+    return [pl.BlockSpec((None, cfg.block_q, 1), qmap),
+            pl.BlockSpec((None, None, 1, cfg.block_k), kmap)]
 
 
 def _seg_args(cfg, qseg, kvseg):
@@ -186,7 +189,7 @@ def _forward(cfg, q, k, v, slopes, qseg, kvseg):
         pl.BlockSpec((None, None, bk, d), kv_map),
         pl.BlockSpec((None, None, bk, d), kv_map),
         *_seg_specs(cfg, tp, sp, lambda bi, hi, qi, ki: (bi, qi, 0),
-                    lambda bi, hi, qi, ki: (bi, 0, jnp.minimum(ki, _last_kv_block(cfg, qi, nk)))),
+                    lambda bi, hi, qi, ki: (bi, jnp.minimum(ki, _last_kv_block(cfg, qi, nk)), 0, 0)),
     ]
     out_specs = [pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bq, 1), q_map)]
     return pl.pallas_call(
@@ -252,7 +255,7 @@ def _backward_dq(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
     in_specs = [
         pl.BlockSpec(memory_space=pltpu.SMEM), qspec, kspec, kspec, qspec, rowspec, rowspec,
         *_seg_specs(cfg, tp, sp, lambda bi, hi, qi, ki: (bi, qi, 0),
-                    lambda bi, hi, qi, ki: (bi, 0, jnp.minimum(ki, _last_kv_block(cfg, qi, nk)))),
+                    lambda bi, hi, qi, ki: (bi, jnp.minimum(ki, _last_kv_block(cfg, qi, nk)), 0, 0)),
     ]
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
@@ -314,7 +317,7 @@ def _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
         pl.BlockSpec(memory_space=pltpu.SMEM), qspec, kspec, kspec, qspec, rowspec, rowspec,
         *_seg_specs(cfg, tp, sp,
                     lambda bi, khi, ki, gi, qi: (bi, jnp.maximum(qi, _first_q_block(cfg, ki)), 0),
-                    lambda bi, khi, ki, gi, qi: (bi, 0, ki)),
+                    lambda bi, khi, ki, gi, qi: (bi, ki, 0, 0)),
     ]
     return pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
@@ -383,7 +386,10 @@ def flash_attention_tpu(
     v_bhsd = common.pad_to(v, 1, sp).transpose(0, 2, 1, 3)
     slopes = (jnp.zeros((h,), jnp.float32) if alibi_slopes is None
               else jnp.asarray(alibi_slopes, jnp.float32).reshape(h))
-    if cfg.has_segments:  # [B, tp, 1] and [B, 1, sp]: row and column vectors for the blocks
-        qseg, kvseg = qseg[:, :, None], kvseg[:, None, :]
+    if cfg.has_segments:
+        # [B, tp, 1]: a column per q block; [B, sp / bk, 1, bk]: each kv block its own (1, bk)
+        # row, whole in its last two dims, so any block_k lowers for Mosaic (a (1, bk) block of
+        # [B, 1, sp] would need bk % 128 == 0)
+        qseg, kvseg = qseg[:, :, None], kvseg.reshape(b, sp // bk, 1, bk)
     out = _flash(cfg, q_bhtd, k_bhsd, v_bhsd, slopes, qseg, kvseg)
     return out.transpose(0, 2, 1, 3)[:, :t]
