@@ -9,7 +9,11 @@ Each test counts the Mosaic custom calls by kernel name and makes the jnp attent
 """
 import collections
 import functools
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +30,8 @@ from mpt_jax.model.alibi import alibi_slopes
 from mpt_jax.model.config import AttnConfig
 from mpt_jax.train import optim
 from mpt_jax.train import step as step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FWD, DQ, DKV, DECODE = ("alibi_flash_fwd_tpu", "alibi_flash_bwd_dq_tpu",
                         "alibi_flash_bwd_dkv_tpu", "alibi_decode_tpu")
@@ -49,7 +55,8 @@ def _kernels(txt: str) -> dict:
     """{kernel name: launches} of the Mosaic TPU custom calls in lowered text, following the
     calls from main (a jitted kernel wrapper is one function called once per layer; a loop
     body counts once). Only live calls count, those whose results are used: a remat'd backward
-    also holds dead copies of forward kernels whose residuals were saved, which XLA drops."""
+    also holds dead copies of forward kernels whose residuals were saved, which XLA drops.
+    (One level of use: a result feeding only dead ops would still count.)"""
     funcs = {}
     for func in re.split(r"\n(?=  func\.func )", txt):
         name = re.match(r"\s*func\.func \w+ @([\w.$-]+)\(", func)
@@ -58,12 +65,19 @@ def _kernels(txt: str) -> dict:
 
     @functools.cache
     def launches(name):
-        func, found = funcs[name], collections.Counter()
-        for ln in func.splitlines():
-            result = re.match(r"\s*(%\w+)(:\d+)? = ", ln)
-            # SSA names are unique per function: a use is the name again after this line
-            if not result or not re.search(re.escape(result.group(1)) + r"(?!\w)",
-                                           func[func.index(ln) + len(ln):]):
+        lines, found = funcs[name].splitlines(), collections.Counter()
+        for i, ln in enumerate(lines):
+            result = re.match(r"(\s*)(%\w+)(:\d+)? = ", ln)
+            if not result:
+                continue
+            # a use: the name again further on in this op's region (a shard_map body numbers
+            # its values apart: the same name outside it is another value)
+            indent, rest = len(result.group(1)), []
+            for later in lines[i + 1:]:
+                if len(later) - len(later.lstrip()) < indent:
+                    break
+                rest.append(later)
+            if not re.search(re.escape(result.group(2)) + r"(?!\w)", "\n".join(rest)):
                 continue
             if "stablehlo.custom_call @tpu_custom_call" in ln:
                 assert "custom_call_config" in ln and "body" in ln, ln[:200]
@@ -74,6 +88,12 @@ def _kernels(txt: str) -> dict:
         return found
 
     return dict(launches("main"))
+
+
+def _operands(txt: str, name: str) -> list[str]:
+    """The operand types of the first `name` kernel in lowered text."""
+    line = next(ln for ln in txt.splitlines() if f'kernel_name = "{name}"' in ln)
+    return re.findall(r"tensor<[0-9a-z]+>", line.rsplit("} : (", 1)[1].split(") ->")[0])
 
 
 def _model_cfg(n_heads: int, kv_heads: int, **attn) -> MPTConfig:
@@ -178,3 +198,76 @@ def test_kernels_lower_over_their_features(d, dtype):
         got = _kernels(_tpu_text(jax.jit(f).trace(q, cache, cache, lens, kv_mask, k_new=row,
                                                   v_new=row)))
         assert got == {DECODE: 1}, (b, h, kvh, s)
+
+
+MESH_LOWERING = textwrap.dedent(r'''
+    import sys
+    import jax, jax.numpy as jnp, ml_collections
+    from flax import nnx
+    from configs.base import get_base_config
+    from mpt_jax import MPTConfig, sharding
+    from mpt_jax.infer import generate
+    from mpt_jax.model import abstract_model
+    from mpt_jax.model.config import AttnConfig
+    from mpt_jax.train import optim, step as step_lib
+
+    out = sys.argv[1]
+    def lowered(traced, name):
+        with open(f"{out}/{name}.txt", "w") as f:
+            f.write(traced.lower(lowering_platforms=("tpu",)).as_text())
+
+    cfg = MPTConfig(d_model=256, n_heads=4, n_layers=2, vocab_size=131, max_seq_len=64,
+                    attn_config=AttnConfig(attn_type="grouped_query_attention", kv_n_heads=2))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2})
+    rules = sharding.DEFAULT_RULES
+    run = get_base_config()
+    train = ml_collections.ConfigDict(run.train.to_dict())
+    train.update(seq_len=64, global_batch_size=4, scan_layers=True, attn_impl="pallas_tpu",
+                 loss_chunk_size=32)
+    tx = optim.make_optimizer(run.optim, run.max_steps, clip=False)
+    settings = step_lib.make_settings(cfg, train, tx, lambda s: 1e-4, mesh=mesh, rules=rules,
+                                      seed=0, global_batch=4, clip_norm=1.0)
+    abstract, shardings = step_lib.state_shardings(cfg, train, tx, mesh, rules)
+    step = step_lib.compile_train_step(settings, shardings, mesh, ("input_ids",))
+    with sharding.use_mesh(mesh):
+        lowered(step.trace(abstract, {"input_ids": jax.ShapeDtypeStruct((4, 64), jnp.int32)}),
+                "train")
+
+    graphdef, state = nnx.split(abstract_model(cfg, dtype=jnp.bfloat16,
+                                               param_dtype=jnp.bfloat16, attn_impl="pallas_tpu"))
+    gen = generate.Generator(nnx.merge(graphdef, jax.tree.map(
+        lambda a: jnp.zeros(a.shape, a.dtype), state)), mesh=mesh)
+    ids = jax.ShapeDtypeStruct((4, 9), jnp.int32)
+    params, key, pad = generate.SamplingParams(0.0, 0, 1.0), jax.random.key(0), jnp.int32(0)
+    with sharding.use_mesh(mesh):
+        args = (gen._spec, gen.weights, ids, ids, key, pad, 64, 4, params, False)
+        lowered(generate._prefill_jit.trace(*args), "prefill")
+        state = jax.eval_shape(lambda w: generate._prefill_jit(*args[:1], w, *args[2:]),
+                               gen.weights)
+        lowered(generate._decode_jit.trace(gen._spec, gen.weights, state, 9, 4, params,
+                                           jnp.int32(-1), pad), "decode")
+''')
+
+
+@pytest.mark.slow
+def test_sharded_steps_lower_with_the_tpu_kernels_per_shard(tmp_path):
+    """Under a 2 x 2 mesh (4 fake devices; batch over fsdp, heads over tensor, GQA groups kept
+    whole) the train step, prefill and decode step lower for TPU with each kernel once per
+    layer on one shard's rows and heads: [B / 2, H / 2, T, D] queries, [B / 2, KV / 2, S, D]
+    caches."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, "-c", MESH_LOWERING, str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    train, prefill, decode = ((tmp_path / f"{n}.txt").read_text()
+                              for n in ("train", "prefill", "decode"))
+    assert _kernels(train) == {FWD: 1, DQ: 1, DKV: 1}
+    assert _operands(train, FWD)[:3] == ["tensor<2xf32>", "tensor<2x2x64x64xbf16>",
+                                         "tensor<2x1x64x64xbf16>"]
+    assert _kernels(prefill) == {FWD: 2}
+    assert _operands(prefill, FWD)[1] == "tensor<2x2x16x64xbf16>"  # 9 tokens, one 16-row block
+    assert _kernels(decode) == {DECODE: 2}
+    # row lengths, q as [B, KV, G, D], the caches
+    assert _operands(decode, DECODE)[:4] == ["tensor<2xi32>", "tensor<2x1x2x64xbf16>",
+                                             "tensor<2x1x64x64xbf16>", "tensor<2x1x64x64xbf16>"]
