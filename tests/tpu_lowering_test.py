@@ -258,7 +258,7 @@ def test_sharded_steps_lower_with_the_tpu_kernels_per_shard(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4")
     done = subprocess.run([sys.executable, "-c", MESH_LOWERING, str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     train, prefill, decode = ((tmp_path / f"{n}.txt").read_text()
                               for n in ("train", "prefill", "decode"))
