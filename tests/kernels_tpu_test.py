@@ -119,7 +119,7 @@ def test_decode_kernel_without_append():
     assert _rel(got[1], want[1]) < TOL[jnp.float32]
 
 
-def test_decode_plan_and_supported_shapes():
+def test_decode_plan_and_supported_shapes(monkeypatch):
     bf16 = jnp.bfloat16
     plan = lambda t, s, dtype=bf16: attention.plan(  # noqa: E731
         "pallas_tpu", (2, t, 4, 64), 2, s, dtype, cache=True).kernel
@@ -134,6 +134,9 @@ def test_decode_plan_and_supported_shapes():
     assert plan(2, 128) == "reference"  # two new tokens a row: the jnp path
     assert plan(1, 128, jnp.int8) == "reference"  # not a float cache
     assert attention.plan("pallas_tpu", (2, 1, 4, 64), 2, 128, bf16).kernel == "flash_tpu"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # auto on a TPU host
+    assert attention.plan("auto", (2, 1, 4, 64), 2, 128, bf16, cache=True).kernel == "decode_tpu"
+    assert attention.plan("auto", (2, 7, 4, 64), 2, 7, bf16).kernel == "flash_tpu"
     with pytest.raises(ValueError, match="decode kernel"):
         decode_tpu.decode_attention_tpu(jnp.ones((1, 3, 64)), jnp.ones((1, 2, 8, 64)),
                                         jnp.ones((1, 2, 8, 64)), jnp.ones((1,), jnp.int32),
