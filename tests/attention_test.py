@@ -165,7 +165,8 @@ def test_plan_picks_the_kernel_and_layout():
     assert plan("pallas_gpu", (2, 1, 4, 64), 2, 128, cache=True) == attention.Plan("decode_gpu")
     assert plan("pallas_gpu", (2, 2, 4, 64), s=128, cache=True) == attention.Plan("reference")
     assert plan("pallas_gpu", (2, 1, 4, 64), s=100, cache=True) == attention.Plan("reference")
-    assert plan("pallas_tpu", (2, 1, 4, 64), s=128, cache=True) == attention.Plan("reference")
+    assert plan("pallas_tpu", (2, 1, 4, 64), s=128, cache=True) == attention.Plan("decode_tpu")
+    assert plan("pallas_tpu", (2, 2, 4, 64), s=128, cache=True) == attention.Plan("reference")
     assert plan("reference", (2, 1, 4, 64), s=128, cache=True) == attention.Plan("reference")
     with pytest.raises(ValueError, match="unknown attention impl 'cuda'"):
         plan("cuda")
@@ -432,7 +433,7 @@ def test_row_arguments_of_the_wrong_shape_and_cache_overflow_are_errors():
     q1, new = q[:, :1], jnp.ones((2, 1, 4, 16), jnp.float32)
     with pytest.raises(ValueError, match=r"kv_mask must be \[2, 64\]"):
         attention.decode_attention(q1, kc, kc, 3, kv_mask=jnp.ones((2, 40), bool))
-    for impl in ("reference", "pallas_gpu"):
+    for impl in ("reference", "pallas_gpu", "pallas_tpu"):
         with pytest.raises(ValueError, match=r"kv_mask must be \[2, 64\]"):
             attention.append_and_attend(q1, new, new, kc, kc, 3, kv_mask=jnp.ones((2, 40), bool),
                                         impl=impl, interpret=True)

@@ -11,7 +11,9 @@ Causal: blocks above the diagonal do no work (pl.when) and their index_map repea
 useful block, so the pipeline issues no copy for them. ALiBi slope_h * (pos_j - pos_i) is
 computed per block from the slopes (SMEM) and iotas. Positions: query i at i + (S - T), key j
 at j. Rows that see no key return 0 (logsumexp +inf, gradient 0). Lengths are padded to the
-block internally. Tested on CPU in TPU interpret mode only: no TPU was available.
+block internally. Tested on CPU in TPU interpret mode and lowered for TPU from the CPU
+(tests/tpu_lowering_test.py); libtpu's Mosaic compiler has never compiled it and it has never run
+on a TPU (none was available).
 
 Imports from mpt_jax only the kernels' shared helpers (mpt_jax.kernels.common).
 """
@@ -50,13 +52,18 @@ class _Cfg:
     interpret: bool
 
 
-def _interpret_arg(interpret: bool):
+def interpret_arg(interpret: bool):
+    """pallas_call's `interpret` for the TPU kernels: TPU interpret mode (InterpretParams: TPU
+    memory spaces, DMAs and the pipeline simulated on the CPU; uninitialized reads give NaN)
+    where this jax has it."""
     if not interpret:
         return False
     return pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
 
 
-def _compiler_params(n_parallel: int, n_arbitrary: int):
+def compiler_params(n_parallel: int, n_arbitrary: int):
+    """Grid semantics: the leading axes parallel (megacore chips share them out), the trailing
+    ones sequential (reductions over VMEM scratch)."""
     sem = ("parallel",) * n_parallel + ("arbitrary",) * n_arbitrary
     return pltpu.CompilerParams(dimension_semantics=sem)
 
@@ -78,6 +85,14 @@ def _scores(cfg, q, k, slope, qi, ki, qseg_ref, kvseg_ref):
     return jnp.where(mask, s, -jnp.inf)
 
 
+def div(i, n: int):
+    """i // n for a non-negative traced index i: lax.div truncates, which is the same here, and
+    it lowers to one integer division, where jnp's floor division adds a sign op whose Mosaic
+    lowering asks the default device which TPU it is (lowering for "tpu" from a CPU host then
+    fails)."""
+    return lax.div(i, jnp.int32(n))
+
+
 def _block_visible(cfg, qi, ki):
     """Some query of block qi may see some key of block ki (causal) and ki holds real keys."""
     vis = ki * cfg.block_k < cfg.seq_k
@@ -89,13 +104,13 @@ def _block_visible(cfg, qi, ki):
 def _last_kv_block(cfg, qi, nk):
     if not cfg.causal:
         return nk - 1
-    return jnp.minimum((qi * cfg.block_q + cfg.block_q - 1 + cfg.offset) // cfg.block_k, nk - 1)
+    return jnp.minimum(div(qi * cfg.block_q + cfg.block_q - 1 + cfg.offset, cfg.block_k), nk - 1)
 
 
 def _first_q_block(cfg, ki):
     if not cfg.causal:
         return 0
-    return jnp.maximum(ki * cfg.block_k - cfg.offset, 0) // cfg.block_q
+    return div(jnp.maximum(ki * cfg.block_k - cfg.offset, 0), cfg.block_q)
 
 
 def _unpack(cfg, refs, n_in):
@@ -153,7 +168,8 @@ def _fwd_kernel(*refs, cfg):
 def _seg_specs(cfg, tp, sp, qmap, kmap):
     if not cfg.has_segments:
         return []
-    return [pl.BlockSpec((None, cfg.block_q, 1), qmap), pl.BlockSpec((None, 1, cfg.block_k), kmap)]
+    return [pl.BlockSpec((None, cfg.block_q, 1), qmap),
+            pl.BlockSpec((None, None, 1, cfg.block_k), kmap)]
 
 
 def _seg_args(cfg, qseg, kvseg):
@@ -165,7 +181,7 @@ def _forward(cfg, q, k, v, slopes, qseg, kvseg):
     sp = k.shape[2]
     bq, bk, g = cfg.block_q, cfg.block_k, cfg.group
     nq, nk = tp // bq, sp // bk
-    kv_map = lambda bi, hi, qi, ki: (bi, hi // g, jnp.minimum(ki, _last_kv_block(cfg, qi, nk)), 0)  # noqa
+    kv_map = lambda bi, hi, qi, ki: (bi, div(hi, g), jnp.minimum(ki, _last_kv_block(cfg, qi, nk)), 0)  # noqa
     q_map = lambda bi, hi, qi, ki: (bi, hi, qi, 0)  # noqa: E731
     in_specs = [
         pl.BlockSpec(memory_space=pltpu.SMEM),
@@ -173,7 +189,7 @@ def _forward(cfg, q, k, v, slopes, qseg, kvseg):
         pl.BlockSpec((None, None, bk, d), kv_map),
         pl.BlockSpec((None, None, bk, d), kv_map),
         *_seg_specs(cfg, tp, sp, lambda bi, hi, qi, ki: (bi, qi, 0),
-                    lambda bi, hi, qi, ki: (bi, 0, jnp.minimum(ki, _last_kv_block(cfg, qi, nk)))),
+                    lambda bi, hi, qi, ki: (bi, jnp.minimum(ki, _last_kv_block(cfg, qi, nk)), 0, 0)),
     ]
     out_specs = [pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bq, 1), q_map)]
     return pl.pallas_call(
@@ -185,8 +201,8 @@ def _forward(cfg, q, k, v, slopes, qseg, kvseg):
                    jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                         pltpu.VMEM((bq, d), jnp.float32)],
-        compiler_params=_compiler_params(3, 1),
-        interpret=_interpret_arg(cfg.interpret),
+        compiler_params=compiler_params(3, 1),
+        interpret=interpret_arg(cfg.interpret),
         name="alibi_flash_fwd_tpu",
     )(slopes, q, k, v, *_seg_args(cfg, qseg, kvseg))
 
@@ -231,7 +247,7 @@ def _backward_dq(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
     sp = k.shape[2]
     bq, bk, g = cfg.block_q, cfg.block_k, cfg.group
     nq, nk = tp // bq, sp // bk
-    kv_map = lambda bi, hi, qi, ki: (bi, hi // g, jnp.minimum(ki, _last_kv_block(cfg, qi, nk)), 0)  # noqa
+    kv_map = lambda bi, hi, qi, ki: (bi, div(hi, g), jnp.minimum(ki, _last_kv_block(cfg, qi, nk)), 0)  # noqa
     q_map = lambda bi, hi, qi, ki: (bi, hi, qi, 0)  # noqa: E731
     qspec = pl.BlockSpec((None, None, bq, d), q_map)
     rowspec = pl.BlockSpec((None, None, bq, 1), q_map)
@@ -239,7 +255,7 @@ def _backward_dq(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
     in_specs = [
         pl.BlockSpec(memory_space=pltpu.SMEM), qspec, kspec, kspec, qspec, rowspec, rowspec,
         *_seg_specs(cfg, tp, sp, lambda bi, hi, qi, ki: (bi, qi, 0),
-                    lambda bi, hi, qi, ki: (bi, 0, jnp.minimum(ki, _last_kv_block(cfg, qi, nk)))),
+                    lambda bi, hi, qi, ki: (bi, jnp.minimum(ki, _last_kv_block(cfg, qi, nk)), 0, 0)),
     ]
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
@@ -248,8 +264,8 @@ def _backward_dq(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
         out_specs=qspec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
-        compiler_params=_compiler_params(3, 1),
-        interpret=_interpret_arg(cfg.interpret),
+        compiler_params=compiler_params(3, 1),
+        interpret=interpret_arg(cfg.interpret),
         name="alibi_flash_bwd_dq_tpu",
     )(slopes, q, k, v, do, lse, delta, *_seg_args(cfg, qseg, kvseg))
 
@@ -301,7 +317,7 @@ def _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
         pl.BlockSpec(memory_space=pltpu.SMEM), qspec, kspec, kspec, qspec, rowspec, rowspec,
         *_seg_specs(cfg, tp, sp,
                     lambda bi, khi, ki, gi, qi: (bi, jnp.maximum(qi, _first_q_block(cfg, ki)), 0),
-                    lambda bi, khi, ki, gi, qi: (bi, 0, ki)),
+                    lambda bi, khi, ki, gi, qi: (bi, ki, 0, 0)),
     ]
     return pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
@@ -310,8 +326,8 @@ def _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg):
         out_specs=[kspec, kspec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-        compiler_params=_compiler_params(3, 2),
-        interpret=_interpret_arg(cfg.interpret),
+        compiler_params=compiler_params(3, 2),
+        interpret=interpret_arg(cfg.interpret),
         name="alibi_flash_bwd_dkv_tpu",
     )(slopes, q, k, v, do, lse, delta, *_seg_args(cfg, qseg, kvseg))
 
@@ -370,7 +386,10 @@ def flash_attention_tpu(
     v_bhsd = common.pad_to(v, 1, sp).transpose(0, 2, 1, 3)
     slopes = (jnp.zeros((h,), jnp.float32) if alibi_slopes is None
               else jnp.asarray(alibi_slopes, jnp.float32).reshape(h))
-    if cfg.has_segments:  # [B, tp, 1] and [B, 1, sp]: row and column vectors for the blocks
-        qseg, kvseg = qseg[:, :, None], kvseg[:, None, :]
+    if cfg.has_segments:
+        # [B, tp, 1]: a column per q block; [B, sp / bk, 1, bk]: each kv block its own (1, bk)
+        # row, whole in its last two dims, so any block_k lowers for Mosaic (a (1, bk) block of
+        # [B, 1, sp] would need bk % 128 == 0)
+        qseg, kvseg = qseg[:, :, None], kvseg.reshape(b, sp // bk, 1, bk)
     out = _flash(cfg, q_bhtd, k_bhsd, v_bhsd, slopes, qseg, kvseg)
     return out.transpose(0, 2, 1, 3)[:, :t]

@@ -83,8 +83,9 @@ class Plan:
 
     kernel: "reference" (jnp: reference_attention, or decode_attention against a cache),
     "flash_gpu" (kernels/flash_gpu: Triton, or Mosaic GPU where hopper_fwd / hopper_bwd),
-    "flash_tpu" (kernels/flash_tpu), "decode_gpu" (kernels/decode_gpu, which also writes the
-    new token's key and value into the cache in place). packed: the kernel reads q, k and v in
+    "flash_tpu" (kernels/flash_tpu), "decode_gpu" / "decode_tpu" (kernels/decode_gpu,
+    kernels/decode_tpu, which also write the new token's key and value into the cache in
+    place). packed: the kernel reads q, k and v in
     place from the fused projection. batch_axes / head_axes: the mesh axes the kernel's batch /
     heads split over (shard_map, sharding.per_shard_logical); None when not split, without a
     multi-device mesh, and for the jnp path (XLA partitions it).
@@ -132,8 +133,9 @@ def plan(impl: str, q_shape, kv_heads: int, kv_len: int, dtype, *, causal: bool 
       pallas_triton  Triton
       pallas_tpu     Mosaic TPU
       reference      jnp
-    Against a cache, a GPU impl runs the decode kernel for one new token per row
-    (decode_gpu.supported), anything else the jnp path. packed holds where the kernel takes the
+    Against a cache, a GPU impl runs the GPU decode kernel for one new token per row
+    (decode_gpu.supported), pallas_tpu the TPU one (decode_tpu.supported, `dtype` being the
+    cache's), anything else the jnp path. packed holds where the kernel takes the
     fused projection whole (heads not split; for the flash kernels no padding either,
     flash_gpu.takes_packed); otherwise q, k and v are slices.
     """
@@ -141,7 +143,7 @@ def plan(impl: str, q_shape, kv_heads: int, kv_len: int, dtype, *, causal: bool 
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
     impl = resolve_impl(impl)
     b, t, h, d = q_shape
-    if impl == "reference" or (cache and impl not in GPU_IMPLS):
+    if impl == "reference" or (cache and impl not in GPU_IMPLS + ("pallas_tpu",)):
         return Plan("reference")
     axes = sharding.shard_axes({"batch": (b,), "heads": (h, kv_heads)})
     mesh = sharding.kernel_mesh()
@@ -150,6 +152,12 @@ def plan(impl: str, q_shape, kv_heads: int, kv_len: int, dtype, *, causal: bool 
     split = dict(batch_axes=axes["batch"], head_axes=axes["heads"])
     whole_heads = axes["heads"] is None
     bs, hs, kvs = b // nb, h // nh, kv_heads // nh  # one shard's batch, heads, kv heads
+    if cache and impl == "pallas_tpu":
+        from mpt_jax.kernels import decode_tpu  # Mosaic TPU imports stay off the GPU path
+
+        if t == 1 and decode_tpu.supported((bs, hs, d), (bs, kvs, kv_len, d), dtype):
+            return Plan("decode_tpu", **split)
+        return Plan("reference")
     if cache:
         if t == 1 and decode_gpu.supported((bs, hs, d), (bs, kvs, kv_len, d)):
             return Plan("decode_gpu", packed=packed and whole_heads, **split)
@@ -431,8 +439,8 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
     `[B, T, H, D]` against them (as `decode_attention` with cache_len = cache_index + T).
     Returns (out, k_cache, v_cache).
 
-    Where the plan picks the Pallas decode kernel (GPU, one new token per row) it is a single
-    launch that also writes the new row into the caches (no separate update kernels); otherwise
+    Where the plan picks a Pallas decode kernel (GPU or TPU, one new token per row) it is a
+    single launch that also writes the new row into the caches (no separate update kernels); otherwise
     `write_cache` and `decode_attention` run. qkv (optional) `[B, T, (H + 2 KV) * D]`: the fused
     projection q, k_new and v_new were sliced from; the kernel then reads it in place."""
     b, t, h, d = q.shape
@@ -440,8 +448,8 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
     _check_rows("kv_mask", kv_mask, (b, s))
     check_cache_index(cache_index, t, s, batch=b)
     index = jnp.asarray(cache_index, jnp.int32)
-    p = plan(impl, q.shape, k_cache.shape[1], s, q.dtype, cache=True, packed=qkv is not None,
-             interpret=interpret)
+    p = plan(impl, q.shape, k_cache.shape[1], s, k_cache.dtype, cache=True,
+             packed=qkv is not None, interpret=interpret)
     if p.kernel == "reference":
         k_cache, v_cache = write_cache(k_cache, v_cache, k_new, v_new, index)
         o = decode_attention(q, k_cache, v_cache, index + t, alibi_slopes=alibi_slopes,
@@ -450,6 +458,12 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
     scale = _scale(d, softmax_scale)
 
     def run(q1, k_cache, v_cache, cache_len, kv_mask, slopes, qkv1, k1, v1):
+        if p.kernel == "decode_tpu":  # (never packed: it reads q, k and v apart)
+            from mpt_jax.kernels import decode_tpu
+
+            return decode_tpu.decode_attention_tpu(
+                q1, k_cache, v_cache, cache_len, kv_mask, slopes, scale=scale,
+                interpret=interpret, k_new=k1, v_new=v1)
         return decode_gpu.decode_attention_gpu(
             q1, k_cache, v_cache, cache_len, kv_mask, slopes, scale=scale, interpret=interpret,
             qkv=qkv1, k_new=k1, v_new=v1)
