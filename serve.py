@@ -26,19 +26,6 @@ def _log(msg: str) -> None:
     print(f"[serve] {msg}", file=sys.stderr, flush=True)
 
 
-def _positive(name):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
-        return value
-
-    return parse
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)
@@ -49,16 +36,16 @@ def main(argv=None) -> int:
                     help="the `model` clients name (default: the checkpoint directory's name)")
     ap.add_argument("--api_key", default=os.environ.get("MPT_JAX_API_KEY"),
                     help="require 'Authorization: Bearer KEY' (default: $MPT_JAX_API_KEY)")
-    ap.add_argument("--max_batch", type=_positive("--max_batch"), default=64,
+    ap.add_argument("--max_batch", type=int, default=64,
                     help="KV-cache slots: sequences decoded together")
-    ap.add_argument("--max_seq_len", type=_positive("--max_seq_len"), default=None,
+    ap.add_argument("--max_seq_len", type=int, default=None,
                     help="prompt + completion per slot (default: the model's max_seq_len; "
                          "larger extrapolates with ALiBi)")
     ap.add_argument("--max_queue", type=int, default=256,
                     help="requests waiting for a slot before new ones get 429")
-    ap.add_argument("--prefill_chunk", type=_positive("--prefill_chunk"), default=256,
+    ap.add_argument("--prefill_chunk", type=int, default=256,
                     help="prompt tokens per prefill call (the most a running decode waits)")
-    ap.add_argument("--decode_steps", type=_positive("--decode_steps"), default=1,
+    ap.add_argument("--decode_steps", type=int, default=1,
                     help="decode steps per device call while no prompt waits (tokens then "
                          "stream in groups of this many)")
     ap.add_argument("--top_logprobs", type=int, default=20,
@@ -79,8 +66,13 @@ def main(argv=None) -> int:
         return fail(f"checkpoint {args.checkpoint!r} does not exist")
     if not 0 <= args.port < 65536:
         return fail(f"--port {args.port} is not a port number")
-    if args.max_queue < 0 or args.top_logprobs < 0 or args.shutdown_timeout < 0:
-        return fail("--max_queue, --top_logprobs and --shutdown_timeout must be >= 0")
+    for name in ("max_batch", "max_seq_len", "prefill_chunk", "decode_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return fail(f"--{name} must be >= 1, got {value}")
+    for name in ("max_queue", "top_logprobs", "shutdown_timeout"):
+        if getattr(args, name) < 0:
+            return fail(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.api_key is not None and not args.api_key:
         return fail("--api_key is empty")
     mesh_sizes = None

@@ -269,25 +269,28 @@ def create_app(engine: Engine, served: ServedModel, *, api_key: str | None = Non
             while True:
                 out = []
                 for i, h in enumerate(handles):
+                    merged: dict = {}  # one entry per choice a chunk, as OpenAI sends
                     for ev in h.next_events():
-                        if not (ev.text or ev.finish_reason or (want_lp and ev.logprobs)):
+                        text, lps, finish = merged.get(ev.index, ("", (), None))
+                        merged[ev.index] = (text + ev.text, lps + ev.logprobs,
+                                            ev.finish_reason or finish)
+                    for j, (text, lps, finish) in merged.items():
+                        if not (text or finish or (want_lp and lps)):
                             continue
-                        index = i * n + ev.index
+                        index = i * n + j
                         lp = None
-                        if want_lp:
-                            if chat:
-                                lp = protocol.chat_logprobs(ev.logprobs, token_text)
-                            else:
-                                lp = protocol.completion_logprobs(ev.logprobs, token_text,
-                                                                  offsets.get(index, 0))
-                                offsets[index] = offsets.get(index, 0) + sum(
-                                    len(token_text(e.token_id)[0]) for e in ev.logprobs)
-                        choice = {"index": index, "logprobs": lp,
-                                  "finish_reason": ev.finish_reason}
+                        if want_lp and chat:
+                            lp = protocol.chat_logprobs(lps, token_text)
+                        elif want_lp:
+                            lp = protocol.completion_logprobs(lps, token_text,
+                                                              offsets.get(index, 0))
+                            offsets[index] = offsets.get(index, 0) + sum(
+                                len(token_text(e.token_id)[0]) for e in lps)
+                        choice = {"index": index, "logprobs": lp, "finish_reason": finish}
                         if chat:
-                            choice["delta"] = {"content": ev.text} if ev.text else {}
+                            choice["delta"] = {"content": text} if text else {}
                         else:
-                            choice["text"] = ev.text
+                            choice["text"] = text
                         out.append(choice)
                 if out:
                     yield _sse(protocol.chunk_body(rid, parsed, served, created, out))
