@@ -169,13 +169,19 @@ def main(argv=None) -> int:
                      shutdown_timeout=0.0)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout)
-    server = uvicorn.Server(config)
+    host, port = sock.getsockname()[:2]
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started:  # (the socket accepts connections from here on)
+                _log(f"listening on http://{host}:{port}")
+
+    server = Server(config)
     # uvicorn re-raises a caught SIGTERM / SIGINT once it has shut down gracefully; with these
     # handlers that ends main normally (exit 0) instead of killing the process.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    host, port = sock.getsockname()[:2]
-    _log(f"listening on http://{host}:{port}")
     server.run(sockets=[sock])
     engine.shutdown(0.0)
     _log("stopped")

@@ -7,7 +7,10 @@ failing request is its own 500; metrics, health, models and the access log."""
 import contextlib
 import json
 import logging
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import SERVE_ENGINE, left_padded, write_serve_checkpoint
+from conftest import ROOT, SERVE_ENGINE, left_padded, subprocess_env, write_serve_checkpoint
 from mpt_jax.data import finetune
 from mpt_jax.eval import loading
 from mpt_jax.infer import slots
@@ -441,3 +444,87 @@ def test_metrics_health_and_access_log(srv, caplog):
     assert value("mpt_jax_backend_compilations") == slots.backend_compiles()
     assert httpx.get(srv["url"] + "/health", timeout=30).json() == {"status": "ok"}
     assert np.isfinite(value("mpt_jax_request_latency_seconds_sum"))
+
+
+# ---------------------------------------------------------------------------------------------
+# serve.py itself
+# ---------------------------------------------------------------------------------------------
+def test_serve_py_bad_arguments_are_one_line(tmp_path):
+    env = subprocess_env()
+    for argv, what in (([f"--checkpoint={tmp_path}/none"], "does not exist"),
+                       ([f"--checkpoint={tmp_path}", "--max_batch=0"], "--max_batch"),
+                       ([f"--checkpoint={tmp_path}", "--mesh=1,2"], "--mesh"),
+                       ([f"--checkpoint={tmp_path}", "--port=70000"], "--port")):
+        r = subprocess.run([sys.executable, "serve.py", *argv], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and what in r.stderr, (argv, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_serve_py_sigterm_finishes_in_flight_then_exits_0(tmp_path):
+    """serve.py in a subprocess: four streams in flight (two short, two long) when SIGTERM
+    comes; new connections are refused, every stream ends (completed, or cut at the
+    --shutdown_timeout bound), and the process exits 0 within the bound."""
+    path = write_serve_checkpoint(str(tmp_path / "ckpt"))
+    bound = 2.0
+    proc = subprocess.Popen(
+        [sys.executable, "serve.py", f"--checkpoint={path}", "--port=0", "--max_batch=4",
+         "--max_seq_len=1024", "--prefill_chunk=8", "--dtype=float32", "--log_level=warning",
+         f"--shutdown_timeout={bound}", f"--api_key={KEY}"],
+        cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any("listening on http://" in x for x in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        url = next(x for x in lines if "listening on" in x).split("listening on ")[1].strip()
+        started, ends = threading.Barrier(5, timeout=120), {}
+
+        def stream(i, max_tokens):
+            body = {"model": "ckpt", "prompt": "abc" * (i + 1), "max_tokens": max_tokens,
+                    "temperature": 0, "stream": True}
+            events = []
+            try:
+                with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120,
+                                  headers={"Authorization": f"Bearer {KEY}"}) as r:
+                    it = r.iter_lines()
+                    events.append(next(it))
+                    started.wait()
+                    events += [x for x in it if x]
+            except httpx.HTTPError as e:  # cut at the bound
+                events.append(type(e).__name__)
+            ends[i] = events
+
+        threads = [threading.Thread(target=stream, args=(i, n))
+                   for i, n in enumerate((4, 6, 1000, 1000))]
+        for t in threads:
+            t.start()
+        started.wait()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):  # no new connections
+            httpx.get(url + "/health", timeout=10)
+        rc = proc.wait(timeout=bound + 60)
+        elapsed = time.monotonic() - t0
+        for t in threads:
+            t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(10)
+    assert rc == 0 and elapsed < bound + 20, "".join(lines)
+    for i in (0, 1):  # the short ones finished
+        assert ends[i][-1] == "data: [DONE]", ends[i]
+        assert json.loads(ends[i][-2][6:])["choices"][0]["finish_reason"] == "length"
+    for i in (2, 3):  # the long ones finished or were ended, never left hanging
+        assert ends[i][-1] in ("data: [DONE]", "RemoteProtocolError", "ReadError"), ends[i][-3:]
+    records = [json.loads(x) for x in lines if x.startswith("{")]
+    assert sorted(r["completion_tokens"] for r in records)[:2] == [4, 6]
+    assert any("stopped" in x for x in lines), "".join(lines)
