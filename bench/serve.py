@@ -131,6 +131,17 @@ def bench_static(gen: Generator, b: int, prompt: int, new: int, reps: int) -> di
             "first_call_s": first}
 
 
+def warm(engine: Engine, vocab: int) -> float:
+    """Compiles what greedy requests run (decode, prefill chunk, admit) with one request of
+    two chunks; `Engine.warm_up` would also compile the top-k / top-p / logprobs step and the
+    n > 1 cache copy, which these loads never run (minutes of compilation on MPT-7B)."""
+    t0 = time.perf_counter()
+    ids = np.random.RandomState(0).randint(0, vocab, engine.chunk + 1).tolist()
+    h = engine.submit(ids, RequestParams(max_tokens=2, temperature=0.0)).result(timeout=900)
+    assert h.error is None, h.error
+    return time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------------------------
 # latency: one stream on a one-slot engine
 # ---------------------------------------------------------------------------------------------
@@ -139,13 +150,12 @@ def bench_latency(gen: Generator, tok, prompt: int, new: int, chunk: int, reps: 
     lat = _Latencies()
     engine = Engine(gen, tok, max_batch=1, max_seq_len=prompt + new, prefill_chunk=chunk,
                     eos_id=None, metrics=lat)
-    compile_s = engine.warm_up()
     engine.start()
     ids = np.random.RandomState(1).randint(0, gen.config.vocab_size, prompt).tolist()
     params = RequestParams(max_tokens=new, temperature=0.0)
     per_token = []
     try:
-        engine.submit(ids, params).result(timeout=600)  # (first use of the host paths)
+        compile_s = warm(engine, gen.config.vocab_size)
         for _ in range(reps):
             h = engine.submit(ids, params).result(timeout=600)
             assert h.error is None and len(h.choices[0].token_ids) == new, h.error
@@ -369,16 +379,16 @@ def main() -> int:
         engine = Engine(gen, tok, max_batch=args.max_batch, max_seq_len=max_seq_len,
                         prefill_chunk=args.prefill_chunk, eos_id=None, max_queue=10**6,
                         metrics=lat)
-        secs = engine.warm_up()
-        c0 = slots_lib.backend_compiles()
-        print(f"# load engine: {args.max_batch} slots x {max_seq_len}, chunk {engine.chunk}, "
-              f"compiled in {secs:.1f}s", flush=True)
         url = server = None
         if args.no_http:
             engine.start()
         else:
             url, server = start_http(engine, tok, max_seq_len, cfg.vocab_size)
         try:
+            secs = warm(engine, cfg.vocab_size)
+            c0 = slots_lib.backend_compiles()
+            print(f"# load engine: {args.max_batch} slots x {max_seq_len}, chunk "
+                  f"{engine.chunk}, compiled in {secs:.1f}s", flush=True)
             for c in streams:
                 n = math.ceil(args.scale * max(8, 3 * c))
                 work = _workload(n, (p_lo, p_hi), (n_lo, n_hi), cfg.vocab_size, seed=c)
@@ -416,8 +426,10 @@ def main() -> int:
                 rows.append((name, "ms/token over generate B=1",
                              f"{r['ratio_to_generate']:.3f}"))
         elif r["section"] == "load":
+            arrivals = (f"Poisson x{args.rate_factor}" if r["arrival_rate_per_s"] !=
+                        "closed loop" else "closed loop")
             name = (f"serve {mode} {r['streams']} streams max_batch {args.max_batch} "
-                    f"Poisson x{args.rate_factor} {r['requests']} requests {shape}")
+                    f"{arrivals} {r['requests']} requests {shape}")
             rows += [(name, "tokens/s", f"{r['tokens_per_s']:.0f}"),
                      (name, "TTFT p50 / p99 ms", f"{r['ttft_p50_ms']:.0f} / "
                                                  f"{r['ttft_p99_ms']:.0f}"),
