@@ -2,7 +2,8 @@
 under open-loop Poisson load, beside static-batch Generator.generate at the same batch sizes.
 
     python bench/serve.py --no_http [--streams 1,8,32,64] [--static 1,8,32,64] [--scale 1]
-        [--max_batch 64] [--json PATH] [--results bench/RESULTS.md --card C --commit X]
+        [--max_batch 64] [--decode_steps 1] [--json PATH]
+        [--results bench/RESULTS.md --card C --commit X]
 
 Sections, in this order (each prints a JSON line as it ends, so a run cut short keeps what
 it measured):
@@ -26,17 +27,20 @@ Without --no_http the load section goes through the OpenAI HTTP server instead (
 127.0.0.1 in this process, httpx streaming clients; TTFT / inter-token measured by the client
 on the streamed chunks).
 
-Counts: --scale 1 sends max(8, 3 C) requests per level; on one H200 the default run (static
-1,8,32,64 and load 1,8,32,64) is mostly compilation: ~2 jit compilations per static batch
-size and 3 per engine (decode, prefill chunk, admit). Use --scale 0.5 or fewer levels to fit a
-shorter call.
+Counts: --scale 1 sends max(8, 3 C) requests per level. Much of a run is compilation: 2 jit compilations per
+static batch size (prefill, decode loop) and 3 per engine (decode step, prefill chunk, admit:
+greedy requests never run the top-k / top-p / logprobs step, so the engines are warmed with
+one request, not Engine.warm_up; with --decode_steps > 1 they are warmed by warm_up). To fit
+a ~3 minute call, static-batch only the sizes the goals compare (--static 1,64) and use
+--scale 0.5; levels without a static figure arrive closed-loop. A second call on the same
+warm machine reuses compilations when both set JAX_COMPILATION_CACHE_DIR to one directory.
 
 The GPU hosts have jax, flax, numpy, tokenizers, httpx, anyio, h11, click, prometheus-client
 and jinja2 but no fastapi / uvicorn / pydantic; `--no_http` needs none of those. For the HTTP
 mode carry these wheels (Python 3.12, manylinux x86_64, `pip download --no-deps
 --only-binary=:all: --python-version 3.12 ...`, see the device README): fastapi, starlette,
 pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions (newer than
-the host's if pip says so), uvicorn.
+the host's if pip says so), opentelemetry-api (fastapi 0.165 needs it), uvicorn; versions as pyproject.toml's `serve` extra allows.
 """
 from __future__ import annotations
 
@@ -58,12 +62,13 @@ import tokenizers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from generate import random_bf16_model  # noqa: E402  (bench/generate.py)
-from mpt_jax.infer.engine import Engine, EngineMetrics, RequestParams  # noqa: E402
-from mpt_jax.infer.generate import Generator, SamplingParams  # noqa: E402
-from mpt_jax.infer import slots as slots_lib  # noqa: E402
-from mpt_jax.kernels import decode_gpu  # noqa: E402
-from mpt_jax.model.config import AttnConfig, MPTConfig  # noqa: E402
+from generate import random_bf16_model
+from mpt_jax.infer import slots as slots_lib
+from mpt_jax.infer.engine import Engine
+from mpt_jax.infer.generate import Generator, SamplingParams
+from mpt_jax.infer.request import EngineMetrics, RequestParams
+from mpt_jax.kernels import decode_gpu
+from mpt_jax.model.config import AttnConfig, MPTConfig
 
 
 def synthetic_tokenizer(vocab_size: int) -> tokenizers.Tokenizer:
@@ -105,8 +110,8 @@ class _Latencies(EngineMetrics):
 def bench_static(gen: Generator, b: int, prompt: int, new: int, reps: int) -> dict:
     rs = np.random.RandomState(b)
     ids = rs.randint(0, gen.config.vocab_size, (b, prompt)).astype(np.int32)
-    kw = dict(attention_mask=np.ones_like(ids), max_new_tokens=new, temperature=0.0,
-              eos_id=None, max_len=prompt + new)
+    kw = {"attention_mask": np.ones_like(ids), "max_new_tokens": new, "temperature": 0.0,
+              "eos_id": None, "max_len": prompt + new}
     t0 = time.perf_counter()
     gen.generate(ids, **kw)
     first = time.perf_counter() - t0
@@ -135,6 +140,8 @@ def warm(engine: Engine, vocab: int) -> float:
     """Compiles what greedy requests run (decode, prefill chunk, admit) with one request of
     two chunks; `Engine.warm_up` would also compile the top-k / top-p / logprobs step and the
     n > 1 cache copy, which these loads never run (minutes of compilation on MPT-7B)."""
+    if engine.decode_steps > 1:  # (the one-step decode runs only beside a prefill: all)
+        return engine.warm_up()
     t0 = time.perf_counter()
     ids = np.random.RandomState(0).randint(0, vocab, engine.chunk + 1).tolist()
     h = engine.submit(ids, RequestParams(max_tokens=2, temperature=0.0)).result(timeout=900)
@@ -145,11 +152,11 @@ def warm(engine: Engine, vocab: int) -> float:
 # ---------------------------------------------------------------------------------------------
 # latency: one stream on a one-slot engine
 # ---------------------------------------------------------------------------------------------
-def bench_latency(gen: Generator, tok, prompt: int, new: int, chunk: int, reps: int,
-                  static_step_ms: float | None) -> dict:
+def bench_latency(gen: Generator, tok, prompt: int, new: int, chunk: int, decode_steps: int,
+                  reps: int, static_step_ms: float | None) -> dict:
     lat = _Latencies()
     engine = Engine(gen, tok, max_batch=1, max_seq_len=prompt + new, prefill_chunk=chunk,
-                    eos_id=None, metrics=lat)
+                    decode_steps=decode_steps, eos_id=None, metrics=lat)
     engine.start()
     ids = np.random.RandomState(1).randint(0, gen.config.vocab_size, prompt).tolist()
     params = RequestParams(max_tokens=new, temperature=0.0)
@@ -316,6 +323,8 @@ def main() -> int:
     ap.add_argument("--prompt_range", default="128,2048")
     ap.add_argument("--new_range", default="64,512")
     ap.add_argument("--prefill_chunk", type=int, default=256)
+    ap.add_argument("--decode_steps", type=int, default=1,
+                    help="engine decode steps per call while no prompt waits (serve.py's flag)")
     ap.add_argument("--rate_factor", type=float, default=1.2,
                     help="arrival rate over the rate that keeps C streams exactly busy")
     ap.add_argument("--reps", type=int, default=2)
@@ -371,13 +380,15 @@ def main() -> int:
 
     if args.latency:
         s1 = static.get(1)
-        report(bench_latency(gen, tok, mean_p, mean_n, args.prefill_chunk, args.reps,
+        report(bench_latency(gen, tok, mean_p, mean_n, args.prefill_chunk, args.decode_steps,
+                             args.reps,
                              None if s1 is None else s1["decode_ms_per_step"]))
 
     if streams:
         lat = _Latencies()
         engine = Engine(gen, tok, max_batch=args.max_batch, max_seq_len=max_seq_len,
-                        prefill_chunk=args.prefill_chunk, eos_id=None, max_queue=10**6,
+                        prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
+                        eos_id=None, max_queue=10**6,
                         metrics=lat)
         url = server = None
         if args.no_http:
@@ -420,7 +431,8 @@ def main() -> int:
             rows += [(name, "decode ms/step", f"{r['decode_ms_per_step']:.2f}"),
                      (name, "decode tokens/s", f"{r['decode_tokens_per_s']:.0f}")]
         elif r["section"] == "latency":
-            name = f"serve engine 1 stream (max_batch 1) prompt={r['prompt']} new={r['new']}"
+            name = (f"serve engine 1 stream (max_batch 1, decode_steps {args.decode_steps}) "
+                    f"prompt={r['prompt']} new={r['new']}")
             rows.append((name, "ms/token", f"{r['engine_ms_per_token']:.2f}"))
             if "ratio_to_generate" in r:
                 rows.append((name, "ms/token over generate B=1",
@@ -429,12 +441,13 @@ def main() -> int:
             arrivals = (f"Poisson x{args.rate_factor}" if r["arrival_rate_per_s"] !=
                         "closed loop" else "closed loop")
             name = (f"serve {mode} {r['streams']} streams max_batch {args.max_batch} "
+                    f"decode_steps {args.decode_steps} "
                     f"{arrivals} {r['requests']} requests {shape}")
             rows += [(name, "tokens/s", f"{r['tokens_per_s']:.0f}"),
-                     (name, "TTFT p50 / p99 ms", f"{r['ttft_p50_ms']:.0f} / "
-                                                 f"{r['ttft_p99_ms']:.0f}"),
-                     (name, "inter-token p50 / p99 ms", f"{r['itl_p50_ms']:.2f} / "
-                                                        f"{r['itl_p99_ms']:.2f}")]
+                     (name, "TTFT p50 / p99 ms", (f"{r['ttft_p50_ms']:.0f} / "
+                                                 f"{r['ttft_p99_ms']:.0f}")),
+                     (name, "inter-token p50 / p99 ms", (f"{r['itl_p50_ms']:.2f} / "
+                                                        f"{r['itl_p99_ms']:.2f}"))]
             if "ratio_to_static_decode" in r:
                 rows.append((name, "tokens/s over static decode tokens/s",
                              f"{r['ratio_to_static_decode']:.2f}"))

@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
-
 from conftest import SERVE_ENGINE, left_padded, write_serve_checkpoint
+
 from mpt_jax.data.tokenizer import train_byte_level_bpe
 from mpt_jax.eval import loading
 from mpt_jax.infer import slots
-from mpt_jax.infer.engine import (Engine, EngineUnavailable, QueueFull, RequestError,
-                                  RequestParams, chunk_plan)
+from mpt_jax.infer.engine import Engine, chunk_plan
 from mpt_jax.infer.generate import Generator
+from mpt_jax.infer.request import EngineUnavailable, QueueFull, RequestError, RequestParams
 from mpt_jax.infer.sampling import _filter, sample_rows
 from mpt_jax.infer.text import Detokenizer, StopMatcher
 
@@ -37,7 +37,7 @@ def served(tmp_path_factory):
     engine.warm_up()
     engine.start()
     forward = jax.jit(lambda ids: model(ids))  # the full-forward reference
-    yield dict(engine=engine, gen=gen, tok=tok, forward=forward)
+    yield {"engine": engine, "gen": gen, "tok": tok, "forward": forward}
     engine.shutdown(5)
 
 
@@ -112,8 +112,8 @@ def test_detokenizer_deltas_are_the_full_decode():
     sp = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     sp.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
     sp.decoder = tokenizers.decoders.Metaspace()
-    sp.train_from_iterator(["the cat sat on the mat with a hat"] * 5, tokenizers.trainers.BpeTrainer(
-        vocab_size=60, special_tokens=["<unk>"]))
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"])
+    sp.train_from_iterator(["the cat sat on the mat with a hat"] * 5, trainer)
     prompt, cont = sp.encode("the cat").ids, sp.encode("sat on the mat").ids
     d = Detokenizer(sp, prompt)
     streamed = "".join([d.push(t) for t in cont] + [d.flush()])
@@ -243,8 +243,8 @@ def test_stop_token_ids_and_budgets(served):
     assert tok.decode(prompt + ref[:first]).endswith(c.text)  # the stop token's text is not output
     h = engine.submit(prompt, RequestParams(max_tokens=1, temperature=0.0)).result(timeout=60)
     assert h.choices[0].token_ids == ref[:1] and h.choices[0].finish_reason == "length"
-    for bad, param in ((dict(max_tokens=60), "max_tokens"), (dict(n=5), "n"),
-                       (dict(logprobs=6), "logprobs")):
+    for bad, param in (({"max_tokens": 60}, "max_tokens"), ({"n": 5}, "n"),
+                       ({"logprobs": 6}, "logprobs")):
         with pytest.raises(RequestError) as e:
             engine.submit(prompt, RequestParams(**bad))
         assert e.value.param == param

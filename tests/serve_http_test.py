@@ -17,8 +17,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-
 from conftest import ROOT, SERVE_ENGINE, left_padded, subprocess_env, write_serve_checkpoint
+
 from mpt_jax.data import finetune
 from mpt_jax.eval import loading
 from mpt_jax.infer import slots
@@ -61,8 +61,8 @@ def srv(tmp_path_factory):
         time.sleep(0.02)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    yield dict(url=url, client=client, engine=engine, gen=gen, tok=tok, eos=loaded.eos_id,
-               im_end=im_end)
+    yield {"url": url, "client": client, "engine": engine, "gen": gen, "tok": tok,
+           "eos": loaded.eos_id, "im_end": im_end}
     server.should_exit = True
     thread.join(60)
     assert not thread.is_alive() and not engine.alive
@@ -166,7 +166,7 @@ def test_stop_strings_cut_and_never_stream(srv):
     boundary = sum(len(p) for p in pieces[:k + 1])
     stop = text[boundary - 1:boundary + 1]
     want = text[:text.find(stop)]
-    kw = dict(model=NAME, prompt=prompt, max_tokens=16, temperature=0)
+    kw = {"model": NAME, "prompt": prompt, "max_tokens": 16, "temperature": 0}
     r = client.completions.create(stop=[stop, "never-there"], **kw).choices[0]
     assert r.text == want and r.finish_reason == "stop"
     streamed = [ch.choices[0].text for ch in client.completions.create(stop=stop, stream=True,
@@ -429,8 +429,7 @@ def test_metrics_health_and_access_log(srv, caplog):
     text = httpx.get(srv["url"] + "/metrics", timeout=30).text
 
     def value(name):
-        line = next(x for x in text.splitlines() if x.startswith(name + " ") or
-                    x.startswith(name + "{"))
+        line = next(x for x in text.splitlines() if x.startswith((name + " ", name + "{")))
         return float(line.rsplit(" ", 1)[1])
 
     assert value('mpt_jax_requests_total{endpoint="/v1/completions",status="200"}') >= 1
@@ -455,7 +454,7 @@ def test_serve_py_bad_arguments_are_one_line(tmp_path):
                        ([f"--checkpoint={tmp_path}", "--max_batch=0"], "--max_batch"),
                        ([f"--checkpoint={tmp_path}", "--mesh=1,2"], "--mesh"),
                        ([f"--checkpoint={tmp_path}", "--port=70000"], "--port")):
-        r = subprocess.run([sys.executable, "serve.py", *argv], cwd=ROOT, env=env,
+        r = subprocess.run([sys.executable, "serve.py", *argv], check=False, cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and what in r.stderr, (argv, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import tokenizers
 
 from mpt_jax.data import finetune
-from mpt_jax.infer.engine import RequestHandle, RequestParams, TokenLogprob
+from mpt_jax.infer.request import RequestHandle, RequestParams, TokenLogprob
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 16  # stop strings per request
@@ -189,14 +189,14 @@ def _common(body, served: ServedModel, chat: bool) -> dict:
         raise bad("stop_token_ids", f"stop_token_ids: {bad_id} is not a token id")
     seed = _int(body, "seed", None)
     top_k = _int(body, "top_k", 0, -1)
-    return dict(
-        n=n, stream=stream, include_usage=include_usage, seed=seed, stop=_stop(body),
-        temperature=_num(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_num(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=max(top_k, 0),  # vLLM's -1 = off
-        presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        stop_token_ids=tuple(stop_ids))
+    return {
+        "n": n, "stream": stream, "include_usage": include_usage, "seed": seed, "stop": _stop(body),
+        "temperature": _num(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": _num(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        "top_k": max(top_k, 0),  # vLLM's -1 = off
+        "presence_penalty": _num(body, "presence_penalty", 0.0, -2.0, 2.0),
+        "frequency_penalty": _num(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        "stop_token_ids": tuple(stop_ids)}
 
 
 # ---------------------------------------------------------------------------------------------

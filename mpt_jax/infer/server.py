@@ -38,9 +38,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mpt_jax.infer import protocol, slots
-from mpt_jax.infer.engine import (Engine, EngineMetrics, EngineUnavailable, QueueFull,
-                                  RequestError, RequestHandle, wait_any)
+from mpt_jax.infer.engine import Engine
 from mpt_jax.infer.protocol import ApiError, ServedModel
+from mpt_jax.infer.request import (
+    EngineMetrics,
+    EngineUnavailable,
+    QueueFull,
+    RequestError,
+    RequestHandle,
+    wait_any,
+)
 
 access_log = logging.getLogger("mpt_jax.access")
 log = logging.getLogger(__name__)
