@@ -354,3 +354,37 @@ def test_shutdown_finishes_or_cancels_within_the_bound(served, monkeypatch):
     engine.shutdown(timeout=0.2)
     assert time.monotonic() - t0 < 5
     assert long.finished and "shut down" in long.error and len(long.choices[0].token_ids) < 50
+
+
+def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch):
+    """While one request decodes, a prompt of 4 chunks is prefilled one chunk per iteration,
+    each followed by a decode step (the running request waits one chunk at most); with
+    nothing decoding, the chunks run back to back."""
+    engine = served["engine"]
+    calls = []
+    real_prefill, real_decode = engine._prefill_chunk, engine._decode
+
+    def prefill(job):
+        calls.append("P")
+        return real_prefill(job)
+
+    def decode():
+        calls.append("D")
+        return real_decode()
+
+    monkeypatch.setattr(engine, "_prefill_chunk", prefill)
+    monkeypatch.setattr(engine, "_decode", decode)
+    _slow(engine, monkeypatch, 0.01)
+    alone = engine.submit(_prompts(10, [30])[0], RequestParams(max_tokens=2, temperature=0.0))
+    alone.result(timeout=60)
+    assert "".join(calls).startswith("PPPP")  # 30 tokens = 4 chunks of 8, nothing to wait for
+    running = engine.submit([1, 2, 3], RequestParams(max_tokens=30, temperature=0.0))
+    _wait_for(lambda: running.choices[0].token_ids)
+    calls.clear()
+    long = engine.submit(_prompts(11, [30])[0], RequestParams(max_tokens=2, temperature=0.0))
+    long.result(timeout=60)
+    trace = "".join(calls)
+    first = trace.index("P")
+    assert trace[first:first + 8] == "PDPDPDPD", trace  # one chunk, one decode step, ...
+    running.result(timeout=60)
+    assert running.error is None and len(running.choices[0].token_ids) == 30
