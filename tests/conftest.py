@@ -415,3 +415,46 @@ def data(tmp_path_factory):
 def take(iterator, n):
     batches = [next(iterator) for _ in range(n)]
     return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving (serve_*_test.py): one tiny checkpoint and one slot-pool shape, so the test files
+# share the engine's compiled steps
+# ---------------------------------------------------------------------------------------------
+SERVE_CFG = tiny(d_model=40, n_heads=4, vocab_size=384, max_seq_len=64)
+SERVE_ENGINE = dict(max_batch=4, max_seq_len=64, prefill_chunk=8, top_logprobs=5)
+
+
+def write_serve_checkpoint(path: str, seed: int = 0) -> str:
+    """A tiny HF-layout MPT checkpoint (random weights, safetensors by the name table, no
+    torch) with a byte-level BPE of 300 tokens plus ChatML's <|im_start|> / <|im_end|>."""
+    from safetensors.numpy import save_file
+
+    from mpt_jax.convert.table import name_table
+    from mpt_jax.data import tokenizer as tokenizer_lib
+
+    os.makedirs(path, exist_ok=True)
+    pure, tensors = random_pure(SERVE_CFG, seed=seed), {}
+    for r in name_table(SERVE_CFG):
+        arr = pure
+        for k in r.path:
+            arr = arr[k]
+        for i, key in enumerate(r.keys(SERVE_CFG.n_layers)):
+            a = arr[i] if r.stacked else arr
+            tensors[key] = np.ascontiguousarray(a.T if r.transpose else a)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    SERVE_CFG.to_json_file(os.path.join(path, "config.json"), form="hf")
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:10]
+    tok = tokenizer_lib.train_byte_level_bpe([open(p).read()[:4000] for p in files], 300)
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    return path
+
+
+def left_padded(prompt, length: int):
+    """One prompt left-padded to `length`: (ids [1, length], mask [1, length]) int32."""
+    ids = np.zeros((1, length), np.int32)
+    mask = np.zeros((1, length), np.int32)
+    ids[0, length - len(prompt):] = prompt
+    mask[0, length - len(prompt):] = 1
+    return ids, mask

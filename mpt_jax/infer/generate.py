@@ -1,5 +1,6 @@
 """Generation: prefill the whole prompt in one call, then a jitted decode loop over a
-preallocated KV cache; greedy, temperature, top-k and top-p sampling, seeded; per-row EOS.
+preallocated KV cache; greedy, temperature, top-k and top-p sampling (sampling.py), seeded;
+per-row EOS.
 
     gen = Generator(model)                       # or Generator(model, mesh=mesh)
     out = gen.generate([[5, 7, 9], [3, 4]], max_new_tokens=32, temperature=0.0, eos_id=0)
@@ -46,55 +47,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from mpt_jax import sharding
+from mpt_jax.infer.sampling import SamplingParams, filter_logits, sample
 from mpt_jax.kernels import decode_gpu
 from mpt_jax.model import MPTForCausalLM
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """temperature 0 = greedy (argmax); top_k 0 = off; top_p 1.0 = off."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-
-
-def filter_logits(logits_bv, params: SamplingParams):
-    """Temperature, then top-k, then top-p (HF's order): excluded tokens get -inf."""
-    x = logits_bv.astype(jnp.float32) / jnp.float32(params.temperature)
-    v = x.shape[-1]
-    if 0 < params.top_k < v:
-        kth_b1 = jax.lax.top_k(x, params.top_k)[0][:, -1:]
-        x = jnp.where(x < kth_b1, -jnp.inf, x)
-    if params.top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose probability reaches top_p: token i
-        # (in descending order) stays iff the mass strictly before it is < top_p.
-        sorted_bv = jnp.sort(x, axis=-1)[:, ::-1]
-        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
-        before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
-        keep_bv = before_bv < jnp.float32(params.top_p)
-        n_keep_b1 = jnp.maximum(jnp.sum(keep_bv, axis=-1, keepdims=True), 1)
-        thresh_b1 = jnp.take_along_axis(sorted_bv, n_keep_b1 - 1, axis=-1)
-        x = jnp.where(x < thresh_b1, -jnp.inf, x)
-    return x
-
-
-def sample(logits_bv, key, params: SamplingParams):
-    """Next tokens `[B]` int32 from float logits `[B, V]`."""
-    if params.temperature == 0.0:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits_bv, params), axis=-1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,13 +130,15 @@ class _Spec:
         return NamedSharding(self.mesh, sharding.fit_spec(spec, shape, self.mesh))
 
     # -- the model's forward over the per-layer weights -------------------------------------
-    def _forward(self, w: _Weights, ids_bt, kv_mask_bs, cache, cache_index, mode):
+    def _forward(self, w: _Weights, ids_bt, kv_mask_bs, cache, cache_index, mode, at=None):
         """T new tokens through the model against the cache (`mode` "prefill" or "decode");
-        returns the float32 logits of the last position `[B, V]` and the new cache."""
+        returns the float32 logits `[B, V]` of the last position (or of position `at`, an
+        int32 scalar: the serving engine's padded prompt chunks) and the new cache."""
         model = nnx.merge(self.graphdef, w.placeholder, w.top)
         h_btd, cache = model.hidden_states(ids_bt, attention_mask=kv_mask_bs, cache=cache,
                                            cache_index=cache_index, mode=mode, layers=w.layers)
-        return model.unembed(h_btd[:, -1]), cache
+        h_bd = h_btd[:, -1] if at is None else jax.lax.dynamic_index_in_dim(h_btd, at, 1, False)
+        return model.unembed(h_bd), cache
 
     @_under_rules
     def _prefill_impl(self, w, ids_bt, mask_bt, key, pad_id, cache_len, n_new, params,

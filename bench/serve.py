@@ -1,0 +1,465 @@
+"""Continuous-batching serving on MPT-7B shapes with random bf16 weights (GPU): the engine
+under open-loop Poisson load, beside static-batch Generator.generate at the same batch sizes.
+
+    python bench/serve.py --no_http [--streams 1,8,32,64] [--static 1,8,32,64] [--scale 1]
+        [--max_batch 64] [--decode_steps 1] [--json PATH]
+        [--results bench/RESULTS.md --card C --commit X]
+
+Sections, in this order (each prints a JSON line as it ends, so a run cut short keeps what
+it measured):
+  static    Generator.generate at each --static batch size B: B prompts of the mean prompt
+            length, the mean number of new tokens (greedy, no EOS); decode ms/step and decode
+            tokens/s (prefill excluded), as bench/generate.py measures them.
+  latency   one stream alone on an engine of --max_batch 1 against generate at B=1 (same
+            prompt and length): ms per token after the first, and the ratio (goal <= 1.05).
+  load      for each --streams C, one engine of --max_batch slots (the server's pool) serves
+            requests arriving as a Poisson process, at most C in flight (a client that has C
+            open streams waits for one to end, as vLLM's benchmark_serving --max-concurrency).
+            Prompts uniform in --prompt_range tokens, new tokens uniform in --new_range,
+            greedy, no EOS. The arrival rate is --rate_factor x C / (mean new tokens x the
+            static decode step at batch C), enough to keep C streams busy; with no static
+            figure for C, arrivals come as fast as C allows (closed loop). Reported:
+            throughput (generated tokens / (last finish - first arrival)), TTFT and
+            inter-token latency p50 / p99 (engine side: arrival to first token, gaps between
+            a choice's tokens), mean streams decoding, and the ratio of throughput at C to
+            static decode tokens/s at B = C (goal >= 0.9 at 64).
+Without --no_http the load section goes through the OpenAI HTTP server instead (uvicorn on
+127.0.0.1 in this process, httpx streaming clients; TTFT / inter-token measured by the client
+on the streamed chunks).
+
+Counts: --scale 1 sends max(8, 3 C) requests per level. Much of a run is compilation: 2 jit compilations per
+static batch size (prefill, decode loop) and 3 per engine (decode step, prefill chunk, admit:
+greedy requests never run the top-k / top-p / logprobs step, so the engines are warmed with
+one request, not Engine.warm_up; with --decode_steps > 1 they are warmed by warm_up). To fit
+a ~3 minute call, static-batch only the sizes the goals compare (--static 1,64) and use
+--scale 0.5; levels without a static figure arrive closed-loop. A second call on the same
+warm machine reuses compilations when both set JAX_COMPILATION_CACHE_DIR to one directory.
+
+The GPU hosts have jax, flax, numpy, tokenizers, httpx, anyio, h11, click, prometheus-client
+and jinja2 but no fastapi / uvicorn / pydantic; `--no_http` needs none of those. For the HTTP
+mode carry these wheels (Python 3.12, manylinux x86_64, `pip download --no-deps
+--only-binary=:all: --python-version 3.12 ...`, see the device README): fastapi, starlette,
+pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions (newer than
+the host's if pip says so), opentelemetry-api (fastapi 0.165 needs it), uvicorn; versions as pyproject.toml's `serve` extra allows.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+
+# The repository (mpt_jax), then bench/ in front of it (its generate.py, not the CLI's).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from generate import random_bf16_model
+from mpt_jax.infer import slots as slots_lib
+from mpt_jax.infer.engine import Engine
+from mpt_jax.infer.generate import Generator, SamplingParams
+from mpt_jax.infer.request import EngineMetrics, RequestParams
+from mpt_jax.kernels import decode_gpu
+from mpt_jax.model.config import AttnConfig, MPTConfig
+
+
+def synthetic_tokenizer(vocab_size: int) -> tokenizers.Tokenizer:
+    """A byte-level vocabulary of `vocab_size` pieces (the 256 byte symbols, then random 2-6
+    letter words, some with a leading space), so detokenizing random token ids costs what a
+    real BPE's decode does. Ids are the model's, no merges: it only decodes."""
+    rs = np.random.RandomState(0)
+    symbols = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    vocab = {s: i for i, s in enumerate(sorted(symbols))}
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    while len(vocab) < vocab_size:
+        word = ("Ġ" if rs.rand() < 0.5 else "") + "".join(rs.choice(letters, rs.randint(2, 7)))
+        vocab.setdefault(word, len(vocab))
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=symbols[0]))
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    return tok
+
+
+def _pct(xs, q):
+    return float(np.percentile(np.asarray(xs, np.float64), q)) if len(xs) else float("nan")
+
+
+class _Latencies(EngineMetrics):
+    """The engine's own TTFT / inter-token observations (its thread appends)."""
+
+    def __init__(self):
+        self.ttft, self.itl = [], []
+
+    def first_token(self, seconds):
+        self.ttft.append(seconds)
+
+    def inter_token(self, seconds):
+        self.itl.append(seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# static: Generator.generate
+# ---------------------------------------------------------------------------------------------
+def bench_static(gen: Generator, b: int, prompt: int, new: int, reps: int) -> dict:
+    rs = np.random.RandomState(b)
+    ids = rs.randint(0, gen.config.vocab_size, (b, prompt)).astype(np.int32)
+    kw = {"attention_mask": np.ones_like(ids), "max_new_tokens": new, "temperature": 0.0,
+              "eos_id": None, "max_len": prompt + new}
+    t0 = time.perf_counter()
+    gen.generate(ids, **kw)
+    first = time.perf_counter() - t0
+    # The prefill alone: the compiled call generate made, with generate's arguments.
+    alloc = -(-(prompt + new) // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S
+    pre_args = (gen.weights, jnp.asarray(ids), jnp.asarray(kw["attention_mask"]),
+                jax.random.key(0), jnp.int32(0), alloc, new, SamplingParams(), False)
+    jax.block_until_ready(gen._prefill(*pre_args).tokens)
+    totals, pre = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        gen.generate(ids, **kw)
+        totals.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(gen._prefill(*pre_args).tokens)
+        pre.append(time.perf_counter() - t0)
+    total, prefill = min(totals), min(pre)
+    step = (total - prefill) / (new - 1)
+    return {"section": "static", "batch": b, "prompt": prompt, "new": new,
+            "total_s": total, "prefill_ms": prefill * 1e3, "decode_ms_per_step": step * 1e3,
+            "decode_tokens_per_s": b / step, "tokens_per_s": b * new / total,
+            "first_call_s": first}
+
+
+def warm(engine: Engine, vocab: int) -> float:
+    """Compiles what greedy requests run (decode, prefill chunk, admit) with one request of
+    two chunks; `Engine.warm_up` would also compile the top-k / top-p / logprobs step and the
+    n > 1 cache copy, which these loads never run (minutes of compilation on MPT-7B)."""
+    if engine.decode_steps > 1:  # (the one-step decode runs only beside a prefill: all)
+        return engine.warm_up()
+    t0 = time.perf_counter()
+    ids = np.random.RandomState(0).randint(0, vocab, engine.chunk + 1).tolist()
+    h = engine.submit(ids, RequestParams(max_tokens=2, temperature=0.0)).result(timeout=900)
+    assert h.error is None, h.error
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# latency: one stream on a one-slot engine
+# ---------------------------------------------------------------------------------------------
+def bench_latency(gen: Generator, tok, prompt: int, new: int, chunk: int, decode_steps: int,
+                  reps: int, static_step_ms: float | None) -> dict:
+    lat = _Latencies()
+    engine = Engine(gen, tok, max_batch=1, max_seq_len=prompt + new, prefill_chunk=chunk,
+                    decode_steps=decode_steps, eos_id=None, metrics=lat)
+    engine.start()
+    ids = np.random.RandomState(1).randint(0, gen.config.vocab_size, prompt).tolist()
+    params = RequestParams(max_tokens=new, temperature=0.0)
+    per_token = []
+    try:
+        compile_s = warm(engine, gen.config.vocab_size)
+        for _ in range(reps):
+            h = engine.submit(ids, params).result(timeout=600)
+            assert h.error is None and len(h.choices[0].token_ids) == new, h.error
+            per_token.append((h.finished_at - h.first_token_at) / (new - 1))
+    finally:
+        engine.shutdown(0)
+    ms = min(per_token) * 1e3
+    r = {"section": "latency", "prompt": prompt, "new": new, "engine_ms_per_token": ms,
+         "engine_compile_s": compile_s, "ttft_ms": _pct(lat.ttft[1:], 50) * 1e3}
+    if static_step_ms:
+        r["generate_ms_per_step"] = static_step_ms
+        r["ratio_to_generate"] = ms / static_step_ms
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# load: Poisson arrivals, at most C in flight
+# ---------------------------------------------------------------------------------------------
+def _workload(n: int, prompt_range, new_range, vocab: int, seed: int):
+    rs = np.random.RandomState(seed)
+    lengths = rs.randint(prompt_range[0], prompt_range[1] + 1, n)
+    news = rs.randint(new_range[0], new_range[1] + 1, n)
+    return [(rs.randint(0, vocab, p).tolist(), int(m)) for p, m in zip(lengths, news)]
+
+
+def _arrivals(n: int, rate: float, seed: int) -> np.ndarray:
+    """Seconds from the start at which each request arrives (Poisson; all at 0 if rate is
+    infinite: then only the concurrency cap paces them)."""
+    if not math.isfinite(rate):
+        return np.zeros(n)
+    return np.cumsum(np.random.RandomState(seed + 1).exponential(1 / rate, n))
+
+
+def run_load_engine(engine: Engine, lat: _Latencies, work, arrive, c: int) -> dict:
+    """Submits each request at its arrival time (or when one of the C open ones ends)."""
+    lat.ttft.clear()
+    lat.itl.clear()
+    handles, open_ = [], []
+    t0 = time.perf_counter()
+    i = 0
+    while i < len(work) or open_:
+        now = time.perf_counter() - t0
+        open_ = [h for h in open_ if not h.finished]
+        while i < len(work) and len(open_) < c and arrive[i] <= now:
+            ids, new = work[i]
+            h = engine.submit(ids, RequestParams(max_tokens=new, temperature=0.0))
+            handles.append(h)
+            open_.append(h)
+            i += 1
+        # Sleep to the next arrival (2 ms at most while capped): polling must not take the
+        # engine thread's interpreter time.
+        wait = arrive[i] - now if i < len(work) and len(open_) < c else 0.002
+        time.sleep(min(max(wait, 0.0002), 0.002))
+    bad = [h.error for h in handles if h.error]
+    assert not bad, bad[:3]
+    done_tokens = sum(h.completion_tokens for h in handles)
+    assert done_tokens == sum(n for _, n in work)
+    first = min(h.arrival for h in handles)
+    last = max(h.finished_at for h in handles)
+    busy = sum(h.finished_at - h.first_token_at for h in handles)
+    return {"tokens": done_tokens, "wall_s": last - first, "ttft": list(lat.ttft),
+            "itl": list(lat.itl), "mean_streams": busy / (last - first)}
+
+
+def run_load_http(url: str, work, arrive, c: int) -> dict:
+    """The same load through the HTTP server: one streaming request per prompt (token ids),
+    TTFT and gaps measured on the chunks as the client receives them."""
+    import httpx
+
+    ttft, itl, tokens, spans = [], [], [0], []
+
+    async def one(client, sem, ids, new, at, t0):
+        await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+        async with sem:
+            start = time.perf_counter()
+            last = None
+            body = {"model": "bench", "prompt": ids, "max_tokens": new, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                assert r.status_code == 200, await r.aread()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens[0] += chunk["usage"]["completion_tokens"]
+                        continue
+                    now = time.perf_counter()
+                    if last is None:
+                        ttft.append(now - start)
+                    else:
+                        itl.append(now - last)
+                    last = now
+            spans.append((start, time.perf_counter()))
+
+    async def main():
+        sem = asyncio.Semaphore(c)
+        limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(client, sem, ids, new, at, t0)
+                                   for (ids, new), at in zip(work, arrive)))
+
+    asyncio.run(main())
+    first, last = min(s for s, _ in spans), max(e for _, e in spans)
+    assert tokens[0] == sum(n for _, n in work), tokens[0]
+    return {"tokens": tokens[0], "wall_s": last - first, "ttft": ttft, "itl": itl,
+            "mean_streams": sum(e - s for s, e in spans) / (last - first)}
+
+
+def start_http(engine: Engine, tok, max_seq_len: int, vocab: int) -> tuple[str, object]:
+    import socket
+
+    import uvicorn
+
+    from mpt_jax.infer.protocol import ServedModel
+    from mpt_jax.infer.server import create_app
+
+    served = ServedModel("bench", tok, max_seq_len, vocab, top_logprobs=engine.top_logprobs)
+    app = create_app(engine, served)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the HTTP server did not start"
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", (server, thread)
+
+
+def summarize(c: int, m: dict, static: dict | None, rate: float, n: int) -> dict:
+    r = {"section": "load", "streams": c, "requests": n,
+         "arrival_rate_per_s": rate if math.isfinite(rate) else "closed loop",
+         "tokens_per_s": m["tokens"] / m["wall_s"], "wall_s": m["wall_s"],
+         "mean_streams": m["mean_streams"],
+         "ttft_p50_ms": _pct(m["ttft"], 50) * 1e3, "ttft_p99_ms": _pct(m["ttft"], 99) * 1e3,
+         "itl_p50_ms": _pct(m["itl"], 50) * 1e3, "itl_p99_ms": _pct(m["itl"], 99) * 1e3}
+    r["itl_p99_over_p50"] = r["itl_p99_ms"] / r["itl_p50_ms"]
+    if static is not None:
+        r["static_decode_tokens_per_s"] = static["decode_tokens_per_s"]
+        r["ratio_to_static_decode"] = r["tokens_per_s"] / static["decode_tokens_per_s"]
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--no_http", action="store_true",
+                    help="drive the engine directly (the GPU hosts lack fastapi/uvicorn)")
+    ap.add_argument("--streams", default="1,8,32,64", help="load levels (concurrent streams)")
+    ap.add_argument("--static", default="1,8,32,64", help="static generate batch sizes ('' "
+                    "skips)")
+    ap.add_argument("--latency", type=int, default=1, help="1: the one-stream latency section")
+    ap.add_argument("--max_batch", type=int, default=64, help="the load engine's slots")
+    ap.add_argument("--scale", type=float, default=1.0, help="requests per level: "
+                    "ceil(scale x max(8, 3 C))")
+    ap.add_argument("--prompt_range", default="128,2048")
+    ap.add_argument("--new_range", default="64,512")
+    ap.add_argument("--prefill_chunk", type=int, default=256)
+    ap.add_argument("--decode_steps", type=int, default=1,
+                    help="engine decode steps per call while no prompt waits (serve.py's flag)")
+    ap.add_argument("--rate_factor", type=float, default=1.2,
+                    help="arrival rate over the rate that keeps C streams exactly busy")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--size", default="7b", help="MPTConfig preset, or 'tiny' (CPU smoke run)")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--results", default="", help="append markdown rows to this RESULTS.md")
+    ap.add_argument("--card", default="")
+    ap.add_argument("--commit", default="COMMIT")
+    args = ap.parse_args()
+
+    streams = [int(x) for x in args.streams.split(",") if x]
+    statics = [int(x) for x in args.static.split(",") if x]
+    p_lo, p_hi = (int(x) for x in args.prompt_range.split(","))
+    n_lo, n_hi = (int(x) for x in args.new_range.split(","))
+    if not (1 <= p_lo <= p_hi and 2 <= n_lo <= n_hi) or max(streams, default=1) > args.max_batch:
+        print("bench/serve.py: bad --prompt_range / --new_range / --streams", file=sys.stderr)
+        return 1
+    mean_p, mean_n = (p_lo + p_hi) // 2, (n_lo + n_hi) // 2
+    max_seq_len = p_hi + n_hi
+
+    if args.size == "tiny":
+        cfg = MPTConfig(d_model=40, n_heads=4, n_layers=2, vocab_size=384, max_seq_len=64,
+                        expansion_ratio=4, attn_config=AttnConfig())
+    else:
+        cfg = MPTConfig.mpt_7b() if args.size == "7b" else MPTConfig.preset(args.size)
+    dev = jax.devices()[0]
+    card = args.card or dev.device_kind
+    print(f"# device {dev.device_kind}, jax {jax.__version__}, MPT-{args.size} random bf16",
+          flush=True)
+    t0 = time.perf_counter()
+    model = random_bf16_model(cfg, "auto")
+    gen = Generator(model)
+    del model
+    jax.block_until_ready(gen.weights)
+    print(f"# weights ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    tok = synthetic_tokenizer(cfg.vocab_size)
+    results: list[dict] = []
+
+    def report(r):
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+    static = {}
+    for b in statics:
+        try:
+            static[b] = bench_static(gen, b, mean_p, mean_n, args.reps)
+            report(static[b])
+        except Exception as e:  # noqa: BLE001  (e.g. out of memory: keep the other figures)
+            report({"section": "static", "batch": b, "error": f"{type(e).__name__}: {e}"[:600]})
+
+    if args.latency:
+        s1 = static.get(1)
+        report(bench_latency(gen, tok, mean_p, mean_n, args.prefill_chunk, args.decode_steps,
+                             args.reps,
+                             None if s1 is None else s1["decode_ms_per_step"]))
+
+    if streams:
+        lat = _Latencies()
+        engine = Engine(gen, tok, max_batch=args.max_batch, max_seq_len=max_seq_len,
+                        prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
+                        eos_id=None, max_queue=10**6,
+                        metrics=lat)
+        url = server = None
+        if args.no_http:
+            engine.start()
+        else:
+            url, server = start_http(engine, tok, max_seq_len, cfg.vocab_size)
+        try:
+            secs = warm(engine, cfg.vocab_size)
+            c0 = slots_lib.backend_compiles()
+            print(f"# load engine: {args.max_batch} slots x {max_seq_len}, chunk "
+                  f"{engine.chunk}, compiled in {secs:.1f}s", flush=True)
+            for c in streams:
+                n = math.ceil(args.scale * max(8, 3 * c))
+                work = _workload(n, (p_lo, p_hi), (n_lo, n_hi), cfg.vocab_size, seed=c)
+                st = static.get(c)
+                step_s = None if st is None else st["decode_ms_per_step"] / 1e3
+                rate = (args.rate_factor * c / (mean_n * step_s) if step_s and step_s > 0
+                        else math.inf)
+                arrive = _arrivals(n, rate, seed=c)
+                m = (run_load_engine(engine, lat, work, arrive, c) if args.no_http
+                     else run_load_http(url, work, arrive, c))
+                report(summarize(c, m, st, rate, n))
+        finally:
+            if server is not None:
+                server[0].should_exit = True
+                server[1].join(60)
+            engine.shutdown(0)
+        compiled = slots_lib.backend_compiles() - c0
+        report({"section": "compilations_after_warm_up", "count": compiled})
+
+    date = time.strftime("%Y-%m-%d")
+    mode = "engine" if args.no_http else "HTTP (uvicorn, httpx streams)"
+    shape = (f"MPT-{args.size} random bf16 prompts {p_lo}-{p_hi} new {n_lo}-{n_hi} greedy")
+    rows = []
+    for r in results:
+        if "error" in r:
+            continue
+        if r["section"] == "static":
+            name = f"serve static generate B={r['batch']} prompt={r['prompt']} new={r['new']}"
+            rows += [(name, "decode ms/step", f"{r['decode_ms_per_step']:.2f}"),
+                     (name, "decode tokens/s", f"{r['decode_tokens_per_s']:.0f}")]
+        elif r["section"] == "latency":
+            name = (f"serve engine 1 stream (max_batch 1, decode_steps {args.decode_steps}) "
+                    f"prompt={r['prompt']} new={r['new']}")
+            rows.append((name, "ms/token", f"{r['engine_ms_per_token']:.2f}"))
+            if "ratio_to_generate" in r:
+                rows.append((name, "ms/token over generate B=1",
+                             f"{r['ratio_to_generate']:.3f}"))
+        elif r["section"] == "load":
+            arrivals = (f"Poisson x{args.rate_factor}" if r["arrival_rate_per_s"] !=
+                        "closed loop" else "closed loop")
+            name = (f"serve {mode} {r['streams']} streams max_batch {args.max_batch} "
+                    f"decode_steps {args.decode_steps} "
+                    f"{arrivals} {r['requests']} requests {shape}")
+            rows += [(name, "tokens/s", f"{r['tokens_per_s']:.0f}"),
+                     (name, "TTFT p50 / p99 ms", (f"{r['ttft_p50_ms']:.0f} / "
+                                                 f"{r['ttft_p99_ms']:.0f}")),
+                     (name, "inter-token p50 / p99 ms", (f"{r['itl_p50_ms']:.2f} / "
+                                                        f"{r['itl_p99_ms']:.2f}"))]
+            if "ratio_to_static_decode" in r:
+                rows.append((name, "tokens/s over static decode tokens/s",
+                             f"{r['ratio_to_static_decode']:.2f}"))
+        elif r["section"] == "compilations_after_warm_up":
+            rows.append((f"serve {mode} load", "compilations after warm-up", str(r["count"])))
+    lines = [f"| {date} | {n} | {fig} | {v} | {card} | {args.commit} |" for n, fig, v in rows]
+    print("\n".join(lines))
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

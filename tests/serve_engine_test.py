@@ -1,0 +1,390 @@
+"""The continuous-batching engine without HTTP: batching changes no greedy token (each choice
+equals Generator.generate on its prompt alone), prompts longer than a chunk, n > 1 from one
+prefill, seeded sampling independent of the batch, penalties and log-probabilities against a
+full-forward reference, stop ids and budgets, one failing request among others, the queue
+bound, cancellation freeing slots, shutdown; and the pieces: chunk plans, per-row sampling
+against the static one, stop strings across token boundaries, incremental detokenization."""
+import random
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tokenizers
+from conftest import SERVE_ENGINE, left_padded, write_serve_checkpoint
+
+from mpt_jax.data.tokenizer import train_byte_level_bpe
+from mpt_jax.eval import loading
+from mpt_jax.infer import slots
+from mpt_jax.infer.engine import Engine, chunk_plan
+from mpt_jax.infer.generate import Generator
+from mpt_jax.infer.request import EngineUnavailable, QueueFull, RequestError, RequestParams
+from mpt_jax.infer.sampling import _filter, sample_rows
+from mpt_jax.infer.text import Detokenizer, StopMatcher
+
+REF_T, REF_N = 32, 24  # the reference prompts' padded length and tokens: one compilation
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    path = write_serve_checkpoint(str(tmp_path_factory.mktemp("ckpt")))
+    loaded = loading.load(path, dtype="float32")  # as serve.py loads it
+    model, tok = loaded.model, loaded.tokenizer
+    gen = Generator(model)
+    engine = Engine(gen, tok, eos_id=None, **SERVE_ENGINE)
+    engine.warm_up()
+    engine.start()
+    forward = jax.jit(lambda ids: model(ids))  # the full-forward reference
+    yield {"engine": engine, "gen": gen, "tok": tok, "forward": forward}
+    engine.shutdown(5)
+
+
+def _reference(gen, prompt, n):
+    ids, mask = left_padded(prompt, REF_T)
+    return [int(t) for t in gen.generate(ids, attention_mask=mask, max_new_tokens=REF_N).tokens[0]
+            ][:n]
+
+
+def _prompts(seed, lengths):
+    rs = np.random.RandomState(seed)
+    return [[int(t) for t in rs.randint(1, 300, n)] for n in lengths]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces
+# ---------------------------------------------------------------------------------------------
+def test_chunk_plan_covers_the_prompt_without_padding_past_it():
+    assert chunk_plan(5, 8) == [(0, 5)]
+    assert chunk_plan(8, 8) == [(0, 8)]
+    assert chunk_plan(16, 8) == [(0, 8), (8, 8)]
+    assert chunk_plan(20, 8) == [(0, 8), (8, 8), (12, 8)]  # the last chunk ends at token 20
+
+
+def test_stop_strings_across_token_boundaries_never_leak():
+    m = StopMatcher(["END", "\n\n"])
+    outs = [m.feed(d) for d in ["Hello", " E", "N", "D more"]]
+    assert outs == [("Hello", False), (" ", False), ("", False), ("", True)]
+    m = StopMatcher(["abc"])
+    assert m.feed("xab") == ("x", False) and m.flush() == "ab"  # not a stop after all
+    m = StopMatcher(["cd", "bcx"])
+    assert m.feed("abc") == ("a", False) and m.feed("d") == ("b", True)
+    rng = random.Random(0)
+    for _ in range(300):  # against a find over the text so far, piece by piece
+        text = "".join(rng.choice("abc\n") for _ in range(rng.randint(0, 30)))
+        stops = ["".join(rng.choice("abc\n") for _ in range(rng.randint(1, 4)))
+                 for _ in range(rng.randint(1, 3))]
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 5)))
+        pieces = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
+        m, out, stopped = StopMatcher(stops), "", False
+        for p in pieces:
+            emitted, stopped = m.feed(p)
+            out += emitted
+            assert not any(s in out for s in stops)
+            if stopped:
+                break
+        if not stopped:
+            out += m.flush()
+        # Generation ends at the first piece that completes a stop string (as vLLM's), cut at
+        # the earliest stop string in the text so far.
+        want, hit, seen = text, False, ""
+        for p in pieces:
+            seen += p
+            found = [i for i in (seen.find(s) for s in stops) if i >= 0]
+            if found:
+                want, hit = seen[:min(found)], True
+                break
+        assert out == want and stopped == hit, (text, stops, pieces)
+
+
+def test_detokenizer_deltas_are_the_full_decode():
+    text = "naïve café — 東京 🙂🚀 ok\n\tdone"
+    tok = train_byte_level_bpe([text, "plain ascii words " * 20], 280)
+    prompt = tok.encode("say: ").ids
+    ids = tok.encode(text).ids
+    d = Detokenizer(tok, prompt)
+    deltas = [d.push(t) for t in ids] + [d.flush()]
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert not any("\ufffd" in x for x in deltas)  # a split character waits for its bytes
+    # A SentencePiece-style decoder (the leading-space strip of a first token): the context
+    # token keeps the continuation's spaces as the full decode has them.
+    sp = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    sp.decoder = tokenizers.decoders.Metaspace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"])
+    sp.train_from_iterator(["the cat sat on the mat with a hat"] * 5, trainer)
+    prompt, cont = sp.encode("the cat").ids, sp.encode("sat on the mat").ids
+    d = Detokenizer(sp, prompt)
+    streamed = "".join([d.push(t) for t in cont] + [d.flush()])
+    assert streamed == sp.decode(prompt + cont)[len(sp.decode(prompt)):] == " sat on the mat"
+
+
+def _np_filter(x, k, p):
+    """The filtering rule written out in numpy, one row (see sampling.py)."""
+    x = x.astype(np.float64).copy()
+    if 0 < k < x.size:
+        x[x < np.sort(x)[::-1][k - 1]] = -np.inf
+    if p < 1:
+        srt = np.sort(x)[::-1]
+        probs = np.exp(srt - srt.max())
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        x[x < srt[max(int((before < p).sum()), 1) - 1]] = -np.inf
+    return x
+
+
+def test_per_row_sampling_filters_as_written():
+    rs = np.random.RandomState(0)
+    logits = rs.randn(6, 50).astype(np.float32) * 3
+    rows = [(0.0, 0, 1.0), (1.0, 3, 1.0), (0.7, 0, 0.8), (1.3, 5, 0.6), (1.0, 50, 1.0),
+            (2.0, 0, 1.0)]
+    t, k, p = (np.asarray(c) for c in zip(*rows))
+    t, k, p = t.astype(np.float32), k.astype(np.int32), p.astype(np.float32)
+
+    @jax.jit
+    def run(logits, seed):
+        kept = _filter(logits / jnp.where(t == 0, 1.0, t)[:, None], k, p)
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(i), seed))(jnp.arange(6))
+        return kept, sample_rows(logits, keys, t, k, p)
+
+    kept = np.asarray(run(logits, 0)[0])
+    for i, (ti, ki, pi) in enumerate(rows[1:], start=1):
+        np.testing.assert_array_equal(np.isfinite(kept[i]),
+                                      np.isfinite(_np_filter(logits[i] / ti, ki, pi)))
+    drawn = set()
+    for seed in range(20):
+        toks = np.asarray(run(logits, seed)[1])
+        assert toks[0] == np.argmax(logits[0])  # greedy: exactly argmax
+        assert all(np.isfinite(kept[i, toks[i]]) for i in range(1, 6))
+        drawn.add(tuple(toks))
+    assert len(drawn) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------------------------
+def test_batching_changes_no_greedy_token(served):
+    """Prompts shorter than, equal to and longer than a chunk (8), with n=2 on one, arriving
+    staggered into 4 slots (so some wait): every choice is the Generator's greedy output on its
+    prompt alone; nothing compiles."""
+    engine, gen = served["engine"], served["gen"]
+    prompts = _prompts(1, [3, 8, 17, 30, 5, 12])
+    max_tokens = [6, 12, 9, 4, 11, 7]
+    refs = [_reference(gen, p, n) for p, n in zip(prompts, max_tokens)]
+    c0 = slots.backend_compiles()
+    handles = []
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        handles.append(engine.submit(p, RequestParams(max_tokens=n, temperature=0.0,
+                                                      n=2 if i == 2 else 1)))
+        time.sleep(0.003 * i)
+    for h, ref in zip(handles, refs):
+        h.result(timeout=120)
+        assert h.error is None
+        for c in h.choices:
+            assert c.token_ids == ref and c.finish_reason == "length"
+    assert slots.backend_compiles() == c0
+    assert engine.slots_used == 0
+
+
+def test_seeded_sampling_is_independent_of_the_batch(served):
+    engine = served["engine"]
+    prompt = _prompts(2, [10])[0]
+    params = RequestParams(max_tokens=12, temperature=0.9, top_p=0.8, top_k=20, seed=7, n=2)
+    alone = engine.submit(prompt, params).result(timeout=120)
+    others = [engine.submit(p, RequestParams(max_tokens=8, temperature=t, seed=1))
+              for p, t in zip(_prompts(3, [4, 20, 9]), (0.0, 1.0, 1.5))]
+    again = engine.submit(prompt, params).result(timeout=120)
+    for h in others:
+        h.result(timeout=120)
+    other_seed = engine.submit(prompt, RequestParams(
+        max_tokens=12, temperature=0.9, top_p=0.8, top_k=20, seed=8)).result(timeout=120)
+    a = [c.token_ids for c in alone.choices]
+    assert a == [c.token_ids for c in again.choices]
+    assert a[0] != a[1]  # the choices draw apart
+    assert other_seed.choices[0].token_ids != a[0]
+
+
+def test_penalties_and_logprobs_match_a_full_forward(served):
+    """Greedy under OpenAI's penalties (logit - 1.5 * count - 0.5 * [count > 0] over the
+    tokens produced) and the chosen / top-3 log-probabilities of the raw logits, against
+    `model(ids)` run on the whole sequence at every step."""
+    engine, forward = served["engine"], served["forward"]
+    prompt = _prompts(4, [7])[0]
+    h = engine.submit(prompt, RequestParams(max_tokens=10, temperature=0.0,
+                                            frequency_penalty=1.5, presence_penalty=0.5,
+                                            logprobs=3)).result(timeout=120)
+    seq, counts = list(prompt), np.zeros(384)
+    for lp in h.choices[0].logprobs:
+        ids = np.zeros((1, 64), np.int32)
+        ids[0, :len(seq)] = seq  # right padding: causal, so the last real position is exact
+        logits = np.asarray(forward(jnp.asarray(ids)))[0, len(seq) - 1].astype(np.float64)
+        tok = int(np.argmax(logits - 1.5 * counts - 0.5 * (counts > 0)))
+        logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+        assert lp.token_id == tok
+        np.testing.assert_allclose(lp.logprob, logp[tok], atol=1e-4)
+        assert [i for i, _ in lp.top] == list(np.argsort(-logp)[:3])
+        np.testing.assert_allclose([v for _, v in lp.top], np.sort(logp)[::-1][:3], atol=1e-4)
+        seq.append(tok)
+        counts[tok] += 1
+    assert h.choices[0].token_ids == seq[len(prompt):]
+
+
+def test_stop_token_ids_and_budgets(served):
+    engine, gen, tok = served["engine"], served["gen"], served["tok"]
+    prompt = _prompts(5, [6])[0]
+    ref = _reference(gen, prompt, 12)
+    stop = ref[3]
+    first = ref.index(stop)
+    h = engine.submit(prompt, RequestParams(max_tokens=12, temperature=0.0,
+                                            stop_token_ids=(stop,))).result(timeout=120)
+    c = h.choices[0]
+    assert c.finish_reason == "stop" and c.token_ids == ref[:first + 1]
+    assert tok.decode(prompt + ref[:first]).endswith(c.text)  # the stop token's text is not output
+    h = engine.submit(prompt, RequestParams(max_tokens=1, temperature=0.0)).result(timeout=60)
+    assert h.choices[0].token_ids == ref[:1] and h.choices[0].finish_reason == "length"
+    for bad, param in (({"max_tokens": 60}, "max_tokens"), ({"n": 5}, "n"),
+                       ({"logprobs": 6}, "logprobs")):
+        with pytest.raises(RequestError) as e:
+            engine.submit(prompt, RequestParams(**bad))
+        assert e.value.param == param
+    with pytest.raises(RequestError, match="context"):
+        engine.submit(list(range(1, 65)), RequestParams())
+
+
+def test_a_failing_request_leaves_the_others(served, monkeypatch):
+    engine, gen = served["engine"], served["gen"]
+    prompts = _prompts(6, [5, 9, 13])
+    refs = [_reference(gen, p, 8) for p in prompts]
+    handles = []
+    real = engine._on_token
+
+    def on_token(seq, *args):
+        if seq.handle is handles[1] and seq.n == 3:
+            raise RuntimeError("boom")
+        return real(seq, *args)
+
+    monkeypatch.setattr(engine, "_on_token", on_token)
+    handles += [engine.submit(p, RequestParams(max_tokens=8, temperature=0.0)) for p in prompts]
+    for h in handles:
+        h.result(timeout=120)
+    assert handles[1].error == "RuntimeError: boom" and len(handles[1].choices[0].token_ids) == 3
+    for i in (0, 2):
+        assert handles[i].error is None and handles[i].choices[0].token_ids == refs[i]
+    assert engine.slots_used == 0 and engine.alive
+
+
+def test_queue_bound_then_all_served(served, monkeypatch):
+    engine = served["engine"]
+    gate = threading.Event()
+    real = engine._iteration
+
+    def gated():
+        gate.wait(30)
+        real()
+
+    monkeypatch.setattr(engine, "_iteration", gated)
+    monkeypatch.setattr(engine, "max_queue", 3)
+    prompts = _prompts(7, [4, 5, 6, 7])
+    handles = [engine.submit(p, RequestParams(max_tokens=3, temperature=0.0))
+               for p in prompts[:3]]
+    with pytest.raises(QueueFull, match="3 requests are waiting"):
+        engine.submit(prompts[3], RequestParams(max_tokens=3))
+    assert engine.queue_depth == 3
+    gate.set()
+    for h in handles:
+        assert h.result(timeout=120).choices[0].finish_reason == "length"
+
+
+def _slow(engine, monkeypatch, seconds):
+    real = engine._iteration
+
+    def slow():
+        time.sleep(seconds)
+        real()
+
+    monkeypatch.setattr(engine, "_iteration", slow)
+
+
+def _wait_for(cond, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_cancel_frees_the_slot_for_the_next_request(served, monkeypatch):
+    """All 4 slots busy with long requests; one is cancelled; a new request is admitted and
+    finishes while the other three still run (the batch is full again at once)."""
+    engine = served["engine"]
+    _slow(engine, monkeypatch, 0.02)
+    long = [engine.submit(p, RequestParams(max_tokens=40, temperature=0.0))
+            for p in _prompts(8, [5, 6, 7, 8])]
+    _wait_for(lambda: all(h.choices[0].token_ids for h in long))
+    long[0].cancel()
+    _wait_for(lambda: long[0].finished)
+    assert long[0].cancelled and engine.slots_used == 3
+    late = engine.submit(_prompts(9, [4])[0], RequestParams(max_tokens=2, temperature=0.0))
+    _wait_for(lambda: engine.slots_used == 4 or late.finished)
+    late.result(timeout=60)
+    assert late.error is None and len(late.choices[0].token_ids) == 2
+    assert not any(h.finished for h in long[1:])
+    for h in long[1:]:
+        h.cancel()
+    _wait_for(lambda: engine.slots_used == 0)
+
+
+def test_shutdown_finishes_or_cancels_within_the_bound(served, monkeypatch):
+    """A second engine on the same pool shape (the compiled steps are shared): shutdown lets
+    short requests finish, cancels long ones at the bound, then refuses."""
+    engine = Engine(served["gen"], served["tok"], eos_id=None, **SERVE_ENGINE)
+    engine.start()
+    short = engine.submit([1, 2, 3], RequestParams(max_tokens=4, temperature=0.0))
+    engine.shutdown(timeout=60)
+    assert short.finished and short.error is None and not engine.alive
+    with pytest.raises(EngineUnavailable, match="shutting down"):
+        engine.submit([1, 2, 3], RequestParams())
+
+    engine = Engine(served["gen"], served["tok"], eos_id=None, **SERVE_ENGINE)
+    _slow(engine, monkeypatch, 0.05)
+    engine.start()
+    long = engine.submit([1, 2, 3], RequestParams(max_tokens=50, temperature=0.0))
+    _wait_for(lambda: long.choices[0].token_ids)
+    t0 = time.monotonic()
+    engine.shutdown(timeout=0.2)
+    assert time.monotonic() - t0 < 5
+    assert long.finished and "shut down" in long.error and len(long.choices[0].token_ids) < 50
+
+
+def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch):
+    """While one request decodes, a prompt of 4 chunks is prefilled one chunk per iteration,
+    each followed by a decode step (the running request waits one chunk at most); with
+    nothing decoding, the chunks run back to back."""
+    engine = served["engine"]
+    calls = []
+    real_prefill, real_decode = engine._prefill_chunk, engine._decode
+
+    def prefill(job):
+        calls.append("P")
+        return real_prefill(job)
+
+    def decode():
+        calls.append("D")
+        return real_decode()
+
+    monkeypatch.setattr(engine, "_prefill_chunk", prefill)
+    monkeypatch.setattr(engine, "_decode", decode)
+    _slow(engine, monkeypatch, 0.01)
+    alone = engine.submit(_prompts(10, [30])[0], RequestParams(max_tokens=2, temperature=0.0))
+    alone.result(timeout=60)
+    assert "".join(calls).startswith("PPPP")  # 30 tokens = 4 chunks of 8, nothing to wait for
+    running = engine.submit([1, 2, 3], RequestParams(max_tokens=30, temperature=0.0))
+    _wait_for(lambda: running.choices[0].token_ids)
+    calls.clear()
+    long = engine.submit(_prompts(11, [30])[0], RequestParams(max_tokens=2, temperature=0.0))
+    long.result(timeout=60)
+    trace = "".join(calls)
+    first = trace.index("P")
+    assert trace[first:first + 8] == "PDPDPDPD", trace  # one chunk, one decode step, ...
+    running.result(timeout=60)
+    assert running.error is None and len(running.choices[0].token_ids) == 30
