@@ -34,6 +34,7 @@ those rules (activation constraints, and the kernels once per shard); jit propag
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -191,7 +192,7 @@ class _Spec:
     cache_dtype: object
     mesh: object
     rules: tuple
-    steps_per_sync: int = 1
+    steps_per_sync: int = 1  # the decode loop's (DecodeOptions); the prefill's spec keeps 1
 
     def _cache_sharding(self, shape):
         if self.mesh is None:
@@ -321,8 +322,7 @@ class Generator:
         self.rules = sharding.current_rules() if rules is None else tuple(rules)
         graphdef, blocks_state, top = nnx.split(model, nnx.PathContains("blocks"), ...)
         stacked = nnx.state(model.blocks)
-        self._spec = _Spec(graphdef, self.config, self.dtype, self.cache_dtype, mesh, self.rules,
-                           self.decode_options.steps_per_sync)
+        self._spec = _Spec(graphdef, self.config, self.dtype, self.cache_dtype, mesh, self.rules)
         n = self.config.n_layers
         if mesh is not None:
             top = self._place(top)
@@ -330,9 +330,26 @@ class Generator:
         layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
         placeholder = jax.tree.map(lambda a: jnp.zeros((), a.dtype), blocks_state)
         self.weights = _Weights(top, placeholder, layers)
+        self._set_jits()
+
+    def variant(self, *, cache_dtype=None, decode: DecodeOptions | None = None) -> "Generator":
+        """A Generator sharing these weights (no copy) with another KV cache dtype and/or
+        DecodeOptions (None: this one's)."""
+        other = copy.copy(self)
+        if cache_dtype is not None:
+            other.cache_dtype = jnp.dtype(cache_dtype)
+        if decode is not None:
+            other.decode_options = decode
+        other._spec = dataclasses.replace(self._spec, cache_dtype=other.cache_dtype)
+        other._set_jits()
+        return other
+
+    def _set_jits(self):
         self._prefill = functools.partial(_prefill_jit, self._spec)
+        # (the prefill's spec leaves steps_per_sync at 1: a decode variant shares its prefill)
         self._decode = functools.partial(
-            _decode_jit_with(tuple(self.decode_options.compiler_options)), self._spec)
+            _decode_jit_with(tuple(self.decode_options.compiler_options)),
+            dataclasses.replace(self._spec, steps_per_sync=self.decode_options.steps_per_sync))
 
     # -- placement -------------------------------------------------------------------------
     def _place(self, state):
