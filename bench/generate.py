@@ -2,16 +2,17 @@
 weights, bf16 and int8 KV caches, short and long contexts, each against its bandwidth floor;
 and the decode-loop variants of bench/PERF_NOTES.md, all in one call.
 
-    python bench/generate.py [--sections copy,tune,short,long,variants] [--weights bf16,int8]
+    python bench/generate.py [--sections copy,short,variants,long] [--weights bf16,int8]
         [--batches 1,16] [--prompt 128] [--new 256] [--contexts 65536,81920] [--long_new 32]
-        [--kv_caches bf16,int8] [--variants default,cmdbuf_off,...] [--json PATH]
+        [--kv_caches bf16,int8] [--long_kv_caches bf16,int8] [--variants sync8,...]
+        [--budget_s S] [--json PATH]
 
 Weights are made on the device in bfloat16 (std 0.02 matrices, unit norm weights), never in
 float32 on the host; int8 weights are those quantized on the device (`quantize_model`).
 
-Timing: the prompt is prefilled once (timed on its own, best of --reps), then the decode loop
-alone runs `new - 1` steps from a copy of the prefilled state (the loop donates its state),
-best of --reps: decode ms/step = loop time / (new - 1). `tokens/s` = batch * new / (prefill +
+Timing: the prompt is prefilled once (timed on its own, best of --reps; the long section's
+prefill once more, --long_reps), then the decode loop alone runs `new - 1` steps from a copy of
+the prefilled state (the loop donates its state), best of --reps: decode ms/step = loop time / (new - 1). `tokens/s` = batch * new / (prefill +
 loop), new tokens over the whole call as peers.py hf_generate counts them.
 
 Floors: the bytes a step must read are every weight once (the unembedding reads all of wte; the
@@ -21,11 +22,15 @@ context of the timed steps (prompt + new / 2), scales included for int8. Two flo
 4 GiB device-to-device copy, read + write bytes over time). Rows give ms/step, both floors and
 the ratio to each.
 
-Sections (each runs alone): copy (the copy rate, always measured when a later section needs
-it), tune (int8 kernel tiles per matrix shape, installed for the sections after it), short
-(prompt + new at each batch, weights, and KV cache), long (batch 1 at each context, weights,
-KV cache), variants (batch 1 decode under each decode-loop variant of VARIANTS). Prints JSON
-lines as it goes and markdown rows for bench/RESULTS.md at the end. Imports nothing outside
+Sections (each runs alone; they run in the order given): copy (the copy rate, always measured
+when a later section needs it), tune (int8 kernel tiles per matrix shape over a small grid,
+installed for the sections after it; opt-in: each tile is a compile), short (prompt + new at
+each batch, weights, and --kv_caches), long (batch 1 at each context, weights, and
+--long_kv_caches), variants (batch 1 decode under each decode-loop variant of VARIANTS, with
+"default" timed again in the section for a same-section control). Every row is a new compile
+(tens of seconds for MPT-7B's unrolled decode loop); --budget_s skips the rows that would start
+after that many seconds from the start, naming them, so a bounded call returns what it
+measured. Prints JSON lines as it goes and markdown rows for bench/RESULTS.md at the end. Imports nothing outside
 jax/flax/numpy and mpt_jax's model/generate modules (the GPU hosts lack grain and friends).
 """
 from __future__ import annotations
@@ -49,7 +54,12 @@ from mpt_jax.kernels import decode_gpu, int8_gpu, norm_gpu  # noqa: E402
 from mpt_jax.model import MPTForCausalLM, quant, quantize_model  # noqa: E402
 from mpt_jax.model.config import MPTConfig  # noqa: E402
 
+# compiler_options set the list of command types itself (the "+T" syntax of XLA_FLAGS is
+# refused there): XLA's default list plus WHILE and CONDITIONAL; "" turns command buffers off (as
+# jax's own PGLE pass does).
 CMDBUF_DEFAULT_TYPES = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"
+CMDBUF_WHILE = (("xla_gpu_enable_command_buffer", CMDBUF_DEFAULT_TYPES + ",WHILE,CONDITIONAL"),
+                ("xla_gpu_graph_min_graph_size", 1))
 # name -> (what it changes, DecodeOptions kwargs, module knobs {(module, attr): value}).
 # The predicted gains are in bench/PERF_NOTES.md ("Session 7"), written before measurement.
 VARIANTS = {
@@ -57,17 +67,15 @@ VARIANTS = {
     "cmdbuf_off": ("XLA command buffers (CUDA graphs) off for the decode loop: the control",
                    {"compiler_options": (("xla_gpu_enable_command_buffer", ""),)}, {}),
     "cmdbuf_while": ("the whole decode while loop one CUDA graph (WHILE/CONDITIONAL commands): "
-                     "no host round trip per step",
-                     {"compiler_options": (("xla_gpu_enable_command_buffer",
-                                            CMDBUF_DEFAULT_TYPES + ",WHILE,CONDITIONAL"),
-                                           ("xla_gpu_graph_min_graph_size", 1))}, {}),
+                     "no host round trip per step", {"compiler_options": CMDBUF_WHILE}, {}),
     "sync8": ("8 decode steps per host check of the loop's exit (fixed-trip inner loop)",
               {"steps_per_sync": 8}, {}),
     "sync8_cmdbuf_while": ("sync8 with the loops as CUDA graphs",
-                           {"steps_per_sync": 8,
-                            "compiler_options": (("xla_gpu_enable_command_buffer",
-                                                  CMDBUF_DEFAULT_TYPES + ",WHILE,CONDITIONAL"),
-                                                 ("xla_gpu_graph_min_graph_size", 1))}, {}),
+                           {"steps_per_sync": 8, "compiler_options": CMDBUF_WHILE}, {}),
+    "sync8_cmdbuf_unroll": ("sync8 with the loops as CUDA graphs, the inner fixed-trip loop "
+                            "unrolled into the graph (xla_gpu_command_buffer_unroll_loops)",
+                            {"steps_per_sync": 8, "compiler_options": CMDBUF_WHILE + (
+                                ("xla_gpu_command_buffer_unroll_loops", True),)}, {}),
     "int8_xla_dots": ("int8 weights through XLA's dot(x, q.astype(bf16)) * scale instead of "
                       "the int8 kernel (int8 rows only)", {}, {(quant, "KERNEL_ROWS"): 0}),
     "int8_gelu_unfused": ("int8: the up-projection's GELU as its own XLA kernel instead of the "
@@ -136,7 +144,8 @@ def cache_bytes(cfg: MPTConfig, batch: int, context: float, cache_dtype) -> floa
 # ---------------------------------------------------------------------------------------------
 # One measurement
 # ---------------------------------------------------------------------------------------------
-def bench_decode(gen: Generator, batch: int, prompt: int, new: int, reps: int) -> dict:
+def bench_decode(gen: Generator, batch: int, prompt: int, new: int, reps: int,
+                 prefill_reps: int | None = None) -> dict:
     """Prefill and decode-loop times of `batch` random prompts of `prompt` tokens and `new`
     greedy tokens (no EOS)."""
     rs = np.random.RandomState(batch + prompt)
@@ -148,7 +157,8 @@ def bench_decode(gen: Generator, batch: int, prompt: int, new: int, reps: int) -
     t0 = time.perf_counter()
     state0 = jax.block_until_ready(gen._prefill(*pre_args))
     first = time.perf_counter() - t0
-    prefill = _best(lambda: jax.block_until_ready(gen._prefill(*pre_args).tokens), reps)
+    prefill = _best(lambda: jax.block_until_ready(gen._prefill(*pre_args).tokens),
+                    reps if prefill_reps is None else prefill_reps)
     statics = (prompt, new, SamplingParams(), jnp.int32(-1), jnp.int32(0))
     fresh = jax.jit(lambda s: jax.tree.map(jnp.copy, s))
 
@@ -218,8 +228,8 @@ def tune_int8(cfg: MPTConfig, batches) -> list[dict]:
     d, f, v = cfg.d_model, cfg.ffn_hidden_size, cfg.vocab_size
     n_qkv = (cfg.n_heads + 2 * cfg.kv_n_heads) * cfg.head_dim
     shapes = {"qkv": (n_qkv, d), "out": (d, d), "up": (f, d), "down": (d, f), "unembed": (v, d)}
-    grids = {1: list(itertools.product((16, 32), (256, 512, 1024), (4, 8), (3,))),
-             16: list(itertools.product((16, 32, 64), (128, 256), (4,), (3, 4)))}
+    grids = {1: list(itertools.product((16, 32), (512, 1024), (4, 8), (3,))),
+             16: list(itertools.product((32, 64), (128, 256), (4,), (3,)))}
     out = []
     for m in sorted({1 if b == 1 else 16 for b in batches}):
         for name, (n, k) in shapes.items():
@@ -254,16 +264,21 @@ def _csv(text, kind=str):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="copy,tune,short,long,variants")
+    ap.add_argument("--sections", default="copy,short,variants,long",
+                    help="comma list, run in this order: copy, tune, short, long, variants")
     ap.add_argument("--weights", default="bf16,int8")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--contexts", default="65536,81920", help="long section: prompt lengths")
     ap.add_argument("--long_new", type=int, default=32, help="long section: new tokens")
-    ap.add_argument("--kv_caches", default="bf16,int8")
+    ap.add_argument("--kv_caches", default="bf16,int8", help="short section: KV caches")
+    ap.add_argument("--long_kv_caches", default="bf16,int8", help="long section: KV caches")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--long_reps", type=int, default=1, help="long section: prefill timings")
+    ap.add_argument("--budget_s", type=float, default=0,
+                    help="skip rows that would start this many seconds after the start (0: none)")
     ap.add_argument("--peak_tbs", type=float, default=4.8, help="datasheet HBM TB/s (H200)")
     ap.add_argument("--attn_impl", default="auto")
     ap.add_argument("--size", default="7b", help="MPTConfig preset (7b = MPT-7B shapes)")
@@ -278,7 +293,9 @@ def main():
     ap.add_argument("--norm_warps", type=int, default=0,
                     help="add+norm kernel warps (kernels/norm_gpu.NUM_WARPS)")
     args = ap.parse_args()
-    sections = set(_csv(args.sections))
+    start = time.perf_counter()
+    order = _csv(args.sections)
+    sections = set(order)
     unknown = sections - {"copy", "tune", "short", "long", "variants"}
     bad_variants = set(_csv(args.variants)) - set(VARIANTS)
     if unknown or bad_variants:
@@ -307,8 +324,6 @@ def main():
 
     batches = _csv(args.batches, int)
     weights = _csv(args.weights)
-    if "tune" in sections and "int8" in weights:
-        results["tiles"] = tune_int8(cfg, batches)
 
     t0 = time.perf_counter()
     model = random_bf16_model(cfg, args.attn_impl)
@@ -325,7 +340,13 @@ def main():
     kv = {"bf16": jnp.bfloat16, "int8": jnp.int8}
     traced_knobs = [{}]  # module knobs in force when the jitted functions were last traced
 
-    def run(section, wname, kv_name, b, prompt, new, variant="default"):
+    def run(section, wname, kv_name, b, prompt, new, variant="default", prefill_reps=None):
+        if args.budget_s and time.perf_counter() - start > args.budget_s:
+            r = {"section": section, "weights": wname, "kv_cache": kv_name, "batch": b,
+                 "prompt": prompt, "new": new, "variant": variant, "skipped": "budget"}
+            print(json.dumps(r), flush=True)
+            results["rows"].append(r)
+            return
         what, opts, module_knobs = VARIANTS[variant]
         saved = {(mod, attr): getattr(mod, attr) for mod, attr in module_knobs}
         for (mod, attr), value in module_knobs.items():
@@ -335,7 +356,8 @@ def main():
             traced_knobs[0] = module_knobs
         try:
             gen = gens[wname].variant(cache_dtype=kv[kv_name], decode=DecodeOptions(**opts))
-            r = with_floor(bench_decode(gen, b, prompt, new, args.reps), gen, peak, copy)
+            r = with_floor(bench_decode(gen, b, prompt, new, args.reps, prefill_reps), gen,
+                           peak, copy)
             if args.profile and section == "short":
                 from profile_util import profile
 
@@ -353,18 +375,21 @@ def main():
         print(json.dumps(r), flush=True)
         results["rows"].append(r)
 
-    if "short" in sections:
-        for wname, kv_name, b in itertools.product(weights, _csv(args.kv_caches), batches):
-            run("short", wname, kv_name, b, args.prompt, args.new)
-    if "long" in sections:
-        for ctx, wname, kv_name in itertools.product(_csv(args.contexts, int), weights,
-                                                    _csv(args.kv_caches)):
-            run("long", wname, kv_name, 1, ctx, args.long_new)
-    if "variants" in sections:
-        for variant, wname in itertools.product(_csv(args.variants), weights):
-            if variant in INT8_ONLY and wname != "int8":
-                continue
-            run("variants", wname, "bf16", 1, args.prompt, args.new, variant)
+    for section in order:
+        if section == "tune" and "int8" in weights:
+            results["tiles"] = tune_int8(cfg, batches)
+        if section == "short":  # batch-major: bf16 and int8 weights of a batch side by side
+            for b, kv_name, wname in itertools.product(batches, _csv(args.kv_caches), weights):
+                run("short", wname, kv_name, b, args.prompt, args.new)
+        if section == "long":
+            for ctx, kv_name, wname in itertools.product(_csv(args.contexts, int),
+                                                        _csv(args.long_kv_caches), weights):
+                run("long", wname, kv_name, 1, ctx, args.long_new, prefill_reps=args.long_reps)
+        if section == "variants":
+            for variant, wname in itertools.product(_csv(args.variants), weights):
+                if variant in INT8_ONLY and wname != "int8":
+                    continue
+                run("variants", wname, "bf16", 1, args.prompt, args.new, variant)
 
     print_rows(results, args, dev.device_kind)
     if args.json:
@@ -379,7 +404,7 @@ def print_rows(results: dict, args, card: str) -> None:
     if copy:
         print(f"| {date} | device-to-device copy 4 GiB (read + write bytes / time) | TB/s | "
               f"{copy:.2f} | {card} | COMMIT |")
-    ok = [r for r in results["rows"] if "error" not in r]
+    ok = [r for r in results["rows"] if "error" not in r and "skipped" not in r]
     for r in ok:
         name = (f"generate MPT-{args.size} random {r['weights']} weights, {r['kv_cache']} KV "
                 f"cache, B={r['batch']} prompt={r['prompt']} new={r['new']} greedy"
@@ -395,11 +420,16 @@ def print_rows(results: dict, args, card: str) -> None:
         pick = {r["weights"]: r for r in ok if r["section"] == "short" and r["batch"] == b
                 and r["kv_cache"] == "bf16"}
         if "bf16" in pick and "int8" in pick:
+            i8, bf = pick["int8"], pick["bf16"]
             print(f"| {date} | generate MPT-{args.size} B={b} prompt={args.prompt} "
-                  f"new={args.new}: int8 weights / bf16 weights, same call | decode tokens/s "
-                  f"ratio | {pick['int8']['decode_tokens_per_s'] / pick['bf16']['decode_tokens_per_s']:.2f}"
-                  f" | {card} | COMMIT |")
+                  f"new={args.new}: int8 weights / bf16 weights, same call | tokens/s ratio, "
+                  f"decode loop / prefill incl. | "
+                  f"{i8['decode_tokens_per_s'] / bf['decode_tokens_per_s']:.2f} / "
+                  f"{i8['tokens_per_s'] / bf['tokens_per_s']:.2f} | {card} | COMMIT |")
     for r in results["rows"]:
+        if "skipped" in r:
+            print(f"# SKIPPED (--budget_s) {r['section']} {r['weights']} {r['kv_cache']} "
+                  f"B={r['batch']} prompt={r['prompt']} {r['variant']}", flush=True)
         if "error" in r:
             print(f"# FAILED {r['section']} {r['weights']} {r['kv_cache']} B={r['batch']} "
                   f"prompt={r['prompt']} {r['variant']}: {r['error']}", flush=True)
