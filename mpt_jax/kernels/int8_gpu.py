@@ -14,8 +14,9 @@ and uses the tensor cores (`x_tile @ q_tile^T` in x's dtype, float32 accumulatio
 
 Why our own kernel: qwix (google/qwix) computes a weight-only int8 matmul as
 `lax.dot_general(x, q)` followed by the scale (its `_fast_dot_general`), and AQT's serving mode
-likewise hands the int8 operand to XLA; neither ships a GPU kernel for small batches, so
-whether the int8 read is fused into the GEMV is XLA's choice. model/quant.py keeps that XLA form
+likewise hands the int8 operand to XLA; neither ships a GPU kernel for small batches (qwix's
+contrib/kernels/quantized_matmul.py is a TPU Mosaic kernel with both operands quantized and
+256-row blocks), so whether the int8 read is fused into the GEMV is XLA's choice. model/quant.py keeps that XLA form
 for CPU, prefill and large batches; this kernel is the decode path where the bytes read are the
 whole cost.
 
