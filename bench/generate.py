@@ -12,8 +12,9 @@ float32 on the host; int8 weights are those quantized on the device (`quantize_m
 
 Timing: the prompt is prefilled once (timed on its own, best of --reps; the long section's
 prefill once more, --long_reps), then the decode loop alone runs `new - 1` steps from a copy of
-the prefilled state (the loop donates its state), best of --reps: decode ms/step = loop time / (new - 1). `tokens/s` = batch * new / (prefill +
-loop), new tokens over the whole call as peers.py hf_generate counts them.
+the prefilled state (the loop donates its state), best of --reps: decode ms/step = loop time /
+(new - 1). `tokens/s` = batch * new / (prefill + loop), new tokens over the whole call as
+peers.py hf_generate counts them.
 
 Floors: the bytes a step must read are every weight once (the unembedding reads all of wte; the
 embedding gather's B rows are noise) plus the filled KV-cache slots of every layer at the mean
@@ -25,13 +26,14 @@ the ratio to each.
 Sections (each runs alone; they run in the order given): copy (the copy rate, always measured
 when a later section needs it), tune (int8 kernel tiles per matrix shape over a small grid,
 installed for the sections after it; opt-in: each tile is a compile), short (prompt + new at
-each batch, weights, and --kv_caches), long (batch 1 at each context, weights, and
---long_kv_caches), variants (batch 1 decode under each decode-loop variant of VARIANTS, with
-"default" timed again in the section for a same-section control). Every row is a new compile
-(tens of seconds for MPT-7B's unrolled decode loop); --budget_s skips the rows that would start
-after that many seconds from the start, naming them, so a bounded call returns what it
-measured. Prints JSON lines as it goes and markdown rows for bench/RESULTS.md at the end. Imports nothing outside
-jax/flax/numpy and mpt_jax's model/generate modules (the GPU hosts lack grain and friends).
+each batch, --weights and --kv_caches), long (batch 1 at each context, --long_weights and
+--long_kv_caches), variants (batch 1 decode under each decode-loop variant of VARIANTS in the
+order given; "default" times the shipped loop again inside the section). Every row is a new
+compile (MPT-7B's decode loop is unrolled over its 32 layers); --budget_s skips the rows that
+would start more than that many seconds after the start, naming them, so a bounded call returns
+what it measured. Prints JSON lines as it goes and markdown rows for bench/RESULTS.md at the
+end. Imports nothing outside jax/flax/numpy and mpt_jax's model/generate modules (the GPU hosts
+lack grain and friends).
 """
 from __future__ import annotations
 
@@ -124,7 +126,6 @@ def copy_rate(gib: float = 4.0, reps: int = 5) -> float:
     f = jax.jit(lambda a: a + jnp.uint32(1))
     jax.block_until_ready(f(x))
     t = _best(lambda: jax.block_until_ready(f(x)), reps)
-    del x
     return 2 * n * 4 / t
 
 
@@ -174,7 +175,6 @@ def bench_decode(gen: Generator, batch: int, prompt: int, new: int, reps: int,
     first += time.perf_counter() - t0
     assert steps == new, (steps, new)
     decode = min(loop()[0] for _ in range(reps))
-    del state0
     return {"batch": batch, "prompt": prompt, "new": new, "prefill_ms": prefill * 1e3,
             "decode_ms_per_step": decode / (new - 1) * 1e3,
             "tokens_per_s": batch * new / (prefill + decode),
@@ -274,6 +274,7 @@ def main():
     ap.add_argument("--long_new", type=int, default=32, help="long section: new tokens")
     ap.add_argument("--kv_caches", default="bf16,int8", help="short section: KV caches")
     ap.add_argument("--long_kv_caches", default="bf16,int8", help="long section: KV caches")
+    ap.add_argument("--long_weights", default="", help="long section: weights (default --weights)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--long_reps", type=int, default=1, help="long section: prefill timings")
@@ -301,6 +302,11 @@ def main():
     if unknown or bad_variants:
         sys.exit(f"bench/generate.py: unknown section(s) {sorted(unknown)} / variant(s) "
                  f"{sorted(bad_variants)}; variants: {', '.join(VARIANTS)}")
+    bad_weights = set(_csv(args.weights) + _csv(args.long_weights)) - {"bf16", "int8"}
+    if bad_weights or not set(_csv(args.long_weights)) <= set(_csv(args.weights)):
+        sys.exit(f"bench/generate.py: --weights / --long_weights take bf16 and int8, and "
+                 f"--long_weights only what --weights has; got {args.weights!r} / "
+                 f"{args.long_weights!r}")
     if args.norm_warps:
         norm_gpu.NUM_WARPS = args.norm_warps
     if args.decode_block:
@@ -347,7 +353,7 @@ def main():
             print(json.dumps(r), flush=True)
             results["rows"].append(r)
             return
-        what, opts, module_knobs = VARIANTS[variant]
+        _, opts, module_knobs = VARIANTS[variant]
         saved = {(mod, attr): getattr(mod, attr) for mod, attr in module_knobs}
         for (mod, attr), value in module_knobs.items():
             setattr(mod, attr, value)
@@ -365,9 +371,9 @@ def main():
                 print(profile(lambda: gen.generate(ids, attention_mask=np.ones_like(ids),
                                                    max_new_tokens=new, eos_id=None),
                               f"{args.profile}/{wname}_b{b}", steps=1), flush=True)
-            del gen
         except Exception as e:  # noqa: BLE001  (keep the other rows' figures)
-            r = {"batch": b, "prompt": prompt, "new": new, "error": f"{type(e).__name__}: {e}"[:600]}
+            r = {"batch": b, "prompt": prompt, "new": new,
+                 "error": f"{type(e).__name__}: {e}"[:600]}
         finally:
             for (mod, attr), value in saved.items():
                 setattr(mod, attr, value)
@@ -382,8 +388,9 @@ def main():
             for b, kv_name, wname in itertools.product(batches, _csv(args.kv_caches), weights):
                 run("short", wname, kv_name, b, args.prompt, args.new)
         if section == "long":
+            long_weights = _csv(args.long_weights) or weights
             for ctx, kv_name, wname in itertools.product(_csv(args.contexts, int),
-                                                        _csv(args.long_kv_caches), weights):
+                                                        _csv(args.long_kv_caches), long_weights):
                 run("long", wname, kv_name, 1, ctx, args.long_new, prefill_reps=args.long_reps)
         if section == "variants":
             for variant, wname in itertools.product(_csv(args.variants), weights):

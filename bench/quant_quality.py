@@ -35,6 +35,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     files = args.text or sorted(glob.glob(os.path.join(ROOT, "mpt_jax", "**", "*.py"),
                                           recursive=True))
     try:
-        text = "\n\n".join(open(f, encoding="utf-8").read() for f in files)
+        text = "\n\n".join(Path(f).read_text(encoding="utf-8") for f in files)
         tok = load_tokenizer(str(tokenizer_dir(args.checkpoint)))
         f32 = load_pretrained(args.checkpoint)
     except Exception as e:  # noqa: BLE001  (bad path or file: one line)

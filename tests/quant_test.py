@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, hf_logits, hf_model, pallas_kernels, random_pure, tiny
 from flax import nnx
 
-from conftest import ROOT, hf_logits, hf_model, pallas_kernels, random_pure, tiny
 from mpt_jax import MPTConfig, MPTForCausalLM, load_pretrained
-from mpt_jax.convert.convert import ConversionError, main as convert_main, model_from_pure_dict
+from mpt_jax.convert.convert import ConversionError, model_from_pure_dict
+from mpt_jax.convert.convert import main as convert_main
 from mpt_jax.infer import generate as gen_lib
 from mpt_jax.infer.generate import DecodeOptions, Generator, SamplingParams
 from mpt_jax.kernels import decode_gpu, int8_gpu
@@ -208,7 +209,7 @@ def test_int8_kv_cache_kernel_equals_jnp_path_and_is_close_to_float():
     np.testing.assert_allclose(np.asarray(ker_out), np.asarray(jnp_out), rtol=1e-5, atol=1e-5)
     assert _rel(jnp_out, ref) < 0.02, _rel(jnp_out, ref)
     # the new rows went in at idx, quantized
-    want_q, want_s = _np_quantize(np.asarray(kn)[:, 0])
+    want_q, _ = _np_quantize(np.asarray(kn)[:, 0])
     got = np.asarray(kk.values)[np.arange(2), :, np.asarray(idx)]
     assert np.abs(got - want_q).max() <= 1
 
@@ -375,8 +376,9 @@ def _sample(p, n, t, rng):
 
 def test_int8_quality_on_a_trained_tiny_model():
     """A tiny model trained on a Markov chain (80 Adam steps on fresh samples; held-out
-    perplexity ~12 against the chain's own ~9 and the uniform model's 101) keeps its held-out perplexity within 3% under int8 weights, and 3% with
-    an int8 KV cache (bench/quant_quality.py measures 1% on the demo), and its greedy
+    perplexity under 20, against the chain's own ~9 and the uniform model's 101) keeps its
+    held-out perplexity within 3% under int8 weights and under an int8 KV cache (looser than
+    the 1% goal: bench/quant_quality.py measured +0.02% on the CPU demo), and its greedy
     continuations mostly agree with the float model's: at least 75% identical tokens."""
     import optax
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
+from collections.abc import Iterator
 
 import numpy as np
 

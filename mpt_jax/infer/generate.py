@@ -290,7 +290,7 @@ _prefill_jit = jax.jit(_Spec._prefill_impl, static_argnums=(0, 6, 7, 8, 9))
 _decode_jit = jax.jit(_Spec._decode_impl, static_argnums=(0, 3, 4, 5), donate_argnums=(2,))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _decode_jit_with(compiler_options: tuple):
     """The decode loop's jit with its own XLA options (DecodeOptions.compiler_options)."""
     if not compiler_options:
@@ -332,7 +332,7 @@ class Generator:
         self.weights = _Weights(top, placeholder, layers)
         self._set_jits()
 
-    def variant(self, *, cache_dtype=None, decode: DecodeOptions | None = None) -> "Generator":
+    def variant(self, *, cache_dtype=None, decode: DecodeOptions | None = None) -> Generator:
         """A Generator sharing these weights (no copy) with another KV cache dtype and/or
         DecodeOptions (None: this one's)."""
         other = copy.copy(self)

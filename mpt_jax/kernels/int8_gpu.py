@@ -12,13 +12,13 @@ elementwise into a `[block_n, block_k]` float32 accumulator that is reduced once
 form bench/gemv.py measured level with XLA's bf16 GEMV). 2 <= M <= MAX_ROWS pads x to 16 rows
 and uses the tensor cores (`x_tile @ q_tile^T` in x's dtype, float32 accumulation).
 
-Why our own kernel: qwix (google/qwix) computes a weight-only int8 matmul as
-`lax.dot_general(x, q)` followed by the scale (its `_fast_dot_general`), and AQT's serving mode
-likewise hands the int8 operand to XLA; neither ships a GPU kernel for small batches (qwix's
+Why our own kernel: qwix (google/qwix) computes a weight-only int8 matmul as `lax.dot_general(x,
+q)` followed by the scale (its `_fast_dot_general`), and AQT's serving mode likewise hands the
+int8 operand to XLA; neither ships a GPU kernel for small batches (qwix's
 contrib/kernels/quantized_matmul.py is a TPU Mosaic kernel with both operands quantized and
-256-row blocks), so whether the int8 read is fused into the GEMV is XLA's choice. model/quant.py keeps that XLA form
-for CPU, prefill and large batches; this kernel is the decode path where the bytes read are the
-whole cost.
+256-row blocks), so whether the int8 read is fused into the GEMV is XLA's choice. model/quant.py
+keeps that XLA form for CPU, prefill and large batches; this kernel is the decode path where the
+bytes read are the whole cost.
 
 The `[out, in]` layout gives each program long contiguous runs of K (block_k bytes per row), so
 small block_n still reads whole cache lines and the grid has N / block_n programs (256 for a
