@@ -1,13 +1,16 @@
 """Generate text with an MPT checkpoint; prints only the completion on stdout (logs on stderr).
 
     python generate.py --checkpoint PATH --prompt TEXT [--max_new_tokens N --temperature T
-        --top_k K --top_p P --seed S --max_seq_len L --tokenizer P --dtype bfloat16]
+        --top_k K --top_p P --seed S --max_seq_len L --tokenizer P --dtype bfloat16
+        --quantize int8 --kv_cache int8]
 
 PATH is one of our checkpoint directories, a training workdir or step directory, or an
 HF-layout directory (config.json + safetensors); the tokenizer comes from PATH (a workdir and
 each of its step directories carry the run's) unless --tokenizer names a file, directory or hub
 name. --max_seq_len lets prompt + completion run past the training length (ALiBi extrapolation).
 With several devices, --mesh data,fsdp,tensor shards the model (e.g. --mesh 1,1,-1).
+--quantize int8 quantizes the weights as they load (weight-only int8, per output channel; a
+checkpoint saved quantized needs no flag), --kv_cache int8 keeps an int8 KV cache.
 """
 from __future__ import annotations
 
@@ -38,6 +41,11 @@ def main(argv=None) -> int:
                     help="default: config.json's eos_token_id, else the tokenizer's <|endoftext|> "
                          "(no EOS stop if neither)")
     ap.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes; one may be -1")
+    ap.add_argument("--quantize", default="none",
+                    help="none (the weights as stored) or int8 (weight-only, quantized at load)")
+    ap.add_argument("--kv_cache", default="auto",
+                    help="KV cache dtype: auto (the compute dtype), bfloat16, float16, float32 "
+                         "or int8 (per-token scales)")
     args = ap.parse_args(argv)
 
     def fail(msg: str) -> int:
@@ -65,7 +73,13 @@ def main(argv=None) -> int:
     from mpt_jax.convert.convert import tokenizer_dir
     from mpt_jax.data.tokenizer import load_tokenizer
     from mpt_jax.infer.generate import Generator
+    from mpt_jax.model import quant
 
+    try:
+        quantize = quant.parse_quantize(args.quantize)
+        cache_dtype = quant.parse_cache_dtype(args.kv_cache)
+    except ValueError as e:
+        return fail(str(e))
     if mesh_sizes is not None:
         try:
             sharding.mesh_shape(dict(zip(sharding.MESH_AXES, mesh_sizes)), jax.device_count())
@@ -75,10 +89,13 @@ def main(argv=None) -> int:
         tok = load_tokenizer(args.tokenizer or str(tokenizer_dir(args.checkpoint)))
         t0 = time.perf_counter()
         dtype = jnp.dtype(args.dtype)
-        model = load_pretrained(args.checkpoint, dtype=dtype, param_dtype=dtype)
+        model = load_pretrained(args.checkpoint, dtype=dtype, param_dtype=dtype,
+                                quantize=quantize)
     except Exception as e:  # noqa: BLE001  (bad path or file: one line, no traceback)
         return fail(f"{type(e).__name__}: {e}")
-    _log(f"loaded {args.checkpoint} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
+    weights = f"{args.dtype}, {model.config.quantization} weights" if (
+        model.config.quantization) else args.dtype
+    _log(f"loaded {args.checkpoint} ({weights}) in {time.perf_counter() - t0:.1f}s")
     vocab = model.config.vocab_size
     if args.eos_id is not None and not 0 <= args.eos_id < vocab:
         return fail(f"--eos_id {args.eos_id} is not a token id of this model (vocab_size "
@@ -87,7 +104,7 @@ def main(argv=None) -> int:
     if mesh_sizes is not None:
         mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_sizes)))
         _log(f"mesh {dict(mesh.shape)}")
-    gen = Generator(model, mesh=mesh)
+    gen = Generator(model, mesh=mesh, cache_dtype=cache_dtype)
     del model  # the generator keeps per-layer copies of the weights
 
     eos_id = args.eos_id

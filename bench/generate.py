@@ -1,17 +1,44 @@
-"""Decode speed of mpt_jax.generate on MPT-7B shapes with random bf16 weights (GPU).
+"""Decode speed of mpt_jax's Generator on MPT-7B shapes with random weights (GPU): bf16 and int8
+weights, bf16 and int8 KV caches, short and long contexts, each against its bandwidth floor;
+and the decode-loop variants of bench/PERF_NOTES.md, all in one call.
 
-    python bench/generate.py [--batches 1,16] [--prompt 128] [--new 256] [--json PATH]
+    python bench/generate.py [--sections copy,short,variants,long] [--weights bf16,int8]
+        [--batches 1,16] [--prompt 128] [--new 256] [--contexts 65536,81920] [--long_new 32]
+        [--kv_caches bf16,int8] [--long_kv_caches bf16,int8] [--variants sync8,...]
+        [--budget_s S] [--json PATH]
 
-Weights are initialised directly in bfloat16 on the device (never float32 on the host). For each
-batch: one warm-up generate (compiles), then timed runs of the whole generate (prefill + 256
-tokens, greedy, no EOS) and of the prefill alone; decode ms/step = (total - prefill) / (new - 1).
-`tokens/s` counts new tokens over the whole call, as peers.py hf_generate does. Prints a table
-and markdown rows for bench/RESULTS.md. Imports nothing outside jax/flax/numpy and mpt_jax's
-model/generate modules (the GPU hosts lack grain and friends).
+Weights are made on the device in bfloat16 (std 0.02 matrices, unit norm weights), never in
+float32 on the host; int8 weights are those quantized on the device (`quantize_model`).
+
+Timing: the prompt is prefilled once (timed on its own, best of --reps; the long section's
+prefill once more, --long_reps), then the decode loop alone runs `new - 1` steps from a copy of
+the prefilled state (the loop donates its state), best of --reps: decode ms/step = loop time /
+(new - 1). `tokens/s` = batch * new / (prefill + loop), new tokens over the whole call as
+peers.py hf_generate counts them.
+
+Floors: the bytes a step must read are every weight once (the unembedding reads all of wte; the
+embedding gather's B rows are noise) plus the filled KV-cache slots of every layer at the mean
+context of the timed steps (prompt + new / 2), scales included for int8. Two floors: bytes /
+4.8 TB/s (the H200 datasheet; --peak_tbs) and bytes / the copy rate measured in this call (a
+4 GiB device-to-device copy, read + write bytes over time). Rows give ms/step, both floors and
+the ratio to each.
+
+Sections (each runs alone; they run in the order given): copy (the copy rate, always measured
+when a later section needs it), tune (int8 kernel tiles per matrix shape over a small grid,
+installed for the sections after it; opt-in: each tile is a compile), short (prompt + new at
+each batch, --weights and --kv_caches), long (batch 1 at each context, --long_weights and
+--long_kv_caches), variants (batch 1 decode under each decode-loop variant of VARIANTS in the
+order given; "default" times the shipped loop again inside the section). Every row is a new
+compile (MPT-7B's decode loop is unrolled over its 32 layers); --budget_s skips the rows that
+would start more than that many seconds after the start, naming them, so a bounded call returns
+what it measured. Prints JSON lines as it goes and markdown rows for bench/RESULTS.md at the
+end. Imports nothing outside jax/flax/numpy and mpt_jax's model/generate modules (the GPU hosts
+lack grain and friends).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -24,10 +51,40 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from mpt_jax.infer.generate import DecodeOptions, Generator, SamplingParams  # noqa: E402
+from mpt_jax.kernels import decode_gpu, int8_gpu, norm_gpu  # noqa: E402
+from mpt_jax.model import MPTForCausalLM, quant, quantize_model  # noqa: E402
 from mpt_jax.model.config import MPTConfig  # noqa: E402
-from mpt_jax.infer.generate import Generator, SamplingParams  # noqa: E402
-from mpt_jax.kernels import decode_gpu  # noqa: E402
-from mpt_jax.model import MPTForCausalLM  # noqa: E402
+
+# compiler_options set the list of command types itself (the "+T" syntax of XLA_FLAGS is
+# refused there): XLA's default list plus WHILE and CONDITIONAL; "" turns command buffers off (as
+# jax's own PGLE pass does).
+CMDBUF_DEFAULT_TYPES = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"
+CMDBUF_WHILE = (("xla_gpu_enable_command_buffer", CMDBUF_DEFAULT_TYPES + ",WHILE,CONDITIONAL"),
+                ("xla_gpu_graph_min_graph_size", 1))
+# name -> (what it changes, DecodeOptions kwargs, module knobs {(module, attr): value}).
+# The predicted gains are in bench/PERF_NOTES.md ("Session 7"), written before measurement.
+VARIANTS = {
+    "default": ("as shipped", {}, {}),
+    "cmdbuf_off": ("XLA command buffers (CUDA graphs) off for the decode loop: the control",
+                   {"compiler_options": (("xla_gpu_enable_command_buffer", ""),)}, {}),
+    "cmdbuf_while": ("the whole decode while loop one CUDA graph (WHILE/CONDITIONAL commands): "
+                     "no host round trip per step", {"compiler_options": CMDBUF_WHILE}, {}),
+    "sync8": ("8 decode steps per host check of the loop's exit (fixed-trip inner loop)",
+              {"steps_per_sync": 8}, {}),
+    "sync8_cmdbuf_while": ("sync8 with the loops as CUDA graphs",
+                           {"steps_per_sync": 8, "compiler_options": CMDBUF_WHILE}, {}),
+    "sync8_cmdbuf_unroll": ("sync8 with the loops as CUDA graphs, the inner fixed-trip loop "
+                            "unrolled into the graph (xla_gpu_command_buffer_unroll_loops)",
+                            {"steps_per_sync": 8, "compiler_options": CMDBUF_WHILE + (
+                                ("xla_gpu_command_buffer_unroll_loops", True),)}, {}),
+    "int8_xla_dots": ("int8 weights through XLA's dot(x, q.astype(bf16)) * scale instead of "
+                      "the int8 kernel (int8 rows only)", {}, {(quant, "KERNEL_ROWS"): 0}),
+    "int8_gelu_unfused": ("int8: the up-projection's GELU as its own XLA kernel instead of the "
+                          "kernel's epilogue (int8 rows only)", {},
+                          {(quant, "GELU_EPILOGUE"): False}),
+}
+INT8_ONLY = ("int8_xla_dots", "int8_gelu_unfused")
 
 
 def random_bf16_model(cfg: MPTConfig, attn_impl: str) -> MPTForCausalLM:
@@ -49,56 +106,186 @@ def random_bf16_model(cfg: MPTConfig, attn_impl: str) -> MPTForCausalLM:
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, init(jax.random.key(0))))
 
 
-def bench_batch(gen: Generator, b: int, prompt: int, new: int, reps: int,
-                profile_dir: str = "") -> dict:
-    rs = np.random.RandomState(b)
-    ids = rs.randint(0, gen.config.vocab_size, (b, prompt)).astype(np.int32)
-    mask = np.ones_like(ids)
-    kw = {"attention_mask": mask, "max_new_tokens": new, "temperature": 0.0, "eos_id": None}
-    t0 = time.perf_counter()
-    out = gen.generate(ids, **kw)
-    compile_s = time.perf_counter() - t0
-    totals = []
+def _best(fn, reps: int) -> float:
+    times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        out = gen.generate(ids, **kw)
-        totals.append(time.perf_counter() - t0)
-    # Prefill alone (same compiled function generate uses).
-    args = (gen.weights, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), jnp.int32(0),
-            -(-(prompt + new) // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S, new, SamplingParams(),
-            False)  # the cache length generate allocates
-    jax.block_until_ready(gen._prefill(*args).tokens)
-    pre = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(gen._prefill(*args).tokens)
-        pre.append(time.perf_counter() - t0)
-    total, prefill = min(totals), min(pre)
-    if profile_dir:
-        from profile_util import profile
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
-        print(f"# batch {b}: one whole generate traced ({new} tokens); divide by {new - 1} for "
-              "per-step figures", flush=True)
-        print(profile(lambda: gen.generate(ids, **kw), f"{profile_dir}/b{b}", steps=1), flush=True)
-    assert out.tokens.shape == (b, new)
-    return {"batch": b, "total_s": total, "prefill_ms": prefill * 1e3,
-                "decode_ms_per_step": (total - prefill) / (new - 1) * 1e3,
-                "tokens_per_s": b * new / total,
-                "decode_tokens_per_s": b * (new - 1) / (total - prefill),
-                "first_call_s": compile_s}
+
+# ---------------------------------------------------------------------------------------------
+# Copy bandwidth and floors
+# ---------------------------------------------------------------------------------------------
+def copy_rate(gib: float = 4.0, reps: int = 5) -> float:
+    """Bytes per second of a large device-to-device copy (read + write), as `x + 1` over a
+    uint32 array (an op XLA cannot elide)."""
+    n = int(gib * 2**30) // 4
+    x = jnp.zeros((n,), jnp.uint32)
+    f = jax.jit(lambda a: a + jnp.uint32(1))
+    jax.block_until_ready(f(x))
+    t = _best(lambda: jax.block_until_ready(f(x)), reps)
+    return 2 * n * 4 / t
+
+
+def weight_bytes(gen: Generator) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(gen.weights))
+
+
+def cache_bytes(cfg: MPTConfig, batch: int, context: float, cache_dtype) -> float:
+    """KV-cache bytes a decode step reads at `context` filled slots (keys and values, every
+    layer; int8: plus a float32 scale per token and KV head)."""
+    per_slot = cfg.head_dim * jnp.dtype(cache_dtype).itemsize
+    if quant.is_int8(cache_dtype):
+        per_slot += 4
+    return 2 * cfg.n_layers * batch * cfg.kv_n_heads * context * per_slot
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement
+# ---------------------------------------------------------------------------------------------
+def bench_decode(gen: Generator, batch: int, prompt: int, new: int, reps: int,
+                 prefill_reps: int | None = None) -> dict:
+    """Prefill and decode-loop times of `batch` random prompts of `prompt` tokens and `new`
+    greedy tokens (no EOS)."""
+    rs = np.random.RandomState(batch + prompt)
+    ids = jnp.asarray(rs.randint(0, gen.config.vocab_size, (batch, prompt)).astype(np.int32))
+    mask = jnp.ones_like(ids)
+    alloc = -(-(prompt + new) // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S  # as generate does
+    pre_args = (gen.weights, ids, mask, jax.random.key(0), jnp.int32(0), alloc, new,
+                SamplingParams(), False)
+    t0 = time.perf_counter()
+    state0 = jax.block_until_ready(gen._prefill(*pre_args))
+    first = time.perf_counter() - t0
+    prefill = _best(lambda: jax.block_until_ready(gen._prefill(*pre_args).tokens),
+                    reps if prefill_reps is None else prefill_reps)
+    statics = (prompt, new, SamplingParams(), jnp.int32(-1), jnp.int32(0))
+    fresh = jax.jit(lambda s: jax.tree.map(jnp.copy, s))
+
+    def loop():
+        state = jax.block_until_ready(fresh(state0))
+        t0 = time.perf_counter()
+        _, tokens, step, _ = gen._decode(gen.weights, state, *statics)
+        jax.block_until_ready(tokens)
+        return time.perf_counter() - t0, int(step)
+
+    t0 = time.perf_counter()
+    _, steps = loop()  # compiles
+    first += time.perf_counter() - t0
+    assert steps == new, (steps, new)
+    decode = min(loop()[0] for _ in range(reps))
+    return {"batch": batch, "prompt": prompt, "new": new, "prefill_ms": prefill * 1e3,
+            "decode_ms_per_step": decode / (new - 1) * 1e3,
+            "tokens_per_s": batch * new / (prefill + decode),
+            "decode_tokens_per_s": batch * (new - 1) / decode, "first_call_s": first}
+
+
+def with_floor(r: dict, gen: Generator, peak: float, copy: float | None) -> dict:
+    ctx = r["prompt"] + r["new"] / 2
+    nbytes = weight_bytes(gen) + cache_bytes(gen.config, r["batch"], ctx, gen.cache_dtype)
+    r = dict(r, bytes_per_step=nbytes, floor_ms=nbytes / peak * 1e3)
+    r["ratio"] = r["decode_ms_per_step"] / r["floor_ms"]
+    if copy:
+        r["copy_floor_ms"] = nbytes / copy * 1e3
+        r["copy_ratio"] = r["decode_ms_per_step"] / r["copy_floor_ms"]
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 kernel tiles
+# ---------------------------------------------------------------------------------------------
+def _time_matmul(m, n, k, tiles, reps=5, n_weights=8, passes=10) -> float:
+    """Seconds per int8 matmul of [m, k] against `n_weights` distinct [n, k] weights (more than
+    L2 holds), `passes` dependent passes in one jit."""
+    key = jax.random.key(n + k)
+    ws = [jax.random.randint(kk, (n, k), -127, 128, jnp.int32).astype(jnp.int8)
+          for kk in jax.random.split(key, n_weights)]
+    s = jnp.full((n,), 1e-3, jnp.float32)
+    x = jax.random.normal(key, (m, k), jnp.bfloat16)
+    saved = dict(int8_gpu.TILES)
+    int8_gpu.TILES[(1 if m == 1 else 16, n, k)] = tiles
+    try:
+        def run(x, ws):
+            def body(_, acc):
+                for w in ws:
+                    y = int8_gpu.int8_matmul_gpu(x + (acc * 1e-30).astype(x.dtype), w, s)
+                    acc = acc + y[0, 0].astype(jnp.float32)
+                return acc
+            return jax.lax.fori_loop(0, passes, body, jnp.float32(0))
+
+        f = jax.jit(run)
+        jax.block_until_ready(f(x, ws))
+        return _best(lambda: jax.block_until_ready(f(x, ws)), reps) / (n_weights * passes)
+    finally:
+        int8_gpu.TILES.clear()
+        int8_gpu.TILES.update(saved)
+
+
+def tune_int8(cfg: MPTConfig, batches) -> list[dict]:
+    """For each int8 matrix shape of `cfg` and row regime (1, or 16 for batch > 1), the fastest
+    tile of a small grid; installed in int8_gpu.TILES. Returns one dict per shape."""
+    d, f, v = cfg.d_model, cfg.ffn_hidden_size, cfg.vocab_size
+    n_qkv = (cfg.n_heads + 2 * cfg.kv_n_heads) * cfg.head_dim
+    shapes = {"qkv": (n_qkv, d), "out": (d, d), "up": (f, d), "down": (d, f), "unembed": (v, d)}
+    grids = {1: list(itertools.product((16, 32), (512, 1024), (4, 8), (3,))),
+             16: list(itertools.product((32, 64), (128, 256), (4,), (3,)))}
+    out = []
+    for m in sorted({1 if b == 1 else 16 for b in batches}):
+        for name, (n, k) in shapes.items():
+            best = None
+            for bn, bk, warps, stages in grids[m]:
+                if n % bn or k % bk:
+                    continue
+                try:
+                    t = _time_matmul(m, n, k, (bn, bk, warps, stages))
+                except Exception as e:  # noqa: BLE001  (a tile that does not compile)
+                    print(f"# tune {name} m={m} {(bn, bk, warps, stages)}: {type(e).__name__}",
+                          flush=True)
+                    continue
+                if best is None or t < best[0]:
+                    best = (t, (bn, bk, warps, stages))
+            if best is None:
+                continue
+            int8_gpu.TILES[(m, n, k)] = best[1]
+            row = {"matrix": name, "m": m, "n": n, "k": k, "tile": best[1],
+                   "us": best[0] * 1e6, "tb_s": n * k / best[0] / 1e12}
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def _csv(text, kind=str):
+    return [kind(x) for x in text.split(",") if x]
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="copy,short,variants,long",
+                    help="comma list, run in this order: copy, tune, short, long, variants")
+    ap.add_argument("--weights", default="bf16,int8")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--contexts", default="65536,81920", help="long section: prompt lengths")
+    ap.add_argument("--long_new", type=int, default=32, help="long section: new tokens")
+    ap.add_argument("--kv_caches", default="bf16,int8", help="short section: KV caches")
+    ap.add_argument("--long_kv_caches", default="bf16,int8", help="long section: KV caches")
+    ap.add_argument("--long_weights", default="", help="long section: weights (default --weights)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--long_reps", type=int, default=1, help="long section: prefill timings")
+    ap.add_argument("--budget_s", type=float, default=0,
+                    help="skip rows that would start this many seconds after the start (0: none)")
+    ap.add_argument("--peak_tbs", type=float, default=4.8, help="datasheet HBM TB/s (H200)")
     ap.add_argument("--attn_impl", default="auto")
     ap.add_argument("--size", default="7b", help="MPTConfig preset (7b = MPT-7B shapes)")
     ap.add_argument("--json", default="")
-    ap.add_argument("--profile", default="", help="trace one generate per batch size into this "
-                    "directory and print device time per kernel (bench/profile_util.py)")
+    ap.add_argument("--profile", default="", help="trace one short generate per weight kind "
+                    "and batch into this directory (bench/profile_util.py)")
     ap.add_argument("--decode_block", type=int, default=0,
                     help="decode kernel: cache slots per loop step (kernels/decode_gpu.BLOCK_S)")
     ap.add_argument("--decode_programs", type=int, default=-1,
@@ -107,8 +294,19 @@ def main():
     ap.add_argument("--norm_warps", type=int, default=0,
                     help="add+norm kernel warps (kernels/norm_gpu.NUM_WARPS)")
     args = ap.parse_args()
-    from mpt_jax.kernels import norm_gpu
-
+    start = time.perf_counter()
+    order = _csv(args.sections)
+    sections = set(order)
+    unknown = sections - {"copy", "tune", "short", "long", "variants"}
+    bad_variants = set(_csv(args.variants)) - set(VARIANTS)
+    if unknown or bad_variants:
+        sys.exit(f"bench/generate.py: unknown section(s) {sorted(unknown)} / variant(s) "
+                 f"{sorted(bad_variants)}; variants: {', '.join(VARIANTS)}")
+    bad_weights = set(_csv(args.weights) + _csv(args.long_weights)) - {"bf16", "int8"}
+    if bad_weights or not set(_csv(args.long_weights)) <= set(_csv(args.weights)):
+        sys.exit(f"bench/generate.py: --weights / --long_weights take bf16 and int8, and "
+                 f"--long_weights only what --weights has; got {args.weights!r} / "
+                 f"{args.long_weights!r}")
     if args.norm_warps:
         norm_gpu.NUM_WARPS = args.norm_warps
     if args.decode_block:
@@ -117,39 +315,131 @@ def main():
         decode_gpu.TARGET_PROGRAMS = args.decode_programs
     knobs = (f"decode kernel block {decode_gpu.BLOCK_S}, target programs "
              f"{decode_gpu.TARGET_PROGRAMS}, norm warps {norm_gpu.NUM_WARPS}")
-    print(f"# {knobs}", flush=True)
     cfg = MPTConfig.mpt_7b() if args.size == "7b" else MPTConfig.preset(args.size)
     dev = jax.devices()[0]
-    print(f"# device {dev.device_kind}, jax {jax.__version__}", flush=True)
+    print(f"# device {dev.device_kind}, jax {jax.__version__}; {knobs}", flush=True)
+    peak = args.peak_tbs * 1e12
+    results: dict = {"device": dev.device_kind, "jax": jax.__version__, "knobs": knobs,
+                     "rows": []}
+
+    copy = None
+    if sections & {"copy", "short", "long", "variants"}:
+        copy = copy_rate()
+        results["copy_tb_s"] = copy / 1e12
+        print(json.dumps({"copy_tb_s": copy / 1e12}), flush=True)
+
+    batches = _csv(args.batches, int)
+    weights = _csv(args.weights)
+
     t0 = time.perf_counter()
     model = random_bf16_model(cfg, args.attn_impl)
-    gen = Generator(model)
+    gens = {}  # one copy of each kind of weights; every row's Generator shares it
+    if "int8" in weights:
+        gens["int8"] = Generator(quantize_model(model))
+    if "bf16" in weights:
+        gens["bf16"] = Generator(model)
     del model
-    jax.block_until_ready(gen.weights)
-    n_bytes = sum(x.nbytes for x in jax.tree.leaves(gen.weights))
-    print(f"# weights {n_bytes / 1e9:.2f} GB bf16, ready in {time.perf_counter() - t0:.1f}s",
-          flush=True)
-    results = {"device": dev.device_kind, "weight_gb": n_bytes / 1e9, "attn_impl": args.attn_impl}
-    for b in [int(x) for x in args.batches.split(",")]:
+    jax.block_until_ready([g.weights for g in gens.values()])
+    sizes = {k: f"{weight_bytes(g) / 1e9:.2f} GB" for k, g in gens.items()}
+    print(f"# weights {sizes} ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    results["weight_bytes"] = {k: weight_bytes(g) for k, g in gens.items()}
+    kv = {"bf16": jnp.bfloat16, "int8": jnp.int8}
+    traced_knobs = [{}]  # module knobs in force when the jitted functions were last traced
+
+    def run(section, wname, kv_name, b, prompt, new, variant="default", prefill_reps=None):
+        if args.budget_s and time.perf_counter() - start > args.budget_s:
+            r = {"section": section, "weights": wname, "kv_cache": kv_name, "batch": b,
+                 "prompt": prompt, "new": new, "variant": variant, "skipped": "budget"}
+            print(json.dumps(r), flush=True)
+            results["rows"].append(r)
+            return
+        _, opts, module_knobs = VARIANTS[variant]
+        saved = {(mod, attr): getattr(mod, attr) for mod, attr in module_knobs}
+        for (mod, attr), value in module_knobs.items():
+            setattr(mod, attr, value)
+        if module_knobs != traced_knobs[0]:  # knobs are read when a function is traced
+            jax.clear_caches()
+            traced_knobs[0] = module_knobs
         try:
-            r = bench_batch(gen, b, args.prompt, args.new, args.reps, args.profile)
-        except Exception as e:  # noqa: BLE001  (keep the other batch sizes' figures)
-            r = {"batch": b, "error": f"{type(e).__name__}: {e}"[:600]}
-        results[f"bs{b}"] = r
+            gen = gens[wname].variant(cache_dtype=kv[kv_name], decode=DecodeOptions(**opts))
+            r = with_floor(bench_decode(gen, b, prompt, new, args.reps, prefill_reps), gen,
+                           peak, copy)
+            if args.profile and section == "short":
+                from profile_util import profile
+
+                ids = np.zeros((b, prompt), np.int32)
+                print(profile(lambda: gen.generate(ids, attention_mask=np.ones_like(ids),
+                                                   max_new_tokens=new, eos_id=None),
+                              f"{args.profile}/{wname}_b{b}", steps=1), flush=True)
+        except Exception as e:  # noqa: BLE001  (keep the other rows' figures)
+            r = {"batch": b, "prompt": prompt, "new": new,
+                 "error": f"{type(e).__name__}: {e}"[:600]}
+        finally:
+            for (mod, attr), value in saved.items():
+                setattr(mod, attr, value)
+        r.update(section=section, weights=wname, kv_cache=kv_name, variant=variant)
         print(json.dumps(r), flush=True)
-    date = time.strftime("%Y-%m-%d")
-    for r in results.values():
-        if isinstance(r, dict) and "error" not in r:
-            name = (f"generate mpt_jax MPT-{args.size} random bf16 B={r['batch']} prompt={args.prompt} "
-                    f"new={args.new} greedy, {knobs}")
-            print(f"| {date} | {name} | decode ms/step | {r['decode_ms_per_step']:.2f} | "
-                  f"{dev.device_kind} | COMMIT |")
-            print(f"| {date} | {name} | new tokens/s (prefill incl.) | {r['tokens_per_s']:.0f} | "
-                  f"{dev.device_kind} | COMMIT |")
+        results["rows"].append(r)
+
+    for section in order:
+        if section == "tune" and "int8" in weights:
+            results["tiles"] = tune_int8(cfg, batches)
+        if section == "short":  # batch-major: bf16 and int8 weights of a batch side by side
+            for b, kv_name, wname in itertools.product(batches, _csv(args.kv_caches), weights):
+                run("short", wname, kv_name, b, args.prompt, args.new)
+        if section == "long":
+            long_weights = _csv(args.long_weights) or weights
+            for ctx, kv_name, wname in itertools.product(_csv(args.contexts, int),
+                                                        _csv(args.long_kv_caches), long_weights):
+                run("long", wname, kv_name, 1, ctx, args.long_new, prefill_reps=args.long_reps)
+        if section == "variants":
+            for variant, wname in itertools.product(_csv(args.variants), weights):
+                if variant in INT8_ONLY and wname != "int8":
+                    continue
+                run("variants", wname, "bf16", 1, args.prompt, args.new, variant)
+
+    print_rows(results, args, dev.device_kind)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(results, f, indent=1, default=str)
     return 0
+
+
+def print_rows(results: dict, args, card: str) -> None:
+    date = time.strftime("%Y-%m-%d")
+    copy = results.get("copy_tb_s")
+    if copy:
+        print(f"| {date} | device-to-device copy 4 GiB (read + write bytes / time) | TB/s | "
+              f"{copy:.2f} | {card} | COMMIT |")
+    ok = [r for r in results["rows"] if "error" not in r and "skipped" not in r]
+    for r in ok:
+        name = (f"generate MPT-{args.size} random {r['weights']} weights, {r['kv_cache']} KV "
+                f"cache, B={r['batch']} prompt={r['prompt']} new={r['new']} greedy"
+                + ("" if r["variant"] == "default" else f", variant {r['variant']}"))
+        floors = f"floor {r['floor_ms']:.2f} ms at {args.peak_tbs} TB/s ({r['ratio']:.2f}x)"
+        if "copy_floor_ms" in r:
+            floors += f", {r['copy_floor_ms']:.2f} ms at the copy rate ({r['copy_ratio']:.2f}x)"
+        print(f"| {date} | {name} | decode ms/step | {r['decode_ms_per_step']:.2f}; "
+              f"{floors}; {r['bytes_per_step'] / 1e9:.2f} GB a step | {card} | COMMIT |")
+        print(f"| {date} | {name} | new tokens/s (prefill incl.) / prefill ms | "
+              f"{r['tokens_per_s']:.0f} / {r['prefill_ms']:.1f} | {card} | COMMIT |")
+    for b in sorted({r["batch"] for r in ok if r["section"] == "short"}):
+        pick = {r["weights"]: r for r in ok if r["section"] == "short" and r["batch"] == b
+                and r["kv_cache"] == "bf16"}
+        if "bf16" in pick and "int8" in pick:
+            i8, bf = pick["int8"], pick["bf16"]
+            print(f"| {date} | generate MPT-{args.size} B={b} prompt={args.prompt} "
+                  f"new={args.new}: int8 weights / bf16 weights, same call | tokens/s ratio, "
+                  f"decode loop / prefill incl. | "
+                  f"{i8['decode_tokens_per_s'] / bf['decode_tokens_per_s']:.2f} / "
+                  f"{i8['tokens_per_s'] / bf['tokens_per_s']:.2f} | {card} | COMMIT |")
+    for r in results["rows"]:
+        if "skipped" in r:
+            print(f"# SKIPPED (--budget_s) {r['section']} {r['weights']} {r['kv_cache']} "
+                  f"B={r['batch']} prompt={r['prompt']} {r['variant']}", flush=True)
+        if "error" in r:
+            print(f"# FAILED {r['section']} {r['weights']} {r['kv_cache']} B={r['batch']} "
+                  f"prompt={r['prompt']} {r['variant']}: {r['error']}", flush=True)
 
 
 if __name__ == "__main__":

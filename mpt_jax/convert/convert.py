@@ -29,7 +29,10 @@ files beside the weights, or llm-foundry installed). We do not silently write a 
 that would compute something else; the CLI prints a note saying which form was written and why.
 
 Our checkpoint directory: `config.json` (llm-foundry form), `params/` (orbax, the model's
-`nnx.to_pure_dict` tree) and the tokenizer files. A trainer step directory has items `params`
+`nnx.to_pure_dict` tree) and the tokenizer files. `quantize="int8"` (import, `quantize`,
+`load_pretrained`) quantizes the float tensors as they stream in (convert/quantized.py); the
+config.json of such a checkpoint records `"quantization": "int8"`, and export writes its
+dequantized weights. A trainer step directory has items `params`
 and `model_config`; a trainer workdir has `checkpoints/<step>/`.
 """
 from __future__ import annotations
@@ -41,123 +44,22 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from mpt_jax.model.config import MPTConfig
-from mpt_jax.convert.io import (ConversionError, ParamsReader, ParamsWriter, SafetensorsWriter,
-                                TensorInfo, read_tensor, scan_source)
-from mpt_jax.convert.table import Row, export_form, name_table, set_path
+from mpt_jax.model.config import MPTConfig, scale_path
+from mpt_jax.convert import quantized as quant_io
+from mpt_jax.convert.io import ConversionError, ParamsReader, ParamsWriter, SafetensorsWriter
+# (sources' names stay importable from here: pretrained.py, generate.py and tests use them)
+from mpt_jax.convert.sources import (OurCheckpoint, Plan, _check_params,  # noqa: F401
+                                     _check_source_dir, iter_tensors, plan_import, read_config,
+                                     read_source_config, resolve_checkpoint, tokenizer_dir)
+from mpt_jax.convert.table import export_form, model_shapes, name_table, set_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-
-# ---------------------------------------------------------------------------------------------
-# Reading an HF-layout source
-# ---------------------------------------------------------------------------------------------
-def read_config(path: Path) -> MPTConfig:
-    if not path.is_file():
-        raise ConversionError(f"{path}: file not found")
-    try:
-        return MPTConfig.from_json_file(path)
-    except (ValueError, TypeError) as e:
-        msg = str(e)
-        raise ConversionError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
-
-
-def read_source_config(path: Path) -> tuple[MPTConfig, list[str]]:
-    """config.json of a safetensors source -> (the model its PyTorch class computes, notes).
-
-    A config.json of transformers' own MptForCausalLM (architectures ["MptForCausalLM"] and no
-    llm-foundry auto_map) means what native MPT computes from it: options native MPT ignores
-    (logit_scale, alibi_bias_max, norm_type, ...) are ignored here too, and named in a note.
-    Anything else is llm-foundry's MPTConfig, every option honoured."""
-    cfg = read_config(path)
-    with open(path) as fh:
-        raw = json.load(fh)
-    if raw.get("auto_map") or "MptForCausalLM" not in (raw.get("architectures") or []):
-        return cfg, []
-    cfg, ignored = cfg.as_hf_native()
-    if not ignored:
-        return cfg, []
-    return cfg, [f"{path} is transformers' native MptForCausalLM config (no llm-foundry "
-                 f"auto_map), which ignores {'; '.join(ignored)}: imported as native MPT "
-                 "computes it"]
-
-
-class Plan(NamedTuple):
-    cfg: MPTConfig
-    rows: list[Row]
-    sources: dict[str, TensorInfo]  # torch key (unprefixed) -> where it is
-    dtypes: dict[tuple[str, ...], np.dtype]  # the source dtype per our path
-    files: list[Path]
-    notes: list[str]  # what the import changed of config.json's literal meaning, and why
-
-
-def _check_source_dir(src: Path) -> None:
-    if not os.path.lexists(src):
-        raise ConversionError(f"{src}: does not exist")
-    if not src.is_dir():
-        raise ConversionError(f"{src}: not a directory")
-
-
-def plan_import(src: Path) -> Plan:
-    """Reads config.json and every safetensors header of `src`; checks keys and shapes."""
-    _check_source_dir(src)
-    cfg, notes = read_source_config(src / "config.json")
-    tensors, files = scan_source(src)
-    if tensors and all(k.startswith("model.") for k in tensors):
-        tensors = {k[len("model."):]: v for k, v in tensors.items()}
-    rows = name_table(cfg)
-    expected: dict[str, Row] = {}
-    for row in rows:
-        for key in row.keys(cfg.n_layers):
-            expected[key] = row
-    if cfg.tie_word_embeddings and "lm_head.weight" in tensors:
-        info = tensors.pop("lm_head.weight")  # the tied copy of wte
-        if info.shape != (cfg.vocab_size, cfg.d_model):
-            raise ConversionError(f"{info.file}: lm_head.weight has shape {list(info.shape)}, "
-                                  f"config.json implies {[cfg.vocab_size, cfg.d_model]}")
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        info = tensors[unexpected[0]]
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise ConversionError(f"{info.file}: unexpected key {unexpected[0]!r}{more} for the "
-                              f"config in {src / 'config.json'}")
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        where = files[0] if len(files) == 1 else src / "model.safetensors.index.json"
-        raise ConversionError(f"{where}: missing key {missing[0]!r}{more}, which "
-                              f"{src / 'config.json'} needs")
-    dtypes = {}
-    for key, row in expected.items():
-        info = tensors[key]
-        if info.shape != row.torch_shape():
-            raise ConversionError(
-                f"{info.file}: {key!r} has shape {list(info.shape)}, config.json implies "
-                f"{list(row.torch_shape())}")
-        if info.dtype.kind != "f" and info.dtype.name != "bfloat16":
-            raise ConversionError(f"{info.file}: {key!r} has dtype {info.dtype}, expected float")
-        dtypes.setdefault(row.path, info.dtype)
-    return Plan(cfg, rows, tensors, dtypes, files, notes)
-
-
-def iter_tensors(plan: Plan, dtype=None) -> Iterator[tuple[Row, int | None, np.ndarray]]:
-    """(row, layer index or None, tensor in torch's layout), in file order (sequential reads)."""
-    items = []
-    for row in plan.rows:
-        for i, key in enumerate(row.keys(plan.cfg.n_layers)):
-            items.append((plan.sources[key], key, row, i if row.stacked else None))
-    items.sort(key=lambda t: (str(t[0].file), t[0].start))
-    for info, key, row, i in items:
-        arr = read_tensor(info, key)
-        want = np.dtype(dtype) if dtype is not None else plan.dtypes[row.path]
-        yield row, i, arr if arr.dtype == want else arr.astype(want)
-
 
 def _progress(total_bytes: int, desc: str):
     from tqdm import tqdm
@@ -217,93 +119,78 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def import_checkpoint(src, dst, *, dtype: str | None = None) -> tuple[MPTConfig, list[str]]:
-    """HF / llm-foundry safetensors directory -> our checkpoint directory (streaming).
-    Returns the config written and notes on how config.json was read (read_source_config)."""
+def _write_params(directory: Path, cfg: MPTConfig, tensors, float_dtype_of, np_dtype,
+                  total: int, desc: str) -> None:
+    """Our params/ for the model of `cfg` from (float row, layer, torch-layout tensor) items,
+    quantized as they come when cfg is (quant_io.stream)."""
+    rows = name_table(cfg)
+    dtypes = quant_io.leaf_dtypes(cfg, lambda p: np_dtype or float_dtype_of(p))
+    writer = ParamsWriter(directory, {r.path: (r.shape, dtypes[r.path]) for r in rows},
+                          [r.path for r in rows if r.stacked],
+                          [r.path for r in rows if r.transpose])
+    with _progress(total, desc) as bar:
+        for path, i, arr, _ in quant_io.stream(cfg, tensors, np_dtype):
+            writer.write(path, i, arr)  # (torch's layout, as the writer takes it)
+            bar.update(arr.nbytes)
+    writer.close()
+
+
+def import_checkpoint(src, dst, *, dtype: str | None = None,
+                      quantize: str | None = None) -> tuple[MPTConfig, list[str]]:
+    """HF / llm-foundry safetensors directory -> our checkpoint directory (streaming), its
+    matrices quantized when `quantize` ("int8") is given. Returns the config written and
+    notes on how config.json was read (read_source_config)."""
     src, dst = Path(src), Path(dst)
     np_dtype = _parse_dtype(dtype)
+    quant_io.check_mode(quantize)
     plan = plan_import(src)
+    cfg = plan.cfg.replace(quantization=quantize)
     total = sum(plan.sources[k].nbytes for r in plan.rows for k in r.keys(plan.cfg.n_layers))
     with _AtomicDir(dst) as tmp:
-        leaves = {r.path: (r.shape, np_dtype or plan.dtypes[r.path]) for r in plan.rows}
-        writer = ParamsWriter(tmp / "params", leaves, [r.path for r in plan.rows if r.stacked],
-                              [r.path for r in plan.rows if r.transpose])
-        with _progress(total, f"import {src.name}") as bar:
-            for row, i, arr in iter_tensors(plan, np_dtype):
-                writer.write(row.path, i, arr)
-                bar.update(plan.sources[row.keys(plan.cfg.n_layers)[i or 0]].nbytes)
-        writer.close()
-        plan.cfg.to_json_file(tmp / "config.json", form="foundry")
+        _write_params(tmp / "params", cfg, iter_tensors(plan), plan.dtypes.__getitem__,
+                      np_dtype, total, f"import {src.name}")
+        cfg.to_json_file(tmp / "config.json", form="foundry")
         _copy_tokenizer(src, tmp)
-    return plan.cfg, plan.notes
+    return cfg, plan.notes
 
 
-class OurCheckpoint(NamedTuple):
-    cfg: MPTConfig
-    params_dir: Path
-    files_dir: Path  # where tokenizer files would be
+def quantize_checkpoint(src, dst, *, quantize: str = "int8") -> MPTConfig:
+    """Any checkpoint `load_pretrained` reads (HF-layout or ours, float) -> our checkpoint
+    with its matrices quantized (streaming, one tensor at a time). Returns its config."""
+    src, dst = Path(src), Path(dst)
+    quant_io.check_mode(quantize)
+    _check_source_dir(src)
+    if not ((src / "params").is_dir() or (src / "checkpoints").is_dir()):
+        return import_checkpoint(src, dst, quantize=quantize)[0]
+    ck = resolve_checkpoint(src)
+    if ck.cfg.quantization is not None:
+        raise ConversionError(f"{src}: already quantized ({ck.cfg.quantization})")
+    rows = name_table(ck.cfg)
+    reader = ParamsReader(ck.params_dir)
+    _check_params(ck, reader, rows)
+    n = ck.cfg.n_layers
 
+    def tensors():  # in torch's layout, one layer at a time
+        for r in rows:
+            for i in (range(n) if r.stacked else [None]):
+                yield r, i, reader.read(r.path, i, transpose=r.transpose)
 
-def resolve_checkpoint(path: Path) -> OurCheckpoint:
-    """Our converter dir, a trainer step dir (params + model_config) or a trainer workdir.
-    Tokenizer files: beside params/ (converter dir, workdir), or a step dir's tokenizer/ item
-    (the trainer saves the run's tokenizer.json in every step)."""
-    if (path / "checkpoints").is_dir() and not (path / "params").is_dir():
-        steps = sorted((int(p.name), p) for p in (path / "checkpoints").iterdir()
-                       if p.name.isdigit() and (p / "params").is_dir())
-        if not steps:
-            raise ConversionError(f"{path / 'checkpoints'}: no finished step directories")
-        ck = resolve_checkpoint(steps[-1][1])
-        return ck if not (path / "tokenizer.json").is_file() else ck._replace(files_dir=path)
-    params = path / "params"
-    if not params.is_dir():
-        raise ConversionError(f"{path}: not one of our checkpoints (no params/ directory)")
-    if (path / "config.json").is_file():
-        cfg = read_config(path / "config.json")
-    elif (path / "model_config").exists():
-        mc = path / "model_config"
-        # JsonSave writes model_config/metadata; accept a plain file or a *.json too
-        files = [mc] if mc.is_file() else (
-            [mc / "metadata"] if (mc / "metadata").is_file() else sorted(mc.glob("*.json")))
-        if not files:
-            raise ConversionError(f"{mc}: no config file inside")
-        cfg = read_config(files[0])
-    else:
-        raise ConversionError(f"{path}: no config.json or model_config next to params/")
-    step_tokenizer = path / "tokenizer"  # a trainer step dir's item
-    files_dir = step_tokenizer if (step_tokenizer / "tokenizer.json").is_file() else path
-    return OurCheckpoint(cfg, params, files_dir)
-
-
-def tokenizer_dir(path) -> Path:
-    """Where the tokenizer of checkpoint `path` lies: an HF directory or our converter's
-    directory itself, a trainer workdir (its tokenizer.json, else its latest step's), a trainer
-    step directory's tokenizer/ item."""
-    path = Path(path)
-    if (path / "params").is_dir() or (path / "checkpoints").is_dir():
-        return resolve_checkpoint(path).files_dir
-    return path
-
-
-def _check_params(ck: OurCheckpoint, reader: ParamsReader, rows: list[Row]) -> None:
-    ours = {r.path: r for r in rows}
-    extra = sorted(set(reader.paths) - set(ours))
-    if extra:
-        raise ConversionError(f"{ck.params_dir}: unexpected parameter {'.'.join(extra[0])!r} "
-                              f"for the config")
-    for row in rows:
-        if row.path not in set(reader.paths):
-            raise ConversionError(f"{ck.params_dir}: missing parameter {'.'.join(row.path)!r}")
-        shape, _ = reader.shape_dtype(row.path)
-        if shape != row.shape:
-            raise ConversionError(f"{ck.params_dir / '.'.join(row.path)}: shape {list(shape)}, "
-                                  f"the config implies {list(row.shape)}")
+    cfg = ck.cfg.replace(quantization=quantize)
+    total = sum(int(np.prod(r.shape)) * reader.shape_dtype(r.path)[1].itemsize for r in rows)
+    with _AtomicDir(dst) as tmp:
+        _write_params(tmp / "params", cfg, tensors(), lambda p: reader.shape_dtype(p)[1], None,
+                      total, f"quantize {src.name}")
+        cfg.to_json_file(tmp / "config.json", form="foundry")
+        _copy_tokenizer(ck.files_dir, tmp)
+    return cfg
 
 
 def export_checkpoint(src, dst, *, dtype: str | None = None,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> tuple[str, list[str]]:
     """Our checkpoint (or a trainer's) -> HF-layout safetensors shards + index (streaming).
-    Returns the config form written and, for 'foundry', why native MPT could not be used."""
+    Returns the config form written and, for 'foundry', why native MPT could not be used.
+    A quantized checkpoint exports its dequantized weights (`q * scale`), in `dtype` or its
+    float parameters' dtype."""
     src, dst = Path(src), Path(dst)
     np_dtype = _parse_dtype(dtype)
     if not (max_shard_bytes > 0):  # (also refuses NaN)
@@ -316,6 +203,11 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
     reader = ParamsReader(ck.params_dir)
     _check_params(ck, reader, rows)
     form, problems = export_form(cfg)
+    scale_rows = {r.path: r for r in rows if r.kind == "scale"}
+    scale_of = {r.path: scale_rows[p] for r in rows for p in [scale_path(r.path)]
+                if r.kind == "int8"}
+    rows = [r for r in rows if r.kind != "scale"]
+    float_dt = reader.shape_dtype(("norm_f", "weight"))[1]
 
     # tensors in torch order: wte, (wpe), blocks.0.*, ..., norm_f, (lm_head)
     items = []  # (torch key, row, layer, dtype, torch shape)
@@ -331,7 +223,7 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
         items.append((r.torch_key, r, None))
     entries = []
     for key, r, i in items:
-        dt = np_dtype or reader.shape_dtype(r.path)[1]
+        dt = np_dtype or (float_dt if r.kind == "int8" else reader.shape_dtype(r.path)[1])
         entries.append((key, r, i, dt, r.torch_shape()))
 
     shards: list[list] = [[]]
@@ -353,14 +245,15 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
             for fname, shard in zip(names, shards):
                 w = SafetensorsWriter(tmp / fname, [(k, dt, s) for k, _, _, dt, s in shard])
                 for key, r, i, dt, _ in shard:
-                    arr = reader.read(r.path, i, transpose=r.transpose)
+                    arr = (quant_io.dequantized(reader, r, scale_of[r.path], i, dt)
+                           if r.kind == "int8" else reader.read(r.path, i, transpose=r.transpose))
                     w.write(key, arr if arr.dtype == dt else arr.astype(dt))
                     weight_map[key] = fname
                     bar.update(arr.size * dt.itemsize)
                 w.close()
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        config = cfg.to_dict(form)
+        config = cfg.replace(quantization=None).to_dict(form)
         if form == "foundry":
             config["auto_map"] = {"AutoConfig": "configuration_mpt.MPTConfig",
                                   "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"}
@@ -375,40 +268,60 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
 # ---------------------------------------------------------------------------------------------
 # load_pretrained
 # ---------------------------------------------------------------------------------------------
-def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
+def load_pretrained(path, dtype=None, *, param_dtype=None, quantize: str | None = None,
+                    **model_kwargs):
     """Loads an HF-layout directory (config.json + safetensors, sharded or not, HF or
     llm-foundry names, `model.` prefix), our converter's directory, a trainer step directory or
-    a trainer workdir (latest step). `dtype` is the compute dtype (float32 when None); params
-    keep their stored dtype unless `param_dtype` is given. Nothing is randomly initialised."""
+    a trainer workdir (latest step). `dtype` is the compute dtype (float32 when None); float
+    params keep their stored dtype unless `param_dtype` is given. Nothing is randomly
+    initialised.
+
+    quantize: "int8" quantizes the matrices as they are read, one tensor at a time (the float
+    model is never held whole; model/quant.py has the format). A checkpoint saved quantized
+    loads as it is stored (quantize None or its own mode)."""
     import jax.numpy as jnp
 
+    quant_io.check_mode(quantize)
     path = Path(path)
     _check_source_dir(path)
     pd = None if param_dtype is None else np.dtype(jnp.dtype(param_dtype))
     pure: dict = {}
     if (path / "params").is_dir() or (path / "checkpoints").is_dir():
         ck = resolve_checkpoint(path)
-        cfg, rows = ck.cfg, name_table(ck.cfg)
+        rows = name_table(ck.cfg)
         reader = ParamsReader(ck.params_dir)
         _check_params(ck, reader, rows)
-        for r in rows:
-            arr = reader.read(r.path)
-            set_path(pure, r.path, arr if pd is None else arr.astype(pd))
+        stored = ck.cfg.quantization
+        if stored is not None and quantize not in (None, stored):
+            raise ConversionError(f"{path}: stored quantized as {stored}; it cannot load as "
+                                  f"{quantize}")
+        if stored is not None or quantize is None:  # every leaf as stored
+            for r in rows:
+                arr = reader.read(r.path)
+                set_path(pure, r.path, arr if pd is None or r.kind != "float" else arr.astype(pd))
+            return model_from_pure_dict(ck.cfg, pure, dtype, **model_kwargs)
+        cfg = ck.cfg.replace(quantization=quantize)
+        layers = range(ck.cfg.n_layers)
+        tensors = ((r, i, reader.read(r.path, i, transpose=r.transpose))  # torch's layout
+                   for r in rows for i in (layers if r.stacked else [None]))
     else:
         plan = plan_import(path)
-        cfg = plan.cfg
+        cfg = plan.cfg.replace(quantization=quantize)
         for note in plan.notes:
             warnings.warn(note, stacklevel=2)
-        stacks = {}
-        for row, i, arr in iter_tensors(plan, pd):
-            if row.stacked:
-                if row.path not in stacks:
-                    stacks[row.path] = np.empty(row.shape, arr.dtype)
-                stacks[row.path][i] = arr.T if row.transpose else arr
-            else:
-                set_path(pure, row.path, arr)
-        for p, arr in stacks.items():
-            set_path(pure, p, arr)
+        tensors = iter_tensors(plan)
+    shapes = model_shapes(cfg)
+    stacks = {}
+    for leaf, i, arr, transpose in quant_io.stream(cfg, tensors, pd):
+        arr = arr.T if transpose else arr
+        if i is None:
+            set_path(pure, leaf, arr)
+        else:
+            if leaf not in stacks:
+                stacks[leaf] = np.empty(shapes[leaf], arr.dtype)
+            stacks[leaf][i] = arr
+    for leaf, arr in stacks.items():
+        set_path(pure, leaf, arr)
     return model_from_pure_dict(cfg, pure, dtype, **model_kwargs)
 
 
@@ -440,21 +353,36 @@ def main(argv=None) -> int:
         description="Convert MPT weights between HF/llm-foundry safetensors and mpt_jax.")
     sub = p.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="HF/llm-foundry safetensors dir -> our checkpoint dir")
-    exp = sub.add_parser("export", help="our (or a trainer's) checkpoint -> HF safetensors dir")
-    for s in (imp, exp):
+    exp = sub.add_parser("export", help="our (or a trainer's) checkpoint -> HF safetensors dir "
+                         "(a quantized checkpoint: its dequantized weights)")
+    qnt = sub.add_parser("quantize", help="any float checkpoint (HF or ours) -> our checkpoint "
+                         "with int8 weights")
+    for s in (imp, exp, qnt):
         s.add_argument("src")
         s.add_argument("dst")
+    for s in (imp, exp):
         s.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                        help="dtype to store (default: as stored in SRC)")
+    for s in (imp, qnt):
+        s.add_argument("--quantize", default="none" if s is imp else "int8",
+                       help="weight quantization: none or int8 (weight-only, per output "
+                            f"channel; default {'none' if s is imp else 'int8'})")
     exp.add_argument("--max_shard_size", type=float, default=5.0,
                      help="largest safetensors shard, in GB (default 5)")
     args = p.parse_args(argv)
     try:
+        mode = None if getattr(args, "quantize", "none") == "none" else args.quantize
         if args.cmd == "import":
-            cfg, notes = import_checkpoint(args.src, args.dst, dtype=args.dtype)
-            print(f"imported {args.src} -> {args.dst} ({cfg.num_params():,} parameters)")
+            cfg, notes = import_checkpoint(args.src, args.dst, dtype=args.dtype, quantize=mode)
+            print(f"imported {args.src} -> {args.dst} ({cfg.num_params():,} parameters"
+                  f"{', ' + mode if mode else ''})")
             for note in notes:
                 print(f"note: {note}")
+        elif args.cmd == "quantize":
+            if mode is None:
+                raise ConversionError("quantize --quantize none: nothing to do (supported: int8)")
+            cfg = quantize_checkpoint(args.src, args.dst, quantize=mode)
+            print(f"quantized {args.src} -> {args.dst} ({cfg.num_params():,} parameters, {mode})")
         else:
             if not args.max_shard_size > 0:  # (NaN too)
                 raise ConversionError(f"--max_shard_size must be a positive number of GB, got "
@@ -462,6 +390,8 @@ def main(argv=None) -> int:
             form, problems = export_checkpoint(args.src, args.dst, dtype=args.dtype,
                                                max_shard_bytes=int(args.max_shard_size * 1e9))
             print(f"exported {args.src} -> {args.dst}")
+            if resolve_checkpoint(Path(args.src)).cfg.quantization:
+                print("note: the source is quantized; exported its dequantized weights")
             if form == "foundry":
                 print("note: transformers' native MptForCausalLM cannot express this config ("
                       + "; ".join(problems) + "); wrote llm-foundry's remote-code config.json "

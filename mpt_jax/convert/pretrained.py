@@ -92,6 +92,9 @@ def merge_finetune_config(ckpt_cfg: MPTConfig, overrides: Mapping | None) -> MPT
     computes); any other key that differs is a ValueError naming it and both values. Dtypes are
     train.compute_dtype / train.param_dtype, free to choose: they are not model config keys.
     """
+    if ckpt_cfg.quantization is not None:
+        raise ValueError(f"the checkpoint's weights are {ckpt_cfg.quantization}-quantized "
+                         "(inference only): finetune from the floating-point checkpoint")
     base = ckpt_cfg.to_dict("foundry")
     wanted = copy.deepcopy(base)
     flat_overrides = _flatten(dict(overrides or {}))

@@ -2,6 +2,11 @@
 torch key (`transformer.blocks.{i}.attn.Wqkv.weight`, ...), whether it is layer-stacked, whether
 it is transposed (torch Linear `[out, in]` vs our `[in, out]`), and our shape, derived from the
 config alone (tests check it equals `abstract_model(cfg)`). Also: the config.json form for export.
+
+A quantized config (`cfg.quantization`, model/quant.py) has int8 rows (kind "int8": the matrix
+in torch's `[out, in]` layout, so never transposed) and their float32 scales (kind "scale",
+torch key the weight's, shape `[out]`); no torch checkpoint holds either: import quantizes the
+float tensors, export dequantizes.
 """
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mpt_jax.model.config import MPTConfig
+from mpt_jax.model.config import QUANTIZED_MATRICES, MPTConfig, scale_path
 
 # our path (inside blocks, or top level) -> (torch name, transpose)
 _BLOCK_TABLE = {
@@ -47,6 +52,7 @@ class Row(NamedTuple):
     stacked: bool
     transpose: bool
     shape: tuple[int, ...]  # ours (with the leading layers axis when stacked)
+    kind: str = "float"  # "float", or in a quantized model "int8" / "scale" (of an int8 row)
 
     def torch_shape(self) -> tuple[int, ...]:
         s = self.shape[1:] if self.stacked else self.shape
@@ -98,21 +104,41 @@ def model_shapes(cfg: MPTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     norm(("norm_f",), d, False)
     if not cfg.tie_word_embeddings:
         out[("lm_head",)] = (v, d)
+    if cfg.quantization is not None:
+        for path, layout_io in QUANTIZED_MATRICES.items():
+            if path in out:
+                shape = out[path]
+                if layout_io:  # [..., in, out] -> int8 [..., out, in]
+                    out[path] = shape[:-2] + (shape[-1], shape[-2])
+                out[scale_path(path)] = out[path][:-1]
     return out
+
+
+def quantized_paths(cfg: MPTConfig) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """{path of an int8 parameter: path of its scales} for `cfg` (empty when not quantized)."""
+    if cfg.quantization is None:
+        return {}
+    shapes = model_shapes(cfg)
+    return {p: scale_path(p) for p in QUANTIZED_MATRICES if p in shapes}
 
 
 def name_table(cfg: MPTConfig) -> list[Row]:
     rows = []
+    quantized = quantized_paths(cfg)
+    scales = {s: p for p, s in quantized.items()}
     for path, shape in model_shapes(cfg).items():
+        kind = "int8" if path in quantized else "scale" if path in scales else "float"
+        key_path = scales.get(path, path)  # a scale row is named after its weight
         if path[0] == "blocks":
-            if path[1:] not in _BLOCK_TABLE:
+            if key_path[1:] not in _BLOCK_TABLE:
                 raise AssertionError(f"no torch name for our parameter {path}")
-            name, tr = _BLOCK_TABLE[path[1:]]
-            rows.append(Row(path, "transformer.blocks.{i}." + name, True, tr, shape))
+            name, tr = _BLOCK_TABLE[key_path[1:]]
+            rows.append(Row(path, "transformer.blocks.{i}." + name, True,
+                            tr and kind == "float", shape, kind))
         else:
-            if path not in _TOP_TABLE:
+            if key_path not in _TOP_TABLE:
                 raise AssertionError(f"no torch name for our parameter {path}")
-            rows.append(Row(path, _TOP_TABLE[path], False, False, shape))
+            rows.append(Row(path, _TOP_TABLE[key_path], False, False, shape, kind))
     return rows
 
 

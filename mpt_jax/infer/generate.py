@@ -35,6 +35,7 @@ those rules (activation constraints, and the kernels once per shard); jit propag
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -49,7 +50,7 @@ from jax.sharding import NamedSharding
 from mpt_jax import sharding
 from mpt_jax.infer.sampling import SamplingParams, filter_logits, sample
 from mpt_jax.kernels import decode_gpu
-from mpt_jax.model import MPTForCausalLM
+from mpt_jax.model import MPTForCausalLM, quant
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +95,30 @@ class GenerateOutput(NamedTuple):
     logits: np.ndarray | None  # [B, N, V] float32 when keep_logits
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """How the decode loop runs on the device (variants bench/generate.py times; the defaults
+    are what was measured best).
+
+    steps_per_sync: decode steps per iteration of the loop whose exit test (every row done, or
+    N tokens made) the device reports to the host: XLA's GPU while loop copies its predicate to
+    the host and waits for it every iteration, which drains the stream once per step. With
+    K > 1 the steps run K at a time in a loop of fixed trip count (no host round trip inside),
+    and a step past the end leaves the tokens as they were (at most K - 1 steps computed in
+    vain at the end).
+    compiler_options: XLA options for the decode loop's compilation alone, as (name, value)
+    pairs (`jax.jit(..., compiler_options=...)`), e.g. ("xla_gpu_enable_command_buffer",
+    "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL") to capture the whole loop in
+    one CUDA graph (the list replaces XLA's default one)."""
+
+    steps_per_sync: int = 1
+    compiler_options: tuple = ()
+
+    def __post_init__(self):
+        if not isinstance(self.steps_per_sync, int) or self.steps_per_sync < 1:
+            raise ValueError(f"steps_per_sync must be an int >= 1, got {self.steps_per_sync!r}")
+
+
 class _Weights(NamedTuple):
     top: nnx.State  # everything but the blocks
     placeholder: nnx.State  # scalar stand-ins for the stacked blocks (never read)
@@ -122,11 +147,13 @@ class _Spec:
     cache_dtype: object
     mesh: object
     rules: tuple
+    steps_per_sync: int = 1  # the decode loop's (DecodeOptions); the prefill's spec keeps 1
 
     def _cache_sharding(self, shape):
         if self.mesh is None:
             return None
-        spec = sharding.logical_to_spec(("batch", "kv_heads", None, None), self.rules)
+        spec = sharding.logical_to_spec(("batch", "kv_heads") + (None,) * (len(shape) - 2),
+                                        self.rules)
         return NamedSharding(self.mesh, sharding.fit_spec(spec, shape, self.mesh))
 
     # -- the model's forward over the per-layer weights -------------------------------------
@@ -149,8 +176,14 @@ class _Spec:
         shard = self._cache_sharding(shape)
 
         def zeros():
-            z = jnp.zeros(shape, self.cache_dtype)
-            return z if shard is None else jax.lax.with_sharding_constraint(z, shard)
+            z = quant.empty_cache(shape, self.cache_dtype)
+            if shard is None:
+                return z
+            if quant.is_quantized(z):  # the scales [B, KV, S] split as the values do
+                return quant.QuantizedKV(
+                    jax.lax.with_sharding_constraint(z.values, shard),
+                    jax.lax.with_sharding_constraint(z.scales, self._cache_sharding(shape[:-1])))
+            return jax.lax.with_sharding_constraint(z, shard)
 
         cache = tuple((zeros(), zeros()) for _ in range(cfg.n_layers))
         kv_mask = jnp.concatenate(
@@ -175,7 +208,7 @@ class _Spec:
         def cond(s: DecodeState):
             return (s.step < stop) & ~jnp.all(s.done)
 
-        def body(s: DecodeState):
+        def step(s: DecodeState):
             done = s.done | (s.last == eos_id)
             index = prompt_len + s.step - 1
             logits_bv, cache = self._forward(w, s.last[:, None], s.kv_mask, s.cache, index,
@@ -188,6 +221,21 @@ class _Spec:
                 logits = jax.lax.dynamic_update_slice(logits, logits_bv[:, None], (0, s.step, 0))
             return DecodeState(cache, s.kv_mask, tokens, tok_b, s.step + 1, done, s.key, logits)
 
+        def masked_step(_, s: DecodeState):
+            # Past the end the step still runs (a fixed trip count) but changes no output; its
+            # cache write lands in the slot of `last`, which the next real step writes again.
+            live = cond(s)
+            new = step(s)
+
+            def keep(a, b):
+                return None if a is None else jnp.where(live, a, b)
+
+            return new._replace(tokens=keep(new.tokens, s.tokens), last=keep(new.last, s.last),
+                                step=keep(new.step, s.step), done=keep(new.done, s.done),
+                                logits=keep(new.logits, s.logits))
+
+        k = self.steps_per_sync
+        body = step if k == 1 else lambda s: jax.lax.fori_loop(0, k, masked_step, s)
         # A row whose latest token is EOS is done before the loop test.
         state = state._replace(done=state.done | (state.last == eos_id))
         state = jax.lax.while_loop(cond, body, state)
@@ -199,6 +247,15 @@ _prefill_jit = jax.jit(_Spec._prefill_impl, static_argnums=(0, 6, 7, 8, 9))
 _decode_jit = jax.jit(_Spec._decode_impl, static_argnums=(0, 3, 4, 5), donate_argnums=(2,))
 
 
+@functools.cache
+def _decode_jit_with(compiler_options: tuple):
+    """The decode loop's jit with its own XLA options (DecodeOptions.compiler_options)."""
+    if not compiler_options:
+        return _decode_jit
+    return jax.jit(_Spec._decode_impl, static_argnums=(0, 3, 4, 5), donate_argnums=(2,),
+                   compiler_options=dict(compiler_options))
+
+
 class Generator:
     """Prefill + jitted decode for one model; holds per-layer copies of the block weights.
 
@@ -206,14 +263,18 @@ class Generator:
     in bfloat16 for speed). mesh: optional `jax.sharding.Mesh` with axes from sharding.MESH_AXES;
     parameters are placed, and activations and kernels split, by `rules` (default: the rules in
     force when the Generator is made, sharding.DEFAULT_RULES unless `sharding.use_rules` says
-    otherwise). cache_dtype: defaults to the model's compute dtype. The model may be dropped
-    after construction to free its stacked weights.
+    otherwise). cache_dtype: defaults to the model's compute dtype; int8 keeps an int8 cache
+    with per-token scales (model/quant.py). A quantized model (config.quantization) decodes
+    from its int8 weights. decode: DecodeOptions (benchmark variants of the decode loop). The
+    model may be dropped after construction to free its stacked weights.
     """
 
-    def __init__(self, model: MPTForCausalLM, *, mesh=None, rules=None, cache_dtype=None):
+    def __init__(self, model: MPTForCausalLM, *, mesh=None, rules=None, cache_dtype=None,
+                 decode: DecodeOptions | None = None):
         self.config = model.config
         self.dtype = model.dtype
-        self.cache_dtype = model.dtype if cache_dtype is None else cache_dtype
+        self.cache_dtype = jnp.dtype(model.dtype if cache_dtype is None else cache_dtype)
+        self.decode_options = DecodeOptions() if decode is None else decode
         self.mesh = mesh
         self.rules = sharding.current_rules() if rules is None else tuple(rules)
         graphdef, blocks_state, top = nnx.split(model, nnx.PathContains("blocks"), ...)
@@ -226,8 +287,26 @@ class Generator:
         layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
         placeholder = jax.tree.map(lambda a: jnp.zeros((), a.dtype), blocks_state)
         self.weights = _Weights(top, placeholder, layers)
+        self._set_jits()
+
+    def variant(self, *, cache_dtype=None, decode: DecodeOptions | None = None) -> Generator:
+        """A Generator sharing these weights (no copy) with another KV cache dtype and/or
+        DecodeOptions (None: this one's)."""
+        other = copy.copy(self)
+        if cache_dtype is not None:
+            other.cache_dtype = jnp.dtype(cache_dtype)
+        if decode is not None:
+            other.decode_options = decode
+        other._spec = dataclasses.replace(self._spec, cache_dtype=other.cache_dtype)
+        other._set_jits()
+        return other
+
+    def _set_jits(self):
         self._prefill = functools.partial(_prefill_jit, self._spec)
-        self._decode = functools.partial(_decode_jit, self._spec)
+        # (the prefill's spec leaves steps_per_sync at 1: a decode variant shares its prefill)
+        self._decode = functools.partial(
+            _decode_jit_with(tuple(self.decode_options.compiler_options)),
+            dataclasses.replace(self._spec, steps_per_sync=self.decode_options.steps_per_sync))
 
     # -- placement -------------------------------------------------------------------------
     def _place(self, state):
@@ -323,6 +402,7 @@ def generate(model: MPTForCausalLM, prompts, **kwargs) -> GenerateOutput:
 
 
 __all__ = [
+    "DecodeOptions",
     "GenerateOutput",
     "Generator",
     "SamplingParams",

@@ -18,6 +18,12 @@ Layout: q `[B, H, D]`, caches `[B, KV, S, D]` (attention.decode_attention's layo
 int32 `[B]`, kv_mask `[B, S]`. Needs S % block_s == 0 (the generator allocates its cache so) and
 D a power of two >= 16; `supported()` says whether a shape qualifies.
 
+int8 cache (model/quant.py's format): int8 caches with float32 scales `[B, KV, S]`, one per
+token and KV head. A block's scores are `(q . k_int8) * k_scale` and its values enter as
+`(p * v_scale) . v_int8`, so the cache is read once as int8 and never dequantized in memory;
+the appended token is quantized here (absmax over D, halves rounded away from zero, as
+quant.quantize_rows does) and written with its scale.
+
 Imports from mpt_jax nothing.
 """
 from __future__ import annotations
@@ -43,10 +49,30 @@ def supported(q_shape, cache_shape, block_s: int | None = None) -> bool:
     return (d == dk and d >= 16 and d & (d - 1) == 0 and s % block_s == 0 and h % kvh == 0)
 
 
+QMAX = 127.0  # int8 cache: symmetric absmax, as model/quant.py
+
+
+def _quantize_row(x):
+    """float32 [D] -> (integral float32 [D] in [-127, 127], float32 scale): quant.quantize_rows
+    of one row, op for op."""
+    amax = jnp.max(jnp.abs(x))
+    inv = jnp.where(amax > 0, QMAX / jnp.where(amax > 0, amax, 1.0), 0.0)
+    y = x * inv
+    q = jnp.clip(jnp.sign(y) * jnp.floor(jnp.abs(y) + 0.5), -QMAX, QMAX)
+    return q, amax / QMAX
+
+
 def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, group, scale,
-            block_s, blocks_per_split, has_alibi, has_mask, partial, append):
+            block_s, blocks_per_split, has_alibi, has_mask, partial, append, quant):
+    refs = list(refs)
+    ks_ref = vs_ref = None
+    if quant:  # the caches' scales [S]
+        ks_ref, vs_ref = refs.pop(0), refs.pop(0)
     if append:  # the new token's key and value, and the caches again, as aliased outputs
-        kn_ref, vn_ref, *out_refs, kc_ref, vc_ref = refs
+        kn_ref, vn_ref = refs.pop(0), refs.pop(0)
+        n_caches = 4 if quant else 2
+        cache_refs = refs[-n_caches:]
+        out_refs = refs[:-n_caches]
     else:
         out_refs = refs
     n = lens_ref[0]  # valid slots of this row; the query sits at slot n - 1
@@ -56,16 +82,25 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, group, s
     if append:
         k_new = kn_ref[...].astype(jnp.float32)
         v_new = vn_ref[...].astype(jnp.float32)
+        if quant:  # what the cache will hold for the new token, and its scales
+            k_new, ks_new = _quantize_row(k_new)
+            v_new, vs_new = _quantize_row(v_new)
 
     def body(j, carry):
         start = pl.multiple_of(j * block_s, block_s)
         k = k_ref[pl.ds(start, block_s), :].astype(jnp.float32)  # [bs, D]
         v = v_ref[pl.ds(start, block_s), :].astype(jnp.float32)
         pos = start + lax.broadcasted_iota(jnp.int32, (block_s,), 0)
+        if quant:
+            k_sc = ks_ref[pl.ds(start, block_s)]
+            v_sc = vs_ref[pl.ds(start, block_s)]
         if append:  # slot n - 1 is being written by this launch: use the new row itself
             new_row = (pos == n - 1)[:, None]
             k = jnp.where(new_row, k_new[None, :], k)
             v = jnp.where(new_row, v_new[None, :], v)
+            if quant:
+                k_sc = jnp.where(pos == n - 1, ks_new, k_sc)
+                v_sc = jnp.where(pos == n - 1, vs_new, v_sc)
         valid = pos < n
         if has_mask:
             valid = valid & (mask_ref[pl.ds(start, block_s)] != 0)
@@ -73,6 +108,8 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, group, s
         for g in range(group):
             m, l, acc = carry[g]
             s = jnp.sum(k * qs[g][None, :], axis=1)  # [bs]
+            if quant:
+                s = s * k_sc
             if has_alibi:
                 s = s + slopes[g] * (pos - (n - 1)).astype(jnp.float32)
             s = jnp.where(valid, s, -jnp.inf)
@@ -81,7 +118,8 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, group, s
             alpha = jnp.exp(m - m_safe)
             p = jnp.exp(s - m_safe)  # masked slots: exp(-inf) = 0
             l = l * alpha + jnp.sum(p)
-            acc = acc * alpha + jnp.sum(p[:, None] * v, axis=0)
+            pv = p * v_sc if quant else p
+            acc = acc * alpha + jnp.sum(pv[:, None] * v, axis=0)
             out.append((m_new, l, acc))
         return tuple(out)
 
@@ -97,8 +135,13 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, group, s
 
         @pl.when(owner)
         def _():
-            kc_ref[pl.ds(n - 1, 1), :] = kn_ref[...][None, :].astype(kc_ref.dtype)
-            vc_ref[pl.ds(n - 1, 1), :] = vn_ref[...][None, :].astype(vc_ref.dtype)
+            kc_ref, vc_ref = cache_refs[:2]
+            kc_ref[pl.ds(n - 1, 1), :] = k_new[None, :].astype(kc_ref.dtype)
+            vc_ref[pl.ds(n - 1, 1), :] = v_new[None, :].astype(vc_ref.dtype)
+            if quant:
+                ksc_ref, vsc_ref = cache_refs[2:]
+                ksc_ref[pl.ds(n - 1, 1)] = ks_new[None]
+                vsc_ref[pl.ds(n - 1, 1)] = vs_new[None]
     if partial:
         m_ref, l_ref, acc_ref = out_refs
         for g in range(group):
@@ -134,8 +177,8 @@ def _combine_kernel(m_ref, l_ref, acc_ref, o_ref, *, group):
 
 
 def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=None, *,
-                         k_new=None, v_new=None, qkv=None, scale: float,
-                         block_s: int | None = None, num_warps: int = 4,
+                         k_new=None, v_new=None, qkv=None, k_scales=None, v_scales=None,
+                         scale: float, block_s: int | None = None, num_warps: int = 4,
                          splits: int | None = None, interpret: bool = False):
     """q [B, H, D], caches [B, KV, S, D], cache_len int32 [B] (the new token included),
     kv_mask [B, S] or None, slopes float32 [H] or None -> [B, H, D] in q's dtype.
@@ -148,19 +191,27 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
     under jit when donated or loop-carried); returns (out, k_cache, v_cache) then.
 
     qkv [B, (H + 2 KV) * D]: instead of q, k_new and v_new (pass None for them), the fused
-    projection they are slices of; the kernel reads its rows in place (no slice copies)."""
+    projection they are slices of; the kernel reads its rows in place (no slice copies).
+
+    k_scales/v_scales float32 [B, KV, S]: the caches are int8 with these per-token scales
+    (the module docstring); appending then also writes the new token's scales, and returns
+    (out, k_cache, v_cache, k_scales, v_scales)."""
     block_s = BLOCK_S if block_s is None else block_s
     if splits is None:
         splits = n_splits(k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], block_s)
+    if (k_scales is None) != (v_scales is None) or (
+            (k_scales is None) != (k_cache.dtype != jnp.int8)):
+        raise ValueError(f"int8 caches need k_scales and v_scales (and only they do): cache "
+                         f"{k_cache.dtype}, scales given: {k_scales is not None}")
     return _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv,
-                   scale=float(scale), block_s=block_s, num_warps=num_warps, splits=splits,
-                   interpret=interpret)
+                   k_scales, v_scales, scale=float(scale), block_s=block_s,
+                   num_warps=num_warps, splits=splits, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_s", "num_warps", "splits",
                                              "interpret"))
-def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, *, scale,
-            block_s, num_warps, splits, interpret):
+def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, k_scales,
+            v_scales, *, scale, block_s, num_warps, splits, interpret):
     kvh, s, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     if qkv is not None:
         b = qkv.shape[0]
@@ -185,9 +236,10 @@ def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, 
           else jnp.zeros((kvh, g), jnp.float32))
     partial = splits > 1
     append = k_new is not None or qkv is not None
+    quant = k_scales is not None
     kernel = functools.partial(_kernel, group=g, scale=float(scale), block_s=block_s,
                                blocks_per_split=per_split, has_alibi=has_alibi,
-                               has_mask=has_mask, partial=partial, append=append)
+                               has_mask=has_mask, partial=partial, append=append, quant=quant)
     cache_spec = pl.BlockSpec((None, None, s, d), lambda bi, ki, si: (bi, ki, 0, 0))
     if partial:
         out_specs = [pl.BlockSpec((None, None, None, g), lambda bi, ki, si: (bi, ki, si, 0))] * 2
@@ -213,6 +265,10 @@ def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, 
         pl.BlockSpec((None, g), lambda bi, ki, si: (ki, 0)),
     ]
     args = [lens, q_arg, k_cache, v_cache, mask, sl]
+    scale_spec = pl.BlockSpec((None, None, s), lambda bi, ki, si: (bi, ki, 0))
+    if quant:
+        in_specs += [scale_spec, scale_spec]
+        args += [k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)]
     aliases = {}
     if qkv is not None:
         in_specs += [pl.BlockSpec((None, None, d), lambda bi, ki, si: (bi, h + ki, 0)),
@@ -221,12 +277,21 @@ def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, 
     elif append:
         row_spec = pl.BlockSpec((None, None, d), lambda bi, ki, si: (bi, ki, 0))
         in_specs += [row_spec, row_spec]
-        args += [k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)]
+        if quant:  # quantized in the kernel
+            args += [k_new, v_new]
+        else:
+            args += [k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)]
+    n_caches = 0
     if append:
+        n_caches = 4 if quant else 2
         aliases = {2: len(out_shape), 3: len(out_shape) + 1}
         out_specs = [*out_specs, cache_spec, cache_spec]
         out_shape = [*out_shape, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                      jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+        if quant:
+            aliases.update({6: len(out_shape), 7: len(out_shape) + 1})
+            out_specs += [scale_spec, scale_spec]
+            out_shape += [jax.ShapeDtypeStruct(k_scales.shape, jnp.float32)] * 2
     outs = pl.pallas_call(
         kernel,
         grid=(b, kvh, splits),
@@ -238,8 +303,8 @@ def _decode(q, k_cache, v_cache, cache_len, kv_mask, slopes, k_new, v_new, qkv, 
         interpret=interpret,
         name="alibi_decode",
     )(*args)
-    caches = tuple(outs[-2:]) if append else ()
-    outs = outs[:-2] if append else outs
+    caches = tuple(outs[len(outs) - n_caches:])
+    outs = outs[:len(outs) - n_caches]
     out_dtype = (q if qkv is None else qkv).dtype
     if not partial:
         o = outs[0].reshape(b, h, d)

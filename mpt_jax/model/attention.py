@@ -4,7 +4,7 @@ entry point, the KV-cache paths, and the jnp reference every kernel is tested ag
 Shapes: q `[B, T, H, D]`, k/v `[B, S, KV, D]` with KV dividing H (GQA/MQA: query head h uses KV
 head h // (H // KV)). When S > T the queries are the last T positions (bottom-right alignment, as
 in flash-attn), so causal masking and ALiBi distances work against a KV cache. KV caches are
-`[B, KV, S_max, D]` (see decode_attention).
+`[B, KV, S_max, D]` (see decode_attention), or int8 with per-token scales (quant.QuantizedKV).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpt_jax import sharding
-from mpt_jax.model import alibi
+from mpt_jax.model import alibi, quant
 from mpt_jax.kernels import decode_gpu, flash_gpu, flash_mgpu
 from mpt_jax.kernels.common import packed_head_dim, softmax_scale as _scale, unpack_qkv
 
@@ -384,22 +384,30 @@ def decode_attention(
 
     It reads the cache once in its own dtype with float32 accumulation (full precision when the
     cache is float32), softmax in float32. Returns q.dtype. Rows with no visible key return
-    zeros.
+    zeros. An int8 cache (quant.QuantizedKV) is read as int8 in q's dtype (exact), its scales
+    applied to the scores and to the softmax weights.
     """
+    k_scales = v_scales = None
+    if quant.is_quantized(k_cache):
+        (k_cache, k_scales), (v_cache, v_scales) = k_cache, v_cache
     _check_shapes(q, k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2))
     b, t, h, d = q.shape
     kvh, s = k_cache.shape[1], k_cache.shape[2]
     _check_rows("kv_mask", kv_mask, (b, s))
     g = h // kvh
     scale = _scale(d, softmax_scale)
-    prec = (jax.lax.Precision.HIGHEST if k_cache.dtype == jnp.float32
+    read_dtype = q.dtype if k_scales is not None else k_cache.dtype
+    prec = (jax.lax.Precision.HIGHEST if read_dtype == jnp.float32
             else jax.lax.Precision.DEFAULT)
     cache_len_b = jnp.broadcast_to(jnp.asarray(cache_len, jnp.int32), (b,))
     q_pos_bt = cache_len_b[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
     kv_pos_s = jnp.arange(s, dtype=jnp.int32)
-    q_btkgd = q.astype(k_cache.dtype).reshape(b, t, kvh, g, d)
-    logits_bkgts = jnp.einsum("btkgd,bksd->bkgts", q_btkgd, k_cache, precision=prec,
-                              preferred_element_type=jnp.float32) * jnp.float32(scale)
+    q_btkgd = q.astype(read_dtype).reshape(b, t, kvh, g, d)
+    logits_bkgts = jnp.einsum("btkgd,bksd->bkgts", q_btkgd, k_cache.astype(read_dtype),
+                              precision=prec, preferred_element_type=jnp.float32)
+    if k_scales is not None:
+        logits_bkgts = logits_bkgts * k_scales[:, :, None, None, :]
+    logits_bkgts = logits_bkgts * jnp.float32(scale)
     rel_bts = kv_pos_s[None, None, :] - q_pos_bt[:, :, None]  # key - query position
     if alibi_slopes is not None:
         slopes_kg = jnp.asarray(alibi_slopes, jnp.float32).reshape(kvh, g)
@@ -409,24 +417,34 @@ def decode_attention(
     if kv_mask is not None:
         mask_bts &= jnp.asarray(kv_mask).astype(bool)[:, None, :]
     p = _masked_softmax(logits_bkgts, mask_bts[:, None, None])
+    if v_scales is not None:
+        p = p * v_scales[:, :, None, None, :]
     # Batch dims first in the product's output, then one transpose (with "->btkgd" directly,
     # XLA:CPU cannot run the bf16 x bf16 -> f32 product for batch > 1).
-    out_bkgtd = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v_cache.dtype), v_cache, precision=prec,
-                           preferred_element_type=jnp.float32)
+    out_bkgtd = jnp.einsum("bkgts,bksd->bkgtd", p.astype(read_dtype), v_cache.astype(read_dtype),
+                           precision=prec, preferred_element_type=jnp.float32)
     return out_bkgtd.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
 def write_cache(k_cache, v_cache, k_new, v_new, cache_index):
     """The caches `[B, KV, S, D]` with T new keys/values `[B, T, KV, D]` written from slot
-    `cache_index` (int32 scalar, or `[B]`: each row at its own slot)."""
+    `cache_index` (int32 scalar, or `[B]`: each row at its own slot). An int8 cache
+    (quant.QuantizedKV) gets the rows quantized and their scales."""
     index = jnp.asarray(cache_index, jnp.int32)
 
-    def put(cache, new):
-        new = new.swapaxes(1, 2).astype(cache.dtype)
+    def update(cache, new):  # cache [B, KV, S, ...], new [B, KV, T, ...]
+        tail = (0,) * (cache.ndim - 3)
         if index.ndim == 0:
-            return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
-        return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (0, i, 0)))(
+            return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, *tail))
+        return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (0, i, *tail)))(
             cache, new, index)
+
+    def put(cache, new):
+        new = new.swapaxes(1, 2)
+        if quant.is_quantized(cache):
+            values, scales = quant.quantize_rows(new)
+            return quant.QuantizedKV(update(cache.values, values), update(cache.scales, scales))
+        return update(cache, new.astype(cache.dtype))
 
     return put(k_cache, k_new), put(v_cache, v_new)
 
@@ -440,15 +458,17 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
     Returns (out, k_cache, v_cache).
 
     Where the plan picks a Pallas decode kernel (GPU or TPU, one new token per row) it is a
-    single launch that also writes the new row into the caches (no separate update kernels); otherwise
-    `write_cache` and `decode_attention` run. qkv (optional) `[B, T, (H + 2 KV) * D]`: the fused
+    single launch that also writes the new row into the caches (no separate update kernels);
+    otherwise `write_cache` and `decode_attention` run. qkv (optional) `[B, T, (H + 2 KV) * D]`: the fused
     projection q, k_new and v_new were sliced from; the kernel then reads it in place."""
     b, t, h, d = q.shape
-    s = k_cache.shape[2]
+    quantized = quant.is_quantized(k_cache)
+    kv_heads, s = (k_cache.values if quantized else k_cache).shape[1:3]
     _check_rows("kv_mask", kv_mask, (b, s))
     check_cache_index(cache_index, t, s, batch=b)
     index = jnp.asarray(cache_index, jnp.int32)
-    p = plan(impl, q.shape, k_cache.shape[1], s, k_cache.dtype, cache=True,
+    # (the TPU kernel checks the cache's dtype: an int8 cache takes the jnp path there)
+    p = plan(impl, q.shape, kv_heads, s, jnp.int8 if quantized else k_cache.dtype, cache=True,
              packed=qkv is not None, interpret=interpret)
     if p.kernel == "reference":
         k_cache, v_cache = write_cache(k_cache, v_cache, k_new, v_new, index)
@@ -457,8 +477,8 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
         return o, k_cache, v_cache
     scale = _scale(d, softmax_scale)
 
-    def run(q1, k_cache, v_cache, cache_len, kv_mask, slopes, qkv1, k1, v1):
-        if p.kernel == "decode_tpu":  # (never packed: it reads q, k and v apart)
+    def run(q1, k_cache, v_cache, k_scales, v_scales, cache_len, kv_mask, slopes, qkv1, k1, v1):
+        if p.kernel == "decode_tpu":  # (never packed or int8: it reads q, k and v apart)
             from mpt_jax.kernels import decode_tpu
 
             return decode_tpu.decode_attention_tpu(
@@ -466,17 +486,23 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
                 interpret=interpret, k_new=k1, v_new=v1)
         return decode_gpu.decode_attention_gpu(
             q1, k_cache, v_cache, cache_len, kv_mask, slopes, scale=scale, interpret=interpret,
-            qkv=qkv1, k_new=k1, v_new=v1)
+            qkv=qkv1, k_new=k1, v_new=v1, k_scales=k_scales, v_scales=v_scales)
 
     cache_len = jnp.broadcast_to(index + 1, (b,))
     if p.packed:
         args = (None, qkv[:, 0], None, None)
     else:
         args = (q[:, 0], None, k_new[:, 0], v_new[:, 0])
-    row, caches = ("batch", "heads", None), ("batch", "heads", None, None)
-    o, k_cache, v_cache = sharding.per_shard_logical(
-        run, in_axes=(row, caches, caches, ("batch",), ("batch", None), ("heads",),
-                      ("batch", None), row, row),
-        out_axes=(row, caches, caches))(
-        args[0], k_cache, v_cache, cache_len, kv_mask, _slopes(alibi_slopes), *args[1:])
-    return o[:, None], k_cache, v_cache
+    caches = (k_cache.values, v_cache.values, k_cache.scales, v_cache.scales) if quantized else (
+        k_cache, v_cache, None, None)
+    row, cache_axes, scale_axes = ("batch", "heads", None), ("batch", "heads", None, None), (
+        "batch", "heads", None)
+    cache_out = (cache_axes, cache_axes) + ((scale_axes, scale_axes) if quantized else ())
+    o, *new = sharding.per_shard_logical(
+        run, in_axes=(row, cache_axes, cache_axes, scale_axes, scale_axes, ("batch",),
+                      ("batch", None), ("heads",), ("batch", None), row, row),
+        out_axes=(row, *cache_out))(
+        args[0], *caches, cache_len, kv_mask, _slopes(alibi_slopes), *args[1:])
+    if quantized:
+        return o[:, None], quant.QuantizedKV(new[0], new[2]), quant.QuantizedKV(new[1], new[3])
+    return o[:, None], new[0], new[1]

@@ -18,6 +18,26 @@ ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_atte
 FFN_TYPES = ("mptmlp", "mptglu")
 NORM_TYPES = ("low_precision_layernorm", "layernorm", "low_precision_rmsnorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "relu", "silu")
+# Weight quantization of a checkpoint (model/quant.py): "int8" = weight-only int8, symmetric
+# absmax scales per output channel, on every matrix (the blocks' and the embeddings).
+QUANT_MODES = ("int8",)
+# The parameters it stores as int8 (pure-dict paths; a model has those its config gives it),
+# each with a float32 scale sibling `<name>_scale`: True for dense weights (float [in, out],
+# int8 [out, in], a scale per output), False for embeddings (rows kept, a scale per row).
+QUANTIZED_MATRICES = {
+    ("blocks", "attn", "Wqkv"): True,
+    ("blocks", "attn", "out_proj"): True,
+    ("blocks", "ffn", "up_proj"): True,
+    ("blocks", "ffn", "down_proj"): True,
+    ("blocks", "ffn", "gate_proj"): True,
+    ("wte",): False,
+    ("lm_head",): False,
+}
+
+
+def scale_path(path: tuple[str, ...]) -> tuple[str, ...]:
+    """The pure-dict path of the scales of quantized parameter `path`."""
+    return path[:-1] + (f"{path[-1]}_scale",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +110,10 @@ class MPTConfig:
     bos_token_id: int | tuple[int, ...] | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | tuple[int, ...] | None = None
+    # How the weights are stored (not an llm-foundry key): None = floating point, else one of
+    # QUANT_MODES. Our checkpoints record it in config.json; it changes parameter shapes and
+    # dtypes (model/quant.py), not what the model computes up to rounding.
+    quantization: str | None = None
 
     def __post_init__(self):
         self.validate()
@@ -203,6 +227,9 @@ class MPTConfig:
             )
         if not 0.0 < self.embedding_fraction <= 1.0:
             raise ValueError(f"embedding_fraction must be in (0, 1], got {self.embedding_fraction}")
+        if self.quantization is not None and self.quantization not in QUANT_MODES:
+            raise ValueError(f"quantization {self.quantization!r} is not supported; supported: "
+                             f"{', '.join(QUANT_MODES)} (weight-only, per output channel)")
         if self.init_config.fan_mode not in ("fan_in", "fan_out"):
             raise ValueError(f"unknown init_config.fan_mode {self.init_config.fan_mode!r}")
 
@@ -297,6 +324,8 @@ class MPTConfig:
             return out
         out["architectures"] = ["MPTForCausalLM"]
         out["norm_eps"] = self.norm_eps
+        if self.quantization is not None:
+            out["quantization"] = self.quantization
         out["attn_config"] = a
         f = dataclasses.asdict(self.ffn_config)
         f["ffn_act_fn"] = ({"name": "gelu", "approximate": "none"}

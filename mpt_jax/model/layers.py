@@ -16,6 +16,7 @@ from flax import nnx
 
 from mpt_jax import sharding
 from mpt_jax.kernels import norm_gpu
+from mpt_jax.model import quant
 from mpt_jax.model.config import MPTConfig
 
 _SQRT_HALF = float(1.0 / np.sqrt(2.0))
@@ -210,11 +211,23 @@ class Norm(nnx.Module):
             x, delta, self.weight[...], bias)
 
 
-def dense(x, w, b, dtype):
+def dense(x, w, b, dtype, *, act: str | None = None, scale=None, kernels: bool = False,
+          interpret: bool = False, out_axis: str | None = None):
+    """`act(x @ w + b)` in the compute dtype; act a name of ACTIVATIONS or None, b optional.
+
+    w is a float weight `[in, out]`, or with `scale` (its per-output-channel scales) an int8
+    weight `[out, in]` (model/quant.py): quant.int8_dense then runs it, through the int8 GPU
+    kernel for decode-sized calls when `kernels` (the model's impl is a Pallas GPU one;
+    `interpret` for CPU tests), the output features split as `out_axis` under a mesh."""
+    fn = None if act is None else ACTIVATIONS[act]
+    if scale is not None:
+        return quant.int8_dense(x, w[...], scale[...], None if b is None else b[...], dtype,
+                                act=fn, act_name=act, kernels=kernels, interpret=interpret,
+                                out_axis=out_axis)
     y = jnp.einsum("...i,io->...o", x.astype(dtype), w[...].astype(dtype))
     if b is not None:
         y = y + b[...].astype(dtype)
-    return y
+    return y if fn is None else fn(y)
 
 
 def dropout(x, rate: float, key):

@@ -12,6 +12,11 @@ prefill into an empty KV cache ("prefill") and decoding or chunks against a fill
 Dtype policy: parameters in `param_dtype` (float32 by default), matmuls in `dtype` (the compute
 dtype; bfloat16 for training), softmax and norms' statistics in float32, logits float32.
 RNG keys are passed explicitly: `dropout_rng=None` means deterministic (eval).
+
+Quantized weights (`config.quantization`, model/quant.py): the matrices are int8 `[out, in]`
+with float32 scale siblings (`Wqkv_scale`, `wte_scale`, ...); every matmul and the embedding
+gather read them as int8 (quant.int8_dense, quant.embed_rows). `quantize_model` turns a float
+model into one; such a model is for inference (its int8 parameters take no gradient).
 """
 from __future__ import annotations
 
@@ -27,9 +32,10 @@ from mpt_jax import sharding
 from mpt_jax.kernels import norm_gpu
 from mpt_jax.kernels.common import ATTN_LSE_NAME, ATTN_OUT_NAME, unpack_qkv
 from mpt_jax.model import attention as attn_lib
+from mpt_jax.model import quant
 from mpt_jax.model.alibi import alibi_slopes
 from mpt_jax.model.config import MPTConfig
-from mpt_jax.model.layers import ACTIVATIONS, Norm, dense, dropout, init_weight, residual_div
+from mpt_jax.model.layers import Norm, dense, dropout, init_weight, residual_div
 
 _cp = jax.checkpoint_policies
 _ATTN_NAMES = (ATTN_OUT_NAME, ATTN_LSE_NAME)
@@ -86,13 +92,12 @@ class Attention(nnx.Module):
         self.slopes = (tuple(float(s) for s in alibi_slopes(h, cfg.attn_config.alibi_bias_max))
                        if cfg.attn_config.alibi else None)
         n_qkv = (h + 2 * kv) * hd
-        self.Wqkv = nnx.Param(
-            init_weight(rngs.params(), (d, n_qkv), cfg, param_dtype), logical_axes=("embed", "qkv")
-        )
-        self.out_proj = nnx.Param(
+        q8 = cfg.quantization
+        self.Wqkv, self.Wqkv_scale = quant.linear_params(
+            init_weight(rngs.params(), (d, n_qkv), cfg, param_dtype), ("embed", "qkv"), q8)
+        self.out_proj, self.out_proj_scale = quant.linear_params(
             init_weight(rngs.params(), (h * hd, d), cfg, param_dtype, div=residual_div(cfg)),
-            logical_axes=("heads", "embed"),
-        )
+            ("heads", "embed"), q8)
         use_bias = not cfg.no_bias
         self.Wqkv_bias = (nnx.Param(jnp.zeros((n_qkv,), param_dtype), logical_axes=("qkv",))
                           if use_bias else None)
@@ -120,10 +125,15 @@ class Attention(nnx.Module):
                 k = self.k_ln(k.reshape(*k.shape[:2], -1), dtype).astype(dtype).reshape(k.shape)
         return q, k, v
 
+    def _dense(self, x, w, scale, b, dtype, out_axis):
+        return dense(x, w, b, dtype, scale=scale, out_axis=out_axis,
+                     kernels=attn_lib.resolve_impl(self.attn_impl) in attn_lib.GPU_IMPLS,
+                     interpret=self.attn_interpret)
+
     def __call__(self, x_btd, ctx: LayerContext, cache_kv, *, dtype, training: bool):
         b, t, _ = x_btd.shape
         h, kv, hd = self.n_heads, self.kv_heads, self.head_dim
-        qkv = dense(x_btd, self.Wqkv, self.Wqkv_bias, dtype)
+        qkv = self._dense(x_btd, self.Wqkv, self.Wqkv_scale, self.Wqkv_bias, dtype, "qkv")
         if self.clip_qkv is not None:
             qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
         slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
@@ -155,25 +165,29 @@ class Attention(nnx.Module):
             if ctx.mode == "prefill":
                 new_cache = attn_lib.write_cache(*cache_kv, heads[1], heads[2], 0)
         o_btd = o_bthd.reshape(b, t, h * hd)
-        return dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
+        return self._dense(o_btd, self.out_proj, self.out_proj_scale, self.out_proj_bias, dtype,
+                           "embed"), new_cache
 
 
 class MLP(nnx.Module):
     """mptmlp: down(act(up(x))); mptglu: down(act(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype):
+    def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype, attn_impl: str = "auto",
+                 attn_interpret: bool = False):
         d, f = cfg.d_model, cfg.ffn_hidden_size
         use_bias = not cfg.no_bias
         self.act = cfg.ffn_config.ffn_act_fn
-        self.up_proj = nnx.Param(init_weight(rngs.params(), (d, f), cfg, param_dtype),
-                                 logical_axes=("embed", "mlp"))
-        self.down_proj = nnx.Param(
+        self.attn_impl = attn_impl  # the model's kernel choice (int8 matmuls on GPU)
+        self.attn_interpret = attn_interpret
+        q8 = cfg.quantization
+        self.up_proj, self.up_proj_scale = quant.linear_params(
+            init_weight(rngs.params(), (d, f), cfg, param_dtype), ("embed", "mlp"), q8)
+        self.down_proj, self.down_proj_scale = quant.linear_params(
             init_weight(rngs.params(), (f, d), cfg, param_dtype, div=residual_div(cfg)),
-            logical_axes=("mlp", "embed"),
-        )
-        self.gate_proj = (nnx.Param(init_weight(rngs.params(), (d, f), cfg, param_dtype),
-                                    logical_axes=("embed", "mlp"))
-                          if cfg.ffn_config.ffn_type == "mptglu" else None)
+            ("mlp", "embed"), q8)
+        self.gate_proj, self.gate_proj_scale = (quant.linear_params(
+            init_weight(rngs.params(), (d, f), cfg, param_dtype), ("embed", "mlp"), q8)
+            if cfg.ffn_config.ffn_type == "mptglu" else (None, None))
         self.up_proj_bias = (nnx.Param(jnp.zeros((f,), param_dtype), logical_axes=("mlp",))
                              if use_bias else None)
         self.down_proj_bias = (nnx.Param(jnp.zeros((d,), param_dtype), logical_axes=("norm",))
@@ -182,15 +196,20 @@ class MLP(nnx.Module):
                                if use_bias and self.gate_proj is not None else None)
 
     def __call__(self, x_btd, *, dtype):
-        act = ACTIVATIONS[self.act]
-        up_btf = dense(x_btd, self.up_proj, self.up_proj_bias, dtype)
+        kw = dict(kernels=attn_lib.resolve_impl(self.attn_impl) in attn_lib.GPU_IMPLS,
+                  interpret=self.attn_interpret)
         if self.gate_proj is not None:
-            h_btf = act(dense(x_btd, self.gate_proj, self.gate_proj_bias, dtype)) * up_btf
+            up_btf = dense(x_btd, self.up_proj, self.up_proj_bias, dtype,
+                           scale=self.up_proj_scale, out_axis="mlp", **kw)
+            h_btf = dense(x_btd, self.gate_proj, self.gate_proj_bias, dtype, act=self.act,
+                          scale=self.gate_proj_scale, out_axis="mlp", **kw) * up_btf
         else:
-            h_btf = act(up_btf)
+            h_btf = dense(x_btd, self.up_proj, self.up_proj_bias, dtype, act=self.act,
+                          scale=self.up_proj_scale, out_axis="mlp", **kw)
         h_btf = checkpoint_name(h_btf, MLP_ACT_NAME)
         h_btf = sharding.constrain(h_btf, ("batch", "seq", "mlp"))
-        return dense(h_btf, self.down_proj, self.down_proj_bias, dtype)
+        return dense(h_btf, self.down_proj, self.down_proj_bias, dtype,
+                     scale=self.down_proj_scale, out_axis="embed", **kw)
 
 
 class Block(nnx.Module):
@@ -204,7 +223,8 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, attn_impl=attn_impl,
                               attn_interpret=attn_interpret)
         self.norm_2 = Norm(cfg.d_model, cfg, param_dtype=param_dtype, use_bias=use_bias)
-        self.ffn = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
+        self.ffn = MLP(cfg, rngs=rngs, param_dtype=param_dtype, attn_impl=attn_impl,
+                       attn_interpret=attn_interpret)
 
     def __call__(self, x_btd, pending, ctx: LayerContext, cache_kv, dropout_key, *, dtype):
         """-> (x, pending, new cache). With ctx.norm_kernels, `pending` is the previous block's
@@ -231,7 +251,7 @@ class Block(nnx.Module):
 
 class KVCache(NamedTuple):
     """Preallocated per-layer keys and values, `[L, B, KV, S, hd]` each (see
-    attention.decode_attention for the layout)."""
+    attention.decode_attention for the layout), or int8 quant.QuantizedKV pairs."""
 
     k: jax.Array
     v: jax.Array
@@ -284,19 +304,19 @@ class MPTForCausalLM(nnx.Module):
         self.remat_policy = remat_policy
         self.scan_layers = scan_layers
         d = cfg.d_model
-        self.wte = nnx.Param(
+        self.wte, self.wte_scale = quant.embedding_params(
             init_weight(rngs.params(), (cfg.vocab_size, d), cfg, param_dtype, embedding=True),
-            logical_axes=("vocab", "embed"),
-        )
+            ("vocab", "embed"), cfg.quantization)
         self.wpe = (nnx.Param(
             init_weight(rngs.params(), (cfg.max_seq_len, d), cfg, param_dtype, embedding=True),
             logical_axes=("positions", "embed")) if cfg.use_wpe else None)
         self.blocks = _stacked_blocks(cfg, rngs.params(), param_dtype=param_dtype,
                                       attn_impl=attn_impl, attn_interpret=attn_interpret)
         self.norm_f = Norm(d, cfg, param_dtype=param_dtype, use_bias=not cfg.no_bias)
-        self.lm_head = (None if cfg.tie_word_embeddings else nnx.Param(
-            init_weight(rngs.params(), (cfg.vocab_size, d), cfg, param_dtype, embedding=True),
-            logical_axes=("vocab", "embed")))
+        self.lm_head, self.lm_head_scale = (None, None) if cfg.tie_word_embeddings else (
+            quant.embedding_params(
+                init_weight(rngs.params(), (cfg.vocab_size, d), cfg, param_dtype, embedding=True),
+                ("vocab", "embed"), cfg.quantization))
 
     # -- public API ------------------------------------------------------------------------
     def __call__(self, input_ids, *, attention_mask=None, segment_ids=None, dropout_rng=None,
@@ -308,22 +328,37 @@ class MPTForCausalLM(nnx.Module):
         return logits if cache is None else (logits, new_cache)
 
     def output_embedding(self):
-        """The `[V, D]` unembedding matrix: wte when tied, else lm_head."""
+        """The `[V, D]` unembedding matrix: wte when tied, else lm_head (float models: the
+        training loss fuses it with the cross entropy; a quantized model has no float one)."""
+        if self.config.quantization is not None:
+            raise ValueError(f"this model's weights are {self.config.quantization} (inference "
+                             "only): train or finetune from the floating-point checkpoint")
         return (self.wte if self.lm_head is None else self.lm_head)[...]
 
     def unembed(self, h_btd):
         """Final hidden states `[..., D]` -> float32 logits `[..., V]` (h @ wte.T, logit_scale)."""
-        w_vd = self.output_embedding()
-        logits = jnp.einsum("...d,vd->...v", h_btd.astype(self.dtype), w_vd.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        if self.config.quantization is not None:
+            w, s = (self.wte, self.wte_scale) if self.lm_head is None else (
+                self.lm_head, self.lm_head_scale)
+            attn = self.blocks.attn
+            logits = quant.int8_dense(
+                h_btd, w[...], s[...], None, self.dtype, out_dtype=jnp.float32, out_axis="vocab",
+                kernels=attn_lib.resolve_impl(attn.attn_impl) in attn_lib.GPU_IMPLS,
+                interpret=attn.attn_interpret)
+        else:
+            w_vd = self.output_embedding()
+            logits = jnp.einsum("...d,vd->...v", h_btd.astype(self.dtype),
+                                w_vd.astype(self.dtype), preferred_element_type=jnp.float32)
         scale = self.config.logit_scale_value
         return logits if scale is None else logits * scale
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        """An empty KV cache in `dtype` (default the compute dtype; int8: quantized, with
+        per-token scales, quant.QuantizedKV)."""
         cfg = self.config
         shape = (cfg.n_layers, batch_size, cfg.kv_n_heads, max_len, cfg.head_dim)
         dt = self.dtype if dtype is None else dtype
-        return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+        return KVCache(quant.empty_cache(shape, dt), quant.empty_cache(shape, dt))
 
     def hidden_states(self, input_ids, *, attention_mask=None, segment_ids=None,
                       dropout_rng=None, cache=None, cache_index=None, mode: str | None = None,
@@ -372,7 +407,10 @@ class MPTForCausalLM(nnx.Module):
     def embed(self, input_ids, *, attention_mask=None, cache_index=None):
         """Token (and learned position) embeddings `[B, T, D]` float32, before dropout;
         `embedding_fraction` scales the gradient reaching them, as in llm-foundry."""
-        x_btd = jnp.take(self.wte[...], input_ids, axis=0).astype(jnp.float32)
+        if self.wte_scale is not None:
+            x_btd = quant.embed_rows(self.wte[...], self.wte_scale[...], input_ids)
+        else:
+            x_btd = jnp.take(self.wte[...], input_ids, axis=0).astype(jnp.float32)
         if self.wpe is not None:
             x_btd = x_btd + self._position_embeddings(input_ids.shape[1], attention_mask,
                                                       cache_index)
@@ -444,7 +482,7 @@ class MPTForCausalLM(nnx.Module):
         if not per_layer:  # unrolled over the stacked weights and cache
             layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
             if cache is not None:
-                caches = [(cache.k[i], cache.v[i]) for i in range(n)]
+                caches = [jax.tree.map(lambda a, i=i: a[i], (cache.k, cache.v)) for i in range(n)]
         new_kv = []
         for i, layer_state in enumerate(layers):
             x_btd, pending, kv = layer(x_btd, pending, layer_state,
@@ -455,8 +493,7 @@ class MPTForCausalLM(nnx.Module):
             return x_btd, pending, None
         if per_layer:
             return x_btd, pending, tuple(new_kv)
-        return x_btd, pending, KVCache(jnp.stack([k for k, _ in new_kv]),
-                                       jnp.stack([v for _, v in new_kv]))
+        return x_btd, pending, KVCache(*jax.tree.map(lambda *a: jnp.stack(a), *new_kv))
 
 
 def _check_mode(mode, cache, cache_index, segment_ids) -> str:
@@ -484,3 +521,24 @@ def _check_mode(mode, cache, cache_index, segment_ids) -> str:
 def abstract_model(config: MPTConfig, **kwargs) -> MPTForCausalLM:
     """The model's shapes and dtypes only (nothing allocated): `nnx.eval_shape`."""
     return nnx.eval_shape(lambda: MPTForCausalLM(config, rngs=nnx.Rngs(0), **kwargs))
+
+
+def quantize_model(model: MPTForCausalLM, mode: str = "int8") -> MPTForCausalLM:
+    """The model with its matrices quantized as `mode` (model/quant.py), computed on the
+    devices the weights are on, one layer at a time; `model` is left as it was. A model
+    already in `mode` is returned as is."""
+    cfg = model.config
+    if cfg.quantization == mode:
+        return model
+    if cfg.quantization is not None:
+        raise ValueError(f"the model is already quantized ({cfg.quantization}); quantize the "
+                         f"floating-point model to {mode}")
+    qcfg = cfg.replace(quantization=mode)
+    attn = model.blocks.attn
+    abstract = nnx.eval_shape(lambda: MPTForCausalLM(
+        qcfg, rngs=nnx.Rngs(0), dtype=model.dtype, param_dtype=model.norm_f.weight[...].dtype,
+        attn_impl=attn.attn_impl, remat_policy=model.remat_policy,
+        scan_layers=model.scan_layers, attn_interpret=attn.attn_interpret))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, quant.quantize_pure_dict(nnx.to_pure_dict(nnx.state(model))))
+    return nnx.merge(graphdef, state)
