@@ -477,7 +477,8 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
         return o, k_cache, v_cache
     scale = _scale(d, softmax_scale)
 
-    def run(q1, k_cache, v_cache, k_scales, v_scales, cache_len, kv_mask, slopes, qkv1, k1, v1):
+    def run(q1, k_cache, v_cache, k_scales, v_scales, cache_len, kv_mask, slopes, qkv1, k1,
+            v1):
         if p.kernel == "decode_tpu":  # (never packed or int8: it reads q, k and v apart)
             from mpt_jax.kernels import decode_tpu
 
