@@ -45,6 +45,9 @@ def main(argv=None) -> int:
                     help="requests waiting for a slot before new ones get 429")
     ap.add_argument("--prefill_chunk", type=int, default=256,
                     help="prompt tokens per prefill call (the most a running decode waits)")
+    ap.add_argument("--prefill_chunks", type=int, default=1,
+                    help="prefill calls between two decode steps (admits prompt bursts sooner; "
+                         "running decodes wait that many chunks)")
     ap.add_argument("--decode_steps", type=int, default=1,
                     help="decode steps per device call while no prompt waits (tokens then "
                          "stream in groups of this many)")
@@ -66,7 +69,7 @@ def main(argv=None) -> int:
         return fail(f"checkpoint {args.checkpoint!r} does not exist")
     if not 0 <= args.port < 65536:
         return fail(f"--port {args.port} is not a port number")
-    for name in ("max_batch", "max_seq_len", "prefill_chunk", "decode_steps"):
+    for name in ("max_batch", "max_seq_len", "prefill_chunk", "prefill_chunks", "decode_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return fail(f"--{name} must be >= 1, got {value}")
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
         gen = Generator(model, mesh=mesh)
         del model, loaded  # the generator keeps per-layer copies of the weights
         engine = Engine(gen, tok, max_batch=args.max_batch, max_seq_len=max_seq_len,
-                        prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
+                        prefill_chunk=args.prefill_chunk, prefill_chunks=args.prefill_chunks,
+                        decode_steps=args.decode_steps,
                         max_queue=args.max_queue, eos_id=eos_id, top_logprobs=args.top_logprobs,
                         metrics=metrics)
     except ValueError as e:

@@ -323,6 +323,8 @@ def main() -> int:
     ap.add_argument("--prompt_range", default="128,2048")
     ap.add_argument("--new_range", default="64,512")
     ap.add_argument("--prefill_chunk", type=int, default=256)
+    ap.add_argument("--prefill_chunks", type=int, default=1,
+                    help="prefill calls between decode steps (serve.py's flag)")
     ap.add_argument("--decode_steps", type=int, default=1,
                     help="engine decode steps per call while no prompt waits (serve.py's flag)")
     ap.add_argument("--rate_factor", type=float, default=1.2,
@@ -387,7 +389,8 @@ def main() -> int:
     if streams:
         lat = _Latencies()
         engine = Engine(gen, tok, max_batch=args.max_batch, max_seq_len=max_seq_len,
-                        prefill_chunk=args.prefill_chunk, decode_steps=args.decode_steps,
+                        prefill_chunk=args.prefill_chunk, prefill_chunks=args.prefill_chunks,
+                        decode_steps=args.decode_steps,
                         eos_id=None, max_queue=10**6,
                         metrics=lat)
         url = server = None
@@ -441,7 +444,7 @@ def main() -> int:
             arrivals = (f"Poisson x{args.rate_factor}" if r["arrival_rate_per_s"] !=
                         "closed loop" else "closed loop")
             name = (f"serve {mode} {r['streams']} streams max_batch {args.max_batch} "
-                    f"decode_steps {args.decode_steps} "
+                    f"decode_steps {args.decode_steps} prefill_chunks {args.prefill_chunks} "
                     f"{arrivals} {r['requests']} requests {shape}")
             rows += [(name, "tokens/s", f"{r['tokens_per_s']:.0f}"),
                      (name, "TTFT p50 / p99 ms", (f"{r['ttft_p50_ms']:.0f} / "

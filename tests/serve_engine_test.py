@@ -356,11 +356,13 @@ def test_shutdown_finishes_or_cancels_within_the_bound(served, monkeypatch):
     assert long.finished and "shut down" in long.error and len(long.choices[0].token_ids) < 50
 
 
-def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch):
-    """While one request decodes, a prompt of 4 chunks is prefilled one chunk per iteration,
-    each followed by a decode step (the running request waits one chunk at most); with
-    nothing decoding, the chunks run back to back."""
+@pytest.mark.parametrize("per_step", [1, 2])
+def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch, per_step):
+    """While one request decodes, a prompt of 4 chunks is prefilled `prefill_chunks` chunks
+    per iteration, each group followed by a decode step (the running request waits that many
+    chunks at most); with nothing decoding, the chunks run back to back."""
     engine = served["engine"]
+    monkeypatch.setattr(engine, "prefill_chunks", per_step)
     calls = []
     real_prefill, real_decode = engine._prefill_chunk, engine._decode
 
@@ -385,6 +387,7 @@ def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch):
     long.result(timeout=60)
     trace = "".join(calls)
     first = trace.index("P")
-    assert trace[first:first + 8] == "PDPDPDPD", trace  # one chunk, one decode step, ...
+    expect = ("P" * per_step + "D") * (4 // per_step)  # a group of chunks, a decode step, ...
+    assert trace[first:first + len(expect)] == expect, trace
     running.result(timeout=60)
     assert running.error is None and len(running.choices[0].token_ids) == 30

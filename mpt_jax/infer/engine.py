@@ -10,9 +10,10 @@ times, with different lengths and sampling parameters, share every decode step.
 
 One thread (the engine's) owns the device. Each iteration it
   1. applies cancellations (a disconnected client frees its slots at once);
-  2. dispatches one prefill chunk of the request at the head of the queue, once it has its
-     slots (one chunk per iteration while anything decodes, so a long prompt delays running
-     decodes by one chunk's time at most; back to back when nothing decodes). After the last
+  2. dispatches prefill chunks of the requests at the head of the queue, once they have their
+     slots (`prefill_chunks` per iteration while anything decodes, 1 by default, so a long
+     prompt delays running decodes by that many chunks' time at most; back to back when
+     nothing decodes). After the last
      chunk it admits the request: first tokens sampled, parameters set, and for n > 1 the
      prefilled cache row copied into the other choices' slots (the prompt runs once);
   3. dispatches one decode step over all slots (`decode_steps` steps in one call while
@@ -123,7 +124,10 @@ class Engine:
     generator: the Generator whose weights and forward serve. tokenizer: a
     `tokenizers.Tokenizer` (detokenization). max_batch: slots (concurrent choices).
     max_seq_len: prompt + completion per slot (default the model's; past it with ALiBi).
-    prefill_chunk: prompt tokens per prefill call. decode_steps: decode steps per call while
+    prefill_chunk: prompt tokens per prefill call. prefill_chunks: prefill calls between two
+    decode steps while anything decodes (vLLM's token budget per step, in chunks: more admits
+    a burst of long prompts sooner, each running decode then waits that many chunks).
+    decode_steps: decode steps per call while
     no prompt waits (1 streams every token as it comes). max_queue: requests waiting for slots
     before `submit` raises QueueFull. eos_id: ends every request (None: none). top_logprobs:
     the most top log-probabilities a request may ask for.
@@ -131,12 +135,13 @@ class Engine:
 
     def __init__(self, generator: Generator, tokenizer, *, max_batch: int = 64,
                  max_seq_len: int | None = None, prefill_chunk: int = 256,
-                 decode_steps: int = 1, max_queue: int = 256, eos_id: int | None = None,
+                 prefill_chunks: int = 1, decode_steps: int = 1, max_queue: int = 256, eos_id: int | None = None,
                  top_logprobs: int = 20, metrics: EngineMetrics | None = None):
         cfg = generator.config
         max_seq_len = cfg.max_seq_len if max_seq_len is None else int(max_seq_len)
         for name, value, low in (("max_batch", max_batch, 1), ("max_seq_len", max_seq_len, 2),
                                  ("prefill_chunk", prefill_chunk, 1),
+                                 ("prefill_chunks", prefill_chunks, 1),
                                  ("decode_steps", decode_steps, 1), ("max_queue", max_queue, 0),
                                  ("top_logprobs", top_logprobs, 0)):
             if not isinstance(value, int) or value < low:
@@ -149,6 +154,7 @@ class Engine:
         self.generator, self.tokenizer, self.config = generator, tokenizer, cfg
         self.max_batch, self.max_seq_len, self.max_queue = max_batch, max_seq_len, max_queue
         self.decode_steps, self.eos_id, self.top_logprobs = decode_steps, eos_id, top_logprobs
+        self.prefill_chunks = prefill_chunks
         self.chunk = min(prefill_chunk, max_seq_len)
         # Whole decode-kernel blocks; a prompt chunk never reaches past max_seq_len.
         n_slots = -(-max_seq_len // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S
@@ -321,16 +327,17 @@ class Engine:
 
     def _iteration(self) -> None:
         self._apply_cancels()
-        new = []
-        while True:  # prefill: one chunk while anything decodes, back to back otherwise
+        new, chunks = [], 0
+        while True:  # prefill: prefill_chunks while anything decodes, back to back otherwise
             if self._job is None:
                 self._job = self._start_job()
                 if self._job is None:
                     break
             admitted = self._prefill_chunk(self._job)
+            chunks += 1
             if admitted is not None:
                 new.append(admitted)
-            if self._n_decoding:
+            if self._n_decoding and chunks >= self.prefill_chunks:
                 break
         if self._n_decoding:
             new.append(self._decode())
