@@ -306,19 +306,33 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
     Returns the config form written and, for 'foundry', why native MPT could not be used."""
     src, dst = Path(src), Path(dst)
     np_dtype = _parse_dtype(dtype)
+    check_shard_bytes(max_shard_bytes)
+    _check_source_dir(src)
+    ck = resolve_checkpoint(src)
+    reader = ParamsReader(ck.params_dir)
+    _check_params(ck, reader, name_table(ck.cfg))
+    return write_hf_dir(ck.cfg, lambda r, i: reader.read(r.path, i, transpose=r.transpose),
+                        lambda r: reader.shape_dtype(r.path)[1], ck.files_dir, dst,
+                        dtype=np_dtype, max_shard_bytes=max_shard_bytes, desc=f"export {src.name}")
+
+
+def check_shard_bytes(max_shard_bytes) -> None:
     if not (max_shard_bytes > 0):  # (also refuses NaN)
         raise ConversionError(f"--max_shard_size must be a positive number of GB, got "
                               f"{max_shard_bytes / 1e9:g}")
-    _check_source_dir(src)
-    ck = resolve_checkpoint(src)
-    cfg = ck.cfg
+
+
+def write_hf_dir(cfg: MPTConfig, read, dtype_of, files_dir: Path, dst: Path, *, dtype=None,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, desc: str = "export"
+                 ) -> tuple[str, list[str]]:
+    """An HF-layout directory (safetensors shards, index, config.json, tokenizer files from
+    `files_dir`) written tensor by tensor: read(row, layer or None) gives each tensor in
+    torch's layout, dtype_of(row) its stored dtype (`dtype` overrides). Atomic."""
     rows = name_table(cfg)
-    reader = ParamsReader(ck.params_dir)
-    _check_params(ck, reader, rows)
     form, problems = export_form(cfg)
 
     # tensors in torch order: wte, (wpe), blocks.0.*, ..., norm_f, (lm_head)
-    items = []  # (torch key, row, layer, dtype, torch shape)
+    items = []  # (torch key, row, layer)
     top_first = [r for r in rows if not r.stacked and r.path[0] in ("wte", "wpe")]
     top_last = [r for r in rows if not r.stacked and r.path[0] not in ("wte", "wpe")]
     for r in top_first:
@@ -331,7 +345,7 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
         items.append((r.torch_key, r, None))
     entries = []
     for key, r, i in items:
-        dt = np_dtype or reader.shape_dtype(r.path)[1]
+        dt = dtype or dtype_of(r)
         entries.append((key, r, i, dt, r.torch_shape()))
 
     shards: list[list] = [[]]
@@ -349,11 +363,11 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
 
     with _AtomicDir(dst) as tmp:
         weight_map = {}
-        with _progress(total, f"export {src.name}") as bar:
+        with _progress(total, desc) as bar:
             for fname, shard in zip(names, shards):
                 w = SafetensorsWriter(tmp / fname, [(k, dt, s) for k, _, _, dt, s in shard])
                 for key, r, i, dt, _ in shard:
-                    arr = reader.read(r.path, i, transpose=r.transpose)
+                    arr = read(r, i)
                     w.write(key, arr if arr.dtype == dt else arr.astype(dt))
                     weight_map[key] = fname
                     bar.update(arr.size * dt.itemsize)
@@ -368,23 +382,51 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
             entries[0][3].name, "float32")
         config["torch_dtype"] = torch_dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _copy_tokenizer(ck.files_dir, tmp)
+        _copy_tokenizer(files_dir, tmp)
     return form, problems
 
 
 # ---------------------------------------------------------------------------------------------
 # load_pretrained
 # ---------------------------------------------------------------------------------------------
-def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
+def load_pretrained(path, dtype=None, *, param_dtype=None, merge_lora: bool = True,
+                    **model_kwargs):
     """Loads an HF-layout directory (config.json + safetensors, sharded or not, HF or
     llm-foundry names, `model.` prefix), our converter's directory, a trainer step directory or
     a trainer workdir (latest step). `dtype` is the compute dtype (float32 when None); params
-    keep their stored dtype unless `param_dtype` is given. Nothing is randomly initialised."""
-    import jax.numpy as jnp
+    keep their stored dtype unless `param_dtype` is given. Nothing is randomly initialised.
+
+    A LoRA run (workdir or step directory), a LoRA directory of ours (`convert_torch.py
+    import` of a PEFT adapter) or a PEFT adapter directory whose base is a local directory
+    loads as its base with the adapters: merged into the weights (merge_lora=True) or applied
+    at run time beside them (False: the model carries the adapters, model/lora.py). The base's
+    fingerprint is checked where the run recorded one."""
+    from mpt_jax.convert import lora as lora_io
 
     path = Path(path)
     _check_source_dir(path)
-    pd = None if param_dtype is None else np.dtype(jnp.dtype(param_dtype))
+    pd = _numpy_dtype(param_dtype)
+    adapted = lora_io.find_adapters(path)
+    if adapted is None:
+        cfg, pure = read_pure(path, pd)
+        return model_from_pure_dict(cfg, pure, dtype, **model_kwargs)
+    cfg, pure, lora_cfg = lora_io.load_adapted(adapted, pd, merge=merge_lora)
+    if not merge_lora:
+        model_kwargs["lora"] = lora_cfg
+    return model_from_pure_dict(cfg, pure, dtype, **model_kwargs)
+
+
+def _numpy_dtype(param_dtype):
+    if param_dtype is None:
+        return None
+    import jax.numpy as jnp
+
+    return np.dtype(jnp.dtype(param_dtype))
+
+
+def read_pure(path: Path, pd=None) -> tuple[MPTConfig, dict]:
+    """(config, the model's params pure dict of numpy arrays) of a checkpoint in any form
+    load_pretrained reads (not a LoRA one), cast to `pd` when given."""
     pure: dict = {}
     if (path / "params").is_dir() or (path / "checkpoints").is_dir():
         ck = resolve_checkpoint(path)
@@ -398,7 +440,7 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
         plan = plan_import(path)
         cfg = plan.cfg
         for note in plan.notes:
-            warnings.warn(note, stacklevel=2)
+            warnings.warn(note, stacklevel=3)
         stacks = {}
         for row, i, arr in iter_tensors(plan, pd):
             if row.stacked:
@@ -409,7 +451,7 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
                 set_path(pure, row.path, arr)
         for p, arr in stacks.items():
             set_path(pure, p, arr)
-    return model_from_pure_dict(cfg, pure, dtype, **model_kwargs)
+    return cfg, pure
 
 
 def model_from_pure_dict(cfg: MPTConfig, pure: dict, dtype=None, **model_kwargs):
@@ -439,8 +481,10 @@ def main(argv=None) -> int:
         prog="convert_torch.py",
         description="Convert MPT weights between HF/llm-foundry safetensors and mpt_jax.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    imp = sub.add_parser("import", help="HF/llm-foundry safetensors dir -> our checkpoint dir")
-    exp = sub.add_parser("export", help="our (or a trainer's) checkpoint -> HF safetensors dir")
+    imp = sub.add_parser("import", help="HF/llm-foundry safetensors dir -> our checkpoint dir; "
+                         "a PEFT adapter dir -> our LoRA dir")
+    exp = sub.add_parser("export", help="our (or a trainer's) checkpoint -> HF safetensors dir; "
+                         "a LoRA run -> PEFT adapter dir (or --merge_lora)")
     for s in (imp, exp):
         s.add_argument("src")
         s.add_argument("dst")
@@ -448,9 +492,21 @@ def main(argv=None) -> int:
                        help="dtype to store (default: as stored in SRC)")
     exp.add_argument("--max_shard_size", type=float, default=5.0,
                      help="largest safetensors shard, in GB (default 5)")
+    exp.add_argument("--merge_lora", action="store_true",
+                     help="a LoRA run: write its base with the adapters merged, a plain HF "
+                          "directory (default: PEFT's adapter directory)")
+    imp.add_argument("--base", default=None,
+                     help="SRC a PEFT adapter directory: the base it adapts (default: its "
+                          "adapter_config.json's base_model_name_or_path, if a local directory)")
     args = p.parse_args(argv)
     try:
-        if args.cmd == "import":
+        if args.cmd == "import" and (Path(args.src) / "adapter_config.json").is_file():
+            from mpt_jax.convert import lora as lora_io
+
+            lora_cfg, base = lora_io.import_peft(args.src, args.dst, base=args.base)
+            print(f"imported the PEFT adapter {args.src} -> {args.dst} (LoRA rank "
+                  f"{lora_cfg.rank} on {', '.join(lora_cfg.targets)}; base {base})")
+        elif args.cmd == "import":
             cfg, notes = import_checkpoint(args.src, args.dst, dtype=args.dtype)
             print(f"imported {args.src} -> {args.dst} ({cfg.num_params():,} parameters)")
             for note in notes:
@@ -459,9 +515,26 @@ def main(argv=None) -> int:
             if not args.max_shard_size > 0:  # (NaN too)
                 raise ConversionError(f"--max_shard_size must be a positive number of GB, got "
                                       f"{args.max_shard_size:g}")
-            form, problems = export_checkpoint(args.src, args.dst, dtype=args.dtype,
-                                               max_shard_bytes=int(args.max_shard_size * 1e9))
-            print(f"exported {args.src} -> {args.dst}")
+            from mpt_jax.convert import lora as lora_io
+
+            adapted = lora_io.find_adapters(Path(args.src)) if Path(args.src).is_dir() else None
+            if adapted is not None and not args.merge_lora:
+                lora_io.export_peft(adapted, args.dst)
+                print(f"exported the LoRA adapters of {args.src} -> {args.dst} (PEFT; base "
+                      f"{adapted.base})")
+                return 0
+            if args.merge_lora and adapted is None:
+                raise ConversionError(f"{args.src}: --merge_lora, but this is no LoRA run or "
+                                      "adapter directory")
+            max_bytes = int(args.max_shard_size * 1e9)
+            if adapted is not None:
+                form, problems = lora_io.export_merged(adapted, args.dst, dtype=args.dtype,
+                                                       max_shard_bytes=max_bytes)
+            else:
+                form, problems = export_checkpoint(args.src, args.dst, dtype=args.dtype,
+                                                   max_shard_bytes=max_bytes)
+            print(f"exported {args.src} -> {args.dst}"
+                  + (" (LoRA adapters merged into the base)" if adapted is not None else ""))
             if form == "foundry":
                 print("note: transformers' native MptForCausalLM cannot express this config ("
                       + "; ".join(problems) + "); wrote llm-foundry's remote-code config.json "

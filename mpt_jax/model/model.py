@@ -27,9 +27,10 @@ from mpt_jax import sharding
 from mpt_jax.kernels import norm_gpu
 from mpt_jax.kernels.common import ATTN_LSE_NAME, ATTN_OUT_NAME, unpack_qkv
 from mpt_jax.model import attention as attn_lib
+from mpt_jax.model import lora as lora_lib
 from mpt_jax.model.alibi import alibi_slopes
 from mpt_jax.model.config import MPTConfig
-from mpt_jax.model.layers import ACTIVATIONS, Norm, dense, dropout, init_weight, residual_div
+from mpt_jax.model.layers import ACTIVATIONS, Norm, dropout, init_weight, residual_div
 
 _cp = jax.checkpoint_policies
 _ATTN_NAMES = (ATTN_OUT_NAME, ATTN_LSE_NAME)
@@ -74,7 +75,7 @@ class Attention(nnx.Module):
     """Fused-Wqkv multi-head / multi-query / grouped-query attention with ALiBi."""
 
     def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype, attn_impl: str,
-                 attn_interpret: bool = False):
+                 attn_interpret: bool = False, lora: lora_lib.LoraConfig | None = None):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
         self.n_heads, self.kv_heads, self.head_dim = h, kv, hd
         self.clip_qkv = cfg.attn_config.clip_qkv
@@ -106,6 +107,8 @@ class Attention(nnx.Module):
             self.k_ln = Norm(hd, cfg, param_dtype=param_dtype, use_bias=use_bias)
         else:
             self.q_ln = self.k_ln = None
+        self.Wqkv_lora = lora_lib.make_adapter("Wqkv", d, n_qkv, lora, rngs)
+        self.out_proj_lora = lora_lib.make_adapter("out_proj", h * hd, d, lora, rngs)
 
     def _heads(self, qkv, dtype):
         """The fused projection `[B, T, (H + 2 KV) * hd]` -> q `[B, T, H, hd]`, k and v
@@ -120,10 +123,12 @@ class Attention(nnx.Module):
                 k = self.k_ln(k.reshape(*k.shape[:2], -1), dtype).astype(dtype).reshape(k.shape)
         return q, k, v
 
-    def __call__(self, x_btd, ctx: LayerContext, cache_kv, *, dtype, training: bool):
+    def __call__(self, x_btd, ctx: LayerContext, cache_kv, *, dtype, training: bool,
+                 lora_key=None):
         b, t, _ = x_btd.shape
         h, kv, hd = self.n_heads, self.kv_heads, self.head_dim
-        qkv = dense(x_btd, self.Wqkv, self.Wqkv_bias, dtype)
+        qkv = lora_lib.project(x_btd, self.Wqkv, self.Wqkv_bias, self.Wqkv_lora,
+                               _subkey(lora_key, 0), dtype)
         if self.clip_qkv is not None:
             qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
         slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
@@ -155,13 +160,15 @@ class Attention(nnx.Module):
             if ctx.mode == "prefill":
                 new_cache = attn_lib.write_cache(*cache_kv, heads[1], heads[2], 0)
         o_btd = o_bthd.reshape(b, t, h * hd)
-        return dense(o_btd, self.out_proj, self.out_proj_bias, dtype), new_cache
+        return lora_lib.project(o_btd, self.out_proj, self.out_proj_bias, self.out_proj_lora,
+                                _subkey(lora_key, 1), dtype), new_cache
 
 
 class MLP(nnx.Module):
     """mptmlp: down(act(up(x))); mptglu: down(act(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype):
+    def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype,
+                 lora: lora_lib.LoraConfig | None = None):
         d, f = cfg.d_model, cfg.ffn_hidden_size
         use_bias = not cfg.no_bias
         self.act = cfg.ffn_config.ffn_act_fn
@@ -180,31 +187,38 @@ class MLP(nnx.Module):
                                if use_bias else None)
         self.gate_proj_bias = (nnx.Param(jnp.zeros((f,), param_dtype), logical_axes=("mlp",))
                                if use_bias and self.gate_proj is not None else None)
+        self.up_proj_lora = lora_lib.make_adapter("up_proj", d, f, lora, rngs)
+        self.down_proj_lora = lora_lib.make_adapter("down_proj", f, d, lora, rngs)
+        self.gate_proj_lora = (lora_lib.make_adapter("gate_proj", d, f, lora, rngs)
+                               if self.gate_proj is not None else None)
 
-    def __call__(self, x_btd, *, dtype):
+    def __call__(self, x_btd, *, dtype, lora_key=None):
         act = ACTIVATIONS[self.act]
-        up_btf = dense(x_btd, self.up_proj, self.up_proj_bias, dtype)
+        up_btf = lora_lib.project(x_btd, self.up_proj, self.up_proj_bias, self.up_proj_lora,
+                                  _subkey(lora_key, 2), dtype)
         if self.gate_proj is not None:
-            h_btf = act(dense(x_btd, self.gate_proj, self.gate_proj_bias, dtype)) * up_btf
+            h_btf = act(lora_lib.project(x_btd, self.gate_proj, self.gate_proj_bias,
+                                         self.gate_proj_lora, _subkey(lora_key, 4), dtype)) * up_btf
         else:
             h_btf = act(up_btf)
         h_btf = checkpoint_name(h_btf, MLP_ACT_NAME)
         h_btf = sharding.constrain(h_btf, ("batch", "seq", "mlp"))
-        return dense(h_btf, self.down_proj, self.down_proj_bias, dtype)
+        return lora_lib.project(h_btf, self.down_proj, self.down_proj_bias, self.down_proj_lora,
+                                _subkey(lora_key, 3), dtype)
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm_1(x)); x + ffn(norm_2(x))."""
 
     def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype, attn_impl: str,
-                 attn_interpret: bool = False):
+                 attn_interpret: bool = False, lora: lora_lib.LoraConfig | None = None):
         use_bias = not cfg.no_bias
         self.resid_pdrop = cfg.resid_pdrop
         self.norm_1 = Norm(cfg.d_model, cfg, param_dtype=param_dtype, use_bias=use_bias)
         self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, attn_impl=attn_impl,
-                              attn_interpret=attn_interpret)
+                              attn_interpret=attn_interpret, lora=lora)
         self.norm_2 = Norm(cfg.d_model, cfg, param_dtype=param_dtype, use_bias=use_bias)
-        self.ffn = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
+        self.ffn = MLP(cfg, rngs=rngs, param_dtype=param_dtype, lora=lora)
 
     def __call__(self, x_btd, pending, ctx: LayerContext, cache_kv, dropout_key, *, dtype):
         """-> (x, pending, new cache). With ctx.norm_kernels, `pending` is the previous block's
@@ -218,13 +232,14 @@ class Block(nnx.Module):
             x_btd, h_btd = self.norm_2.fused(x_btd, a_btd, dtype, interpret=interpret)
             return x_btd, self.ffn(h_btd, dtype=dtype), new_cache
         training = dropout_key is not None
-        k1 = k2 = None
+        k1 = k2 = lora_key = None
         if training:
             k1, k2 = jax.random.split(dropout_key)
+            lora_key = jax.random.fold_in(dropout_key, 2)  # (adapters' dropout, if any)
         a_btd, new_cache = self.attn(self.norm_1(x_btd, dtype), ctx, cache_kv, dtype=dtype,
-                                     training=training)
+                                     training=training, lora_key=lora_key)
         x_btd = x_btd + dropout(a_btd, self.resid_pdrop, k1).astype(x_btd.dtype)
-        m_btd = self.ffn(self.norm_2(x_btd, dtype), dtype=dtype)
+        m_btd = self.ffn(self.norm_2(x_btd, dtype), dtype=dtype, lora_key=lora_key)
         x_btd = x_btd + dropout(m_btd, self.resid_pdrop, k2).astype(x_btd.dtype)
         return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), None, new_cache
 
@@ -237,16 +252,18 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
-def _stacked_blocks(cfg: MPTConfig, key, *, param_dtype, attn_impl, attn_interpret) -> Block:
+def _stacked_blocks(cfg: MPTConfig, key, *, param_dtype, attn_impl, attn_interpret,
+                    lora=None) -> Block:
     """One Block whose parameters carry a leading `layers` axis (n_layers deep)."""
 
     def make_state(k):
-        return nnx.state(Block(cfg, rngs=nnx.Rngs(params=k), param_dtype=param_dtype,
-                               attn_impl=attn_impl, attn_interpret=attn_interpret))
+        return nnx.state(Block(cfg, rngs=nnx.Rngs(params=k, lora=jax.random.fold_in(k, 1)),
+                               param_dtype=param_dtype, attn_impl=attn_impl,
+                               attn_interpret=attn_interpret, lora=lora))
 
     graphdef = nnx.graphdef(nnx.eval_shape(
-        lambda: Block(cfg, rngs=nnx.Rngs(params=0), param_dtype=param_dtype, attn_impl=attn_impl,
-                      attn_interpret=attn_interpret)))
+        lambda: Block(cfg, rngs=nnx.Rngs(params=0, lora=1), param_dtype=param_dtype,
+                      attn_impl=attn_impl, attn_interpret=attn_interpret, lora=lora)))
     state = jax.vmap(make_state)(jax.random.split(key, cfg.n_layers))
     blocks = nnx.merge(graphdef, state)
     for _, var in nnx.iter_graph(blocks):
@@ -269,17 +286,23 @@ class MPTForCausalLM(nnx.Module):
       mode="decode"   (the default with a cache) T new tokens at `cache_index` (int32 scalar,
                       or `[B]`: each row at its own position) against what the cache holds.
     `attn_interpret=True` runs a Pallas `attn_impl` in interpret mode (CPU tests).
+    `lora=LoraConfig(...)` adds low-rank adapters to the targeted projections of every block
+    (model/lora.py: `<target>_lora` submodules, applied beside the weights by lora.project).
     """
 
     def __init__(self, config: MPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, attn_impl: str = "auto", remat_policy: str = "none",
-                 scan_layers: bool = True, attn_interpret: bool = False):
+                 scan_layers: bool = True, attn_interpret: bool = False,
+                 lora: lora_lib.LoraConfig | None = None):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {remat_policy!r}; expected {tuple(REMAT_POLICIES)}")
         if attn_impl not in attn_lib.IMPLS:
             raise ValueError(f"unknown attn_impl {attn_impl!r}; expected {attn_lib.IMPLS}")
         cfg = config
+        if lora is not None:
+            lora.check_model(cfg)
         self.config = cfg
+        self.lora = lora
         self.dtype = dtype
         self.remat_policy = remat_policy
         self.scan_layers = scan_layers
@@ -292,7 +315,8 @@ class MPTForCausalLM(nnx.Module):
             init_weight(rngs.params(), (cfg.max_seq_len, d), cfg, param_dtype, embedding=True),
             logical_axes=("positions", "embed")) if cfg.use_wpe else None)
         self.blocks = _stacked_blocks(cfg, rngs.params(), param_dtype=param_dtype,
-                                      attn_impl=attn_impl, attn_interpret=attn_interpret)
+                                      attn_impl=attn_impl, attn_interpret=attn_interpret,
+                                      lora=lora)
         self.norm_f = Norm(d, cfg, param_dtype=param_dtype, use_bias=not cfg.no_bias)
         self.lm_head = (None if cfg.tie_word_embeddings else nnx.Param(
             init_weight(rngs.params(), (cfg.vocab_size, d), cfg, param_dtype, embedding=True),
@@ -457,6 +481,10 @@ class MPTForCausalLM(nnx.Module):
             return x_btd, pending, tuple(new_kv)
         return x_btd, pending, KVCache(jnp.stack([k for k, _ in new_kv]),
                                        jnp.stack([v for _, v in new_kv]))
+
+
+def _subkey(key, i: int):
+    return None if key is None else jax.random.fold_in(key, i)
 
 
 def _check_mode(mode, cache, cache_index, segment_ids) -> str:
