@@ -107,8 +107,9 @@ def latest_model_config(workdir: str) -> dict | None:
     if not steps:
         return None
     item = os.path.join(checkpoint_dir(workdir), str(steps[-1]), "model_config")
+    # (orbax may write commit_success.txt beside the JSON file, "metadata")
     files = [os.path.join(item, name) for name in sorted(os.listdir(item))
-             if not name.startswith((".", "_"))]
+             if not name.startswith((".", "_")) and name != "commit_success.txt"]
     if not files:
         raise ValueError(f"{item}: no model config file inside")
     with open(files[0]) as fh:

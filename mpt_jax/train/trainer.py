@@ -126,9 +126,8 @@ def check_config(config, workdir: str | None = None) -> MPTConfig:
             raise ValueError(f"train.lora.rank={lora.rank}: LoRA adapts a pretrained model; "
                              "set train.init_from to the base")
         lora.check_model(cfg)
-        if config.train.lora.adapter and not os.path.isdir(config.train.lora.adapter):
-            raise ValueError(f"train.lora.adapter={config.train.lora.adapter!r}: not a "
-                             "directory (a PEFT adapter directory or a LoRA run of ours)")
+        if config.train.lora.adapter:  # (read now: a misfit fails before anything is written)
+            _read_adapter(config.train.lora.adapter, lora, cfg)
     if config.train.remat_policy not in REMAT_POLICIES:
         raise ValueError(f"train.remat_policy={config.train.remat_policy!r}: expected one of "
                          f"{tuple(REMAT_POLICIES)}")
@@ -598,11 +597,21 @@ def _resumed_lora_params(workdir, step, init_from, lora, adapters, abstract_stat
 
 
 def _adapters_from(path, lora, cfg, state_shardings):
-    """train.lora.adapter's adapters (a PEFT directory or a LoRA run of ours), placed; their
-    rank, alpha and targets must be train.lora's, their shapes the model's."""
+    """train.lora.adapter's adapters (a PEFT directory or a LoRA run of ours), placed."""
+    adapters = _read_adapter(path, lora, cfg)
+    shardings, _ = step_lib.trainable(state_shardings["params"], True)
+    return jax.tree.map(lambda a, s: jax.device_put(a, s), adapters, shardings)
+
+
+def _read_adapter(path, lora, cfg):
+    """train.lora.adapter's adapters (numpy); their rank, alpha and targets must be
+    train.lora's, their shapes the model's."""
     from mpt_jax.convert import lora as lora_io
     from mpt_jax.convert.io import ConversionError
 
+    if not os.path.isdir(path):
+        raise ValueError(f"train.lora.adapter={path!r}: not a directory (a PEFT adapter "
+                         "directory or a LoRA run of ours)")
     try:
         have, adapters = lora_io.read_adapters(path, cfg)
     except ConversionError as e:
@@ -611,8 +620,7 @@ def _adapters_from(path, lora, cfg, state_shardings):
         raise ValueError(f"train.lora.adapter={path!r} has rank {have.rank} alpha {have.alpha} "
                          f"on {list(have.targets)}; train.lora asks rank {lora.rank} alpha "
                          f"{lora.alpha} on {list(lora.targets)}")
-    shardings, _ = step_lib.trainable(state_shardings["params"], True)
-    return jax.tree.map(lambda a, s: jax.device_put(a, s), adapters, shardings)
+    return adapters
 
 
 def _checkpoint_tokenizer(init_from: str) -> str | None:
