@@ -30,10 +30,25 @@ def _ids(b=2, t=13, seed=0):
     return np.random.RandomState(seed).randint(0, CFG.vocab_size, (b, t)).astype(np.int32)
 
 
-def _model(cfg, pure, lora=None):
-    from mpt_jax.convert.convert import model_from_pure_dict
+def _fresh(cfg, lora, seed):
+    """A freshly initialised model's params pure dict (numpy), made under one jit."""
+    from mpt_jax.model import MPTForCausalLM
 
-    return model_from_pure_dict(cfg, pure, None, lora=lora)
+    return jax.tree.map(np.asarray, jax.jit(lambda: nnx.to_pure_dict(nnx.state(
+        MPTForCausalLM(cfg, rngs=nnx.Rngs(seed), lora=lora), nnx.Param)))())
+
+
+def _forward(cfg, lora=None):
+    """(params pure dict, ids) -> logits, jitted: one compile per model structure."""
+    from mpt_jax.model import abstract_model
+
+    @jax.jit
+    def run(pure, ids):
+        graphdef, state = nnx.split(abstract_model(cfg, lora=lora))
+        nnx.replace_by_pure_dict(state, pure)
+        return nnx.merge(graphdef, state)(ids)
+
+    return lambda pure, ids: np.asarray(run(pure, ids))
 
 
 def _with_random_b(pure, seed=1, std=0.3):
@@ -82,38 +97,32 @@ def base(tmp_path_factory):
 # The model
 # ---------------------------------------------------------------------------------------------
 def test_fresh_adapters_change_nothing_and_merged_equals_unmerged():
-    from mpt_jax.model import MPTForCausalLM
-
-    model = MPTForCausalLM(CFG, rngs=nnx.Rngs(0), lora=LORA)
-    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    pure = _fresh(CFG, LORA, 0)
     adapters, plain = lora_lib.split(pure)
     pair = adapters["blocks"]["attn"]["Wqkv_lora"]
     # PEFT's init: A ~ U(+-1/sqrt(in)) (kaiming_uniform a=sqrt(5)), B zero
     assert pair["a"].shape == (CFG.n_layers, CFG.d_model, 4)
-    assert 0 < np.abs(pair["a"]).max() <= 1 / np.sqrt(CFG.d_model)
-    assert np.abs(pair["a"]).max() > 0.8 / np.sqrt(CFG.d_model)
+    assert 0.8 / np.sqrt(CFG.d_model) < np.abs(pair["a"]).max() <= 1 / np.sqrt(CFG.d_model)
     assert not np.any(pair["b"])
     ids = _ids()
-    want = np.asarray(_model(CFG, plain)(ids))
-    np.testing.assert_array_equal(np.asarray(_model(CFG, pure, LORA)(ids)), want)
+    plain_fn, lora_fn = _forward(CFG), _forward(CFG, LORA)
+    want = plain_fn(plain, ids)
+    np.testing.assert_array_equal(lora_fn(pure, ids), want)
     trained = _with_random_b(pure)
-    unmerged = np.asarray(_model(CFG, trained, LORA)(ids))
-    merged = np.asarray(_model(CFG, lora_lib.merge(trained, LORA))(ids))
+    unmerged = lora_fn(trained, ids)
     assert np.abs(unmerged - want).max() > 0.1  # (the adapters matter)
-    np.testing.assert_allclose(unmerged, merged, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(unmerged, plain_fn(lora_lib.merge(trained, LORA), ids),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_gate_proj_adapter_on_a_glu_model_merges():
     cfg = tiny(d_model=40, n_heads=4, vocab_size=384, max_seq_len=T,
                ffn_config=FFNConfig(ffn_type="mptglu"))
     lora = lora_lib.LoraConfig(3, 6.0, 0.0, ("gate_proj", "down_proj"))
-    from mpt_jax.model import MPTForCausalLM
-
-    pure = _with_random_b(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(
-        MPTForCausalLM(cfg, rngs=nnx.Rngs(1), lora=lora), nnx.Param))))
+    pure = _with_random_b(_fresh(cfg, lora, 1))
     ids = _ids()
-    np.testing.assert_allclose(np.asarray(_model(cfg, pure, lora)(ids)),
-                               np.asarray(_model(cfg, lora_lib.merge(pure, lora))(ids)),
+    np.testing.assert_allclose(_forward(cfg, lora)(pure, ids),
+                               _forward(cfg)(lora_lib.merge(pure, lora), ids),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -129,10 +138,7 @@ def test_exported_adapters_load_in_peft_with_our_logits(base, tmp_path):
 
     root, _ = base
     cfg, plain = read_pure(root / "hf")
-    from mpt_jax.model import MPTForCausalLM as Ours
-
-    fresh = nnx.to_pure_dict(nnx.state(Ours(cfg, rngs=nnx.Rngs(2), lora=LORA), nnx.Param))
-    adapters = lora_lib.split(_with_random_b(jax.tree.map(np.asarray, fresh), std=0.1))[0]
+    adapters = lora_lib.split(_with_random_b(_fresh(cfg, LORA, 2), std=0.1))[0]
     adapted = lora_io.Adapted(cfg, LORA, str(root / "hf"), None, adapters, root / "hf")
     lora_io.export_peft(adapted, tmp_path / "peft")
     meta = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -141,9 +147,10 @@ def test_exported_adapters_load_in_peft_with_our_logits(base, tmp_path):
     peft_model = PeftModel.from_pretrained(MptForCausalLM.from_pretrained(root / "hf"),
                                            str(tmp_path / "peft")).eval()
     ids = _ids()
-    ours = np.asarray(_model(cfg, lora_lib.join(adapters, plain), LORA)(ids))
+    ours = _forward(cfg, LORA)(lora_lib.join(adapters, plain), ids)
     np.testing.assert_allclose(ours, _hf_logits(peft_model, ids), atol=1e-4, rtol=1e-4)
-    assert np.abs(ours - np.asarray(_model(cfg, plain)(ids))).max() > 0.05
+    plain_logits = _hf_logits(MptForCausalLM.from_pretrained(root / "hf"), ids)
+    assert np.abs(ours - plain_logits).max() > 0.05
 
 
 def _peft_dir(base_dir, dst, targets=TARGETS):
