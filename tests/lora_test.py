@@ -433,6 +433,7 @@ def test_bad_lora_config_is_one_line_before_anything_is_written(base, tmp_path, 
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_train_py_adapter_for_another_base_exits_1_with_one_line(base, tmp_path):
     root, _ = base
     _peft_dir(root / "hf_wide", tmp_path / "peft", targets=("Wqkv",))

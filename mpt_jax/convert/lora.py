@@ -188,12 +188,10 @@ def read_adapters(path, cfg: MPTConfig) -> tuple[LoraConfig, dict]:
     """(LoRA settings, adapters) of a PEFT directory or a LoRA checkpoint of ours, for a model
     of config `cfg` (train.lora.adapter: the base is train.init_from)."""
     path = Path(path)
-    found = find_adapters(path, base=None) if not (path / PEFT_CONFIG).is_file() else None
-    if found is None and (path / PEFT_CONFIG).is_file():
-        meta = json.loads((path / PEFT_CONFIG).read_text())
-        base = meta.get("base_model_name_or_path") or ""
-        found = read_peft(path, base=base if Path(base).is_dir() else None) if Path(
-            base).is_dir() else _peft_for_config(path, cfg)
+    # (a PEFT directory is read against `cfg`, whatever base it names: the run's base is
+    # train.init_from)
+    found = (_peft_for_config(path, cfg) if (path / PEFT_CONFIG).is_file() else
+             find_adapters(path))
     if found is None:
         raise ConversionError(f"{path}: neither a PEFT adapter directory nor a LoRA run")
     _check_shapes(found.adapters, cfg, found.lora, path)
