@@ -2,7 +2,7 @@
 data (segment ids on), as the trainer runs it. Each variant runs in its own subprocess (clean
 peak memory; an OOM loses only that variant).
 
-    python bench/finetune.py --variants sft,story [--steps 4 --results bench/RESULTS.md
+    python bench/finetune.py --variants sft,story,lora [--steps 4 --results bench/RESULTS.md
         --card H200 --commit abc1234]
 
 Variants:
@@ -12,6 +12,11 @@ Variants:
   story  MPT-7B-StoryWriter continued training, seq 65536 (configs/mpt7b_storywriter.py:
          decoupled LION with bf16 moments, full remat, one row per device, loss chunks of 4096),
          documents packed with segment ids
+  lora   MPT-7B LoRA, seq 2048, packed examples as `sft`: rank 16, alpha 32, on Wqkv,
+         out_proj, up_proj, down_proj (train.lora), the frozen base in bf16, float32 adapters
+         with decoupled AdamW, full remat, micro-batch --lora_micro_batch rows per device.
+         Run it beside `sft` at the same micro-batch (`--variants sft,lora --sft_micro_batch
+         4`): the summary then prints LoRA's step time over the full finetune's.
 
 Data: synthetic examples of Dolly-like lengths: log-normal token counts (median 200, sigma 1.0,
 seed 0, clipped to [16, seq]), the first 40% of each the prompt (loss mask 0), packed into rows
@@ -28,6 +33,10 @@ positions, as llm-foundry counts its padded batches; packing efficiency = real t
 positions over the timed batches; peak memory from the device's allocator. The attention
 kernel the packed (segment-id) path runs is printed and recorded: `attention.plan` picks it,
 and the Hopper (Mosaic GPU) kernels take no segment ids, so on an H200 it is the Triton kernel.
+LoRA's MFU counts the whole model's forward and backward flops (6 x params + attention per
+token, the full finetune's count and llm-foundry's MPT flops_per_batch, which does not discount
+frozen weights or add the adapters'), so its MFU is comparable with the full finetune's as
+model throughput; the flops LoRA executes are fewer (no base weight gradients).
 Reference rows (llm-foundry's published 8x H100 MPT-7B finetuning: seq 2048 10,643 tokens/s/GPU
 46.4% MFU; seq 65536 1,956 tokens/s/GPU 28.6% MFU) are not measured here.
 """
@@ -45,10 +54,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 VARIANTS = {
-    # name: (seq, optimizer, mu_dtype, remat, loss_chunk, layout)
-    "sft": (2048, "decoupled_adamw", "", "full", 512, "examples"),
-    "story": (65536, "decoupled_lion", "bfloat16", "full", 4096, "documents"),
+    # name: (seq, optimizer, mu_dtype, remat, loss_chunk, layout, LoRA rank)
+    "sft": (2048, "decoupled_adamw", "", "full", 512, "examples", 0),
+    "story": (65536, "decoupled_lion", "bfloat16", "full", 4096, "documents", 0),
+    "lora": (2048, "decoupled_adamw", "", "full", 512, "examples", 16),
 }
+LORA_TARGETS = ("Wqkv", "out_proj", "up_proj", "down_proj")
 DATA_SEED = 0
 
 
@@ -114,16 +125,18 @@ def run_one(args) -> dict:
     from mpt_jax.train import optim
     from mpt_jax.train import step as step_lib
 
-    seq, opt_name, mu_dtype, remat, loss_chunk, layout = VARIANTS[args.variant]
-    micro = args.sft_micro_batch if args.variant == "sft" else 1
+    seq, opt_name, mu_dtype, remat, loss_chunk, layout, rank = VARIANTS[args.variant]
+    micro = {"sft": args.sft_micro_batch, "lora": args.lora_micro_batch}.get(args.variant, 1)
     cfg = MPTConfig.preset(args.model, max_seq_len=max(seq, 2048),
                            attn_config=AttnConfig(attn_uses_sequence_id=True))
     n = jax.device_count()
     rows = micro * n
     train = ml_collections.ConfigDict(dict(
         seq_len=seq, global_batch_size=rows, micro_batch_size=0, compute_dtype="bfloat16",
-        param_dtype="float32", remat_policy=remat, scan_layers=False, attn_impl="auto",
-        loss_chunk_size=loss_chunk, nonfinite="stop"))
+        param_dtype="bfloat16" if rank else "float32", remat_policy=remat, scan_layers=False,
+        attn_impl="auto", loss_chunk_size=loss_chunk, nonfinite="stop",
+        lora=ml_collections.ConfigDict(dict(rank=rank, alpha=2.0 * rank, dropout=0.0,
+                                            targets=LORA_TARGETS, adapter=""))))
     ocfg = ml_collections.ConfigDict(dict(
         name=opt_name, lr=1e-5, b1=0.9, b2=0.999 if opt_name == "decoupled_adamw" else 0.99,
         eps=1e-8, weight_decay=0.0, weight_decay_mask="all", mu_dtype=mu_dtype, clip_norm=1.0,
@@ -158,7 +171,8 @@ def run_one(args) -> dict:
     tps = rows * seq / dt
     mem = metrics_lib.device_memory_gb()
     return dict(variant=args.variant, model=args.model, seq=seq, micro_batch=micro, devices=n,
-                optim=opt_name,
+                optim=opt_name, lora_rank=rank,
+                base_dtype=train.param_dtype,
                 mu_dtype=mu_dtype or "float32", remat=remat, kernel=kernel,
                 packing_efficiency=efficiency, step_s=dt, compile_s=compile_s,
                 tokens_per_s_per_device=tps / n,
@@ -169,9 +183,11 @@ def run_one(args) -> dict:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--variants", default="sft,story", help="comma list of " + ",".join(VARIANTS))
+    p.add_argument("--variants", default="sft,story,lora",
+                   help="comma list of " + ",".join(VARIANTS))
     p.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up step")
     p.add_argument("--sft_micro_batch", type=int, default=8, help="sft rows per device")
+    p.add_argument("--lora_micro_batch", type=int, default=4, help="lora rows per device")
     p.add_argument("--model", default="7b", help="MPT size (a smaller one for a smoke run)")
     p.add_argument("--results", default="")
     p.add_argument("--card", default="")
@@ -188,7 +204,7 @@ def main():
             p.error(f"--variants: unknown {variant!r}; expected some of {sorted(VARIANTS)}")
         cmd = [sys.executable, __file__, "--one", "--variant", variant, "--steps",
                str(args.steps), "--sft_micro_batch", str(args.sft_micro_batch),
-               "--model", args.model]
+               "--lora_micro_batch", str(args.lora_micro_batch), "--model", args.model]
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not lines:
@@ -197,13 +213,27 @@ def main():
             continue
         r = json.loads(lines[-1][7:])
         rows.append(r)
+        lora = (f" LoRA r{r['lora_rank']} on {len(LORA_TARGETS)} targets, {r['base_dtype']} base"
+                if r["lora_rank"] else "")
         print(f"{variant}: MPT-{r['model']} seq {r['seq']} mb {r['micro_batch']} x{r['devices']} "
-              f"{r['optim']}/{r['mu_dtype']} remat {r['remat']}, attention {r['kernel']}: "
+              f"{r['optim']}/{r['mu_dtype']} remat {r['remat']}{lora}, attention {r['kernel']}: "
               f"{r['tokens_per_s_per_device']:,.0f} tok/s/device "
               f"({r['real_tokens_per_s_per_device']:,.0f} real), MFU "
               f"{100 * (r['mfu'] or 0):.1f}%, packing {100 * r['packing_efficiency']:.1f}%, "
               f"step {r['step_s']:.3f}s, compile {r['compile_s']:.0f}s, peak "
               f"{r['peak_mem_gb'] or 0:.1f} GiB [{r['device']}]", flush=True)
+    by_name = {r["variant"]: r for r in rows}
+    ratio = None
+    if "sft" in by_name and "lora" in by_name:
+        full, lora = by_name["sft"], by_name["lora"]
+        if full["micro_batch"] == lora["micro_batch"]:
+            ratio = lora["step_s"] / full["step_s"]
+            print(f"lora step / full finetune step at micro-batch {lora['micro_batch']}: "
+                  f"{ratio:.3f} (goal <= 0.75); lora peak {lora['peak_mem_gb'] or 0:.1f} GiB "
+                  "(goal < 30)", flush=True)
+        else:
+            print(f"(no lora/full step ratio: micro-batches differ, {lora['micro_batch']} vs "
+                  f"{full['micro_batch']}; pass --sft_micro_batch {lora['micro_batch']})")
     if args.results and rows:
         date = datetime.date.today().isoformat()
         with open(args.results, "a") as fh:
@@ -211,16 +241,21 @@ def main():
                 name = (f"finetune {r['variant']} mpt-{r['model']} seq {r['seq']} mb "
                         f"{r['micro_batch']} x"
                         f"{r['devices']} packed (segment ids, attention {r['kernel']}) "
-                        f"{r['optim']} mu {r['mu_dtype']} remat {r['remat']}")
+                        f"{r['optim']} mu {r['mu_dtype']} remat {r['remat']}"
+                        + (f" LoRA r{r['lora_rank']} {'+'.join(LORA_TARGETS)} {r['base_dtype']} "
+                           "base (MFU: full-model flops)" if r["lora_rank"] else ""))
                 card = args.card or r["device"]
-                for fig, val in (
-                        ("tokens/s/GPU", f"{r['tokens_per_s_per_device']:,.0f}"),
-                        ("real tokens/s/GPU", f"{r['real_tokens_per_s_per_device']:,.0f}"),
-                        ("MFU %", f"{100 * (r['mfu'] or 0):.1f}"),
-                        ("packing efficiency %", f"{100 * r['packing_efficiency']:.1f}"),
-                        ("step s", f"{r['step_s']:.3f}"),
-                        ("compile s", f"{r['compile_s']:.0f}"),
-                        ("peak GiB/GPU", f"{r['peak_mem_gb'] or 0:.1f}")):
+                figures = [
+                    ("tokens/s/GPU", f"{r['tokens_per_s_per_device']:,.0f}"),
+                    ("real tokens/s/GPU", f"{r['real_tokens_per_s_per_device']:,.0f}"),
+                    ("MFU %", f"{100 * (r['mfu'] or 0):.1f}"),
+                    ("packing efficiency %", f"{100 * r['packing_efficiency']:.1f}"),
+                    ("step s", f"{r['step_s']:.3f}"),
+                    ("compile s", f"{r['compile_s']:.0f}"),
+                    ("peak GiB/GPU", f"{r['peak_mem_gb'] or 0:.1f}")]
+                if r["variant"] == "lora" and ratio is not None:
+                    figures.append(("step / full finetune step (same call)", f"{ratio:.3f}"))
+                for fig, val in figures:
                     fh.write(f"| {date} | {name} | {fig} | {val} | {card} | {args.commit} |\n")
 
 

@@ -18,7 +18,11 @@ files change values, never add keys; `--config.a.b=value` overrides any of them)
                  HF-layout directory, one of our converted checkpoints, a training workdir or
                  step directory; weights only, the model config comes from it and `model.*`
                  may change only max_seq_len, dropout and attn_uses_sequence_id, see
-                 mpt_jax/convert/pretrained.py)
+                 mpt_jax/convert/pretrained.py),
+                 lora.* (rank 0 = off; alpha, dropout, targets of Wqkv, out_proj, up_proj,
+                 down_proj, gate_proj; adapter: '' or the adapters to start from, a PEFT
+                 adapter directory or a LoRA run / checkpoint of ours): LoRA over train.init_from
+                 (mpt_jax/model/lora.py), the base frozen in train.param_dtype
   optim.*        name (decoupled_lion|decoupled_adamw), lr, b1, b2, eps, weight_decay,
                  weight_decay_mask (all|matrices), mu_dtype ('' = param dtype), clip_norm,
                  schedule (cosine|linear|constant), warmup_steps, alpha_f
@@ -88,7 +92,11 @@ def get_base_config(size: str = "125m") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         seq_len=2048, global_batch_size=256, micro_batch_size=0, compute_dtype="bfloat16",
         param_dtype="float32", remat_policy="dots_no_batch", scan_layers=False, attn_impl="auto",
-        loss_chunk_size=512, nonfinite="stop", xla_options="", init_from=""))
+        loss_chunk_size=512, nonfinite="stop", xla_options="", init_from="",
+        # PEFT's LoraConfig defaults (r 8, lora_alpha 8, no dropout) but off; PEFT's default
+        # target for MPT is Wqkv
+        lora=ml_collections.ConfigDict(dict(rank=0, alpha=8.0, dropout=0.0,
+                                            targets=("Wqkv",), adapter=""))))
 
     # llm-foundry's pretrain yamls: decoupled_adamw lr 6e-4 (125m) ... 1.2e-4 (7b), betas
     # (0.9, 0.95), eps 1e-8, weight_decay 0; cosine_with_warmup t_warmup 100ba, alpha_f 0.1;

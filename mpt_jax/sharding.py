@@ -36,6 +36,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("seq", None),
     ("act_embed", None),
     ("positions", None),
+    ("lora_rank", None),
 )
 
 

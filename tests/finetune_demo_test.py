@@ -16,9 +16,10 @@ SEQ = 128  # (the 384-token BPE's instruct template alone is ~60 tokens: respons
 
 @pytest.mark.slow
 def test_tiny_sft_demo_end_to_end(tmp_path, monkeypatch):
-    from mpt_jax.data import finetune, prepare, sft_corpus
+    from mpt_jax.data import corpus, finetune, prepare, sft_corpus
 
     pre, sft = tmp_path / "tiny", tmp_path / "tiny_sft"
+    all_files = corpus.stdlib_files()
     prepare_small_builtin(str(pre), monkeypatch)  # (stdlib_files: 40 files from here on)
     env = subprocess_env()
     pre_cfg = write_test_config(str(tmp_path / "pre.py"), None)
@@ -26,11 +27,13 @@ def test_tiny_sft_demo_end_to_end(tmp_path, monkeypatch):
                           f"--workdir={pre}"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    # the built-in instruction set, prepared as the trainer would (train.py finds it)
+    # the built-in instruction set of 200 stdlib files, prepared as the trainer would
+    # (train.py finds it prepared)
+    monkeypatch.setattr(corpus, "stdlib_files", lambda: all_files[:200])
     shards = sft_corpus.prepare_builtin("python_stdlib_sft", str(sft / "data"),
                                         tokenizer=str(pre / "tokenizer.json"), max_seq_len=SEQ,
                                         on_too_long="truncate")
-    assert prepare.read_manifest(shards)["records"] >= 80
+    assert prepare.read_manifest(shards)["records"] >= 150
     (tmp_path / "sft.py").write_text(textwrap.dedent(f'''\
         from configs import tiny_sft
 
@@ -40,7 +43,7 @@ def test_tiny_sft_demo_end_to_end(tmp_path, monkeypatch):
             c.model.max_seq_len = c.train.seq_len = c.data.builtin_max_seq_len = {SEQ}
             c.data.builtin_on_too_long = "truncate"
             c.train.global_batch_size, c.train.loss_chunk_size = 8, 8
-            c.eval.batch_size, c.eval.num_batches = 4, 2
+            c.eval.batch_size, c.eval.num_batches = 2, 2
             c.data.eval_fraction, c.data.prefetch = 0.1, 0
             c.optim.lr, c.optim.warmup_steps = 3e-3, 2
             c.max_steps, c.log_every, c.eval_every, c.checkpoint_every = 16, 4, 8, 8

@@ -126,8 +126,9 @@ def test_stop_and_resume_mid_finetune_reproduces_the_run(pretrained, tmp_path, m
 
     root, _ = pretrained
     base = shutil.copytree(root / "hf", tmp_path / "base")
+    # (packed, the held-out split fills 2 batches of 2 rows, not of 4)
     over = {"max_steps": 6, "checkpoint_every": 3, "eval_every": 3, "data.packing": True,
-            "model.attn_config.attn_uses_sequence_id": True}
+            "model.attn_config.attn_uses_sequence_id": True, "eval.batch_size": 2}
     trainer.train(ft_config(base, root / "ex", **over), str(tmp_path / "full"))
 
     class StopAtThird(monitor.StopSignal):

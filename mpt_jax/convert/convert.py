@@ -193,24 +193,46 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
     float parameters' dtype."""
     src, dst = Path(src), Path(dst)
     np_dtype = _parse_dtype(dtype)
+    check_shard_bytes(max_shard_bytes)
+    _check_source_dir(src)
+    ck = resolve_checkpoint(src)
+    reader = ParamsReader(ck.params_dir)
+    rows = name_table(ck.cfg)
+    _check_params(ck, reader, rows)
+    scale_rows = {r.path: r for r in rows if r.kind == "scale"}
+    float_dt = reader.shape_dtype(("norm_f", "weight"))[1]
+
+    def dtype_of(r):
+        return float_dt if r.kind == "int8" else reader.shape_dtype(r.path)[1]
+
+    def read(r, i):
+        if r.kind == "int8":
+            return quant_io.dequantized(reader, r, scale_rows[scale_path(r.path)], i,
+                                        np_dtype or float_dt)
+        return reader.read(r.path, i, transpose=r.transpose)
+
+    return write_hf_dir(ck.cfg, read, dtype_of, ck.files_dir, dst, dtype=np_dtype,
+                        max_shard_bytes=max_shard_bytes, desc=f"export {src.name}")
+
+
+def check_shard_bytes(max_shard_bytes) -> None:
     if not (max_shard_bytes > 0):  # (also refuses NaN)
         raise ConversionError(f"--max_shard_size must be a positive number of GB, got "
                               f"{max_shard_bytes / 1e9:g}")
-    _check_source_dir(src)
-    ck = resolve_checkpoint(src)
-    cfg = ck.cfg
-    rows = name_table(cfg)
-    reader = ParamsReader(ck.params_dir)
-    _check_params(ck, reader, rows)
+
+
+def write_hf_dir(cfg: MPTConfig, read, dtype_of, files_dir: Path, dst: Path, *, dtype=None,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, desc: str = "export"
+                 ) -> tuple[str, list[str]]:
+    """An HF-layout directory (safetensors shards, index, config.json, tokenizer files from
+    `files_dir`) written tensor by tensor: read(row, layer or None) gives each tensor in
+    torch's layout, dtype_of(row) its stored dtype (`dtype` overrides); an int8 row's read
+    gives it dequantized (its scales are no tensor of their own there). Atomic."""
+    rows = [r for r in name_table(cfg) if r.kind != "scale"]
     form, problems = export_form(cfg)
-    scale_rows = {r.path: r for r in rows if r.kind == "scale"}
-    scale_of = {r.path: scale_rows[p] for r in rows for p in [scale_path(r.path)]
-                if r.kind == "int8"}
-    rows = [r for r in rows if r.kind != "scale"]
-    float_dt = reader.shape_dtype(("norm_f", "weight"))[1]
 
     # tensors in torch order: wte, (wpe), blocks.0.*, ..., norm_f, (lm_head)
-    items = []  # (torch key, row, layer, dtype, torch shape)
+    items = []  # (torch key, row, layer)
     top_first = [r for r in rows if not r.stacked and r.path[0] in ("wte", "wpe")]
     top_last = [r for r in rows if not r.stacked and r.path[0] not in ("wte", "wpe")]
     for r in top_first:
@@ -223,7 +245,7 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
         items.append((r.torch_key, r, None))
     entries = []
     for key, r, i in items:
-        dt = np_dtype or (float_dt if r.kind == "int8" else reader.shape_dtype(r.path)[1])
+        dt = dtype or dtype_of(r)
         entries.append((key, r, i, dt, r.torch_shape()))
 
     shards: list[list] = [[]]
@@ -241,12 +263,11 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
 
     with _AtomicDir(dst) as tmp:
         weight_map = {}
-        with _progress(total, f"export {src.name}") as bar:
+        with _progress(total, desc) as bar:
             for fname, shard in zip(names, shards):
                 w = SafetensorsWriter(tmp / fname, [(k, dt, s) for k, _, _, dt, s in shard])
                 for key, r, i, dt, _ in shard:
-                    arr = (quant_io.dequantized(reader, r, scale_of[r.path], i, dt)
-                           if r.kind == "int8" else reader.read(r.path, i, transpose=r.transpose))
+                    arr = read(r, i)
                     w.write(key, arr if arr.dtype == dt else arr.astype(dt))
                     weight_map[key] = fname
                     bar.update(arr.size * dt.itemsize)
@@ -261,7 +282,7 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
             entries[0][3].name, "float32")
         config["torch_dtype"] = torch_dtype
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _copy_tokenizer(ck.files_dir, tmp)
+        _copy_tokenizer(files_dir, tmp)
     return form, problems
 
 
@@ -269,7 +290,7 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
 # load_pretrained
 # ---------------------------------------------------------------------------------------------
 def load_pretrained(path, dtype=None, *, param_dtype=None, quantize: str | None = None,
-                    **model_kwargs):
+                    merge_lora: bool = True, **model_kwargs):
     """Loads an HF-layout directory (config.json + safetensors, sharded or not, HF or
     llm-foundry names, `model.` prefix), our converter's directory, a trainer step directory or
     a trainer workdir (latest step). `dtype` is the compute dtype (float32 when None); float
@@ -278,13 +299,44 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, quantize: str | None 
 
     quantize: "int8" quantizes the matrices as they are read, one tensor at a time (the float
     model is never held whole; model/quant.py has the format). A checkpoint saved quantized
-    loads as it is stored (quantize None or its own mode)."""
-    import jax.numpy as jnp
+    loads as it is stored (quantize None or its own mode).
+
+    A LoRA run (workdir or step directory), a LoRA directory of ours (`convert_torch.py
+    import` of a PEFT adapter) or a PEFT adapter directory whose base is a local directory
+    loads as its base with the adapters: merged into the weights (merge_lora=True) or applied
+    at run time beside them (False: the model carries the adapters, model/lora.py). The base's
+    fingerprint is checked where the run recorded one."""
+    from mpt_jax.convert import lora as lora_io
 
     quant_io.check_mode(quantize)
     path = Path(path)
     _check_source_dir(path)
-    pd = None if param_dtype is None else np.dtype(jnp.dtype(param_dtype))
+    pd = _numpy_dtype(param_dtype)
+    adapted = lora_io.find_adapters(path)
+    if adapted is None:
+        cfg, pure = read_pure(path, pd, quantize)
+        return model_from_pure_dict(cfg, pure, dtype, **model_kwargs)
+    if quantize is not None:
+        raise ConversionError(f"{path} is a LoRA run or adapter: quantize its merged weights "
+                              "(convert_torch.py export --merge_lora, then quantize)")
+    cfg, pure, lora_cfg = lora_io.load_adapted(adapted, pd, merge=merge_lora)
+    if not merge_lora:
+        model_kwargs["lora"] = lora_cfg
+    return model_from_pure_dict(cfg, pure, dtype, **model_kwargs)
+
+
+def _numpy_dtype(param_dtype):
+    if param_dtype is None:
+        return None
+    import jax.numpy as jnp
+
+    return np.dtype(jnp.dtype(param_dtype))
+
+
+def read_pure(path: Path, pd=None, quantize: str | None = None) -> tuple[MPTConfig, dict]:
+    """(config, the model's params pure dict of numpy arrays) of a checkpoint in any form
+    load_pretrained reads (not a LoRA one), float leaves cast to `pd` when given, matrices
+    quantized as they stream in for `quantize`."""
     pure: dict = {}
     if (path / "params").is_dir() or (path / "checkpoints").is_dir():
         ck = resolve_checkpoint(path)
@@ -299,7 +351,7 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, quantize: str | None 
             for r in rows:
                 arr = reader.read(r.path)
                 set_path(pure, r.path, arr if pd is None or r.kind != "float" else arr.astype(pd))
-            return model_from_pure_dict(ck.cfg, pure, dtype, **model_kwargs)
+            return ck.cfg, pure
         cfg = ck.cfg.replace(quantization=quantize)
         layers = range(ck.cfg.n_layers)
         tensors = ((r, i, reader.read(r.path, i, transpose=r.transpose))  # torch's layout
@@ -308,7 +360,7 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, quantize: str | None 
         plan = plan_import(path)
         cfg = plan.cfg.replace(quantization=quantize)
         for note in plan.notes:
-            warnings.warn(note, stacklevel=2)
+            warnings.warn(note, stacklevel=3)
         tensors = iter_tensors(plan)
     shapes = model_shapes(cfg)
     stacks = {}
@@ -322,7 +374,7 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, quantize: str | None 
             stacks[leaf][i] = arr
     for leaf, arr in stacks.items():
         set_path(pure, leaf, arr)
-    return model_from_pure_dict(cfg, pure, dtype, **model_kwargs)
+    return cfg, pure
 
 
 def model_from_pure_dict(cfg: MPTConfig, pure: dict, dtype=None, **model_kwargs):
@@ -352,9 +404,11 @@ def main(argv=None) -> int:
         prog="convert_torch.py",
         description="Convert MPT weights between HF/llm-foundry safetensors and mpt_jax.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    imp = sub.add_parser("import", help="HF/llm-foundry safetensors dir -> our checkpoint dir")
+    imp = sub.add_parser("import", help="HF/llm-foundry safetensors dir -> our checkpoint dir; "
+                         "a PEFT adapter dir -> our LoRA dir")
     exp = sub.add_parser("export", help="our (or a trainer's) checkpoint -> HF safetensors dir "
-                         "(a quantized checkpoint: its dequantized weights)")
+                         "(a quantized checkpoint: its dequantized weights); a LoRA run -> PEFT "
+                         "adapter dir (or --merge_lora)")
     qnt = sub.add_parser("quantize", help="any float checkpoint (HF or ours) -> our checkpoint "
                          "with int8 weights")
     for s in (imp, exp, qnt):
@@ -369,10 +423,25 @@ def main(argv=None) -> int:
                             f"channel; default {'none' if s is imp else 'int8'})")
     exp.add_argument("--max_shard_size", type=float, default=5.0,
                      help="largest safetensors shard, in GB (default 5)")
+    exp.add_argument("--merge_lora", action="store_true",
+                     help="a LoRA run: write its base with the adapters merged, a plain HF "
+                          "directory (default: PEFT's adapter directory)")
+    imp.add_argument("--base", default=None,
+                     help="SRC a PEFT adapter directory: the base it adapts (default: its "
+                          "adapter_config.json's base_model_name_or_path, if a local directory)")
     args = p.parse_args(argv)
     try:
         mode = None if getattr(args, "quantize", "none") == "none" else args.quantize
-        if args.cmd == "import":
+        if args.cmd == "import" and (Path(args.src) / "adapter_config.json").is_file():
+            from mpt_jax.convert import lora as lora_io
+
+            if mode is not None:
+                raise ConversionError(f"{args.src} is a PEFT adapter: --quantize applies to "
+                                      "base weights (import or quantize the base)")
+            lora_cfg, base = lora_io.import_peft(args.src, args.dst, base=args.base)
+            print(f"imported the PEFT adapter {args.src} -> {args.dst} (LoRA rank "
+                  f"{lora_cfg.rank} on {', '.join(lora_cfg.targets)}; base {base})")
+        elif args.cmd == "import":
             cfg, notes = import_checkpoint(args.src, args.dst, dtype=args.dtype, quantize=mode)
             print(f"imported {args.src} -> {args.dst} ({cfg.num_params():,} parameters"
                   f"{', ' + mode if mode else ''})")
@@ -387,10 +456,27 @@ def main(argv=None) -> int:
             if not args.max_shard_size > 0:  # (NaN too)
                 raise ConversionError(f"--max_shard_size must be a positive number of GB, got "
                                       f"{args.max_shard_size:g}")
-            form, problems = export_checkpoint(args.src, args.dst, dtype=args.dtype,
-                                               max_shard_bytes=int(args.max_shard_size * 1e9))
-            print(f"exported {args.src} -> {args.dst}")
-            if resolve_checkpoint(Path(args.src)).cfg.quantization:
+            from mpt_jax.convert import lora as lora_io
+
+            adapted = lora_io.find_adapters(Path(args.src)) if Path(args.src).is_dir() else None
+            if adapted is not None and not args.merge_lora:
+                lora_io.export_peft(adapted, args.dst)
+                print(f"exported the LoRA adapters of {args.src} -> {args.dst} (PEFT; base "
+                      f"{adapted.base})")
+                return 0
+            if args.merge_lora and adapted is None:
+                raise ConversionError(f"{args.src}: --merge_lora, but this is no LoRA run or "
+                                      "adapter directory")
+            max_bytes = int(args.max_shard_size * 1e9)
+            if adapted is not None:
+                form, problems = lora_io.export_merged(adapted, args.dst, dtype=args.dtype,
+                                                       max_shard_bytes=max_bytes)
+            else:
+                form, problems = export_checkpoint(args.src, args.dst, dtype=args.dtype,
+                                                   max_shard_bytes=max_bytes)
+            print(f"exported {args.src} -> {args.dst}"
+                  + (" (LoRA adapters merged into the base)" if adapted is not None else ""))
+            if adapted is None and resolve_checkpoint(Path(args.src)).cfg.quantization:
                 print("note: the source is quantized; exported its dequantized weights")
             if form == "foundry":
                 print("note: transformers' native MptForCausalLM cannot express this config ("

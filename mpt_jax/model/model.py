@@ -32,10 +32,11 @@ from mpt_jax import sharding
 from mpt_jax.kernels import norm_gpu
 from mpt_jax.kernels.common import ATTN_LSE_NAME, ATTN_OUT_NAME, unpack_qkv
 from mpt_jax.model import attention as attn_lib
+from mpt_jax.model import lora as lora_lib
 from mpt_jax.model import quant
 from mpt_jax.model.alibi import alibi_slopes
 from mpt_jax.model.config import MPTConfig
-from mpt_jax.model.layers import Norm, dense, dropout, init_weight, residual_div
+from mpt_jax.model.layers import Norm, dropout, init_weight, residual_div
 
 _cp = jax.checkpoint_policies
 _ATTN_NAMES = (ATTN_OUT_NAME, ATTN_LSE_NAME)
@@ -80,7 +81,7 @@ class Attention(nnx.Module):
     """Fused-Wqkv multi-head / multi-query / grouped-query attention with ALiBi."""
 
     def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype, attn_impl: str,
-                 attn_interpret: bool = False):
+                 attn_interpret: bool = False, lora: lora_lib.LoraConfig | None = None):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
         self.n_heads, self.kv_heads, self.head_dim = h, kv, hd
         self.clip_qkv = cfg.attn_config.clip_qkv
@@ -111,6 +112,8 @@ class Attention(nnx.Module):
             self.k_ln = Norm(hd, cfg, param_dtype=param_dtype, use_bias=use_bias)
         else:
             self.q_ln = self.k_ln = None
+        self.Wqkv_lora = lora_lib.make_adapter("Wqkv", d, n_qkv, lora, rngs)
+        self.out_proj_lora = lora_lib.make_adapter("out_proj", h * hd, d, lora, rngs)
 
     def _heads(self, qkv, dtype):
         """The fused projection `[B, T, (H + 2 KV) * hd]` -> q `[B, T, H, hd]`, k and v
@@ -125,15 +128,17 @@ class Attention(nnx.Module):
                 k = self.k_ln(k.reshape(*k.shape[:2], -1), dtype).astype(dtype).reshape(k.shape)
         return q, k, v
 
-    def _dense(self, x, w, scale, b, dtype, out_axis):
-        return dense(x, w, b, dtype, scale=scale, out_axis=out_axis,
-                     kernels=attn_lib.resolve_impl(self.attn_impl) in attn_lib.GPU_IMPLS,
-                     interpret=self.attn_interpret)
+    def _dense(self, x, w, scale, b, adapter, key, dtype, out_axis):
+        return lora_lib.project(x, w, b, adapter, key, dtype, scale=scale, out_axis=out_axis,
+                                kernels=attn_lib.resolve_impl(self.attn_impl) in
+                                attn_lib.GPU_IMPLS, interpret=self.attn_interpret)
 
-    def __call__(self, x_btd, ctx: LayerContext, cache_kv, *, dtype, training: bool):
+    def __call__(self, x_btd, ctx: LayerContext, cache_kv, *, dtype, training: bool,
+                 lora_key=None):
         b, t, _ = x_btd.shape
         h, kv, hd = self.n_heads, self.kv_heads, self.head_dim
-        qkv = self._dense(x_btd, self.Wqkv, self.Wqkv_scale, self.Wqkv_bias, dtype, "qkv")
+        qkv = self._dense(x_btd, self.Wqkv, self.Wqkv_scale, self.Wqkv_bias, self.Wqkv_lora,
+                          _subkey(lora_key, 0), dtype, "qkv")
         if self.clip_qkv is not None:
             qkv = jnp.clip(qkv, -self.clip_qkv, self.clip_qkv)
         slopes = None if self.slopes is None else jnp.asarray(self.slopes, jnp.float32)
@@ -165,15 +170,15 @@ class Attention(nnx.Module):
             if ctx.mode == "prefill":
                 new_cache = attn_lib.write_cache(*cache_kv, heads[1], heads[2], 0)
         o_btd = o_bthd.reshape(b, t, h * hd)
-        return self._dense(o_btd, self.out_proj, self.out_proj_scale, self.out_proj_bias, dtype,
-                           "embed"), new_cache
+        return self._dense(o_btd, self.out_proj, self.out_proj_scale, self.out_proj_bias,
+                           self.out_proj_lora, _subkey(lora_key, 1), dtype, "embed"), new_cache
 
 
 class MLP(nnx.Module):
     """mptmlp: down(act(up(x))); mptglu: down(act(gate(x)) * up(x))."""
 
     def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype, attn_impl: str = "auto",
-                 attn_interpret: bool = False):
+                 attn_interpret: bool = False, lora: lora_lib.LoraConfig | None = None):
         d, f = cfg.d_model, cfg.ffn_hidden_size
         use_bias = not cfg.no_bias
         self.act = cfg.ffn_config.ffn_act_fn
@@ -194,37 +199,46 @@ class MLP(nnx.Module):
                                if use_bias else None)
         self.gate_proj_bias = (nnx.Param(jnp.zeros((f,), param_dtype), logical_axes=("mlp",))
                                if use_bias and self.gate_proj is not None else None)
+        self.up_proj_lora = lora_lib.make_adapter("up_proj", d, f, lora, rngs)
+        self.down_proj_lora = lora_lib.make_adapter("down_proj", f, d, lora, rngs)
+        self.gate_proj_lora = (lora_lib.make_adapter("gate_proj", d, f, lora, rngs)
+                               if self.gate_proj is not None else None)
 
-    def __call__(self, x_btd, *, dtype):
+    def __call__(self, x_btd, *, dtype, lora_key=None):
         kw = dict(kernels=attn_lib.resolve_impl(self.attn_impl) in attn_lib.GPU_IMPLS,
                   interpret=self.attn_interpret)
         if self.gate_proj is not None:
-            up_btf = dense(x_btd, self.up_proj, self.up_proj_bias, dtype,
-                           scale=self.up_proj_scale, out_axis="mlp", **kw)
-            h_btf = dense(x_btd, self.gate_proj, self.gate_proj_bias, dtype, act=self.act,
-                          scale=self.gate_proj_scale, out_axis="mlp", **kw) * up_btf
+            up_btf = lora_lib.project(x_btd, self.up_proj, self.up_proj_bias, self.up_proj_lora,
+                                      _subkey(lora_key, 2), dtype, scale=self.up_proj_scale,
+                                      out_axis="mlp", **kw)
+            h_btf = lora_lib.project(x_btd, self.gate_proj, self.gate_proj_bias,
+                                     self.gate_proj_lora, _subkey(lora_key, 4), dtype,
+                                     act=self.act, scale=self.gate_proj_scale, out_axis="mlp",
+                                     **kw) * up_btf
         else:
-            h_btf = dense(x_btd, self.up_proj, self.up_proj_bias, dtype, act=self.act,
-                          scale=self.up_proj_scale, out_axis="mlp", **kw)
+            h_btf = lora_lib.project(x_btd, self.up_proj, self.up_proj_bias, self.up_proj_lora,
+                                     _subkey(lora_key, 2), dtype, act=self.act,
+                                     scale=self.up_proj_scale, out_axis="mlp", **kw)
         h_btf = checkpoint_name(h_btf, MLP_ACT_NAME)
         h_btf = sharding.constrain(h_btf, ("batch", "seq", "mlp"))
-        return dense(h_btf, self.down_proj, self.down_proj_bias, dtype,
-                     scale=self.down_proj_scale, out_axis="embed", **kw)
+        return lora_lib.project(h_btf, self.down_proj, self.down_proj_bias, self.down_proj_lora,
+                                _subkey(lora_key, 3), dtype, scale=self.down_proj_scale,
+                                out_axis="embed", **kw)
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm_1(x)); x + ffn(norm_2(x))."""
 
     def __init__(self, cfg: MPTConfig, *, rngs: nnx.Rngs, param_dtype, attn_impl: str,
-                 attn_interpret: bool = False):
+                 attn_interpret: bool = False, lora: lora_lib.LoraConfig | None = None):
         use_bias = not cfg.no_bias
         self.resid_pdrop = cfg.resid_pdrop
         self.norm_1 = Norm(cfg.d_model, cfg, param_dtype=param_dtype, use_bias=use_bias)
         self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype, attn_impl=attn_impl,
-                              attn_interpret=attn_interpret)
+                              attn_interpret=attn_interpret, lora=lora)
         self.norm_2 = Norm(cfg.d_model, cfg, param_dtype=param_dtype, use_bias=use_bias)
         self.ffn = MLP(cfg, rngs=rngs, param_dtype=param_dtype, attn_impl=attn_impl,
-                       attn_interpret=attn_interpret)
+                       attn_interpret=attn_interpret, lora=lora)
 
     def __call__(self, x_btd, pending, ctx: LayerContext, cache_kv, dropout_key, *, dtype):
         """-> (x, pending, new cache). With ctx.norm_kernels, `pending` is the previous block's
@@ -238,13 +252,14 @@ class Block(nnx.Module):
             x_btd, h_btd = self.norm_2.fused(x_btd, a_btd, dtype, interpret=interpret)
             return x_btd, self.ffn(h_btd, dtype=dtype), new_cache
         training = dropout_key is not None
-        k1 = k2 = None
+        k1 = k2 = lora_key = None
         if training:
             k1, k2 = jax.random.split(dropout_key)
+            lora_key = jax.random.fold_in(dropout_key, 2)  # (adapters' dropout, if any)
         a_btd, new_cache = self.attn(self.norm_1(x_btd, dtype), ctx, cache_kv, dtype=dtype,
-                                     training=training)
+                                     training=training, lora_key=lora_key)
         x_btd = x_btd + dropout(a_btd, self.resid_pdrop, k1).astype(x_btd.dtype)
-        m_btd = self.ffn(self.norm_2(x_btd, dtype), dtype=dtype)
+        m_btd = self.ffn(self.norm_2(x_btd, dtype), dtype=dtype, lora_key=lora_key)
         x_btd = x_btd + dropout(m_btd, self.resid_pdrop, k2).astype(x_btd.dtype)
         return sharding.constrain(x_btd, ("batch", "seq", "act_embed")), None, new_cache
 
@@ -257,16 +272,18 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
-def _stacked_blocks(cfg: MPTConfig, key, *, param_dtype, attn_impl, attn_interpret) -> Block:
+def _stacked_blocks(cfg: MPTConfig, key, *, param_dtype, attn_impl, attn_interpret,
+                    lora=None) -> Block:
     """One Block whose parameters carry a leading `layers` axis (n_layers deep)."""
 
     def make_state(k):
-        return nnx.state(Block(cfg, rngs=nnx.Rngs(params=k), param_dtype=param_dtype,
-                               attn_impl=attn_impl, attn_interpret=attn_interpret))
+        return nnx.state(Block(cfg, rngs=nnx.Rngs(params=k, lora=jax.random.fold_in(k, 1)),
+                               param_dtype=param_dtype, attn_impl=attn_impl,
+                               attn_interpret=attn_interpret, lora=lora))
 
     graphdef = nnx.graphdef(nnx.eval_shape(
-        lambda: Block(cfg, rngs=nnx.Rngs(params=0), param_dtype=param_dtype, attn_impl=attn_impl,
-                      attn_interpret=attn_interpret)))
+        lambda: Block(cfg, rngs=nnx.Rngs(params=0, lora=1), param_dtype=param_dtype,
+                      attn_impl=attn_impl, attn_interpret=attn_interpret, lora=lora)))
     state = jax.vmap(make_state)(jax.random.split(key, cfg.n_layers))
     blocks = nnx.merge(graphdef, state)
     for _, var in nnx.iter_graph(blocks):
@@ -289,17 +306,23 @@ class MPTForCausalLM(nnx.Module):
       mode="decode"   (the default with a cache) T new tokens at `cache_index` (int32 scalar,
                       or `[B]`: each row at its own position) against what the cache holds.
     `attn_interpret=True` runs a Pallas `attn_impl` in interpret mode (CPU tests).
+    `lora=LoraConfig(...)` adds low-rank adapters to the targeted projections of every block
+    (model/lora.py: `<target>_lora` submodules, applied beside the weights by lora.project).
     """
 
     def __init__(self, config: MPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, attn_impl: str = "auto", remat_policy: str = "none",
-                 scan_layers: bool = True, attn_interpret: bool = False):
+                 scan_layers: bool = True, attn_interpret: bool = False,
+                 lora: lora_lib.LoraConfig | None = None):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {remat_policy!r}; expected {tuple(REMAT_POLICIES)}")
         if attn_impl not in attn_lib.IMPLS:
             raise ValueError(f"unknown attn_impl {attn_impl!r}; expected {attn_lib.IMPLS}")
         cfg = config
+        if lora is not None:
+            lora.check_model(cfg)
         self.config = cfg
+        self.lora = lora
         self.dtype = dtype
         self.remat_policy = remat_policy
         self.scan_layers = scan_layers
@@ -311,7 +334,8 @@ class MPTForCausalLM(nnx.Module):
             init_weight(rngs.params(), (cfg.max_seq_len, d), cfg, param_dtype, embedding=True),
             logical_axes=("positions", "embed")) if cfg.use_wpe else None)
         self.blocks = _stacked_blocks(cfg, rngs.params(), param_dtype=param_dtype,
-                                      attn_impl=attn_impl, attn_interpret=attn_interpret)
+                                      attn_impl=attn_impl, attn_interpret=attn_interpret,
+                                      lora=lora)
         self.norm_f = Norm(d, cfg, param_dtype=param_dtype, use_bias=not cfg.no_bias)
         self.lm_head, self.lm_head_scale = (None, None) if cfg.tie_word_embeddings else (
             quant.embedding_params(
@@ -494,6 +518,10 @@ class MPTForCausalLM(nnx.Module):
         if per_layer:
             return x_btd, pending, tuple(new_kv)
         return x_btd, pending, KVCache(*jax.tree.map(lambda *a: jnp.stack(a), *new_kv))
+
+
+def _subkey(key, i: int):
+    return None if key is None else jax.random.fold_in(key, i)
 
 
 def _check_mode(mode, cache, cache_index, segment_ids) -> str:

@@ -6,6 +6,8 @@
     train_state   ocp.args.JsonSave({"step", "seed", "data_states": [one per process], ...})
     tokenizer     the run's tokenizer, as `tokenizer/tokenizer.json` (a step directory is
                   self-contained: generate.py, export and load_tokenizer find it there)
+    lora          a LoRA run's `lora/lora.json`: rank, alpha, dropout, targets, the base
+                  (train.init_from) and its fingerprint; `params` then holds the adapters only
 
 Saves are asynchronous (the device-to-host copy happens in `save`, the writes in the
 background); `keep` checkpoints are kept. Orbax writes each step into a temporary directory and
@@ -23,8 +25,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-ITEMS = ("params", "model_config", "opt_state", "train_state", "tokenizer")
+ITEMS = ("params", "model_config", "opt_state", "train_state", "tokenizer", "lora")
 TOKENIZER_ITEM = "tokenizer"  # checkpoints/<step>/tokenizer/tokenizer.json
+LORA_ITEM, LORA_FILE = "lora", "lora.json"  # checkpoints/<step>/lora/lora.json
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -39,7 +42,8 @@ def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.Che
                 "model_config": ocp.JsonCheckpointHandler(),
                 "opt_state": ocp.StandardCheckpointHandler(),
                 "train_state": ocp.JsonCheckpointHandler(),
-                TOKENIZER_ITEM: ocp.JsonCheckpointHandler(filename="tokenizer.json")}
+                TOKENIZER_ITEM: ocp.JsonCheckpointHandler(filename="tokenizer.json"),
+                LORA_ITEM: ocp.JsonCheckpointHandler(filename=LORA_FILE)}
     assert tuple(handlers) == ITEMS
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                  item_handlers=handlers)
@@ -61,10 +65,11 @@ def gather_process_states(local_state: Any) -> list:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict, *, model_config: dict,
-         train_state: dict, tokenizer: dict | None = None) -> None:
+         train_state: dict, tokenizer: dict | None = None, lora: dict | None = None) -> None:
     """Starts an (async) save of the sharded state; returns once the arrays are copied off the
     devices, so the state may be donated to the next step. `tokenizer`: the parsed
-    tokenizer.json of the run, saved beside the weights."""
+    tokenizer.json of the run, saved beside the weights; `lora`: a LoRA run's lora.json (the
+    state's params are then its adapters)."""
     items = dict(
         params=ocp.args.StandardSave(state["params"]),
         model_config=ocp.args.JsonSave(model_config),
@@ -72,7 +77,18 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, *, model_config
         train_state=ocp.args.JsonSave(train_state))
     if tokenizer is not None:
         items[TOKENIZER_ITEM] = ocp.args.JsonSave(tokenizer)
+    if lora is not None:
+        items[LORA_ITEM] = ocp.args.JsonSave(lora)
     manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def read_lora(step_dir) -> dict | None:
+    """A step directory's lora.json (None: not a LoRA run's)."""
+    path = os.path.join(str(step_dir), LORA_ITEM, LORA_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
 
 
 def finished_steps(workdir: str) -> list[int]:
@@ -91,8 +107,9 @@ def latest_model_config(workdir: str) -> dict | None:
     if not steps:
         return None
     item = os.path.join(checkpoint_dir(workdir), str(steps[-1]), "model_config")
+    # (orbax may write commit_success.txt beside the JSON file, "metadata")
     files = [os.path.join(item, name) for name in sorted(os.listdir(item))
-             if not name.startswith((".", "_"))]
+             if not name.startswith((".", "_")) and name != "commit_success.txt"]
     if not files:
         raise ValueError(f"{item}: no model config file inside")
     with open(files[0]) as fh:

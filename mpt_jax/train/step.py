@@ -22,6 +22,12 @@ sequence. E.g. two one-sequence micro-batches with 10 and 100 response tokens: t
 of the first weighs 1/20 and each of the second 1/200; here every token weighs 1/110. A padding
 row (no loss token) adds nothing to either sum. eval_step returns (NLL sum, loss-token count),
 so the held-out loss of finetuning data is the response-token loss.
+
+LoRA (train.lora): state["params"] still holds the whole model, but only its adapters are
+trained: the step differentiates the loss with respect to the adapters alone (the frozen base
+is a constant of the differentiated function, so no weight gradient of the base is formed), the
+optimizer state covers the adapters alone, and the base passes through the step unchanged
+(donated in, the same buffers out).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from mpt_jax.train import loss as loss_lib
 from mpt_jax import sharding
 from mpt_jax.model.config import MPTConfig
 from mpt_jax.model import MPTForCausalLM, abstract_model
+from mpt_jax.model import lora as lora_lib
 
 NONFINITE_ACTIONS = ("stop", "skip")
 
@@ -61,6 +68,8 @@ class StepSettings:
     # > 0: clip by global norm here (tx built with make_optimizer(..., clip=False)): the
     # 1/token-count mean and the clip factor become one scale on the gradients, one pass.
     clip_norm: float = 0.0
+    # LoRA: train the adapters only (param_specs then covers them alone)
+    frozen_base: bool = False
 
 
 def _float_dtype(name: str, key: str):
@@ -74,14 +83,32 @@ def _float_dtype(name: str, key: str):
 
 
 def model_kwargs(train_cfg) -> dict:
+    """The model's constructor arguments from the train section. With train.lora the adapters
+    (float32) join the model and train.param_dtype is the frozen base's dtype. (A train
+    section without a lora key, as older callers build, means no LoRA.)"""
+    lora = lora_lib.from_train_config(train_cfg.lora) if "lora" in train_cfg else None
     return dict(dtype=_float_dtype(train_cfg.compute_dtype, "train.compute_dtype"),
                 param_dtype=_float_dtype(train_cfg.param_dtype, "train.param_dtype"),
                 attn_impl=train_cfg.attn_impl,
-                remat_policy=train_cfg.remat_policy, scan_layers=train_cfg.scan_layers)
+                remat_policy=train_cfg.remat_policy, scan_layers=train_cfg.scan_layers,
+                lora=lora)
 
 
-def uses_dropout(cfg: MPTConfig) -> bool:
-    return cfg.resid_pdrop > 0 or cfg.emb_pdrop > 0 or cfg.attn_config.attn_pdrop > 0
+def trainable(params, frozen_base: bool):
+    """(the trained parameters, the frozen ones or None): the adapters and the base with LoRA,
+    else everything and None."""
+    if not frozen_base:
+        return params, None
+    return lora_lib.split(params)
+
+
+def with_frozen(trained, frozen):
+    return trained if frozen is None else lora_lib.join(trained, frozen)
+
+
+def uses_dropout(cfg: MPTConfig, lora=None) -> bool:
+    return (cfg.resid_pdrop > 0 or cfg.emb_pdrop > 0 or cfg.attn_config.attn_pdrop > 0
+            or (lora is not None and lora.dropout > 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,14 +150,18 @@ def train_step(state, batch, *, settings: StepSettings):
         return _train_step(state, batch, settings)
 
 
+def _nll_sum_split(trained, frozen, graphdef, batch, dropout_rng, chunk_size):
+    return _nll_sum(with_frozen(trained, frozen), graphdef, batch, dropout_rng, chunk_size)
+
+
 def _train_step(state, batch, s: StepSettings):
-    params = state["params"]
+    params, frozen = trainable(state["params"], s.frozen_base)
     step_key = jax.random.fold_in(jax.random.PRNGKey(s.seed), state["step"])
-    grad_fn = jax.value_and_grad(_nll_sum, has_aux=True)
+    grad_fn = jax.value_and_grad(_nll_sum_split, has_aux=True)  # d/d(trained) only
 
     def micro(i, mb):
         rng = jax.random.fold_in(step_key, i) if s.use_dropout else None
-        (nll, count), grads = grad_fn(params, s.graphdef, mb, rng, s.loss_chunk_size)
+        (nll, count), grads = grad_fn(params, frozen, s.graphdef, mb, rng, s.loss_chunk_size)
         return nll, count, grads
 
     def constrain_like_params(tree):
@@ -176,7 +207,8 @@ def _train_step(state, batch, s: StepSettings):
     # A conditional, not a select: the skip costs no extra pass over params and moments.
     new_params, new_opt_state = jax.lax.cond(
         finite, update, lambda _: (params, state["opt_state"]), None)
-    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt_state}
+    new_state = {"step": state["step"] + 1, "params": with_frozen(new_params, frozen),
+                 "opt_state": new_opt_state}
     # The lr this step applies: the optimizer's schedule runs on its count of updates applied,
     # which a skipped (non-finite) step does not advance.
     applied = optax.tree_utils.tree_get(state["opt_state"], "count")
@@ -215,33 +247,53 @@ def make_settings(model_cfg: MPTConfig, train_cfg, tx, lr_fn, *, mesh, rules, se
     (train.micro_batch_size * batch shards); micro_batch_size 0 = no accumulation.
     clip_norm > 0: the step clips (pair it with make_optimizer(..., clip=False))."""
     n_micro = micro_steps(global_batch, train_cfg.micro_batch_size, mesh, rules)
-    abstract = abstract_model(model_cfg, **model_kwargs(train_cfg))
-    specs = sharding.param_specs(nnx.state(abstract, nnx.Param), mesh, rules)
+    kwargs = model_kwargs(train_cfg)
+    abstract = abstract_model(model_cfg, **kwargs)
+    frozen_base = kwargs["lora"] is not None
+    specs, _ = trainable(sharding.param_specs(nnx.state(abstract, nnx.Param), mesh, rules),
+                         frozen_base)
     return StepSettings(graphdef=nnx.graphdef(abstract), tx=tx, lr_fn=lr_fn,
                         n_micro=n_micro, loss_chunk_size=train_cfg.loss_chunk_size,
-                        seed=seed, use_dropout=uses_dropout(model_cfg), param_specs=specs,
-                        rules=rules, clip_norm=float(clip_norm or 0.0))
+                        seed=seed, use_dropout=uses_dropout(model_cfg, kwargs["lora"]),
+                        param_specs=specs, rules=rules, clip_norm=float(clip_norm or 0.0),
+                        frozen_base=frozen_base)
 
 
 def _init_state(model_cfg, kwargs, tx, seed):
     model = MPTForCausalLM(model_cfg, rngs=nnx.Rngs(seed), **kwargs)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
+    trained, _ = trainable(params, kwargs["lora"] is not None)
+    return {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(trained)}
 
 
 def state_shardings(model_cfg, train_cfg, tx, mesh, rules):
     """(abstract state, NamedSharding tree): params by the rules table, optimizer moments like
-    their params, scalars replicated."""
+    their params (with LoRA: the adapters'), scalars replicated."""
     kwargs = model_kwargs(train_cfg)
     abstract = jax.eval_shape(functools.partial(_init_state, model_cfg, kwargs, tx, 0))
     specs = sharding.param_specs(nnx.state(abstract_model(model_cfg, **kwargs), nnx.Param),
                                  mesh, rules)
     replicated = P()
     opt_specs = optax.tree_map_params(
-        tx, lambda _, spec: spec, abstract["opt_state"], specs,
+        tx, lambda _, spec: spec, abstract["opt_state"],
+        trainable(specs, kwargs["lora"] is not None)[0],
         transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, P))
     spec_tree = {"step": replicated, "params": specs, "opt_state": opt_specs}
     return abstract, sharding.named(mesh, spec_tree)
+
+
+def init_adapters(model_cfg, train_cfg, mesh, rules, seed: int):
+    """A LoRA run's fresh adapters (PEFT's init), directly sharded: the whole model is built
+    under jit and only its adapters returned, so XLA never computes the base's random init."""
+    kwargs = model_kwargs(train_cfg)
+    _, shardings = state_shardings(model_cfg, train_cfg, optax.identity(), mesh, rules)
+
+    def make():
+        model = MPTForCausalLM(model_cfg, rngs=nnx.Rngs(seed), **kwargs)
+        return lora_lib.split(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+
+    with sharding.use_mesh(mesh), sharding.use_rules(rules):
+        return jax.jit(make, out_shardings=trainable(shardings["params"], True)[0])()
 
 
 def init_state(model_cfg, train_cfg, tx, mesh, rules, seed: int):

@@ -120,7 +120,14 @@ def check_config(config, workdir: str | None = None) -> MPTConfig:
     chunk = config.train.loss_chunk_size
     if chunk > 0 and seq % min(chunk, seq):
         raise ValueError(f"train.loss_chunk_size {chunk} must divide train.seq_len {seq}")
-    step_lib.model_kwargs(config.train)  # the dtypes
+    lora = step_lib.model_kwargs(config.train)["lora"]  # (the dtypes, train.lora)
+    if lora is not None:
+        if not config.train.init_from:
+            raise ValueError(f"train.lora.rank={lora.rank}: LoRA adapts a pretrained model; "
+                             "set train.init_from to the base")
+        lora.check_model(cfg)
+        if config.train.lora.adapter:  # (read now: a misfit fails before anything is written)
+            _read_adapter(config.train.lora.adapter, lora, cfg)
     if config.train.remat_policy not in REMAT_POLICIES:
         raise ValueError(f"train.remat_policy={config.train.remat_policy!r}: expected one of "
                          f"{tuple(REMAT_POLICIES)}")
@@ -275,6 +282,9 @@ def train(config, workdir: str) -> dict:
         if ckpt_tokenizer is not None and not resuming:  # its special tokens, chat template
             _copy_tokenizer_files(os.path.dirname(ckpt_tokenizer), workdir)
 
+    lora = step_lib.model_kwargs(config.train)["lora"]  # LoRA: adapters trained, base frozen
+    base_fingerprint = None
+
     # 4. optimizer ------------------------------------------------------------------------
     tx = optim_lib.make_optimizer(config.optim, config.max_steps, clip=False)  # the step clips
     lr_fn = lambda step: config.optim.lr * optim_lib.make_schedule(  # noqa: E731
@@ -314,9 +324,17 @@ def train(config, workdir: str) -> dict:
         workdir=workdir)
     batch_keys = data_lib.batch_keys(resolved, data_cfg.packing)
     if latest is not None:
+        trained_abstract = {**abstract_state, "params": step_lib.trainable(
+            abstract_state["params"], lora is not None)[0]}
+        trained_shardings = {**state_shardings, "params": step_lib.trainable(
+            state_shardings["params"], lora is not None)[0]}
         with sharding.use_mesh(mesh):
-            state, train_state = ckpt_lib.restore(manager, latest, abstract_state,
-                                                  state_shardings)
+            state, train_state = ckpt_lib.restore(manager, latest, trained_abstract,
+                                                  trained_shardings)
+        if lora is not None:  # the frozen base: train.init_from again, checked to be the same
+            state["params"], base_fingerprint = _resumed_lora_params(
+                workdir, latest, init_from, lora, state["params"], abstract_state,
+                state_shardings)
         if len(train_state["data_states"]) != nproc:
             raise ValueError(f"checkpoint {latest} was written by "
                              f"{len(train_state['data_states'])} processes, this run has {nproc}")
@@ -327,10 +345,21 @@ def train(config, workdir: str) -> dict:
                  f" (the finetune's own; train.init_from {init_from} not read)"
                  if init_from else "")
     elif init_from:
-        state = init_finetune_state(init_from, abstract_state, state_shardings, tx, mesh, rules)
+        adapters = None
+        if lora is not None:
+            adapters = (_adapters_from(config.train.lora.adapter, lora, cfg, state_shardings)
+                        if config.train.lora.adapter else
+                        step_lib.init_adapters(cfg, config.train, mesh, rules, config.seed))
+        state = init_finetune_state(init_from, abstract_state, state_shardings, tx, mesh, rules,
+                                    adapters=adapters)
+        if lora is not None:
+            from mpt_jax.model import lora as lora_lib
+
+            base_fingerprint = lora_lib.fingerprint(lora_lib.split(state["params"])[1])
         start_step, resumed = 0, {}
-        log.info("finetuning from %s: its weights, a fresh optimizer and schedule at step 0",
-                 init_from)
+        log.info("finetuning from %s: its weights%s, a fresh optimizer and schedule at step 0",
+                 init_from, "" if lora is None else
+                 f" frozen, LoRA rank {lora.rank} on {', '.join(lora.targets)}")
     else:
         state = step_lib.init_state(cfg, config.train, tx, mesh, rules, config.seed)
         start_step, resumed = 0, {}
@@ -388,11 +417,16 @@ def train(config, workdir: str) -> dict:
             bar.write(f"step {step}: {shown}")
 
     def save(step):
-        ckpt_lib.save(manager, step, state, model_config=cfg.to_dict("foundry"), train_state={
+        trained = step_lib.trainable(state["params"], lora is not None)[0]
+        ckpt_lib.save(manager, step, {**state, "params": trained},
+                      model_config=cfg.to_dict("foundry"), train_state={
             "step": step, "seed": config.seed, "skipped_steps": skipped,
             "loss_spike": guard.state(),
             "data_states": ckpt_lib.gather_process_states(train_iter.get_state())},
-            tokenizer=tokenizer_tree)
+            tokenizer=tokenizer_tree,
+            lora=None if lora is None else {**lora.to_dict(),
+                                            "base": os.path.abspath(init_from),
+                                            "base_fingerprint": base_fingerprint})
 
     skipped = int(resumed.get("skipped_steps", 0))
     last_loss = last_eval = None
@@ -501,24 +535,92 @@ def train(config, workdir: str) -> dict:
     return {"step": step, "loss": last_loss, "eval_loss": last_eval, "stopped": stop_reason}
 
 
-def init_finetune_state(init_from: str, abstract_state, state_shardings, tx, mesh, rules):
+def init_finetune_state(init_from: str, abstract_state, state_shardings, tx, mesh, rules, *,
+                        adapters=None):
     """Step 0 of a finetune: train.init_from's parameters read tensor by tensor straight into
     their shards (convert.pretrained.load_params_sharded: no process or device ever holds the
-    whole model), and a fresh optimizer state made directly sharded."""
+    whole model), and a fresh optimizer state made directly sharded. adapters: a LoRA run's
+    starting adapters (already placed); the checkpoint then gives the frozen base, and the
+    optimizer state covers the adapters."""
     import jax.numpy as jnp
 
+    frozen_base = adapters is not None
+    _, base_abstract = step_lib.trainable(abstract_state["params"], frozen_base)
+    _, base_shardings = step_lib.trainable(state_shardings["params"], frozen_base)
+    params = _load_base(init_from, base_abstract if frozen_base else abstract_state["params"],
+                        base_shardings if frozen_base else state_shardings["params"])
+    trained = adapters if frozen_base else params
+    with sharding.use_mesh(mesh), sharding.use_rules(rules):
+        opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(trained)
+        step = jax.device_put(jnp.zeros([], jnp.int32), state_shardings["step"])
+    return {"step": step, "params": step_lib.with_frozen(trained, params if frozen_base else
+                                                         None), "opt_state": opt_state}
+
+
+def _load_base(init_from, abstract, shardings):
     from mpt_jax.convert import pretrained
     from mpt_jax.convert.io import ConversionError
 
     try:
-        params = pretrained.load_params_sharded(init_from, abstract_state["params"],
-                                                state_shardings["params"])
+        return pretrained.load_params_sharded(init_from, abstract, shardings)
     except ConversionError as e:
         raise ValueError(f"train.init_from={init_from!r}: {e}") from None
-    with sharding.use_mesh(mesh), sharding.use_rules(rules):
-        opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)
-        step = jax.device_put(jnp.zeros([], jnp.int32), state_shardings["step"])
-    return {"step": step, "params": params, "opt_state": opt_state}
+
+
+def _resumed_lora_params(workdir, step, init_from, lora, adapters, abstract_state,
+                         state_shardings):
+    """A resumed LoRA run's params: its adapters joined with the base read from
+    train.init_from again, whose fingerprint must be the one the run started from."""
+    from mpt_jax.model import lora as lora_lib
+
+    saved = ckpt_lib.read_lora(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step)))
+    if saved is None:
+        raise ValueError(f"checkpoint {step} in {workdir} holds no LoRA adapters (a full "
+                         "finetune's or a pretraining run's): use another workdir for LoRA")
+    if lora_lib.LoraConfig.from_dict(saved).targets != lora.targets or (
+            saved["rank"], saved["alpha"]) != (lora.rank, lora.alpha):
+        raise ValueError(f"checkpoint {step} in {workdir} holds LoRA rank {saved['rank']} alpha "
+                         f"{saved['alpha']} on {saved['targets']}; train.lora asks rank "
+                         f"{lora.rank} alpha {lora.alpha} on {list(lora.targets)}")
+    if not os.path.isdir(init_from):
+        raise ValueError(f"train.init_from={init_from!r}: not a directory, and this LoRA run "
+                         "needs its base to resume (its checkpoints hold the adapters only)")
+    _, base_abstract = step_lib.trainable(abstract_state["params"], True)
+    _, base_shardings = step_lib.trainable(state_shardings["params"], True)
+    base = _load_base(init_from, base_abstract, base_shardings)
+    fp = lora_lib.fingerprint(base)
+    if saved.get("base_fingerprint") not in (None, fp):
+        raise ValueError(f"train.init_from={init_from!r} is not the base this LoRA run started "
+                         f"from (fingerprint {fp}, the run's {saved['base_fingerprint']}, from "
+                         f"{saved.get('base')!r})")
+    return lora_lib.join(adapters, base), fp
+
+
+def _adapters_from(path, lora, cfg, state_shardings):
+    """train.lora.adapter's adapters (a PEFT directory or a LoRA run of ours), placed."""
+    adapters = _read_adapter(path, lora, cfg)
+    shardings, _ = step_lib.trainable(state_shardings["params"], True)
+    return jax.tree.map(lambda a, s: jax.device_put(a, s), adapters, shardings)
+
+
+def _read_adapter(path, lora, cfg):
+    """train.lora.adapter's adapters (numpy); their rank, alpha and targets must be
+    train.lora's, their shapes the model's."""
+    from mpt_jax.convert import lora as lora_io
+    from mpt_jax.convert.io import ConversionError
+
+    if not os.path.isdir(path):
+        raise ValueError(f"train.lora.adapter={path!r}: not a directory (a PEFT adapter "
+                         "directory or a LoRA run of ours)")
+    try:
+        have, adapters = lora_io.read_adapters(path, cfg)
+    except ConversionError as e:
+        raise ValueError(f"train.lora.adapter={path!r}: {e}") from None
+    if (have.rank, have.alpha, have.targets) != (lora.rank, lora.alpha, lora.targets):
+        raise ValueError(f"train.lora.adapter={path!r} has rank {have.rank} alpha {have.alpha} "
+                         f"on {list(have.targets)}; train.lora asks rank {lora.rank} alpha "
+                         f"{lora.alpha} on {list(lora.targets)}")
+    return adapters
 
 
 def _checkpoint_tokenizer(init_from: str) -> str | None:
