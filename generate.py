@@ -46,6 +46,9 @@ def main(argv=None) -> int:
 
     if not args.prompt:
         return fail("--prompt is empty")
+    if args.checkpoint.startswith(("gs://", "s3://")):
+        return fail(f"--checkpoint {args.checkpoint}: gs:// and s3:// checkpoints are not "
+                    "supported by the loader yet; use a local (or mounted) directory")
     if not os.path.exists(args.checkpoint):
         return fail(f"checkpoint {args.checkpoint!r} does not exist")
     mesh_sizes = None

@@ -45,6 +45,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from mpt_jax import storage
 from mpt_jax.model.config import MPTConfig
 from mpt_jax.convert.io import (ConversionError, ParamsReader, ParamsWriter, SafetensorsWriter,
                                 TensorInfo, read_tensor, scan_source)
@@ -54,6 +55,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+def _local(path, what: str) -> Path:
+    """`path` as a Path; a gs:// / s3:// one is refused in one line (the converter and loader
+    read and write local directories, through pathlib and tensorstore's file driver)."""
+    if storage.is_remote(path):
+        raise ConversionError(f"{what} {path}: gs:// and s3:// checkpoints are not supported by "
+                              "the converter and loader yet; use a local (or mounted) directory")
+    return Path(path)
+
 
 # ---------------------------------------------------------------------------------------------
 # Reading an HF-layout source
@@ -220,7 +230,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
 def import_checkpoint(src, dst, *, dtype: str | None = None) -> tuple[MPTConfig, list[str]]:
     """HF / llm-foundry safetensors directory -> our checkpoint directory (streaming).
     Returns the config written and notes on how config.json was read (read_source_config)."""
-    src, dst = Path(src), Path(dst)
+    src, dst = _local(src, "SRC"), _local(dst, "DST")
     np_dtype = _parse_dtype(dtype)
     plan = plan_import(src)
     total = sum(plan.sources[k].nbytes for r in plan.rows for k in r.keys(plan.cfg.n_layers))
@@ -304,7 +314,7 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> tuple[str, list[str]]:
     """Our checkpoint (or a trainer's) -> HF-layout safetensors shards + index (streaming).
     Returns the config form written and, for 'foundry', why native MPT could not be used."""
-    src, dst = Path(src), Path(dst)
+    src, dst = _local(src, "SRC"), _local(dst, "DST")
     np_dtype = _parse_dtype(dtype)
     if not (max_shard_bytes > 0):  # (also refuses NaN)
         raise ConversionError(f"--max_shard_size must be a positive number of GB, got "
@@ -382,7 +392,7 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
     keep their stored dtype unless `param_dtype` is given. Nothing is randomly initialised."""
     import jax.numpy as jnp
 
-    path = Path(path)
+    path = _local(path, "load_pretrained:")
     _check_source_dir(path)
     pd = None if param_dtype is None else np.dtype(jnp.dtype(param_dtype))
     pure: dict = {}

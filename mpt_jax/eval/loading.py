@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import tokenizers
 
+from mpt_jax import storage
 from mpt_jax.data.tokenizer import ENDOFTEXT, load_tokenizer
 from mpt_jax.model import MPTForCausalLM
 
@@ -81,6 +82,7 @@ def load(checkpoint: str, *, tokenizer: str | None = None, dtype="bfloat16") -> 
 
     from mpt_jax import load_pretrained
 
+    storage.require_local(checkpoint, "--checkpoint", "evaluation loads local checkpoints")
     if not os.path.exists(checkpoint):
         raise ValueError(f"checkpoint {checkpoint!r} does not exist")
     where = tokenizer_location(checkpoint, tokenizer)

@@ -31,7 +31,7 @@ import jax
 import tokenizers
 from flax import nnx
 
-from mpt_jax import sharding
+from mpt_jax import sharding, storage
 from mpt_jax.model import REMAT_POLICIES, attention
 from mpt_jax.model.config import MPTConfig
 from mpt_jax.train import checkpoint as ckpt_lib
@@ -218,14 +218,19 @@ def train(config, workdir: str) -> dict:
     'already complete' when the last checkpoint is at max_steps and nothing was trained)."""
     from mpt_jax.data import pipeline as data_lib  # heavy import (grain), only for training
 
-    workdir = os.path.abspath(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    workdir = storage.abspath(workdir)
+    ckpt_lib.check_location(workdir)
+    if storage.isfile(workdir):
         raise ValueError(f"--workdir {workdir}: a file, not a directory")
     pid, nproc = jax.process_index(), jax.process_count()
     writer_process = pid == 0
 
     # 1. config: every section that needs no data (a finetune's model: init_from's) --------
     init_from = config.train.init_from
+    if init_from:  # the finetune path (checkpoint loader, tokenizer files) reads local files
+        storage.require_local(init_from, "train.init_from", "finetuning reads local checkpoints")
+        storage.require_local(workdir, "train.init_from with --workdir",
+                              "finetuning keeps its workdir on local disk")
     resuming = bool(ckpt_lib.finished_steps(workdir))
     checked = check_config(config, workdir)
     base_cfg = checked if init_from else None
@@ -258,8 +263,7 @@ def train(config, workdir: str) -> dict:
         _check_same_tokenizer(init_from, ckpt_tokenizer, resolved)
     cfg = model_config(config, resolved.vocab_size, base_cfg)
     check_packing(cfg, resolved.mode, data_cfg.packing)
-    with open(resolved.tokenizer_path) as fh:
-        tokenizer_json = fh.read()
+    tokenizer_json = storage.read_text(resolved.tokenizer_path)
     tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
     icl_tasks, eos_id = [], None
     if config.eval.icl_tasks:  # tokenized now: a bad task or example fails before step 1
@@ -271,7 +275,7 @@ def train(config, workdir: str) -> dict:
                                             eos_id=eos_id, max_seq_len=seq_len)
     _make_workdir(workdir)
     if writer_process:
-        _write_if_changed(os.path.join(workdir, TOKENIZER_FILE), tokenizer_json)
+        _write_if_changed(storage.join(workdir, TOKENIZER_FILE), tokenizer_json)
         if ckpt_tokenizer is not None and not resuming:  # its special tokens, chat template
             _copy_tokenizer_files(os.path.dirname(ckpt_tokenizer), workdir)
 
@@ -451,6 +455,8 @@ def train(config, workdir: str) -> dict:
         try:
             while step < config.max_steps:
                 if config.profile.start_step == step and writer_process:
+                    storage.require_local(workdir, "profile.start_step: --workdir",
+                                          "jax.profiler writes traces to local files")
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
                     profiling = True
                 batch = sharding.make_global_batch(next(train_iter), mesh, rules)
@@ -557,6 +563,8 @@ def _copy_tokenizer_files(src_dir: str, workdir: str) -> None:
 
 
 def _make_workdir(workdir: str) -> None:
+    if storage.is_remote(workdir):
+        return  # object stores have no directories to create
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
@@ -565,10 +573,6 @@ def _make_workdir(workdir: str) -> None:
 
 def _write_if_changed(path: str, text: str) -> None:
     """Writes `text` to `path` atomically, unless the file already holds exactly that."""
-    if os.path.isfile(path):
-        with open(path) as fh:
-            if fh.read() == text:
-                return
-    with open(path + ".tmp", "w") as fh:
-        fh.write(text)
-    os.replace(path + ".tmp", path)
+    if storage.isfile(path) and storage.read_text(path) == text:
+        return
+    storage.write_atomic(path, text)
