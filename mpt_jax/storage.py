@@ -16,6 +16,7 @@ path and the reason, rather than half-working.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import shutil
@@ -23,8 +24,11 @@ import time
 from typing import Callable, Iterator, TypeVar
 
 REMOTE_SCHEMES = ("gs://", "s3://")
-RETRIES = 4  # attempts of one operation on a transient (network) error
-BACKOFF_S = 0.5  # first wait; doubled after each failed attempt
+# Attempts of one operation on a transient (network) error. gcsfs (6 tries) and s3fs / botocore
+# (5) already retry each request with exponential backoff; ours repeats the whole operation once
+# more after a short wait, so a store that is down fails in bounded time (about a minute).
+RETRIES = 2
+BACKOFF_S = 1.0  # first wait; doubled after each failed attempt
 
 T = TypeVar("T")
 
@@ -51,6 +55,11 @@ def filesystem(path: str):
     import fsspec
 
     _emulator_endpoint_for_tensorstore()
+    # gcsfs logs every exhausted retry with its traceback; the failure reaches the user as our
+    # one line instead (a level set by the user is left alone)
+    gcsfs_log = logging.getLogger("gcsfs")
+    if gcsfs_log.level == logging.NOTSET:
+        gcsfs_log.setLevel(logging.CRITICAL)
     try:
         fs, inner = fsspec.core.url_to_fs(path)
     except ImportError as e:

@@ -109,7 +109,7 @@ def latest_model_config(workdir: str) -> dict | None:
         return None
     item = storage.join(checkpoint_dir(workdir), str(steps[-1]), "model_config")
     files = [storage.join(item, name) for name in storage.listdir(item)
-             if not name.startswith((".", "_"))]
+             if not name.startswith((".", "_")) and name != COMMIT_MARKER]
     if not files:
         raise ValueError(f"{item}: no model config file inside")
     return json.loads(storage.read_text(files[0]))
