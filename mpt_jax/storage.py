@@ -21,7 +21,8 @@ import os
 import posixpath
 import shutil
 import time
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 REMOTE_SCHEMES = ("gs://", "s3://")
 # Attempts of one operation on a transient (network) error. gcsfs (6 tries) and s3fs / botocore
@@ -121,7 +122,7 @@ def errors(path: str, what: str = "") -> Iterator[None]:
         yield
     except StorageError:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if not is_remote(path) and not isinstance(e, OSError):
             raise
         raise StorageError(f"{path}: {what + ': ' if what else ''}{_reason(e)}") from None
@@ -137,10 +138,6 @@ def join(base: str, *parts: str) -> str:
 def abspath(path: str) -> str:
     """Local paths made absolute; remote ones without a trailing slash."""
     return str(path).rstrip("/") if is_remote(path) else os.path.abspath(path)
-
-
-def dirname(path: str) -> str:
-    return posixpath.dirname(str(path).rstrip("/")) if is_remote(path) else os.path.dirname(path)
 
 
 def basename(path: str) -> str:
@@ -295,14 +292,6 @@ def rmtree(path: str) -> None:
     retrying(path, rm, what="removing")
 
 
-def copy_file(src: str, dst: str, *, block: int = 64 << 20) -> None:
-    """Copies one file between any two stores, streaming in blocks of `block` bytes."""
-    with errors(src, "copying to " + dst):
-        with open_file(src, "rb") as fin, open_file(dst, "wb") as fout:
-            while chunk := fin.read(block):
-                fout.write(chunk)
-
-
 class AppendLog:
     """A text file that grows line by line (metrics.jsonl). Locally: appended and flushed. On
     an object store, which cannot append: the lines are kept and the whole object is
@@ -315,7 +304,7 @@ class AppendLog:
             self._lines = [read_text(path)] if exists(path) else []
             self._fh = None
         else:
-            self._fh = open(path, "a")
+            self._fh = open(path, "a")  # noqa: SIM115  (held open across writes)
 
     def write(self, line: str) -> None:
         if self._fh is not None:

@@ -7,8 +7,8 @@ included) `mfu` is written as null rather than guessed.
 """
 from __future__ import annotations
 
-import json
 import io
+import json
 import time
 from typing import Any
 
