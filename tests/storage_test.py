@@ -340,3 +340,53 @@ def test_train_with_its_workdir_on_gcs_resumes_exactly(gcs, small_corpus, tmp_pa
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6, 3, 4, 5, 6]
     assert got == pytest.approx(want, rel=1e-6)
     assert ckpt_lib.finished_steps(workdir) == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_gcs_workdir_checkpoint_and_resume(gcs, small_corpus, tmp_path):
+    """The multi-host path (two CPU processes, one global mesh) with one gs:// workdir: both
+    write their shards of each checkpoint, one commits it; rerun after the last checkpoint is
+    gone, they resume from the one before and log the same losses again."""
+    import portpicker
+
+    from mpt_jax import storage
+    from mpt_jax.train import checkpoint as ckpt_lib
+
+    config_path = write_test_config(str(tmp_path / "cfg.py"), small_corpus, max_steps=4,
+                                    eval_every=100, checkpoint_every=2)
+    env = {**subprocess_env(n_devices=2), "STORAGE_EMULATOR_HOST": gcs,
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    env.pop("TENSORSTORE_GCS_HTTP_URL", None)
+    workdir = f"gs://{GCS_BUCKET}/two-process-run"
+
+    def two_processes():
+        port = portpicker.pick_unused_port()
+        procs = [subprocess.Popen(
+            [sys.executable, "train.py", f"--config={config_path}", f"--workdir={workdir}",
+             f"--coordinator_address=localhost:{port}", "--num_processes=2",
+             f"--process_id={i}", "--config.mesh.data=2"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+        errs = [p.communicate(timeout=400)[1] for p in procs]
+        for p, err in zip(procs, errs):
+            assert p.returncode == 0, err[-3000:]
+
+    def losses():
+        rows = [json.loads(line) for line in
+                storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    two_processes()
+    first = losses()
+    assert sorted(first) == [1, 2, 3, 4]
+    assert ckpt_lib.finished_steps(workdir) == [2, 4]
+    root = ckpt_lib.checkpoint_dir(workdir)
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(
+        storage.listdir(storage.join(root, "4", "params")))
+    storage.rmtree(storage.join(root, "4"))
+    storage.remove(storage.join(workdir, "metrics.jsonl"))
+    two_processes()
+    assert losses() == {3: first[3], 4: first[4]}
+    train_state = json.loads(storage.read_text(storage.join(root, "4", "train_state",
+                                                            "metadata")))
+    assert len(train_state["data_states"]) == 2
