@@ -120,7 +120,7 @@ def errors(path: str, what: str = "") -> Iterator[None]:
     (for streaming reads and writes, where a retry would repeat side effects)."""
     try:
         yield
-    except StorageError:
+    except (StorageError, ValueError):  # ours already, or a bad-content message of the caller's
         raise
     except Exception as e:
         if not is_remote(path) and not isinstance(e, OSError):

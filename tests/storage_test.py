@@ -265,6 +265,37 @@ def test_checkpoints_on_gcs_commit_last_and_an_unfinished_step_is_ignored(gcs):
     np.testing.assert_array_equal(state["params"]["blocks"]["w"], np.arange(6.0))
 
 
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_hf_safetensors_in_a_bucket_load_and_import_as_transformers_computes(
+        scheme, request, tmp_path):
+    """load_pretrained and `convert_torch.py import` read a sharded HF directory straight from
+    the bucket (ranged reads): logits equal transformers' on the same weights; the import's
+    local checkpoint loads to the same model."""
+    from conftest import HF_CONFIGS, _ids_mask, hf_logits, hf_model
+    from mpt_jax import storage
+    from mpt_jax.convert.convert import load_pretrained
+    from mpt_jax.convert.convert import main as convert_main
+
+    request.getfixturevalue("gcs" if scheme == "gs" else "s3")
+    cfg = HF_CONFIGS["h3"]
+    hf = hf_model(cfg)
+    local = tmp_path / "hf"
+    hf.save_pretrained(local, max_shard_size="20KB")  # several shards and an index
+    remote = f"{scheme}://{GCS_BUCKET if scheme == 'gs' else S3_BUCKET}/hf-{scheme}"
+    for name in sorted(os.listdir(local)):
+        storage.write_atomic(storage.join(remote, name), (local / name).read_bytes())
+    assert len(storage.glob(remote, "*.safetensors")) > 1
+    ids, mask = _ids_mask()
+    real = mask.astype(bool)  # logits at padding positions mean nothing
+    want = hf_logits(hf, ids, mask)[real]
+    got = np.asarray(load_pretrained(remote)(ids, attention_mask=mask))[real]
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    dst = tmp_path / "ours"
+    assert convert_main(["import", remote, str(dst)]) == 0
+    got = np.asarray(load_pretrained(str(dst))(ids, attention_mask=mask))[real]
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
 def test_unsupported_remote_paths_are_refused_in_one_line(tmp_path):
     """What cannot read or write object storage in these library versions says so."""
     from conftest import data_config
@@ -280,9 +311,10 @@ def test_unsupported_remote_paths_are_refused_in_one_line(tmp_path):
          "gs://b/shards", "array_record"),
         (lambda: prepare.prepare_dataset(["x.jsonl"], "s3://b/out", "tok.json", seq_len=8),
          "s3://b/out", "array_record"),
-        (lambda: convert.import_checkpoint("gs://b/hf", str(tmp_path / "o")), "gs://b/hf",
+        (lambda: convert.import_checkpoint(str(tmp_path), "gs://b/ours"), "gs://b/ours",
          "not supported"),
-        (lambda: convert.load_pretrained("s3://b/ck"), "s3://b/ck", "not supported"),
+        (lambda: convert.export_checkpoint("s3://b/ck", str(tmp_path / "o")), "s3://b/ck",
+         "not supported"),
     ]
     for fn, path, why in cases:
         with pytest.raises(ValueError) as e:

@@ -57,11 +57,22 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 def _local(path, what: str) -> Path:
-    """`path` as a Path; a gs:// / s3:// one is refused in one line (the converter and loader
-    read and write local directories, through pathlib and tensorstore's file driver)."""
+    """`path` as a Path; a gs:// / s3:// one is refused in one line (our checkpoints are read
+    and written through pathlib and tensorstore's file driver)."""
     if storage.is_remote(path):
-        raise ConversionError(f"{what} {path}: gs:// and s3:// checkpoints are not supported by "
-                              "the converter and loader yet; use a local (or mounted) directory")
+        raise ConversionError(f"{what} {path}: our checkpoints on gs:// and s3:// are not "
+                              "supported by the converter and loader yet; use a local (or "
+                              "mounted) directory")
+    return Path(path)
+
+
+def _source(path) -> Path:
+    """An HF-layout source directory: local, or gs:// / s3:// as an etils.epath.Path (pathlib's
+    interface over fsspec); its safetensors are then read with ranged requests, never staged."""
+    if storage.is_remote(path):
+        from etils import epath
+
+        return epath.Path(str(path))
     return Path(path)
 
 
@@ -72,7 +83,11 @@ def read_config(path: Path) -> MPTConfig:
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
     try:
-        return MPTConfig.from_json_file(path)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return MPTConfig.from_dict(raw)
     except (ValueError, TypeError) as e:
         msg = str(e)
         raise ConversionError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
@@ -86,8 +101,7 @@ def read_source_config(path: Path) -> tuple[MPTConfig, list[str]]:
     (logit_scale, alibi_bias_max, norm_type, ...) are ignored here too, and named in a note.
     Anything else is llm-foundry's MPTConfig, every option honoured."""
     cfg = read_config(path)
-    with open(path) as fh:
-        raw = json.load(fh)
+    raw = json.loads(path.read_text())
     if raw.get("auto_map") or "MptForCausalLM" not in (raw.get("architectures") or []):
         return cfg, []
     cfg, ignored = cfg.as_hf_native()
@@ -108,7 +122,7 @@ class Plan(NamedTuple):
 
 
 def _check_source_dir(src: Path) -> None:
-    if not os.path.lexists(src):
+    if not (src.exists() if storage.is_remote(src) else os.path.lexists(src)):
         raise ConversionError(f"{src}: does not exist")
     if not src.is_dir():
         raise ConversionError(f"{src}: not a directory")
@@ -222,7 +236,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+            (dst / name).write_bytes((src / name).read_bytes())
             copied.append(name)
     return copied
 
@@ -230,7 +244,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
 def import_checkpoint(src, dst, *, dtype: str | None = None) -> tuple[MPTConfig, list[str]]:
     """HF / llm-foundry safetensors directory -> our checkpoint directory (streaming).
     Returns the config written and notes on how config.json was read (read_source_config)."""
-    src, dst = _local(src, "SRC"), _local(dst, "DST")
+    src, dst = _source(src), _local(dst, "DST")
     np_dtype = _parse_dtype(dtype)
     plan = plan_import(src)
     total = sum(plan.sources[k].nbytes for r in plan.rows for k in r.keys(plan.cfg.n_layers))
@@ -392,12 +406,12 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
     keep their stored dtype unless `param_dtype` is given. Nothing is randomly initialised."""
     import jax.numpy as jnp
 
-    path = _local(path, "load_pretrained:")
+    path = _source(path)
     _check_source_dir(path)
     pd = None if param_dtype is None else np.dtype(jnp.dtype(param_dtype))
     pure: dict = {}
     if (path / "params").is_dir() or (path / "checkpoints").is_dir():
-        ck = resolve_checkpoint(path)
+        ck = resolve_checkpoint(_local(path, "load_pretrained:"))
         cfg, rows = ck.cfg, name_table(ck.cfg)
         reader = ParamsReader(ck.params_dir)
         _check_params(ck, reader, rows)
@@ -476,7 +490,7 @@ def main(argv=None) -> int:
                 print("note: transformers' native MptForCausalLM cannot express this config ("
                       + "; ".join(problems) + "); wrote llm-foundry's remote-code config.json "
                       "(load with llm-foundry's modeling code, trust_remote_code=True)")
-    except ConversionError as e:
+    except (ConversionError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -26,6 +26,8 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from mpt_jax import storage
+
 
 # No fsync per chunk (the directory is renamed into place when complete) and no chunk cache.
 _CONTEXT = ts.Context({"file_io_sync": False, "cache_pool": {"total_bytes_limit": 0}})
@@ -58,8 +60,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     """Parses and checks one safetensors file's header: {name: TensorInfo}, __metadata__."""
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
+    size = storage.size(str(path))
+    with storage.errors(str(path), "reading"), _open_rb(path) as fh:
         raw = fh.read(8)
         if len(raw) < 8:
             raise ConversionError(f"{path}: truncated file ({size} bytes, no safetensors header)")
@@ -97,9 +99,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     return out, meta
 
 
+def _open_rb(path):
+    """Unbuffered locally (readinto fills the caller's array directly); on gs:// / s3:// a
+    ranged-read file, fetched in blocks as the reads ask."""
+    if storage.is_remote(path):
+        return storage.open_file(str(path), "rb")
+    return open(path, "rb", buffering=0)
+
+
 def read_tensor(info: TensorInfo, name: str) -> np.ndarray:
     out = np.empty(info.shape, info.dtype)
-    with open(info.file, "rb", buffering=0) as fh:
+    with storage.errors(str(info.file), f"reading {name!r}"), _open_rb(info.file) as fh:
         fh.seek(info.start)
         view = memoryview(out.reshape(-1).view(np.uint8))
         got = 0
