@@ -12,7 +12,6 @@ With several devices, --mesh data,fsdp,tensor shards the model (e.g. --mesh 1,1,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -46,11 +45,13 @@ def main(argv=None) -> int:
 
     if not args.prompt:
         return fail("--prompt is empty")
-    if args.checkpoint.startswith(("gs://", "s3://")):
-        return fail(f"--checkpoint {args.checkpoint}: gs:// and s3:// checkpoints are not "
-                    "supported by the loader yet; use a local (or mounted) directory")
-    if not os.path.exists(args.checkpoint):
-        return fail(f"checkpoint {args.checkpoint!r} does not exist")
+    from mpt_jax import storage
+
+    try:
+        if not storage.exists(args.checkpoint):
+            return fail(f"checkpoint {args.checkpoint!r} does not exist")
+    except storage.StorageError as e:
+        return fail(str(e))
     mesh_sizes = None
     if args.mesh:
         try:

@@ -30,6 +30,9 @@ REMOTE_SCHEMES = ("gs://", "s3://")
 # more after a short wait, so a store that is down fails in bounded time (about a minute).
 RETRIES = 2
 BACKOFF_S = 1.0  # first wait; doubled after each failed attempt
+# orbax commits a checkpoint directory on an object store (no rename there) by writing this
+# object last; a directory without it is unfinished.
+ORBAX_COMMIT_MARKER = "commit_success.txt"
 
 T = TypeVar("T")
 

@@ -272,6 +272,7 @@ def test_hf_safetensors_in_a_bucket_load_and_import_as_transformers_computes(
     the bucket (ranged reads): logits equal transformers' on the same weights; the import's
     local checkpoint loads to the same model."""
     from conftest import HF_CONFIGS, _ids_mask, hf_logits, hf_model
+
     from mpt_jax import storage
     from mpt_jax.convert.convert import load_pretrained
     from mpt_jax.convert.convert import main as convert_main
@@ -313,7 +314,7 @@ def test_unsupported_remote_paths_are_refused_in_one_line(tmp_path):
          "s3://b/out", "array_record"),
         (lambda: convert.import_checkpoint(str(tmp_path), "gs://b/ours"), "gs://b/ours",
          "not supported"),
-        (lambda: convert.export_checkpoint("s3://b/ck", str(tmp_path / "o")), "s3://b/ck",
+        (lambda: convert.export_checkpoint(str(tmp_path), "s3://b/hf"), "s3://b/hf",
          "not supported"),
     ]
     for fn, path, why in cases:
@@ -372,6 +373,35 @@ def test_train_with_its_workdir_on_gcs_resumes_exactly(gcs, small_corpus, tmp_pa
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6, 3, 4, 5, 6]
     assert got == pytest.approx(want, rel=1e-6)
     assert ckpt_lib.finished_steps(workdir) == [2, 4, 6]
+
+    # the run in the bucket loads, and exports, as the local one (read in place, no staging)
+    import torch
+    from transformers import MptForCausalLM
+
+    from mpt_jax.convert.convert import load_pretrained
+    from mpt_jax.convert.convert import main as convert_main
+
+    ids = np.random.default_rng(0).integers(0, 384, (2, 13))
+    local_logits = np.asarray(load_pretrained(str(local))(ids))
+    np.testing.assert_allclose(np.asarray(load_pretrained(workdir)(ids)), local_logits,
+                               rtol=1e-5, atol=1e-5)
+    exported = tmp_path / "exported"
+    assert convert_main(["export", workdir, str(exported)]) == 0
+    assert (exported / "tokenizer.json").read_text() == storage.read_text(
+        storage.join(workdir, "tokenizer.json"))
+    hf = MptForCausalLM.from_pretrained(exported).eval()
+    with torch.no_grad():
+        hf_out = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(hf_out, local_logits, rtol=2e-4, atol=2e-4)
+
+    def generate(checkpoint):
+        out = subprocess.run([sys.executable, "generate.py", f"--checkpoint={checkpoint}",
+                              "--prompt=def ", "--max_new_tokens=8"], check=False, cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    assert generate(workdir) == generate(str(local))  # greedy: the same weights, same text
 
 
 @pytest.mark.slow

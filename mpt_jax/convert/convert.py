@@ -57,18 +57,19 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 def _local(path, what: str) -> Path:
-    """`path` as a Path; a gs:// / s3:// one is refused in one line (our checkpoints are read
-    and written through pathlib and tensorstore's file driver)."""
+    """A destination as a Path; a gs:// / s3:// one is refused in one line (the converter
+    builds its output beside the destination and renames it into place, which object stores
+    cannot do)."""
     if storage.is_remote(path):
-        raise ConversionError(f"{what} {path}: our checkpoints on gs:// and s3:// are not "
-                              "supported by the converter and loader yet; use a local (or "
-                              "mounted) directory")
+        raise ConversionError(f"{what} {path}: writing conversions to gs:// or s3:// is not "
+                              "supported yet; convert into a local directory and upload it")
     return Path(path)
 
 
 def _source(path) -> Path:
-    """An HF-layout source directory: local, or gs:// / s3:// as an etils.epath.Path (pathlib's
-    interface over fsspec); its safetensors are then read with ranged requests, never staged."""
+    """A directory to read (HF layout or ours): local, or gs:// / s3:// as an etils.epath.Path
+    (pathlib's interface over fsspec): safetensors are read with ranged requests and our
+    params through tensorstore's gcs / s3 drivers, never staged on local disk."""
     if storage.is_remote(path):
         from etils import epath
 
@@ -274,7 +275,9 @@ def resolve_checkpoint(path: Path) -> OurCheckpoint:
     (the trainer saves the run's tokenizer.json in every step)."""
     if (path / "checkpoints").is_dir() and not (path / "params").is_dir():
         steps = sorted((int(p.name), p) for p in (path / "checkpoints").iterdir()
-                       if p.name.isdigit() and (p / "params").is_dir())
+                       if p.name.isdigit() and (p / "params").is_dir()
+                       and (not storage.is_remote(p)
+                            or (p / storage.ORBAX_COMMIT_MARKER).is_file()))
         if not steps:
             raise ConversionError(f"{path / 'checkpoints'}: no finished step directories")
         ck = resolve_checkpoint(steps[-1][1])
@@ -303,7 +306,7 @@ def tokenizer_dir(path) -> Path:
     """Where the tokenizer of checkpoint `path` lies: an HF directory or our converter's
     directory itself, a trainer workdir (its tokenizer.json, else its latest step's), a trainer
     step directory's tokenizer/ item."""
-    path = Path(path)
+    path = _source(path)
     if (path / "params").is_dir() or (path / "checkpoints").is_dir():
         return resolve_checkpoint(path).files_dir
     return path
@@ -328,7 +331,7 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> tuple[str, list[str]]:
     """Our checkpoint (or a trainer's) -> HF-layout safetensors shards + index (streaming).
     Returns the config form written and, for 'foundry', why native MPT could not be used."""
-    src, dst = _local(src, "SRC"), _local(dst, "DST")
+    src, dst = _source(src), _local(dst, "DST")
     np_dtype = _parse_dtype(dtype)
     if not (max_shard_bytes > 0):  # (also refuses NaN)
         raise ConversionError(f"--max_shard_size must be a positive number of GB, got "
@@ -411,7 +414,7 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, **model_kwargs):
     pd = None if param_dtype is None else np.dtype(jnp.dtype(param_dtype))
     pure: dict = {}
     if (path / "params").is_dir() or (path / "checkpoints").is_dir():
-        ck = resolve_checkpoint(_local(path, "load_pretrained:"))
+        ck = resolve_checkpoint(path)
         cfg, rows = ck.cfg, name_table(ck.cfg)
         reader = ParamsReader(ck.params_dir)
         _check_params(ck, reader, rows)

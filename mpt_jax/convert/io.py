@@ -257,6 +257,15 @@ def _zarr_dtype(dtype) -> str:
     return "bfloat16" if dtype == np.dtype(ml_dtypes.bfloat16) else dtype.str
 
 
+def _kvstore(path: str):
+    """tensorstore's kvstore for `path`: the file driver, or its gs:// / s3:// URL (the gcs and
+    s3 drivers, credentials and endpoints their usual way)."""
+    if storage.is_remote(path):
+        storage.filesystem(path)  # (points tensorstore at a GCS emulator when one is set)
+        return path
+    return {"driver": "file", "path": path}
+
+
 class ParamsReader:
     """Reads leaves (or one layer of a leaf) of an orbax `params/` directory: our converter's
     layout or orbax's default (OCDBT, zarr or zarr3) as the trainer writes it."""
@@ -280,10 +289,9 @@ class ParamsReader:
         if path not in self._open:
             name = leaf_name(path)
             if self.use_ocdbt:
-                kv = {"driver": "ocdbt", "base": {"driver": "file", "path": str(self.dir) + "/"},
-                      "path": name}
+                kv = {"driver": "ocdbt", "base": _kvstore(str(self.dir) + "/"), "path": name}
             else:
-                kv = {"driver": "file", "path": str(self.dir / name)}
+                kv = _kvstore(str(self.dir / name))
             try:
                 # A missing chunk is an error, not zeros: both writers store every chunk
                 # (orbax: store_data_equal_to_fill_value; ours: zarr without a fill value).

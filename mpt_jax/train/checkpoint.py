@@ -30,7 +30,7 @@ from mpt_jax import storage
 
 ITEMS = ("params", "model_config", "opt_state", "train_state", "tokenizer")
 TOKENIZER_ITEM = "tokenizer"  # checkpoints/<step>/tokenizer/tokenizer.json
-COMMIT_MARKER = "commit_success.txt"  # orbax's last write of a step on gs://
+COMMIT_MARKER = storage.ORBAX_COMMIT_MARKER  # orbax's last write of a step on gs://
 
 
 def checkpoint_dir(workdir: str) -> str:
