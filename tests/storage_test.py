@@ -266,11 +266,12 @@ def test_checkpoints_on_gcs_commit_last_and_an_unfinished_step_is_ignored(gcs):
 
 
 @pytest.mark.parametrize("scheme", ["gs", "s3"])
-def test_hf_safetensors_in_a_bucket_load_and_import_as_transformers_computes(
+def test_hf_safetensors_in_a_bucket_load_import_and_export_as_transformers_computes(
         scheme, request, tmp_path):
     """load_pretrained and `convert_torch.py import` read a sharded HF directory straight from
     the bucket (ranged reads): logits equal transformers' on the same weights; the import's
-    local checkpoint loads to the same model."""
+    local checkpoint loads to the same model; exported into the bucket and copied back,
+    transformers loads it with the same logits."""
     from conftest import HF_CONFIGS, _ids_mask, hf_logits, hf_model
 
     from mpt_jax import storage
@@ -296,6 +297,23 @@ def test_hf_safetensors_in_a_bucket_load_and_import_as_transformers_computes(
     got = np.asarray(load_pretrained(str(dst))(ids, attention_mask=mask))[real]
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
+    import torch
+    from transformers import MptForCausalLM
+
+    exported = f"{remote}-exported"
+    assert convert_main(["export", str(dst), exported, "--max_shard_size=0.00002"]) == 0
+    assert convert_main(["export", str(dst), exported]) == 1  # never over an existing one
+    back = tmp_path / "back"
+    back.mkdir()
+    names = storage.listdir(exported)
+    assert "config.json" in names and len([n for n in names if n.endswith(".safetensors")]) > 1
+    for name in names:
+        (back / name).write_bytes(storage.read_bytes(storage.join(exported, name)))
+    with torch.no_grad():
+        out = MptForCausalLM.from_pretrained(back).eval()(
+            torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(out[real], want, rtol=2e-4, atol=2e-4)
+
 
 def test_unsupported_remote_paths_are_refused_in_one_line(tmp_path):
     """What cannot read or write object storage in these library versions says so."""
@@ -314,8 +332,7 @@ def test_unsupported_remote_paths_are_refused_in_one_line(tmp_path):
          "s3://b/out", "array_record"),
         (lambda: convert.import_checkpoint(str(tmp_path), "gs://b/ours"), "gs://b/ours",
          "not supported"),
-        (lambda: convert.export_checkpoint(str(tmp_path), "s3://b/hf"), "s3://b/hf",
-         "not supported"),
+
     ]
     for fn, path, why in cases:
         with pytest.raises(ValueError) as e:

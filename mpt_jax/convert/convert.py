@@ -34,6 +34,7 @@ and `model_config`; a trainer workdir has `checkpoints/<step>/`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -57,12 +58,11 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 def _local(path, what: str) -> Path:
-    """A destination as a Path; a gs:// / s3:// one is refused in one line (the converter
-    builds its output beside the destination and renames it into place, which object stores
-    cannot do)."""
+    """An import destination as a Path; a gs:// / s3:// one is refused in one line (our params
+    are written through tensorstore's file driver and renamed into place)."""
     if storage.is_remote(path):
-        raise ConversionError(f"{what} {path}: writing conversions to gs:// or s3:// is not "
-                              "supported yet; convert into a local directory and upload it")
+        raise ConversionError(f"{what} {path}: importing into gs:// or s3:// is not supported "
+                              "yet; import into a local directory and upload it")
     return Path(path)
 
 
@@ -206,12 +206,21 @@ def _parse_dtype(dtype: str | None):
 
 
 class _AtomicDir:
-    """Builds a directory beside `dst` and renames it into place only on success."""
+    """Builds a directory beside `dst` and renames it into place only on success. On gs:// /
+    s3:// (no rename there) it is written in place, config.json last (what every loader
+    opens first): a directory without config.json is an unfinished export; on failure what
+    was written is removed."""
 
     def __init__(self, dst: Path):
         self.dst = dst
 
     def __enter__(self) -> Path:
+        if storage.is_remote(self.dst):
+            if storage.exists(str(self.dst)):
+                raise ConversionError(f"{self.dst}: destination already exists (one without "
+                                      "config.json is an unfinished export: remove it)")
+            self.tmp = self.dst
+            return self.tmp
         if os.path.lexists(self.dst):
             raise ConversionError(f"{self.dst}: destination already exists")
         parent = self.dst.parent
@@ -226,7 +235,11 @@ class _AtomicDir:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
+        if storage.is_remote(self.dst):
+            if exc_type is not None:
+                with contextlib.suppress(storage.StorageError):
+                    storage.rmtree(str(self.dst))
+        elif exc_type is None:
             os.rename(self.tmp, self.dst)
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -331,7 +344,7 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> tuple[str, list[str]]:
     """Our checkpoint (or a trainer's) -> HF-layout safetensors shards + index (streaming).
     Returns the config form written and, for 'foundry', why native MPT could not be used."""
-    src, dst = _source(src), _local(dst, "DST")
+    src, dst = _source(src), _source(dst)
     np_dtype = _parse_dtype(dtype)
     if not (max_shard_bytes > 0):  # (also refuses NaN)
         raise ConversionError(f"--max_shard_size must be a positive number of GB, got "
@@ -394,8 +407,8 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
         torch_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(
             entries[0][3].name, "float32")
         config["torch_dtype"] = torch_dtype
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _copy_tokenizer(ck.files_dir, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return form, problems
 
 

@@ -171,7 +171,9 @@ class SafetensorsWriter:
             off += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self.fh = open(path, "wb")
+        # on gs:// / s3:// an upload in parts, published whole when closed
+        self.path = path
+        self.fh = storage.open_file(str(path), "wb")
         self.fh.write(struct.pack("<Q", len(raw)) + raw)
         self.next = 0
 
@@ -185,7 +187,7 @@ class SafetensorsWriter:
 
     def close(self) -> None:
         if self.next != len(self.order):
-            raise AssertionError(f"{self.fh.name}: {len(self.order) - self.next} tensors unwritten")
+            raise AssertionError(f"{self.path}: {len(self.order) - self.next} tensors unwritten")
         self.fh.close()
 
 
