@@ -143,6 +143,10 @@ def abspath(path: str) -> str:
     return str(path).rstrip("/") if is_remote(path) else os.path.abspath(path)
 
 
+def dirname(path: str) -> str:
+    return posixpath.dirname(str(path).rstrip("/")) if is_remote(path) else os.path.dirname(path)
+
+
 def basename(path: str) -> str:
     p = str(path).rstrip("/") if is_remote(path) else os.path.normpath(path)
     return posixpath.basename(p) if is_remote(path) else os.path.basename(p)

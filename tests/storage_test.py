@@ -420,6 +420,21 @@ def test_train_with_its_workdir_on_gcs_resumes_exactly(gcs, small_corpus, tmp_pa
 
     assert generate(workdir) == generate(str(local))  # greedy: the same weights, same text
 
+    # a finetune whose train.init_from is the export, in a bucket: as from the local copy
+    in_bucket = f"gs://{GCS_BUCKET}/exported"
+    for name in sorted(os.listdir(exported)):
+        storage.write_atomic(storage.join(in_bucket, name), (exported / name).read_bytes())
+
+    def finetune(init_from, out):
+        run = subprocess.run([sys.executable, "train.py", f"--config={config_path}",
+                              f"--workdir={out}", f"--config.train.init_from={init_from}",
+                              "--config.max_steps=3"], check=False, cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return read_losses(str(out))
+
+    assert finetune(in_bucket, tmp_path / "ft-gs") == finetune(exported, tmp_path / "ft-local")
+
 
 @pytest.mark.slow
 def test_two_processes_share_a_gcs_workdir_checkpoint_and_resume(gcs, small_corpus, tmp_path):

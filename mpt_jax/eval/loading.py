@@ -44,12 +44,11 @@ def tokenizer_location(checkpoint: str, tokenizer: str | None = None) -> str:
 def _config_token(tok_dir: str | None, key: str, tokenizer) -> int | None:
     if tok_dir is None:
         return None
-    path = os.path.join(tok_dir, "tokenizer_config.json")
-    if not os.path.isfile(path):
+    path = storage.join(tok_dir, "tokenizer_config.json")
+    if not storage.isfile(path):
         return None
     try:
-        with open(path) as fh:
-            value = json.load(fh).get(key)
+        value = json.loads(storage.read_text(path)).get(key)
     except (json.JSONDecodeError, AttributeError):
         raise ValueError(f"{path}: not a JSON object") from None
     if isinstance(value, dict):  # {"content": "<|endoftext|>", ...}

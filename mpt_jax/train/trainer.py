@@ -227,10 +227,6 @@ def train(config, workdir: str) -> dict:
 
     # 1. config: every section that needs no data (a finetune's model: init_from's) --------
     init_from = config.train.init_from
-    if init_from:  # the finetune path (checkpoint loader, tokenizer files) reads local files
-        storage.require_local(init_from, "train.init_from", "finetuning reads local checkpoints")
-        storage.require_local(workdir, "train.init_from with --workdir",
-                              "finetuning keeps its workdir on local disk")
     resuming = bool(ckpt_lib.finished_steps(workdir))
     checked = check_config(config, workdir)
     base_cfg = checked if init_from else None
@@ -270,14 +266,14 @@ def train(config, workdir: str) -> dict:
         from mpt_jax.eval import loading, tasks as tasks_lib
 
         eos_id, _ = loading.special_ids(
-            tokenizer, None if ckpt_tokenizer is None else os.path.dirname(ckpt_tokenizer), cfg)
+            tokenizer, None if ckpt_tokenizer is None else storage.dirname(ckpt_tokenizer), cfg)
         icl_tasks = tasks_lib.prepare_tasks(list(config.eval.icl_tasks), tokenizer,
                                             eos_id=eos_id, max_seq_len=seq_len)
     _make_workdir(workdir)
     if writer_process:
         _write_if_changed(storage.join(workdir, TOKENIZER_FILE), tokenizer_json)
         if ckpt_tokenizer is not None and not resuming:  # its special tokens, chat template
-            _copy_tokenizer_files(os.path.dirname(ckpt_tokenizer), workdir)
+            _copy_tokenizer_files(storage.dirname(ckpt_tokenizer), workdir)
 
     # 4. optimizer ------------------------------------------------------------------------
     tx = optim_lib.make_optimizer(config.optim, config.max_steps, clip=False)  # the step clips
@@ -532,8 +528,8 @@ def _checkpoint_tokenizer(init_from: str) -> str | None:
     or None when it carries none (an HF directory of weights only)."""
     from mpt_jax.convert.convert import tokenizer_dir
 
-    path = os.path.join(str(tokenizer_dir(init_from)), TOKENIZER_FILE)
-    return path if os.path.isfile(path) else None
+    path = storage.join(str(tokenizer_dir(init_from)), TOKENIZER_FILE)
+    return path if storage.isfile(path) else None
 
 
 def _check_same_tokenizer(init_from: str, ckpt_tokenizer: str, resolved) -> None:
@@ -553,13 +549,12 @@ def _check_same_tokenizer(init_from: str, ckpt_tokenizer: str, resolved) -> None
 def _copy_tokenizer_files(src_dir: str, workdir: str) -> None:
     """tokenizer_config.json and friends beside the run's tokenizer.json (EOS / BOS, chat
     template: what evaluation and export read)."""
-    import shutil
-
     from mpt_jax.convert.convert import TOKENIZER_FILES
 
     for name in TOKENIZER_FILES:
-        if name != TOKENIZER_FILE and os.path.isfile(os.path.join(src_dir, name)):
-            shutil.copyfile(os.path.join(src_dir, name), os.path.join(workdir, name))
+        if name != TOKENIZER_FILE and storage.isfile(storage.join(src_dir, name)):
+            storage.write_atomic(storage.join(workdir, name),
+                                 storage.read_bytes(storage.join(src_dir, name)))
 
 
 def _make_workdir(workdir: str) -> None:
