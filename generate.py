@@ -15,7 +15,6 @@ checkpoint saved quantized needs no flag), --kv_cache int8 keeps an int8 KV cach
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -54,8 +53,13 @@ def main(argv=None) -> int:
 
     if not args.prompt:
         return fail("--prompt is empty")
-    if not os.path.exists(args.checkpoint):
-        return fail(f"checkpoint {args.checkpoint!r} does not exist")
+    from mpt_jax import storage
+
+    try:
+        if not storage.exists(args.checkpoint):
+            return fail(f"checkpoint {args.checkpoint!r} does not exist")
+    except storage.StorageError as e:
+        return fail(str(e))
     mesh_sizes = None
     if args.mesh:
         try:

@@ -102,7 +102,7 @@ def make_workdir(path: str, examples: int, lm_examples: int, tokenizer: str | No
         fh.write("icl_tasks:\n- {label: bench_lm, dataset_uri: lm.jsonl, icl_task_type: "
                  "language_modeling, num_fewshot: [0]}\n")
     os.makedirs(os.path.join(path, "lm_eval_tasks"), exist_ok=True)
-    common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {{data}}\n"
+    common = ("dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
               "test_split: test\n")
     with open(os.path.join(path, "lm_eval_tasks", "bench_mc.yaml"), "w") as fh:
         fh.write("task: bench_mc\n" + common.format(data=os.path.join(path, "mc.jsonl"))

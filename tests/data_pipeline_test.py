@@ -4,7 +4,6 @@ the held-out split, the built-in corpus and every bad config."""
 import json
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -297,7 +296,6 @@ def test_copied_workdir_needs_no_preparation_and_resumes_the_stream(tmp_path, mo
     """The built-in corpus under a workdir, copied as `cp -r` does (fresh mtimes) and the
     original moved away: nothing is prepared again and an iterator state of the original
     restores in the copy to the same next batches."""
-    import shutil
     import subprocess
 
     from conftest import prepare_small_builtin

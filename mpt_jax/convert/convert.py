@@ -37,6 +37,7 @@ and `model_config`; a trainer workdir has `checkpoints/<step>/`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -47,12 +48,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mpt_jax import storage
 from mpt_jax.model.config import MPTConfig, scale_path
 from mpt_jax.convert import quantized as quant_io
 from mpt_jax.convert.io import ConversionError, ParamsReader, ParamsWriter, SafetensorsWriter
 # (sources' names stay importable from here: pretrained.py, generate.py and tests use them)
 from mpt_jax.convert.sources import (OurCheckpoint, Plan, _check_params,  # noqa: F401
-                                     _check_source_dir, iter_tensors, plan_import, read_config,
+                                     _check_source_dir, _source, iter_tensors, plan_import, read_config,
                                      read_source_config, resolve_checkpoint, tokenizer_dir)
 from mpt_jax.convert.table import export_form, model_shapes, name_table, set_path
 
@@ -60,6 +62,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+def _local(path, what: str) -> Path:
+    """An import destination as a Path; a gs:// / s3:// one is refused in one line (our params
+    are written through tensorstore's file driver and renamed into place)."""
+    if storage.is_remote(path):
+        raise ConversionError(f"{what} {path}: importing into gs:// or s3:// is not supported "
+                              "yet; import into a local directory and upload it")
+    return Path(path)
+
 
 def _progress(total_bytes: int, desc: str):
     from tqdm import tqdm
@@ -83,12 +94,21 @@ def _parse_dtype(dtype: str | None):
 
 
 class _AtomicDir:
-    """Builds a directory beside `dst` and renames it into place only on success."""
+    """Builds a directory beside `dst` and renames it into place only on success. On gs:// /
+    s3:// (no rename there) it is written in place, config.json last (what every loader
+    opens first): a directory without config.json is an unfinished export; on failure what
+    was written is removed."""
 
     def __init__(self, dst: Path):
         self.dst = dst
 
     def __enter__(self) -> Path:
+        if storage.is_remote(self.dst):
+            if storage.exists(str(self.dst)):
+                raise ConversionError(f"{self.dst}: destination already exists (one without "
+                                      "config.json is an unfinished export: remove it)")
+            self.tmp = self.dst
+            return self.tmp
         if os.path.lexists(self.dst):
             raise ConversionError(f"{self.dst}: destination already exists")
         parent = self.dst.parent
@@ -103,7 +123,11 @@ class _AtomicDir:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
+        if storage.is_remote(self.dst):
+            if exc_type is not None:
+                with contextlib.suppress(storage.StorageError):
+                    storage.rmtree(str(self.dst))
+        elif exc_type is None:
             os.rename(self.tmp, self.dst)
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -114,7 +138,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+            (dst / name).write_bytes((src / name).read_bytes())
             copied.append(name)
     return copied
 
@@ -140,7 +164,7 @@ def import_checkpoint(src, dst, *, dtype: str | None = None,
     """HF / llm-foundry safetensors directory -> our checkpoint directory (streaming), its
     matrices quantized when `quantize` ("int8") is given. Returns the config written and
     notes on how config.json was read (read_source_config)."""
-    src, dst = Path(src), Path(dst)
+    src, dst = _source(src), _local(dst, "DST")
     np_dtype = _parse_dtype(dtype)
     quant_io.check_mode(quantize)
     plan = plan_import(src)
@@ -157,7 +181,7 @@ def import_checkpoint(src, dst, *, dtype: str | None = None,
 def quantize_checkpoint(src, dst, *, quantize: str = "int8") -> MPTConfig:
     """Any checkpoint `load_pretrained` reads (HF-layout or ours, float) -> our checkpoint
     with its matrices quantized (streaming, one tensor at a time). Returns its config."""
-    src, dst = Path(src), Path(dst)
+    src, dst = _source(src), _local(dst, "DST")
     quant_io.check_mode(quantize)
     _check_source_dir(src)
     if not ((src / "params").is_dir() or (src / "checkpoints").is_dir()):
@@ -191,7 +215,7 @@ def export_checkpoint(src, dst, *, dtype: str | None = None,
     Returns the config form written and, for 'foundry', why native MPT could not be used.
     A quantized checkpoint exports its dequantized weights (`q * scale`), in `dtype` or its
     float parameters' dtype."""
-    src, dst = Path(src), Path(dst)
+    src, dst = _source(src), _source(dst)
     np_dtype = _parse_dtype(dtype)
     check_shard_bytes(max_shard_bytes)
     _check_source_dir(src)
@@ -281,8 +305,8 @@ def write_hf_dir(cfg: MPTConfig, read, dtype_of, files_dir: Path, dst: Path, *, 
         torch_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(
             entries[0][3].name, "float32")
         config["torch_dtype"] = torch_dtype
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _copy_tokenizer(files_dir, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return form, problems
 
 
@@ -309,7 +333,7 @@ def load_pretrained(path, dtype=None, *, param_dtype=None, quantize: str | None 
     from mpt_jax.convert import lora as lora_io
 
     quant_io.check_mode(quantize)
-    path = Path(path)
+    path = _source(path)
     _check_source_dir(path)
     pd = _numpy_dtype(param_dtype)
     adapted = lora_io.find_adapters(path)
@@ -482,7 +506,7 @@ def main(argv=None) -> int:
                 print("note: transformers' native MptForCausalLM cannot express this config ("
                       + "; ".join(problems) + "); wrote llm-foundry's remote-code config.json "
                       "(load with llm-foundry's modeling code, trust_remote_code=True)")
-    except ConversionError as e:
+    except (ConversionError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

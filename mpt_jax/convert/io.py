@@ -26,6 +26,8 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from mpt_jax import storage
+
 
 # No fsync per chunk (the directory is renamed into place when complete) and no chunk cache.
 _CONTEXT = ts.Context({"file_io_sync": False, "cache_pool": {"total_bytes_limit": 0}})
@@ -58,8 +60,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     """Parses and checks one safetensors file's header: {name: TensorInfo}, __metadata__."""
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
+    size = storage.size(str(path))
+    with storage.errors(str(path), "reading"), _open_rb(path) as fh:
         raw = fh.read(8)
         if len(raw) < 8:
             raise ConversionError(f"{path}: truncated file ({size} bytes, no safetensors header)")
@@ -97,9 +99,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     return out, meta
 
 
+def _open_rb(path):
+    """Unbuffered locally (readinto fills the caller's array directly); on gs:// / s3:// a
+    ranged-read file, fetched in blocks as the reads ask."""
+    if storage.is_remote(path):
+        return storage.open_file(str(path), "rb")
+    return open(path, "rb", buffering=0)
+
+
 def read_tensor(info: TensorInfo, name: str) -> np.ndarray:
     out = np.empty(info.shape, info.dtype)
-    with open(info.file, "rb", buffering=0) as fh:
+    with storage.errors(str(info.file), f"reading {name!r}"), _open_rb(info.file) as fh:
         fh.seek(info.start)
         view = memoryview(out.reshape(-1).view(np.uint8))
         got = 0
@@ -161,7 +171,9 @@ class SafetensorsWriter:
             off += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self.fh = open(path, "wb")
+        # on gs:// / s3:// an upload in parts, published whole when closed
+        self.path = path
+        self.fh = storage.open_file(str(path), "wb")
         self.fh.write(struct.pack("<Q", len(raw)) + raw)
         self.next = 0
 
@@ -175,7 +187,7 @@ class SafetensorsWriter:
 
     def close(self) -> None:
         if self.next != len(self.order):
-            raise AssertionError(f"{self.fh.name}: {len(self.order) - self.next} tensors unwritten")
+            raise AssertionError(f"{self.path}: {len(self.order) - self.next} tensors unwritten")
         self.fh.close()
 
 
@@ -247,6 +259,15 @@ def _zarr_dtype(dtype) -> str:
     return "bfloat16" if dtype == np.dtype(ml_dtypes.bfloat16) else dtype.str
 
 
+def _kvstore(path: str):
+    """tensorstore's kvstore for `path`: the file driver, or its gs:// / s3:// URL (the gcs and
+    s3 drivers, credentials and endpoints their usual way)."""
+    if storage.is_remote(path):
+        storage.filesystem(path)  # (points tensorstore at a GCS emulator when one is set)
+        return path
+    return {"driver": "file", "path": path}
+
+
 class ParamsReader:
     """Reads leaves (or one layer of a leaf) of an orbax `params/` directory: our converter's
     layout or orbax's default (OCDBT, zarr or zarr3) as the trainer writes it."""
@@ -270,10 +291,9 @@ class ParamsReader:
         if path not in self._open:
             name = leaf_name(path)
             if self.use_ocdbt:
-                kv = {"driver": "ocdbt", "base": {"driver": "file", "path": str(self.dir) + "/"},
-                      "path": name}
+                kv = {"driver": "ocdbt", "base": _kvstore(str(self.dir) + "/"), "path": name}
             else:
-                kv = {"driver": "file", "path": str(self.dir / name)}
+                kv = _kvstore(str(self.dir / name))
             try:
                 # A missing chunk is an error, not zeros: both writers store every chunk
                 # (orbax: store_data_equal_to_fill_value; ours: zarr without a fill value).

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mpt_jax.convert.convert import (ParamsReader, _check_params, plan_import, read_source_config,
-                                     resolve_checkpoint)
-from mpt_jax.convert.io import ConversionError
+from mpt_jax import storage
+from mpt_jax.convert.convert import (ParamsReader, _check_params, _source, plan_import,
+                                     read_source_config, resolve_checkpoint)
+from mpt_jax.convert.io import ConversionError, read_tensor
 from mpt_jax.convert.table import name_table
 from mpt_jax.model.config import TOKEN_ID_KEYS, MPTConfig
 
@@ -52,7 +53,7 @@ def read_model_config(path) -> MPTConfig:
     """The model config of a checkpoint `path` (any form load_pretrained reads). A native
     transformers config.json is read as native MptForCausalLM computes it (the options it
     ignores are named in a warning)."""
-    path = Path(path)
+    path = _source(path)
     if not path.is_dir():
         raise ConversionError(f"{path}: not a directory (train.init_from names a checkpoint "
                               "directory, an HF-layout directory or a training workdir)")
@@ -142,7 +143,10 @@ def _normalise(index, shape) -> tuple[slice, ...]:
 
 def _read_safetensors_slice(info, torch_index) -> np.ndarray:
     """`torch_index` of a safetensors tensor: the pages that hold it are mapped and read, the
-    mapping dropped before returning (a copy of just the slice remains)."""
+    mapping dropped before returning (a copy of just the slice remains). On gs:// / s3:// (no
+    mapping) the tensor is read whole with ranged requests and sliced."""
+    if storage.is_remote(info.file):
+        return np.array(read_tensor(info, str(info.file))[torch_index])
     mapped = np.memmap(info.file, dtype=info.dtype, mode="r", offset=info.start, shape=info.shape)
     piece = np.array(mapped[torch_index])
     del mapped  # (the file is unmapped when its last view goes)
@@ -215,7 +219,7 @@ def load_params_sharded(path, abstract_params, shardings):
     """
     import jax
 
-    path = Path(path)
+    path = _source(path)
     read_model_config(path)  # (the same checks and messages for a missing / odd directory)
     source = _OurSource(path) if _is_ours(path) else _HFSource(path)
     rows = {row.path: row for row in name_table(source.cfg)}

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from mpt_jax import storage
 from mpt_jax.convert import quantized as quant_io
 from mpt_jax.convert.io import ConversionError, ParamsReader, TensorInfo, read_tensor, scan_source
 from mpt_jax.convert.table import Row, name_table
@@ -21,11 +22,26 @@ from mpt_jax.model.config import MPTConfig
 # ---------------------------------------------------------------------------------------------
 # Reading an HF-layout source
 # ---------------------------------------------------------------------------------------------
+def _source(path) -> Path:
+    """A directory to read (HF layout or ours): local, or gs:// / s3:// as an etils.epath.Path
+    (pathlib's interface over fsspec): safetensors are read with ranged requests and our
+    params through tensorstore's gcs / s3 drivers, never staged on local disk."""
+    if storage.is_remote(path):
+        from etils import epath
+
+        return epath.Path(str(path))
+    return Path(path)
+
+
 def read_config(path: Path) -> MPTConfig:
     if not path.is_file():
         raise ConversionError(f"{path}: file not found")
     try:
-        return MPTConfig.from_json_file(path)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return MPTConfig.from_dict(raw)
     except (ValueError, TypeError) as e:
         msg = str(e)
         raise ConversionError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
@@ -39,8 +55,7 @@ def read_source_config(path: Path) -> tuple[MPTConfig, list[str]]:
     (logit_scale, alibi_bias_max, norm_type, ...) are ignored here too, and named in a note.
     Anything else is llm-foundry's MPTConfig, every option honoured."""
     cfg = read_config(path)
-    with open(path) as fh:
-        raw = json.load(fh)
+    raw = json.loads(path.read_text())
     if raw.get("auto_map") or "MptForCausalLM" not in (raw.get("architectures") or []):
         return cfg, []
     cfg, ignored = cfg.as_hf_native()
@@ -61,7 +76,7 @@ class Plan(NamedTuple):
 
 
 def _check_source_dir(src: Path) -> None:
-    if not os.path.lexists(src):
+    if not (src.exists() if storage.is_remote(src) else os.path.lexists(src)):
         raise ConversionError(f"{src}: does not exist")
     if not src.is_dir():
         raise ConversionError(f"{src}: not a directory")
@@ -138,7 +153,9 @@ def resolve_checkpoint(path: Path) -> OurCheckpoint:
     (the trainer saves the run's tokenizer.json in every step)."""
     if (path / "checkpoints").is_dir() and not (path / "params").is_dir():
         steps = sorted((int(p.name), p) for p in (path / "checkpoints").iterdir()
-                       if p.name.isdigit() and (p / "params").is_dir())
+                       if p.name.isdigit() and (p / "params").is_dir()
+                       and (not storage.is_remote(p)
+                            or (p / storage.ORBAX_COMMIT_MARKER).is_file()))
         if not steps:
             raise ConversionError(f"{path / 'checkpoints'}: no finished step directories")
         ck = resolve_checkpoint(steps[-1][1])
@@ -167,7 +184,7 @@ def tokenizer_dir(path) -> Path:
     """Where the tokenizer of checkpoint `path` lies: an HF directory or our converter's
     directory itself, a trainer workdir (its tokenizer.json, else its latest step's), a trainer
     step directory's tokenizer/ item."""
-    path = Path(path)
+    path = _source(path)
     if (path / "params").is_dir() or (path / "checkpoints").is_dir():
         return resolve_checkpoint(path).files_dir
     return path

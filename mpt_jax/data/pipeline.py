@@ -50,6 +50,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from mpt_jax import storage
 from mpt_jax.data import corpus
 from mpt_jax.data import finetune
 from mpt_jax.data import prepare as prepare_lib
@@ -119,6 +120,10 @@ def resolve_data(data_cfg, workdir: str | None) -> ResolvedData:
     if data_cfg.builtin:
         if workdir is None:
             raise ValueError(f"data.builtin={data_cfg.builtin!r} needs a workdir to prepare into")
+        storage.require_local(workdir, f"data.builtin={data_cfg.builtin!r} with --workdir",
+                              "the built-in corpus is prepared into WORKDIR/data on local disk "
+                              "(prepare it with mpt_jax.data.prepare and name it in "
+                              "data.sources)")
         if data_cfg.builtin in sft_corpus.BUILTIN_NAMES:
             shards_dir = sft_corpus.prepare_builtin(
                 data_cfg.builtin, os.path.join(workdir, "data"), tokenizer=data_cfg.tokenizer,
@@ -135,6 +140,7 @@ def resolve_data(data_cfg, workdir: str | None) -> ResolvedData:
 
     sources = []
     for name, path, weight in named:
+        storage.require_local(path, f"data.sources.{name}.path", _REMOTE_SHARDS)
         try:
             manifest = prepare_lib.read_manifest(path)
         except ValueError as e:
@@ -208,6 +214,12 @@ class HeldOutSplit:
 
     def __getitems__(self, indices) -> list[bytes]:
         return self._source.__getitems__([self._record_index(i) for i in indices])
+
+
+# What a remote shards directory needs that is not there: say so rather than stage the data.
+_REMOTE_SHARDS = ("ArrayRecord shards are read with array_record's reader, which opens local "
+                  "files only (no gs:// / s3:// support in its open-source build); mount the "
+                  "bucket (gcsfuse, mountpoint-s3) and name the mount")
 
 
 def _eval_every(eval_fraction: float) -> int | None:

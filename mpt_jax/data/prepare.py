@@ -60,6 +60,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tqdm
 
+from mpt_jax import storage
 from mpt_jax.data import finetune
 from mpt_jax.data import readers
 from mpt_jax.data import tokenizer as tokenizer_lib
@@ -264,6 +265,11 @@ def prepare_dataset(
     keep_documents, text_field and bos_text do not). See the module docstring for layouts,
     resumption and bad-line handling. Raises ValueError naming the offending path and numbers.
     """
+    storage.require_local(output_dir, "--output", "array_record's writer creates local files "
+                          "only (no gs:// / s3:// in its open-source build); write to a "
+                          "mounted bucket (gcsfuse, mountpoint-s3)")
+    for path in inputs:
+        storage.require_local(path, "--input", "inputs are read from local files")
     examples = format != "text"
     if format not in FORMATS:
         raise ValueError(f"--format {format!r}: expected one of {FORMATS}")

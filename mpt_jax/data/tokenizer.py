@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 
 import tokenizers
 
+from mpt_jax import storage
+
 # The end-of-text token our trained byte-level BPE reserves (GPT-NeoX-20B's is the same string).
 ENDOFTEXT = "<|endoftext|>"
 
@@ -27,6 +29,13 @@ def load_tokenizer(path_or_name: str) -> tokenizers.Tokenizer:
     """
     if not path_or_name:
         raise ValueError("tokenizer: got an empty path or name")
+    if storage.is_remote(path_or_name):  # gs:// / s3://: a tokenizer.json or a directory
+        file_path = path_or_name
+        if not path_or_name.endswith(".json") and storage.isdir(path_or_name):
+            file_path = storage.join(path_or_name, "tokenizer.json")
+        if not storage.isfile(file_path):
+            raise ValueError(f"tokenizer: no tokenizer.json at {file_path!r}")
+        return _load_text(file_path, storage.read_text(file_path))
     if os.path.isdir(path_or_name):
         file_path = os.path.join(path_or_name, "tokenizer.json")
         if not os.path.isfile(file_path):
@@ -48,6 +57,15 @@ def load_tokenizer(path_or_name: str) -> tokenizers.Tokenizer:
         raise ValueError(
             f"tokenizer: {path_or_name!r} is not a local path and could not be fetched from the "
             f"Hugging Face hub (offline? wrong name?): {type(e).__name__}: {e}".splitlines()[0]
+        ) from None
+
+
+def _load_text(file_path: str, text: str) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception)
+        raise ValueError(
+            f"tokenizer: {file_path!r} is not a valid tokenizer.json: {e}".splitlines()[0]
         ) from None
 
 

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import tokenizers
 
+from mpt_jax import storage
 from mpt_jax.data.tokenizer import ENDOFTEXT, load_tokenizer
 from mpt_jax.model import MPTForCausalLM
 
@@ -43,12 +44,11 @@ def tokenizer_location(checkpoint: str, tokenizer: str | None = None) -> str:
 def _config_token(tok_dir: str | None, key: str, tokenizer) -> int | None:
     if tok_dir is None:
         return None
-    path = os.path.join(tok_dir, "tokenizer_config.json")
-    if not os.path.isfile(path):
+    path = storage.join(tok_dir, "tokenizer_config.json")
+    if not storage.isfile(path):
         return None
     try:
-        with open(path) as fh:
-            value = json.load(fh).get(key)
+        value = json.loads(storage.read_text(path)).get(key)
     except (json.JSONDecodeError, AttributeError):
         raise ValueError(f"{path}: not a JSON object") from None
     if isinstance(value, dict):  # {"content": "<|endoftext|>", ...}
@@ -81,6 +81,7 @@ def load(checkpoint: str, *, tokenizer: str | None = None, dtype="bfloat16") -> 
 
     from mpt_jax import load_pretrained
 
+    storage.require_local(checkpoint, "--checkpoint", "evaluation loads local checkpoints")
     if not os.path.exists(checkpoint):
         raise ValueError(f"checkpoint {checkpoint!r} does not exist")
     where = tokenizer_location(checkpoint, tokenizer)

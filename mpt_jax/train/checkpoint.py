@@ -13,7 +13,10 @@ Saves are asynchronous (the device-to-host copy happens in `save`, the writes in
 background); `keep` checkpoints are kept. Orbax writes each step into a temporary directory and
 renames it when every item is complete, so a save interrupted midway (crash, SIGKILL) leaves no
 `<step>/` directory and the previous checkpoint untouched; stale temporaries are cleaned up on
-the next start. `restore` places every array onto the mesh with the given shardings.
+the next start. On gs:// (no rename there) orbax writes `<step>/` in place and commits it last
+with `<step>/commit_success.txt`: a step without that marker is unfinished and never resumed
+from. s3:// is refused: orbax-checkpoint builds tensorstore specs only for local paths and gs://.
+`restore` places every array onto the mesh with the given shardings.
 """
 from __future__ import annotations
 
@@ -25,16 +28,29 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mpt_jax import storage
+
 ITEMS = ("params", "model_config", "opt_state", "train_state", "tokenizer", "lora")
 TOKENIZER_ITEM = "tokenizer"  # checkpoints/<step>/tokenizer/tokenizer.json
 LORA_ITEM, LORA_FILE = "lora", "lora.json"  # checkpoints/<step>/lora/lora.json
+COMMIT_MARKER = storage.ORBAX_COMMIT_MARKER  # orbax's last write of a step on gs://
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return storage.join(storage.abspath(workdir), "checkpoints")
+
+
+def check_location(workdir: str) -> None:
+    """Refuses a workdir whose checkpoints orbax cannot write (one line)."""
+    if str(workdir).startswith("s3://"):
+        raise storage.StorageError(
+            f"--workdir {workdir}: checkpoints on s3:// are not supported (orbax-checkpoint "
+            f"{ocp.__version__} writes arrays only to local paths and gs://); use gs:// or a "
+            "local (or FUSE-mounted) directory")
 
 
 def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    check_location(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
@@ -84,21 +100,21 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, *, model_config
 
 def read_lora(step_dir) -> dict | None:
     """A step directory's lora.json (None: not a LoRA run's)."""
-    path = os.path.join(str(step_dir), LORA_ITEM, LORA_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(str(step_dir), LORA_ITEM, LORA_FILE)
+    if not storage.isfile(path):
         return None
-    with open(path) as fh:
-        return json.load(fh)
+    return json.loads(storage.read_text(path))
 
 
 def finished_steps(workdir: str) -> list[int]:
     """The steps of WORKDIR's complete checkpoints, ascending (orbax renames a step directory
     into place only once every item is written), read without a manager: nothing created."""
     root = checkpoint_dir(workdir)
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(name) for name in os.listdir(root)
-                  if name.isdigit() and os.path.isdir(os.path.join(root, name, "model_config")))
+    names = [n for n in storage.listdir(root) if n.isdigit()]
+    if storage.is_remote(root):
+        return sorted(int(n) for n in names
+                      if storage.exists(storage.join(root, n, COMMIT_MARKER)))
+    return sorted(int(n) for n in names if os.path.isdir(os.path.join(root, n, "model_config")))
 
 
 def latest_model_config(workdir: str) -> dict | None:
@@ -106,14 +122,12 @@ def latest_model_config(workdir: str) -> dict | None:
     steps = finished_steps(workdir)
     if not steps:
         return None
-    item = os.path.join(checkpoint_dir(workdir), str(steps[-1]), "model_config")
-    # (orbax may write commit_success.txt beside the JSON file, "metadata")
-    files = [os.path.join(item, name) for name in sorted(os.listdir(item))
-             if not name.startswith((".", "_")) and name != "commit_success.txt"]
+    item = storage.join(checkpoint_dir(workdir), str(steps[-1]), "model_config")
+    files = [storage.join(item, name) for name in storage.listdir(item)
+             if not name.startswith((".", "_")) and name != COMMIT_MARKER]
     if not files:
         raise ValueError(f"{item}: no model config file inside")
-    with open(files[0]) as fh:
-        return json.load(fh)
+    return json.loads(storage.read_text(files[0]))
 
 
 def _abstract(tree_abstract, shardings):

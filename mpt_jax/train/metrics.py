@@ -7,13 +7,14 @@ included) `mfu` is written as null rather than guessed.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 from typing import Any
 
 import jax
 
+from mpt_jax import storage
 from mpt_jax.model.config import MPTConfig
 
 # Dense bf16 peak FLOP/s per device, by substrings of `device_kind` (vendor spec sheets).
@@ -61,17 +62,19 @@ def device_memory_gb() -> dict[str, float | None]:
 
 class MetricWriter:
     """Appends JSON lines to WORKDIR/metrics.jsonl and scalars to TensorBoard (WORKDIR/tb).
-    Only the writing process (process 0) writes; the others get a no-op writer."""
+    Only the writing process (process 0) writes; the others get a no-op writer. On gs:// /
+    s3:// (no appends there) each write rewrites metrics.jsonl whole in one upload
+    (storage.AppendLog), and tensorboardX uploads its event file itself."""
 
     def __init__(self, workdir: str, *, enabled: bool):
         self.enabled = enabled
         self._tb = None
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            storage.makedirs(workdir)
+            self._jsonl = storage.AppendLog(storage.join(workdir, "metrics.jsonl"))
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._tb = SummaryWriter(storage.join(workdir, "tb"))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -119,8 +122,8 @@ def plot_losses(workdir: str) -> str | None:
     """WORKDIR/loss.png from metrics.jsonl: the train loss smoothed (each logged loss is one
     batch's, noisy, and would zig-zag below the held-out line), the raw points faint behind
     it, and the held-out loss, against step."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "metrics.jsonl")
+    if not storage.exists(path):
         return None
     import matplotlib
 
@@ -128,8 +131,8 @@ def plot_losses(workdir: str) -> str | None:
     import matplotlib.pyplot as plt
 
     train, evals = {}, {}
-    with open(path) as fh:
-        for line in fh:
+    for line in storage.read_text(path).splitlines():
+        if line.strip():
             row = json.loads(line)
             if row.get("loss") is not None:
                 train[row["step"]] = row["loss"]  # a rerun after a resume overwrites its steps
@@ -150,8 +153,10 @@ def plot_losses(workdir: str) -> str | None:
     ax.set_ylabel("cross entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    out = os.path.join(workdir, "loss.png")
+    out = storage.join(workdir, "loss.png")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    storage.write_atomic(out, png.getvalue())
     return out

@@ -31,7 +31,7 @@ import jax
 import tokenizers
 from flax import nnx
 
-from mpt_jax import sharding
+from mpt_jax import sharding, storage
 from mpt_jax.model import REMAT_POLICIES, attention
 from mpt_jax.model.config import MPTConfig
 from mpt_jax.train import checkpoint as ckpt_lib
@@ -225,8 +225,9 @@ def train(config, workdir: str) -> dict:
     'already complete' when the last checkpoint is at max_steps and nothing was trained)."""
     from mpt_jax.data import pipeline as data_lib  # heavy import (grain), only for training
 
-    workdir = os.path.abspath(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    workdir = storage.abspath(workdir)
+    ckpt_lib.check_location(workdir)
+    if storage.isfile(workdir):
         raise ValueError(f"--workdir {workdir}: a file, not a directory")
     pid, nproc = jax.process_index(), jax.process_count()
     writer_process = pid == 0
@@ -265,22 +266,21 @@ def train(config, workdir: str) -> dict:
         _check_same_tokenizer(init_from, ckpt_tokenizer, resolved)
     cfg = model_config(config, resolved.vocab_size, base_cfg)
     check_packing(cfg, resolved.mode, data_cfg.packing)
-    with open(resolved.tokenizer_path) as fh:
-        tokenizer_json = fh.read()
+    tokenizer_json = storage.read_text(resolved.tokenizer_path)
     tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
     icl_tasks, eos_id = [], None
     if config.eval.icl_tasks:  # tokenized now: a bad task or example fails before step 1
         from mpt_jax.eval import loading, tasks as tasks_lib
 
         eos_id, _ = loading.special_ids(
-            tokenizer, None if ckpt_tokenizer is None else os.path.dirname(ckpt_tokenizer), cfg)
+            tokenizer, None if ckpt_tokenizer is None else storage.dirname(ckpt_tokenizer), cfg)
         icl_tasks = tasks_lib.prepare_tasks(list(config.eval.icl_tasks), tokenizer,
                                             eos_id=eos_id, max_seq_len=seq_len)
     _make_workdir(workdir)
     if writer_process:
-        _write_if_changed(os.path.join(workdir, TOKENIZER_FILE), tokenizer_json)
+        _write_if_changed(storage.join(workdir, TOKENIZER_FILE), tokenizer_json)
         if ckpt_tokenizer is not None and not resuming:  # its special tokens, chat template
-            _copy_tokenizer_files(os.path.dirname(ckpt_tokenizer), workdir)
+            _copy_tokenizer_files(storage.dirname(ckpt_tokenizer), workdir)
 
     lora = step_lib.model_kwargs(config.train)["lora"]  # LoRA: adapters trained, base frozen
     base_fingerprint = None
@@ -485,6 +485,8 @@ def train(config, workdir: str) -> dict:
         try:
             while step < config.max_steps:
                 if config.profile.start_step == step and writer_process:
+                    storage.require_local(workdir, "profile.start_step: --workdir",
+                                          "jax.profiler writes traces to local files")
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
                     profiling = True
                 batch = sharding.make_global_batch(next(train_iter), mesh, rules)
@@ -628,8 +630,8 @@ def _checkpoint_tokenizer(init_from: str) -> str | None:
     or None when it carries none (an HF directory of weights only)."""
     from mpt_jax.convert.convert import tokenizer_dir
 
-    path = os.path.join(str(tokenizer_dir(init_from)), TOKENIZER_FILE)
-    return path if os.path.isfile(path) else None
+    path = storage.join(str(tokenizer_dir(init_from)), TOKENIZER_FILE)
+    return path if storage.isfile(path) else None
 
 
 def _check_same_tokenizer(init_from: str, ckpt_tokenizer: str, resolved) -> None:
@@ -649,16 +651,17 @@ def _check_same_tokenizer(init_from: str, ckpt_tokenizer: str, resolved) -> None
 def _copy_tokenizer_files(src_dir: str, workdir: str) -> None:
     """tokenizer_config.json and friends beside the run's tokenizer.json (EOS / BOS, chat
     template: what evaluation and export read)."""
-    import shutil
-
     from mpt_jax.convert.convert import TOKENIZER_FILES
 
     for name in TOKENIZER_FILES:
-        if name != TOKENIZER_FILE and os.path.isfile(os.path.join(src_dir, name)):
-            shutil.copyfile(os.path.join(src_dir, name), os.path.join(workdir, name))
+        if name != TOKENIZER_FILE and storage.isfile(storage.join(src_dir, name)):
+            storage.write_atomic(storage.join(workdir, name),
+                                 storage.read_bytes(storage.join(src_dir, name)))
 
 
 def _make_workdir(workdir: str) -> None:
+    if storage.is_remote(workdir):
+        return  # object stores have no directories to create
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
@@ -667,10 +670,6 @@ def _make_workdir(workdir: str) -> None:
 
 def _write_if_changed(path: str, text: str) -> None:
     """Writes `text` to `path` atomically, unless the file already holds exactly that."""
-    if os.path.isfile(path):
-        with open(path) as fh:
-            if fh.read() == text:
-                return
-    with open(path + ".tmp", "w") as fh:
-        fh.write(text)
-    os.replace(path + ".tmp", path)
+    if storage.isfile(path) and storage.read_text(path) == text:
+        return
+    storage.write_atomic(path, text)

@@ -1,0 +1,486 @@
+"""gs:// and s3:// paths (mpt_jax/storage.py and its call sites) against real emulators on
+127.0.0.1: moto's S3 server and gcp-storage-emulator, each started here on a free port and
+stopped after. Nothing leaves the machine."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import read_losses, subprocess_env, write_test_config
+
+# gcsfs >= 2025.10 probes every bucket over gRPC for zonal / hierarchical buckets; an emulator
+# speaks only JSON over HTTP, so the probe would wait out a 60 s timeout (read at gcsfs import).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GCS_BUCKET, S3_BUCKET = "mpt-gcs", "mpt-s3"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fresh_filesystems():
+    """fsspec caches filesystem instances (and their endpoints): forget them."""
+    import gcsfs
+    import s3fs
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@contextlib.contextmanager
+def _s3_server():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with _s3_server() as endpoint, pytest.MonkeyPatch.context() as mp:
+        for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+            mp.setenv(k, v)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        _fresh_filesystems()
+        yield endpoint
+    _fresh_filesystems()
+
+
+def _emulator_sends_generations():
+    """gcp-storage-emulator's media downloads lack GCS's x-goog-generation header; tensorstore
+    (orbax's OCDBT manifests) reads an object's generation from it for its conditional writes,
+    and fails 'Malformed StorageGeneration' without. Add the headers real GCS sends. (The
+    emulator does not enforce ifGenerationMatch either: concurrent writers are not tested.)"""
+    from gcp_storage_emulator import server as server_lib
+    from gcp_storage_emulator.handlers import objects
+
+    real = objects.download
+    if getattr(real, "sends_generations", False):
+        return
+
+    def download(request, response, storage, *args, **kwargs):
+        real(request, response, storage, *args, **kwargs)
+        with contextlib.suppress(Exception):  # a missing object: the 404 stands
+            obj = storage.get_file_obj(request.params["bucket_name"],
+                                       request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj["metageneration"])
+
+    download.sends_generations = True
+    objects.download = download
+    for _, methods in server_lib.HANDLERS:
+        for method, fn in list(methods.items()):
+            if fn is real:
+                methods[method] = download
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    from gcp_storage_emulator.server import create_server
+
+    _emulator_sends_generations()
+    port = _free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("STORAGE_EMULATOR_HOST", endpoint)
+            mp.setenv("TENSORSTORE_GCS_HTTP_URL", endpoint)
+            _fresh_filesystems()
+            yield endpoint
+    finally:
+        server.stop()
+        _fresh_filesystems()
+
+
+@pytest.fixture(params=["local", "gs", "s3"])
+def root(request, tmp_path):
+    """A fresh directory on each store."""
+    if request.param == "local":
+        return str(tmp_path)
+    request.getfixturevalue("gcs" if request.param == "gs" else "s3")
+    bucket = GCS_BUCKET if request.param == "gs" else S3_BUCKET
+    return f"{request.param}://{bucket}/{request.node.name.replace('[', '-').rstrip(']')}"
+
+
+def test_file_operations_agree_with_the_local_filesystem(root):
+    """The same sequence of operations gives the same answers on gs://, s3:// and local disk
+    (the local column is the os module's own behaviour)."""
+    from mpt_jax import storage
+
+    sub = storage.join(root, "a")
+    storage.makedirs(sub)
+    storage.write_atomic(storage.join(sub, "x.json"), '{"k": 1}')
+    storage.write_atomic(storage.join(sub, "y.bin"), bytes(range(256)) * 40)
+    storage.write_atomic(storage.join(root, "top.txt"), "t")
+    storage.write_atomic(storage.join(sub, "x.json"), '{"k": 2}')  # replaced whole
+    assert storage.listdir(root) == ["a", "top.txt"]
+    assert storage.listdir(sub) == ["x.json", "y.bin"]
+    assert storage.listdir(storage.join(root, "absent")) == []
+    assert storage.isdir(sub) and not storage.isfile(sub)
+    assert storage.isfile(storage.join(sub, "x.json")) and not storage.isdir(
+        storage.join(sub, "x.json"))
+    assert not storage.exists(storage.join(root, "nope"))
+    assert json.loads(storage.read_text(storage.join(sub, "x.json"))) == {"k": 2}
+    assert [storage.basename(p) for p in storage.glob(root, "**/*.json")] == ["x.json"]
+    with storage.open_file(storage.join(sub, "y.bin"), "rb") as fh:  # a ranged read
+        fh.seek(1000)
+        assert fh.read(16) == (bytes(range(256)) * 40)[1000:1016]
+    assert storage.size(storage.join(sub, "y.bin")) == 10240
+
+    log_path = storage.join(root, "metrics.jsonl")
+    log = storage.AppendLog(log_path)
+    log.write("1\n")
+    log.flush()
+    assert storage.read_text(log_path) == "1\n"
+    log.write("2\n")
+    log.close()
+    again = storage.AppendLog(log_path)  # a resumed run continues the file
+    again.write("3\n")
+    again.close()
+    assert storage.read_text(log_path) == "1\n2\n3\n"
+
+    storage.remove(storage.join(root, "top.txt"))
+    storage.remove(storage.join(root, "top.txt"))  # already gone: fine
+    storage.rmtree(sub)
+    assert storage.listdir(root) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_missing_bucket_and_object_are_one_line_naming_them(scheme, request):
+    from mpt_jax import storage
+
+    request.getfixturevalue("gcs" if scheme == "gs" else "s3")
+    bucket = GCS_BUCKET if scheme == "gs" else S3_BUCKET
+    for path in (f"{scheme}://no-such-bucket-9/x.json", f"{scheme}://{bucket}/missing.json"):
+        with pytest.raises(storage.StorageError) as e:
+            storage.read_text(path)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(path) and "no such file" in msg
+        assert isinstance(e.value, ValueError)  # what the CLIs print as one line
+
+
+def test_wrong_endpoint_and_a_server_gone_mid_read_are_one_line(monkeypatch):
+    """An endpoint nobody listens on, and an S3 server stopped while a file is half read:
+    bounded retries, then one line naming the object (no traceback, no partial result)."""
+    from mpt_jax import storage
+
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries: keep the test short
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.05)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    _fresh_filesystems()
+    with pytest.raises(storage.StorageError) as e:
+        storage.read_bytes(f"s3://{S3_BUCKET}/x.bin")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"s3://{S3_BUCKET}/x.bin")
+    assert "connect" in msg.lower() and f"after {storage.RETRIES} attempts" in msg
+
+    data = np.random.default_rng(0).bytes(3 << 20)
+    with _s3_server() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        _fresh_filesystems()
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        path = f"s3://{S3_BUCKET}/big.bin"
+        storage.write_atomic(path, data)
+        fh = storage.open_file(path, "rb", block_size=1 << 20)
+        assert fh.read(1 << 20) == data[: 1 << 20]
+    with pytest.raises(storage.StorageError) as e, storage.errors(path, "reading"):
+        fh.read()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(path + ": reading:")
+    _fresh_filesystems()
+
+
+def _save_step(manager, step, value):
+    from conftest import toy_train_state
+
+    from mpt_jax.train import checkpoint as ckpt_lib
+
+    ckpt_lib.save(manager, step, toy_train_state(value), model_config={"d_model": 8},
+                  train_state={"step": step})
+    manager.wait_until_finished()
+
+
+def test_checkpoints_on_gcs_commit_last_and_an_unfinished_step_is_ignored(gcs):
+    """orbax on gs:// (tensorstore's gcs driver on the emulator): steps save and restore; a
+    step whose save stopped before its commit marker is not a step, for us or for orbax."""
+    import jax
+    from conftest import toy_train_state
+
+    from mpt_jax import storage
+    from mpt_jax.train import checkpoint as ckpt_lib
+
+    workdir = f"gs://{GCS_BUCKET}/ckpt-run"
+    manager = ckpt_lib.make_manager(workdir, keep=3, async_save=False)
+    _save_step(manager, 1, 1.0)
+    _save_step(manager, 2, 2.0)
+    manager.close()
+    root = ckpt_lib.checkpoint_dir(workdir)
+    assert ckpt_lib.finished_steps(workdir) == [1, 2]
+    assert ckpt_lib.latest_model_config(workdir) == {"d_model": 8}
+    # step 2 interrupted mid-write: its items are there, its commit marker is not
+    storage.remove(storage.join(root, "2", ckpt_lib.COMMIT_MARKER))
+    assert ckpt_lib.finished_steps(workdir) == [1]
+    manager = ckpt_lib.make_manager(workdir, keep=3, async_save=False)
+    assert manager.latest_step() == 1
+    like = toy_train_state(0.0)
+    shardings = jax.tree.map(lambda a: a.sharding, like)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
+    state, train_state = ckpt_lib.restore(manager, 1, abstract, shardings)
+    manager.close()
+    assert train_state["step"] == 1
+    # orbax removes the unfinished step in the background (cleanup_tmp_directories): wait
+    for _ in range(100):
+        if "2" not in storage.listdir(root):
+            break
+        time.sleep(0.1)
+    assert storage.listdir(root) == ["1"]
+    np.testing.assert_array_equal(state["params"]["blocks"]["w"], np.arange(6.0))
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_hf_safetensors_in_a_bucket_load_import_and_export_as_transformers_computes(
+        scheme, request, tmp_path):
+    """load_pretrained and `convert_torch.py import` read a sharded HF directory straight from
+    the bucket (ranged reads): logits equal transformers' on the same weights; the import's
+    local checkpoint loads to the same model; exported into the bucket and copied back,
+    transformers loads it with the same logits."""
+    from conftest import HF_CONFIGS, _ids_mask, hf_logits, hf_model
+
+    from mpt_jax import storage
+    from mpt_jax.convert.convert import load_pretrained
+    from mpt_jax.convert.convert import main as convert_main
+
+    request.getfixturevalue("gcs" if scheme == "gs" else "s3")
+    cfg = HF_CONFIGS["h3"]
+    hf = hf_model(cfg)
+    local = tmp_path / "hf"
+    hf.save_pretrained(local, max_shard_size="20KB")  # several shards and an index
+    remote = f"{scheme}://{GCS_BUCKET if scheme == 'gs' else S3_BUCKET}/hf-{scheme}"
+    for name in sorted(os.listdir(local)):
+        storage.write_atomic(storage.join(remote, name), (local / name).read_bytes())
+    assert len(storage.glob(remote, "*.safetensors")) > 1
+    ids, mask = _ids_mask()
+    real = mask.astype(bool)  # logits at padding positions mean nothing
+    want = hf_logits(hf, ids, mask)[real]
+    got = np.asarray(load_pretrained(remote)(ids, attention_mask=mask))[real]
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    dst = tmp_path / "ours"
+    assert convert_main(["import", remote, str(dst)]) == 0
+    got = np.asarray(load_pretrained(str(dst))(ids, attention_mask=mask))[real]
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+    import torch
+    from transformers import MptForCausalLM
+
+    exported = f"{remote}-exported"
+    assert convert_main(["export", str(dst), exported, "--max_shard_size=0.00002"]) == 0
+    assert convert_main(["export", str(dst), exported]) == 1  # never over an existing one
+    back = tmp_path / "back"
+    back.mkdir()
+    names = storage.listdir(exported)
+    assert "config.json" in names and len([n for n in names if n.endswith(".safetensors")]) > 1
+    for name in names:
+        (back / name).write_bytes(storage.read_bytes(storage.join(exported, name)))
+    with torch.no_grad():
+        out = MptForCausalLM.from_pretrained(back).eval()(
+            torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(out[real], want, rtol=2e-4, atol=2e-4)
+
+
+def test_unsupported_remote_paths_are_refused_in_one_line(tmp_path):
+    """What cannot read or write object storage in these library versions says so."""
+    from conftest import data_config
+
+    from mpt_jax import storage
+    from mpt_jax.convert import convert
+    from mpt_jax.data import pipeline, prepare
+    from mpt_jax.train import checkpoint as ckpt_lib
+
+    cases = [
+        (lambda: ckpt_lib.check_location("s3://b/run"), "s3://b/run", "orbax"),
+        (lambda: pipeline.resolve_data(data_config({"web": ("gs://b/shards", 1.0)}), None),
+         "gs://b/shards", "array_record"),
+        (lambda: prepare.prepare_dataset(["x.jsonl"], "s3://b/out", "tok.json", seq_len=8),
+         "s3://b/out", "array_record"),
+        (lambda: convert.import_checkpoint(str(tmp_path), "gs://b/ours"), "gs://b/ours",
+         "not supported"),
+
+    ]
+    for fn, path, why in cases:
+        with pytest.raises(ValueError) as e:
+            fn()
+        msg = str(e.value)
+        assert "\n" not in msg and path in msg and why in msg, msg
+    assert not os.path.exists(tmp_path / "o")
+    assert storage.is_remote("gs://x") and not storage.is_remote("/gs://x")
+
+
+@pytest.mark.slow
+def test_train_with_its_workdir_on_gcs_resumes_exactly(gcs, small_corpus, tmp_path):
+    """train.py with --workdir gs://...: checkpoints, metrics.jsonl, TensorBoard events,
+    loss.png and the tokenizer land in the bucket; with the later checkpoints gone and the
+    last one cut off before its commit marker (a save killed midway), a rerun resumes from the
+    last committed step and logs exactly the losses of an uninterrupted local run."""
+    from mpt_jax import storage
+    from mpt_jax.train import checkpoint as ckpt_lib
+
+    config_path = write_test_config(str(tmp_path / "cfg.py"), small_corpus, max_steps=6,
+                                    eval_every=100, checkpoint_every=2)
+    env = {**subprocess_env(), "STORAGE_EMULATOR_HOST": gcs,
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    env.pop("TENSORSTORE_GCS_HTTP_URL", None)  # storage.py derives it from the emulator host
+
+    def train(workdir):
+        out = subprocess.run([sys.executable, "train.py", f"--config={config_path}",
+                              f"--workdir={workdir}"], check=False, cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    local = tmp_path / "local"
+    train(str(local))
+    want = read_losses(str(local))
+    assert sorted(want) == list(range(1, 7))
+
+    workdir = f"gs://{GCS_BUCKET}/train-run"
+    train(workdir)
+    names = storage.listdir(workdir)
+    assert {"checkpoints", "metrics.jsonl", "tb", "loss.png", "tokenizer.json"} <= set(names)
+    assert storage.read_bytes(storage.join(workdir, "loss.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+    assert storage.listdir(storage.join(workdir, "tb"))
+    assert ckpt_lib.finished_steps(workdir) == [2, 4, 6]
+    root = ckpt_lib.checkpoint_dir(workdir)
+    storage.rmtree(storage.join(root, "6"))
+    storage.remove(storage.join(root, "4", ckpt_lib.COMMIT_MARKER))
+    assert ckpt_lib.finished_steps(workdir) == [2]
+    train(workdir)
+    rows = [json.loads(line) for line in
+            storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()]
+    got = {}
+    for row in rows:
+        if "loss" in row:
+            got[row["step"]] = row["loss"]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6, 3, 4, 5, 6]
+    assert got == pytest.approx(want, rel=1e-6)
+    assert ckpt_lib.finished_steps(workdir) == [2, 4, 6]
+
+    # the run in the bucket loads, and exports, as the local one (read in place, no staging)
+    import torch
+    from transformers import MptForCausalLM
+
+    from mpt_jax.convert.convert import load_pretrained
+    from mpt_jax.convert.convert import main as convert_main
+
+    ids = np.random.default_rng(0).integers(0, 384, (2, 13))
+    local_logits = np.asarray(load_pretrained(str(local))(ids))
+    np.testing.assert_allclose(np.asarray(load_pretrained(workdir)(ids)), local_logits,
+                               rtol=1e-5, atol=1e-5)
+    exported = tmp_path / "exported"
+    assert convert_main(["export", workdir, str(exported)]) == 0
+    assert (exported / "tokenizer.json").read_text() == storage.read_text(
+        storage.join(workdir, "tokenizer.json"))
+    hf = MptForCausalLM.from_pretrained(exported).eval()
+    with torch.no_grad():
+        hf_out = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(hf_out, local_logits, rtol=2e-4, atol=2e-4)
+
+    def generate(checkpoint):
+        out = subprocess.run([sys.executable, "generate.py", f"--checkpoint={checkpoint}",
+                              "--prompt=def ", "--max_new_tokens=8"], check=False, cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    assert generate(workdir) == generate(str(local))  # greedy: the same weights, same text
+
+    # a finetune whose train.init_from is the export, in a bucket: as from the local copy
+    in_bucket = f"gs://{GCS_BUCKET}/exported"
+    for name in sorted(os.listdir(exported)):
+        storage.write_atomic(storage.join(in_bucket, name), (exported / name).read_bytes())
+
+    def finetune(init_from, out):
+        run = subprocess.run([sys.executable, "train.py", f"--config={config_path}",
+                              f"--workdir={out}", f"--config.train.init_from={init_from}",
+                              "--config.max_steps=3"], check=False, cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return read_losses(str(out))
+
+    assert finetune(in_bucket, tmp_path / "ft-gs") == finetune(exported, tmp_path / "ft-local")
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_gcs_workdir_checkpoint_and_resume(gcs, small_corpus, tmp_path):
+    """The multi-host path (two CPU processes, one global mesh) with one gs:// workdir: both
+    write their shards of each checkpoint, one commits it; rerun after the last checkpoint is
+    gone, they resume from the one before and log the same losses again."""
+    import portpicker
+
+    from mpt_jax import storage
+    from mpt_jax.train import checkpoint as ckpt_lib
+
+    config_path = write_test_config(str(tmp_path / "cfg.py"), small_corpus, max_steps=4,
+                                    eval_every=100, checkpoint_every=2)
+    env = {**subprocess_env(n_devices=2), "STORAGE_EMULATOR_HOST": gcs,
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    env.pop("TENSORSTORE_GCS_HTTP_URL", None)
+    workdir = f"gs://{GCS_BUCKET}/two-process-run"
+
+    def two_processes():
+        port = portpicker.pick_unused_port()
+        procs = [subprocess.Popen(
+            [sys.executable, "train.py", f"--config={config_path}", f"--workdir={workdir}",
+             f"--coordinator_address=localhost:{port}", "--num_processes=2",
+             f"--process_id={i}", "--config.mesh.data=2"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+        errs = [p.communicate(timeout=400)[1] for p in procs]
+        for p, err in zip(procs, errs):
+            assert p.returncode == 0, err[-3000:]
+
+    def losses():
+        rows = [json.loads(line) for line in
+                storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    two_processes()
+    first = losses()
+    assert sorted(first) == [1, 2, 3, 4]
+    assert ckpt_lib.finished_steps(workdir) == [2, 4]
+    root = ckpt_lib.checkpoint_dir(workdir)
+    assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(
+        storage.listdir(storage.join(root, "4", "params")))
+    storage.rmtree(storage.join(root, "4"))
+    storage.remove(storage.join(workdir, "metrics.jsonl"))
+    two_processes()
+    assert losses() == {3: first[3], 4: first[4]}
+    train_state = json.loads(storage.read_text(storage.join(root, "4", "train_state",
+                                                            "metadata")))
+    assert len(train_state["data_states"]) == 2
