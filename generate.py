@@ -60,20 +60,19 @@ def main(argv=None) -> int:
             return fail(f"checkpoint {args.checkpoint!r} does not exist")
     except storage.StorageError as e:
         return fail(str(e))
+    from mpt_jax import sharding
+
     mesh_sizes = None
     if args.mesh:
         try:
-            mesh_sizes = [int(x) for x in args.mesh.split(",")]
-        except ValueError:
-            mesh_sizes = []
-        if len(mesh_sizes) != 3:
-            return fail(f"--mesh {args.mesh!r}: expected three integers data,fsdp,tensor "
-                        "(one may be -1), e.g. 1,1,-1")
+            mesh_sizes = sharding.parse_mesh_sizes(args.mesh)
+        except ValueError as e:
+            return fail(str(e))
 
     import jax
     import jax.numpy as jnp
 
-    from mpt_jax import load_pretrained, sharding
+    from mpt_jax import load_pretrained
     from mpt_jax.convert.convert import tokenizer_dir
     from mpt_jax.data.tokenizer import load_tokenizer
     from mpt_jax.infer.generate import Generator
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
         return fail(str(e))
     if mesh_sizes is not None:
         try:
-            sharding.mesh_shape(dict(zip(sharding.MESH_AXES, mesh_sizes)), jax.device_count())
+            sharding.mesh_shape(mesh_sizes, jax.device_count())
         except ValueError as e:
             return fail(f"--mesh {args.mesh}: {e}")
     try:
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
                     f"{vocab})")
     mesh = None
     if mesh_sizes is not None:
-        mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_sizes)))
+        mesh = sharding.make_mesh(mesh_sizes)
         _log(f"mesh {dict(mesh.shape)}")
     gen = Generator(model, mesh=mesh, cache_dtype=cache_dtype)
     del model  # the generator keeps per-layer copies of the weights

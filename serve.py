@@ -78,15 +78,14 @@ def main(argv=None) -> int:
             return fail(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.api_key is not None and not args.api_key:
         return fail("--api_key is empty")
+    from mpt_jax import sharding
+
     mesh_sizes = None
     if args.mesh:
         try:
-            mesh_sizes = [int(x) for x in args.mesh.split(",")]
-        except ValueError:
-            mesh_sizes = []
-        if len(mesh_sizes) != 3:
-            return fail(f"--mesh {args.mesh!r}: expected three integers data,fsdp,tensor "
-                        "(one may be -1), e.g. 1,1,-1")
+            mesh_sizes = sharding.parse_mesh_sizes(args.mesh)
+        except ValueError as e:
+            return fail(str(e))
     try:  # bind first: a port in use fails before minutes of loading and compiling
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -108,7 +107,6 @@ def main(argv=None) -> int:
 
     import jax
 
-    from mpt_jax import sharding
     from mpt_jax.data import finetune
     from mpt_jax.eval import loading
     from mpt_jax.infer.engine import Engine
@@ -118,7 +116,7 @@ def main(argv=None) -> int:
 
     if mesh_sizes is not None:
         try:
-            sharding.mesh_shape(dict(zip(sharding.MESH_AXES, mesh_sizes)), jax.device_count())
+            sharding.mesh_shape(mesh_sizes, jax.device_count())
         except ValueError as e:
             return fail(f"--mesh {args.mesh}: {e}")
     t0 = time.perf_counter()
@@ -134,7 +132,7 @@ def main(argv=None) -> int:
     max_seq_len = args.max_seq_len or cfg.max_seq_len
     mesh = None
     if mesh_sizes is not None:
-        mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_sizes)))
+        mesh = sharding.make_mesh(mesh_sizes)
         _log(f"mesh {dict(mesh.shape)}")
     eos_id = loaded.eos_id if loaded.eos_id is not None and loaded.eos_id < cfg.vocab_size \
         else None

@@ -190,6 +190,19 @@ def per_shard_logical(fn, in_axes, out_axes):
 # ---------------------------------------------------------------------------------------------
 # Mesh from config
 # ---------------------------------------------------------------------------------------------
+def parse_mesh_sizes(text: str) -> dict[str, int]:
+    """A --mesh flag, "data,fsdp,tensor" sizes (one may be -1), -> {axis: size}; ValueError
+    naming the flag otherwise."""
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3:
+        raise ValueError(f"--mesh {text!r}: expected three integers data,fsdp,tensor (one may "
+                         "be -1), e.g. 1,1,-1")
+    return dict(zip(MESH_AXES, sizes))
+
+
 def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
     """Sizes of (data, fsdp, tensor) from `mesh_cfg` (a mapping with those keys); one -1 fills
     the rest. Raises ValueError naming the numbers when they do not multiply to `n_devices`."""

@@ -68,6 +68,7 @@ CASES = [  # b, t, s, h, kv, d, causal, alibi, segments, dtype, blocks
 
 
 @pytest.mark.parametrize("b,t,s,h,kvh,d,causal,use_alibi,use_seg,dtype,blocks", CASES)
+@pytest.mark.slow
 def test_pallas_gpu_matches_reference(b, t, s, h, kvh, d, causal, use_alibi, use_seg, dtype,
                                       blocks):
     rng = np.random.default_rng()
@@ -87,6 +88,7 @@ def test_pallas_gpu_matches_reference(b, t, s, h, kvh, d, causal, use_alibi, use
         assert _rel(a, w) < TOL[dtype], (name, _rel(a, w))
 
 
+@pytest.mark.slow
 def test_every_output_element_written():
     """Outputs start as NaN (aliased poisoned buffers); every element must be overwritten."""
     q, k, v, do = _inputs(2, 67, 67, 4, 2, 64, jnp.float32)
@@ -103,6 +105,7 @@ def test_every_output_element_written():
         assert _rel(a, w) < TOL[jnp.float32]
 
 
+@pytest.mark.slow
 def test_rows_without_visible_keys_are_zero():
     """Queries whose document has no key (non-causal, disjoint ids): output 0, gradient 0."""
     q, k, v, do = _inputs(1, 40, 40, 2, 2, 64, jnp.float32)
@@ -129,6 +132,7 @@ def test_slopes_non_power_of_two_heads():
     assert alibi_slopes(6).dtype == np.float32
 
 
+@pytest.mark.slow
 def test_dispatch():
     q, k, v, _ = _inputs(1, 24, 24, 2, 2, 64, jnp.float32)
     if jax.default_backend() == "cpu":
@@ -172,6 +176,7 @@ def test_plan_picks_the_kernel_and_layout():
         plan("cuda")
 
 
+@pytest.mark.slow
 def test_decode_attention_matches_reference():
     """Few new rows against a partly filled cache, per-sequence lengths."""
     b, t, smax, h, kvh, d = 2, 2, 50, 4, 2, 64
@@ -240,6 +245,7 @@ def test_remat_policies_keep_the_attention_forward():
     (6, 1, 64, 16, False),  # MQA, 6 heads (non power-of-two slopes and packed width)
     (4, 4, 40, 32, False),  # T not a multiple of the blocks: the plan slices q, k, v
 ])
+@pytest.mark.slow
 def test_packed_qkv_matches_reference(h, kvh, t, d, segments):
     """The packed kernels read q/k/v from the fused projection in place (interpret mode) and
     return the gradient as one array: forward and gradient equal the reference on fresh random
@@ -315,6 +321,7 @@ def test_packed_qkv_keeps_the_remat_names():
     (2, 8, 2, 192, 64, jnp.float32),   # GQA (4 query heads a KV head)
     (2, 6, 1, 64, 128, jnp.bfloat16),  # MQA, 6 heads (slopes of a non power of two)
 ])
+@pytest.mark.slow
 def test_decode_kernel_matches_jnp_path(b, h, kvh, s, d, dtype):
     """The Pallas decode kernel (interpret mode) against the jnp cache path on fresh random
     inputs: per-row lengths, a left-padding mask, ALiBi; a row whose visible slots are all
@@ -347,6 +354,7 @@ def test_decode_kernel_matches_jnp_path(b, h, kvh, s, d, dtype):
     assert _rel(no_alibi, attention.decode_attention(q, k, v, jnp.asarray(lens))) < 1e-2
 
 
+@pytest.mark.slow
 def test_decode_kernel_lowers_for_cuda():
     """The kernel's Pallas-to-Triton lowering runs on CPU (compiling it needs a GPU)."""
     from mpt_jax.kernels import decode_gpu
@@ -379,6 +387,7 @@ def test_decode_kernel_lowers_for_cuda():
 
 
 @pytest.mark.parametrize("s,splits_hint", [(128, "one"), (192, "split")])
+@pytest.mark.slow
 def test_append_and_attend_kernel_writes_the_cache(s, splits_hint):
     """The decode kernel's append mode (interpret): the new row lands in both caches at
     cache_index, nothing else changes, and the output equals the jnp update-then-attend path."""
@@ -417,6 +426,7 @@ def test_append_and_attend_kernel_writes_the_cache(s, splits_hint):
     np.testing.assert_array_equal(one[2], want[2])
 
 
+@pytest.mark.slow
 def test_row_arguments_of_the_wrong_shape_and_cache_overflow_are_errors():
     """segment_ids / kv_mask must be exactly [B, T] / [B, S] (the kernels would pad a short one
     into a fake document); a concrete cache_index past the cache is refused (the slice would
@@ -443,6 +453,7 @@ def test_row_arguments_of_the_wrong_shape_and_cache_overflow_are_errors():
     assert float(k2[0, 0, 63, 0]) == 1.0 and out.shape == q1.shape  # the last slot fits
 
 
+@pytest.mark.slow
 def test_bf16_cache_decode_runs_on_cpu():
     """The jnp KV-cache path with a bf16 cache and several rows (generate.py's default dtype):
     XLA:CPU runs it, and it equals the float32 computation on the same bf16 values."""
@@ -457,6 +468,7 @@ def test_bf16_cache_decode_runs_on_cpu():
     assert got.dtype == jnp.bfloat16 and _rel(got, want) < 1e-2
 
 
+@pytest.mark.slow
 def test_gpu_kernels_trace_with_x64_enabled():
     """jax_enable_x64 on (Python ints become int64): the Triton kernels (interpret mode) still
     trace, forward, backward and decode, and agree with the reference."""

@@ -16,6 +16,7 @@ import math
 import os
 import sysconfig
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -458,3 +459,23 @@ def left_padded(prompt, length: int):
     ids[0, length - len(prompt):] = prompt
     mask[0, length - len(prompt):] = 1
     return ids, mask
+
+
+def slow_engine(engine, monkeypatch, seconds):
+    """Each of the serving engine's iterations waits `seconds` first (requests stay in flight
+    long enough to be cancelled, disconnected or shut down)."""
+    real = engine._iteration
+
+    def slow():
+        time.sleep(seconds)
+        real()
+
+    monkeypatch.setattr(engine, "_iteration", slow)
+
+
+def wait_for(cond, timeout=60):
+    """Polls `cond` until true; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)

@@ -60,6 +60,7 @@ def test_model_shapes_equal_abstract_model():
         assert {tuple(str(k.key) for k in kp): x.shape for kp, x in flat} == model_shapes(cfg)
 
 
+@pytest.mark.slow
 def test_import_load_export_reload_matches_transformers(hf_dir, tmp_path, capsys):
     src, cfg, ref, ref_m, ids, mask, _ = hf_dir
     assert np.abs(_logits(load_pretrained(src), ids) - ref).max() <= 1e-4  # HF dir directly
@@ -157,6 +158,7 @@ def _write_foundry_source(d: Path, cfg, pure, prefix="", shard=False, torch_save
 
 @pytest.mark.parametrize("name", ["qk_ln_bias_gqa", "glu_silu_bias", "logit_scale_untied",
                                   "wpe_no_alibi_fraction", "alibi_bias_max_5_h6"])
+@pytest.mark.slow
 def test_foundry_only_options_round_trip(name, tmp_path, capsys):
     cfg = NP_CONFIGS[name]
     pure = random_pure(cfg, seed=7)
@@ -180,6 +182,7 @@ def test_foundry_only_options_round_trip(name, tmp_path, capsys):
     assert (again / "config.json").read_text() == (ours / "config.json").read_text()
 
 
+@pytest.mark.slow
 def test_model_prefix_torch_bf16(tmp_path, capsys):
     cfg = HF_CONFIGS["h4"]
     pure = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(np.float32), random_pure(cfg))
@@ -192,6 +195,7 @@ def test_model_prefix_torch_bf16(tmp_path, capsys):
     assert np.abs(_logits(m, ids) - np_forward(cfg, pure, ids)).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_trainer_checkpoint_layouts(tmp_path, capsys):
     """Trainer's CheckpointManager layout (params + model_config items, fp32, OCDBT): the step
     dir and the workdir (latest step) load and export."""
@@ -347,6 +351,7 @@ def test_cli_script_subprocess(hf_dir, tmp_path):
     assert lines == [f"error: {tmp_path / 'nope'}: does not exist"], p.stderr
 
 
+@pytest.mark.slow
 def test_native_config_means_what_transformers_computes(tmp_path, capsys):
     """A config.json of transformers' own MptForCausalLM (no llm-foundry auto_map) is read as
     native MPT reads it: options it ignores (logit_scale, alibi_bias_max, norm_type) are ignored

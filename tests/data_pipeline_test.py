@@ -60,6 +60,7 @@ def test_same_seed_same_batches_other_seed_other_batches(data):
 @pytest.mark.parametrize("mode,packing,num_workers", [
     ("seq", False, 0), ("doc", True, 0), ("doc", False, 0), ("doc", True, 1), ("ex", True, 0),
     ("ex", False, 0)])
+@pytest.mark.slow
 def test_resume_mid_epoch_yields_identical_next_batches(data, mode, packing, num_workers):
     cfg = data_config({"a": (data[f"a_{mode}"], 2.0), "c": (data[f"c_{mode}"], 1.0)},
                       packing=packing, num_workers=num_workers, eval_fraction=0.05)

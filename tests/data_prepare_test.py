@@ -97,6 +97,7 @@ def test_documents_layout_every_format(tmp_path, tok_path):
                                                                                  bos)
 
 
+@pytest.mark.slow
 def test_workers_match_single_process(tmp_path, tok_path):
     docs = make_docs(600, 4)
     write_jsonl(tmp_path / "a.jsonl", docs)
@@ -250,6 +251,7 @@ def test_bad_inputs(tmp_path, tok_path):
     assert prepare.shard_dtype(50277) == "uint16" and prepare.shard_dtype(65536) == "int32"
 
 
+@pytest.mark.slow
 def test_cli(tmp_path, tok_path, capsys):
     write_jsonl(tmp_path / "a.jsonl", make_docs(20))
     assert prepare.main(["--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "o"),

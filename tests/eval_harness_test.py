@@ -107,6 +107,7 @@ def _responses(result, task):
     return [s["resps"] for s in sorted(result["samples"][task], key=lambda s: s["doc_id"])]
 
 
+@pytest.mark.slow
 def test_loglikelihoods_equal_lm_evals_hf_model(both):
     ours, ref = both
     for task in ("tiny_mc", "tiny_ppl"):
@@ -131,6 +132,7 @@ def test_generate_until_equals_lm_evals_hf_model(both):
         ref["results"]["tiny_gen"]["exact_match,none"])
 
 
+@pytest.mark.slow
 def test_cli_and_bad_input(include_path, tmp_path, capsys):
     out = tmp_path / "h.json"
     base = ["harness", "--checkpoint", eval_common.checkpoint(), "--dtype", "float32",

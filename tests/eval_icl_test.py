@@ -135,6 +135,7 @@ def _preamble(text):
     return enc(text, special=True)  # (this tokenizer adds no special tokens, hence no EOS)
 
 
+@pytest.mark.slow
 def test_language_modeling_scores(run):
     _, got, (lm, *_), _, _ = run
     rows = _stripped(lm)

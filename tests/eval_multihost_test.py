@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import portpicker
+import pytest
 
 import eval_common
 from conftest import ROOT, subprocess_env
@@ -20,6 +21,7 @@ TASKS = """icl_tasks:
 """
 
 
+@pytest.mark.slow
 def test_two_processes_score_as_transformers(tmp_path):
     mc = [{"query": "the cat sat on", "choices": [" mat", " sky", " dog"], "gold": 0},
           {"query": "the sun is", "choices": [" big", " blue"], "gold": 1},

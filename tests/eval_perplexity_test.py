@@ -42,6 +42,7 @@ def _hf_window_losses(stream, length, stride):
 
 
 @pytest.mark.parametrize("stride", [None, 16])
+@pytest.mark.slow
 def test_window_losses_equal_transformers(data, stride):
     _, _, stream = data
     scorer = Scorer(eval_common.model(), mesh=parse_mesh(None), batch_tokens=1024,
@@ -67,6 +68,7 @@ def test_window_losses_equal_transformers(data, stride):
         assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
 
 
+@pytest.mark.slow
 def test_cli_text_and_shards_agree_with_transformers(data, tmp_path, capsys):
     d, path, stream = data
     from mpt_jax.data import prepare

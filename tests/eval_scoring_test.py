@@ -43,6 +43,7 @@ def _requests(seed: int):
     return [reqs[i] for i in order]
 
 
+@pytest.mark.slow
 def test_scores_equal_transformers_without_recompiling(scorer):
     reqs = _requests(0)
     before = scorer.traces  # other tests' scorers share these compiled functions
@@ -70,6 +71,7 @@ def test_bad_requests_are_named(scorer):
         scorer.score([Request((1, 384), (2,))])
 
 
+@pytest.mark.slow
 def test_learned_positions_model_padding_and_shared_contexts():
     """No ALiBi (llm-foundry's learned positions): rows padded up to the position table and
     shared contexts score as the model's own unpadded forward (no NaN from padding slots)."""

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from conftest import hf_model, hf_state, tiny
 from mpt_jax import sharding
@@ -51,6 +52,7 @@ def example(rng, n, n_prompt):
             np.array([0] * n_prompt + [1] * (n - n_prompt), np.int32))
 
 
+@pytest.mark.slow
 def test_masked_loss_equals_transformers_labels_minus_100():
     import torch
 
@@ -77,6 +79,7 @@ def test_masked_loss_equals_transformers_labels_minus_100():
     assert abs(want - unmasked) > 1e-2
 
 
+@pytest.mark.slow
 def test_packing_leaves_an_examples_loss_and_gradients_unchanged():
     cfg = tiny(attn_config=AttnConfig(attn_uses_sequence_id=True))
     from conftest import random_pure
@@ -109,6 +112,7 @@ def test_packing_leaves_an_examples_loss_and_gradients_unchanged():
     assert float(total_count) == 4 + 4 + 2
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_batch_with_loss_token_normalisation():
     cfg = tiny()
     from conftest import random_pure

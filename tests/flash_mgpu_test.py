@@ -90,6 +90,7 @@ def _kernels(txt):
 
 
 @pytest.mark.parametrize("shape", [(1, 128, 2, 64), (2, 256, 3, 128)])
+@pytest.mark.slow
 def test_hopper_path_lowers_forward_and_backward(monkeypatch, shape):
     monkeypatch.setattr(flash_mgpu, "is_hopper", lambda: True)
     b, t, h, d = shape
@@ -114,6 +115,7 @@ def test_hopper_path_lowers_forward_and_backward(monkeypatch, shape):
     assert _kernels(_cuda_hlo(jax.grad(loss_tr), q))[:2] == (0, 0)
 
 
+@pytest.mark.slow
 def test_remat_keeps_the_hopper_forward(monkeypatch):
     """Its out/logsumexp carry the residual names the model's remat policies save: the backward
     pass does not rerun the forward kernel (with the bare dots policy it does)."""
@@ -137,6 +139,7 @@ def test_remat_keeps_the_hopper_forward(monkeypatch):
     assert live_forwards(jax.checkpoint_policies.dots_with_no_batch_dims_saveable) == 2
 
 
+@pytest.mark.slow
 def test_pallas_triton_impl_matches_pallas_gpu_in_interpret_mode():
     q = jax.random.normal(jax.random.key(1), (1, 40, 3, 16), jnp.float32)
     slopes = jnp.asarray(alibi_slopes(3))

@@ -61,6 +61,7 @@ def _hf_greedy(hf, ids, mask, n):
     return out[:, ids.shape[1]:].numpy()
 
 
+@pytest.mark.slow
 def test_greedy_matches_hf_single(pair):
     hf, gen, _, _ = pair
     ids, mask = left_pad([list(np.random.RandomState(1).randint(1, V, 9))])
@@ -68,6 +69,7 @@ def test_greedy_matches_hf_single(pair):
     np.testing.assert_array_equal(ours.tokens, _hf_greedy(hf, ids, mask, 12))
 
 
+@pytest.mark.slow
 def test_batched_left_padding_matches_hf_and_full_recompute(pair):
     """Greedy tokens equal HF's with left padding; the KV-cache logits of every step equal a
     full recompute of the whole sequence, through our generator and the model's cache path."""
@@ -98,6 +100,7 @@ def test_batched_left_padding_matches_hf_and_full_recompute(pair):
     np.testing.assert_allclose(np.stack(got, 1), full[:, t - 1:-1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_pallas_kernels_greedy_matches_hf(tmp_path_factory):
     """Prefill through the flash kernel and every decode step through the decode and the
     add+norm kernels (interpret mode; d_model 64 and head dim 16 qualify) give HF's greedy
@@ -121,6 +124,7 @@ def test_pallas_kernels_greedy_matches_hf(tmp_path_factory):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.slow
 def test_decode_step_launches_the_same_kernels(batch):
     """The generator's prefill and decode loop on the Pallas GPU path (traced, as for a GPU),
     counted launch by launch: prefill one flash forward a layer; each decode step one decode
@@ -159,6 +163,7 @@ def test_decode_step_launches_the_same_kernels(batch):
     assert counts(decode) == want
 
 
+@pytest.mark.slow
 def test_prompt_past_max_seq_len_with_override(pair):
     _, gen, model, _ = pair  # trained length 64
     prompt = list(np.random.RandomState(5).randint(1, V, 70))
@@ -171,6 +176,7 @@ def test_prompt_past_max_seq_len_with_override(pair):
     np.testing.assert_array_equal(out.tokens[0], full[0, 69:-1].argmax(-1))
 
 
+@pytest.mark.slow
 def test_sampling_seeded_reproducible_and_eos(pair):
     _, gen, _, _ = pair
     prompts = [[5, 6, 7], [8, 9]]
@@ -189,6 +195,7 @@ def test_sampling_seeded_reproducible_and_eos(pair):
     assert (e.tokens[0, n0:] == 0).all()
 
 
+@pytest.mark.slow
 def test_streaming_equals_one_shot(pair):
     _, gen, _, _ = pair
     seen = []
@@ -200,6 +207,7 @@ def test_streaming_equals_one_shot(pair):
     assert seen[0] == 1 and seen[-1] == 10 and seen == sorted(seen)
 
 
+@pytest.mark.slow
 def test_top_k_top_p_stay_in_allowed_set():
     v = 50
     logits = np.full((4, v), -5.0, np.float32)
@@ -237,6 +245,7 @@ def _tiny_tokenizer():
     return tok
 
 
+@pytest.mark.slow
 def test_cli_prints_only_the_completion(pair, tmp_path_factory, capsys):
     import importlib.util
 

@@ -43,6 +43,7 @@ def _segments(t):
     # one query head per KV head; keys longer than queries (bottom-right causal and ALiBi)
     pytest.param(1, 21, 45, 2, 2, 64, jnp.bfloat16, True, True, False, id="mha_bf16_kv_longer"),
 ])
+@pytest.mark.slow
 def test_flash_matches_reference(b, t, s, h, kvh, d, dtype, causal, alibi, seg):
     ks = jax.random.split(jax.random.key(int(np.random.SeedSequence().generate_state(1)[0])), 4)
     q = jax.random.normal(ks[0], (b, t, h, d), dtype)
@@ -79,6 +80,7 @@ def _decode_inputs(b, h, kvh, d, s, dtype, seed):
     pytest.param(4, 2, 64, jnp.float32, id="gqa2_f32_d64"),
     pytest.param(4, 1, 128, jnp.bfloat16, id="mqa4_bf16_d128"),
 ])
+@pytest.mark.slow
 def test_decode_kernel_appends_and_matches_the_jnp_path(monkeypatch, h, kvh, d, dtype):
     """Through append_and_attend (the plan picks the kernel): rows of different lengths (the
     new token alone, a block boundary crossed, the cache full) over several slot blocks, left
@@ -104,6 +106,7 @@ def test_decode_kernel_appends_and_matches_the_jnp_path(monkeypatch, h, kvh, d, 
     np.testing.assert_array_equal(np.asarray(got[2], np.float32), np.asarray(want[2], np.float32))
 
 
+@pytest.mark.slow
 def test_decode_kernel_without_append():
     """The kernel alone, reading the caches as they are (k_new None): one query head per KV
     head, no ALiBi, an empty row (zeros, as the jnp path), a cache of one block that is not a

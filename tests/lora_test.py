@@ -96,6 +96,7 @@ def base(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fresh_adapters_change_nothing_and_merged_equals_unmerged():
     pure = _fresh(CFG, LORA, 0)
     adapters, plain = lora_lib.split(pure)
@@ -115,6 +116,7 @@ def test_fresh_adapters_change_nothing_and_merged_equals_unmerged():
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_gate_proj_adapter_on_a_glu_model_merges():
     cfg = tiny(d_model=40, n_heads=4, vocab_size=384, max_seq_len=T,
                ffn_config=FFNConfig(ffn_type="mptglu"))
@@ -129,6 +131,7 @@ def test_gate_proj_adapter_on_a_glu_model_merges():
 # ---------------------------------------------------------------------------------------------
 # PEFT both ways
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_exported_adapters_load_in_peft_with_our_logits(base, tmp_path):
     from peft import PeftModel
     from transformers import MptForCausalLM
@@ -172,6 +175,7 @@ def _peft_dir(base_dir, dst, targets=TARGETS):
     return pm.eval()
 
 
+@pytest.mark.slow
 def test_peft_adapter_imports_and_loads_with_peft_logits(base, tmp_path):
     from mpt_jax import load_pretrained
     from mpt_jax.convert import convert

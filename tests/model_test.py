@@ -24,6 +24,7 @@ from mpt_jax.model import KVCache, abstract_model, attention
 
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
+@pytest.mark.slow
 def test_logits_match_transformers(name):
     cfg = HF_CONFIGS[name]
     hf = hf_model(cfg)
@@ -51,6 +52,7 @@ def test_numpy_reference_matches_transformers():
 
 
 @pytest.mark.parametrize("name", list(NP_CONFIGS))
+@pytest.mark.slow
 def test_logits_match_numpy_reference(name):
     cfg = NP_CONFIGS[name]
     pure = random_pure(cfg, seed=3)
@@ -103,6 +105,7 @@ def test_config_json_round_trip(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["h5_clip", "gqa"])
+@pytest.mark.slow
 def test_kv_cache_matches_full_forward(name):
     """Prefill, then a chunk of 3 tokens at position 4 against the partly filled cache, then
     one token at a time: the logits of the full forward."""
@@ -154,6 +157,7 @@ def test_mode_and_cache_arguments_are_checked():
 
 
 @pytest.mark.parametrize("qk_ln", [False, True])  # the packed kernel, and q/k/v slices
+@pytest.mark.slow
 def test_prefill_runs_the_flash_kernel_and_fills_the_cache(monkeypatch, qk_ln):
     """mode="prefill" into an empty cache attends through the flash kernel (Triton, interpret
     mode) and nothing else; its logits are the full forward's and its cache holds the keys and
@@ -198,6 +202,7 @@ def test_prefill_runs_the_flash_kernel_and_fills_the_cache(monkeypatch, qk_ln):
 
 
 @pytest.mark.parametrize("name", ["h5_clip", "wpe_no_alibi_fraction", "gqa_kernels"])
+@pytest.mark.slow
 def test_decode_rows_at_their_own_positions(name):
     """One decode call with cache_index [B] (rows at different lengths, as continuous batching
     has them) gives each row the logits and cache it gets decoded alone, and the full
@@ -243,6 +248,7 @@ def test_decode_rows_at_their_own_positions(name):
     (30, 13),  # head dim 5, odd length: the kernel on sliced, padded q/k/v
     (96, 32),  # head dim 16, whole blocks: the packed kernels read the fused projection
 ])
+@pytest.mark.slow
 def test_forward_and_grads_through_pallas_kernel_match_reference(d_model, t):
     """The model's attention through the Pallas GPU kernel (interpret mode on CPU) gives the
     reference forward and gradients: GQA, packed documents (sequence ids) and left padding."""
@@ -277,6 +283,7 @@ def test_forward_and_grads_through_pallas_kernel_match_reference(d_model, t):
 @pytest.mark.parametrize("norm_type", ["low_precision_layernorm", "layernorm",
                                        "low_precision_rmsnorm", "rmsnorm"])
 @pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.slow
 def test_add_norm_kernel_matches_norm(norm_type, use_bias):
     """The decode path's residual-add + norm kernel (interpret mode) equals `x + delta` and
     model.Norm on fresh random rows, bf16 compute; without delta it is the norm alone."""
@@ -340,6 +347,7 @@ def test_exact_gelu_value_and_derivative(dtype, tol, floor):
 @pytest.mark.parametrize("norm_type", ["low_precision_layernorm", "layernorm",
                                        "low_precision_rmsnorm", "rmsnorm"])
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.slow
 def test_norm_custom_vjp_matches_autodiff(norm_type, x_dtype):
     """model.norm's written-out backward against jax autodiff of the same forward (written
     here in plain jnp) on fresh random inputs: equal outputs, and gradients for x, the weight

@@ -105,6 +105,7 @@ def test_schedules_follow_composer():
         optim.warmup_schedule("cosine", warmup_steps=10, max_steps=5)
 
 
+@pytest.mark.slow
 def test_weight_decay_mask_momentum_dtype_and_clipping():
     params = {"blocks": {"norm_1": {"weight": jnp.ones((2, 4))}, "w": jnp.ones((2, 4, 4))}}
     grads = jax.tree.map(jnp.zeros_like, params)

@@ -194,6 +194,7 @@ SCRIPT = textwrap.dedent(r'''
 ''')
 
 
+@pytest.mark.slow
 def test_sharded_load_on_four_fake_devices(sources):
     root, _ = sources
     env = dict(os.environ, JAX_PLATFORMS="cpu",

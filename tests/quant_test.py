@@ -101,6 +101,7 @@ def test_xla_int8_dense_and_gelu_approximation():
     assert float(jnp.abs(int8_gpu.erf_approx(z) - jax.lax.erf(z)).max()) < 5e-7
 
 
+@pytest.mark.slow
 def test_quantized_logits_within_bound_of_float():
     """Every matrix int8 (blocks and embeddings; GQA, GLU, biases and an untied head for the
     paths the default model does not take): logits within 3% (relative L2) of the float
@@ -123,6 +124,7 @@ def test_quantized_logits_within_bound_of_float():
         qmodel.output_embedding()
 
 
+@pytest.mark.slow
 def test_int8_decode_step_through_the_kernels_equals_the_xla_path():
     """One decode step of an int8 model against an int8 KV cache through every Pallas kernel
     (interpret mode, batch 1: the int8 GEMVs, the up-projection's GELU epilogue, the
@@ -148,6 +150,7 @@ def test_int8_decode_step_through_the_kernels_equals_the_xla_path():
                                    rtol=1e-5, atol=1.0 if a.dtype == jnp.int8 else 1e-6)
 
 
+@pytest.mark.slow
 def test_int8_decode_step_launches():
     """The int8 decode step on the Pallas GPU path (traced as for a GPU): one int8 kernel per
     matrix (qkv, out, up with its GELU, down) a layer plus the unembedding, the decode kernel
@@ -188,6 +191,7 @@ def _cache_case(seed, b=2, kvh=2, g=2, d=32, s=128):
     return (jnp.asarray(a) for a in (q, kn, vn, k, v, idx, mask)), h
 
 
+@pytest.mark.slow
 def test_int8_kv_cache_kernel_equals_jnp_path_and_is_close_to_float():
     """Appending to and attending over an int8 cache: the decode kernel (interpret) writes the
     same int8 rows and scales as the jnp path and returns its output; both are within 2% of the
@@ -214,6 +218,7 @@ def test_int8_kv_cache_kernel_equals_jnp_path_and_is_close_to_float():
     assert np.abs(got - want_q).max() <= 1
 
 
+@pytest.mark.slow
 def test_int8_kv_cache_decoding_within_bound_of_float_cache():
     """A float32 model reading a 6-token prompt and then 6 given tokens one at a time against
     an int8 cache (quantized on write, the stacked cache under scan): every step's logits
@@ -239,6 +244,7 @@ def test_int8_kv_cache_decoding_within_bound_of_float_cache():
     assert _rel(steps[jnp.int8], steps[None]) < 0.02, _rel(steps[jnp.int8], steps[None])
 
 
+@pytest.mark.slow
 def test_decode_variants_compute_the_same_tokens():
     """steps_per_sync (a fixed-trip inner loop, masked past the end), command-buffer compiler
     options: the tokens of the default loop, with EOS stops and streamed chunks."""
@@ -262,6 +268,7 @@ def test_decode_variants_compute_the_same_tokens():
         DecodeOptions(steps_per_sync=0)
 
 
+@pytest.mark.slow
 def test_quantized_checkpoint_round_trip(tmp_path, capsys):
     """import --quantize int8 and `quantize` of a float checkpoint write the same int8
     checkpoint (config.json records it); it loads as stored, equal to quantizing at load
@@ -374,6 +381,7 @@ def _sample(p, n, t, rng):
     return np.minimum(out, len(p) - 1)
 
 
+@pytest.mark.slow
 def test_int8_quality_on_a_trained_tiny_model():
     """A tiny model trained on a Markov chain (80 Adam steps on fresh samples; held-out
     perplexity under 20, against the chain's own ~9 and the uniform model's 101) keeps its

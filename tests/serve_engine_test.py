@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
-from conftest import SERVE_ENGINE, left_padded, write_serve_checkpoint
+from conftest import SERVE_ENGINE, left_padded, slow_engine, wait_for, write_serve_checkpoint
 
 from mpt_jax.data.tokenizer import train_byte_level_bpe
 from mpt_jax.eval import loading
@@ -134,6 +134,7 @@ def _np_filter(x, k, p):
     return x
 
 
+@pytest.mark.slow
 def test_per_row_sampling_filters_as_written():
     rs = np.random.RandomState(0)
     logits = rs.randn(6, 50).astype(np.float32) * 3
@@ -164,6 +165,7 @@ def test_per_row_sampling_filters_as_written():
 # ---------------------------------------------------------------------------------------------
 # The engine
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_batching_changes_no_greedy_token(served):
     """Prompts shorter than, equal to and longer than a chunk (8), with n=2 on one, arriving
     staggered into 4 slots (so some wait): every choice is the Generator's greedy output on its
@@ -296,42 +298,25 @@ def test_queue_bound_then_all_served(served, monkeypatch):
         assert h.result(timeout=120).choices[0].finish_reason == "length"
 
 
-def _slow(engine, monkeypatch, seconds):
-    real = engine._iteration
-
-    def slow():
-        time.sleep(seconds)
-        real()
-
-    monkeypatch.setattr(engine, "_iteration", slow)
-
-
-def _wait_for(cond, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 def test_cancel_frees_the_slot_for_the_next_request(served, monkeypatch):
     """All 4 slots busy with long requests; one is cancelled; a new request is admitted and
     finishes while the other three still run (the batch is full again at once)."""
     engine = served["engine"]
-    _slow(engine, monkeypatch, 0.02)
+    slow_engine(engine, monkeypatch, 0.02)
     long = [engine.submit(p, RequestParams(max_tokens=40, temperature=0.0))
             for p in _prompts(8, [5, 6, 7, 8])]
-    _wait_for(lambda: all(h.choices[0].token_ids for h in long))
+    wait_for(lambda: all(h.choices[0].token_ids for h in long))
     long[0].cancel()
-    _wait_for(lambda: long[0].finished)
+    wait_for(lambda: long[0].finished)
     assert long[0].cancelled and engine.slots_used == 3
     late = engine.submit(_prompts(9, [4])[0], RequestParams(max_tokens=2, temperature=0.0))
-    _wait_for(lambda: engine.slots_used == 4 or late.finished)
+    wait_for(lambda: engine.slots_used == 4 or late.finished)
     late.result(timeout=60)
     assert late.error is None and len(late.choices[0].token_ids) == 2
     assert not any(h.finished for h in long[1:])
     for h in long[1:]:
         h.cancel()
-    _wait_for(lambda: engine.slots_used == 0)
+    wait_for(lambda: engine.slots_used == 0)
 
 
 def test_shutdown_finishes_or_cancels_within_the_bound(served, monkeypatch):
@@ -346,10 +331,10 @@ def test_shutdown_finishes_or_cancels_within_the_bound(served, monkeypatch):
         engine.submit([1, 2, 3], RequestParams())
 
     engine = Engine(served["gen"], served["tok"], eos_id=None, **SERVE_ENGINE)
-    _slow(engine, monkeypatch, 0.05)
+    slow_engine(engine, monkeypatch, 0.05)
     engine.start()
     long = engine.submit([1, 2, 3], RequestParams(max_tokens=50, temperature=0.0))
-    _wait_for(lambda: long.choices[0].token_ids)
+    wait_for(lambda: long.choices[0].token_ids)
     t0 = time.monotonic()
     engine.shutdown(timeout=0.2)
     assert time.monotonic() - t0 < 5
@@ -376,12 +361,12 @@ def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch, per
 
     monkeypatch.setattr(engine, "_prefill_chunk", prefill)
     monkeypatch.setattr(engine, "_decode", decode)
-    _slow(engine, monkeypatch, 0.01)
+    slow_engine(engine, monkeypatch, 0.01)
     alone = engine.submit(_prompts(10, [30])[0], RequestParams(max_tokens=2, temperature=0.0))
     alone.result(timeout=60)
     assert "".join(calls).startswith("PPPP")  # 30 tokens = 4 chunks of 8, nothing to wait for
     running = engine.submit([1, 2, 3], RequestParams(max_tokens=30, temperature=0.0))
-    _wait_for(lambda: running.choices[0].token_ids)
+    wait_for(lambda: running.choices[0].token_ids)
     calls.clear()
     long = engine.submit(_prompts(11, [30])[0], RequestParams(max_tokens=2, temperature=0.0))
     long.result(timeout=60)

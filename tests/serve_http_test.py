@@ -17,7 +17,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, SERVE_ENGINE, left_padded, subprocess_env, write_serve_checkpoint
+from conftest import (ROOT, SERVE_ENGINE, left_padded, slow_engine, subprocess_env, wait_for,
+                      write_serve_checkpoint)
 
 from mpt_jax.data import finetune
 from mpt_jax.eval import loading
@@ -98,6 +99,7 @@ def _post(s, path, body, key=KEY, **kw):
 # ---------------------------------------------------------------------------------------------
 # The openai client
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_completions_with_the_openai_client(srv):
     client, tok = srv["client"], srv["tok"]
     prompt = TEXT[:40]
@@ -334,23 +336,6 @@ def test_full_queue_is_429_then_the_queued_are_served(srv, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Disconnects, failures
 # ---------------------------------------------------------------------------------------------
-def _slow(engine, monkeypatch, seconds):
-    real = engine._iteration
-
-    def slow():
-        time.sleep(seconds)
-        real()
-
-    monkeypatch.setattr(engine, "_iteration", slow)
-
-
-def _wait_for(cond, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 def test_disconnects_free_their_slots(srv, monkeypatch):
     """Four long streams fill the 4 slots; one client goes away mid-stream: its slot is free
     at once and a new request is served beside the three others (a full batch again). A
@@ -359,7 +344,7 @@ def test_disconnects_free_their_slots(srv, monkeypatch):
     body = {"model": NAME, "prompt": "abc", "max_tokens": 50, "temperature": 0}
     assert _post(srv, "/v1/completions", body).json()["choices"][0]["finish_reason"] == \
         "length"  # (no EOS in these 50 greedy tokens: the streams stay long)
-    _slow(engine, monkeypatch, 0.03)
+    slow_engine(engine, monkeypatch, 0.03)
     headers = {"Authorization": f"Bearer {KEY}"}
     with contextlib.ExitStack() as stack:
         streams = []
@@ -372,21 +357,21 @@ def test_disconnects_free_their_slots(srv, monkeypatch):
         lines = [s.__enter__().iter_lines() for s in streams]
         for it in lines:
             assert next(it).startswith("data: ")
-        _wait_for(lambda: engine.slots_used == 4)
+        wait_for(lambda: engine.slots_used == 4)
         cancelled = engine.stats["cancelled"]
         streams[0].__exit__(None, None, None)  # the first client goes away
-        _wait_for(lambda: engine.slots_used == 3)
+        wait_for(lambda: engine.slots_used == 3)
         assert engine.stats["cancelled"] == cancelled + 1
         r = _post(srv, "/v1/completions", {"prompt": "xyz", "max_tokens": 2, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
         assert engine.slots_used == 3  # it ran beside the three streams, which still run
         for s in streams[1:]:
             s.__exit__(None, None, None)
-    _wait_for(lambda: engine.slots_used == 0)
+    wait_for(lambda: engine.slots_used == 0)
     cancelled = engine.stats["cancelled"]
     with pytest.raises(httpx.ReadTimeout):
         _post(srv, "/v1/completions", body, timeout=0.3)
-    _wait_for(lambda: engine.stats["cancelled"] == cancelled + 1 and engine.slots_used == 0)
+    wait_for(lambda: engine.stats["cancelled"] == cancelled + 1 and engine.slots_used == 0)
 
 
 def test_a_failing_request_is_its_own_500(srv, monkeypatch):
@@ -448,6 +433,7 @@ def test_metrics_health_and_access_log(srv, caplog):
 # ---------------------------------------------------------------------------------------------
 # serve.py itself
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_serve_py_bad_arguments_are_one_line(tmp_path):
     env = subprocess_env()
     for argv, what in (([f"--checkpoint={tmp_path}/none"], "does not exist"),

@@ -231,6 +231,7 @@ RULES_SCRIPT = textwrap.dedent(r'''
 ''')
 
 
+@pytest.mark.slow
 def test_configured_rules_reach_activations_and_kernels():
     """mesh.rules with batch -> data only on a data=2 x fsdp=4 mesh: the traced train step
     constrains its micro-batches and block outputs to ('data', ...) and runs the attention

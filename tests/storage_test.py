@@ -126,6 +126,7 @@ def root(request, tmp_path):
     return f"{request.param}://{bucket}/{request.node.name.replace('[', '-').rstrip(']')}"
 
 
+@pytest.mark.slow
 def test_file_operations_agree_with_the_local_filesystem(root):
     """The same sequence of operations gives the same answers on gs://, s3:// and local disk
     (the local column is the os module's own behaviour)."""
@@ -228,6 +229,7 @@ def _save_step(manager, step, value):
     manager.wait_until_finished()
 
 
+@pytest.mark.slow
 def test_checkpoints_on_gcs_commit_last_and_an_unfinished_step_is_ignored(gcs):
     """orbax on gs:// (tensorstore's gcs driver on the emulator): steps save and restore; a
     step whose save stopped before its commit marker is not a step, for us or for orbax."""
@@ -266,6 +268,7 @@ def test_checkpoints_on_gcs_commit_last_and_an_unfinished_step_is_ignored(gcs):
 
 
 @pytest.mark.parametrize("scheme", ["gs", "s3"])
+@pytest.mark.slow
 def test_hf_safetensors_in_a_bucket_load_import_and_export_as_transformers_computes(
         scheme, request, tmp_path):
     """load_pretrained and `convert_torch.py import` read a sharded HF directory straight from

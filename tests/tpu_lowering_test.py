@@ -131,6 +131,7 @@ def test_train_step_lowers_with_the_tpu_kernels(scan, remat, want):
     assert _kernels(txt) == want
 
 
+@pytest.mark.slow
 def test_prefill_and_decode_step_lower_with_the_tpu_kernels():
     """The generator's two jits as generate() calls them (a bf16 model, GQA, left-padded
     prompts, a cache of 64 slots): prefill runs the flash forward once per layer, the decode
@@ -160,6 +161,7 @@ def _flash_loss(q, k, v, kw):
 
 
 @pytest.mark.parametrize("d,dtype", [(128, jnp.bfloat16), (64, jnp.float32)])
+@pytest.mark.slow
 def test_kernels_lower_over_their_features(d, dtype):
     """The flash kernels (forward and every gradient) and the decode kernel (appending or not,
     with and without kv_mask and ALiBi) for each feature that changes the Mosaic program:

@@ -28,6 +28,7 @@ from mpt_jax.model import MPTForCausalLM
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_chunked_cross_entropy_matches_full_logits():
     cfg = MPTConfig(d_model=24, n_heads=2, n_layers=1, vocab_size=131, max_seq_len=16)
     model = MPTForCausalLM(cfg, rngs=nnx.Rngs(0))
@@ -46,6 +47,7 @@ def test_chunked_cross_entropy_matches_full_logits():
 
 
 @pytest.mark.parametrize("logit_scale", [None, 0.37])
+@pytest.mark.slow
 def test_chunked_cross_entropy_gradients_match_full_logits(logit_scale):
     """The fused loss's own backward (gradient formed in the forward pass) equals autodiff
     through the full float32 logits, for h and the output embedding, with a cotangent != 1."""
@@ -102,6 +104,7 @@ def _jitted_step(settings):
     return jax.jit(lambda state, batch: step_lib.train_step(state, batch, settings=settings))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch():
     batch = {"input_ids": jax.random.randint(jax.random.PRNGKey(0), (4, 8), 0, 131)}
     results = []
@@ -119,6 +122,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 @pytest.mark.parametrize("clip_norm", [1e-3, 1e3])  # clipping bites / does not
+@pytest.mark.slow
 def test_clipping_in_the_step_equals_optax_clipping(clip_norm):
     """Clipping folded into the step's gradient scaling (the trainer's path) updates the
     params exactly as optax.clip_by_global_norm in the optimizer chain does."""
@@ -138,6 +142,7 @@ def test_clipping_in_the_step_equals_optax_clipping(clip_norm):
     assert moved > 0.0
 
 
+@pytest.mark.slow
 def test_nan_is_caught_and_update_not_applied():
     settings, state, mesh = _step_setup(0)
     state["params"]["wte"] = state["params"]["wte"].at[0, 0].set(jnp.nan)

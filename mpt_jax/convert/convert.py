@@ -482,7 +482,8 @@ def main(argv=None) -> int:
                                       f"{args.max_shard_size:g}")
             from mpt_jax.convert import lora as lora_io
 
-            adapted = lora_io.find_adapters(Path(args.src)) if Path(args.src).is_dir() else None
+            src = _source(args.src)
+            adapted = lora_io.find_adapters(src) if src.is_dir() else None
             if adapted is not None and not args.merge_lora:
                 lora_io.export_peft(adapted, args.dst)
                 print(f"exported the LoRA adapters of {args.src} -> {args.dst} (PEFT; base "
@@ -500,7 +501,7 @@ def main(argv=None) -> int:
                                                    max_shard_bytes=max_bytes)
             print(f"exported {args.src} -> {args.dst}"
                   + (" (LoRA adapters merged into the base)" if adapted is not None else ""))
-            if adapted is None and resolve_checkpoint(Path(args.src)).cfg.quantization:
+            if adapted is None and resolve_checkpoint(src).cfg.quantization:
                 print("note: the source is quantized; exported its dequantized weights")
             if form == "foundry":
                 print("note: transformers' native MptForCausalLM cannot express this config ("

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mpt_jax.convert.convert import (_AtomicDir, _check_params, _copy_tokenizer, _parse_dtype,
-                                     check_shard_bytes, plan_import, read_pure,
+                                     _source, check_shard_bytes, plan_import, read_pure,
                                      resolve_checkpoint, tokenizer_dir, write_hf_dir)
 from mpt_jax.convert.io import ConversionError, ParamsReader, ParamsWriter, read_tensor
 from mpt_jax.convert.table import name_table, set_path
@@ -82,7 +82,7 @@ def find_adapters(path: Path, *, base: str | None = None) -> Adapted | None:
     """`path` resolved as a LoRA checkpoint of ours or a PEFT directory; None when it is
     neither (a plain checkpoint). base: a PEFT directory's base (default: its
     base_model_name_or_path when that is a local directory)."""
-    path = Path(path)
+    path = _source(path)
     if (path / PEFT_CONFIG).is_file():
         return read_peft(path, base=base)
     if not ((path / "params").is_dir() or (path / "checkpoints").is_dir()):

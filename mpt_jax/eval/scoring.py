@@ -96,14 +96,7 @@ def parse_mesh(mesh=None):
     `data`) -> sharding.make_mesh's mesh. ValueError naming a bad spec."""
     if mesh is not None and not isinstance(mesh, str):
         return mesh
-    text = "-1,1,1" if mesh is None else mesh
-    try:
-        sizes = [int(x) for x in text.split(",")]
-    except ValueError:
-        sizes = []
-    if len(sizes) != 3:
-        raise ValueError(f"mesh {mesh!r}: expected three sizes data,fsdp,tensor (one may be -1)")
-    return sharding.make_mesh(dict(zip(sharding.MESH_AXES, sizes)))
+    return sharding.make_mesh(sharding.parse_mesh_sizes("-1,1,1" if mesh is None else mesh))
 
 
 # ---------------------------------------------------------------------------------------------
