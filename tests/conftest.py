@@ -479,3 +479,18 @@ def wait_for(cond, timeout=60):
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
+
+
+def stop_at_check(monkeypatch, n: int) -> None:
+    """The trainer's stop signal fires at its n-th check (as a SIGTERM arriving then would):
+    for stop-and-resume tests. Undone with the monkeypatch (or its context)."""
+    from mpt_jax.train import monitor
+
+    class StopAtN(monitor.StopSignal):
+        calls = 0
+
+        def any_process(self):
+            StopAtN.calls += 1
+            return StopAtN.calls == n or super().any_process()
+
+    monkeypatch.setattr(monitor, "StopSignal", StopAtN)

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import hf_model, make_docs, read_losses, tiny
+from conftest import hf_model, make_docs, read_losses, stop_at_check, tiny
 from mpt_jax.data import prepare, tokenizer as tokenizer_lib
 
 T = 32
@@ -122,7 +122,7 @@ def test_stop_and_resume_mid_finetune_reproduces_the_run(pretrained, tmp_path, m
                                                          caplog):
     """Packed examples (segment ids), a stop after step 3 (the signal's path), then the same
     config again with init_from gone: the losses of the uninterrupted run, exactly."""
-    from mpt_jax.train import monitor, trainer
+    from mpt_jax.train import trainer
 
     root, _ = pretrained
     base = shutil.copytree(root / "hf", tmp_path / "base")
@@ -131,16 +131,9 @@ def test_stop_and_resume_mid_finetune_reproduces_the_run(pretrained, tmp_path, m
             "model.attn_config.attn_uses_sequence_id": True, "eval.batch_size": 2}
     trainer.train(ft_config(base, root / "ex", **over), str(tmp_path / "full"))
 
-    class StopAtThird(monitor.StopSignal):
-        calls = 0
-
-        def any_process(self):
-            StopAtThird.calls += 1
-            return StopAtThird.calls == 3 or super().any_process()
-
     split = str(tmp_path / "split")
     with monkeypatch.context() as m:
-        m.setattr(monitor, "StopSignal", StopAtThird)
+        stop_at_check(m, 3)
         first = trainer.train(ft_config(base, root / "ex", **over), split)
     assert first["stopped"].startswith("signal") and first["step"] == 3
     shutil.rmtree(base)  # a resumed finetune never reads init_from again

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT, hf_model, make_docs, read_losses, subprocess_env, tiny
+from conftest import ROOT, hf_model, make_docs, read_losses, stop_at_check, subprocess_env, tiny
 from mpt_jax.model import lora as lora_lib
 from mpt_jax.model.config import FFNConfig
 
@@ -343,21 +343,14 @@ def test_lora_run_starts_at_the_base_and_trains_only_adapters(base, lora_run, tm
 def test_lora_accumulated_and_resumed_run_matches(base, lora_run, tmp_path, monkeypatch):
     """Micro-batches of 2 rows, stopped after step 2 and resumed: the plain run's losses; then
     a resume over another base is refused (the fingerprint)."""
-    from mpt_jax.train import monitor, trainer
+    from mpt_jax.train import trainer
 
     root, _ = base
     _, full = lora_run
 
-    class StopAtSecond(monitor.StopSignal):
-        calls = 0
-
-        def any_process(self):
-            StopAtSecond.calls += 1
-            return StopAtSecond.calls == 2 or super().any_process()
-
     split = str(tmp_path / "split")
     with monkeypatch.context() as m:
-        m.setattr(monitor, "StopSignal", StopAtSecond)
+        stop_at_check(m, 2)
         first = trainer.train(_config(tmp_path, root, **{"train.micro_batch_size": 2}), split)
     assert first["stopped"].startswith("signal") and first["step"] == 2
     again = trainer.train(_config(tmp_path, root, **{"train.micro_batch_size": 2}), split)
