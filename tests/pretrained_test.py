@@ -169,7 +169,7 @@ SCRIPT = textwrap.dedent(r'''
     # the trainer's path (train.init_from): parameters and a fresh optimizer state, each
     # placed as the rules say
     import ml_collections
-    from mpt_jax.train import optim, step as step_lib, trainer
+    from mpt_jax.train import init_from, optim, step as step_lib
     ocfg = ml_collections.ConfigDict(dict(
         name="decoupled_lion", lr=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
         weight_decay_mask="all", mu_dtype="", clip_norm=0.0, schedule="constant",
@@ -181,8 +181,8 @@ SCRIPT = textwrap.dedent(r'''
     rules = sharding.DEFAULT_RULES
     abstract_state, shardings = step_lib.state_shardings(cfg, train, tx, mesh, rules)
     pieces.clear()
-    state = trainer.init_finetune_state(os.path.join(root, "hf"), abstract_state, shardings,
-                                        tx, mesh, rules)
+    state = init_from.init_finetune_state(os.path.join(root, "hf"), abstract_state, shardings,
+                                          tx, mesh, rules)
     placed = jax.tree.leaves(jax.tree.map(lambda a, s: a.sharding == s, state, shardings))
     assert placed and all(placed), "a parameter or moment is not where the rules put it"
     assert int(state["step"]) == 0 and int(state["opt_state"].count) == 0

@@ -35,15 +35,14 @@ from mpt_jax import sharding, storage
 from mpt_jax.model import REMAT_POLICIES, attention
 from mpt_jax.model.config import MPTConfig
 from mpt_jax.train import checkpoint as ckpt_lib
+from mpt_jax.train import init_from as init_lib
 from mpt_jax.train import metrics as metrics_lib
 from mpt_jax.train import monitor
 from mpt_jax.train import optim as optim_lib
 from mpt_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
-# The run's tokenizer, beside the checkpoints (each step directory holds a copy too), so
-# generate.py, load_pretrained's callers and export find it with no flag.
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = init_lib.TOKENIZER_FILE
 
 
 class NonFiniteError(RuntimeError):
@@ -127,7 +126,7 @@ def check_config(config, workdir: str | None = None) -> MPTConfig:
                              "set train.init_from to the base")
         lora.check_model(cfg)
         if config.train.lora.adapter:  # (read now: a misfit fails before anything is written)
-            _read_adapter(config.train.lora.adapter, lora, cfg)
+            init_lib.read_adapter(config.train.lora.adapter, lora, cfg)
     if config.train.remat_policy not in REMAT_POLICIES:
         raise ValueError(f"train.remat_policy={config.train.remat_policy!r}: expected one of "
                          f"{tuple(REMAT_POLICIES)}")
@@ -253,8 +252,8 @@ def train(config, workdir: str) -> dict:
     # has it beside its own checkpoints.
     ckpt_tokenizer = None
     if init_from:
-        ckpt_tokenizer = (_checkpoint_tokenizer(init_from) if not resuming else
-                          _checkpoint_tokenizer(workdir))
+        ckpt_tokenizer = (init_lib.checkpoint_tokenizer(init_from) if not resuming else
+                          init_lib.checkpoint_tokenizer(workdir))
         if ckpt_tokenizer is not None and data_cfg.builtin and not data_cfg.tokenizer:
             data_cfg = data_cfg.copy_and_resolve_references()  # (the built-in set tokenizes
             with data_cfg.unlocked():                           # with the checkpoint's)
@@ -263,7 +262,7 @@ def train(config, workdir: str) -> dict:
         _make_workdir(workdir)
     resolved = data_lib.resolve_data(data_cfg, workdir)
     if ckpt_tokenizer is not None:
-        _check_same_tokenizer(init_from, ckpt_tokenizer, resolved)
+        init_lib.check_same_tokenizer(init_from, ckpt_tokenizer, resolved)
     cfg = model_config(config, resolved.vocab_size, base_cfg)
     check_packing(cfg, resolved.mode, data_cfg.packing)
     tokenizer_json = storage.read_text(resolved.tokenizer_path)
@@ -332,7 +331,7 @@ def train(config, workdir: str) -> dict:
             state, train_state = ckpt_lib.restore(manager, latest, trained_abstract,
                                                   trained_shardings)
         if lora is not None:  # the frozen base: train.init_from again, checked to be the same
-            state["params"], base_fingerprint = _resumed_lora_params(
+            state["params"], base_fingerprint = init_lib.resumed_lora_params(
                 workdir, latest, init_from, lora, state["params"], abstract_state,
                 state_shardings)
         if len(train_state["data_states"]) != nproc:
@@ -347,10 +346,10 @@ def train(config, workdir: str) -> dict:
     elif init_from:
         adapters = None
         if lora is not None:
-            adapters = (_adapters_from(config.train.lora.adapter, lora, cfg, state_shardings)
+            adapters = (init_lib.adapters_from(config.train.lora.adapter, lora, cfg, state_shardings)
                         if config.train.lora.adapter else
                         step_lib.init_adapters(cfg, config.train, mesh, rules, config.seed))
-        state = init_finetune_state(init_from, abstract_state, state_shardings, tx, mesh, rules,
+        state = init_lib.init_finetune_state(init_from, abstract_state, state_shardings, tx, mesh, rules,
                                     adapters=adapters)
         if lora is not None:
             from mpt_jax.model import lora as lora_lib
@@ -535,117 +534,6 @@ def train(config, workdir: str) -> dict:
     if writer_process:
         metrics_lib.plot_losses(workdir)
     return {"step": step, "loss": last_loss, "eval_loss": last_eval, "stopped": stop_reason}
-
-
-def init_finetune_state(init_from: str, abstract_state, state_shardings, tx, mesh, rules, *,
-                        adapters=None):
-    """Step 0 of a finetune: train.init_from's parameters read tensor by tensor straight into
-    their shards (convert.pretrained.load_params_sharded: no process or device ever holds the
-    whole model), and a fresh optimizer state made directly sharded. adapters: a LoRA run's
-    starting adapters (already placed); the checkpoint then gives the frozen base, and the
-    optimizer state covers the adapters."""
-    import jax.numpy as jnp
-
-    frozen_base = adapters is not None
-    _, base_abstract = step_lib.trainable(abstract_state["params"], frozen_base)
-    _, base_shardings = step_lib.trainable(state_shardings["params"], frozen_base)
-    params = _load_base(init_from, base_abstract if frozen_base else abstract_state["params"],
-                        base_shardings if frozen_base else state_shardings["params"])
-    trained = adapters if frozen_base else params
-    with sharding.use_mesh(mesh), sharding.use_rules(rules):
-        opt_state = jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(trained)
-        step = jax.device_put(jnp.zeros([], jnp.int32), state_shardings["step"])
-    return {"step": step, "params": step_lib.with_frozen(trained, params if frozen_base else
-                                                         None), "opt_state": opt_state}
-
-
-def _load_base(init_from, abstract, shardings):
-    from mpt_jax.convert import pretrained
-    from mpt_jax.convert.io import ConversionError
-
-    try:
-        return pretrained.load_params_sharded(init_from, abstract, shardings)
-    except ConversionError as e:
-        raise ValueError(f"train.init_from={init_from!r}: {e}") from None
-
-
-def _resumed_lora_params(workdir, step, init_from, lora, adapters, abstract_state,
-                         state_shardings):
-    """A resumed LoRA run's params: its adapters joined with the base read from
-    train.init_from again, whose fingerprint must be the one the run started from."""
-    from mpt_jax.model import lora as lora_lib
-
-    saved = ckpt_lib.read_lora(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step)))
-    if saved is None:
-        raise ValueError(f"checkpoint {step} in {workdir} holds no LoRA adapters (a full "
-                         "finetune's or a pretraining run's): use another workdir for LoRA")
-    if lora_lib.LoraConfig.from_dict(saved).targets != lora.targets or (
-            saved["rank"], saved["alpha"]) != (lora.rank, lora.alpha):
-        raise ValueError(f"checkpoint {step} in {workdir} holds LoRA rank {saved['rank']} alpha "
-                         f"{saved['alpha']} on {saved['targets']}; train.lora asks rank "
-                         f"{lora.rank} alpha {lora.alpha} on {list(lora.targets)}")
-    if not os.path.isdir(init_from):
-        raise ValueError(f"train.init_from={init_from!r}: not a directory, and this LoRA run "
-                         "needs its base to resume (its checkpoints hold the adapters only)")
-    _, base_abstract = step_lib.trainable(abstract_state["params"], True)
-    _, base_shardings = step_lib.trainable(state_shardings["params"], True)
-    base = _load_base(init_from, base_abstract, base_shardings)
-    fp = lora_lib.fingerprint(base)
-    if saved.get("base_fingerprint") not in (None, fp):
-        raise ValueError(f"train.init_from={init_from!r} is not the base this LoRA run started "
-                         f"from (fingerprint {fp}, the run's {saved['base_fingerprint']}, from "
-                         f"{saved.get('base')!r})")
-    return lora_lib.join(adapters, base), fp
-
-
-def _adapters_from(path, lora, cfg, state_shardings):
-    """train.lora.adapter's adapters (a PEFT directory or a LoRA run of ours), placed."""
-    adapters = _read_adapter(path, lora, cfg)
-    shardings, _ = step_lib.trainable(state_shardings["params"], True)
-    return jax.tree.map(lambda a, s: jax.device_put(a, s), adapters, shardings)
-
-
-def _read_adapter(path, lora, cfg):
-    """train.lora.adapter's adapters (numpy); their rank, alpha and targets must be
-    train.lora's, their shapes the model's."""
-    from mpt_jax.convert import lora as lora_io
-    from mpt_jax.convert.io import ConversionError
-
-    if not os.path.isdir(path):
-        raise ValueError(f"train.lora.adapter={path!r}: not a directory (a PEFT adapter "
-                         "directory or a LoRA run of ours)")
-    try:
-        have, adapters = lora_io.read_adapters(path, cfg)
-    except ConversionError as e:
-        raise ValueError(f"train.lora.adapter={path!r}: {e}") from None
-    if (have.rank, have.alpha, have.targets) != (lora.rank, lora.alpha, lora.targets):
-        raise ValueError(f"train.lora.adapter={path!r} has rank {have.rank} alpha {have.alpha} "
-                         f"on {list(have.targets)}; train.lora asks rank {lora.rank} alpha "
-                         f"{lora.alpha} on {list(lora.targets)}")
-    return adapters
-
-
-def _checkpoint_tokenizer(init_from: str) -> str | None:
-    """The tokenizer.json of checkpoint `init_from` (where load_pretrained's callers find it),
-    or None when it carries none (an HF directory of weights only)."""
-    from mpt_jax.convert.convert import tokenizer_dir
-
-    path = storage.join(str(tokenizer_dir(init_from)), TOKENIZER_FILE)
-    return path if storage.isfile(path) else None
-
-
-def _check_same_tokenizer(init_from: str, ckpt_tokenizer: str, resolved) -> None:
-    from mpt_jax.data import tokenizer as tokenizer_lib
-
-    want = tokenizer_lib.tokenizer_sha256(tokenizer_lib.load_tokenizer(ckpt_tokenizer))
-    source = resolved.sources[0]
-    have = source.manifest["tokenizer"]["sha256"]
-    if want != have:
-        raise ValueError(
-            f"data source {source.name!r} at {source.path!r} was tokenized with "
-            f"{source.manifest['tokenizer']['name']!r} (sha256 {have[:12]}), not with "
-            f"train.init_from's tokenizer {ckpt_tokenizer} (sha256 {want[:12]}): prepare the "
-            "data with the pretrained model's tokenizer")
 
 
 def _copy_tokenizer_files(src_dir: str, workdir: str) -> None:
