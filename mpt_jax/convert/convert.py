@@ -54,8 +54,9 @@ from mpt_jax.convert import quantized as quant_io
 from mpt_jax.convert.io import ConversionError, ParamsReader, ParamsWriter, SafetensorsWriter
 # (sources' names stay importable from here: pretrained.py, generate.py and tests use them)
 from mpt_jax.convert.sources import (OurCheckpoint, Plan, _check_params,  # noqa: F401
-                                     _check_source_dir, _source, iter_tensors, plan_import, read_config,
-                                     read_source_config, resolve_checkpoint, tokenizer_dir)
+                                     _check_source_dir, _source, iter_tensors, plan_import,
+                                     read_config, read_source_config, resolve_checkpoint,
+                                     tokenizer_dir)
 from mpt_jax.convert.table import export_form, model_shapes, name_table, set_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -135,8 +135,9 @@ class Engine:
 
     def __init__(self, generator: Generator, tokenizer, *, max_batch: int = 64,
                  max_seq_len: int | None = None, prefill_chunk: int = 256,
-                 prefill_chunks: int = 1, decode_steps: int = 1, max_queue: int = 256, eos_id: int | None = None,
-                 top_logprobs: int = 20, metrics: EngineMetrics | None = None):
+                 prefill_chunks: int = 1, decode_steps: int = 1, max_queue: int = 256,
+                 eos_id: int | None = None, top_logprobs: int = 20,
+                 metrics: EngineMetrics | None = None):
         cfg = generator.config
         max_seq_len = cfg.max_seq_len if max_seq_len is None else int(max_seq_len)
         for name, value, low in (("max_batch", max_batch, 1), ("max_seq_len", max_seq_len, 2),

@@ -459,8 +459,8 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
 
     Where the plan picks a Pallas decode kernel (GPU or TPU, one new token per row) it is a
     single launch that also writes the new row into the caches (no separate update kernels);
-    otherwise `write_cache` and `decode_attention` run. qkv (optional) `[B, T, (H + 2 KV) * D]`: the fused
-    projection q, k_new and v_new were sliced from; the kernel then reads it in place."""
+    otherwise `write_cache` and `decode_attention` run. qkv (optional) `[B, T, (H + 2 KV) * D]`:
+    the fused projection q, k_new and v_new were sliced from; the kernel then reads it in place."""
     b, t, h, d = q.shape
     quantized = quant.is_quantized(k_cache)
     kv_heads, s = (k_cache.values if quantized else k_cache).shape[1:3]

@@ -297,77 +297,83 @@ def train(config, workdir: str) -> dict:
     abstract_state, state_shardings = step_lib.state_shardings(cfg, config.train, tx, mesh, rules)
     manager = ckpt_lib.make_manager(workdir, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)
-    latest = manager.latest_step()
-    if latest is not None:
-        # the model config first: arrays of another model would fail inside orbax, unclearly
-        saved_cfg = ckpt_lib.restore_model_config(manager, latest)
-        want_cfg = cfg.to_dict("foundry")
-        if saved_cfg != want_cfg:
-            diff = sorted(k for k in set(saved_cfg) | set(want_cfg)
-                          if saved_cfg.get(k) != want_cfg.get(k))
-            raise ValueError(f"checkpoint {latest} in {workdir} has a different model config "
-                             f"(keys {diff}); use another workdir")
-        if latest >= config.max_steps:
-            manager.close()
-            log.info("%s: already complete at step %d (max_steps %d); nothing to train",
-                     workdir, latest, config.max_steps)
-            return {"step": latest, "loss": None, "eval_loss": None,
-                    "stopped": "already complete"}
-    train_iter = data_lib.make_train_iterator(
-        data_cfg, seq_len=seq_len, batch_size=global_batch // nproc, seed=config.seed,
-        process_index=pid, process_count=nproc, workdir=workdir)
-    # data.eval_fraction 0: everything is training data, and there is no evaluation
-    eval_batches = None if data_cfg.eval_fraction == 0 else data_lib.make_eval_batches(
-        data_cfg, seq_len=seq_len, batch_size=config.eval.batch_size // nproc,
-        num_batches=config.eval.num_batches, process_index=pid, process_count=nproc,
-        workdir=workdir)
-    batch_keys = data_lib.batch_keys(resolved, data_cfg.packing)
-    if latest is not None:
-        trained_abstract = {**abstract_state, "params": step_lib.trainable(
-            abstract_state["params"], lora is not None)[0]}
-        trained_shardings = {**state_shardings, "params": step_lib.trainable(
-            state_shardings["params"], lora is not None)[0]}
-        with sharding.use_mesh(mesh):
-            state, train_state = ckpt_lib.restore(manager, latest, trained_abstract,
-                                                  trained_shardings)
-        if lora is not None:  # the frozen base: train.init_from again, checked to be the same
-            state["params"], base_fingerprint = init_lib.resumed_lora_params(
-                workdir, latest, init_from, lora, state["params"], abstract_state,
-                state_shardings)
-        if len(train_state["data_states"]) != nproc:
-            raise ValueError(f"checkpoint {latest} was written by "
-                             f"{len(train_state['data_states'])} processes, this run has {nproc}")
-        train_iter.set_state(train_state["data_states"][pid])
-        resumed = train_state
-        start_step = int(train_state["step"])
-        log.info("resumed from checkpoint %d%s", start_step,
-                 f" (the finetune's own; train.init_from {init_from} not read)"
-                 if init_from else "")
-    elif init_from:
-        adapters = None
-        if lora is not None:
-            adapters = (init_lib.adapters_from(config.train.lora.adapter, lora, cfg, state_shardings)
-                        if config.train.lora.adapter else
-                        step_lib.init_adapters(cfg, config.train, mesh, rules, config.seed))
-        state = init_lib.init_finetune_state(init_from, abstract_state, state_shardings, tx, mesh, rules,
-                                    adapters=adapters)
-        if lora is not None:
-            from mpt_jax.model import lora as lora_lib
+    try:  # (an open manager's threads would fail loudly at interpreter exit)
+        latest = manager.latest_step()
+        if latest is not None:
+            # the model config first: arrays of another model would fail inside orbax, unclearly
+            saved_cfg = ckpt_lib.restore_model_config(manager, latest)
+            want_cfg = cfg.to_dict("foundry")
+            if saved_cfg != want_cfg:
+                diff = sorted(k for k in set(saved_cfg) | set(want_cfg)
+                              if saved_cfg.get(k) != want_cfg.get(k))
+                raise ValueError(f"checkpoint {latest} in {workdir} has a different model config "
+                                 f"(keys {diff}); use another workdir")
+            if latest >= config.max_steps:
+                manager.close()
+                log.info("%s: already complete at step %d (max_steps %d); nothing to train",
+                         workdir, latest, config.max_steps)
+                return {"step": latest, "loss": None, "eval_loss": None,
+                        "stopped": "already complete"}
+        train_iter = data_lib.make_train_iterator(
+            data_cfg, seq_len=seq_len, batch_size=global_batch // nproc, seed=config.seed,
+            process_index=pid, process_count=nproc, workdir=workdir)
+        # data.eval_fraction 0: everything is training data, and there is no evaluation
+        eval_batches = None if data_cfg.eval_fraction == 0 else data_lib.make_eval_batches(
+            data_cfg, seq_len=seq_len, batch_size=config.eval.batch_size // nproc,
+            num_batches=config.eval.num_batches, process_index=pid, process_count=nproc,
+            workdir=workdir)
+        batch_keys = data_lib.batch_keys(resolved, data_cfg.packing)
+        if latest is not None:
+            trained_abstract = {**abstract_state, "params": step_lib.trainable(
+                abstract_state["params"], lora is not None)[0]}
+            trained_shardings = {**state_shardings, "params": step_lib.trainable(
+                state_shardings["params"], lora is not None)[0]}
+            with sharding.use_mesh(mesh):
+                state, train_state = ckpt_lib.restore(manager, latest, trained_abstract,
+                                                      trained_shardings)
+            if lora is not None:  # the frozen base: train.init_from again, checked to be the same
+                state["params"], base_fingerprint = init_lib.resumed_lora_params(
+                    workdir, latest, init_from, lora, state["params"], abstract_state,
+                    state_shardings)
+            if len(train_state["data_states"]) != nproc:
+                raise ValueError(f"checkpoint {latest} was written by "
+                                 f"{len(train_state['data_states'])} processes, this run has "
+                                 f"{nproc}")
+            train_iter.set_state(train_state["data_states"][pid])
+            resumed = train_state
+            start_step = int(train_state["step"])
+            log.info("resumed from checkpoint %d%s", start_step,
+                     f" (the finetune's own; train.init_from {init_from} not read)"
+                     if init_from else "")
+        elif init_from:
+            adapters = None
+            if lora is not None:
+                adapters = (init_lib.adapters_from(config.train.lora.adapter, lora, cfg,
+                                                   state_shardings)
+                            if config.train.lora.adapter else
+                            step_lib.init_adapters(cfg, config.train, mesh, rules, config.seed))
+            state = init_lib.init_finetune_state(init_from, abstract_state, state_shardings, tx,
+                                                 mesh, rules, adapters=adapters)
+            if lora is not None:
+                from mpt_jax.model import lora as lora_lib
 
-            base_fingerprint = lora_lib.fingerprint(lora_lib.split(state["params"])[1])
-        start_step, resumed = 0, {}
-        log.info("finetuning from %s: its weights%s, a fresh optimizer and schedule at step 0",
-                 init_from, "" if lora is None else
-                 f" frozen, LoRA rank {lora.rank} on {', '.join(lora.targets)}")
-    else:
-        state = step_lib.init_state(cfg, config.train, tx, mesh, rules, config.seed)
-        start_step, resumed = 0, {}
+                base_fingerprint = lora_lib.fingerprint(lora_lib.split(state["params"])[1])
+            start_step, resumed = 0, {}
+            log.info("finetuning from %s: its weights%s, a fresh optimizer and schedule at step 0",
+                     init_from, "" if lora is None else
+                     f" frozen, LoRA rank {lora.rank} on {', '.join(lora.targets)}")
+        else:
+            state = step_lib.init_state(cfg, config.train, tx, mesh, rules, config.seed)
+            start_step, resumed = 0, {}
 
-    # 6. steps ----------------------------------------------------------------------------
-    p_train_step = step_lib.compile_train_step(settings, state_shardings, mesh, batch_keys,
-                                               xla_options=config.train.xla_options)
-    p_eval_step = step_lib.compile_eval_step(settings, state_shardings["params"], mesh,
-                                             batch_keys)
+        # 6. steps ----------------------------------------------------------------------------
+        p_train_step = step_lib.compile_train_step(settings, state_shardings, mesh, batch_keys,
+                                                   xla_options=config.train.xla_options)
+        p_eval_step = step_lib.compile_eval_step(settings, state_shardings["params"], mesh,
+                                                 batch_keys)
+    except BaseException:
+        manager.close()
+        raise
 
     # 7. loop -----------------------------------------------------------------------------
     writer = metrics_lib.MetricWriter(workdir, enabled=writer_process)
