@@ -61,8 +61,15 @@ def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.Che
                 TOKENIZER_ITEM: ocp.JsonCheckpointHandler(filename="tokenizer.json"),
                 LORA_ITEM: ocp.JsonCheckpointHandler(filename=LORA_FILE)}
     assert tuple(handlers) == ITEMS
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                 item_handlers=handlers)
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                    item_handlers=handlers)
+    # The manager removes unfinished steps' temporary directories in a background thread that
+    # its close() does not join: a run that fails early (bad data, say) would exit while it
+    # runs and print that thread's traceback after the one-line error. Wait for it here.
+    cleanup = getattr(manager, "_cleanup_tmp_directory_future", None)
+    if cleanup is not None:
+        cleanup.result()
+    return manager
 
 
 def gather_process_states(local_state: Any) -> list:
