@@ -91,6 +91,22 @@ class BadLines:
             self.examples.append(f"{where}: {why}")
 
 
+def _json_lines(path: str, bad: BadLines) -> Iterator[tuple[str, object]]:
+    """('line N', parsed value) for each non-blank line of a JSON-lines file; lines that are
+    not JSON are counted in `bad` and skipped."""
+    with _open_binary(path) as f:
+        for line_number, raw_line in enumerate(io.BufferedReader(f), start=1):
+            if not raw_line.strip():
+                continue
+            bad.total += 1
+            try:
+                record = json.loads(raw_line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                bad.add(f"line {line_number}", f"invalid JSON ({str(e).splitlines()[0]})")
+                continue
+            yield f"line {line_number}", record
+
+
 def iter_documents(path: str, text_field: str, bad: BadLines) -> Iterator[str]:
     """Yields the documents of one input file; unusable lines are counted in `bad` and skipped.
 
@@ -109,26 +125,17 @@ def iter_documents(path: str, text_field: str, bad: BadLines) -> Iterator[str]:
         if text:
             yield text
     elif kind == "jsonl":
-        with _open_binary(path) as f:
-            for line_number, raw_line in enumerate(io.BufferedReader(f), start=1):
-                if not raw_line.strip():
-                    continue
-                bad.total += 1
-                try:
-                    record = json.loads(raw_line)
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    bad.add(f"line {line_number}", f"invalid JSON ({str(e).splitlines()[0]})")
-                    continue
-                if not isinstance(record, dict):
-                    bad.add(f"line {line_number}", "not a JSON object")
-                    continue
-                text = record.get(text_field)
-                if not isinstance(text, str):
-                    why = "missing" if text is None else f"a {type(text).__name__}, not a string"
-                    bad.add(f"line {line_number}", f"field {text_field!r} is {why}")
-                    continue
-                if text:
-                    yield text
+        for where, record in _json_lines(path, bad):
+            if not isinstance(record, dict):
+                bad.add(where, "not a JSON object")
+                continue
+            text = record.get(text_field)
+            if not isinstance(text, str):
+                why = "missing" if text is None else f"a {type(text).__name__}, not a string"
+                bad.add(where, f"field {text_field!r} is {why}")
+                continue
+            if text:
+                yield text
     else:
         import pyarrow.parquet as pq
 
@@ -163,17 +170,7 @@ def iter_records(path: str, bad: BadLines) -> Iterator[tuple[str, object]]:
         raise ValueError(f"{path}: a plain-text file holds no examples; examples are read from "
                          "JSON lines (.jsonl/.json, optionally .gz/.zst) or Parquet")
     if kind == "jsonl":
-        with _open_binary(path) as f:
-            for line_number, raw_line in enumerate(io.BufferedReader(f), start=1):
-                if not raw_line.strip():
-                    continue
-                bad.total += 1
-                try:
-                    record = json.loads(raw_line)
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    bad.add(f"line {line_number}", f"invalid JSON ({str(e).splitlines()[0]})")
-                    continue
-                yield f"line {line_number}", record
+        yield from _json_lines(path, bad)
         return
     import pyarrow.parquet as pq
 
