@@ -161,6 +161,8 @@ def run_one(args) -> dict:
         t0 = time.time()
         compiled = step.lower(state, batches[0]).compile()
         compile_s = time.time() - t0
+        analysis = compiled.memory_analysis()  # XLA's plan: the step's scratch beyond its state
+        temp_gb = None if analysis is None else analysis.temp_size_in_bytes / 2**30
         state, m = compiled(state, batches[0])  # warm-up
         jax.block_until_ready(m["loss"])
         t0 = time.time()
@@ -178,7 +180,7 @@ def run_one(args) -> dict:
                 tokens_per_s_per_device=tps / n,
                 real_tokens_per_s_per_device=tps * efficiency / n,
                 mfu=metrics_lib.mfu(tps, cfg, seq, n), peak_mem_gb=mem["mem_peak_gb"],
-                loss=loss, device=jax.devices()[0].device_kind)
+                temp_gb=temp_gb, loss=loss, device=jax.devices()[0].device_kind)
 
 
 def main():
@@ -221,7 +223,8 @@ def main():
               f"({r['real_tokens_per_s_per_device']:,.0f} real), MFU "
               f"{100 * (r['mfu'] or 0):.1f}%, packing {100 * r['packing_efficiency']:.1f}%, "
               f"step {r['step_s']:.3f}s, compile {r['compile_s']:.0f}s, peak "
-              f"{r['peak_mem_gb'] or 0:.1f} GiB [{r['device']}]", flush=True)
+              f"{r['peak_mem_gb'] or 0:.1f} GiB (step scratch {r['temp_gb'] or 0:.1f}) "
+              f"[{r['device']}]", flush=True)
     by_name = {r["variant"]: r for r in rows}
     ratio = None
     if "sft" in by_name and "lora" in by_name:
@@ -252,7 +255,8 @@ def main():
                     ("packing efficiency %", f"{100 * r['packing_efficiency']:.1f}"),
                     ("step s", f"{r['step_s']:.3f}"),
                     ("compile s", f"{r['compile_s']:.0f}"),
-                    ("peak GiB/GPU", f"{r['peak_mem_gb'] or 0:.1f}")]
+                    ("peak GiB/GPU", f"{r['peak_mem_gb'] or 0:.1f}"),
+                    ("step scratch GiB/GPU (XLA temp)", f"{r['temp_gb'] or 0:.1f}")]
                 if r["variant"] == "lora" and ratio is not None:
                     figures.append(("step / full finetune step (same call)", f"{ratio:.3f}"))
                 for fig, val in figures:

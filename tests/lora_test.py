@@ -117,6 +117,36 @@ def test_fresh_adapters_change_nothing_and_merged_equals_unmerged():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_backward_keeps_no_copy_of_the_frozen_weights(scan, capsys):
+    """With full remat and a bf16 base, what the backward keeps from the forward is each
+    block's input, never a per-layer slice of the stacked weights (a copy of the whole base:
+    it cost 12 GiB on MPT-7B)."""
+    import jax.numpy as jnp
+
+    from mpt_jax.model import MPTForCausalLM
+
+    model = MPTForCausalLM(CFG, rngs=nnx.Rngs(0), lora=LORA, param_dtype=jnp.bfloat16,
+                           dtype=jnp.bfloat16, remat_policy="full", scan_layers=scan)
+    graphdef, state = nnx.split(model, nnx.Param)
+    adapters, frozen = lora_lib.split(nnx.to_pure_dict(state))
+    ids = jnp.asarray(_ids())
+
+    def loss(adapters, frozen):
+        nnx.replace_by_pure_dict(state, lora_lib.join(adapters, frozen))
+        h, _ = nnx.merge(graphdef, state).hidden_states(ids)
+        return jnp.sum(h.astype(jnp.float32))
+
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(loss, adapters, frozen)
+    saved = [line for line in capsys.readouterr().out.splitlines()
+             if line and "from the argument" not in line]
+    d, f = CFG.d_model, CFG.d_model * 4
+    weights = [f"bf16[{a},{b}]" for a, b in ((d, 3 * d), (d, d), (d, f), (f, d))]
+    weights += [w.replace("bf16[", "bf16[1,") for w in weights]
+    assert saved and not [line for line in saved if line.split()[0] in weights], saved
+
+
 def test_gate_proj_adapter_on_a_glu_model_merges():
     cfg = tiny(d_model=40, n_heads=4, vocab_size=384, max_seq_len=T,
                ffn_config=FFNConfig(ffn_type="mptglu"))

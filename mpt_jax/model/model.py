@@ -478,14 +478,20 @@ class MPTForCausalLM(nnx.Module):
         graphdef, stacked = nnx.split(self.blocks)
         dtype = self.dtype
 
-        def layer(x, pending, layer_state, cache_kv, key):
+        def layer(x, pending, layer_state, cache_kv, key, index):
+            # index: layer `index` of the stacked weights, sliced here, inside the remat, so
+            # the backward keeps the stacked weights it already holds rather than a copy of
+            # every layer's slice (bf16 weights feed the matmuls uncast: each slice would be
+            # a buffer of its own, live from the forward to the backward).
+            if index is not None:
+                layer_state = jax.tree.map(lambda a: a[index], layer_state)
             return nnx.merge(graphdef, layer_state)(x, pending, ctx, cache_kv, key, dtype=dtype)
 
         policy = REMAT_POLICIES[self.remat_policy]
         if policy == "full":
-            layer = jax.checkpoint(layer)
+            layer = jax.checkpoint(layer, static_argnums=(5,))
         elif policy is not None:
-            layer = jax.checkpoint(layer, policy=policy)
+            layer = jax.checkpoint(layer, policy=policy, static_argnums=(5,))
 
         pending = None  # nothing for the first block's norm kernel to add
         if layers is None and self.scan_layers:
@@ -493,7 +499,7 @@ class MPTForCausalLM(nnx.Module):
                 pending = jnp.zeros_like(x_btd)
 
             def body(carry, xs):
-                x, p, kv = layer(*carry, *xs)
+                x, p, kv = layer(*carry, *xs, None)
                 return (x, p), kv
 
             cache_xs = None if cache is None else (cache.k, cache.v)
@@ -503,15 +509,16 @@ class MPTForCausalLM(nnx.Module):
         n = self.config.n_layers
         per_layer = layers is not None  # the caller's per-layer weights and caches
         caches = cache
-        if not per_layer:  # unrolled over the stacked weights and cache
-            layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
+        if not per_layer:  # unrolled over the stacked weights (sliced inside `layer`) and cache
+            layers = [stacked] * n
             if cache is not None:
                 caches = [jax.tree.map(lambda a, i=i: a[i], (cache.k, cache.v)) for i in range(n)]
         new_kv = []
         for i, layer_state in enumerate(layers):
             x_btd, pending, kv = layer(x_btd, pending, layer_state,
                                        None if caches is None else caches[i],
-                                       None if keys is None else keys[i])
+                                       None if keys is None else keys[i],
+                                       None if per_layer else i)
             new_kv.append(kv)
         if cache is None:
             return x_btd, pending, None
