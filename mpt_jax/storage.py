@@ -300,30 +300,33 @@ def rmtree(path: str) -> None:
 
 
 class AppendLog:
-    """A text file that grows line by line (metrics.jsonl). Locally: appended and flushed. On
-    an object store, which cannot append: the lines are kept and the whole object is
-    rewritten on each `flush` (one upload: readers see a complete file of the flushed lines);
-    the object's earlier lines are read back first, so a resumed run continues it."""
+    """A file that grows record by record (metrics.jsonl lines, TensorBoard events: `binary`).
+    Locally: appended and flushed. On an object store, which cannot append: the records are
+    kept and the whole object is rewritten on each `flush` (one upload: readers see a complete
+    file of the flushed records); the object's earlier records are read back first, so a
+    resumed run continues it."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, binary: bool = False):
         self.path = path
+        self._empty = b"" if binary else ""
         if is_remote(path):
-            self._lines = [read_text(path)] if exists(path) else []
+            earlier = (read_bytes(path) if binary else read_text(path)) if exists(path) else None
+            self._records = [] if earlier is None else [earlier]
             self._fh = None
         else:
-            self._fh = open(path, "a")  # noqa: SIM115  (held open across writes)
+            self._fh = open(path, "ab" if binary else "a")  # noqa: SIM115  (held open)
 
-    def write(self, line: str) -> None:
+    def write(self, record) -> None:
         if self._fh is not None:
-            self._fh.write(line)
+            self._fh.write(record)
         else:
-            self._lines.append(line)
+            self._records.append(record)
 
     def flush(self) -> None:
         if self._fh is not None:
             self._fh.flush()
         else:
-            write_atomic(self.path, "".join(self._lines))
+            write_atomic(self.path, self._empty.join(self._records))
 
     def close(self) -> None:
         if self._fh is not None:

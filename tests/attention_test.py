@@ -277,12 +277,12 @@ def test_packed_qkv_matches_reference(h, kvh, t, d, segments):
     takes = flash_gpu.takes_packed(t, d, qkv.dtype)
     assert takes == (t % 64 == 0)
     fn = ker if takes else public
-    out = fn(qkv)
+    out = jax.jit(fn)(qkv)
     assert _rel(out, ref(qkv)) < 1e-5
-    got = jax.grad(lambda x: jnp.sum(fn(x) * ct))(qkv)
+    got = jax.jit(jax.grad(lambda x: jnp.sum(fn(x) * ct)))(qkv)
     assert got.shape == qkv.shape and _rel(got, want) < 1e-5
     if takes:  # the public entry runs that same kernel
-        np.testing.assert_array_equal(public(qkv), out)
+        np.testing.assert_array_equal(jax.jit(public)(qkv), out)
     else:
         with pytest.raises(ValueError, match=f"T={t}, D={d}"):
             ker(qkv)

@@ -64,7 +64,7 @@ class MetricWriter:
     """Appends JSON lines to WORKDIR/metrics.jsonl and scalars to TensorBoard (WORKDIR/tb).
     Only the writing process (process 0) writes; the others get a no-op writer. On gs:// /
     s3:// (no appends there) each write rewrites metrics.jsonl whole in one upload
-    (storage.AppendLog), and tensorboardX uploads its event file itself."""
+    (storage.AppendLog), and the event file likewise (train/tensorboard.py)."""
 
     def __init__(self, workdir: str, *, enabled: bool):
         self.enabled = enabled
@@ -72,9 +72,9 @@ class MetricWriter:
         if enabled:
             storage.makedirs(workdir)
             self._jsonl = storage.AppendLog(storage.join(workdir, "metrics.jsonl"))
-            from tensorboardX import SummaryWriter
+            from mpt_jax.train.tensorboard import EventWriter
 
-            self._tb = SummaryWriter(storage.join(workdir, "tb"))
+            self._tb = EventWriter(storage.join(workdir, "tb"))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -82,12 +82,13 @@ class MetricWriter:
         row = {"step": int(step), **values, "time": time.time()}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
+        scalars = {}
         for key, value in values.items():
-            scalars = ({f"{key}/{k}": v for k, v in value.items()} if isinstance(value, dict)
+            entries = ({f"{key}/{k}": v for k, v in value.items()} if isinstance(value, dict)
                        else {key: value})  # a dict (data_epochs) -> one scalar per entry
-            for name, scalar in scalars.items():
-                if isinstance(scalar, (int, float)):
-                    self._tb.add_scalar(name, scalar, int(step))
+            scalars.update({name: v for name, v in entries.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        self._tb.add_scalars(int(step), scalars)
 
     def close(self) -> None:
         if self.enabled:
