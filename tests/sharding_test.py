@@ -10,6 +10,7 @@ import textwrap
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import subprocess_env
 from mpt_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,8 +237,7 @@ def test_configured_rules_reach_activations_and_kernels():
     """mesh.rules with batch -> data only on a data=2 x fsdp=4 mesh: the traced train step
     constrains its micro-batches and block outputs to ('data', ...) and runs the attention
     kernel per shard of 'data' alone, never ('data', 'fsdp') as DEFAULT_RULES would."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env(n_devices=8)
     out = subprocess.run([sys.executable, "-c", RULES_SCRIPT], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
