@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill_chunks", type=int, default=1,
                     help="prefill calls between two decode steps (admits prompt bursts sooner; "
                          "running decodes wait that many chunks)")
+    ap.add_argument("--prefill_catch_up", type=int, default=1, choices=(0, 1),
+                    help="1: one chunk more in a step where another request waits and a slot "
+                         "is free for it (idle slots catch up sooner)")
     ap.add_argument("--decode_steps", type=int, default=1,
                     help="decode steps per device call while no prompt waits (tokens then "
                          "stream in groups of this many)")
@@ -142,6 +145,7 @@ def main(argv=None) -> int:
         del model, loaded  # the generator keeps per-layer copies of the weights
         engine = Engine(gen, tok, max_batch=args.max_batch, max_seq_len=max_seq_len,
                         prefill_chunk=args.prefill_chunk, prefill_chunks=args.prefill_chunks,
+                        prefill_catch_up=bool(args.prefill_catch_up),
                         decode_steps=args.decode_steps,
                         max_queue=args.max_queue, eos_id=eos_id, top_logprobs=args.top_logprobs,
                         metrics=metrics)

@@ -1,7 +1,7 @@
 """Evaluation speed on MPT-7B shapes with random bf16 weights (GPU): `eval.py icl`'s code path,
 our lm-eval backend under lm-eval, lm-eval's own `hf` backend, and perplexity at 65536 tokens.
 
-    python bench/eval.py [--sections icl,harness,hf,ppl] [--examples 2000] [--lm_examples 2000]
+    python bench/eval.py [--sections icl,harness,floor,hf,ppl] [--examples 2000] [--lm_examples 2000]
         [--tokenizer PATH] [--batch_tokens 32768] [--hf_batch 32] [--ppl_len 65536] [--size 7b]
         [--results bench/RESULTS.md --card H200 --commit abc1234]
 
@@ -11,6 +11,8 @@ Each section runs alone in a subprocess (its own peak memory; an OOM loses only 
            --lm_examples; run twice, the second run timed (the first compiles)
   harness  our `mpt_jax` lm-eval model under lm_eval.simple_evaluate on the same documents as
            lm-eval tasks (10-shot multiple choice, 0-shot loglikelihood); twice, the second timed
+  floor    lm-eval's own time on those tasks: a model that answers every request at once
+           (no backend under lm-eval can be faster; hf's time over it bounds the speedup)
   hf       lm-eval's `hf` model (transformers' MptForCausalLM, bf16, random weights made on the
            GPU) on the same lm-eval tasks, batch --hf_batch; once (nothing to compile)
   ppl      perplexity of one window of --ppl_len tokens (the scoring core's flat path, as
@@ -197,6 +199,46 @@ def section_harness(w: str, args) -> dict:
     return {**out, **_jax_device()}
 
 
+def section_floor(w: str, args) -> dict:
+    """lm-eval's own time on the same tasks: a model that answers every request at once (its
+    tokenizer is ours, so the requests are built as for our backend). No backend under
+    lm-eval can take less, so hf's time over this bounds any backend's speedup over hf."""
+    from lm_eval.api.model import TemplateLM
+
+    from mpt_jax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(w)
+    eos = _eos(tok)
+
+    class Instant(TemplateLM):
+        @property
+        def eot_token_id(self):
+            return eos
+
+        @property
+        def prefix_token_id(self):
+            return eos
+
+        def tok_encode(self, string, **kwargs):
+            return tok.encode(string, add_special_tokens=False).ids
+
+        def _loglikelihood_tokens(self, requests, **kwargs):
+            return [(-float(len(cont)), False) for _, _, cont in requests]
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            return [-1.0 for _ in requests]
+
+        def generate_until(self, requests, disable_tqdm=False):
+            return ["" for _ in requests]
+
+    lm = Instant()
+    out = {}
+    for name, n in (("mc", args.examples), ("lm", args.lm_examples)):
+        times = [_lm_eval_run(lm, w, f"bench_{name}") for _ in range(2)]
+        out[name] = {"examples": n, "s": times[1], "examples_per_s": n / times[1]}
+    return out
+
+
 def section_hf(w: str, args) -> dict:
     import torch
     import transformers
@@ -245,7 +287,8 @@ def section_ppl(w: str, args) -> dict:
             "tokens_per_s": args.ppl_len / times[1], "loss": loss, **_jax_device()}
 
 
-SECTIONS = {"icl": section_icl, "harness": section_harness, "hf": section_hf, "ppl": section_ppl}
+SECTIONS = {"icl": section_icl, "harness": section_harness, "floor": section_floor,
+            "hf": section_hf, "ppl": section_ppl}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +316,15 @@ def _rows(results: dict, args) -> list[tuple[str, str, str]]:
                     x = results[sec][task]["examples_per_s"] / results["hf"][task]["examples_per_s"]
                     rows.append((f"eval {names[sec]} {task} vs lm-eval hf ({shape})", "speedup",
                                  f"{x:.2f}x"))
+    r, hf = results.get("floor"), results.get("hf")
+    if r and "error" not in r:
+        for task in ("mc", "lm"):
+            rows.append((f"eval lm-eval's own time (an instant model) {task} ({shape})",
+                         "examples/s", f"{r[task]['examples_per_s']:.1f}"))
+            if hf and "error" not in hf:
+                rows.append((f"eval lm-eval's own time {task} ({shape})",
+                             "the most any lm-eval backend can be over hf (hf s / this s)",
+                             f"{hf[task]['s'] / r[task]['s']:.2f}x"))
     r = results.get("ppl")
     if r and "error" not in r:
         name = f"eval perplexity MPT-{args.size} random bf16, one {r['tokens']}-token window"
@@ -283,7 +335,7 @@ def _rows(results: dict, args) -> list[tuple[str, str, str]]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", default="icl,harness,hf,ppl")
+    ap.add_argument("--sections", default="icl,harness,floor,hf,ppl")
     ap.add_argument("--examples", type=int, default=2000, help="multiple-choice questions")
     ap.add_argument("--lm_examples", type=int, default=2000, help="language-modeling examples")
     ap.add_argument("--tokenizer", default=None)

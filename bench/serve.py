@@ -22,7 +22,12 @@ it measured):
             throughput (generated tokens / (last finish - first arrival)), TTFT and
             inter-token latency p50 / p99 (engine side: arrival to first token, gaps between
             a choice's tokens), mean streams decoding, and the ratio of throughput at C to
-            static decode tokens/s at B = C (goal >= 0.9 at 64).
+            static decode tokens/s at B = C (goal >= 0.9 at 64). Also the steady state:
+            tokens/s from the moment C requests are first open to the last submission (C
+            stay open all along; the ramp and the drain left out), over static decode
+            tokens/s and over static tokens/s with the prefill counted (the same prompts and
+            lengths as one batch: what the engine's work, prefills included, costs statically).
+            --prefill_catch_up 0,1 runs the levels on an engine of each setting.
 Without --no_http the load section goes through the OpenAI HTTP server instead (uvicorn on
 127.0.0.1 in this process, httpx streaming clients; TTFT / inter-token measured by the client
 on the streamed chunks).
@@ -95,7 +100,10 @@ class _Latencies(EngineMetrics):
     """The engine's own TTFT / inter-token observations (its thread appends)."""
 
     def __init__(self):
-        self.ttft, self.itl = [], []
+        self.ttft, self.itl, self.token_times = [], [], []
+
+    def tokens(self, n):
+        self.token_times.append((time.perf_counter(), n))
 
     def first_token(self, seconds):
         self.ttft.append(seconds)
@@ -200,9 +208,11 @@ def run_load_engine(engine: Engine, lat: _Latencies, work, arrive, c: int) -> di
     """Submits each request at its arrival time (or when one of the C open ones ends)."""
     lat.ttft.clear()
     lat.itl.clear()
+    lat.token_times.clear()
     handles, open_ = [], []
     t0 = time.perf_counter()
     i = 0
+    saturated = last_submit = None  # when C were first open; the last submission
     while i < len(work) or open_:
         now = time.perf_counter() - t0
         open_ = [h for h in open_ if not h.finished]
@@ -212,6 +222,9 @@ def run_load_engine(engine: Engine, lat: _Latencies, work, arrive, c: int) -> di
             handles.append(h)
             open_.append(h)
             i += 1
+            last_submit = time.perf_counter()
+            if saturated is None and len(open_) == c:
+                saturated = last_submit
         # Sleep to the next arrival (2 ms at most while capped): polling must not take the
         # engine thread's interpreter time.
         wait = arrive[i] - now if i < len(work) and len(open_) < c else 0.002
@@ -223,8 +236,15 @@ def run_load_engine(engine: Engine, lat: _Latencies, work, arrive, c: int) -> di
     first = min(h.arrival for h in handles)
     last = max(h.finished_at for h in handles)
     busy = sum(h.finished_at - h.first_token_at for h in handles)
-    return {"tokens": done_tokens, "wall_s": last - first, "ttft": list(lat.ttft),
-            "itl": list(lat.itl), "mean_streams": busy / (last - first)}
+    out = {"tokens": done_tokens, "wall_s": last - first, "ttft": list(lat.ttft),
+           "itl": list(lat.itl), "mean_streams": busy / (last - first)}
+    # Steady state: from the moment C requests were first open to the last submission (C
+    # stay open throughout: a finished one is replaced at once), without the ramp and drain.
+    if saturated is not None and last_submit - saturated > 1.0:
+        steady = sum(n for t, n in lat.token_times if saturated <= t <= last_submit)
+        out["steady_s"] = last_submit - saturated
+        out["steady_tokens_per_s"] = steady / out["steady_s"]
+    return out
 
 
 def run_load_http(url: str, work, arrive, c: int) -> dict:
@@ -302,9 +322,16 @@ def summarize(c: int, m: dict, static: dict | None, rate: float, n: int) -> dict
          "ttft_p50_ms": _pct(m["ttft"], 50) * 1e3, "ttft_p99_ms": _pct(m["ttft"], 99) * 1e3,
          "itl_p50_ms": _pct(m["itl"], 50) * 1e3, "itl_p99_ms": _pct(m["itl"], 99) * 1e3}
     r["itl_p99_over_p50"] = r["itl_p99_ms"] / r["itl_p50_ms"]
+    if "steady_tokens_per_s" in m:
+        r["steady_s"], r["steady_tokens_per_s"] = m["steady_s"], m["steady_tokens_per_s"]
     if static is not None:
         r["static_decode_tokens_per_s"] = static["decode_tokens_per_s"]
         r["ratio_to_static_decode"] = r["tokens_per_s"] / static["decode_tokens_per_s"]
+        r["static_tokens_per_s"] = static["tokens_per_s"]  # prefill included
+        if "steady_tokens_per_s" in r:
+            r["steady_ratio_to_static_decode"] = (r["steady_tokens_per_s"]
+                                                  / static["decode_tokens_per_s"])
+            r["steady_ratio_to_static"] = r["steady_tokens_per_s"] / static["tokens_per_s"]
     return r
 
 
@@ -325,6 +352,9 @@ def main() -> int:
     ap.add_argument("--prefill_chunk", type=int, default=256)
     ap.add_argument("--prefill_chunks", type=int, default=1,
                     help="prefill calls between decode steps (serve.py's flag)")
+    ap.add_argument("--prefill_catch_up", default="1",
+                    help="serve.py's flag; a comma list (e.g. 0,1) runs the load levels once "
+                         "per value, each on its own engine")
     ap.add_argument("--decode_steps", type=int, default=1,
                     help="engine decode steps per call while no prompt waits (serve.py's flag)")
     ap.add_argument("--rate_factor", type=float, default=1.2,
@@ -386,11 +416,12 @@ def main() -> int:
                              args.reps,
                              None if s1 is None else s1["decode_ms_per_step"]))
 
-    if streams:
+    catch_ups = [int(x) for x in args.prefill_catch_up.split(",") if x]
+    for catch_up in catch_ups if streams else []:
         lat = _Latencies()
         engine = Engine(gen, tok, max_batch=args.max_batch, max_seq_len=max_seq_len,
                         prefill_chunk=args.prefill_chunk, prefill_chunks=args.prefill_chunks,
-                        decode_steps=args.decode_steps,
+                        prefill_catch_up=bool(catch_up), decode_steps=args.decode_steps,
                         eos_id=None, max_queue=10**6,
                         metrics=lat)
         url = server = None
@@ -402,7 +433,8 @@ def main() -> int:
             secs = warm(engine, cfg.vocab_size)
             c0 = slots_lib.backend_compiles()
             print(f"# load engine: {args.max_batch} slots x {max_seq_len}, chunk "
-                  f"{engine.chunk}, compiled in {secs:.1f}s", flush=True)
+                  f"{engine.chunk}, prefill_catch_up {catch_up}, compiled in {secs:.1f}s",
+                  flush=True)
             for c in streams:
                 n = math.ceil(args.scale * max(8, 3 * c))
                 work = _workload(n, (p_lo, p_hi), (n_lo, n_hi), cfg.vocab_size, seed=c)
@@ -413,7 +445,7 @@ def main() -> int:
                 arrive = _arrivals(n, rate, seed=c)
                 m = (run_load_engine(engine, lat, work, arrive, c) if args.no_http
                      else run_load_http(url, work, arrive, c))
-                report(summarize(c, m, st, rate, n))
+                report({**summarize(c, m, st, rate, n), "prefill_catch_up": catch_up})
         finally:
             if server is not None:
                 server[0].should_exit = True
@@ -432,7 +464,8 @@ def main() -> int:
         if r["section"] == "static":
             name = f"serve static generate B={r['batch']} prompt={r['prompt']} new={r['new']}"
             rows += [(name, "decode ms/step", f"{r['decode_ms_per_step']:.2f}"),
-                     (name, "decode tokens/s", f"{r['decode_tokens_per_s']:.0f}")]
+                     (name, "decode tokens/s", f"{r['decode_tokens_per_s']:.0f}"),
+                     (name, "tokens/s with prefill", f"{r['tokens_per_s']:.0f}")]
         elif r["section"] == "latency":
             name = (f"serve engine 1 stream (max_batch 1, decode_steps {args.decode_steps}) "
                     f"prompt={r['prompt']} new={r['new']}")
@@ -445,6 +478,7 @@ def main() -> int:
                         "closed loop" else "closed loop")
             name = (f"serve {mode} {r['streams']} streams max_batch {args.max_batch} "
                     f"decode_steps {args.decode_steps} prefill_chunks {args.prefill_chunks} "
+                    f"catch_up {r['prefill_catch_up']} "
                     f"{arrivals} {r['requests']} requests {shape}")
             rows += [(name, "tokens/s", f"{r['tokens_per_s']:.0f}"),
                      (name, "TTFT p50 / p99 ms", (f"{r['ttft_p50_ms']:.0f} / "
@@ -454,6 +488,14 @@ def main() -> int:
             if "ratio_to_static_decode" in r:
                 rows.append((name, "tokens/s over static decode tokens/s",
                              f"{r['ratio_to_static_decode']:.2f}"))
+            if "steady_tokens_per_s" in r:
+                rows.append((name, f"steady-state tokens/s ({r['steady_s']:.1f} s with "
+                             f"{r['streams']} open)", f"{r['steady_tokens_per_s']:.0f}"))
+            if "steady_ratio_to_static" in r:
+                rows.append((name, "steady tokens/s over static decode tokens/s / over "
+                             "static tokens/s with prefill",
+                             f"{r['steady_ratio_to_static_decode']:.2f} / "
+                             f"{r['steady_ratio_to_static']:.2f}"))
         elif r["section"] == "compilations_after_warm_up":
             rows.append((f"serve {mode} load", "compilations after warm-up", str(r["count"])))
     lines = [f"| {date} | {n} | {fig} | {v} | {card} | {args.commit} |" for n, fig, v in rows]

@@ -376,3 +376,43 @@ def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch, per
     assert trace[first:first + len(expect)] == expect, trace
     running.result(timeout=60)
     assert running.error is None and len(running.choices[0].token_ids) == 30
+
+
+@pytest.mark.parametrize("catch_up", [True, False])
+def test_a_second_waiting_prompt_with_a_free_slot_adds_a_chunk(served, monkeypatch, catch_up):
+    """prefill_catch_up: while another prompt waits with a slot free for it, an iteration
+    prefills one chunk more (those slots decode nothing until their prompts are in); the last
+    prompt alone goes back to prefill_chunks a step."""
+    engine = served["engine"]
+    monkeypatch.setattr(engine, "prefill_chunks", 1)
+    monkeypatch.setattr(engine, "prefill_catch_up", catch_up)
+    calls = []
+    real_prefill, real_decode = engine._prefill_chunk, engine._decode
+
+    def prefill(job):
+        calls.append("P")
+        return real_prefill(job)
+
+    def decode():
+        calls.append("D")
+        return real_decode()
+
+    monkeypatch.setattr(engine, "_prefill_chunk", prefill)
+    monkeypatch.setattr(engine, "_decode", decode)
+    slow_engine(engine, monkeypatch, 0.01)
+    running = engine.submit([1, 2, 3], RequestParams(max_tokens=40, temperature=0.0))
+    wait_for(lambda: running.choices[0].token_ids)
+    calls.clear()
+    with engine._lock:  # both queued before the engine looks (its lock is reentrant for us)
+        a = engine.submit(_prompts(12, [30])[0], RequestParams(max_tokens=2, temperature=0.0))
+        b = engine.submit(_prompts(13, [30])[0], RequestParams(max_tokens=2, temperature=0.0))
+    a.result(timeout=60)
+    b.result(timeout=60)
+    trace = "".join(calls)
+    first = trace.index("P")
+    # 30 tokens = 4 chunks of 8 each: a's two at a time while b waits, then b's one at a time
+    expect = "PPDPPD" + "PD" * 4 if catch_up else "PD" * 8
+    assert trace[first:first + len(expect)] == expect, trace
+    for h in (a, b, running):
+        assert h.error is None
+    running.result(timeout=60)

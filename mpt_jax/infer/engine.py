@@ -12,8 +12,10 @@ One thread (the engine's) owns the device. Each iteration it
   1. applies cancellations (a disconnected client frees its slots at once);
   2. dispatches prefill chunks of the requests at the head of the queue, once they have their
      slots (`prefill_chunks` per iteration while anything decodes, 1 by default, so a long
-     prompt delays running decodes by that many chunks' time at most; back to back when
-     nothing decodes). After the last
+     prompt delays running decodes by that many chunks' time at most; one more while a
+     second request waits with a slot free for it (`prefill_catch_up`: prompts then arrive
+     faster than one chunk a step can take them, and the free slots decode nothing); back to
+     back when nothing decodes). After the last
      chunk it admits the request: first tokens sampled, parameters set, and for n > 1 the
      prefilled cache row copied into the other choices' slots (the prompt runs once);
   3. dispatches one decode step over all slots (`decode_steps` steps in one call while
@@ -127,6 +129,8 @@ class Engine:
     prefill_chunk: prompt tokens per prefill call. prefill_chunks: prefill calls between two
     decode steps while anything decodes (vLLM's token budget per step, in chunks: more admits
     a burst of long prompts sooner, each running decode then waits that many chunks).
+    prefill_catch_up: one chunk more in an iteration where another request waits and a slot
+    is free for it (idle slots waiting on the prefill); False: always prefill_chunks.
     decode_steps: decode steps per call while
     no prompt waits (1 streams every token as it comes). max_queue: requests waiting for slots
     before `submit` raises QueueFull. eos_id: ends every request (None: none). top_logprobs:
@@ -135,7 +139,8 @@ class Engine:
 
     def __init__(self, generator: Generator, tokenizer, *, max_batch: int = 64,
                  max_seq_len: int | None = None, prefill_chunk: int = 256,
-                 prefill_chunks: int = 1, decode_steps: int = 1, max_queue: int = 256,
+                 prefill_chunks: int = 1, prefill_catch_up: bool = True,
+                 decode_steps: int = 1, max_queue: int = 256,
                  eos_id: int | None = None, top_logprobs: int = 20,
                  metrics: EngineMetrics | None = None):
         cfg = generator.config
@@ -155,7 +160,7 @@ class Engine:
         self.generator, self.tokenizer, self.config = generator, tokenizer, cfg
         self.max_batch, self.max_seq_len, self.max_queue = max_batch, max_seq_len, max_queue
         self.decode_steps, self.eos_id, self.top_logprobs = decode_steps, eos_id, top_logprobs
-        self.prefill_chunks = prefill_chunks
+        self.prefill_chunks, self.prefill_catch_up = prefill_chunks, bool(prefill_catch_up)
         self.chunk = min(prefill_chunk, max_seq_len)
         # Whole decode-kernel blocks; a prompt chunk never reaches past max_seq_len.
         n_slots = -(-max_seq_len // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S
@@ -338,12 +343,17 @@ class Engine:
             chunks += 1
             if admitted is not None:
                 new.append(admitted)
-            if self._n_decoding and chunks >= self.prefill_chunks:
+            if self._n_decoding and chunks >= self._chunk_budget():
                 break
         if self._n_decoding:
             new.append(self._decode())
         prev, self._inflight = self._inflight, new
         self._process(prev)
+
+    def _chunk_budget(self) -> int:
+        """Prefill chunks this iteration while something decodes (see prefill_catch_up)."""
+        lagging = self.prefill_catch_up and self._waiting and self._free
+        return self.prefill_chunks + (1 if lagging else 0)
 
     def _start_job(self) -> _Job | None:
         with self._lock:
