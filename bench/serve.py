@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import math
 import os
@@ -453,6 +454,8 @@ def main() -> int:
             engine.shutdown(0)
         compiled = slots_lib.backend_compiles() - c0
         report({"section": "compilations_after_warm_up", "count": compiled})
+        del engine, server  # the next engine's pool needs this one's memory (an MPT-7B pool
+        gc.collect()        # of 64 x 2560 slots is 86 GB)
 
     date = time.strftime("%Y-%m-%d")
     mode = "engine" if args.no_http else "HTTP (uvicorn, httpx streams)"
