@@ -48,9 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill_chunks", type=int, default=1,
                     help="prefill calls between two decode steps (admits prompt bursts sooner; "
                          "running decodes wait that many chunks)")
-    ap.add_argument("--prefill_catch_up", type=int, default=1, choices=(0, 1),
+    ap.add_argument("--prefill_catch_up", type=int, default=0, choices=(0, 1),
                     help="1: one chunk more in a step where another request waits and a slot "
-                         "is free for it (idle slots catch up sooner)")
+                         "is free for it (much sooner first tokens under load; a less even "
+                         "token stream)")
     ap.add_argument("--decode_steps", type=int, default=1,
                     help="decode steps per device call while no prompt waits (tokens then "
                          "stream in groups of this many)")

@@ -353,7 +353,7 @@ def main() -> int:
     ap.add_argument("--prefill_chunk", type=int, default=256)
     ap.add_argument("--prefill_chunks", type=int, default=1,
                     help="prefill calls between decode steps (serve.py's flag)")
-    ap.add_argument("--prefill_catch_up", default="1",
+    ap.add_argument("--prefill_catch_up", default="0",
                     help="serve.py's flag; a comma list (e.g. 0,1) runs the load levels once "
                          "per value, each on its own engine")
     ap.add_argument("--decode_steps", type=int, default=1,
@@ -480,7 +480,8 @@ def main() -> int:
             arrivals = (f"Poisson x{args.rate_factor}" if r["arrival_rate_per_s"] !=
                         "closed loop" else "closed loop")
             name = (f"serve {mode} {r['streams']} streams max_batch {args.max_batch} "
-                    f"decode_steps {args.decode_steps} prefill_chunks {args.prefill_chunks} "
+                    f"decode_steps {args.decode_steps} prefill_chunk {args.prefill_chunk} "
+                    f"prefill_chunks {args.prefill_chunks} "
                     f"catch_up {r['prefill_catch_up']} "
                     f"{arrivals} {r['requests']} requests {shape}")
             rows += [(name, "tokens/s", f"{r['tokens_per_s']:.0f}"),
