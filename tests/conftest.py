@@ -14,7 +14,9 @@ import glob
 import json
 import math
 import os
+import shutil
 import sysconfig
+import tempfile
 import textwrap
 import time
 
@@ -233,6 +235,27 @@ def subprocess_env(n_devices: int | None = None) -> dict:
     if n_devices:
         flags += f" --xla_force_host_platform_device_count={n_devices}"
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+
+
+# One persistent XLA compilation cache for the whole session (every xdist worker and every
+# subprocess it starts): the many runs of one tiny config compile its steps once.
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+    if not os.environ.get(_CACHE_ENV):  # (the controller; the workers inherit its choice)
+        os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="mpt_jax_test_xla_cache_")
+        os.environ["MPT_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("MPT_JAX_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)
 
 
 def prepare_small_corpus(out_dir: str) -> str:
