@@ -158,6 +158,31 @@ def warm(engine: Engine, vocab: int) -> float:
     return time.perf_counter() - t0
 
 
+def bench_chunk(engine: Engine, gen: Generator, reps: int) -> dict:
+    """One prefill chunk alone on the engine's pool (the engine stopped): ms per chunk at the
+    start of a slot and deep in it, against Generator's flash prefill of a fresh prompt of the
+    chunk's length at batch 1; TFLOP/s as 2 x parameters x tokens."""
+    pool, vocab = engine.pool, gen.config.vocab_size
+    ids = np.random.RandomState(7).randint(0, vocab, (1, pool.chunk)).astype(np.int32)
+    flops = 2.0 * gen.config.num_params() * pool.chunk
+    r = {"section": "chunk", "chunk": pool.chunk}
+    for name, start in (("start 0", 0), ("start deep", pool.slots - 2 * pool.chunk)):
+        times = []
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            engine._state, logits = slots_lib.prefill_jit(pool, engine._weights, engine._state,
+                                                          ids, 0, start, pool.chunk)
+            jax.block_until_ready(logits)
+            if i:
+                times.append(time.perf_counter() - t0)
+        ms = min(times) * 1e3
+        r[f"{name} ms"], r[f"{name} TFLOP/s"] = ms, flops / ms / 1e9
+    st = bench_static(gen, 1, pool.chunk, 2, reps)
+    r["generate prefill ms"] = st["prefill_ms"]
+    r["generate prefill TFLOP/s"] = flops / st["prefill_ms"] / 1e9
+    return r
+
+
 # ---------------------------------------------------------------------------------------------
 # latency: one stream on a one-slot engine
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +386,9 @@ def main() -> int:
     ap.add_argument("--rate_factor", type=float, default=1.2,
                     help="arrival rate over the rate that keeps C streams exactly busy")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--chunk_costs", type=int, default=0,
+                    help="1: after the load levels, time one prefill chunk alone (start and "
+                         "deep in a slot) beside generate's prefill of that many tokens")
     ap.add_argument("--size", default="7b", help="MPTConfig preset, or 'tiny' (CPU smoke run)")
     ap.add_argument("--json", default="")
     ap.add_argument("--results", default="", help="append markdown rows to this RESULTS.md")
@@ -454,6 +482,8 @@ def main() -> int:
             engine.shutdown(0)
         compiled = slots_lib.backend_compiles() - c0
         report({"section": "compilations_after_warm_up", "count": compiled})
+        if args.chunk_costs:
+            report(bench_chunk(engine, gen, args.reps))
         del engine, server  # the next engine's pool needs this one's memory (an MPT-7B pool
         gc.collect()        # of 64 x 2560 slots is 86 GB)
 
@@ -500,6 +530,14 @@ def main() -> int:
                              "static tokens/s with prefill",
                              f"{r['steady_ratio_to_static_decode']:.2f} / "
                              f"{r['steady_ratio_to_static']:.2f}"))
+        elif r["section"] == "chunk":
+            name = f"serve prefill chunk {r['chunk']} alone (MPT-{args.size} random bf16)"
+            rows += [(name, "ms at slot start / deep / generate prefill of as many tokens",
+                      f"{r['start 0 ms']:.2f} / {r['start deep ms']:.2f} / "
+                      f"{r['generate prefill ms']:.2f}"),
+                     (name, "TFLOP/s (2 x params x tokens), same order",
+                      f"{r['start 0 TFLOP/s']:.0f} / {r['start deep TFLOP/s']:.0f} / "
+                      f"{r['generate prefill TFLOP/s']:.0f}")]
         elif r["section"] == "compilations_after_warm_up":
             rows.append((f"serve {mode} load", "compilations after warm-up", str(r["count"])))
     lines = [f"| {date} | {n} | {fig} | {v} | {card} | {args.commit} |" for n, fig, v in rows]
