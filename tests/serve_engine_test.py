@@ -341,13 +341,8 @@ def test_shutdown_finishes_or_cancels_within_the_bound(served, monkeypatch):
     assert long.finished and "shut down" in long.error and len(long.choices[0].token_ids) < 50
 
 
-@pytest.mark.parametrize("per_step", [1, 2])
-def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch, per_step):
-    """While one request decodes, a prompt of 4 chunks is prefilled `prefill_chunks` chunks
-    per iteration, each group followed by a decode step (the running request waits that many
-    chunks at most); with nothing decoding, the chunks run back to back."""
-    engine = served["engine"]
-    monkeypatch.setattr(engine, "prefill_chunks", per_step)
+def _trace_calls(engine, monkeypatch) -> list:
+    """The engine's prefill-chunk ("P") and decode ("D") dispatches, in order, as they happen."""
     calls = []
     real_prefill, real_decode = engine._prefill_chunk, engine._decode
 
@@ -361,6 +356,17 @@ def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch, per
 
     monkeypatch.setattr(engine, "_prefill_chunk", prefill)
     monkeypatch.setattr(engine, "_decode", decode)
+    return calls
+
+
+@pytest.mark.parametrize("per_step", [1, 2])
+def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch, per_step):
+    """While one request decodes, a prompt of 4 chunks is prefilled `prefill_chunks` chunks
+    per iteration, each group followed by a decode step (the running request waits that many
+    chunks at most); with nothing decoding, the chunks run back to back."""
+    engine = served["engine"]
+    monkeypatch.setattr(engine, "prefill_chunks", per_step)
+    calls = _trace_calls(engine, monkeypatch)
     slow_engine(engine, monkeypatch, 0.01)
     alone = engine.submit(_prompts(10, [30])[0], RequestParams(max_tokens=2, temperature=0.0))
     alone.result(timeout=60)
@@ -386,19 +392,7 @@ def test_a_second_waiting_prompt_with_a_free_slot_adds_a_chunk(served, monkeypat
     engine = served["engine"]
     monkeypatch.setattr(engine, "prefill_chunks", 1)
     monkeypatch.setattr(engine, "prefill_catch_up", catch_up)
-    calls = []
-    real_prefill, real_decode = engine._prefill_chunk, engine._decode
-
-    def prefill(job):
-        calls.append("P")
-        return real_prefill(job)
-
-    def decode():
-        calls.append("D")
-        return real_decode()
-
-    monkeypatch.setattr(engine, "_prefill_chunk", prefill)
-    monkeypatch.setattr(engine, "_decode", decode)
+    calls = _trace_calls(engine, monkeypatch)
     slow_engine(engine, monkeypatch, 0.01)
     running = engine.submit([1, 2, 3], RequestParams(max_tokens=40, temperature=0.0))
     wait_for(lambda: running.choices[0].token_ids)
