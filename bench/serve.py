@@ -146,13 +146,14 @@ def bench_static(gen: Generator, b: int, prompt: int, new: int, reps: int) -> di
 
 
 def warm(engine: Engine, vocab: int) -> float:
-    """Compiles what greedy requests run (decode, prefill chunk, admit) with one request of
-    two chunks; `Engine.warm_up` would also compile the top-k / top-p / logprobs step and the
+    """Compiles what greedy requests run (decode, prefill chunks, admit) with one request as
+    long as the context; `Engine.warm_up` would also compile the top-k / top-p / logprobs step and the
     n > 1 cache copy, which these loads never run (minutes of compilation on MPT-7B)."""
     if engine.decode_steps > 1:  # (the one-step decode runs only beside a prefill: all)
         return engine.warm_up()
     t0 = time.perf_counter()
-    ids = np.random.RandomState(0).randint(0, vocab, engine.chunk + 1).tolist()
+    # A prompt of the whole context: its chunks attend over every span the pool compiles.
+    ids = np.random.RandomState(0).randint(0, vocab, engine.max_seq_len - 2).tolist()
     h = engine.submit(ids, RequestParams(max_tokens=2, temperature=0.0)).result(timeout=900)
     assert h.error is None, h.error
     return time.perf_counter() - t0
@@ -171,7 +172,8 @@ def bench_chunk(engine: Engine, gen: Generator, reps: int) -> dict:
         for i in range(reps + 1):
             t0 = time.perf_counter()
             engine._state, logits = slots_lib.prefill_jit(pool, engine._weights, engine._state,
-                                                          ids, 0, start, pool.chunk)
+                                                          ids, 0, start, pool.chunk,
+                                                          pool.span_for(start + pool.chunk))
             jax.block_until_ready(logits)
             if i:
                 times.append(time.perf_counter() - t0)

@@ -55,6 +55,20 @@ def _prompts(seed, lengths):
 # ---------------------------------------------------------------------------------------------
 # The pieces
 # ---------------------------------------------------------------------------------------------
+def test_chunk_spans_double_up_to_the_slot():
+    """A chunk attends over the shortest span holding the prompt so far: chunk x 1, 2, 4, ...
+    then the whole slot; past the slot is an error."""
+    from mpt_jax.infer.slots import Pool
+
+    pool = Pool(None, batch=2, slots=2560, chunk=256, top_n=0, n_stop=1)
+    assert pool.spans == (256, 512, 1024, 2048, 2560)
+    assert [pool.span_for(e) for e in (1, 256, 257, 1024, 2049, 2560)] == [
+        256, 256, 512, 1024, 2560, 2560]
+    assert Pool(None, 1, 64, 64, 0, 1).spans == (64,)
+    with pytest.raises(ValueError, match="past the slot"):
+        pool.span_for(2561)
+
+
 def test_chunk_plan_covers_the_prompt_without_padding_past_it():
     assert chunk_plan(5, 8) == [(0, 5)]
     assert chunk_plan(8, 8) == [(0, 8)]
@@ -267,7 +281,9 @@ def test_a_failing_request_leaves_the_others(served, monkeypatch):
         return real(seq, *args)
 
     monkeypatch.setattr(engine, "_on_token", on_token)
-    handles += [engine.submit(p, RequestParams(max_tokens=8, temperature=0.0)) for p in prompts]
+    with engine._lock:  # all three listed before the engine sees any (its lock is reentrant)
+        handles += [engine.submit(p, RequestParams(max_tokens=8, temperature=0.0))
+                    for p in prompts]
     for h in handles:
         h.result(timeout=120)
     assert handles[1].error == "RuntimeError: boom" and len(handles[1].choices[0].token_ids) == 3

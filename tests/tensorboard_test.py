@@ -16,7 +16,8 @@ def _frames(path):
         c = google_crc32c.value(data)
         return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
-    raw = open(path, "rb").read()
+    with open(path, "rb") as fh:
+        raw = fh.read()
     out, i = [], 0
     while i < len(raw):
         head = raw[i:i + 8]

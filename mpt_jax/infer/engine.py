@@ -279,8 +279,9 @@ class Engine:
                     self._state, out, _ = slots_lib.decode_jit(pool, self._weights, self._state,
                                                                self._owned_dev, k, full)
             ids = np.zeros((1, self.chunk), np.int32)
-            self._state, logits = slots_lib.prefill_jit(pool, self._weights, self._state, ids,
-                                                        0, 0, 1)
+            for span in pool.spans:  # (slot 0 is free: what lands there is overwritten)
+                self._state, logits = slots_lib.prefill_jit(
+                    pool, self._weights, self._state, ids, 0, span - self.chunk, 1, span)
             self._state, out, _ = slots_lib.admit_jit(pool, self._state, logits,
                                                       slots_lib.empty_rows(pool))
             self._state = slots_lib.copy_jit(pool, self._state, 0, 0)
@@ -372,7 +373,8 @@ class Engine:
         ids = np.zeros((1, self.chunk), np.int32)
         ids[0, :n_valid] = job.handle.prompt_ids[start:start + n_valid]
         self._state, logits = slots_lib.prefill_jit(self.pool, self._weights, self._state, ids,
-                                                    job.slots[0], start, n_valid)
+                                                    job.slots[0], start, n_valid,
+                                                    self.pool.span_for(start + self.chunk))
         self.stats["prefill_chunks"] += 1
         job.next += 1
         if job.next < len(job.chunks):

@@ -4,15 +4,16 @@ it (engine.py drives them).
     pool = Pool(generator._spec, batch=64, slots=2048, chunk=256, top_n=20, n_stop=8)
     state = init_jit(pool)                                  # zeros: every slot free
     state, out, top = decode_jit(pool, w, state, owned_b, n_steps, full)
-    state, logits_v = prefill_jit(pool, w, state, ids_1c, slot, start, n_valid)
+    state, logits_v = prefill_jit(pool, w, state, ids_1c, slot, start, n_valid, span)
     state, out, top = admit_jit(pool, state, logits_v, rows)
     state = copy_jit(pool, state, src, dst)
 
 Every step runs the Generator's own forward (`_Spec._forward`, the model's `hidden_states`
 over the Generator's per-layer weights `w`), so serving computes what `generate` computes, on
 the same kernels. Shapes are fixed by the pool: a decode step is `[batch, 1]` over every slot,
-a prefill chunk `[1, chunk]` into one slot at a traced position, so serving compiles each step
-once (decode once per (n_steps, full) pair) and never again.
+a prefill chunk `[1, chunk]` into one slot at a traced position, attending over one of a few
+cache spans (`Pool.spans`), so serving compiles each step once (decode once per (n_steps, full)
+pair, a chunk once per span) and never again.
 
 Slot invariants (what makes inactive rows harmless in a step over all of them):
   - a decode step writes each row's `last` token at `pos` and attends up to it. A slot nobody
@@ -86,6 +87,23 @@ class Pool:
     @property
     def rules(self):
         return self.spec.rules
+
+    @property
+    def spans(self) -> tuple[int, ...]:
+        """The cache lengths a prefill chunk attends over: chunk x 1, 2, 4, ... and the whole
+        slot (each its own compilation, all made by warm-up)."""
+        out, n = [], self.chunk
+        while n < self.slots:
+            out.append(n)
+            n *= 2
+        return (*out, self.slots)
+
+    def span_for(self, end: int) -> int:
+        """The shortest span holding cache positions [0, end)."""
+        for n in self.spans:
+            if n >= end:
+                return n
+        raise ValueError(f"a chunk ending at {end} is past the slot's {self.slots} positions")
 
 
 class SlotState(NamedTuple):
@@ -244,19 +262,22 @@ def _decode_impl(pool: Pool, w, state: SlotState, owned_b, n_steps: int, full: b
 
 @_under_rules
 @_traced("prefill")
-def _prefill_impl(pool: Pool, w, state: SlotState, ids_1c, slot, start, n_valid):
+def _prefill_impl(pool: Pool, w, state: SlotState, ids_1c, slot, start, n_valid, span: int):
     """One chunk of a prompt into slot `slot` at position `start` (the chunk's first n_valid
     tokens are real; the rest is padding, after them); -> state, the float32 logits `[V]`
-    after the chunk's last real token."""
+    after the chunk's last real token. The chunk attends over the slot's first `span` cache
+    positions (static, `pool.span_for(start + chunk)`): its attention, scores over every
+    position it covers, then costs what the prompt so far needs, not the whole slot."""
     def row(a):
-        return jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0)
+        return jax.lax.slice_in_dim(jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), 0, span,
+                                    axis=2)
 
     rows = tuple((row(k), row(v)) for k, v in state.cache)
     logits_1v, rows = pool.spec._forward(w, ids_1c, None, rows, start, "decode",
                                          at=n_valid - 1)
 
     def put(a, r):
-        return jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=0)
+        return jax.lax.dynamic_update_slice(a, r, (slot, 0, 0, 0))
 
     cache = tuple((put(k, rk), put(v, rv)) for (k, v), (rk, rv) in zip(state.cache, rows))
     # An interleaved decode step writes this slot's garbage where the next chunk starts; the
@@ -314,6 +335,6 @@ def _copy_impl(pool: Pool, state: SlotState, src, dst):
 
 init_jit = jax.jit(_init_impl, static_argnums=(0,))
 decode_jit = jax.jit(_decode_impl, static_argnums=(0, 4, 5), donate_argnums=(2,))
-prefill_jit = jax.jit(_prefill_impl, static_argnums=(0,), donate_argnums=(2,))
+prefill_jit = jax.jit(_prefill_impl, static_argnums=(0, 7), donate_argnums=(2,))
 admit_jit = jax.jit(_admit_impl, static_argnums=(0,), donate_argnums=(1,))
 copy_jit = jax.jit(_copy_impl, static_argnums=(0,), donate_argnums=(1,))
