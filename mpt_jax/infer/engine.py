@@ -131,8 +131,8 @@ class Engine:
     a burst of long prompts sooner, each running decode then waits that many chunks).
     prefill_catch_up: one chunk more in an iteration where another request waits and a slot
     is free for it (idle slots waiting on the prefill). On MPT-7B at 64 streams (H200,
-    bench/RESULTS.md) it cut TTFT p50 from 909 to 280 ms and raised steady tokens/s 5%, but
-    inter-token p99 / p50 went from 1.10 to 1.53; off by default for the steadier stream.
+    bench/RESULTS.md) it cut TTFT p50 from 752 to 209 ms and raised steady tokens/s 6%, but
+    inter-token p99 / p50 went from 1.29 to 1.81; off by default for the steadier stream.
     decode_steps: decode steps per call while
     no prompt waits (1 streams every token as it comes). max_queue: requests waiting for slots
     before `submit` raises QueueFull. eos_id: ends every request (None: none). top_logprobs:
