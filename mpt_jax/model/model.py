@@ -481,8 +481,11 @@ class MPTForCausalLM(nnx.Module):
         def layer(x, pending, layer_state, cache_kv, key, index):
             # index: layer `index` of the stacked weights, sliced here, inside the remat, so
             # the backward keeps the stacked weights it already holds rather than a copy of
-            # every layer's slice (bf16 weights feed the matmuls uncast: each slice would be
-            # a buffer of its own, live from the forward to the backward).
+            # every layer's slice. That matters where weights feed the matmuls uncast (a bf16
+            # base at bf16 compute: each slice a buffer of its own, live from the forward to
+            # the backward: 12 GiB on MPT-7B); weights cast to the compute dtype are sliced
+            # outside, where XLA fuses the slice into the cast (MPT-1B's fp32 step: 3.6%
+            # faster so, bench/RESULTS.md).
             if index is not None:
                 layer_state = jax.tree.map(lambda a: a[index], layer_state)
             return nnx.merge(graphdef, layer_state)(x, pending, ctx, cache_kv, key, dtype=dtype)
@@ -509,8 +512,11 @@ class MPTForCausalLM(nnx.Module):
         n = self.config.n_layers
         per_layer = layers is not None  # the caller's per-layer weights and caches
         caches = cache
-        if not per_layer:  # unrolled over the stacked weights (sliced inside `layer`) and cache
-            layers = [stacked] * n
+        uncast = any(a.dtype == dtype for a in jax.tree.leaves(stacked) if a.ndim >= 3)
+        inside = not per_layer and uncast  # (see `layer`)
+        if not per_layer:  # unrolled over the stacked weights and cache
+            layers = ([stacked] * n if inside else
+                      [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)])
             if cache is not None:
                 caches = [jax.tree.map(lambda a, i=i: a[i], (cache.k, cache.v)) for i in range(n)]
         new_kv = []
@@ -518,7 +524,7 @@ class MPTForCausalLM(nnx.Module):
             x_btd, pending, kv = layer(x_btd, pending, layer_state,
                                        None if caches is None else caches[i],
                                        None if keys is None else keys[i],
-                                       None if per_layer else i)
+                                       i if inside else None)
             new_kv.append(kv)
         if cache is None:
             return x_btd, pending, None
