@@ -1,8 +1,9 @@
 """Evaluation speed on MPT-7B shapes with random bf16 weights (GPU): `eval.py icl`'s code path,
 our lm-eval backend under lm-eval, lm-eval's own `hf` backend, and perplexity at 65536 tokens.
 
-    python bench/eval.py [--sections icl,harness,floor,hf,ppl] [--examples 2000] [--lm_examples 2000]
-        [--tokenizer PATH] [--batch_tokens 32768] [--hf_batch 32] [--ppl_len 65536] [--size 7b]
+    python bench/eval.py [--sections icl,harness,floor,hf,ppl] [--examples 2000]
+        [--lm_examples 2000] [--tokenizer PATH] [--batch_tokens 32768] [--hf_batch 32]
+        [--ppl_len 65536] [--size 7b]
         [--results bench/RESULTS.md --card H200 --commit abc1234]
 
 Each section runs alone in a subprocess (its own peak memory; an OOM loses only that section):

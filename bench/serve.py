@@ -147,8 +147,8 @@ def bench_static(gen: Generator, b: int, prompt: int, new: int, reps: int) -> di
 
 def warm(engine: Engine, vocab: int) -> float:
     """Compiles what greedy requests run (decode, prefill chunks, admit) with one request as
-    long as the context; `Engine.warm_up` would also compile the top-k / top-p / logprobs step and the
-    n > 1 cache copy, which these loads never run (minutes of compilation on MPT-7B)."""
+    long as the context; `Engine.warm_up` would also compile the top-k / top-p / logprobs step
+    and the n > 1 cache copy, which these loads never run (minutes of compilation on MPT-7B)."""
     if engine.decode_steps > 1:  # (the one-step decode runs only beside a prefill: all)
         return engine.warm_up()
     t0 = time.perf_counter()
@@ -541,7 +541,8 @@ def main() -> int:
                       f"{r['start 0 TFLOP/s']:.0f} / {r['start deep TFLOP/s']:.0f} / "
                       f"{r['generate prefill TFLOP/s']:.0f}")]
         elif r["section"] == "compilations_after_warm_up":
-            rows.append((f"serve {mode} load", "compilations after warm-up", str(r["count"])))
+            rows.append((f"serve {mode} load (prefill_chunk {args.prefill_chunk})",
+                         "compilations after warm-up", str(r["count"])))
     lines = [f"| {date} | {n} | {fig} | {v} | {card} | {args.commit} |" for n, fig, v in rows]
     print("\n".join(lines))
     if args.results:

@@ -290,7 +290,8 @@ def test_cli_prints_only_the_completion(pair, tmp_path_factory, capsys):
 _MESH_SCRIPT = r"""
 import os
 import subprocess
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
+                           "--xla_backend_optimization_level=0")
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from mpt_jax import MPTConfig, MPTForCausalLM, sharding
