@@ -228,7 +228,8 @@ def tune_int8(cfg: MPTConfig, batches) -> list[dict]:
     d, f, v = cfg.d_model, cfg.ffn_hidden_size, cfg.vocab_size
     n_qkv = (cfg.n_heads + 2 * cfg.kv_n_heads) * cfg.head_dim
     shapes = {"qkv": (n_qkv, d), "out": (d, d), "up": (f, d), "down": (d, f), "unembed": (v, d)}
-    grids = {1: list(itertools.product((16, 32), (512, 1024), (4, 8), (3,))),
+    # M = 1: narrow row blocks too (more programs in flight: N / block_n of them), long K runs
+    grids = {1: list(itertools.product((4, 8, 16), (1024, 2048), (4, 8), (1, 3))),
              16: list(itertools.product((32, 64), (128, 256), (4,), (3,)))}
     out = []
     for m in sorted({1 if b == 1 else 16 for b in batches}):

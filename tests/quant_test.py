@@ -60,13 +60,17 @@ def test_quantize_rows_matches_a_numpy_reference():
         assert (err <= want_s[:, None] / 2 * (1 + 1e-5) + 1e-12).all()  # at most half a step
 
 
-@pytest.mark.parametrize("m,gelu", [(1, False), (5, True)])
-def test_int8_kernel_matches_dequantized_matmul(m, gelu):
-    """The Pallas kernel (interpret mode; M = 1 the elementwise GEMV, M = 5 the dot path with
-    the GELU epilogue) against float64 x @ (q * scale)^T + b, and its CUDA lowering."""
+@pytest.mark.parametrize("m,gelu,tiles", [(1, False, None), (1, False, (4, 32, 4, 1)),
+                                          (5, True, None)])
+def test_int8_kernel_matches_dequantized_matmul(m, gelu, tiles, monkeypatch):
+    """The Pallas kernel (interpret mode; M = 1 the elementwise GEMV, also with 4-row blocks,
+    M = 5 the dot path with the GELU epilogue) against float64 x @ (q * scale)^T + b, and its
+    CUDA lowering."""
     from scipy.special import erf
 
     n, k = 48, 96  # several programs and K blocks
+    if tiles is not None:
+        monkeypatch.setitem(int8_gpu.TILES, (m, n, k), tiles)
     rng = np.random.default_rng(m)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     q = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)

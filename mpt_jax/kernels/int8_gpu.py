@@ -98,11 +98,14 @@ def _pow2(v: int) -> bool:
 
 def supported(m: int, n: int, k: int) -> bool:
     """Whether the kernel takes x [m, k] against q [n, k]: at most MAX_ROWS rows, and tiles
-    that divide N and K (at least 16 wide: Triton's smallest dot operand) exist."""
+    that divide N and K exist: power-of-two blocks, at least 16 wide where they are a dot's
+    operands (M > 1; M = 1 takes row blocks of any power of two)."""
     if not 1 <= m <= MAX_ROWS:
         return False
     bn, bk, _, _ = tile(m, n, k)
-    return (_pow2(bn) and _pow2(bk) and bn >= 16 and bk >= 16 and n % bn == 0 and k % bk == 0)
+    least_n = 1 if m == 1 else 16
+    return (_pow2(bn) and _pow2(bk) and bn >= least_n and bk >= 16 and n % bn == 0
+            and k % bk == 0)
 
 
 def _kernel(x_ref, q_ref, s_ref, *refs, rows, block_k, n_k, has_bias, gelu):
