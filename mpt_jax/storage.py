@@ -10,8 +10,8 @@ permission error, or a network error that outlived the store library's own retri
 `write_atomic` writes the whole object in one upload (readers see the old or the new object,
 never a part), and a writer that appends (metrics.jsonl) rewrites its object (`AppendLog`).
 
-What does not speak these paths yet is refused through `require_local`, one line naming the
-path and the reason, rather than half-working.
+What does not speak these paths (the built-in demo corpora, profiler traces) is refused through
+`require_local`, one line naming the path and the reason, rather than half-working.
 """
 from __future__ import annotations
 
@@ -48,10 +48,39 @@ def is_remote(path) -> bool:
 
 def _emulator_endpoint_for_tensorstore() -> None:
     # gcsfs and google-cloud-storage read STORAGE_EMULATOR_HOST; tensorstore's gcs driver (orbax
-    # checkpoints) reads TENSORSTORE_GCS_HTTP_URL instead: point it at the same endpoint.
+    # checkpoints) reads TENSORSTORE_GCS_HTTP_URL and array_record's reader (gs:// shards)
+    # CLOUD_STORAGE_EMULATOR_ENDPOINT instead: point them at the same endpoint.
     host = os.environ.get("STORAGE_EMULATOR_HOST")
-    if host and "TENSORSTORE_GCS_HTTP_URL" not in os.environ:
-        os.environ["TENSORSTORE_GCS_HTTP_URL"] = host if "://" in host else f"http://{host}"
+    if host:
+        url = host if "://" in host else f"http://{host}"
+        for name in ("TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+            os.environ.setdefault(name, url)
+
+
+def split_url(path: str) -> tuple[str, str]:
+    """'gs://bucket/a/b' -> ('bucket', 'a/b')."""
+    bucket, _, key = str(path).split("://", 1)[1].partition("/")
+    return bucket, key
+
+
+def tensorstore_kvstore(path: str) -> dict:
+    """tensorstore's kvstore spec for `path`: the file driver locally, the gcs or s3 driver on
+    a bucket. tensorstore's s3 driver reads the AWS credential chain itself but not
+    AWS_ENDPOINT_URL (nor does its s3:// URL form), so the endpoint and region are passed."""
+    if not is_remote(path):
+        return {"driver": "file", "path": str(path)}
+    bucket, key = split_url(path)
+    if str(path).startswith("gs://"):
+        _emulator_endpoint_for_tensorstore()
+        return {"driver": "gcs", "bucket": bucket, "path": key}
+    spec = {"driver": "s3", "bucket": bucket, "path": key}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        spec["endpoint"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        spec["aws_region"] = region
+    return spec
 
 
 def filesystem(path: str):
@@ -189,6 +218,14 @@ def size(path: str) -> int:
     return int(retrying(path, lambda: fs.size(inner)))
 
 
+def fingerprint(path: str) -> dict:
+    """What changes when an object is rewritten: its size and its ETag (or generation)."""
+    fs, inner = filesystem(path)
+    info = retrying(path, lambda: fs.info(inner))
+    tag = next((info[k] for k in ("ETag", "etag", "generation", "md5Hash") if info.get(k)), None)
+    return {"bytes": int(info["size"]), "etag": str(tag).strip('"')}
+
+
 def listdir(path: str) -> list[str]:
     """Names (not paths) directly inside directory `path`, sorted; [] when it does not exist
     (an object store has no empty directories)."""
@@ -262,6 +299,16 @@ def write_atomic(path: str, data: bytes | str) -> None:
         return
     fs, inner = filesystem(path)
     retrying(path, lambda: fs.pipe_file(inner, raw), what="writing")
+
+
+def upload(local: str, path: str) -> None:
+    """Copies local file `local` to `path` (one upload on an object store: published whole
+    when complete)."""
+    if not is_remote(path):
+        shutil.copyfile(local, path)
+        return
+    fs, inner = filesystem(path)
+    retrying(path, lambda: fs.put_file(local, inner), what="uploading")
 
 
 def makedirs(path: str) -> None:

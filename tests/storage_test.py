@@ -229,17 +229,20 @@ def _save_step(manager, step, value):
     manager.wait_until_finished()
 
 
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
 @pytest.mark.slow
-def test_checkpoints_on_gcs_commit_last_and_an_unfinished_step_is_ignored(gcs):
-    """orbax on gs:// (tensorstore's gcs driver on the emulator): steps save and restore; a
-    step whose save stopped before its commit marker is not a step, for us or for orbax."""
+def test_checkpoints_in_a_bucket_commit_last_and_an_unfinished_step_is_ignored(scheme, request):
+    """orbax on gs:// and s3:// (tensorstore's gcs / s3 drivers on the emulators): steps save
+    and restore; a step whose save stopped before its commit marker is not a step, for us or
+    for orbax."""
     import jax
     from conftest import toy_train_state
 
     from mpt_jax import storage
     from mpt_jax.train import checkpoint as ckpt_lib
 
-    workdir = f"gs://{GCS_BUCKET}/ckpt-run"
+    request.getfixturevalue("gcs" if scheme == "gs" else "s3")
+    workdir = f"{scheme}://{GCS_BUCKET if scheme == 'gs' else S3_BUCKET}/ckpt-run"
     manager = ckpt_lib.make_manager(workdir, keep=3, async_save=False)
     _save_step(manager, 1, 1.0)
     _save_step(manager, 2, 2.0)
@@ -273,8 +276,8 @@ def test_hf_safetensors_in_a_bucket_load_import_and_export_as_transformers_compu
         scheme, request, tmp_path):
     """load_pretrained and `convert_torch.py import` read a sharded HF directory straight from
     the bucket (ranged reads): logits equal transformers' on the same weights; the import's
-    local checkpoint loads to the same model; exported into the bucket and copied back,
-    transformers loads it with the same logits."""
+    checkpoint, local and in the bucket, loads to the same model; exported from the bucket into
+    the bucket and copied back, transformers loads it with the same logits."""
     from conftest import HF_CONFIGS, _ids_mask, hf_logits, hf_model
 
     from mpt_jax import storage
@@ -299,13 +302,19 @@ def test_hf_safetensors_in_a_bucket_load_import_and_export_as_transformers_compu
     assert convert_main(["import", remote, str(dst)]) == 0
     got = np.asarray(load_pretrained(str(dst))(ids, attention_mask=mask))[real]
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    ours = f"{remote}-ours"  # imported into the bucket: params through tensorstore's gcs / s3
+    assert convert_main(["import", remote, ours]) == 0
+    assert convert_main(["import", remote, ours]) == 1  # never over an existing one
+    assert "config.json" in storage.listdir(ours)
+    got = np.asarray(load_pretrained(ours)(ids, attention_mask=mask))[real]
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
     import torch
     from transformers import MptForCausalLM
 
     exported = f"{remote}-exported"
-    assert convert_main(["export", str(dst), exported, "--max_shard_size=0.00002"]) == 0
-    assert convert_main(["export", str(dst), exported]) == 1  # never over an existing one
+    assert convert_main(["export", ours, exported, "--max_shard_size=0.00002"]) == 0
+    assert convert_main(["export", ours, exported]) == 1  # never over an existing one
     back = tmp_path / "back"
     back.mkdir()
     names = storage.listdir(exported)
@@ -318,32 +327,197 @@ def test_hf_safetensors_in_a_bucket_load_import_and_export_as_transformers_compu
     np.testing.assert_allclose(out[real], want, rtol=2e-4, atol=2e-4)
 
 
-def test_unsupported_remote_paths_are_refused_in_one_line(tmp_path):
-    """What cannot read or write object storage in these library versions says so."""
+def test_what_stays_local_is_refused_in_one_line(tmp_path):
+    """The built-in demo corpora are prepared on local disk: a bucket workdir for them says so
+    (before any network access)."""
     from conftest import data_config
 
+    from mpt_jax.data import pipeline
+
+    cfg = data_config({}, builtin="python_stdlib")
+    with pytest.raises(ValueError) as e:
+        pipeline.resolve_data(cfg, "gs://b/run")
+    msg = str(e.value)
+    assert "\n" not in msg and "gs://b/run" in msg and "local disk" in msg, msg
+
+
+def _store_env(scheme: str, endpoint: str, n_devices: int | None = None) -> dict:
+    """A subprocess environment that reaches the emulator the usual way for its store."""
+    env = subprocess_env(n_devices)
+    env.pop("TENSORSTORE_GCS_HTTP_URL", None)  # storage.py derives it from the emulator host
+    if scheme == "gs":
+        return {**env, "STORAGE_EMULATOR_HOST": endpoint,
+                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    return {**env, **S3_ENV, "AWS_ENDPOINT_URL": endpoint}
+
+
+def _read_remote_losses(workdir: str) -> dict:
     from mpt_jax import storage
-    from mpt_jax.convert import convert
-    from mpt_jax.data import pipeline, prepare
-    from mpt_jax.train import checkpoint as ckpt_lib
 
-    cases = [
-        (lambda: ckpt_lib.check_location("s3://b/run"), "s3://b/run", "orbax"),
-        (lambda: pipeline.resolve_data(data_config({"web": ("gs://b/shards", 1.0)}), None),
-         "gs://b/shards", "array_record"),
-        (lambda: prepare.prepare_dataset(["x.jsonl"], "s3://b/out", "tok.json", seq_len=8),
-         "s3://b/out", "array_record"),
-        (lambda: convert.import_checkpoint(str(tmp_path), "gs://b/ours"), "gs://b/ours",
-         "not supported"),
+    path = storage.join(workdir, "metrics.jsonl")
+    if not storage.exists(path):
+        return {}
+    rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
-    ]
-    for fn, path, why in cases:
-        with pytest.raises(ValueError) as e:
-            fn()
-        msg = str(e.value)
-        assert "\n" not in msg and path in msg and why in msg, msg
-    assert not os.path.exists(tmp_path / "o")
-    assert storage.is_remote("gs://x") and not storage.is_remote("/gs://x")
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+@pytest.mark.slow
+def test_eval_reads_its_checkpoint_data_and_tasks_from_a_bucket(scheme, request, tmp_path):
+    """eval.py perplexity over shards prepared into the bucket and icl with its task file,
+    datasets and gauntlet there, the checkpoint an HF directory in the bucket: the same JSON
+    as the same evaluation of local copies."""
+    import random
+
+    import eval_common
+
+    from eval import main
+    from mpt_jax import storage
+    from mpt_jax.data import prepare
+
+    request.getfixturevalue("gcs" if scheme == "gs" else "s3")
+    bucket = f"{scheme}://{GCS_BUCKET if scheme == 'gs' else S3_BUCKET}/eval-{scheme}"
+    local_ckpt = eval_common.checkpoint()
+    ckpt = storage.join(bucket, "ckpt")
+    for name in os.listdir(local_ckpt):
+        storage.upload(os.path.join(local_ckpt, name), storage.join(ckpt, name))
+    rng = random.Random(5)
+    docs = eval_common.write_jsonl(tmp_path / "docs.jsonl", [
+        {"text": eval_common.sentence(rng, rng.randint(10, 40))} for _ in range(8)])
+    mc = [{"query": eval_common.sentence(rng, 4), "choices": ["a cat", "the dog", "red"],
+           "gold": i % 3} for i in range(6)]
+    local = tmp_path / "local"
+    local.mkdir()
+    eval_common.write_jsonl(local / "mc.jsonl", mc)
+    (local / "tasks.yaml").write_text("icl_tasks:\n- label: mc\n  dataset_uri: mc.jsonl\n"
+                                      "  icl_task_type: multiple_choice\n  num_fewshot: [1]\n")
+    (local / "gauntlet.yaml").write_text(
+        "eval_gauntlet:\n  weighting: EQUAL\n  subtract_random_baseline: true\n"
+        "  rescale_accuracy: true\n  categories:\n  - name: k\n    benchmarks:\n"
+        "    - {name: mc, num_fewshot: 1, random_baseline: 0.33}\n")
+    for name in ("mc.jsonl", "tasks.yaml", "gauntlet.yaml"):
+        storage.upload(str(local / name), storage.join(bucket, "tasks", name))
+    prepare.prepare_dataset([docs], str(tmp_path / "shards"), local_ckpt, seq_len=None,
+                            keep_documents=True, progress=False)
+    shards = storage.join(bucket, "shards")
+    prepare.prepare_dataset([docs], shards, local_ckpt, seq_len=None, keep_documents=True,
+                            progress=False)
+
+    def evaluate(*argv) -> dict:
+        out = tmp_path / f"out{len(os.listdir(tmp_path))}.json"
+        assert main([*argv, "--dtype", "float32", "--batch_tokens", "1024", "--min_bucket",
+                     "128", "--output", str(out), "--no_progress"]) == 0
+        return json.loads(out.read_text())
+
+    want = evaluate("perplexity", "--checkpoint", local_ckpt, "--data",
+                    str(tmp_path / "shards"), "--seq_lens", "32")
+    got = evaluate("perplexity", "--checkpoint", ckpt, "--data", shards, "--seq_lens", "32")
+    assert got["tokens"] == want["tokens"] > 0
+    assert got["seq_lens"] == want["seq_lens"]  # the same model on the same tokens
+    want = evaluate("icl", "--checkpoint", local_ckpt, "--tasks", str(local / "tasks.yaml"),
+                    "--gauntlet", str(local / "gauntlet.yaml"))
+    tasks = storage.join(bucket, "tasks")
+    got = evaluate("icl", "--checkpoint", ckpt, "--tasks", storage.join(tasks, "tasks.yaml"),
+                   "--gauntlet", storage.join(tasks, "gauntlet.yaml"))
+    for key in ("tasks", "gauntlet"):
+        assert json.dumps(got[key], sort_keys=True) == json.dumps(
+            want[key], sort_keys=True).replace(str(local), tasks)
+
+
+@pytest.fixture(scope="module")
+def local_losses(small_corpus, tmp_path_factory):
+    """The losses of an uninterrupted local run of the test config over the local shards."""
+    tmp = tmp_path_factory.mktemp("local-run")
+    config = write_test_config(str(tmp / "cfg.py"), small_corpus)
+    ref = subprocess.run([sys.executable, "train.py", f"--config={config}",
+                          f"--workdir={tmp / 'run'}"], check=False, cwd=ROOT,
+                         env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    losses = read_losses(str(tmp / "run"))
+    assert sorted(losses) == list(range(1, 9))
+    return losses
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+@pytest.mark.slow
+def test_a_run_wholly_in_a_bucket_prepares_trains_stops_and_resumes_exactly(
+        scheme, request, local_losses, small_corpus, tmp_path):
+    """Everything in the bucket: the raw JSONL and the tokenizer, `prepare` reading them and
+    writing its shards there, train.py reading those shards and writing its workdir there;
+    SIGTERM part way, a rerun resumes and logs exactly the losses of an uninterrupted local
+    run over the locally prepared shards."""
+    import signal
+
+    from mpt_jax import storage
+    from mpt_jax.data import prepare
+
+    endpoint = request.getfixturevalue("gcs" if scheme == "gs" else "s3")
+    bucket = f"{scheme}://{GCS_BUCKET if scheme == 'gs' else S3_BUCKET}/whole-{scheme}"
+    corpus_dir = os.path.dirname(small_corpus)
+    raw = storage.join(bucket, "raw")
+    storage.upload(os.path.join(corpus_dir, "docs.jsonl"), storage.join(raw, "docs.jsonl"))
+    tokenizer = storage.join(bucket, "tokenizer.json")
+    storage.upload(os.path.join(corpus_dir, "tokenizer.json"), tokenizer)
+    env = _store_env(scheme, endpoint)
+    shards = storage.join(bucket, "shards")
+    out = subprocess.run([sys.executable, "-m", "mpt_jax.data.prepare",
+                          f"--input={raw}", f"--output={shards}",
+                          f"--tokenizer={tokenizer}",
+                          "--keep_documents"], check=False, cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = prepare.read_manifest(shards)
+    assert manifest["records"] == prepare.read_manifest(small_corpus)["records"]
+    assert list(manifest["inputs"]) == ["../raw/docs.jsonl"]  # relative within the bucket
+
+    want = local_losses
+    config_path = write_test_config(str(tmp_path / "cfg.py"), shards)
+    workdir = storage.join(bucket, "run")
+    cmd = [sys.executable, "train.py", f"--config={config_path}", f"--workdir={workdir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if max(_read_remote_losses(workdir), default=0) >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    stopped_at = max(_read_remote_losses(workdir))
+    assert stopped_at < 8 and "signal" in err, "the run finished before the signal arrived"
+    again = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _read_remote_losses(workdir) == want  # exactly: same floats
+
+    if scheme == "gs":
+        return  # array_record's gs reader fetches shards this small whole when it opens them
+    # Shards deleted under a running job: it stops with one line naming a shard. (Rows of
+    # exactly seq_len tokens here, so every step reads records: a document feeds many steps.)
+    rows = storage.join(bucket, "rows")
+    prepare.prepare_dataset([os.path.join(corpus_dir, "docs.jsonl")], rows, tokenizer,
+                            seq_len=24, progress=False)
+    rows_run = storage.join(bucket, "rows-run")
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", f"--config={write_test_config(str(tmp_path / 'r.py'), rows)}",
+         f"--workdir={rows_run}", "--config.max_steps=400", "--config.data.packing=false"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if max(_read_remote_losses(rows_run), default=0) >= 3:
+            for name in storage.listdir(rows):
+                if name.endswith(prepare.SHARD_SUFFIX):
+                    storage.remove(storage.join(rows, name))
+            break
+        time.sleep(0.2)
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "error: " in last and rows in last, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
 
 
 @pytest.mark.slow
@@ -363,8 +537,8 @@ def test_train_with_its_workdir_on_gcs_resumes_exactly(gcs, small_corpus, tmp_pa
 
     def train(workdir):
         out = subprocess.run([sys.executable, "train.py", f"--config={config_path}",
-                              f"--workdir={workdir}"], check=False, cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=300)
+                              f"--workdir={workdir}"], check=False, cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
 
     local = tmp_path / "local"

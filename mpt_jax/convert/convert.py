@@ -64,15 +64,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
-def _local(path, what: str) -> Path:
-    """An import destination as a Path; a gs:// / s3:// one is refused in one line (our params
-    are written through tensorstore's file driver and renamed into place)."""
-    if storage.is_remote(path):
-        raise ConversionError(f"{what} {path}: importing into gs:// or s3:// is not supported "
-                              "yet; import into a local directory and upload it")
-    return Path(path)
-
-
 def _progress(total_bytes: int, desc: str):
     from tqdm import tqdm
 
@@ -165,7 +156,7 @@ def import_checkpoint(src, dst, *, dtype: str | None = None,
     """HF / llm-foundry safetensors directory -> our checkpoint directory (streaming), its
     matrices quantized when `quantize` ("int8") is given. Returns the config written and
     notes on how config.json was read (read_source_config)."""
-    src, dst = _source(src), _local(dst, "DST")
+    src, dst = _source(src), _source(dst)
     np_dtype = _parse_dtype(dtype)
     quant_io.check_mode(quantize)
     plan = plan_import(src)
@@ -182,7 +173,7 @@ def import_checkpoint(src, dst, *, dtype: str | None = None,
 def quantize_checkpoint(src, dst, *, quantize: str = "int8") -> MPTConfig:
     """Any checkpoint `load_pretrained` reads (HF-layout or ours, float) -> our checkpoint
     with its matrices quantized (streaming, one tensor at a time). Returns its config."""
-    src, dst = _source(src), _local(dst, "DST")
+    src, dst = _source(src), _source(dst)
     quant_io.check_mode(quantize)
     _check_source_dir(src)
     if not ((src / "params").is_dir() or (src / "checkpoints").is_dir()):

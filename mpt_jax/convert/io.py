@@ -209,14 +209,14 @@ class ParamsWriter:
     def __init__(self, directory: Path, leaves: dict[tuple[str, ...], tuple[tuple, np.dtype]],
                  stacked: Iterable[tuple[str, ...]], transposed: Iterable[tuple[str, ...]]):
         self.dir = directory
-        self.dir.mkdir(parents=True)
+        storage.makedirs(str(directory))
         stacked, transposed = set(stacked), set(transposed)
         self.arrays = {}
         self.pending: list = []
         for path, (shape, dtype) in leaves.items():
             chunks = (1,) + tuple(shape[1:]) if path in stacked else tuple(shape)
             spec = {"driver": "zarr",
-                    "kvstore": {"driver": "file", "path": str(directory / leaf_name(path))},
+                    "kvstore": storage.tensorstore_kvstore(str(directory / leaf_name(path))),
                     "metadata": {"shape": list(shape), "chunks": list(chunks),
                                  "dtype": _zarr_dtype(dtype), "compressor": None,
                                  "order": "F" if path in transposed else "C"}}
@@ -259,15 +259,6 @@ def _zarr_dtype(dtype) -> str:
     return "bfloat16" if dtype == np.dtype(ml_dtypes.bfloat16) else dtype.str
 
 
-def _kvstore(path: str):
-    """tensorstore's kvstore for `path`: the file driver, or its gs:// / s3:// URL (the gcs and
-    s3 drivers, credentials and endpoints their usual way)."""
-    if storage.is_remote(path):
-        storage.filesystem(path)  # (points tensorstore at a GCS emulator when one is set)
-        return path
-    return {"driver": "file", "path": path}
-
-
 class ParamsReader:
     """Reads leaves (or one layer of a leaf) of an orbax `params/` directory: our converter's
     layout or orbax's default (OCDBT, zarr or zarr3) as the trainer writes it."""
@@ -291,9 +282,10 @@ class ParamsReader:
         if path not in self._open:
             name = leaf_name(path)
             if self.use_ocdbt:
-                kv = {"driver": "ocdbt", "base": _kvstore(str(self.dir) + "/"), "path": name}
+                kv = {"driver": "ocdbt",
+                      "base": storage.tensorstore_kvstore(str(self.dir) + "/"), "path": name}
             else:
-                kv = _kvstore(str(self.dir / name))
+                kv = storage.tensorstore_kvstore(str(self.dir / name))
             try:
                 # A missing chunk is an error, not zeros: both writers store every chunk
                 # (orbax: store_data_equal_to_fill_value; ours: zarr without a fill value).

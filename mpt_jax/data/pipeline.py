@@ -140,7 +140,6 @@ def resolve_data(data_cfg, workdir: str | None) -> ResolvedData:
 
     sources = []
     for name, path, weight in named:
-        storage.require_local(path, f"data.sources.{name}.path", _REMOTE_SHARDS)
         try:
             manifest = prepare_lib.read_manifest(path)
         except ValueError as e:
@@ -216,10 +215,16 @@ class HeldOutSplit:
         return self._source.__getitems__([self._record_index(i) for i in indices])
 
 
-# What a remote shards directory needs that is not there: say so rather than stage the data.
-_REMOTE_SHARDS = ("ArrayRecord shards are read with array_record's reader, which opens local "
-                  "files only (no gs:// / s3:// support in its open-source build); mount the "
-                  "bucket (gcsfuse, mountpoint-s3) and name the mount")
+def shard_source(paths: list[str]):
+    """Random access to the records of ArrayRecord shards in order: array_record's own reader
+    for local and gs:// shards; for s3://, which it cannot open, ours over ranged reads."""
+    if paths and paths[0].startswith("s3://"):
+        from mpt_jax.data.array_record_remote import RemoteArrayRecordSource
+
+        return RemoteArrayRecordSource(paths)
+    if paths and storage.is_remote(paths[0]):
+        storage.filesystem(paths[0])  # (points array_record at a GCS emulator when one is set)
+    return grain.sources.ArrayRecordDataSource(paths)
 
 
 def _eval_every(eval_fraction: float) -> int | None:
@@ -346,8 +351,7 @@ def _mixed_records(resolved: ResolvedData, *, split: str, eval_fraction: float, 
     per_source, share_sizes = [], {}
     for source_index, source in enumerate(resolved.sources):
         records = HeldOutSplit(
-            grain.sources.ArrayRecordDataSource(prepare_lib.shard_paths(source.path,
-                                                                        source.manifest)),
+            shard_source(prepare_lib.shard_paths(source.path, source.manifest)),
             eval_every=eval_every, split=split)
         ds = grain.MapDataset.source(records)[process_index::process_count]
         if len(ds) == 0:
@@ -371,7 +375,10 @@ def _mixed_records(resolved: ResolvedData, *, split: str, eval_fraction: float, 
 def _rows_and_batches(records: grain.MapDataset, resolved: ResolvedData, *, packing: bool,
                       seq_len: int, batch_size: int, prefetch: int) -> grain.IterDataset:
     """Decoded records -> batches of rows, by layout (see the module docstring)."""
-    read_options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(prefetch, 1) * 8)
+    # grain reads a record per call: from a bucket each is a request, so more of them in flight
+    remote = any(storage.is_remote(source.path) for source in resolved.sources)
+    read_options = grain.ReadOptions(num_threads=16 if remote else 4,
+                                     prefetch_buffer_size=max(prefetch, 1) * (32 if remote else 8))
     lengths = {"input_ids": seq_len, SOURCE_STARTS: seq_len}
     if resolved.mode == "sequences":
         return records.batch(batch_size, drop_remainder=True).to_iter_dataset(read_options)

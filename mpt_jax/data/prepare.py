@@ -35,6 +35,12 @@ when the file is finished, and only then recorded in the manifest; a rerun skips
 (unless the file changed), deletes leftovers of an interrupted one and redoes it. An output
 directory prepared with another tokenizer, seq_len, layout or BOS/EOS is refused.
 
+Inputs and the output may be gs:// or s3:// paths (inputs are streamed). array_record writes
+local files only, so a shard for a bucket is written into a local temporary directory and
+uploaded when it is full (one shard on local disk at a time); an object store has no rename,
+so it is uploaded under its final name, and until the manifest lists it, it is a leftover that
+a rerun deletes.
+
 Relocatable: the manifest names shards by file name and inputs by their path relative to the
 output directory (plus the absolute path, to recognise them when only the output moved), so a
 prepared directory, or a tree holding inputs and output, can be copied or moved.
@@ -49,12 +55,15 @@ of that input's shards. Errors exit with status 1 and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -131,10 +140,13 @@ def _batched(docs: Iterator[str], n: int) -> Iterator[list[str]]:
 
 
 class _ShardWriter:
-    """Writes records into `{stem}-{k:04d}.array_record.tmp`, rolling over every `shard_tokens`."""
+    """Writes records into `{stem}-{k:04d}.array_record.tmp`, rolling over every `shard_tokens`.
+    For a bucket: into a local temporary file, uploaded to its final name once full."""
 
     def __init__(self, output_dir: str, stem: str, shard_tokens: int):
         self._output_dir, self._stem, self._shard_tokens = output_dir, stem, shard_tokens
+        self._local = None if not storage.is_remote(output_dir) else tempfile.mkdtemp(
+            prefix="mpt-prepare-")
         self._writer = None
         self._tokens_in_shard = 0
         self.shards: list[dict] = []  # {"path", "records", "tokens"} per shard
@@ -152,7 +164,8 @@ class _ShardWriter:
             self._close_current()
             name = f"{self._stem}-{len(self.shards):04d}{SHARD_SUFFIX}"
             self._writer = ArrayRecordWriter(
-                os.path.join(self._output_dir, name + ".tmp"), ARRAY_RECORD_OPTIONS)
+                os.path.join(self._local or self._output_dir, name + ".tmp"),
+                ARRAY_RECORD_OPTIONS)
             self.shards.append({"path": name, "records": 0, "tokens": 0})
             self._tokens_in_shard = 0
         self._writer.write(payload)
@@ -164,42 +177,56 @@ class _ShardWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            if self._local is not None:
+                name = self.shards[-1]["path"]
+                local = os.path.join(self._local, name + ".tmp")
+                storage.upload(local, storage.join(self._output_dir, name))
+                os.remove(local)
 
     def commit(self):
-        """Closes the last shard and renames every `.tmp` shard to its final name."""
+        """Closes the last shard and renames every `.tmp` shard to its final name (a bucket's
+        are uploaded under it already)."""
         self._close_current()
+        if self._local is not None:
+            os.rmdir(self._local)
+            return
         for shard in self.shards:
             final = os.path.join(self._output_dir, shard["path"])
             os.replace(final + ".tmp", final)
 
+    def abandon(self):
+        """Removes what this writer wrote (a failed input), committed or not."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._local is not None:
+            shutil.rmtree(self._local, ignore_errors=True)
+        else:
+            for shard in self.shards:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self._output_dir, shard["path"] + ".tmp"))
+        _remove_shards(self._output_dir, self.shards)
+
 
 def _remove_shards(output_dir: str, shards: list[dict]) -> None:
     for shard in shards:  # one already gone (an earlier run stopped here) is fine
-        try:
-            os.remove(os.path.join(output_dir, shard["path"]))
-        except FileNotFoundError:
-            pass
+        storage.remove(storage.join(output_dir, shard["path"]))
 
 
 def _write_json_atomic(path: str, obj: dict):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    storage.write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def read_manifest(shards_dir: str) -> dict:
     """The manifest of a prepared directory, or ValueError naming what is missing or wrong."""
-    path = os.path.join(shards_dir, MANIFEST)
-    if not os.path.isdir(shards_dir):
-        raise ValueError(f"shards directory {shards_dir!r} does not exist")
-    if not os.path.isfile(path):
+    path = storage.join(shards_dir, MANIFEST)
+    if not storage.isfile(path):
+        if not storage.isdir(shards_dir):
+            raise ValueError(f"shards directory {shards_dir!r} does not exist")
         raise ValueError(f"{shards_dir!r} holds no {MANIFEST}: not a prepared dataset")
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except json.JSONDecodeError as e:
+        manifest = json.loads(storage.read_text(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
@@ -214,8 +241,18 @@ def shard_dtype(vocab_size: int) -> str:
 
 
 def input_key(path: str, output_dir: str) -> str:
-    """The manifest's name for input `path`: its path relative to the output directory."""
-    return os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))
+    """The manifest's name for input `path`: its path relative to the output directory (in the
+    same bucket, for a remote one), else its full path."""
+    path, output_dir = storage.abspath(path), storage.abspath(output_dir)
+    if not (storage.is_remote(path) or storage.is_remote(output_dir)):
+        return os.path.relpath(path, output_dir)
+    if storage.is_remote(path) and storage.is_remote(output_dir) and (
+            path.split("://")[0], storage.split_url(path)[0]) == (
+            output_dir.split("://")[0], storage.split_url(output_dir)[0]):
+        import posixpath
+
+        return posixpath.relpath(storage.split_url(path)[1], storage.split_url(output_dir)[1])
+    return path
 
 
 def find_input(manifest: dict, path: str, output_dir: str) -> str | None:
@@ -225,7 +262,7 @@ def find_input(manifest: dict, path: str, output_dir: str) -> str | None:
     key = input_key(path, output_dir)
     if key in manifest["inputs"]:
         return key
-    absolute = os.path.abspath(path)
+    absolute = storage.abspath(path)
     for name, entry in manifest["inputs"].items():
         if entry.get("path") == absolute or (os.path.isabs(name) and name == absolute):
             return name
@@ -233,6 +270,9 @@ def find_input(manifest: dict, path: str, output_dir: str) -> str | None:
 
 
 def _input_fingerprint(path: str) -> dict:
+    """What tells a changed input: size and modification time (a bucket's: its ETag)."""
+    if storage.is_remote(path):
+        return storage.fingerprint(path)
     stat = os.stat(path)
     return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
@@ -265,11 +305,6 @@ def prepare_dataset(
     keep_documents, text_field and bos_text do not). See the module docstring for layouts,
     resumption and bad-line handling. Raises ValueError naming the offending path and numbers.
     """
-    storage.require_local(output_dir, "--output", "array_record's writer creates local files "
-                          "only (no gs:// / s3:// in its open-source build); write to a "
-                          "mounted bucket (gcsfuse, mountpoint-s3)")
-    for path in inputs:
-        storage.require_local(path, "--input", "inputs are read from local files")
     examples = format != "text"
     if format not in FORMATS:
         raise ValueError(f"--format {format!r}: expected one of {FORMATS}")
@@ -324,9 +359,9 @@ def prepare_dataset(
         compared += _EXAMPLE_SETTINGS
 
     # An existing output directory must have been prepared the same way.
-    os.makedirs(output_dir, exist_ok=True)
-    manifest_path = os.path.join(output_dir, MANIFEST)
-    if os.path.exists(manifest_path):
+    storage.makedirs(output_dir)
+    manifest_path = storage.join(output_dir, MANIFEST)
+    if storage.exists(manifest_path):
         manifest = read_manifest(output_dir)
         for key in compared:
             if manifest.get(key) != settings[key]:
@@ -342,11 +377,7 @@ def prepare_dataset(
                 f"{new_tok['vocab_size']}); use a new --output directory")
     else:
         manifest = {**settings, "inputs": {}}
-    for name in os.listdir(output_dir):  # leftovers of an interrupted run
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(output_dir, name))
-    with open(os.path.join(output_dir, TOKENIZER_FILE), "w") as f:
-        f.write(tok.to_str())
+    storage.write_atomic(storage.join(output_dir, TOKENIZER_FILE), tok.to_str())
     manifest["sources"] = files
     _write_json_atomic(manifest_path, _with_totals(manifest))
 
@@ -359,7 +390,15 @@ def prepare_dataset(
         found = find_input(manifest, path, output_dir)
         if found is not None:
             manifest["inputs"][key] = {**manifest["inputs"].pop(found),
-                                       "path": os.path.abspath(path)}
+                                       "path": storage.abspath(path)}
+    # Leftovers of an interrupted run: temporary shards, and shards of this run's inputs that
+    # the manifest does not list (a bucket's are uploaded under their final names).
+    listed = {shard["path"] for entry in manifest["inputs"].values() for shard in entry["shards"]}
+    stems = tuple(_shard_stem(path, key) + "-" for path, key in zip(files, keys))
+    for name in storage.listdir(output_dir):
+        if name.endswith(".tmp") or (name.startswith(stems) and name.endswith(SHARD_SUFFIX)
+                                     and name not in listed):
+            storage.remove(storage.join(output_dir, name))
 
     if examples:
         initializer, encoding = finetune.init_worker, finetune.WorkerEncoding(
@@ -428,16 +467,14 @@ def _shard_stem(path: str, key: str) -> str:
         key.encode()).hexdigest()[:8]
 
 
-def _commit_unless_too_bad(path, output_dir, writer, bad, max_bad_fraction) -> None:
+def _commit_unless_too_bad(path, writer, bad, max_bad_fraction) -> None:
     """Reports the input's bad lines; past max_bad_fraction removes its shards and raises,
     naming the first bad line, else commits them."""
     if bad.count:
         print(f"{path}: {bad.count} bad of {bad.total} lines skipped (first: "
               + "; ".join(bad.examples) + ")", file=sys.stderr)
     if bad.total and bad.count / bad.total > max_bad_fraction:
-        writer.commit()
-        for shard in writer.shards:
-            os.remove(os.path.join(output_dir, shard["path"]))
+        writer.abandon()
         raise ValueError(
             f"{path}: {bad.count} of {bad.total} lines bad ({bad.count / bad.total:.2%}), over "
             f"--max_bad_fraction {max_bad_fraction:.2%} (first: {bad.examples[0]})")
@@ -446,11 +483,20 @@ def _commit_unless_too_bad(path, output_dir, writer, bad, max_bad_fraction) -> N
 
 def _prepare_one(path, key, output_dir, settings, pool, max_bad_fraction, shard_tokens, bar
                  ) -> dict:
-    """Tokenizes one input file into committed shards; returns its manifest entry."""
-    if settings["mode"] == "examples":
-        return _prepare_examples_one(path, key, output_dir, settings, pool, max_bad_fraction,
-                                     shard_tokens, bar)
+    """Tokenizes one input file into committed shards; returns its manifest entry. On failure
+    nothing of the input's is left (a read error of a bucket's input: one line naming it)."""
     writer = _ShardWriter(output_dir, _shard_stem(path, key), shard_tokens)
+    prepare = _prepare_examples if settings["mode"] == "examples" else _prepare_text
+    try:
+        with storage.errors(path, "reading"):
+            return prepare(path, writer, settings, pool, max_bad_fraction, bar)
+    except BaseException:
+        writer.abandon()
+        raise
+
+
+def _prepare_text(path, writer, settings, pool, max_bad_fraction, bar) -> dict:
+    """The sequences and documents layouts of _prepare_one."""
     bad = readers.BadLines()
     seq_len, keep_documents = settings["seq_len"], settings["mode"] == "documents"
     pending_t = np.zeros((0,), settings["dtype"])  # sequences layout: tokens not yet in a record
@@ -474,10 +520,10 @@ def _prepare_one(path, key, output_dir, settings, pool, max_bad_fraction, shard_
             pending_t = pending_t[n_full * seq_len:]
         bar.set_postfix_str(f"{os.path.basename(path)[-40:]}: {tokens:,} tokens written",
                             refresh=False)
-    _commit_unless_too_bad(path, output_dir, writer, bad, max_bad_fraction)
+    _commit_unless_too_bad(path, writer, bad, max_bad_fraction)
     return {
         "input": _input_fingerprint(path),
-        "path": os.path.abspath(path),
+        "path": storage.abspath(path),
         "shards": writer.shards,
         "documents": documents,
         "records": sum(s["records"] for s in writer.shards),
@@ -488,10 +534,8 @@ def _prepare_one(path, key, output_dir, settings, pool, max_bad_fraction, shard_
     }
 
 
-def _prepare_examples_one(path, key, output_dir, settings, pool, max_bad_fraction,
-                          shard_tokens, bar) -> dict:
-    """The examples layout's _prepare_one: rows -> (ids, mask) records, counted."""
-    writer = _ShardWriter(output_dir, _shard_stem(path, key), shard_tokens)
+def _prepare_examples(path, writer, settings, pool, max_bad_fraction, bar) -> dict:
+    """The examples layout of _prepare_one: rows -> (ids, mask) records, counted."""
     bad = readers.BadLines()
     counts = dict.fromkeys(("examples", "tokens", "loss_tokens", "truncated", "dropped",
                             "max_example_tokens"), 0)
@@ -514,10 +558,10 @@ def _prepare_examples_one(path, key, output_dir, settings, pool, max_bad_fractio
             counts["loss_tokens"] += int(mask_t.sum())
             counts["max_example_tokens"] = max(counts["max_example_tokens"], int(ids_t.size))
         bar.set_postfix(examples=counts["examples"], tokens=counts["tokens"], refresh=False)
-    _commit_unless_too_bad(path, output_dir, writer, bad, max_bad_fraction)
+    _commit_unless_too_bad(path, writer, bad, max_bad_fraction)
     return {
         "input": _input_fingerprint(path),
-        "path": os.path.abspath(path),
+        "path": storage.abspath(path),
         "shards": writer.shards,
         "documents": counts["examples"],
         "records": sum(s["records"] for s in writer.shards),
@@ -548,13 +592,14 @@ def _with_totals(manifest: dict) -> dict:
 def shard_paths(shards_dir: str, manifest: dict) -> list[str]:
     """Absolute shard paths in record order (inputs in manifest order, shards in order);
     ValueError naming the first one the manifest lists that is not there."""
-    paths = [os.path.join(shards_dir, shard["path"])
-             for entry in manifest["inputs"].values() for shard in entry["shards"]]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise ValueError(f"{path}: shard listed in {os.path.join(shards_dir, MANIFEST)} "
-                             "is missing (re-run mpt_jax.data.prepare on its inputs)")
-    return paths
+    names = [shard["path"] for entry in manifest["inputs"].values() for shard in entry["shards"]]
+    present = set(storage.listdir(shards_dir))
+    for name in names:
+        if name not in present:
+            raise ValueError(f"{storage.join(shards_dir, name)}: shard listed in "
+                             f"{storage.join(shards_dir, MANIFEST)} is missing (re-run "
+                             "mpt_jax.data.prepare on its inputs)")
+    return [storage.join(shards_dir, name) for name in names]
 
 
 # ------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 
+from mpt_jax import storage
+
 _TEXT_SUFFIXES = (".txt", ".text", ".md")
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _COMPRESSION_SUFFIXES = ("", ".gz", ".zst")
@@ -36,45 +38,55 @@ def input_kind(path: str) -> str:
 
 
 def expand_inputs(paths: Sequence[str]) -> list[str]:
-    """Files named by `paths`, directories expanded to their supported files (sorted), in order."""
+    """Files named by `paths` (local, gs:// or s3://), directories expanded to their supported
+    files (sorted), in order."""
     if not paths:
         raise ValueError("no --input given")
     files = []
     for path in paths:
-        if os.path.isdir(path):
+        if storage.isdir(path):
             found = []
-            for root, dirs, names in os.walk(path):
-                dirs.sort()
-                for name in sorted(names):
-                    try:
-                        input_kind(name)
-                    except ValueError:
-                        continue
-                    found.append(os.path.join(root, name))
+            if storage.is_remote(path):
+                found = [f for f in storage.glob(path, "**") if _supported(f)]
+            else:
+                for root, dirs, names in os.walk(path):
+                    dirs.sort()
+                    found.extend(os.path.join(root, name) for name in sorted(names)
+                                 if _supported(name))
             if not found:
                 raise ValueError(f"{path}: directory holds no supported input files")
             files.extend(found)
-        elif os.path.isfile(path):
+        elif storage.isfile(path):
             input_kind(path)
             files.append(path)
         else:
             raise ValueError(f"{path}: no such file or directory")
-    absolute = [os.path.abspath(f) for f in files]
+    absolute = [storage.abspath(f) for f in files]
     if len(set(absolute)) != len(absolute):
         raise ValueError("an input file is named twice: " + ", ".join(
             sorted({f for f in absolute if absolute.count(f) > 1})))
     return absolute
 
 
+def _supported(name: str) -> bool:
+    try:
+        input_kind(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _open_binary(path: str):
+    """The file's bytes, decompressed; a bucket's object is streamed (ranged reads)."""
+    raw = storage.open_file(path, "rb")
     if path.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # (closing it leaves `raw` open: small)
     if path.lower().endswith(".zst"):
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(
-            open(path, "rb"), read_across_frames=True, closefd=True)
-    return open(path, "rb")
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
+                                                          closefd=True)
+    return raw
 
 
 @dataclasses.dataclass
@@ -140,7 +152,7 @@ def iter_documents(path: str, text_field: str, bad: BadLines) -> Iterator[str]:
         import pyarrow.parquet as pq
 
         try:
-            parquet_file = pq.ParquetFile(path)
+            parquet_file = pq.ParquetFile(storage.open_file(path, "rb"))
         except Exception as e:  # noqa: BLE001 (pyarrow raises several types)
             raise ValueError(f"{path}: not a readable Parquet file ({e})".splitlines()[0]) from None
         if text_field not in parquet_file.schema_arrow.names:
@@ -175,7 +187,7 @@ def iter_records(path: str, bad: BadLines) -> Iterator[tuple[str, object]]:
     import pyarrow.parquet as pq
 
     try:
-        parquet_file = pq.ParquetFile(path)
+        parquet_file = pq.ParquetFile(storage.open_file(path, "rb"))
     except Exception as e:  # noqa: BLE001 (pyarrow raises several types)
         raise ValueError(f"{path}: not a readable Parquet file ({e})".splitlines()[0]) from None
     row = 0

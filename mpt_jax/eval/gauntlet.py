@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 from typing import Any
+
+from mpt_jax import storage
 
 WEIGHTINGS = ("EQUAL", "SAMPLE_SZ", "LOG_SAMPLE_SZ")
 
@@ -114,11 +115,10 @@ class Gauntlet:
     def from_file(cls, path: str) -> "Gauntlet":
         import yaml
 
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise GauntletError(f"{path}: no such gauntlet file")
         try:
-            with open(path) as fh:
-                doc = yaml.safe_load(fh)
+            doc = yaml.safe_load(storage.read_text(path))
         except yaml.YAMLError as e:
             raise GauntletError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
         return cls.from_dict(doc, where=path)

@@ -13,7 +13,6 @@ EOS from tokenizer_config.json's `eos_token` beside the tokenizer, else config.j
 from __future__ import annotations
 
 import json
-import os
 from typing import NamedTuple
 
 import tokenizers
@@ -34,10 +33,10 @@ class Loaded(NamedTuple):
 def tokenizer_location(checkpoint: str, tokenizer: str | None = None) -> str:
     if tokenizer:
         return tokenizer
-    path = os.path.abspath(checkpoint)
-    if (not os.path.isfile(os.path.join(path, "tokenizer.json"))
-            and os.path.basename(os.path.dirname(path)) == "checkpoints"):
-        return os.path.dirname(os.path.dirname(path))  # a step dir: its workdir
+    path = storage.abspath(checkpoint)
+    if (not storage.isfile(storage.join(path, "tokenizer.json"))
+            and storage.basename(storage.dirname(path)) == "checkpoints"):
+        return storage.dirname(storage.dirname(path))  # a step dir: its workdir
     return path
 
 
@@ -81,8 +80,7 @@ def load(checkpoint: str, *, tokenizer: str | None = None, dtype="bfloat16") -> 
 
     from mpt_jax import load_pretrained
 
-    storage.require_local(checkpoint, "--checkpoint", "evaluation loads local checkpoints")
-    if not os.path.exists(checkpoint):
+    if not storage.exists(checkpoint):
         raise ValueError(f"checkpoint {checkpoint!r} does not exist")
     where = tokenizer_location(checkpoint, tokenizer)
     tok = load_tokenizer(where)
@@ -90,8 +88,8 @@ def load(checkpoint: str, *, tokenizer: str | None = None, dtype="bfloat16") -> 
     # hashes as load_pretrained's default does, so equal models share compiled functions
     dt = getattr(jnp, jnp.dtype(dtype).name)
     model = load_pretrained(checkpoint, dtype=dt, param_dtype=dt)
-    tok_dir = where if os.path.isdir(where) else (
-        os.path.dirname(where) if os.path.isfile(where) else None)
+    tok_dir = where if storage.isdir(where) else (
+        storage.dirname(where) if storage.isfile(where) else None)
     eos, bos = special_ids(tok, tok_dir, model.config)
     n_tok = tok.get_vocab_size(with_added_tokens=True)
     if n_tok > model.config.vocab_size:

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mpt_jax import storage
 from mpt_jax.eval.scoring import Request, Scorer
 
 
@@ -50,8 +51,8 @@ def load_stream(data: str, tokenizer=None, *, text_field: str = "text",
         total += take.size
         return max_tokens is not None and total >= max_tokens
 
-    if os.path.isdir(data) and os.path.isfile(os.path.join(data, prepare.MANIFEST)):
-        from array_record.python.array_record_module import ArrayRecordReader
+    if storage.isfile(storage.join(data, prepare.MANIFEST)):
+        from mpt_jax.data.pipeline import shard_source
 
         manifest = prepare.read_manifest(data)
         if tokenizer is not None:
@@ -61,18 +62,12 @@ def load_stream(data: str, tokenizer=None, *, text_field: str = "text",
                                  f"{manifest['tokenizer']['name']!r} (sha256 {want[:12]}), not "
                                  "the checkpoint's (pass the right --tokenizer)")
         dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-        done = False
-        for path in prepare.shard_paths(data, manifest):
-            reader = ArrayRecordReader(path)
-            try:
-                for record in reader.read_all():
-                    if add(np.frombuffer(record, dtype)):
-                        done = True
-                        break
-            finally:
-                reader.close()
-            if done:
-                break
+        records = shard_source(prepare.shard_paths(data, manifest))
+        with storage.errors(data, "reading shards"):
+            for start in range(0, len(records), 256):
+                batch = records.__getitems__(range(start, min(start + 256, len(records))))
+                if any(add(np.frombuffer(record, dtype)) for record in batch):
+                    break
     else:
         if tokenizer is None:
             raise ValueError(f"{data}: text data needs a tokenizer")

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 from collections.abc import Sequence
 from typing import Any
 
 import tokenizers
 
+from mpt_jax import storage
 from mpt_jax.eval.scoring import Request
 
 TASK_TYPES = ("language_modeling", "multiple_choice", "schema", "generation_task_with_answers")
@@ -133,11 +133,10 @@ def load_task_file(path: str) -> list[TaskConfig]:
     """Reads an llm-foundry task YAML; TaskError naming the file and entry on any problem."""
     import yaml
 
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise TaskError(f"{path}: no such task file")
     try:
-        with open(path) as fh:
-            doc = yaml.safe_load(fh)
+        doc = yaml.safe_load(storage.read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""
@@ -236,12 +235,16 @@ def _task_config(entry: Any, path: str, i: int) -> TaskConfig:
 
 
 def _resolve(uri: str, task_file: str, where: str) -> str:
-    if uri.startswith("hf://") or "://" in uri:
-        raise TaskError(f"{where}: dataset_uri {uri!r}: only local JSONL files are read (no hub "
-                        "or object-store download here)")
-    for candidate in (os.path.join(os.path.dirname(os.path.abspath(task_file)), uri), uri):
-        if os.path.isfile(candidate):
-            return os.path.abspath(candidate)
+    """A JSONL file: local, gs:// or s3://, relative to the task file or the working
+    directory."""
+    if "://" in uri and not storage.is_remote(uri):
+        raise TaskError(f"{where}: dataset_uri {uri!r}: only JSONL files (local, gs:// or "
+                        "s3://) are read (no hub download here)")
+    candidates = [uri] if storage.is_remote(uri) else [
+        storage.join(storage.dirname(storage.abspath(task_file)), uri), uri]
+    for candidate in candidates:
+        if storage.isfile(candidate):
+            return storage.abspath(candidate)
     raise TaskError(f"{where}: dataset_uri {uri!r} does not exist (looked next to the task "
                     "file and in the working directory)")
 
@@ -254,26 +257,27 @@ def read_dataset(cfg: TaskConfig) -> list[tuple[int, dict]]:
     `strip_row`)."""
     rows = []
     want = FIELDS[cfg.icl_task_type]
-    with open(cfg.dataset_uri, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{cfg.dataset_uri}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise TaskError(f"{where}: expected a JSON object")
-            for key, typ in want.items():
-                if key not in row:
-                    raise TaskError(f"{where}: missing field {key!r} ({cfg.icl_task_type} "
-                                    f"needs {', '.join(want)})")
-                if not isinstance(row[key], typ) or isinstance(row[key], bool):
-                    raise TaskError(f"{where}: field {key!r} must be a {typ.__name__}, got "
-                                    f"{type(row[key]).__name__}")
-            _check_row(cfg, row, where)
-            rows.append((line_no, row))
+    with storage.errors(cfg.dataset_uri, "reading"):
+        text = storage.read_text(cfg.dataset_uri)
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{cfg.dataset_uri}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise TaskError(f"{where}: expected a JSON object")
+        for key, typ in want.items():
+            if key not in row:
+                raise TaskError(f"{where}: missing field {key!r} ({cfg.icl_task_type} "
+                                f"needs {', '.join(want)})")
+            if not isinstance(row[key], typ) or isinstance(row[key], bool):
+                raise TaskError(f"{where}: field {key!r} must be a {typ.__name__}, got "
+                                f"{type(row[key]).__name__}")
+        _check_row(cfg, row, where)
+        rows.append((line_no, row))
     if not rows:
         raise TaskError(f"{cfg.dataset_uri}: empty dataset (task {cfg.label!r})")
     return rows

@@ -14,6 +14,8 @@ import math
 import os
 from typing import Any
 
+from mpt_jax import storage
+
 ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
 FFN_TYPES = ("mptmlp", "mptglu")
 NORM_TYPES = ("low_precision_layernorm", "layernorm", "low_precision_rmsnorm", "rmsnorm")
@@ -347,9 +349,8 @@ class MPTConfig:
         return cls.from_dict(d)
 
     def to_json_file(self, path: str | os.PathLike, form: str = "foundry") -> None:
-        with open(path, "w") as fh:
-            json.dump(self.to_dict(form), fh, indent=2, sort_keys=True)
-            fh.write("\n")
+        storage.write_atomic(str(path), json.dumps(self.to_dict(form), indent=2,
+                                                   sort_keys=True) + "\n")
 
     def _hf_native_gaps(self) -> list[tuple[str, str, dict]]:
         """Where transformers' native MptForCausalLM computes something other than this config:

@@ -13,9 +13,9 @@ Saves are asynchronous (the device-to-host copy happens in `save`, the writes in
 background); `keep` checkpoints are kept. Orbax writes each step into a temporary directory and
 renames it when every item is complete, so a save interrupted midway (crash, SIGKILL) leaves no
 `<step>/` directory and the previous checkpoint untouched; stale temporaries are cleaned up on
-the next start. On gs:// (no rename there) orbax writes `<step>/` in place and commits it last
-with `<step>/commit_success.txt`: a step without that marker is unfinished and never resumed
-from. s3:// is refused: orbax-checkpoint builds tensorstore specs only for local paths and gs://.
+the next start. On gs:// and s3:// (no rename there) orbax writes `<step>/` in place and commits
+it last with `<step>/commit_success.txt`: a step without that marker is unfinished and never
+resumed from. orbax-checkpoint knows s3:// only in part (see `_orbax_on_s3`).
 `restore` places every array onto the mesh with the given shardings.
 """
 from __future__ import annotations
@@ -43,10 +43,51 @@ def checkpoint_dir(workdir: str) -> str:
 def check_location(workdir: str) -> None:
     """Refuses a workdir whose checkpoints orbax cannot write (one line)."""
     if str(workdir).startswith("s3://"):
+        _orbax_on_s3()
+
+
+_S3_READY = []
+
+
+def _orbax_on_s3() -> None:
+    """Makes orbax-checkpoint write and read s3:// checkpoints. It saves arrays through
+    tensorstore, which has an s3 driver, and its remote-storage checks list s3, but it builds
+    kvstore specs only for local paths and gs:// (an s3:// directory fails 'Checkpoint path
+    should be absolute') and commits with a rename, which s3 lacks, everywhere but gs://. So
+    s3:// takes orbax's gs:// branch in those two places, with tensorstore's s3 spec
+    (storage.tensorstore_kvstore: the endpoint and region the AWS way) and orbax's commit file
+    (as on gs://); the rest orbax does through etils.epath, i.e. fsspec's s3fs."""
+    if _S3_READY:
+        return
+    try:
+        from orbax.checkpoint._src.path import atomicity, atomicity_defaults, gcs_utils
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+        use_gcs, normalize = ts_utils._use_gcs_driver, ts_utils._normalize_path
+        gcs_kvstore = gcs_utils.get_kvstore_for_gcs
+        defaults = {name: getattr(atomicity_defaults, name) for name in (
+            "get_default_temporary_path_class", "get_item_default_temporary_path_class")}
+        commit_file = atomicity.CommitFileTemporaryPath
+    except (ImportError, AttributeError) as e:
         raise storage.StorageError(
-            f"--workdir {workdir}: checkpoints on s3:// are not supported (orbax-checkpoint "
-            f"{ocp.__version__} writes arrays only to local paths and gs://); use gs:// or a "
-            "local (or FUSE-mounted) directory")
+            f"checkpoints on s3:// need orbax-checkpoint's 0.12 internals, which "
+            f"orbax-checkpoint {ocp.__version__} lacks ({e}); use gs:// or a local (or "
+            "FUSE-mounted) directory") from None
+
+    def is_s3(path) -> bool:
+        return str(path).startswith(("s3://", "s3:/"))
+
+    ts_utils._use_gcs_driver = lambda d: is_s3(d) or use_gcs(d)
+    ts_utils._normalize_path = lambda p: (
+        "s3://" + os.path.normpath(str(p)).split(":/", 1)[1].lstrip("/") if is_s3(p)
+        else normalize(p))
+    gcs_utils.get_kvstore_for_gcs = lambda p: (
+        storage.tensorstore_kvstore(p) if is_s3(p) else gcs_kvstore(p))
+    for name, default in defaults.items():
+        setattr(atomicity_defaults, name,
+                lambda path, *a, _default=default, **k: commit_file if is_s3(path)
+                else _default(path, *a, **k))
+    _S3_READY.append(True)
 
 
 def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
