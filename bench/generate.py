@@ -228,24 +228,38 @@ def tune_int8(cfg: MPTConfig, batches) -> list[dict]:
     d, f, v = cfg.d_model, cfg.ffn_hidden_size, cfg.vocab_size
     n_qkv = (cfg.n_heads + 2 * cfg.kv_n_heads) * cfg.head_dim
     shapes = {"qkv": (n_qkv, d), "out": (d, d), "up": (f, d), "down": (d, f), "unembed": (v, d)}
-    # M = 1: narrow row blocks too (more programs in flight: N / block_n of them), long K runs
-    grids = {1: list(itertools.product((4, 8, 16), (1024, 2048), (4, 8), (1, 3))),
-             16: list(itertools.product((32, 64), (128, 256), (4,), (3,)))}
+    # tiles: (block_n, block_k, warps, stages, splits, rows). M = 1: narrow row blocks (N /
+    # block_n programs), long K runs, and the 16-row dot path on x padded; K split over 2 or 4
+    # programs where N is narrow (4096 outputs are 128 programs of 32 rows on 132 SMs)
+    gemv = list(itertools.product((4, 8, 16), (1024, 2048), (4, 8), (1, 3), (1,), (1,)))
+    dot = list(itertools.product((32, 64), (128, 256), (4,), (3,), (1,), (16,)))
+
+    def grid(m, n):
+        narrow = n <= 4096
+        if m == 1:
+            out = gemv + dot
+            if narrow:
+                out += list(itertools.product((8, 16, 32), (1024,), (4, 8), (3,), (2, 4), (1,)))
+                out += list(itertools.product((32, 64), (128, 256), (4,), (3,), (2, 4), (16,)))
+            return out
+        return dot + (list(itertools.product((32, 64), (128, 256), (4,), (3,), (2, 4), (16,)))
+                      if narrow else [])
+
     out = []
     for m in sorted({1 if b == 1 else 16 for b in batches}):
         for name, (n, k) in shapes.items():
             best = None
-            for bn, bk, warps, stages in grids[m]:
-                if n % bn or k % bk:
+            for candidate in grid(m, n):
+                bn, bk, _, _, splits, _ = candidate
+                if n % bn or k % (bk * splits):
                     continue
                 try:
-                    t = _time_matmul(m, n, k, (bn, bk, warps, stages))
+                    t = _time_matmul(m, n, k, candidate)
                 except Exception as e:  # noqa: BLE001  (a tile that does not compile)
-                    print(f"# tune {name} m={m} {(bn, bk, warps, stages)}: {type(e).__name__}",
-                          flush=True)
+                    print(f"# tune {name} m={m} {candidate}: {type(e).__name__}", flush=True)
                     continue
                 if best is None or t < best[0]:
-                    best = (t, (bn, bk, warps, stages))
+                    best = (t, candidate)
             if best is None:
                 continue
             int8_gpu.TILES[(m, n, k)] = best[1]

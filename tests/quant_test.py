@@ -60,12 +60,14 @@ def test_quantize_rows_matches_a_numpy_reference():
         assert (err <= want_s[:, None] / 2 * (1 + 1e-5) + 1e-12).all()  # at most half a step
 
 
-@pytest.mark.parametrize("m,gelu,tiles", [(1, False, None), (1, False, (4, 32, 4, 1)),
-                                          (5, True, None)])
+@pytest.mark.parametrize("m,gelu,tiles", [
+    (1, False, None), (1, False, (4, 32, 4, 1)), (1, True, (4, 16, 4, 1, 3)),
+    (1, False, (16, 32, 4, 3, 1, 16)), (5, True, None), (5, True, (16, 16, 4, 3, 2))])
 def test_int8_kernel_matches_dequantized_matmul(m, gelu, tiles, monkeypatch):
-    """The Pallas kernel (interpret mode; M = 1 the elementwise GEMV, also with 4-row blocks,
-    M = 5 the dot path with the GELU epilogue) against float64 x @ (q * scale)^T + b, and its
-    CUDA lowering."""
+    """The Pallas kernel (interpret mode) against float64 x @ (q * scale)^T + b, and its CUDA
+    lowering: M = 1 the elementwise GEMV (16- and 4-row blocks; K split over 3 programs, the
+    GELU then applied after the partial sums), M = 1 on the 16-row dot path, M = 5 the dot path
+    with the GELU epilogue, also with K split in 2."""
     from scipy.special import erf
 
     n, k = 48, 96  # several programs and K blocks

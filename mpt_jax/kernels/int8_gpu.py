@@ -31,6 +31,13 @@ far below a bfloat16 rounding).
 
 Needs N % block_n == 0 and K % block_k == 0 with power-of-two blocks; `supported()` says whether
 a call qualifies. Imports from mpt_jax nothing.
+
+Two tile options beyond the blocks: `splits` > 1 divides K over that many programs per row block
+(split-K), each writing a float32 partial sum; XLA adds the partials and applies the scale, bias
+and GELU (one small fused kernel more). A narrow output (N = 4096 is 128 programs of 32 rows: an
+H200 has 132 SMs) then still has enough programs streaming. `rows` 16 at M = 1 runs the
+tensor-core path on x padded to 16 rows, which measured faster than the elementwise GEMV on the
+wide matrices.
 """
 from __future__ import annotations
 
@@ -88,18 +95,21 @@ def _regime(m: int) -> int:
     return 1 if m == 1 else _DOT_ROWS
 
 
-def tile(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(block_n, block_k, num_warps, num_stages) for an M x N x K call: a TILES entry, else the
-    regime default with blocks shrunk (by halving) to divide N and K."""
+def tile(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
+    """(block_n, block_k, num_warps, num_stages, splits, rows) for an M x N x K call: a TILES
+    entry (4 to 6 values; splits default 1, rows 0 = the regime's: 1 at M = 1, else 16), else
+    the regime default with blocks shrunk (by halving) to divide N and K."""
     found = TILES.get((_regime(m), n, k))
-    if found is not None:
-        return found
-    bn, bk, warps, stages = GEMV_TILE if m == 1 else GEMM_TILE
-    while bn > 1 and n % bn:
-        bn //= 2
-    while bk > 1 and k % bk:
-        bk //= 2
-    return bn, bk, warps, stages
+    if found is None:
+        bn, bk, warps, stages = GEMV_TILE if m == 1 else GEMM_TILE
+        while bn > 1 and n % bn:
+            bn //= 2
+        while bk > 1 and k % bk:
+            bk //= 2
+        found = (bn, bk, warps, stages)
+    found = tuple(found)
+    bn, bk, warps, stages, splits, rows = found + (1, 0)[len(found) - 4:]
+    return bn, bk, warps, stages, splits, rows or _regime(m)
 
 
 def _pow2(v: int) -> bool:
@@ -112,13 +122,14 @@ def supported(m: int, n: int, k: int) -> bool:
     operands (M > 1; M = 1 takes row blocks of any power of two)."""
     if not 1 <= m <= MAX_ROWS:
         return False
-    bn, bk, _, _ = tile(m, n, k)
-    least_n = 1 if m == 1 else 16
-    return (_pow2(bn) and _pow2(bk) and bn >= least_n and bk >= 16 and n % bn == 0
-            and k % bk == 0)
+    bn, bk, _, _, splits, rows = tile(m, n, k)
+    least_n = 1 if rows == 1 else 16
+    return (rows in (1, _DOT_ROWS) and rows >= m and _pow2(bn) and _pow2(bk)
+            and bn >= least_n and bk >= 16 and splits >= 1 and n % bn == 0
+            and k % (bk * splits) == 0)
 
 
-def _kernel(x_ref, q_ref, s_ref, *refs, rows, block_k, n_k, has_bias, gelu):
+def _kernel(x_ref, q_ref, s_ref, *refs, rows, block_k, n_k, has_bias, gelu, split):
     b_ref = refs[0] if has_bias else None
     o_ref = refs[-1]
     block_n = q_ref.shape[0]
@@ -143,6 +154,9 @@ def _kernel(x_ref, q_ref, s_ref, *refs, rows, block_k, n_k, has_bias, gelu):
                                          preferred_element_type=F32)
 
         y = lax.fori_loop(0, n_k, body, jnp.zeros((x_ref.shape[0], block_n), F32))
+    if split:  # a partial sum: the epilogue runs on the total (_matmul)
+        o_ref[0] = y
+        return
     y = y * s_ref[...][None, :]
     if has_bias:
         y = y + b_ref[...].astype(F32)[None, :]
@@ -169,30 +183,49 @@ def int8_matmul_gpu(x, q, scale, bias=None, *, gelu: bool = False, out_dtype=Non
                    interpret=interpret)
 
 
+def _epilogue(y, scale, bias, gelu, out_dtype):
+    """What the kernel does after its sum, on a float32 [M, N] total (the split-K path)."""
+    y = y * scale.astype(F32)[None, :]
+    if bias is not None:
+        y = y + bias.astype(F32)[None, :]
+    if gelu:
+        y = gelu_approx_erf(y.astype(out_dtype).astype(F32))
+    return y.astype(out_dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("gelu", "out_dtype", "tiles", "interpret"))
 def _matmul(x, q, scale, bias, *, gelu, out_dtype, tiles, interpret):
     m, k = x.shape
     n = q.shape[0]
-    block_n, block_k, warps, stages = tiles
-    rows = 1 if m == 1 else _DOT_ROWS
+    block_n, block_k, warps, stages, splits, rows = tiles
+    split = splits > 1
+    kc = k // splits  # each program's share of K
     x_p = x if rows == m else jnp.zeros((rows, k), x.dtype).at[:m].set(x)
-    in_specs = [pl.BlockSpec((rows, k), lambda j: (0, 0)),
-                pl.BlockSpec((block_n, k), lambda j: (j, 0)),
-                pl.BlockSpec((block_n,), lambda j: (j,))]
+    in_specs = [pl.BlockSpec((rows, kc), lambda j, s: (0, s)),
+                pl.BlockSpec((block_n, kc), lambda j, s: (j, s)),
+                pl.BlockSpec((block_n,), lambda j, s: (j,))]
     args = [x_p, q, scale.astype(F32)]
-    if bias is not None:
-        in_specs.append(pl.BlockSpec((block_n,), lambda j: (j,)))
+    if bias is not None and not split:
+        in_specs.append(pl.BlockSpec((block_n,), lambda j, s: (j,)))
         args.append(bias)
-    kernel = functools.partial(_kernel, rows=rows, block_k=block_k, n_k=k // block_k,
-                               has_bias=bias is not None, gelu=gelu)
+    kernel = functools.partial(_kernel, rows=rows, block_k=block_k, n_k=kc // block_k,
+                               has_bias=bias is not None and not split, gelu=gelu, split=split)
+    if split:
+        out_specs = pl.BlockSpec((1, rows, block_n), lambda j, s: (s, 0, j))
+        out_shape = jax.ShapeDtypeStruct((splits, rows, n), F32)
+    else:
+        out_specs = pl.BlockSpec((rows, block_n), lambda j, s: (0, j))
+        out_shape = jax.ShapeDtypeStruct((rows, n), out_dtype)
     y = pl.pallas_call(
         kernel,
-        grid=(n // block_n,),
+        grid=(n // block_n, splits),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((rows, block_n), lambda j: (0, j)),
-        out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name="int8_matmul",
     )(*args)
+    if split:
+        y = _epilogue(jnp.sum(y[:, :m], axis=0), scale, bias, gelu, out_dtype)
     return y if rows == m else y[:m]
