@@ -53,20 +53,21 @@ F32 = jnp.float32
 MAX_ROWS = 16  # the largest M this kernel takes (Triton's dot tile is 16 rows)
 _DOT_ROWS = 16
 
-# Tiles (block_n, block_k, num_warps, num_stages) by row regime; a benchmark may replace them,
-# or add per-shape entries to TILES: {(rows_regime, N, K): tile} with rows_regime 1 or 16.
+# Tiles (block_n, block_k, num_warps, num_stages[, splits[, rows]]) by row regime (see `tile`);
+# a benchmark may replace them, or add per-shape entries to TILES: {(rows_regime, N, K): tile}
+# with rows_regime 1 or 16.
 # The entries are bench/generate.py's `tune` picks for MPT-7B's matrices on an H200
-# (2026-12-01): at batch 1, 4-row blocks (N / 4 programs) beat 16 rows (3.23 against 3.75 ms a
-# decode step); at 16 rows, the GEMM_TILE grid's best.
+# (2026-12-01, b343be0): the 16-row dot path at batch 1 too, K split 4 ways for the 4096-wide
+# outputs; decode steps 2.77 ms at batch 1 (3.75 with 16-row GEMV blocks), 3.14 at batch 16.
+# Other shapes get the regime defaults.
 GEMV_TILE = (4, 1024, 4, 1)
 GEMM_TILE = (32, 256, 4, 3)
-TILES: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
-    (1, 12288, 4096): (4, 1024, 4, 1), (1, 4096, 4096): (4, 2048, 8, 3),
-    (1, 16384, 4096): (4, 2048, 8, 3), (1, 4096, 16384): (4, 2048, 4, 1),
-    (1, 50432, 4096): (4, 1024, 4, 1),
-    (16, 12288, 4096): (32, 256, 4, 3), (16, 4096, 4096): (32, 256, 4, 3),
-    (16, 16384, 4096): (64, 256, 4, 3), (16, 4096, 16384): (32, 256, 4, 3),
-    (16, 50432, 4096): (64, 128, 4, 3),
+TILES: dict[tuple[int, int, int], tuple[int, ...]] = {
+    (1, 12288, 4096): (32, 256, 4, 3, 1, 16), (16, 12288, 4096): (32, 256, 4, 3, 1, 16),
+    (1, 4096, 4096): (32, 256, 4, 3, 4, 16), (16, 4096, 4096): (64, 256, 4, 3, 4, 16),
+    (1, 16384, 4096): (64, 256, 4, 3, 1, 16), (16, 16384, 4096): (64, 256, 4, 3, 1, 16),
+    (1, 4096, 16384): (64, 256, 4, 3, 4, 16), (16, 4096, 16384): (64, 256, 4, 3, 4, 16),
+    (1, 50432, 4096): (64, 128, 4, 3, 1, 16), (16, 50432, 4096): (64, 128, 4, 3, 1, 16),
 }
 
 # erf(z) = 1 - t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2), t = 1 / (1 + p z), z >= 0
