@@ -31,13 +31,11 @@ def _log(msg: str) -> None:
 
 
 def _write(path: str, text: str) -> None:
-    """Written whole or not at all."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    """Written whole or not at all (local, gs:// or s3://)."""
+    from mpt_jax import storage
+
+    storage.makedirs(storage.dirname(storage.abspath(path)))
+    storage.write_atomic(path, text)
 
 
 def _json(obj) -> str:

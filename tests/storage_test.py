@@ -327,6 +327,66 @@ def test_hf_safetensors_in_a_bucket_load_import_and_export_as_transformers_compu
     np.testing.assert_allclose(out[real], want, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+@pytest.mark.slow
+def test_peft_adapters_import_and_export_within_a_bucket(scheme, request, tmp_path):
+    """A PEFT adapter (made by peft) and its base, both in the bucket: imported into the bucket
+    as our LoRA directory, which loads with peft's logits, and exported from there into the
+    bucket merged (transformers loads it) and as PEFT's adapter again (peft loads it)."""
+    import peft
+    import torch
+    from conftest import hf_model, tiny
+    from transformers import MptForCausalLM
+
+    from mpt_jax import load_pretrained, storage
+    from mpt_jax.convert import convert
+
+    request.getfixturevalue("gcs" if scheme == "gs" else "s3")
+    bucket = f"{scheme}://{GCS_BUCKET if scheme == 'gs' else S3_BUCKET}/peft-{scheme}"
+    hf_model(tiny(d_model=40, n_heads=4, vocab_size=384, max_seq_len=32), seed=5,
+             std=0.1).save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(MptForCausalLM.from_pretrained(tmp_path / "base"), peft.LoraConfig(
+        r=3, lora_alpha=12, target_modules=["Wqkv", "down_proj"], lora_dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    ids = np.random.default_rng(0).integers(0, 384, (2, 13))
+    with torch.no_grad():
+        want = pm.eval()(torch.tensor(ids)).logits.numpy()
+    base = storage.join(bucket, "base")
+    for d, remote in ((tmp_path / "base", base), (tmp_path / "peft", storage.join(bucket, "a"))):
+        for name in os.listdir(d):
+            storage.upload(str(d / name), storage.join(remote, name))
+    ours = storage.join(bucket, "ours")
+    assert convert.main(["import", storage.join(bucket, "a"), ours, "--base", base]) == 0
+    assert json.loads(storage.read_text(storage.join(ours, "lora.json")))["base"] == base
+    np.testing.assert_allclose(np.asarray(load_pretrained(ours)(ids)), want, atol=1e-4,
+                               rtol=1e-4)
+
+    def fetch(remote):
+        local = tmp_path / remote.rsplit("/", 1)[1]
+        local.mkdir()
+        for name in storage.listdir(remote):
+            (local / name).write_bytes(storage.read_bytes(storage.join(remote, name)))
+        return local
+
+    merged = storage.join(bucket, "merged")
+    assert convert.main(["export", ours, merged, "--merge_lora"]) == 0
+    with torch.no_grad():
+        got = MptForCausalLM.from_pretrained(fetch(merged)).eval()(torch.tensor(ids)).logits
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-4, rtol=1e-4)
+    again = storage.join(bucket, "again")
+    assert convert.main(["export", ours, again]) == 0
+    back = peft.PeftModel.from_pretrained(MptForCausalLM.from_pretrained(tmp_path / "base"),
+                                          str(fetch(again))).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.tensor(ids)).logits.numpy(), want, atol=1e-4,
+                                   rtol=1e-4)
+
+
 def test_what_stays_local_is_refused_in_one_line(tmp_path):
     """The built-in demo corpora are prepared on local disk: a bucket workdir for them says so
     (before any network access)."""
@@ -365,8 +425,9 @@ def _read_remote_losses(workdir: str) -> dict:
 @pytest.mark.slow
 def test_eval_reads_its_checkpoint_data_and_tasks_from_a_bucket(scheme, request, tmp_path):
     """eval.py perplexity over shards prepared into the bucket and icl with its task file,
-    datasets and gauntlet there, the checkpoint an HF directory in the bucket: the same JSON
-    as the same evaluation of local copies."""
+    datasets and gauntlet there, the checkpoint an HF directory in the bucket, the results
+    (JSON, PNG, markdown) written into the bucket: the same JSON as the same evaluation of
+    local copies."""
     import random
 
     import eval_common
@@ -403,22 +464,25 @@ def test_eval_reads_its_checkpoint_data_and_tasks_from_a_bucket(scheme, request,
     prepare.prepare_dataset([docs], shards, local_ckpt, seq_len=None, keep_documents=True,
                             progress=False)
 
-    def evaluate(*argv) -> dict:
-        out = tmp_path / f"out{len(os.listdir(tmp_path))}.json"
+    def evaluate(*argv, into=str(tmp_path)) -> dict:  # the results written into `into`
+        out = storage.join(into, f"{argv[0]}.json")
         assert main([*argv, "--dtype", "float32", "--batch_tokens", "1024", "--min_bucket",
-                     "128", "--output", str(out), "--no_progress"]) == 0
-        return json.loads(out.read_text())
+                     "128", "--output", out, "--no_progress"]) == 0
+        return json.loads(storage.read_text(out))
 
     want = evaluate("perplexity", "--checkpoint", local_ckpt, "--data",
                     str(tmp_path / "shards"), "--seq_lens", "32")
-    got = evaluate("perplexity", "--checkpoint", ckpt, "--data", shards, "--seq_lens", "32")
+    got = evaluate("perplexity", "--checkpoint", ckpt, "--data", shards, "--seq_lens", "32",
+                   into=bucket)
+    assert storage.read_bytes(storage.join(bucket, "perplexity.png"))[:4] == b"\x89PNG"
     assert got["tokens"] == want["tokens"] > 0
     assert got["seq_lens"] == want["seq_lens"]  # the same model on the same tokens
     want = evaluate("icl", "--checkpoint", local_ckpt, "--tasks", str(local / "tasks.yaml"),
                     "--gauntlet", str(local / "gauntlet.yaml"))
     tasks = storage.join(bucket, "tasks")
     got = evaluate("icl", "--checkpoint", ckpt, "--tasks", storage.join(tasks, "tasks.yaml"),
-                   "--gauntlet", storage.join(tasks, "gauntlet.yaml"))
+                   "--gauntlet", storage.join(tasks, "gauntlet.yaml"), into=bucket)
+    assert "| Category | Benchmark |" in storage.read_text(storage.join(bucket, "icl.md"))
     for key in ("tasks", "gauntlet"):
         assert json.dumps(got[key], sort_keys=True) == json.dumps(
             want[key], sort_keys=True).replace(str(local), tasks)

@@ -165,8 +165,8 @@ def import_checkpoint(src, dst, *, dtype: str | None = None,
     with _AtomicDir(dst) as tmp:
         _write_params(tmp / "params", cfg, iter_tensors(plan), plan.dtypes.__getitem__,
                       np_dtype, total, f"import {src.name}")
-        cfg.to_json_file(tmp / "config.json", form="foundry")
         _copy_tokenizer(src, tmp)
+        cfg.to_json_file(tmp / "config.json", form="foundry")  # last: a bucket's "complete"
     return cfg, plan.notes
 
 
@@ -196,8 +196,8 @@ def quantize_checkpoint(src, dst, *, quantize: str = "int8") -> MPTConfig:
     with _AtomicDir(dst) as tmp:
         _write_params(tmp / "params", cfg, tensors(), lambda p: reader.shape_dtype(p)[1], None,
                       total, f"quantize {src.name}")
-        cfg.to_json_file(tmp / "config.json", form="foundry")
         _copy_tokenizer(ck.files_dir, tmp)
+        cfg.to_json_file(tmp / "config.json", form="foundry")  # last: a bucket's "complete"
     return cfg
 
 
@@ -448,7 +448,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         mode = None if getattr(args, "quantize", "none") == "none" else args.quantize
-        if args.cmd == "import" and (Path(args.src) / "adapter_config.json").is_file():
+        if args.cmd == "import" and storage.isfile(storage.join(args.src,
+                                                                 "adapter_config.json")):
             from mpt_jax.convert import lora as lora_io
 
             if mode is not None:

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from mpt_jax import storage
 from mpt_jax.convert.convert import (_AtomicDir, _check_params, _copy_tokenizer, _parse_dtype,
                                      _source, check_shard_bytes, plan_import, read_pure,
                                      resolve_checkpoint, tokenizer_dir, write_hf_dir)
@@ -110,23 +111,23 @@ def find_adapters(path: Path, *, base: str | None = None) -> Adapted | None:
     _check_shapes(adapters, ck.cfg, lora, ck.params_dir)
     files_dir = tokenizer_dir(path)
     return Adapted(ck.cfg, lora, meta["base"], meta.get("base_fingerprint"), adapters,
-                   Path(files_dir))
+                   _source(files_dir))
 
 
 def _base_config(base: str, where) -> MPTConfig:
     from mpt_jax.convert.pretrained import read_model_config
 
-    if not Path(base).is_dir():
-        raise ConversionError(f"{where}: its base {base!r} is not a local directory (pass "
-                              "--base, the base model's checkpoint directory)")
+    if not base or not storage.isdir(base):
+        raise ConversionError(f"{where}: its base {base!r} is not a directory (pass --base, "
+                              "the base model's checkpoint directory)")
     return read_model_config(base)
 
 
 def read_peft(src: Path, *, base: str | None = None) -> Adapted:
     """A PEFT LoRA adapter directory, in our layout, checked against its base's shapes."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
-    src = Path(src)
+    src = _source(src)
     cfg_path = src / PEFT_CONFIG
     try:
         meta = json.loads(cfg_path.read_text())
@@ -156,7 +157,8 @@ def read_peft(src: Path, *, base: str | None = None) -> Adapted:
     weights = src / PEFT_WEIGHTS
     if not weights.is_file():
         raise ConversionError(f"{weights}: file not found (only safetensors adapters are read)")
-    tensors = load_file(str(weights))
+    with storage.errors(str(weights), "reading"):
+        tensors = load(storage.read_bytes(str(weights)))  # (an adapter: megabytes)
     adapters: dict = {}
     used = set()
     for target in lora.targets:
@@ -180,14 +182,15 @@ def read_peft(src: Path, *, base: str | None = None) -> Adapted:
         raise ConversionError(f"{weights}: unexpected key {extra[0]!r} for target_modules "
                               f"{list(lora.targets)} on a {cfg.n_layers}-layer base")
     _check_shapes(adapters, cfg, lora, weights)
-    files_dir = src if (src / "tokenizer.json").is_file() else Path(tokenizer_dir(base))
-    return Adapted(cfg, lora, str(Path(base).resolve()), None, adapters, files_dir)
+    files_dir = src if (src / "tokenizer.json").is_file() else _source(tokenizer_dir(base))
+    base = storage.abspath(base) if storage.is_remote(base) else str(Path(base).resolve())
+    return Adapted(cfg, lora, base, None, adapters, files_dir)
 
 
 def read_adapters(path, cfg: MPTConfig) -> tuple[LoraConfig, dict]:
     """(LoRA settings, adapters) of a PEFT directory or a LoRA checkpoint of ours, for a model
     of config `cfg` (train.lora.adapter: the base is train.init_from)."""
-    path = Path(path)
+    path = _source(path)
     # (a PEFT directory is read against `cfg`, whatever base it names: the run's base is
     # train.init_from)
     found = (_peft_for_config(path, cfg) if (path / PEFT_CONFIG).is_file() else
@@ -215,7 +218,7 @@ def export_peft(adapted: Adapted, dst) -> None:
     """PEFT's adapter directory: adapter_config.json, adapter_model.safetensors, and the
     tokenizer files. `peft.PeftModel.from_pretrained(MptForCausalLM.from_pretrained(base),
     dst)` loads it."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     lora = adapted.lora
     tensors = {}
@@ -233,15 +236,16 @@ def export_peft(adapted: Adapted, dst) -> None:
               "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
               "rank_pattern": {}, "alpha_pattern": {},
               "base_model_name_or_path": adapted.base}
-    with _AtomicDir(Path(dst)) as tmp:
-        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
-        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with _AtomicDir(_source(dst)) as tmp:
+        storage.write_atomic(str(tmp / PEFT_WEIGHTS), save(tensors, metadata={"format": "pt"}))
         _copy_tokenizer(adapted.files_dir, tmp)
+        # last: what PEFT opens first, so in a bucket (no rename) it marks the whole
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _base_reader(base: str, cfg: MPTConfig):
     """(read(row, layer) in torch's layout, dtype_of(row)) of the base checkpoint."""
-    path = Path(base)
+    path = _source(base)
     if (path / "params").is_dir() or (path / "checkpoints").is_dir():
         ck = resolve_checkpoint(path)
         reader = ParamsReader(ck.params_dir)
@@ -276,7 +280,7 @@ def export_merged(adapted: Adapted, dst, *, dtype: str | None = None,
         delta_oi = (pair["a"][i].astype(np.float32) @ pair["b"][i].astype(np.float32)).T
         return (arr.astype(np.float32) + scale * delta_oi).astype(arr.dtype)
 
-    return write_hf_dir(adapted.cfg, read, dtype_of, adapted.files_dir, Path(dst),
+    return write_hf_dir(adapted.cfg, read, dtype_of, adapted.files_dir, _source(dst),
                         dtype=_parse_dtype(dtype), max_shard_bytes=max_shard_bytes,
                         desc="export merged")
 
@@ -284,14 +288,14 @@ def export_merged(adapted: Adapted, dst, *, dtype: str | None = None,
 def import_peft(src, dst, *, base: str | None = None) -> tuple[LoraConfig, str]:
     """A PEFT adapter directory -> our LoRA directory (config.json of the base's model,
     lora.json naming the base, params/ holding the adapters, the tokenizer files)."""
-    adapted = read_peft(Path(src), base=base)
+    adapted = read_peft(_source(src), base=base)
     leaves = {}
     for target in adapted.lora.targets:
         module = TARGET_PLACES[target][0]
         for name in ("a", "b"):
             arr = adapted.adapters["blocks"][module][target + SUFFIX][name]
             leaves[("blocks", module, target + SUFFIX, name)] = (arr.shape, arr.dtype)
-    with _AtomicDir(Path(dst)) as tmp:
+    with _AtomicDir(_source(dst)) as tmp:
         writer = ParamsWriter(tmp / "params", leaves, [], [])
         for leaf in leaves:
             node = adapted.adapters
@@ -299,11 +303,11 @@ def import_peft(src, dst, *, base: str | None = None) -> tuple[LoraConfig, str]:
                 node = node[k]
             writer.write(leaf, None, node)
         writer.close()
-        adapted.cfg.to_json_file(tmp / "config.json", form="foundry")
         (tmp / LORA_JSON).write_text(json.dumps(
             {**adapted.lora.to_dict(), "base": adapted.base, "base_fingerprint": None},
             indent=2) + "\n")
         _copy_tokenizer(adapted.files_dir, tmp)
+        adapted.cfg.to_json_file(tmp / "config.json", form="foundry")  # last (see _AtomicDir)
     return adapted.lora, adapted.base
 
 
@@ -327,7 +331,7 @@ def load_adapted(adapted: Adapted, pd=None, *, merge: bool) -> tuple[MPTConfig, 
     from mpt_jax.model import lora as lora_lib
 
     _check_base(adapted)
-    cfg, base = read_pure(Path(adapted.base), pd)
+    cfg, base = read_pure(_source(adapted.base), pd)
     if adapted.fingerprint is not None:
         fp = lora_lib.fingerprint(base)
         if fp != adapted.fingerprint:

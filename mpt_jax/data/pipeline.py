@@ -509,15 +509,20 @@ def _fingerprints(resolved: ResolvedData, workdir: str | None, **settings) -> tu
         }
         return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
-    absolute = [os.path.abspath(s.path) for s in resolved.sources]
+    absolute = [storage.abspath(s.path) for s in resolved.sources]
     relative = [_relative_to(path, workdir) for path in absolute]
     return (digest(relative), digest([s.path for s in resolved.sources]))
 
 
 def _relative_to(path: str, workdir: str | None) -> str:
-    if workdir is None:
+    """`path` relative to the workdir when it lies inside it (on the same store), else as is."""
+    if workdir is None or storage.is_remote(path) != storage.is_remote(workdir):
         return path
-    rel = os.path.relpath(path, os.path.abspath(workdir))
+    workdir = storage.abspath(workdir)
+    if storage.is_remote(path):
+        inside = path.startswith(workdir.rstrip("/") + "/")
+        return path[len(workdir.rstrip("/")) + 1:] if inside else path
+    rel = os.path.relpath(path, workdir)
     return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
 

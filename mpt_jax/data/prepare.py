@@ -61,6 +61,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -396,8 +397,8 @@ def prepare_dataset(
     listed = {shard["path"] for entry in manifest["inputs"].values() for shard in entry["shards"]}
     stems = tuple(_shard_stem(path, key) + "-" for path, key in zip(files, keys))
     for name in storage.listdir(output_dir):
-        if name.endswith(".tmp") or (name.startswith(stems) and name.endswith(SHARD_SUFFIX)
-                                     and name not in listed):
+        if _temporary(name) or (name.startswith(stems) and name.endswith(SHARD_SUFFIX)
+                                and name not in listed):
             storage.remove(storage.join(output_dir, name))
 
     if examples:
@@ -442,11 +443,9 @@ def prepare_dataset(
         if pool is not None:
             pool.close()
             pool.join()
-    # Keep only the inputs of this run, in this run's order (the record order of the dataset).
-    for key in set(manifest["inputs"]) - set(keys):
-        print(f"{output_dir}: dropping shards of {key}, not an input of this run",
-              file=sys.stderr)
-        _remove_shards(output_dir, manifest["inputs"].pop(key)["shards"])
+    # Keep only the inputs of this run, in this run's order (the record order of the dataset);
+    # the manifest forgets the others before their shards go.
+    dropped = {key: manifest["inputs"].pop(key) for key in set(manifest["inputs"]) - set(keys)}
     manifest["inputs"] = {key: manifest["inputs"][key] for key in keys}
     manifest = _with_totals(manifest)
     if manifest["records"] == 0:
@@ -458,7 +457,16 @@ def prepare_dataset(
                + (f"; seq_len {seq_len} is longer than all of it" if not keep_documents else "")
                + ")"))
     _write_json_atomic(manifest_path, manifest)
+    for key, entry in sorted(dropped.items()):
+        print(f"{output_dir}: dropping shards of {key}, not an input of this run",
+              file=sys.stderr)
+        _remove_shards(output_dir, entry["shards"])
     return manifest
+
+
+def _temporary(name: str) -> bool:
+    """A temporary file of ours: a shard being written (`.tmp`), storage.write_atomic's."""
+    return name.endswith(".tmp") or re.search(r"\.tmp\d+$", name) is not None
 
 
 def _shard_stem(path: str, key: str) -> str:
@@ -488,8 +496,7 @@ def _prepare_one(path, key, output_dir, settings, pool, max_bad_fraction, shard_
     writer = _ShardWriter(output_dir, _shard_stem(path, key), shard_tokens)
     prepare = _prepare_examples if settings["mode"] == "examples" else _prepare_text
     try:
-        with storage.errors(path, "reading"):
-            return prepare(path, writer, settings, pool, max_bad_fraction, bar)
+        return prepare(path, writer, settings, pool, max_bad_fraction, bar)
     except BaseException:
         writer.abandon()
         raise
@@ -501,7 +508,8 @@ def _prepare_text(path, writer, settings, pool, max_bad_fraction, bar) -> dict:
     seq_len, keep_documents = settings["seq_len"], settings["mode"] == "documents"
     pending_t = np.zeros((0,), settings["dtype"])  # sequences layout: tokens not yet in a record
     documents = tokens = max_document_tokens = 0
-    documents_iter = readers.iter_documents(path, settings["text_field"], bad)
+    documents_iter = readers.guarded(path, readers.iter_documents(path, settings["text_field"],
+                                                                  bad))
     batches = _batched(documents_iter, _DOCS_PER_BATCH)
     encoded = pool.imap(_encode_texts, batches) if pool is not None else map(_encode_texts, batches)
     for docs in encoded:
@@ -539,7 +547,7 @@ def _prepare_examples(path, writer, settings, pool, max_bad_fraction, bar) -> di
     bad = readers.BadLines()
     counts = dict.fromkeys(("examples", "tokens", "loss_tokens", "truncated", "dropped",
                             "max_example_tokens"), 0)
-    batches = _batched(readers.iter_records(path, bad), _DOCS_PER_BATCH)
+    batches = _batched(readers.guarded(path, readers.iter_records(path, bad)), _DOCS_PER_BATCH)
     encoded = (pool.imap(finetune.encode_rows, batches) if pool is not None
                else map(finetune.encode_rows, batches))
     for results in encoded:

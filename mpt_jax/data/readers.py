@@ -46,8 +46,10 @@ def expand_inputs(paths: Sequence[str]) -> list[str]:
     for path in paths:
         if storage.isdir(path):
             found = []
-            if storage.is_remote(path):
-                found = [f for f in storage.glob(path, "**") if _supported(f)]
+            if storage.is_remote(path):  # in os.walk's order: a directory's files, then its
+                root = storage.abspath(path)  # subdirectories
+                found = sorted((f for f in storage.glob(path, "**") if _supported(f)),
+                               key=lambda f: _walk_key(f[len(root) + 1:]))
             else:
                 for root, dirs, names in os.walk(path):
                     dirs.sort()
@@ -66,6 +68,24 @@ def expand_inputs(paths: Sequence[str]) -> list[str]:
         raise ValueError("an input file is named twice: " + ", ".join(
             sorted({f for f in absolute if absolute.count(f) > 1})))
     return absolute
+
+
+def guarded(path: str, items: Iterator) -> Iterator:
+    """`items` (a reader of `path`), its read failures (a bucket's network error, say) turned
+    into one StorageError line naming `path`; errors of the caller's own work are not touched."""
+    items = iter(items)
+    while True:
+        with storage.errors(path, "reading"):
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+        yield item
+
+
+def _walk_key(relative: str) -> list:
+    *dirs, name = relative.split("/")
+    return [(1, d) for d in dirs] + [(0, name)]
 
 
 def _supported(name: str) -> bool:
@@ -87,6 +107,11 @@ def _open_binary(path: str):
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
                                                           closefd=True)
     return raw
+
+
+def _parquet_source(path: str):
+    """pyarrow reads a local path itself (memory-mapped); a bucket's object as a ranged file."""
+    return storage.open_file(path, "rb") if storage.is_remote(path) else path
 
 
 @dataclasses.dataclass
@@ -152,7 +177,7 @@ def iter_documents(path: str, text_field: str, bad: BadLines) -> Iterator[str]:
         import pyarrow.parquet as pq
 
         try:
-            parquet_file = pq.ParquetFile(storage.open_file(path, "rb"))
+            parquet_file = pq.ParquetFile(_parquet_source(path))
         except Exception as e:  # noqa: BLE001 (pyarrow raises several types)
             raise ValueError(f"{path}: not a readable Parquet file ({e})".splitlines()[0]) from None
         if text_field not in parquet_file.schema_arrow.names:
@@ -187,7 +212,7 @@ def iter_records(path: str, bad: BadLines) -> Iterator[tuple[str, object]]:
     import pyarrow.parquet as pq
 
     try:
-        parquet_file = pq.ParquetFile(storage.open_file(path, "rb"))
+        parquet_file = pq.ParquetFile(_parquet_source(path))
     except Exception as e:  # noqa: BLE001 (pyarrow raises several types)
         raise ValueError(f"{path}: not a readable Parquet file ({e})".splitlines()[0]) from None
     row = 0

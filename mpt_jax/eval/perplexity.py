@@ -22,8 +22,8 @@ tokens before them. The same tokens at every L: the loss can only change through
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -227,7 +227,7 @@ def plot(result: dict, path: str, title: str = "") -> None:
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    storage.write_atomic(path, png.getvalue())

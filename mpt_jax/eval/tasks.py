@@ -259,7 +259,9 @@ def read_dataset(cfg: TaskConfig) -> list[tuple[int, dict]]:
     want = FIELDS[cfg.icl_task_type]
     with storage.errors(cfg.dataset_uri, "reading"):
         text = storage.read_text(cfg.dataset_uri)
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    # (split at newlines only: str.splitlines also splits at U+2028 and others, which JSON
+    # strings may hold unescaped)
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{cfg.dataset_uri}:{line_no}"

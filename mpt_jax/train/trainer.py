@@ -430,7 +430,7 @@ def train(config, workdir: str) -> dict:
             "data_states": ckpt_lib.gather_process_states(train_iter.get_state())},
             tokenizer=tokenizer_tree,
             lora=None if lora is None else {**lora.to_dict(),
-                                            "base": os.path.abspath(init_from),
+                                            "base": storage.abspath(init_from),
                                             "base_fingerprint": base_fingerprint})
 
     skipped = int(resumed.get("skipped_steps", 0))
