@@ -228,22 +228,15 @@ def tune_int8(cfg: MPTConfig, batches) -> list[dict]:
     d, f, v = cfg.d_model, cfg.ffn_hidden_size, cfg.vocab_size
     n_qkv = (cfg.n_heads + 2 * cfg.kv_n_heads) * cfg.head_dim
     shapes = {"qkv": (n_qkv, d), "out": (d, d), "up": (f, d), "down": (d, f), "unembed": (v, d)}
-    # tiles: (block_n, block_k, warps, stages, splits, rows). M = 1: narrow row blocks (N /
-    # block_n programs), long K runs, and the 16-row dot path on x padded; K split over 2 or 4
-    # programs where N is narrow (4096 outputs are 128 programs of 32 rows on 132 SMs)
-    gemv = list(itertools.product((4, 8, 16), (1024, 2048), (4, 8), (1, 3), (1,), (1,)))
-    dot = list(itertools.product((32, 64), (128, 256), (4,), (3,), (1,), (16,)))
+    # tiles: (block_n, block_k, warps, stages, splits, rows). The 16-row dot path (x padded at
+    # M = 1) with K split over programs (more where N is narrow: 4096 outputs are 128 programs
+    # of 32 rows on 132 SMs), and a few elementwise GEMV tiles at M = 1
+    gemv = list(itertools.product((4,), (1024, 2048), (4, 8), (1, 3), (1,), (1,)))
 
     def grid(m, n):
-        narrow = n <= 4096
-        if m == 1:
-            out = gemv + dot
-            if narrow:
-                out += list(itertools.product((8, 16, 32), (1024,), (4, 8), (3,), (2, 4), (1,)))
-                out += list(itertools.product((32, 64), (128, 256), (4,), (3,), (2, 4), (16,)))
-            return out
-        return dot + (list(itertools.product((32, 64), (128, 256), (4,), (3,), (2, 4), (16,)))
-                      if narrow else [])
+        splits = (2, 4, 8) if n <= 4096 else (1, 2)
+        dot = list(itertools.product((32, 64, 128), (128, 256, 512), (4,), (3,), splits, (16,)))
+        return (gemv if m == 1 else []) + dot
 
     out = []
     for m in sorted({1 if b == 1 else 16 for b in batches}):
