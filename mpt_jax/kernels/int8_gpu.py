@@ -57,16 +57,17 @@ _DOT_ROWS = 16
 # a benchmark may replace them, or add per-shape entries to TILES: {(rows_regime, N, K): tile}
 # with rows_regime 1 or 16.
 # The entries are bench/generate.py's `tune` picks for MPT-7B's matrices on an H200
-# (2026-12-01, b343be0): the 16-row dot path at batch 1 too, K split 4 ways for the 4096-wide
-# outputs; decode steps 2.77 ms at batch 1 (3.75 with 16-row GEMV blocks), 3.14 at batch 16.
-# Other shapes get the regime defaults.
+# (2026-12-01): the 16-row dot path at batch 1 too, K split over programs; batch 1's from the
+# call at b6df59e (decode 2.72 ms/step; 3.75 with the 16-row GEMV blocks of before), batch 16's
+# from the call at b343be0 (3.14 ms; b6df59e's picks ran 3.23). Each decode row uses only its
+# own regime's tiles. Other shapes get the regime defaults.
 GEMV_TILE = (4, 1024, 4, 1)
 GEMM_TILE = (32, 256, 4, 3)
 TILES: dict[tuple[int, int, int], tuple[int, ...]] = {
-    (1, 12288, 4096): (32, 256, 4, 3, 1, 16), (16, 12288, 4096): (32, 256, 4, 3, 1, 16),
-    (1, 4096, 4096): (32, 256, 4, 3, 4, 16), (16, 4096, 4096): (64, 256, 4, 3, 4, 16),
+    (1, 12288, 4096): (64, 256, 4, 3, 2, 16), (16, 12288, 4096): (32, 256, 4, 3, 1, 16),
+    (1, 4096, 4096): (64, 128, 4, 3, 8, 16), (16, 4096, 4096): (64, 256, 4, 3, 4, 16),
     (1, 16384, 4096): (64, 256, 4, 3, 1, 16), (16, 16384, 4096): (64, 256, 4, 3, 1, 16),
-    (1, 4096, 16384): (64, 256, 4, 3, 4, 16), (16, 4096, 16384): (64, 256, 4, 3, 4, 16),
+    (1, 4096, 16384): (32, 256, 4, 3, 4, 16), (16, 4096, 16384): (64, 256, 4, 3, 4, 16),
     (1, 50432, 4096): (64, 128, 4, 3, 1, 16), (16, 50432, 4096): (64, 128, 4, 3, 1, 16),
 }
 
