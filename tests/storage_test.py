@@ -489,8 +489,9 @@ def test_eval_reads_its_checkpoint_data_and_tasks_from_a_bucket(scheme, request,
 
 
 @pytest.fixture(scope="module")
-def local_losses(small_corpus, tmp_path_factory):
-    """The losses of an uninterrupted local run of the test config over the local shards."""
+def local_run(small_corpus, tmp_path_factory):
+    """(losses, workdir) of an uninterrupted local run of the test config over the local
+    shards."""
     tmp = tmp_path_factory.mktemp("local-run")
     config = write_test_config(str(tmp / "cfg.py"), small_corpus)
     ref = subprocess.run([sys.executable, "train.py", f"--config={config}",
@@ -499,13 +500,13 @@ def local_losses(small_corpus, tmp_path_factory):
     assert ref.returncode == 0, ref.stderr[-3000:]
     losses = read_losses(str(tmp / "run"))
     assert sorted(losses) == list(range(1, 9))
-    return losses
+    return losses, tmp / "run"
 
 
 @pytest.mark.parametrize("scheme", ["gs", "s3"])
 @pytest.mark.slow
 def test_a_run_wholly_in_a_bucket_prepares_trains_stops_and_resumes_exactly(
-        scheme, request, local_losses, small_corpus, tmp_path):
+        scheme, request, local_run, small_corpus, tmp_path):
     """Everything in the bucket: the raw JSONL and the tokenizer, `prepare` reading them and
     writing its shards there, train.py reading those shards and writing its workdir there;
     SIGTERM part way, a rerun resumes and logs exactly the losses of an uninterrupted local
@@ -534,7 +535,7 @@ def test_a_run_wholly_in_a_bucket_prepares_trains_stops_and_resumes_exactly(
     assert manifest["records"] == prepare.read_manifest(small_corpus)["records"]
     assert list(manifest["inputs"]) == ["../raw/docs.jsonl"]  # relative within the bucket
 
-    want = local_losses
+    want = local_run[0]
     config_path = write_test_config(str(tmp_path / "cfg.py"), shards)
     workdir = storage.join(bucket, "run")
     cmd = [sys.executable, "train.py", f"--config={config_path}", f"--workdir={workdir}"]
@@ -585,7 +586,8 @@ def test_a_run_wholly_in_a_bucket_prepares_trains_stops_and_resumes_exactly(
 
 
 @pytest.mark.slow
-def test_train_with_its_workdir_on_gcs_resumes_exactly(gcs, small_corpus, tmp_path):
+def test_train_with_its_workdir_on_gcs_resumes_exactly(gcs, small_corpus, local_run,
+                                                     tmp_path):
     """train.py with --workdir gs://...: checkpoints, metrics.jsonl, TensorBoard events,
     loss.png and the tokenizer land in the bucket; with the later checkpoints gone and the
     last one cut off before its commit marker (a save killed midway), a rerun resumes from the
@@ -593,8 +595,7 @@ def test_train_with_its_workdir_on_gcs_resumes_exactly(gcs, small_corpus, tmp_pa
     from mpt_jax import storage
     from mpt_jax.train import checkpoint as ckpt_lib
 
-    config_path = write_test_config(str(tmp_path / "cfg.py"), small_corpus, max_steps=6,
-                                    eval_every=100, checkpoint_every=2)
+    config_path = write_test_config(str(tmp_path / "cfg.py"), small_corpus)  # local_run's
     env = {**subprocess_env(), "STORAGE_EMULATOR_HOST": gcs,
            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     env.pop("TENSORSTORE_GCS_HTTP_URL", None)  # storage.py derives it from the emulator host
@@ -605,22 +606,18 @@ def test_train_with_its_workdir_on_gcs_resumes_exactly(gcs, small_corpus, tmp_pa
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
 
-    local = tmp_path / "local"
-    train(str(local))
-    want = read_losses(str(local))
-    assert sorted(want) == list(range(1, 7))
-
+    want, local = local_run
     workdir = f"gs://{GCS_BUCKET}/train-run"
     train(workdir)
     names = storage.listdir(workdir)
     assert {"checkpoints", "metrics.jsonl", "tb", "loss.png", "tokenizer.json"} <= set(names)
     assert storage.read_bytes(storage.join(workdir, "loss.png"))[:8] == b"\x89PNG\r\n\x1a\n"
     assert storage.listdir(storage.join(workdir, "tb"))
-    assert ckpt_lib.finished_steps(workdir) == [2, 4, 6]
+    assert ckpt_lib.finished_steps(workdir) == [3, 6, 8]
     root = ckpt_lib.checkpoint_dir(workdir)
-    storage.rmtree(storage.join(root, "6"))
-    storage.remove(storage.join(root, "4", ckpt_lib.COMMIT_MARKER))
-    assert ckpt_lib.finished_steps(workdir) == [2]
+    storage.rmtree(storage.join(root, "8"))
+    storage.remove(storage.join(root, "6", ckpt_lib.COMMIT_MARKER))
+    assert ckpt_lib.finished_steps(workdir) == [3]
     train(workdir)
     rows = [json.loads(line) for line in
             storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()]
@@ -628,9 +625,9 @@ def test_train_with_its_workdir_on_gcs_resumes_exactly(gcs, small_corpus, tmp_pa
     for row in rows:
         if "loss" in row:
             got[row["step"]] = row["loss"]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "loss" in r] == [*range(1, 9), *range(4, 9)]
     assert got == pytest.approx(want, rel=1e-6)
-    assert ckpt_lib.finished_steps(workdir) == [2, 4, 6]
+    assert ckpt_lib.finished_steps(workdir) == [3, 6, 8]
 
     # the run in the bucket loads, and exports, as the local one (read in place, no staging)
     import torch
