@@ -217,13 +217,14 @@ class HeldOutSplit:
 
 def shard_source(paths: list[str]):
     """Random access to the records of ArrayRecord shards in order: array_record's own reader
-    for local and gs:// shards; for s3://, which it cannot open, ours over ranged reads."""
-    if paths and paths[0].startswith("s3://"):
+    for local shards; for a bucket's, ours over ranged reads (data/array_record_remote.py).
+    array_record 0.8.6 opens s3:// paths as empty files, and its gs:// reader failed on a 5 MB
+    shard in the GCS emulator ("Failed to read RiegeliPostscript", where fsspec's ranged reads
+    of the same object are right), so neither is used on a bucket."""
+    if paths and storage.is_remote(paths[0]):
         from mpt_jax.data.array_record_remote import RemoteArrayRecordSource
 
         return RemoteArrayRecordSource(paths)
-    if paths and storage.is_remote(paths[0]):
-        storage.filesystem(paths[0])  # (points array_record at a GCS emulator when one is set)
     return grain.sources.ArrayRecordDataSource(paths)
 
 
