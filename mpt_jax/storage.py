@@ -48,13 +48,11 @@ def is_remote(path) -> bool:
 
 def _emulator_endpoint_for_tensorstore() -> None:
     # gcsfs and google-cloud-storage read STORAGE_EMULATOR_HOST; tensorstore's gcs driver (orbax
-    # checkpoints) reads TENSORSTORE_GCS_HTTP_URL and array_record's reader (gs:// shards)
-    # CLOUD_STORAGE_EMULATOR_ENDPOINT instead: point them at the same endpoint.
+    # checkpoints) reads TENSORSTORE_GCS_HTTP_URL instead: point it at the same endpoint.
     host = os.environ.get("STORAGE_EMULATOR_HOST")
     if host:
-        url = host if "://" in host else f"http://{host}"
-        for name in ("TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
-            os.environ.setdefault(name, url)
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL",
+                              host if "://" in host else f"http://{host}")
 
 
 def split_url(path: str) -> tuple[str, str]:

@@ -1,6 +1,7 @@
-"""Random access to ArrayRecord shards through byte-range reads, so shards on s3:// (and gs://,
-or local disk) are read in place. array_record's own reader (0.8.6) opens local and gs:// files
-but returns 0 records for an s3:// path, silently.
+"""Random access to ArrayRecord shards through byte-range reads, so shards on s3:// and gs://
+(or local disk) are read in place. array_record's own reader (0.8.6) returns 0 records for an
+s3:// path, silently, and failed on a 5 MB gs:// shard in the GCS emulator ("Failed to read
+RiegeliPostscript"); the data pipeline reads every bucket's shards with this module.
 
 Only the layout `mpt_jax.data.prepare` writes is read (ArrayRecordWriter options
 "group_size:1,uncompressed"): each record is its own uncompressed riegeli simple chunk. The
