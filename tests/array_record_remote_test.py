@@ -2,14 +2,13 @@
 locally and from moto's S3 server on 127.0.0.1 (started here on a free port, stopped after)."""
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import random
-import socket
 
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from emulators import S3_ENV, fresh_filesystems, s3_server
 
 from mpt_jax.data.array_record_remote import BLOCK_SIZE, RemoteArrayRecordSource
 
@@ -169,38 +168,8 @@ def test_missing_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# S3 (moto), the fixture of tests/storage_test.py
+# S3 (moto)
 # ---------------------------------------------------------------------------------------------
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fresh_filesystems():
-    """fsspec caches filesystem instances (and their endpoints): forget them."""
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-@contextlib.contextmanager
-def _s3_server():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def s3_files(files, tmp_path_factory):
     """`files` uploaded to s3://shards/, plus a compressed one."""
@@ -209,16 +178,16 @@ def s3_files(files, tmp_path_factory):
     paths, contents = files
     compressed = _write(tmp_path_factory.mktemp("zstd") / "z.array_record", [b"x" * 100] * 3,
                         "group_size:1,zstd:3")
-    with _s3_server() as endpoint, pytest.MonkeyPatch.context() as mp:
+    with s3_server() as endpoint, pytest.MonkeyPatch.context() as mp:
         for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
             mp.setenv(k, v)
         client = boto3.client("s3")
         client.create_bucket(Bucket=BUCKET)
         for path in [*paths, compressed]:
             client.upload_file(path, BUCKET, f"data/{os.path.basename(path)}")
-        _fresh_filesystems()
+        fresh_filesystems()
         yield [f"s3://{BUCKET}/data/{os.path.basename(p)}" for p in paths], contents
-    _fresh_filesystems()
+    fresh_filesystems()
 
 
 def test_s3(s3_files):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import time
 import numpy as np
 import pytest
 from conftest import read_losses, subprocess_env, write_test_config
+from emulators import S3_ENV, free_port, fresh_filesystems, s3_server
 
 # gcsfs >= 2025.10 probes every bucket over gRPC for zonal / hierarchical buckets; an emulator
 # speaks only JSON over HTTP, so the probe would wait out a 60 s timeout (read at gcsfs import).
@@ -23,49 +23,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GCS_BUCKET, S3_BUCKET = "mpt-gcs", "mpt-s3"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fresh_filesystems():
-    """fsspec caches filesystem instances (and their endpoints): forget them."""
-    import gcsfs
-    import s3fs
-
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-@contextlib.contextmanager
-def _s3_server():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1"}
-
-
 @pytest.fixture(scope="module")
 def s3():
-    with _s3_server() as endpoint, pytest.MonkeyPatch.context() as mp:
+    with s3_server() as endpoint, pytest.MonkeyPatch.context() as mp:
         for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
             mp.setenv(k, v)
         import boto3
 
         boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
-        _fresh_filesystems()
+        fresh_filesystems()
         yield endpoint
-    _fresh_filesystems()
+    fresh_filesystems()
 
 
 def _emulator_sends_generations():
@@ -101,7 +69,7 @@ def gcs():
     from gcp_storage_emulator.server import create_server
 
     _emulator_sends_generations()
-    port = _free_port()
+    port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=GCS_BUCKET)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -109,11 +77,11 @@ def gcs():
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("STORAGE_EMULATOR_HOST", endpoint)
             mp.setenv("TENSORSTORE_GCS_HTTP_URL", endpoint)
-            _fresh_filesystems()
+            fresh_filesystems()
             yield endpoint
     finally:
         server.stop()
-        _fresh_filesystems()
+        fresh_filesystems()
 
 
 @pytest.fixture(params=["local", "gs", "s3"])
@@ -193,8 +161,8 @@ def test_wrong_endpoint_and_a_server_gone_mid_read_are_one_line(monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries: keep the test short
     monkeypatch.setattr(storage, "BACKOFF_S", 0.05)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
-    _fresh_filesystems()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    fresh_filesystems()
     with pytest.raises(storage.StorageError) as e:
         storage.read_bytes(f"s3://{S3_BUCKET}/x.bin")
     msg = str(e.value)
@@ -202,9 +170,9 @@ def test_wrong_endpoint_and_a_server_gone_mid_read_are_one_line(monkeypatch):
     assert "connect" in msg.lower() and f"after {storage.RETRIES} attempts" in msg
 
     data = np.random.default_rng(0).bytes(3 << 20)
-    with _s3_server() as endpoint:
+    with s3_server() as endpoint:
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-        _fresh_filesystems()
+        fresh_filesystems()
         import boto3
 
         boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
@@ -216,7 +184,7 @@ def test_wrong_endpoint_and_a_server_gone_mid_read_are_one_line(monkeypatch):
         fh.read()
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(path + ": reading:")
-    _fresh_filesystems()
+    fresh_filesystems()
 
 
 def _save_step(manager, step, value):
