@@ -187,6 +187,53 @@ def test_wrong_endpoint_and_a_server_gone_mid_read_are_one_line(monkeypatch):
     fresh_filesystems()
 
 
+@pytest.mark.slow
+def test_a_refused_permission_is_one_line_naming_the_object(monkeypatch, tmp_path, capsys):
+    """moto enforcing credentials (in its own process: it reads the setting at import) and
+    keys it does not know: reads, writes, listings and a CLI writing there each fail in one
+    line naming the object and saying the permission was refused."""
+    from conftest import HF_CONFIGS, hf_model
+
+    from mpt_jax import storage
+    from mpt_jax.convert.convert import main as convert_main
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import time; from moto.server import ThreadedMotoServer as S; "
+         f"S(ip_address='127.0.0.1', port={port}, verbose=False).start(); time.sleep(300)"],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    try:
+        for k, v in {**S3_ENV, "AWS_ACCESS_KEY_ID": "unknown", "AWS_MAX_ATTEMPTS": "1",
+                     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+            monkeypatch.setenv(k, v)
+        fresh_filesystems()
+        deadline = time.time() + 30
+        while time.time() < deadline:  # until the server answers
+            try:
+                storage.listdir(f"s3://{S3_BUCKET}/x")
+            except storage.StorageError as e:
+                if "permission denied" in str(e):
+                    break
+            time.sleep(0.2)
+        for path, fn in ((f"s3://{S3_BUCKET}/a.bin", storage.read_bytes),
+                         (f"s3://{S3_BUCKET}/b.bin", lambda p: storage.write_atomic(p, b"1")),
+                         (f"s3://{S3_BUCKET}/d", storage.listdir)):
+            with pytest.raises(storage.StorageError) as e:
+                fn(path)
+            msg = str(e.value)
+            assert "\n" not in msg and msg.startswith(path) and "permission denied" in msg, msg
+        hf_model(HF_CONFIGS["h3"]).save_pretrained(tmp_path / "hf")
+        capsys.readouterr()
+        assert convert_main(["import", str(tmp_path / "hf"), f"s3://{S3_BUCKET}/ours"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"s3://{S3_BUCKET}/ours" in err[0], err
+        assert "permission denied" in err[0], err
+    finally:
+        server.kill()
+        fresh_filesystems()
+
+
 def _save_step(manager, step, value):
     from conftest import toy_train_state
 
