@@ -59,8 +59,9 @@ _DOT_ROWS = 16
 # The entries are bench/generate.py's `tune` picks for MPT-7B's matrices on an H200
 # (2026-12-01): the 16-row dot path at batch 1 too, K split over programs; batch 1's from the
 # call at b6df59e (decode 2.72 ms/step; 3.75 with the 16-row GEMV blocks of before), batch 16's
-# from the call at b343be0 (3.14 ms; b6df59e's picks ran 3.23). Each decode row uses only its
-# own regime's tiles. Other shapes get the regime defaults.
+# from the call at b343be0 (3.14 ms there; b6df59e's picks ran 3.23). Each decode row uses only
+# its own regime's tiles. These defaults in one call (0926413): 2.73 and 3.28 ms. Other shapes
+# get the regime defaults.
 GEMV_TILE = (4, 1024, 4, 1)
 GEMM_TILE = (32, 256, 4, 3)
 TILES: dict[tuple[int, int, int], tuple[int, ...]] = {
