@@ -69,8 +69,13 @@ def main(argv=None) -> int:
         print(f"serve.py: {msg}".splitlines()[0], file=sys.stderr)
         return 1
 
-    if not os.path.exists(args.checkpoint):
-        return fail(f"checkpoint {args.checkpoint!r} does not exist")
+    from mpt_jax import storage
+
+    try:
+        if not storage.exists(args.checkpoint):  # (local, gs:// or s3://)
+            return fail(f"checkpoint {args.checkpoint!r} does not exist")
+    except storage.StorageError as e:
+        return fail(str(e))
     if not 0 <= args.port < 65536:
         return fail(f"--port {args.port} is not a port number")
     for name in ("max_batch", "max_seq_len", "prefill_chunk", "prefill_chunks", "decode_steps"):
