@@ -132,6 +132,17 @@ def supported(m: int, n: int, k: int) -> bool:
             and k % (bk * splits) == 0)
 
 
+def _epilogue(y, scale, bias, gelu, out_dtype):
+    """After the sum, on a float32 [M, N] total: the scale, the bias, the GELU, the output
+    dtype (inside the kernel, or in XLA after the split-K partials are added)."""
+    y = y * scale.astype(F32)[None, :]
+    if bias is not None:
+        y = y + bias.astype(F32)[None, :]
+    if gelu:
+        y = gelu_approx_erf(y.astype(out_dtype).astype(F32))
+    return y.astype(out_dtype)
+
+
 def _kernel(x_ref, q_ref, s_ref, *refs, rows, block_k, n_k, has_bias, gelu, split):
     b_ref = refs[0] if has_bias else None
     o_ref = refs[-1]
@@ -160,12 +171,7 @@ def _kernel(x_ref, q_ref, s_ref, *refs, rows, block_k, n_k, has_bias, gelu, spli
     if split:  # a partial sum: the epilogue runs on the total (_matmul)
         o_ref[0] = y
         return
-    y = y * s_ref[...][None, :]
-    if has_bias:
-        y = y + b_ref[...].astype(F32)[None, :]
-    if gelu:
-        y = gelu_approx_erf(y.astype(o_ref.dtype).astype(F32))
-    o_ref[...] = y.astype(o_ref.dtype)
+    o_ref[...] = _epilogue(y, s_ref[...], b_ref[...] if has_bias else None, gelu, o_ref.dtype)
 
 
 def int8_matmul_gpu(x, q, scale, bias=None, *, gelu: bool = False, out_dtype=None,
@@ -184,16 +190,6 @@ def int8_matmul_gpu(x, q, scale, bias=None, *, gelu: bool = False, out_dtype=Non
     out_dtype = x.dtype if out_dtype is None else jnp.dtype(out_dtype)
     return _matmul(x, q, scale, bias, gelu=gelu, out_dtype=out_dtype, tiles=tile(m, n, k),
                    interpret=interpret)
-
-
-def _epilogue(y, scale, bias, gelu, out_dtype):
-    """What the kernel does after its sum, on a float32 [M, N] total (the split-K path)."""
-    y = y * scale.astype(F32)[None, :]
-    if bias is not None:
-        y = y + bias.astype(F32)[None, :]
-    if gelu:
-        y = gelu_approx_erf(y.astype(out_dtype).astype(F32))
-    return y.astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("gelu", "out_dtype", "tiles", "interpret"))
