@@ -170,6 +170,19 @@ def abspath(path: str) -> str:
     return str(path).rstrip("/") if is_remote(path) else os.path.abspath(path)
 
 
+def relpath(path: str, start: str) -> str | None:
+    """`path` relative to directory `start` (os.path.relpath locally; within one bucket on an
+    object store); None when they are on different stores or buckets."""
+    if is_remote(path) != is_remote(start):
+        return None
+    if not is_remote(path):
+        return os.path.relpath(path, start)
+    (bucket, key), (start_bucket, start_key) = split_url(path), split_url(start)
+    if path.split("://")[0] != start.split("://")[0] or bucket != start_bucket:
+        return None
+    return posixpath.relpath("/" + key, "/" + start_key)
+
+
 def dirname(path: str) -> str:
     return posixpath.dirname(str(path).rstrip("/")) if is_remote(path) else os.path.dirname(path)
 

@@ -517,14 +517,8 @@ def _fingerprints(resolved: ResolvedData, workdir: str | None, **settings) -> tu
 
 def _relative_to(path: str, workdir: str | None) -> str:
     """`path` relative to the workdir when it lies inside it (on the same store), else as is."""
-    if workdir is None or storage.is_remote(path) != storage.is_remote(workdir):
-        return path
-    workdir = storage.abspath(workdir)
-    if storage.is_remote(path):
-        inside = path.startswith(workdir.rstrip("/") + "/")
-        return path[len(workdir.rstrip("/")) + 1:] if inside else path
-    rel = os.path.relpath(path, workdir)
-    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+    rel = None if workdir is None else storage.relpath(path, storage.abspath(workdir))
+    return path if rel is None or rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
 
 def batch_keys(resolved: ResolvedData, packing: bool) -> tuple[str, ...]:

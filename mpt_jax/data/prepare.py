@@ -244,16 +244,9 @@ def shard_dtype(vocab_size: int) -> str:
 def input_key(path: str, output_dir: str) -> str:
     """The manifest's name for input `path`: its path relative to the output directory (in the
     same bucket, for a remote one), else its full path."""
-    path, output_dir = storage.abspath(path), storage.abspath(output_dir)
-    if not (storage.is_remote(path) or storage.is_remote(output_dir)):
-        return os.path.relpath(path, output_dir)
-    if storage.is_remote(path) and storage.is_remote(output_dir) and (
-            path.split("://")[0], storage.split_url(path)[0]) == (
-            output_dir.split("://")[0], storage.split_url(output_dir)[0]):
-        import posixpath
-
-        return posixpath.relpath(storage.split_url(path)[1], storage.split_url(output_dir)[1])
-    return path
+    path = storage.abspath(path)
+    rel = storage.relpath(path, storage.abspath(output_dir))
+    return path if rel is None else rel
 
 
 def find_input(manifest: dict, path: str, output_dir: str) -> str | None:
