@@ -459,7 +459,7 @@ def prepare_dataset(
 
 def _temporary(name: str) -> bool:
     """A temporary file of ours: a shard being written (`.tmp`), storage.write_atomic's."""
-    return name.endswith(".tmp") or re.search(r"\.tmp\d+$", name) is not None
+    return re.search(r"\.tmp\d*$", name) is not None
 
 
 def _shard_stem(path: str, key: str) -> str:
@@ -469,13 +469,12 @@ def _shard_stem(path: str, key: str) -> str:
 
 
 def _commit_unless_too_bad(path, writer, bad, max_bad_fraction) -> None:
-    """Reports the input's bad lines; past max_bad_fraction removes its shards and raises,
-    naming the first bad line, else commits them."""
+    """Reports the input's bad lines; past max_bad_fraction raises, naming the first bad line
+    (_prepare_one then removes the shards), else commits them."""
     if bad.count:
         print(f"{path}: {bad.count} bad of {bad.total} lines skipped (first: "
               + "; ".join(bad.examples) + ")", file=sys.stderr)
     if bad.total and bad.count / bad.total > max_bad_fraction:
-        writer.abandon()
         raise ValueError(
             f"{path}: {bad.count} of {bad.total} lines bad ({bad.count / bad.total:.2%}), over "
             f"--max_bad_fraction {max_bad_fraction:.2%} (first: {bad.examples[0]})")

@@ -7,6 +7,7 @@ counted in a `BadLines`, never raised, so the caller decides what is too many.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -96,17 +97,21 @@ def _supported(name: str) -> bool:
     return True
 
 
-def _open_binary(path: str):
-    """The file's bytes, decompressed; a bucket's object is streamed (ranged reads)."""
-    raw = storage.open_file(path, "rb")
-    if path.lower().endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # (closing it leaves `raw` open: small)
-    if path.lower().endswith(".zst"):
-        import zstandard
+@contextlib.contextmanager
+def _open_binary(path: str) -> Iterator:
+    """The file's bytes, decompressed; a bucket's object is streamed (ranged reads). The file
+    is closed with the decompressor."""
+    with storage.open_file(path, "rb") as raw:
+        if path.lower().endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                yield f
+        elif path.lower().endswith(".zst"):
+            import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
-                                                          closefd=True)
-    return raw
+            with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as f:
+                yield f
+        else:
+            yield raw
 
 
 def _parquet_source(path: str):

@@ -20,6 +20,7 @@ resumed from. orbax-checkpoint knows s3:// only in part (see `_orbax_on_s3`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -41,14 +42,13 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def check_location(workdir: str) -> None:
-    """Refuses a workdir whose checkpoints orbax cannot write (one line)."""
+    """Readies orbax for the workdir's store (s3:// needs `_orbax_on_s3`); refuses a workdir
+    whose checkpoints orbax cannot write (one line)."""
     if str(workdir).startswith("s3://"):
         _orbax_on_s3()
 
 
-_S3_READY = []
-
-
+@functools.cache
 def _orbax_on_s3() -> None:
     """Makes orbax-checkpoint write and read s3:// checkpoints. It saves arrays through
     tensorstore, which has an s3 driver, and its remote-storage checks list s3, but it builds
@@ -57,8 +57,6 @@ def _orbax_on_s3() -> None:
     s3:// takes orbax's gs:// branch in those two places, with tensorstore's s3 spec
     (storage.tensorstore_kvstore: the endpoint and region the AWS way) and orbax's commit file
     (as on gs://); the rest orbax does through etils.epath, i.e. fsspec's s3fs."""
-    if _S3_READY:
-        return
     try:
         from orbax.checkpoint._src.path import atomicity, atomicity_defaults, gcs_utils
         from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
@@ -87,7 +85,6 @@ def _orbax_on_s3() -> None:
         setattr(atomicity_defaults, name,
                 lambda path, *a, _default=default, **k: commit_file if is_s3(path)
                 else _default(path, *a, **k))
-    _S3_READY.append(True)
 
 
 def make_manager(workdir: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
