@@ -518,6 +518,17 @@ def local_run(small_corpus, tmp_path_factory):
     return losses, tmp / "run"
 
 
+def _once_logged(proc, workdir: str, step: int, act) -> None:
+    """Calls act() once the run `proc` has logged `step` in its bucket workdir (bounded: 240 s,
+    or until the run ends)."""
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if max(_read_remote_losses(workdir), default=0) >= step:
+            act()
+            return
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("scheme", ["gs", "s3"])
 @pytest.mark.slow
 def test_a_run_wholly_in_a_bucket_prepares_trains_stops_and_resumes_exactly(
@@ -556,12 +567,7 @@ def test_a_run_wholly_in_a_bucket_prepares_trains_stops_and_resumes_exactly(
     cmd = [sys.executable, "train.py", f"--config={config_path}", f"--workdir={workdir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if max(_read_remote_losses(workdir), default=0) >= 2:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.2)
+    _once_logged(proc, workdir, 2, lambda: proc.send_signal(signal.SIGTERM))
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     stopped_at = max(_read_remote_losses(workdir))
@@ -581,14 +587,13 @@ def test_a_run_wholly_in_a_bucket_prepares_trains_stops_and_resumes_exactly(
         [sys.executable, "train.py", f"--config={write_test_config(str(tmp_path / 'r.py'), rows)}",
          f"--workdir={rows_run}", "--config.max_steps=400", "--config.data.packing=false"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if max(_read_remote_losses(rows_run), default=0) >= 3:
-            for name in storage.listdir(rows):
-                if name.endswith(prepare.SHARD_SUFFIX):
-                    storage.remove(storage.join(rows, name))
-            break
-        time.sleep(0.2)
+
+    def delete_shards():
+        for name in storage.listdir(rows):
+            if name.endswith(prepare.SHARD_SUFFIX):
+                storage.remove(storage.join(rows, name))
+
+    _once_logged(proc, rows_run, 3, delete_shards)
     try:
         _, err = proc.communicate(timeout=240)
     finally:
