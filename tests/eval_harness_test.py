@@ -153,3 +153,54 @@ def test_cli_and_bad_input(include_path, tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown model_args \\['colour'\\]"):
         lm_eval.api.registry.get_model("mpt_jax").create_from_arg_string(
             f"pretrained={eval_common.checkpoint()},colour=red")
+
+
+def test_loglikelihood_requests_equal_template_lms(monkeypatch):
+    """Our batched tokenization gives _loglikelihood_tokens exactly the requests lm-eval's
+    TemplateLM.loglikelihood builds one encode at a time: trailing context spaces, an empty
+    context (prefix token, or the continuation's own first token), texts that start with the
+    prefix token's text (no special tokens added), repeated contexts and pairs."""
+    import tokenizers
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import TemplateLM
+
+    from mpt_jax.eval.harness import MPTJaxLM
+
+    lm = MPTJaxLM(pretrained=eval_common.checkpoint(), dtype="float32", progress=False)
+    eos = lm.prefix_token_id
+    prefix = lm.tok_decode([eos], skip_special_tokens=False)
+    # a tokenizer that adds the prefix token in front: the add_special_tokens choice matters
+    tok = tokenizers.Tokenizer.from_str(lm.tokenizer.to_str())
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{prefix} $A", special_tokens=[(prefix, eos)])
+    lm.tokenizer = tok
+    seen = []
+    monkeypatch.setattr(lm, "_loglikelihood_tokens",
+                        lambda reqs, **kw: seen.append(reqs) or [(0.0, False)] * len(reqs))
+    args = [("the cat", " sat"), ("the cat ", "sat"), ("the cat  \n", " sat down"),
+            ("", "the cat"), ("", prefix + " the"), (prefix + "the dog", " ran"),
+            ("the cat", " sat"), ("the cat", " ran"), ("a", "b")]
+    reqs = [Instance("loglikelihood", {}, a, i) for i, a in enumerate(args)]
+    lm.loglikelihood(reqs)
+    TemplateLM.loglikelihood(lm, reqs, disable_tqdm=True)
+    assert len(seen) == 2 and len(seen[0]) == len(args)
+    assert seen[0] == seen[1]
+    assert seen[0][3][1] == [eos] and seen[0][4][1] == [eos]  # both empty-context branches
+
+
+def test_compiled_templates_render_as_lm_eval_and_restore():
+    import lm_eval.utils as lm_utils
+
+    from mpt_jax.eval.harness import compiled_templates
+
+    original = lm_utils.apply_template
+    doc = {"query": "Is it?", "choices": ["a", "b"], "n": 3}
+    templates = ["{{query}}\nAnswer:", "{{choices}}", "{{query | regex_replace('I', 'i')}}",
+                 "{{n + 1}} {{query}}"]
+    want = [original(t, doc) for t in templates]
+    with compiled_templates():
+        assert lm_utils.apply_template is not original
+        assert [lm_utils.apply_template(t, doc) for t in templates * 2] == want * 2
+        with pytest.raises(Exception, match="undefined"):  # lm-eval's StrictUndefined
+            lm_utils.apply_template("{{missing}}", doc)
+    assert lm_utils.apply_template is original

@@ -34,6 +34,7 @@ batch) and presents itself to lm-eval as rank 0 of 1; only process 0 should writ
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -153,6 +154,55 @@ class MPTJaxLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # -- requests --------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        """TemplateLM.loglikelihood's requests, token for token: the context's trailing
+        spaces moved to the continuation, context + continuation encoded whole and the
+        context's own tokens cut off its front; an empty context becomes the prefix token.
+        lm-eval encodes two strings a request, one call each (a question's shared context
+        once per choice); here each distinct string is encoded once, in batched calls of the
+        Rust tokenizer (its threads), before the scoring."""
+        pairs = []
+        for context, continuation in (req.args for req in requests):
+            if context:
+                n_spaces = len(context) - len(context.rstrip())
+                if n_spaces:
+                    context, continuation = (context[:-n_spaces],
+                                             context[-n_spaces:] + continuation)
+                pairs.append((context, context + continuation))
+            else:
+                pairs.append((None, continuation))
+        ids = self._encode_many([(t, None) for c, w in pairs for t in (c, w) if c is not None]
+                                + [(w, False) for c, w in pairs if c is None])
+        new_reqs = []
+        for (context, continuation), (c, w) in zip((req.args for req in requests), pairs):
+            if c is None:  # TemplateLM: the prefix token, unless the text starts with it
+                cont = ids[(w, False)]
+                ctx_enc, cont_enc = (([self.prefix_token_id], cont)
+                                     if self.prefix_token_id != cont[0] else (cont[:1], cont[1:]))
+            else:
+                ctx_enc = ids[(c, None)]
+                cont_enc = ids[(w, None)][len(ctx_enc):]
+            new_reqs.append(((context, continuation), ctx_enc, cont_enc))
+        return self._loglikelihood_tokens(new_reqs, disable_tqdm=disable_tqdm)
+
+    def _encode_many(self, keys) -> dict:
+        """{(text, add_special_tokens): ids} for each distinct key, as tok_encode encodes it
+        (add_special_tokens None: tok_encode's own choice), in one batched call per flag."""
+        prefix = self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)
+        groups: dict[bool, list] = {True: [], False: []}
+        for key in dict.fromkeys(keys):
+            text, add = key
+            if add is None:
+                add = not (prefix and text.startswith(prefix))
+            groups[add].append(key)
+        out = {}
+        for add, members in groups.items():
+            if members:
+                encs = self.tokenizer.encode_batch([t for t, _ in members],
+                                                   add_special_tokens=add)
+                out.update(zip(members, (e.ids for e in encs)))
+        return out
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         reqs, cut = [], 0
         for _, ctx, cont in requests:
@@ -233,6 +283,32 @@ class MPTJaxLM(TemplateLM):
         return out
 
 
+@contextlib.contextmanager
+def compiled_templates():
+    """Within this block lm-eval compiles each of its Jinja prompt templates once.
+
+    lm-eval 0.4's `utils.apply_template` compiles the template string on every call (lm-eval
+    issue #1286, open): about 1 ms each on a CPU core, several calls per document and per
+    few-shot example, so it is most of lm-eval's own time on a few-shot task. This swaps in a
+    version that keeps each compiled template (same environment, filters and rendering, so
+    the same text) and puts lm-eval's own back on exit. `evaluate` and our lm-eval command
+    line run under it."""
+    original = lm_utils.apply_template
+    compiled: dict = {}
+
+    def apply_template(template: str, doc: dict) -> str:
+        t = compiled.get(template)
+        if t is None:
+            t = compiled[template] = lm_utils.env.from_string(template)
+        return t.render(**doc)
+
+    lm_utils.apply_template = apply_template
+    try:
+        yield
+    finally:
+        lm_utils.apply_template = original
+
+
 def evaluate(lm: MPTJaxLM, tasks: Sequence[str], *, include_path: str | None = None,
              num_fewshot: int | None = None, limit: float | None = None,
              log_samples: bool = False) -> dict:
@@ -255,8 +331,10 @@ def evaluate(lm: MPTJaxLM, tasks: Sequence[str], *, include_path: str | None = N
     if missing:
         raise ValueError(f"unknown lm-eval task {missing[0]!r} (not in lm-eval's tasks"
                          + (f" nor in {include_path}" if include_path else "") + ")")
-    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot,
-                                   limit=limit, task_manager=manager, log_samples=log_samples)
+    with compiled_templates():
+        return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot,
+                                       limit=limit, task_manager=manager,
+                                       log_samples=log_samples)
 
 
 if __name__ == "mpt_jax.eval.harness":  # not under `python -m` (see below)
@@ -268,4 +346,5 @@ if __name__ == "__main__":
     import mpt_jax.eval.harness  # noqa: F401
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    with mpt_jax.eval.harness.compiled_templates():
+        cli_evaluate()
