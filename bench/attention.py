@@ -8,6 +8,9 @@
                                                   ours with/without ALiBi at (4, 2048), (1, 8192):
                                                   Mosaic GPU kernels (Hopper) and Triton kernels
   python bench/attention.py memory                compiled + measured peak of fwd+bwd, T up to 64k
+  python bench/attention.py chunk [--results ...] a chunk of T new tokens against a KV cache at
+                                                  its deepest (the serving engine's prefill): the
+                                                  chunk kernel (block_q 128 / 64) vs the jnp path
 
 bf16, causal, H=32, D=128 unless flags say otherwise. FLOP convention (as peers.py's):
 causal forward = 2*B*H*T^2*D, forward+backward = 3.5x that. Every timing is the median over 5
@@ -259,6 +262,59 @@ def mode_bench(args):
     return dict(blocks=dataclasses.asdict(bs), rows=rows, device=device, jax=jax.__version__)
 
 
+def mode_chunk(args):
+    """One slot's prefill chunk (B=1, H=KV=32, D=128, bf16) at the end of an S-position cache
+    span: flash_gpu.chunk_attention_gpu beside attention.decode_attention (the jnp path it
+    replaces), checked against decode_attention in float32. FLOPs: 4 * H * D * the visible
+    (query, key) pairs."""
+    rows = []
+    h, d = args.heads, 128
+    slopes = jnp.asarray(alibi_slopes(h))
+    for t, s in [(256, 2048), (256, 4096), (512, 2048), (512, 4096)]:
+        q, _, _, _ = inputs(1, t, h, h, d)
+        kc = jax.random.normal(jax.random.key(1), (1, h, s, d), jnp.bfloat16)
+        vc = jax.random.normal(jax.random.key(2), (1, h, s, d), jnp.bfloat16)
+        start = jnp.int32(s - t)
+        pairs = t * (s - t) + t * (t + 1) // 2
+        fl = 4 * h * d * pairs
+        want = attention.decode_attention(q.astype(jnp.float32), kc.astype(jnp.float32),
+                                          vc.astype(jnp.float32), start + t, alibi_slopes=slopes)
+        variants = [("jnp path (decode_attention)", jax.jit(
+            lambda q, k, v, st: attention.decode_attention(q, k, v, st + t, alibi_slopes=slopes)))]
+        for bq in (128, 64):
+            bs = dataclasses.replace(flash_gpu.BlockSizes(), block_q=bq)
+            variants.append((f"chunk kernel block_q {bq}", jax.jit(
+                lambda q, k, v, st, bs=bs: flash_gpu.chunk_attention_gpu(
+                    q, k, v, st, slopes, block_sizes=bs))))
+        variants.append(("chunk kernel default blocks", jax.jit(
+            lambda q, k, v, st: flash_gpu.chunk_attention_gpu(q, k, v, st, slopes))))
+        for name, fn in variants:
+            try:
+                err = rel(fn(q, kc, vc, start), want)
+                ms = jax_time(fn, (q, kc, vc, start)) * 1e3
+                rows.append(dict(name=name, t=t, s=s, ms=ms, tflops=fl / ms / 1e9, rel_err=err))
+            except Exception as e:
+                rows.append(dict(name=name, t=t, s=s, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            print(rows[-1], flush=True)
+    device = jax.devices()[0].device_kind
+    print(f"\n| variant | T | S | ms | TFLOP/s | rel err |  ({device})\n|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" not in r:
+            print(f"| {r['name']} | {r['t']} | {r['s']} | {r['ms']:.3f} | {r['tflops']:.0f} | "
+                  f"{r['rel_err']:.1e} |")
+    if args.results:
+        date = time.strftime("%Y-%m-%d")
+        with open(args.results, "a") as fh:
+            for r in rows:
+                if "error" not in r:
+                    fh.write(f"| {date} | attention chunk {r['name']}: B=1 T={r['t']} at the end of "
+                             f"S={r['s']} cache positions, H={h} D=128 bf16 ALiBi (bench/attention."
+                             f"py chunk) | ms / TFLOP/s / rel err vs fp32 | {r['ms']:.3f} / "
+                             f"{r['tflops']:.0f} / {r['rel_err']:.1e} | {args.card or device} | "
+                             f"{args.commit} |\n")
+    return dict(rows=rows, device=device, jax=jax.__version__)
+
+
 def mode_memory(args):
     bs = _parse_blocks(args.config)
     h, d, rows = args.heads, 128, []
@@ -288,7 +344,7 @@ def mode_memory(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["check", "sweep", "bench", "memory"])
+    ap.add_argument("mode", choices=["check", "sweep", "bench", "memory", "chunk"])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=32)

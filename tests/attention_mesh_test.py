@@ -1,4 +1,4 @@
-"""The Pallas kernels (flash attention, decode attention, add+norm) under a multi-device mesh run
+"""The Pallas kernels (flash attention, decode attention, chunk attention, add+norm) under a multi-device mesh run
 once per shard (shard_map), not on the gathered global batch. On 8 fake CPU devices in a
 subprocess (XLA_FLAGS must be set before jax is imported)."""
 import os
@@ -121,6 +121,29 @@ SCRIPT = textwrap.dedent(r'''
                 ref = decode(qd, kc, vc, fused, impl="reference")
                 for a, w in zip(got, ref):
                     assert float(jnp.max(jnp.abs(a - w))) < 1e-4, "decode values"
+        # A chunk of new tokens (each row at its own position): the chunk flash kernel per
+        # shard, on the cache in place ([B / 4, KV / 2 where it divides, S, D]).
+        def chunk(q, kc, vc, impl="pallas_gpu", interpret=False):
+            kv = q[:, :, :kc.shape[1]]
+            return attention.append_and_attend(
+                q, kv, kv * 0.5, kc, vc, jnp.arange(bd, dtype=jnp.int32) * 7,
+                alibi_slopes=alibi_slopes(hd), impl=impl, interpret=interpret)
+
+        for kvh, want in ((2, ("1x16x2x32", "1x1x64x32")), (1, ("1x16x4x32", "1x1x64x32"))):
+            qc = jax.device_put(jnp.asarray(rng.normal(size=(bd, 16, hd, d)), jnp.float32),
+                                NamedSharding(mesh, P(("data", "fsdp"))))
+            kc = jnp.asarray(rng.normal(size=(bd, kvh, sd, d)), jnp.float32)
+            vc = jnp.asarray(rng.normal(size=(bd, kvh, sd, d)), jnp.float32)
+            txt = jax.jit(chunk).trace(qc, kc, vc).lower(lowering_platforms=("cuda",)).as_text()
+            lines = [ln for ln in txt.splitlines() if "xla.gpu.triton" in ln
+                     and "alibi_chunk_fwd" in ln]
+            assert lines, "no chunk kernel"
+            ops = re.findall(r"tensor<([0-9x]+)xf32>", lines[0])
+            assert tuple(ops[:2]) == want, (kvh, ops)
+            got = jax.jit(functools.partial(chunk, interpret=True))(qc, kc, vc)
+            ref = chunk(qc, kc, vc, impl="reference")
+            for a, w in zip(got, ref):
+                assert float(jnp.max(jnp.abs(a - w))) < 1e-4, "chunk values"
         from mpt_jax.model.config import MPTConfig
         from mpt_jax.model.layers import Norm
 

@@ -149,7 +149,8 @@ def test_dispatch():
 def test_plan_picks_the_kernel_and_layout():
     """attention.plan without a mesh (the Hopper choice: flash_mgpu_test): each impl's kernel,
     the packed layout only where the kernel needs no padding, the decode kernel only for one
-    new token a row against a cache of whole blocks; nothing split."""
+    new token a row against a cache of whole blocks, the chunk kernel for several against a
+    float cache of whole blocks; nothing split."""
     bf16 = jnp.bfloat16
 
     def plan(impl, q_shape=(2, 128, 4, 64), kvh=4, s=128, **kw):
@@ -167,7 +168,12 @@ def test_plan_picks_the_kernel_and_layout():
     decode = attention.Plan("decode_gpu", packed=True)
     assert plan("pallas_triton", (2, 1, 4, 64), s=128, cache=True, packed=True) == decode
     assert plan("pallas_gpu", (2, 1, 4, 64), 2, 128, cache=True) == attention.Plan("decode_gpu")
-    assert plan("pallas_gpu", (2, 2, 4, 64), s=128, cache=True) == attention.Plan("reference")
+    chunk = attention.Plan("chunk_gpu")  # several new tokens: the chunk flash kernel
+    assert plan("pallas_gpu", (2, 2, 4, 64), s=128, cache=True) == chunk
+    assert plan("pallas_triton", (1, 256, 4, 64), 2, 2048, cache=True, packed=True) == chunk
+    assert plan("pallas_gpu", (2, 2, 4, 64), s=100, cache=True) == attention.Plan("reference")
+    assert attention.plan("pallas_gpu", (2, 2, 4, 64), 4, 128, jnp.int8,
+                          cache=True) == attention.Plan("reference")  # an int8 cache
     assert plan("pallas_gpu", (2, 1, 4, 64), s=100, cache=True) == attention.Plan("reference")
     assert plan("pallas_tpu", (2, 1, 4, 64), s=128, cache=True) == attention.Plan("decode_tpu")
     assert plan("pallas_tpu", (2, 2, 4, 64), s=128, cache=True) == attention.Plan("reference")
@@ -424,6 +430,76 @@ def test_append_and_attend_kernel_writes_the_cache(s, splits_hint):
     assert _rel(one[0], want[0][:, 0]) < 1e-5
     np.testing.assert_array_equal(one[1], want[1])
     np.testing.assert_array_equal(one[2], want[2])
+
+
+@pytest.mark.parametrize("b,t,h,kvh,d,s,dtype", [
+    (3, 20, 4, 2, 32, 128, jnp.float32),  # T padded to the block inside, GQA
+    (2, 64, 4, 1, 16, 192, jnp.float32),  # MQA, several key blocks
+    (2, 32, 2, 2, 64, 128, jnp.bfloat16),
+])
+def test_chunk_kernel_matches_jnp_path(b, t, h, kvh, d, s, dtype):
+    """flash_gpu.chunk_attention_gpu (interpret, outputs poisoned) against the jnp path
+    (decode_attention): each row's chunk at its own start, anywhere in the cache (at 0, at the
+    end), ALiBi on and off, with and without a kv_mask (left padding)."""
+    from mpt_jax.kernels import flash_gpu
+
+    rng = np.random.default_rng()
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
+    kc = jnp.asarray(rng.normal(size=(b, kvh, s, d)), dtype)
+    vc = jnp.asarray(rng.normal(size=(b, kvh, s, d)), dtype)
+    start = np.concatenate([[0, s - t], rng.integers(0, s - t + 1, b)])[:b].astype(np.int32)
+    mask = jnp.asarray(rng.random((b, s)) > 0.3)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for kv_mask in (None, mask):
+        for slopes in (None, jnp.asarray(alibi_slopes(h))):
+            want = attention.decode_attention(q, kc, vc, jnp.asarray(start) + t,
+                                              alibi_slopes=slopes, kv_mask=kv_mask)
+            got = flash_gpu.chunk_attention_gpu(q, kc, vc, jnp.asarray(start), slopes, kv_mask,
+                                                interpret=True, _poison=True)
+            assert got.dtype == dtype and not bool(jnp.isnan(got).any())
+            assert _rel(got, want) < tol, (kv_mask is None, slopes is None)
+    with pytest.raises(ValueError, match="not supported"):
+        flash_gpu.chunk_attention_gpu(q, kc[:, :, :s - 8], vc[:, :, :s - 8], 0, interpret=True)
+
+
+@pytest.mark.slow
+def test_append_and_attend_chunk_kernel():
+    """A chunk through append_and_attend on a GPU impl (interpret): the chunk kernel writes
+    the same caches and attends as the jnp update-then-attend path, for a scalar and a
+    per-row cache_index."""
+    rng = np.random.default_rng()
+    b, t, h, kvh, d, s = 2, 16, 4, 2, 32, 128
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    k_new = jnp.asarray(rng.normal(size=(b, t, kvh, d)), jnp.float32)
+    v_new = jnp.asarray(rng.normal(size=(b, t, kvh, d)), jnp.float32)
+    kc = jnp.asarray(rng.normal(size=(b, kvh, s, d)), jnp.float32)
+    vc = jnp.asarray(rng.normal(size=(b, kvh, s, d)), jnp.float32)
+    assert attention.plan("pallas_gpu", q.shape, kvh, s, jnp.float32, cache=True,
+                          interpret=True).kernel == "chunk_gpu"
+    for idx in (jnp.int32(37), jnp.asarray([0, s - t], jnp.int32)):
+        kw = dict(alibi_slopes=jnp.asarray(alibi_slopes(h)))
+        want = attention.append_and_attend(q, k_new, v_new, kc, vc, idx, impl="reference", **kw)
+        got = attention.append_and_attend(q, k_new, v_new, kc, vc, idx, impl="pallas_gpu",
+                                          interpret=True, **kw)
+        assert _rel(got[0], want[0]) < 1e-5
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[2], want[2])
+
+
+@pytest.mark.slow
+def test_chunk_kernel_lowers_for_cuda():
+    """The chunk kernel's Pallas-to-Triton lowering on CPU, at the serving engine's shapes
+    (one slot's 256-token chunk against a 2048-position span of MPT-7B's cache)."""
+    from mpt_jax.kernels import flash_gpu
+
+    q = jax.ShapeDtypeStruct((1, 256, 32, 128), jnp.bfloat16)
+    c = jax.ShapeDtypeStruct((1, 32, 2048, 128), jnp.bfloat16)
+    sl = jax.ShapeDtypeStruct((32,), jnp.float32)
+    fn = lambda q, k, v, start, sl: flash_gpu.chunk_attention_gpu(  # noqa: E731
+        q, k, v, start, sl)
+    txt = jax.jit(fn).trace(q, c, c, jnp.int32(300), sl).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in txt and "alibi_chunk_fwd" in txt
 
 
 @pytest.mark.slow

@@ -107,6 +107,9 @@ class _Cfg:
     heads: int = 0  # H (packed only)
     hopper_fwd: bool = False  # flash_mgpu kernels run the forward / the backward
     hopper_bwd: bool = False
+    # chunk_attention_gpu (forward only): pos(query i) = i + offset[b], a traced int32 per
+    # row in place of the static offset; keys and values in the cache's [B, KV, S, D] layout.
+    cache: bool = False
 
     @property
     def packed(self) -> bool:
@@ -158,25 +161,28 @@ def _seg_mask(qseg_ref, kvseg_ref, qs, bq, ks, bk):
     return qseg[:, None] == kvseg[None, :]
 
 
-def _mask(cfg: _Cfg, qseg_ref, kvseg_ref, qs, bq, ks, bk):
-    """Visibility of the [bq, bk] block at (query qs, key ks): causal, key tail, segments."""
+def _mask(cfg: _Cfg, qseg_ref, kvseg_ref, qs, bq, ks, bk, offset=None):
+    """Visibility of the [bq, bk] block at (query qs, key ks): causal, key tail, segments.
+    offset: pos(query i) - i (default cfg.offset; a chunk's traced start)."""
+    offset = cfg.offset if offset is None else offset
     kidx = ks + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     mask = kidx < cfg.seq_k
     if cfg.causal:
-        qpos = qs + cfg.offset + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+        qpos = qs + offset + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
         mask = mask & (kidx <= qpos)
     if cfg.has_segments:
         mask = mask & _seg_mask(qseg_ref, kvseg_ref, qs, bq, ks, bk)
     return mask
 
 
-def _kv_range(cfg: _Cfg, qs, bq, bk):
+def _kv_range(cfg: _Cfg, qs, bq, bk, offset=None):
     """KV blocks [0, n_full) need no mask, [n_full, n_end) do; blocks past n_end are skipped."""
+    offset = cfg.offset if offset is None else offset
     n_valid = pl.cdiv(cfg.seq_k, bk)
     if cfg.causal:
-        last = jnp.minimum(qs + bq + cfg.offset, cfg.seq_k)  # one past the last visible key
+        last = jnp.minimum(qs + bq + offset, cfg.seq_k)  # one past the last visible key
         n_end = jnp.maximum(lax.div(last + bk - 1, jnp.int32(bk)), 0)
-        n_full = jnp.minimum(lax.div(jnp.maximum(qs + cfg.offset + 1, 0), jnp.int32(bk)),
+        n_full = jnp.minimum(lax.div(jnp.maximum(qs + offset + 1, 0), jnp.int32(bk)),
                              cfg.seq_k // bk)
     else:
         n_end = n_valid
@@ -187,7 +193,8 @@ def _kv_range(cfg: _Cfg, qs, bq, bk):
     return n_full, n_end
 
 
-def _scores(cfg: _Cfg, q, k, ks, *, anchor, slope2, masked, qseg_ref, kvseg_ref, qs):
+def _scores(cfg: _Cfg, q, k, ks, *, anchor, slope2, masked, qseg_ref, kvseg_ref, qs,
+            offset=None):
     """log2-domain scores `[bq, bk]` of a query block against keys ks .. ks+bk: the softmax
     scale, ALiBi's column term slope * (pos_j - anchor) (the row term is constant per row and
     dropped), and, for blocks that need it, the causal/segment mask as -inf."""
@@ -197,7 +204,7 @@ def _scores(cfg: _Cfg, q, k, ks, *, anchor, slope2, masked, qseg_ref, kvseg_ref,
         kcol = (ks - anchor + lax.broadcasted_iota(jnp.int32, (1, bk), 1)).astype(jnp.float32)
         s = s + slope2[:, None] * kcol
     if masked:
-        s = jnp.where(_mask(cfg, qseg_ref, kvseg_ref, qs, bq, ks, bk), s, -jnp.inf)
+        s = jnp.where(_mask(cfg, qseg_ref, kvseg_ref, qs, bq, ks, bk, offset), s, -jnp.inf)
     return s
 
 
@@ -205,7 +212,8 @@ def _scores(cfg: _Cfg, q, k, ks, *, anchor, slope2, masked, qseg_ref, kvseg_ref,
 # forward
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, cfg):
+def _fwd_kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kvseg_ref, off_ref, o_ref, lse_ref,
+                *, cfg):
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
     n_qb = pl.num_programs(0)
     qb = n_qb - 1 - pl.program_id(0)  # longest rows first
@@ -213,7 +221,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kvseg_ref, o_ref, lse
     qs = qb * bq
     q = q_ref[...]
     d = q.shape[-1]
-    anchor = qs + cfg.offset  # position of row 0 of this block
+    offset = off_ref[0] if cfg.cache else cfg.offset
+    anchor = qs + offset  # position of row 0 of this block
     slope2 = slopes_ref[pl.ds(h, 1)] * LOG2E if cfg.has_alibi else None  # [1]
 
     def body(j, carry, masked):
@@ -222,7 +231,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kvseg_ref, o_ref, lse
         k = k_ref[pl.ds(ks, bk), :]
         v = v_ref[pl.ds(ks, bk), :]
         s = _scores(cfg, q, k, ks, anchor=anchor, slope2=slope2, masked=masked,
-                    qseg_ref=qseg_ref, kvseg_ref=kvseg_ref, qs=qs)
+                    qseg_ref=qseg_ref, kvseg_ref=kvseg_ref, qs=qs, offset=offset)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         if masked:
             m_new_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -234,7 +243,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kvseg_ref, o_ref, lse
         acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
-    n_full, n_end = _kv_range(cfg, qs, bq, bk)
+    n_full, n_end = _kv_range(cfg, qs, bq, bk, offset)
     carry = (
         jnp.zeros((bq, d), jnp.float32),
         jnp.full((bq,), -jnp.inf, jnp.float32),
@@ -265,12 +274,13 @@ def _mgpu_cfg(cfg: _Cfg, h, d):
                                blocks=cfg.blocks.hopper)
 
 
-def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg):
+def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg, off=None):
+    """off: int32 [B, 1], each row's query offset (cfg.cache: k, v [B, KV, S, D])."""
     b, tp, h, d = q.shape
     h = cfg.heads or h
     if cfg.hopper_fwd:
         return flash_mgpu.forward(_mgpu_cfg(cfg, h, d), q, k, v, slopes)
-    sp = k.shape[1]
+    sp = k.shape[2] if cfg.cache else k.shape[1]
     bs = cfg.blocks
     bq = bs.block_q
     n_qb = tp // bq
@@ -278,12 +288,18 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg):
     ko, vo = cfg.kv_offsets()
     grid = (n_qb, b, h)
     rev = lambda i: n_qb - 1 - i  # noqa: E731
+    if cfg.cache:
+        kv_specs = [pl.BlockSpec((None, None, sp, d), lambda i, bi, hi: (bi, hi // g, 0, 0))] * 2
+    else:
+        kv_specs = [
+            pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g + ko, 0)),
+            pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g + vo, 0))]
     in_specs = [
         pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
-        pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g + ko, 0)),
-        pl.BlockSpec((None, sp, None, d), lambda i, bi, hi: (bi, 0, hi // g + vo, 0)),
+        *kv_specs,
         pl.BlockSpec((slopes.shape[0],), lambda i, bi, hi: (0,)),
         *_specs_seg(cfg, tp, sp, lambda i, bi, hi: bi),
+        pl.BlockSpec((None, 1), lambda i, bi, hi: (bi, 0)) if cfg.cache else None,
     ]
     out_specs = [
         pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, rev(i), hi, 0)),
@@ -296,8 +312,8 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg):
     return _pallas_call(
         cfg, functools.partial(_fwd_kernel, cfg=cfg), grid=grid, in_specs=in_specs,
         out_specs=out_specs, out_shape=out_shape, warps=bs.num_warps, stages=bs.num_stages,
-        name="alibi_flash_fwd",
-    )(q, k, v, slopes, qseg, kvseg)
+        name="alibi_chunk_fwd" if cfg.cache else "alibi_flash_fwd",
+    )(q, k, v, slopes, qseg, kvseg, off)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -681,3 +697,60 @@ def flash_attention_gpu(
     vp = common.pad_to(common.pad_to(v, 1, p.sp), 3, p.dp)
     out = _flash(p.cfg, qp, kp, vp, p.slopes, p.qseg, p.kvseg)
     return out[:, :t, :, :d]
+
+
+# ----------------------------------------------------------------------------------------------
+# a chunk of new tokens against a KV cache (forward only)
+
+
+# The chunk kernel's grid is (query blocks, B, H): below this many programs it takes query
+# blocks of 64 rows (a 256-token chunk of one slot at H=32 is 64 programs of 128 rows).
+CHUNK_MIN_PROGRAMS = 256
+
+
+def chunk_supported(q_shape, kv_heads: int, slots: int, dtype,
+                    block_sizes: BlockSizes | None = None) -> bool:
+    """Whether `chunk_attention_gpu` takes q `[B, T, H, D]` against caches of `slots` positions
+    in `dtype`: T > 1, a float cache whose slots fill whole key blocks (it is read in place, so
+    it cannot be padded), D a power of two >= 16, KV dividing H."""
+    _, t, h, d = q_shape
+    if t < 2 or h % kv_heads or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16,
+                                                          jnp.float32):
+        return False
+    bs = _fit_blocks(block_sizes or BlockSizes.default(dtype), t, slots)
+    return _padded_lengths(bs, t, slots, d)[1:] == (slots, d)
+
+
+def chunk_attention_gpu(q, k_cache, v_cache, start, alibi_slopes=None, kv_mask=None, *,
+                        softmax_scale: float | None = None,
+                        block_sizes: BlockSizes | None = None, interpret: bool = False,
+                        _poison: bool = False):
+    """T new tokens against a KV cache that already holds them: q `[B, T, H, D]`, caches
+    `[B, KV, S, D]` (attention.decode_attention's layout, read in place), start int32 scalar
+    or `[B]`: query i of row b sits at position start[b] + i and sees keys j <= start[b] + i
+    (and, with kv_mask `[B, S]`, only where it is True). -> `[B, T, H, D]` in q's dtype.
+
+    The forward kernel above with the offset a per-row traced value, so a chunk at any depth
+    of the cache is one compilation; key blocks past the chunk's last position are never
+    read, so the cost follows start + T, not S. (The serving engine's prefill chunks and any
+    multi-token step against a cache; `chunk_supported` says which shapes qualify.)
+    """
+    b, t, h, d = q.shape
+    _, kvh, s, _ = k_cache.shape
+    if block_sizes is None:  # one slot's chunk: smaller query blocks, to fill the GPU
+        block_sizes = BlockSizes.default(k_cache.dtype)
+        if b * h * pl.cdiv(t, block_sizes.block_q) < CHUNK_MIN_PROGRAMS:
+            block_sizes = dataclasses.replace(block_sizes, block_q=min(block_sizes.block_q, 64))
+    if not chunk_supported(q.shape, kvh, s, k_cache.dtype, block_sizes):
+        raise ValueError(f"chunk_attention_gpu: q {q.shape} against caches {k_cache.shape} "
+                         f"({k_cache.dtype}) is not supported (see chunk_supported)")
+    p = _prepare(q.shape, kvh, s, k_cache.dtype, alibi_slopes,
+                 None if kv_mask is None else jnp.ones((b, t), jnp.int32),
+                 None if kv_mask is None else jnp.asarray(kv_mask).astype(jnp.int32),
+                 causal=True, softmax_scale=softmax_scale, block_sizes=block_sizes,
+                 interpret=interpret, poison=_poison, hopper_fwd=False, hopper_bwd=False)
+    cfg = dataclasses.replace(p.cfg, offset=0, cache=True)
+    off = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (b,)).reshape(b, 1)
+    qp = common.pad_to(q.astype(k_cache.dtype), 1, p.tp)
+    out, _ = _forward(cfg, qp, k_cache, v_cache, p.slopes, p.qseg, p.kvseg, off)
+    return out[:, :t].astype(q.dtype)

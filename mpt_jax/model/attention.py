@@ -85,7 +85,8 @@ class Plan:
     "flash_gpu" (kernels/flash_gpu: Triton, or Mosaic GPU where hopper_fwd / hopper_bwd),
     "flash_tpu" (kernels/flash_tpu), "decode_gpu" / "decode_tpu" (kernels/decode_gpu,
     kernels/decode_tpu, which also write the new token's key and value into the cache in
-    place). packed: the kernel reads q, k and v in
+    place), "chunk_gpu" (flash_gpu.chunk_attention_gpu: several new tokens against a cache,
+    at a traced position). packed: the kernel reads q, k and v in
     place from the fused projection. batch_axes / head_axes: the mesh axes the kernel's batch /
     heads split over (shard_map, sharding.per_shard_logical); None when not split, without a
     multi-device mesh, and for the jnp path (XLA partitions it).
@@ -134,7 +135,8 @@ def plan(impl: str, q_shape, kv_heads: int, kv_len: int, dtype, *, causal: bool 
       pallas_tpu     Mosaic TPU
       reference      jnp
     Against a cache, a GPU impl runs the GPU decode kernel for one new token per row
-    (decode_gpu.supported), pallas_tpu the TPU one (decode_tpu.supported, `dtype` being the
+    (decode_gpu.supported) and the chunk kernel for several (flash_gpu.chunk_supported: a
+    float cache), pallas_tpu the TPU decode kernel (decode_tpu.supported, `dtype` being the
     cache's), anything else the jnp path. packed holds where the kernel takes the
     fused projection whole (heads not split; for the flash kernels no padding either,
     flash_gpu.takes_packed); otherwise q, k and v are slices.
@@ -161,6 +163,8 @@ def plan(impl: str, q_shape, kv_heads: int, kv_len: int, dtype, *, causal: bool 
     if cache:
         if t == 1 and decode_gpu.supported((bs, hs, d), (bs, kvs, kv_len, d)):
             return Plan("decode_gpu", packed=packed and whole_heads, **split)
+        if t > 1 and flash_gpu.chunk_supported((bs, t, hs, d), kvs, kv_len, dtype, block_sizes):
+            return Plan("chunk_gpu", **split)
         return Plan("reference")
     if impl == "pallas_tpu":
         return Plan("flash_tpu", **split)
@@ -459,7 +463,9 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
 
     Where the plan picks a Pallas decode kernel (GPU or TPU, one new token per row) it is a
     single launch that also writes the new row into the caches (no separate update kernels);
-    otherwise `write_cache` and `decode_attention` run. qkv (optional) `[B, T, (H + 2 KV) * D]`:
+    for several new tokens on a GPU, `write_cache` and the chunk flash kernel (which reads the
+    cache in place, up to the chunk's last position only); otherwise `write_cache` and
+    `decode_attention` run. qkv (optional) `[B, T, (H + 2 KV) * D]`:
     the fused projection q, k_new and v_new were sliced from; the kernel then reads it in place."""
     b, t, h, d = q.shape
     quantized = quant.is_quantized(k_cache)
@@ -474,6 +480,21 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
         k_cache, v_cache = write_cache(k_cache, v_cache, k_new, v_new, index)
         o = decode_attention(q, k_cache, v_cache, index + t, alibi_slopes=alibi_slopes,
                              softmax_scale=softmax_scale, kv_mask=kv_mask)
+        return o, k_cache, v_cache
+    cache_axes = ("batch", "heads", None, None)
+    if p.kernel == "chunk_gpu":
+        k_cache, v_cache = write_cache(k_cache, v_cache, k_new, v_new, index)
+
+        def chunk(q, k_cache, v_cache, start, kv_mask, slopes):
+            return flash_gpu.chunk_attention_gpu(q, k_cache, v_cache, start, slopes, kv_mask,
+                                                 softmax_scale=softmax_scale,
+                                                 interpret=interpret)
+
+        rows = ("batch", None, "heads", None)
+        o = sharding.per_shard_logical(
+            chunk, in_axes=(rows, cache_axes, cache_axes, ("batch",), ("batch", None),
+                            ("heads",)), out_axes=rows)(
+            q, k_cache, v_cache, jnp.broadcast_to(index, (b,)), kv_mask, _slopes(alibi_slopes))
         return o, k_cache, v_cache
     scale = _scale(d, softmax_scale)
 
@@ -496,8 +517,7 @@ def append_and_attend(q, k_new, v_new, k_cache, v_cache, cache_index, *, alibi_s
         args = (q[:, 0], None, k_new[:, 0], v_new[:, 0])
     caches = (k_cache.values, v_cache.values, k_cache.scales, v_cache.scales) if quantized else (
         k_cache, v_cache, None, None)
-    row, cache_axes, scale_axes = ("batch", "heads", None), ("batch", "heads", None, None), (
-        "batch", "heads", None)
+    row, scale_axes = ("batch", "heads", None), ("batch", "heads", None)
     cache_out = (cache_axes, cache_axes) + ((scale_axes, scale_axes) if quantized else ())
     o, *new = sharding.per_shard_logical(
         run, in_axes=(row, cache_axes, cache_axes, scale_axes, scale_axes, ("batch",),
