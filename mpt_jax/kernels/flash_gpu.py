@@ -703,11 +703,6 @@ def flash_attention_gpu(
 # a chunk of new tokens against a KV cache (forward only)
 
 
-# The chunk kernel's grid is (query blocks, B, H): below this many programs it takes query
-# blocks of 64 rows (a 256-token chunk of one slot at H=32 is 64 programs of 128 rows).
-CHUNK_MIN_PROGRAMS = 256
-
-
 def chunk_supported(q_shape, kv_heads: int, slots: int, dtype,
                     block_sizes: BlockSizes | None = None) -> bool:
     """Whether `chunk_attention_gpu` takes q `[B, T, H, D]` against caches of `slots` positions
@@ -737,10 +732,6 @@ def chunk_attention_gpu(q, k_cache, v_cache, start, alibi_slopes=None, kv_mask=N
     """
     b, t, h, d = q.shape
     _, kvh, s, _ = k_cache.shape
-    if block_sizes is None:  # one slot's chunk: smaller query blocks, to fill the GPU
-        block_sizes = BlockSizes.default(k_cache.dtype)
-        if b * h * pl.cdiv(t, block_sizes.block_q) < CHUNK_MIN_PROGRAMS:
-            block_sizes = dataclasses.replace(block_sizes, block_q=min(block_sizes.block_q, 64))
     if not chunk_supported(q.shape, kvh, s, k_cache.dtype, block_sizes):
         raise ValueError(f"chunk_attention_gpu: q {q.shape} against caches {k_cache.shape} "
                          f"({k_cache.dtype}) is not supported (see chunk_supported)")
