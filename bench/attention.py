@@ -307,11 +307,11 @@ def mode_chunk(args):
         with open(args.results, "a") as fh:
             for r in rows:
                 if "error" not in r:
-                    fh.write(f"| {date} | attention chunk {r['name']}: B=1 T={r['t']} at the end of "
-                             f"S={r['s']} cache positions, H={h} D=128 bf16 ALiBi (bench/attention."
-                             f"py chunk) | ms / TFLOP/s / rel err vs fp32 | {r['ms']:.3f} / "
-                             f"{r['tflops']:.0f} / {r['rel_err']:.1e} | {args.card or device} | "
-                             f"{args.commit} |\n")
+                    fh.write(f"| {date} | attention chunk {r['name']}: B=1 T={r['t']} at the "
+                             f"end of S={r['s']} cache positions, H={h} D=128 bf16 ALiBi (bench/"
+                             f"attention.py chunk) | ms / TFLOP/s / rel err vs fp32 | "
+                             f"{r['ms']:.3f} / {r['tflops']:.0f} / {r['rel_err']:.1e} | "
+                             f"{args.card or device} | {args.commit} |\n")
     return dict(rows=rows, device=device, jax=jax.__version__)
 
 

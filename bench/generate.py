@@ -25,7 +25,9 @@ the ratio to each.
 
 Sections (each runs alone; they run in the order given): copy (the copy rate, always measured
 when a later section needs it), tune (int8 kernel tiles per matrix shape over a small grid,
-installed for the sections after it; opt-in: each tile is a compile), short (prompt + new at
+installed for the sections after it; opt-in: each tile is a compile), kvtune (the decode
+attention kernel alone at each long context and --long_kv_caches over a grid of block, target
+programs and warps; the best installed for the sections after it; opt-in), short (prompt + new at
 each batch, --weights and --kv_caches), long (batch 1 at each context, --long_weights and
 --long_kv_caches), variants (batch 1 decode under each decode-loop variant of VARIANTS in the
 order given; "default" times the shipped loop again inside the section). Every row is a new
@@ -55,6 +57,8 @@ from mpt_jax.infer.generate import DecodeOptions, Generator, SamplingParams  # n
 from mpt_jax.kernels import decode_gpu, int8_gpu, norm_gpu  # noqa: E402
 from mpt_jax.model import MPTForCausalLM, quant, quantize_model  # noqa: E402
 from mpt_jax.model.config import MPTConfig  # noqa: E402
+
+SHIPPED_DECODE_KNOBS = (decode_gpu.BLOCK_S, decode_gpu.TARGET_PROGRAMS, decode_gpu.NUM_WARPS)
 
 # compiler_options set the list of command types itself (the "+T" syntax of XLA_FLAGS is
 # refused there): XLA's default list plus WHILE and CONDITIONAL; "" turns command buffers off (as
@@ -263,6 +267,70 @@ def tune_int8(cfg: MPTConfig, batches) -> list[dict]:
     return out
 
 
+def tune_decode(cfg: MPTConfig, contexts, kv_names, new: int) -> dict:
+    """The decode attention kernel alone at batch 1 and each long context (cache_len = the
+    context; the cache allocated as generate allocates it), for each KV cache kind, over a
+    grid of (slots per block, target programs, warps); the fastest in total over the contexts
+    and caches is installed in decode_gpu's knobs for the sections after it."""
+    h, kvh, d = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
+    grid = list(itertools.product((64, 128, 256), (256, 1024, 4096), (4, 8)))
+    slopes = jnp.asarray(2.0 ** -np.arange(1, h + 1), jnp.float32)
+    totals: dict = {}
+    rows = []
+    key = jax.random.key(0)
+    for ctx, kv_name in itertools.product(contexts, kv_names):
+        alloc = -(-(ctx + new) // 256) * 256  # a multiple of every block in the grid
+        q = jax.random.normal(key, (1, h, d), jnp.bfloat16)
+        if kv_name == "int8":
+            kc = jax.random.randint(key, (1, kvh, alloc, d), -127, 128, jnp.int32).astype(
+                jnp.int8)
+            sc = jnp.full((1, kvh, alloc), 0.01, jnp.float32)
+            extra = dict(k_scales=sc, v_scales=sc)
+        else:
+            kc = jax.random.normal(key, (1, kvh, alloc, d), jnp.bfloat16)
+            extra = {}
+        lens = jnp.full((1,), ctx, jnp.int32)
+        nbytes = cache_bytes(dataclasses_replace_layers(cfg), 1, ctx, kc.dtype)
+        for bs, target, warps in grid:
+            splits = decode_gpu.n_splits(1, kvh, alloc, bs, target)
+            fn = jax.jit(lambda q, kc, bs=bs, splits=splits, warps=warps: (
+                decode_gpu.decode_attention_gpu(q, kc, kc, lens, None, slopes, scale=d ** -0.5,
+                                                block_s=bs, num_warps=warps, splits=splits,
+                                                **extra)))
+            try:
+                jax.block_until_ready(fn(q, kc))
+                t = _best(lambda fn=fn: jax.block_until_ready(fn(q, kc)), 5)
+            except Exception as e:  # noqa: BLE001  (a tile that does not compile)
+                print(f"# decode tune {ctx} {kv_name} {(bs, target, warps)}: "
+                      f"{type(e).__name__}", flush=True)
+                continue
+            row = {"context": ctx, "kv_cache": kv_name, "block_s": bs, "target": target,
+                   "warps": warps, "splits": splits, "us": t * 1e6, "tb_s": nbytes / t / 1e12}
+            rows.append(row)
+            totals[(bs, target, warps)] = totals.get((bs, target, warps), 0.0) + t
+        print(json.dumps(max((r for r in rows if r["context"] == ctx
+                              and r["kv_cache"] == kv_name), key=lambda r: r["tb_s"])),
+              flush=True)
+    n_cases = len(contexts) * len(kv_names)
+    done = [k for k in totals if sum(1 for r in rows if (r["block_s"], r["target"], r["warps"])
+                                     == k) == n_cases]
+    if not done:
+        return {"rows": rows}
+    best = min(done, key=totals.get)
+    default = (decode_gpu.BLOCK_S, decode_gpu.TARGET_PROGRAMS, decode_gpu.NUM_WARPS)
+    decode_gpu.BLOCK_S, decode_gpu.TARGET_PROGRAMS, decode_gpu.NUM_WARPS = best
+    print(json.dumps({"decode_tune_best": best, "default": default,
+                      "best_s": totals[best], "default_s": totals.get(default)}), flush=True)
+    return {"rows": rows, "best": best, "default": default}
+
+
+def dataclasses_replace_layers(cfg: MPTConfig) -> MPTConfig:
+    """cfg with one layer (cache_bytes of the single kernel call the tune times)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, n_layers=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +341,8 @@ def _csv(text, kind=str):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="copy,short,variants,long",
-                    help="comma list, run in this order: copy, tune, short, long, variants")
+                    help="comma list, run in this order: copy, tune, kvtune, short, long, "
+                         "variants")
     ap.add_argument("--weights", default="bf16,int8")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt", type=int, default=128)
@@ -305,7 +374,7 @@ def main():
     start = time.perf_counter()
     order = _csv(args.sections)
     sections = set(order)
-    unknown = sections - {"copy", "tune", "short", "long", "variants"}
+    unknown = sections - {"copy", "tune", "kvtune", "short", "long", "variants"}
     bad_variants = set(_csv(args.variants)) - set(VARIANTS)
     if unknown or bad_variants:
         sys.exit(f"bench/generate.py: unknown section(s) {sorted(unknown)} / variant(s) "
@@ -322,7 +391,8 @@ def main():
     if args.decode_programs >= 0:
         decode_gpu.TARGET_PROGRAMS = args.decode_programs
     knobs = (f"decode kernel block {decode_gpu.BLOCK_S}, target programs "
-             f"{decode_gpu.TARGET_PROGRAMS}, norm warps {norm_gpu.NUM_WARPS}")
+             f"{decode_gpu.TARGET_PROGRAMS}, warps {decode_gpu.NUM_WARPS}, norm warps "
+             f"{norm_gpu.NUM_WARPS}")
     cfg = MPTConfig.mpt_7b() if args.size == "7b" else MPTConfig.preset(args.size)
     dev = jax.devices()[0]
     print(f"# device {dev.device_kind}, jax {jax.__version__}; {knobs}", flush=True)
@@ -385,13 +455,22 @@ def main():
         finally:
             for (mod, attr), value in saved.items():
                 setattr(mod, attr, value)
-        r.update(section=section, weights=wname, kv_cache=kv_name, variant=variant)
+        r.update(section=section, weights=wname, kv_cache=kv_name, variant=variant,
+                 decode_knobs=(decode_gpu.BLOCK_S, decode_gpu.TARGET_PROGRAMS,
+                               decode_gpu.NUM_WARPS))
         print(json.dumps(r), flush=True)
         results["rows"].append(r)
 
     for section in order:
         if section == "tune" and "int8" in weights:
             results["tiles"] = tune_int8(cfg, batches)
+        if section == "kvtune":
+            results["decode_tune"] = tune_decode(cfg, _csv(args.contexts, int),
+                                                 _csv(args.long_kv_caches), args.long_new)
+            jax.clear_caches()
+            results["knobs"] = (f"decode kernel block {decode_gpu.BLOCK_S}, target programs "
+                                f"{decode_gpu.TARGET_PROGRAMS}, warps {decode_gpu.NUM_WARPS}, "
+                                f"norm warps {norm_gpu.NUM_WARPS} (kvtune)")
         if section == "short":  # batch-major: bf16 and int8 weights of a batch side by side
             for b, kv_name, wname in itertools.product(batches, _csv(args.kv_caches), weights):
                 run("short", wname, kv_name, b, args.prompt, args.new)
@@ -423,7 +502,10 @@ def print_rows(results: dict, args, card: str) -> None:
     for r in ok:
         name = (f"generate MPT-{args.size} random {r['weights']} weights, {r['kv_cache']} KV "
                 f"cache, B={r['batch']} prompt={r['prompt']} new={r['new']} greedy"
-                + ("" if r["variant"] == "default" else f", variant {r['variant']}"))
+                + ("" if r["variant"] == "default" else f", variant {r['variant']}")
+                + ("" if tuple(r["decode_knobs"]) == SHIPPED_DECODE_KNOBS else
+                   ", decode kernel block {} / target programs {} / warps {}".format(
+                       *r["decode_knobs"])))
         floors = f"floor {r['floor_ms']:.2f} ms at {args.peak_tbs} TB/s ({r['ratio']:.2f}x)"
         if "copy_floor_ms" in r:
             floors += f", {r['copy_floor_ms']:.2f} ms at the copy rate ({r['copy_ratio']:.2f}x)"
@@ -441,6 +523,18 @@ def print_rows(results: dict, args, card: str) -> None:
                   f"decode loop / prefill incl. | "
                   f"{i8['decode_tokens_per_s'] / bf['decode_tokens_per_s']:.2f} / "
                   f"{i8['tokens_per_s'] / bf['tokens_per_s']:.2f} | {card} | COMMIT |")
+    tune = results.get("decode_tune") or {}
+    for ctx, kv_name in sorted({(r["context"], r["kv_cache"]) for r in tune.get("rows", [])}):
+        mine = [r for r in tune["rows"] if (r["context"], r["kv_cache"]) == (ctx, kv_name)]
+        shipped = [r for r in mine if (r["block_s"], r["target"], r["warps"])
+                   == SHIPPED_DECODE_KNOBS]
+        top = max(mine, key=lambda r: r["tb_s"])
+        print(f"| {date} | decode attention kernel alone, B=1, {kv_name} cache, {ctx} slots, "
+              f"MPT-{args.size} heads (kvtune): shipped block {SHIPPED_DECODE_KNOBS[0]} / "
+              f"target {SHIPPED_DECODE_KNOBS[1]} / warps {SHIPPED_DECODE_KNOBS[2]} vs the "
+              f"grid's best ({top['block_s']} / {top['target']} / {top['warps']}) | us, TB/s | "
+              + (f"{shipped[0]['us']:.0f}, {shipped[0]['tb_s']:.2f} vs " if shipped else "")
+              + f"{top['us']:.0f}, {top['tb_s']:.2f} | {card} | COMMIT |")
     for r in results["rows"]:
         if "skipped" in r:
             print(f"# SKIPPED (--budget_s) {r['section']} {r['weights']} {r['kv_cache']} "

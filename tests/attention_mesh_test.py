@@ -1,6 +1,6 @@
-"""The Pallas kernels (flash attention, decode attention, chunk attention, add+norm) under a multi-device mesh run
-once per shard (shard_map), not on the gathered global batch. On 8 fake CPU devices in a
-subprocess (XLA_FLAGS must be set before jax is imported)."""
+"""The Pallas kernels (flash attention, decode attention, chunk attention, add+norm) under a
+multi-device mesh run once per shard (shard_map), not on the gathered global batch. On 8 fake
+CPU devices in a subprocess (XLA_FLAGS must be set before jax is imported)."""
 import os
 import subprocess
 import sys

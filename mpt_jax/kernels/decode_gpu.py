@@ -36,10 +36,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# Tuning knobs (module level so a benchmark can sweep them): cache slots per loop step, and
-# the number of programs `n_splits` aims for (0: never split a (row, head)'s slots).
+# Tuning knobs (module level so a benchmark can sweep them): cache slots per loop step, the
+# number of programs `n_splits` aims for (0: never split a (row, head)'s slots), warps a program.
 BLOCK_S = 64
 TARGET_PROGRAMS = 256
+NUM_WARPS = 4
 
 
 def supported(q_shape, cache_shape, block_s: int | None = None) -> bool:
@@ -178,7 +179,7 @@ def _combine_kernel(m_ref, l_ref, acc_ref, o_ref, *, group):
 
 def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=None, *,
                          k_new=None, v_new=None, qkv=None, k_scales=None, v_scales=None,
-                         scale: float, block_s: int | None = None, num_warps: int = 4,
+                         scale: float, block_s: int | None = None, num_warps: int | None = None,
                          splits: int | None = None, interpret: bool = False):
     """q [B, H, D], caches [B, KV, S, D], cache_len int32 [B] (the new token included),
     kv_mask [B, S] or None, slopes float32 [H] or None -> [B, H, D] in q's dtype.
@@ -197,6 +198,7 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
     (the module docstring); appending then also writes the new token's scales, and returns
     (out, k_cache, v_cache, k_scales, v_scales)."""
     block_s = BLOCK_S if block_s is None else block_s
+    num_warps = NUM_WARPS if num_warps is None else num_warps
     if splits is None:
         splits = n_splits(k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], block_s)
     if (k_scales is None) != (v_scales is None) or (
