@@ -58,7 +58,16 @@ from mpt_jax.kernels import decode_gpu, int8_gpu, norm_gpu  # noqa: E402
 from mpt_jax.model import MPTForCausalLM, quant, quantize_model  # noqa: E402
 from mpt_jax.model.config import MPTConfig  # noqa: E402
 
-SHIPPED_DECODE_KNOBS = (decode_gpu.BLOCK_S, decode_gpu.TARGET_PROGRAMS, decode_gpu.NUM_WARPS)
+def decode_knobs() -> tuple[int, ...]:
+    """decode_gpu's knobs in force: (block, target programs, long-cache block, long-cache
+    target programs, warps)."""
+    return (decode_gpu.BLOCK_S, decode_gpu.TARGET_PROGRAMS, decode_gpu.LONG_BLOCK_S,
+            decode_gpu.LONG_TARGET_PROGRAMS, decode_gpu.NUM_WARPS)
+
+
+SHIPPED_DECODE_KNOBS = decode_knobs()
+SHIPPED_LONG_KNOBS = (decode_gpu.LONG_BLOCK_S, decode_gpu.LONG_TARGET_PROGRAMS,
+                      decode_gpu.NUM_WARPS)
 
 # compiler_options set the list of command types itself (the "+T" syntax of XLA_FLAGS is
 # refused there): XLA's default list plus WHILE and CONDITIONAL; "" turns command buffers off (as
@@ -156,7 +165,7 @@ def bench_decode(gen: Generator, batch: int, prompt: int, new: int, reps: int,
     rs = np.random.RandomState(batch + prompt)
     ids = jnp.asarray(rs.randint(0, gen.config.vocab_size, (batch, prompt)).astype(np.int32))
     mask = jnp.ones_like(ids)
-    alloc = -(-(prompt + new) // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S  # as generate does
+    alloc = decode_gpu.alloc_slots(prompt + new)  # as generate does
     pre_args = (gen.weights, ids, mask, jax.random.key(0), jnp.int32(0), alloc, new,
                 SamplingParams(), False)
     t0 = time.perf_counter()
@@ -271,7 +280,9 @@ def tune_decode(cfg: MPTConfig, contexts, kv_names, new: int) -> dict:
     """The decode attention kernel alone at batch 1 and each long context (cache_len = the
     context; the cache allocated as generate allocates it), for each KV cache kind, over a
     grid of (slots per block, target programs, warps); the fastest in total over the contexts
-    and caches is installed in decode_gpu's knobs for the sections after it."""
+    and caches is installed in decode_gpu's long-cache knobs (LONG_BLOCK_S,
+    LONG_TARGET_PROGRAMS; contexts of at least LONG_SLOTS) and NUM_WARPS for the sections
+    after it."""
     h, kvh, d = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
     grid = list(itertools.product((64, 128, 256), (256, 1024, 4096), (4, 8)))
     slopes = jnp.asarray(2.0 ** -np.arange(1, h + 1), jnp.float32)
@@ -317,8 +328,8 @@ def tune_decode(cfg: MPTConfig, contexts, kv_names, new: int) -> dict:
     if not done:
         return {"rows": rows}
     best = min(done, key=totals.get)
-    default = (decode_gpu.BLOCK_S, decode_gpu.TARGET_PROGRAMS, decode_gpu.NUM_WARPS)
-    decode_gpu.BLOCK_S, decode_gpu.TARGET_PROGRAMS, decode_gpu.NUM_WARPS = best
+    default = SHIPPED_LONG_KNOBS
+    decode_gpu.LONG_BLOCK_S, decode_gpu.LONG_TARGET_PROGRAMS, decode_gpu.NUM_WARPS = best
     print(json.dumps({"decode_tune_best": best, "default": default,
                       "best_s": totals[best], "default_s": totals.get(default)}), flush=True)
     return {"rows": rows, "best": best, "default": default}
@@ -390,9 +401,9 @@ def main():
         decode_gpu.BLOCK_S = args.decode_block
     if args.decode_programs >= 0:
         decode_gpu.TARGET_PROGRAMS = args.decode_programs
-    knobs = (f"decode kernel block {decode_gpu.BLOCK_S}, target programs "
-             f"{decode_gpu.TARGET_PROGRAMS}, warps {decode_gpu.NUM_WARPS}, norm warps "
-             f"{norm_gpu.NUM_WARPS}")
+    knobs = ("decode kernel block / target programs {} / {}, caches of {}+ slots {} / {}, "
+             "warps {}".format(*decode_knobs()[:2], decode_gpu.LONG_SLOTS, *decode_knobs()[2:])
+             + f", norm warps {norm_gpu.NUM_WARPS}")
     cfg = MPTConfig.mpt_7b() if args.size == "7b" else MPTConfig.preset(args.size)
     dev = jax.devices()[0]
     print(f"# device {dev.device_kind}, jax {jax.__version__}; {knobs}", flush=True)
@@ -456,8 +467,7 @@ def main():
             for (mod, attr), value in saved.items():
                 setattr(mod, attr, value)
         r.update(section=section, weights=wname, kv_cache=kv_name, variant=variant,
-                 decode_knobs=(decode_gpu.BLOCK_S, decode_gpu.TARGET_PROGRAMS,
-                               decode_gpu.NUM_WARPS))
+                 decode_knobs=decode_knobs())
         print(json.dumps(r), flush=True)
         results["rows"].append(r)
 
@@ -468,9 +478,7 @@ def main():
             results["decode_tune"] = tune_decode(cfg, _csv(args.contexts, int),
                                                  _csv(args.long_kv_caches), args.long_new)
             jax.clear_caches()
-            results["knobs"] = (f"decode kernel block {decode_gpu.BLOCK_S}, target programs "
-                                f"{decode_gpu.TARGET_PROGRAMS}, warps {decode_gpu.NUM_WARPS}, "
-                                f"norm warps {norm_gpu.NUM_WARPS} (kvtune)")
+            results["knobs"] = f"decode kernel knobs {decode_knobs()} (kvtune)"
         if section == "short":  # batch-major: bf16 and int8 weights of a batch side by side
             for b, kv_name, wname in itertools.product(batches, _csv(args.kv_caches), weights):
                 run("short", wname, kv_name, b, args.prompt, args.new)
@@ -504,8 +512,8 @@ def print_rows(results: dict, args, card: str) -> None:
                 f"cache, B={r['batch']} prompt={r['prompt']} new={r['new']} greedy"
                 + ("" if r["variant"] == "default" else f", variant {r['variant']}")
                 + ("" if tuple(r["decode_knobs"]) == SHIPPED_DECODE_KNOBS else
-                   ", decode kernel block {} / target programs {} / warps {}".format(
-                       *r["decode_knobs"])))
+                   ", decode kernel block / target programs {} / {}, long caches {} / {}, "
+                   "warps {}".format(*r["decode_knobs"])))
         floors = f"floor {r['floor_ms']:.2f} ms at {args.peak_tbs} TB/s ({r['ratio']:.2f}x)"
         if "copy_floor_ms" in r:
             floors += f", {r['copy_floor_ms']:.2f} ms at the copy rate ({r['copy_ratio']:.2f}x)"
@@ -527,11 +535,11 @@ def print_rows(results: dict, args, card: str) -> None:
     for ctx, kv_name in sorted({(r["context"], r["kv_cache"]) for r in tune.get("rows", [])}):
         mine = [r for r in tune["rows"] if (r["context"], r["kv_cache"]) == (ctx, kv_name)]
         shipped = [r for r in mine if (r["block_s"], r["target"], r["warps"])
-                   == SHIPPED_DECODE_KNOBS]
+                   == SHIPPED_LONG_KNOBS]
         top = max(mine, key=lambda r: r["tb_s"])
         print(f"| {date} | decode attention kernel alone, B=1, {kv_name} cache, {ctx} slots, "
-              f"MPT-{args.size} heads (kvtune): shipped block {SHIPPED_DECODE_KNOBS[0]} / "
-              f"target {SHIPPED_DECODE_KNOBS[1]} / warps {SHIPPED_DECODE_KNOBS[2]} vs the "
+              f"MPT-{args.size} heads (kvtune): shipped block {SHIPPED_LONG_KNOBS[0]} / "
+              f"target {SHIPPED_LONG_KNOBS[1]} / warps {SHIPPED_LONG_KNOBS[2]} vs the "
               f"grid's best ({top['block_s']} / {top['target']} / {top['warps']}) | us, TB/s | "
               + (f"{shipped[0]['us']:.0f}, {shipped[0]['tb_s']:.2f} vs " if shipped else "")
               + f"{top['us']:.0f}, {top['tb_s']:.2f} | {card} | COMMIT |")

@@ -125,7 +125,7 @@ def bench_static(gen: Generator, b: int, prompt: int, new: int, reps: int) -> di
     gen.generate(ids, **kw)
     first = time.perf_counter() - t0
     # The prefill alone: the compiled call generate made, with generate's arguments.
-    alloc = -(-(prompt + new) // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S
+    alloc = decode_gpu.alloc_slots(prompt + new)
     pre_args = (gen.weights, jnp.asarray(ids), jnp.asarray(kw["attention_mask"]),
                 jax.random.key(0), jnp.int32(0), alloc, new, SamplingParams(), False)
     jax.block_until_ready(gen._prefill(*pre_args).tokens)

@@ -360,6 +360,38 @@ def test_decode_kernel_matches_jnp_path(b, h, kvh, s, d, dtype):
     assert _rel(no_alibi, attention.decode_attention(q, k, v, jnp.asarray(lens))) < 1e-2
 
 
+def test_decode_kernel_long_cache_knobs(monkeypatch):
+    """Caches of LONG_SLOTS positions or more take the long-cache block and target programs
+    (decode_gpu.knobs), others the short ones; alloc_slots rounds to the block that length
+    takes; the kernel under the long knobs (LONG_SLOTS lowered, interpret) equals the jnp
+    path."""
+    from mpt_jax.kernels import decode_gpu
+
+    long_ = decode_gpu.LONG_SLOTS
+    short_knobs = (decode_gpu.BLOCK_S, decode_gpu.TARGET_PROGRAMS)
+    long_knobs = (decode_gpu.LONG_BLOCK_S, decode_gpu.LONG_TARGET_PROGRAMS)
+    assert short_knobs != long_knobs
+    assert decode_gpu.knobs(384) == short_knobs
+    assert decode_gpu.knobs(decode_gpu.alloc_slots(65536 + 32)) == long_knobs
+    assert decode_gpu.alloc_slots(65536 + 32) % decode_gpu.LONG_BLOCK_S == 0
+    assert decode_gpu.alloc_slots(300) == -(-300 // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S
+    odd = long_ + decode_gpu.BLOCK_S  # long, but not whole long blocks: the short knobs
+    assert odd % decode_gpu.LONG_BLOCK_S and decode_gpu.knobs(odd) == short_knobs
+    monkeypatch.setattr(decode_gpu, "LONG_SLOTS", 256)
+    rng = np.random.default_rng()
+    b, h, kvh, s, d = 1, 4, 2, 256, 16
+    assert decode_gpu.knobs(s) == long_knobs
+    q = jnp.asarray(rng.normal(size=(b, 1, h, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, kvh, s, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, kvh, s, d)), jnp.float32)
+    lens = jnp.asarray([200], jnp.int32)
+    slopes = jnp.asarray(alibi_slopes(h))
+    want = attention.decode_attention(q, k, v, lens, alibi_slopes=slopes)
+    got = decode_gpu.decode_attention_gpu(q[:, 0], k, v, lens, None, slopes, scale=d ** -0.5,
+                                          interpret=True)[:, None]
+    assert _rel(got, want) < 1e-5
+
+
 @pytest.mark.slow
 def test_decode_kernel_lowers_for_cuda():
     """The kernel's Pallas-to-Triton lowering runs on CPU (compiling it needs a GPU)."""

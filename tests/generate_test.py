@@ -143,7 +143,7 @@ def test_decode_step_launches_the_same_kernels(batch):
     model = MPTForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                            attn_impl="pallas_gpu")
     gen = Generator(model)
-    alloc = -(-(t + n) // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S
+    alloc = decode_gpu.alloc_slots(t + n)
     args = (gen.weights, jnp.zeros((batch, t), jnp.int32), jnp.ones((batch, t), jnp.int32),
             jax.random.key(0), jnp.int32(0), alloc, n, SamplingParams(), False)
     prefill = gen_lib._prefill_jit.trace(gen._spec, *args)

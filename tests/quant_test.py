@@ -166,7 +166,7 @@ def test_int8_decode_step_launches():
     model = MPTForCausalLM(qcfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                            attn_impl="pallas_gpu")
     gen = Generator(model, cache_dtype=jnp.int8)
-    alloc = -(-(t + n) // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S
+    alloc = decode_gpu.alloc_slots(t + n)
     args = (gen.weights, jnp.zeros((1, t), jnp.int32), jnp.ones((1, t), jnp.int32),
             jax.random.key(0), jnp.int32(0), alloc, n, SamplingParams(), False)
     state = jax.eval_shape(lambda: gen_lib._prefill_jit(gen._spec, *args))

@@ -165,7 +165,7 @@ class Engine:
         self.prefill_chunks, self.prefill_catch_up = prefill_chunks, bool(prefill_catch_up)
         self.chunk = min(prefill_chunk, max_seq_len)
         # Whole decode-kernel blocks; a prompt chunk never reaches past max_seq_len.
-        n_slots = -(-max_seq_len // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S
+        n_slots = decode_gpu.alloc_slots(max_seq_len)
         self.pool = slots_lib.Pool(generator._spec, max_batch, n_slots, self.chunk,
                                    top_logprobs, N_STOP_IDS)
         self.metrics = metrics or EngineMetrics()

@@ -360,7 +360,7 @@ class Generator:
         pad = jnp.int32(pad_id)
         # Slots past cache_len are never attended (decode masks slot >= tokens so far); rounding
         # the allocation up lets the decode kernel stream the cache in whole blocks.
-        alloc = -(-cache_len // decode_gpu.BLOCK_S) * decode_gpu.BLOCK_S
+        alloc = decode_gpu.alloc_slots(cache_len)
         statics = (t, max_new_tokens if on_tokens is None else max(1, stream_chunk), params,
                    jnp.int32(-1 if eos_id is None else eos_id), pad)
         with contextlib.nullcontext() if self.mesh is None else sharding.use_mesh(self.mesh):

@@ -15,7 +15,8 @@ GPU idle) the slots of each (row, head) are split over several programs that wri
 softmax states, merged by one more small launch (flash-decoding); see `n_splits`.
 
 Layout: q `[B, H, D]`, caches `[B, KV, S, D]` (attention.decode_attention's layout), cache_len
-int32 `[B]`, kv_mask `[B, S]`. Needs S % block_s == 0 (the generator allocates its cache so) and
+int32 `[B]`, kv_mask `[B, S]`. Needs S % block_s == 0 (the generator allocates its cache so,
+`alloc_slots`; long caches take larger blocks and more programs, `knobs`) and
 D a power of two >= 16; `supported()` says whether a shape qualifies.
 
 int8 cache (model/quant.py's format): int8 caches with float32 scales `[B, KV, S]`, one per
@@ -41,12 +42,34 @@ from jax.experimental.pallas import triton as plgpu
 BLOCK_S = 64
 TARGET_PROGRAMS = 256
 NUM_WARPS = 4
+# Caches of at least LONG_SLOTS positions take their own block and target (`knobs`). Swept on
+# an H200 (bench/generate.py kvtune, B=1, MPT-7B heads): at 65,536 slots 128 / 1024 read the
+# bf16 cache at 3.30 TB/s where 64 / 256 read 2.10 (the decode step 16.64 -> 13.83 ms); at
+# 384 slots and batch 16 they split rows that need no split (a combine launch a layer: 4.83
+# against 4.54 ms a step), so short caches keep the knobs above.
+LONG_SLOTS = 8192
+LONG_BLOCK_S = 128
+LONG_TARGET_PROGRAMS = 1024
+
+
+def knobs(slots: int) -> tuple[int, int]:
+    """(slots per block, target programs) for a cache of `slots` positions."""
+    if slots >= LONG_SLOTS and slots % LONG_BLOCK_S == 0:
+        return LONG_BLOCK_S, LONG_TARGET_PROGRAMS
+    return BLOCK_S, TARGET_PROGRAMS
+
+
+def alloc_slots(n: int) -> int:
+    """The cache positions to allocate for `n` tokens: whole blocks of the block `knobs` picks
+    for a cache that long."""
+    block = LONG_BLOCK_S if n >= LONG_SLOTS else BLOCK_S
+    return -(-n // block) * block
 
 
 def supported(q_shape, cache_shape, block_s: int | None = None) -> bool:
     b, h, d = q_shape
     _, kvh, s, dk = cache_shape
-    block_s = BLOCK_S if block_s is None else block_s
+    block_s = knobs(s)[0] if block_s is None else block_s
     return (d == dk and d >= 16 and d & (d - 1) == 0 and s % block_s == 0 and h % kvh == 0)
 
 
@@ -160,9 +183,10 @@ def _kernel(lens_ref, q_ref, k_ref, v_ref, mask_ref, slopes_ref, *refs, group, s
 def n_splits(batch: int, kv_heads: int, slots: int, block_s: int | None = None,
              target_programs: int | None = None) -> int:
     """How many programs share one (row, KV head)'s cache: enough to give the GPU about
-    `target_programs` programs (batch 1 has only KV of them otherwise), at least one block each."""
-    block_s = BLOCK_S if block_s is None else block_s
-    target = TARGET_PROGRAMS if target_programs is None else target_programs
+    `target_programs` programs (batch 1 has only KV of them otherwise), at least one block each.
+    Defaults: `knobs(slots)`."""
+    block_s = knobs(slots)[0] if block_s is None else block_s
+    target = knobs(slots)[1] if target_programs is None else target_programs
     return max(1, min(slots // block_s, -(-target // (batch * kv_heads))))
 
 
@@ -197,10 +221,11 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
     k_scales/v_scales float32 [B, KV, S]: the caches are int8 with these per-token scales
     (the module docstring); appending then also writes the new token's scales, and returns
     (out, k_cache, v_cache, k_scales, v_scales)."""
-    block_s = BLOCK_S if block_s is None else block_s
+    block_s = knobs(k_cache.shape[2])[0] if block_s is None else block_s
     num_warps = NUM_WARPS if num_warps is None else num_warps
     if splits is None:
-        splits = n_splits(k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], block_s)
+        splits = n_splits(k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], block_s,
+                          knobs(k_cache.shape[2])[1])
     if (k_scales is None) != (v_scales is None) or (
             (k_scales is None) != (k_cache.dtype != jnp.int8)):
         raise ValueError(f"int8 caches need k_scales and v_scales (and only they do): cache "
