@@ -66,6 +66,7 @@ def decode_knobs() -> tuple[int, ...]:
 
 
 SHIPPED_DECODE_KNOBS = decode_knobs()
+SHIPPED_INT8_WIDEN = decode_gpu.INT8_WIDEN
 SHIPPED_LONG_KNOBS = (decode_gpu.LONG_BLOCK_S, decode_gpu.LONG_TARGET_PROGRAMS,
                       decode_gpu.NUM_WARPS)
 
@@ -379,6 +380,9 @@ def main():
     ap.add_argument("--decode_programs", type=int, default=-1,
                     help="decode kernel: programs to aim for when splitting a row's slots "
                          "(decode_gpu.TARGET_PROGRAMS; 0 = never split)")
+    ap.add_argument("--int8_widen", default="", choices=("", "cast", "magic"),
+                    help="decode kernel: how an int8 KV cache is widened "
+                         "(kernels/decode_gpu.INT8_WIDEN)")
     ap.add_argument("--norm_warps", type=int, default=0,
                     help="add+norm kernel warps (kernels/norm_gpu.NUM_WARPS)")
     args = ap.parse_args()
@@ -397,13 +401,16 @@ def main():
                  f"{args.long_weights!r}")
     if args.norm_warps:
         norm_gpu.NUM_WARPS = args.norm_warps
+    if args.int8_widen:
+        decode_gpu.INT8_WIDEN = args.int8_widen
     if args.decode_block:
         decode_gpu.BLOCK_S = args.decode_block
     if args.decode_programs >= 0:
         decode_gpu.TARGET_PROGRAMS = args.decode_programs
     knobs = ("decode kernel block / target programs {} / {}, caches of {}+ slots {} / {}, "
              "warps {}".format(*decode_knobs()[:2], decode_gpu.LONG_SLOTS, *decode_knobs()[2:])
-             + f", norm warps {norm_gpu.NUM_WARPS}")
+             + f", int8 cache widened by {decode_gpu.INT8_WIDEN}, norm warps "
+             f"{norm_gpu.NUM_WARPS}")
     cfg = MPTConfig.mpt_7b() if args.size == "7b" else MPTConfig.preset(args.size)
     dev = jax.devices()[0]
     print(f"# device {dev.device_kind}, jax {jax.__version__}; {knobs}", flush=True)
@@ -467,7 +474,7 @@ def main():
             for (mod, attr), value in saved.items():
                 setattr(mod, attr, value)
         r.update(section=section, weights=wname, kv_cache=kv_name, variant=variant,
-                 decode_knobs=decode_knobs())
+                 decode_knobs=decode_knobs(), int8_widen=decode_gpu.INT8_WIDEN)
         print(json.dumps(r), flush=True)
         results["rows"].append(r)
 
@@ -513,7 +520,9 @@ def print_rows(results: dict, args, card: str) -> None:
                 + ("" if r["variant"] == "default" else f", variant {r['variant']}")
                 + ("" if tuple(r["decode_knobs"]) == SHIPPED_DECODE_KNOBS else
                    ", decode kernel block / target programs {} / {}, long caches {} / {}, "
-                   "warps {}".format(*r["decode_knobs"])))
+                   "warps {}".format(*r["decode_knobs"]))
+                + ("" if r["kv_cache"] != "int8" or r.get("int8_widen", SHIPPED_INT8_WIDEN)
+                   == SHIPPED_INT8_WIDEN else f", int8 cache widened by {r['int8_widen']}"))
         floors = f"floor {r['floor_ms']:.2f} ms at {args.peak_tbs} TB/s ({r['ratio']:.2f}x)"
         if "copy_floor_ms" in r:
             floors += f", {r['copy_floor_ms']:.2f} ms at the copy rate ({r['copy_ratio']:.2f}x)"

@@ -225,6 +225,39 @@ def test_int8_kv_cache_kernel_equals_jnp_path_and_is_close_to_float():
 
 
 @pytest.mark.slow
+def test_int8_cache_widening_by_magic_numbers_is_exact(monkeypatch):
+    """decode_gpu.INT8_WIDEN "magic" (integer adds and a reinterpret in place of converts)
+    widens every int8 value exactly, gives the kernel (interpret) the same output bit for bit
+    as "cast", and lowers for CUDA."""
+    from mpt_jax.kernels import decode_gpu
+
+    every = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8).reshape(16, 16)
+    monkeypatch.setattr(decode_gpu, "INT8_WIDEN", "magic")
+    np.testing.assert_array_equal(np.asarray(decode_gpu._to_f32(every)),
+                                  np.arange(-128, 128, dtype=np.float32).reshape(16, 16))
+    (q, kn, vn, k, v, idx, mask), h = _cache_case(1)
+    kq, vq = quant.quantize_rows(k), quant.quantize_rows(v)
+    slopes = jnp.asarray(alibi_slopes(h, 8.0))
+    lens = jnp.asarray(idx) + 1
+    d = q.shape[-1]
+
+    def run(**kw):
+        return decode_gpu.decode_attention_gpu(
+            q[:, 0], kq[0], vq[0], lens, mask, slopes, k_scales=kq[1], v_scales=vq[1],
+            scale=d ** -0.5, **kw)
+
+    magic = run(interpret=True)
+    monkeypatch.setattr(decode_gpu, "INT8_WIDEN", "cast")
+    jax.clear_caches()  # the knob is read when the kernel is traced
+    cast = run(interpret=True)
+    np.testing.assert_array_equal(np.asarray(magic), np.asarray(cast))
+    monkeypatch.setattr(decode_gpu, "INT8_WIDEN", "magic")
+    jax.clear_caches()
+    txt = jax.jit(lambda: run()).trace().lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in txt and "alibi_decode" in txt
+
+
+@pytest.mark.slow
 def test_int8_kv_cache_decoding_within_bound_of_float_cache():
     """A float32 model reading a 6-token prompt and then 6 given tokens one at a time against
     an int8 cache (quantized on write, the stacked cache under scan): every step's logits
