@@ -424,6 +424,14 @@ def test_decode_kernel_lowers_for_cuda():
         assert "xla.gpu.triton" in txt and "alibi_decode" in txt
 
 
+def _assert_same_append(got, want):
+    """append_and_attend's (out, k_cache, v_cache) against the jnp path's: the output within
+    1e-5, the caches written identically."""
+    assert _rel(got[0], want[0]) < 1e-5
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+
+
 @pytest.mark.parametrize("s,splits_hint", [(128, "one"), (192, "split")])
 @pytest.mark.slow
 def test_append_and_attend_kernel_writes_the_cache(s, splits_hint):
@@ -442,17 +450,13 @@ def test_append_and_attend_kernel_writes_the_cache(s, splits_hint):
     want = attention.append_and_attend(q, k_new, v_new, kc, vc, idx, impl="reference", **kw)
     got = attention.append_and_attend(q, k_new, v_new, kc, vc, idx, impl="pallas_gpu",
                                       interpret=True, **kw)
-    assert _rel(got[0], want[0]) < 1e-5
-    np.testing.assert_array_equal(got[1], want[1])
-    np.testing.assert_array_equal(got[2], want[2])
+    _assert_same_append(got, want)
     # the same from the fused projection, read in place by the kernel
     qkv = jnp.concatenate([q.reshape(b, 1, h * d), k_new.reshape(b, 1, kvh * d),
                            v_new.reshape(b, 1, kvh * d)], axis=-1)
     packed = attention.append_and_attend(q, k_new, v_new, kc, vc, idx, impl="pallas_gpu",
                                          interpret=True, qkv=qkv, **kw)
-    assert _rel(packed[0], want[0]) < 1e-5
-    np.testing.assert_array_equal(packed[1], want[1])
-    np.testing.assert_array_equal(packed[2], want[2])
+    _assert_same_append(packed, want)
     assert not np.array_equal(np.asarray(got[1]), np.asarray(kc))  # the row was written
     from mpt_jax.kernels import decode_gpu
 
@@ -513,9 +517,7 @@ def test_append_and_attend_chunk_kernel():
         want = attention.append_and_attend(q, k_new, v_new, kc, vc, idx, impl="reference", **kw)
         got = attention.append_and_attend(q, k_new, v_new, kc, vc, idx, impl="pallas_gpu",
                                           interpret=True, **kw)
-        assert _rel(got[0], want[0]) < 1e-5
-        np.testing.assert_array_equal(got[1], want[1])
-        np.testing.assert_array_equal(got[2], want[2])
+        _assert_same_append(got, want)
 
 
 @pytest.mark.slow
