@@ -17,8 +17,8 @@ Each section runs alone in a subprocess (its own peak memory; an OOM loses only 
            lm-eval as shipped (no backend there can be faster; hf's time over it bounds the
            speedup), and with our backend's tokenization under compiled templates (our bound)
   hf       lm-eval's `hf` model (transformers' MptForCausalLM, bf16, random weights made on the
-           GPU) on the same lm-eval tasks, batch --hf_batch; once each under lm-eval as shipped
-           and under compiled templates (nothing to compile)
+           GPU) on the same lm-eval tasks, batch --hf_batch; after one untimed run, once each
+           under lm-eval as shipped and under compiled templates
   ppl      perplexity of one window of --ppl_len tokens (the scoring core's flat path, as
            `eval.py perplexity` runs it): seconds (second call) and peak device memory
 The lm-eval sections share lm-eval's requests exactly; the icl section builds its prompts as
@@ -284,6 +284,7 @@ def section_hf(w: str, args) -> dict:
     torch.set_default_dtype(torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(w)
     lm = HFLM(pretrained=hf, tokenizer=tok, batch_size=args.hf_batch, max_length=MAX_LENGTH)
+    _lm_eval_run(lm, w, "bench_mc")  # untimed: the first call's warm-up (CUDA, the dataset)
     out = {}
     for kind, compiled in (("", False), ("compiled_", True)):  # as shipped; as ours runs
         for name, n in (("mc", args.examples), ("lm", args.lm_examples)):

@@ -279,7 +279,7 @@ def tune_int8(cfg: MPTConfig, batches) -> list[dict]:
 
 def tune_decode(cfg: MPTConfig, contexts, kv_names, new: int) -> dict:
     """The decode attention kernel alone at batch 1 and each long context (cache_len = the
-    context; the cache allocated as generate allocates it), for each KV cache kind, over a
+    context; keys and values separate arrays), for each KV cache kind, over a
     grid of (slots per block, target programs, warps); the fastest in total over the contexts
     and caches is installed in decode_gpu's long-cache knobs (LONG_BLOCK_S,
     LONG_TARGET_PROGRAMS; contexts of at least LONG_SLOTS) and NUM_WARPS for the sections
@@ -292,26 +292,28 @@ def tune_decode(cfg: MPTConfig, contexts, kv_names, new: int) -> dict:
     key = jax.random.key(0)
     for ctx, kv_name in itertools.product(contexts, kv_names):
         alloc = -(-(ctx + new) // 256) * 256  # a multiple of every block in the grid
+        kk, kv_key = jax.random.split(key)
         q = jax.random.normal(key, (1, h, d), jnp.bfloat16)
-        if kv_name == "int8":
-            kc = jax.random.randint(key, (1, kvh, alloc, d), -127, 128, jnp.int32).astype(
-                jnp.int8)
-            sc = jnp.full((1, kvh, alloc), 0.01, jnp.float32)
-            extra = dict(k_scales=sc, v_scales=sc)
+        if kv_name == "int8":  # keys and values apart: a value block is no cached key block
+            kc, vc = (jax.random.randint(k, (1, kvh, alloc, d), -127, 128, jnp.int32).astype(
+                jnp.int8) for k in (kk, kv_key))
+            extra = dict(k_scales=jnp.full((1, kvh, alloc), 0.01, jnp.float32),
+                         v_scales=jnp.full((1, kvh, alloc), 0.02, jnp.float32))
         else:
-            kc = jax.random.normal(key, (1, kvh, alloc, d), jnp.bfloat16)
+            kc, vc = (jax.random.normal(k, (1, kvh, alloc, d), jnp.bfloat16)
+                      for k in (kk, kv_key))
             extra = {}
         lens = jnp.full((1,), ctx, jnp.int32)
         nbytes = cache_bytes(dataclasses_replace_layers(cfg), 1, ctx, kc.dtype)
         for bs, target, warps in grid:
             splits = decode_gpu.n_splits(1, kvh, alloc, bs, target)
-            fn = jax.jit(lambda q, kc, bs=bs, splits=splits, warps=warps: (
-                decode_gpu.decode_attention_gpu(q, kc, kc, lens, None, slopes, scale=d ** -0.5,
+            fn = jax.jit(lambda q, kc, vc, bs=bs, splits=splits, warps=warps: (
+                decode_gpu.decode_attention_gpu(q, kc, vc, lens, None, slopes, scale=d ** -0.5,
                                                 block_s=bs, num_warps=warps, splits=splits,
                                                 **extra)))
             try:
-                jax.block_until_ready(fn(q, kc))
-                t = _best(lambda fn=fn: jax.block_until_ready(fn(q, kc)), 5)
+                jax.block_until_ready(fn(q, kc, vc))
+                t = _best(lambda fn=fn: jax.block_until_ready(fn(q, kc, vc)), 5)
             except Exception as e:  # noqa: BLE001  (a tile that does not compile)
                 print(f"# decode tune {ctx} {kv_name} {(bs, target, warps)}: "
                       f"{type(e).__name__}", flush=True)
@@ -543,12 +545,13 @@ def print_rows(results: dict, args, card: str) -> None:
     tune = results.get("decode_tune") or {}
     for ctx, kv_name in sorted({(r["context"], r["kv_cache"]) for r in tune.get("rows", [])}):
         mine = [r for r in tune["rows"] if (r["context"], r["kv_cache"]) == (ctx, kv_name)]
-        shipped = [r for r in mine if (r["block_s"], r["target"], r["warps"])
-                   == SHIPPED_LONG_KNOBS]
+        ref = (SHIPPED_LONG_KNOBS if ctx >= decode_gpu.LONG_SLOTS else
+               (SHIPPED_DECODE_KNOBS[0], SHIPPED_DECODE_KNOBS[1], SHIPPED_DECODE_KNOBS[4]))
+        shipped = [r for r in mine if (r["block_s"], r["target"], r["warps"]) == ref]
         top = max(mine, key=lambda r: r["tb_s"])
         print(f"| {date} | decode attention kernel alone, B=1, {kv_name} cache, {ctx} slots, "
-              f"MPT-{args.size} heads (kvtune): shipped block {SHIPPED_LONG_KNOBS[0]} / "
-              f"target {SHIPPED_LONG_KNOBS[1]} / warps {SHIPPED_LONG_KNOBS[2]} vs the "
+              f"MPT-{args.size} heads (kvtune): shipped block {ref[0]} / "
+              f"target {ref[1]} / warps {ref[2]} vs the "
               f"grid's best ({top['block_s']} / {top['target']} / {top['warps']}) | us, TB/s | "
               + (f"{shipped[0]['us']:.0f}, {shipped[0]['tb_s']:.2f} vs " if shipped else "")
               + f"{top['us']:.0f}, {top['tb_s']:.2f} | {card} | COMMIT |")

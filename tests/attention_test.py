@@ -476,7 +476,7 @@ def test_append_and_attend_kernel_writes_the_cache(s, splits_hint):
 def test_chunk_kernel_matches_jnp_path(b, t, h, kvh, d, s, dtype):
     """flash_gpu.chunk_attention_gpu (interpret, outputs poisoned) against the jnp path
     (decode_attention): each row's chunk at its own start, anywhere in the cache (at 0, at the
-    end), ALiBi on and off, with and without a kv_mask (left padding)."""
+    end), ALiBi on and off, with and without a kv_mask (left padding; bool or integer)."""
     from mpt_jax.kernels import flash_gpu
 
     rng = np.random.default_rng()
@@ -486,7 +486,7 @@ def test_chunk_kernel_matches_jnp_path(b, t, h, kvh, d, s, dtype):
     start = np.concatenate([[0, s - t], rng.integers(0, s - t + 1, b)])[:b].astype(np.int32)
     mask = jnp.asarray(rng.random((b, s)) > 0.3)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    for kv_mask in (None, mask):
+    for kv_mask in (None, mask, mask.astype(jnp.int32) * 2):  # (any nonzero entry: visible)
         for slopes in (None, jnp.asarray(alibi_slopes(h))):
             want = attention.decode_attention(q, kc, vc, jnp.asarray(start) + t,
                                               alibi_slopes=slopes, kv_mask=kv_mask)

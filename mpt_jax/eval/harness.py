@@ -291,8 +291,9 @@ def compiled_templates():
     issue #1286, open): about 1 ms each on a CPU core, several calls per document and per
     few-shot example, so it is most of lm-eval's own time on a few-shot task. This swaps in a
     version that keeps each compiled template (same environment, filters and rendering, so
-    the same text) and puts lm-eval's own back on exit. `evaluate` and our lm-eval command
-    line run under it."""
+    the same text) and puts lm-eval's own back on exit (also on an exception). `evaluate` and
+    our lm-eval command line run under it. It patches a module global: one evaluation at a
+    time per process (not from several threads at once)."""
     original = lm_utils.apply_template
     compiled: dict = {}
 

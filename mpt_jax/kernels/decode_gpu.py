@@ -42,11 +42,11 @@ from jax.experimental.pallas import triton as plgpu
 BLOCK_S = 64
 TARGET_PROGRAMS = 256
 NUM_WARPS = 4
-# Caches of at least LONG_SLOTS positions take their own block and target (`knobs`). Swept on
-# an H200 (bench/generate.py kvtune, B=1, MPT-7B heads): at 65,536 slots 128 / 1024 read the
-# bf16 cache at 3.30 TB/s where 64 / 256 read 2.10 (the decode step 16.64 -> 13.83 ms); at
-# 384 slots and batch 16 they split rows that need no split (a combine launch a layer: 4.83
-# against 4.54 ms a step), so short caches keep the knobs above.
+# Caches of at least LONG_SLOTS positions take their own block and target (`knobs`), swept on
+# an H200 (bench/generate.py kvtune, B=1, MPT-7B heads). With 128 / 1024 the 65,536-token bf16
+# decode step went 16.64 -> 13.83 ms in one call (the cache then read at about 3.4 TB/s, the
+# step's time less the weights'); at 384 slots and batch 16 they split rows that need no split
+# (a combine launch a layer: 4.83 against 4.54 ms a step), so short caches keep the knobs above.
 LONG_SLOTS = 8192
 LONG_BLOCK_S = 128
 LONG_TARGET_PROGRAMS = 1024
@@ -75,9 +75,10 @@ def supported(q_shape, cache_shape, block_s: int | None = None) -> bool:
 
 QMAX = 127.0  # int8 cache: symmetric absmax, as model/quant.py
 # How the kernel widens an int8 cache block to float32: "cast" (a convert per element), or
-# "magic": sign-extend, add 2^23 + 128 + the float32 bits of 2^23, reinterpret, subtract
-# 2^23 + 128 (integer adds and one float subtract in place of the int-to-float converts,
-# which run at a fraction of the ALU rate). Both exact.
+# "magic": sign-extend x to int32, add 0x4B000000 (the float32 bits of 2^23) + 128, reinterpret
+# as float32 (2^23 + 128 + x, exact), subtract 2^23 + 128: integer adds and one float subtract
+# in place of the int-to-float converts, which run at a fraction of the ALU rate. Both exact;
+# "magic" has not been timed on a GPU yet (bench/PERF_NOTES.md, session 9).
 INT8_WIDEN = "cast"
 _MAGIC_BITS = 0x4B000000 + 128  # the float32 bits of 2^23, plus the offset that makes x >= 0
 _MAGIC = 8388608.0 + 128.0

@@ -737,7 +737,8 @@ def chunk_attention_gpu(q, k_cache, v_cache, start, alibi_slopes=None, kv_mask=N
                          f"({k_cache.dtype}) is not supported (see chunk_supported)")
     p = _prepare(q.shape, kvh, s, k_cache.dtype, alibi_slopes,
                  None if kv_mask is None else jnp.ones((b, t), jnp.int32),
-                 None if kv_mask is None else jnp.asarray(kv_mask).astype(jnp.int32),
+                 None if kv_mask is None else jnp.asarray(kv_mask).astype(bool).astype(
+                     jnp.int32),  # any nonzero entry is visible, as in the jnp path
                  causal=True, softmax_scale=softmax_scale, block_sizes=block_sizes,
                  interpret=interpret, poison=_poison, hopper_fwd=False, hopper_bwd=False)
     cfg = dataclasses.replace(p.cfg, offset=0, cache=True)
