@@ -67,6 +67,18 @@ def test_chunk_spans_double_up_to_the_slot():
     assert Pool(None, 1, 64, 64, 0, 1).spans == (64,)
     with pytest.raises(ValueError, match="past the slot"):
         pool.span_for(2561)
+    # chunks of part key blocks: the spans still fill whole blocks (the chunk kernel takes
+    # each, on the cache in place), and a slot below the chunk is one span
+    import jax.numpy as jnp
+
+    from mpt_jax.kernels import flash_gpu
+
+    odd = Pool(None, 2, 2048, 100, 0, 1)
+    assert odd.spans == (128, 256, 448, 832, 1600, 2048)
+    assert all(flash_gpu.chunk_supported((1, 100, 32, 128), 32, n, jnp.bfloat16)
+               for n in odd.spans)
+    assert [odd.span_for(e) for e in (100, 129, 2048)] == [128, 256, 2048]
+    assert Pool(None, 2, 256, 200, 0, 1).spans == (256,)
 
 
 def test_chunk_plan_covers_the_prompt_without_padding_past_it():

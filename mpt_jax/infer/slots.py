@@ -73,6 +73,11 @@ def backend_compiles() -> int:
     return _compiles[0]
 
 
+# Prefill spans are whole multiples of this: the chunk flash kernel's key block
+# (flash_gpu.BlockSizes, bf16 and float32 alike), so every span runs it on the cache in place.
+SPAN_BLOCK = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class Pool:
     """Everything static about a slot pool (the steps' jit key)."""
@@ -90,11 +95,14 @@ class Pool:
 
     @property
     def spans(self) -> tuple[int, ...]:
-        """The cache lengths a prefill chunk attends over: chunk x 1, 2, 4, ... and the whole
-        slot (each its own compilation, all made by warm-up)."""
+        """The cache lengths a prefill chunk attends over: chunk x 1, 2, 4, ... rounded up to
+        whole key blocks of the chunk kernel (SPAN_BLOCK; a span of part blocks would take the
+        jnp path), and the whole slot (each its own compilation, all made by warm-up)."""
         out, n = [], self.chunk
         while n < self.slots:
-            out.append(n)
+            span = min(-(-n // SPAN_BLOCK) * SPAN_BLOCK, self.slots)
+            if span < self.slots and (not out or span > out[-1]):
+                out.append(span)
             n *= 2
         return (*out, self.slots)
 
