@@ -187,13 +187,9 @@ def _lm_eval_run(lm, w: str, task: str, compiled: bool = False) -> float:
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=os.path.join(w, "lm_eval_tasks"), include_defaults=False)
-    if compiled:
-        from mpt_jax.eval.harness import compiled_templates
+    from mpt_jax.eval.harness import compiled_templates
 
-        scope = compiled_templates()
-    else:
-        scope = contextlib.nullcontext()
-    with scope:
+    with compiled_templates() if compiled else contextlib.nullcontext():
         t0 = time.perf_counter()
         lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager,
                                 log_samples=False, bootstrap_iters=0)
@@ -257,6 +253,7 @@ def section_floor(w: str, args) -> dict:
     class InstantOurs(Instant):
         loglikelihood = MPTJaxLM.loglikelihood
         _encode_many = MPTJaxLM._encode_many
+        _prefix_text = MPTJaxLM._prefix_text
 
     out = {}
     for kind, lm, compiled in (("plain", Instant(), False), ("ours", InstantOurs(), True)):

@@ -67,8 +67,7 @@ def decode_knobs() -> tuple[int, ...]:
 
 SHIPPED_DECODE_KNOBS = decode_knobs()
 SHIPPED_INT8_WIDEN = decode_gpu.INT8_WIDEN
-SHIPPED_LONG_KNOBS = (decode_gpu.LONG_BLOCK_S, decode_gpu.LONG_TARGET_PROGRAMS,
-                      decode_gpu.NUM_WARPS)
+SHIPPED_LONG_KNOBS = SHIPPED_DECODE_KNOBS[2:]  # (long-cache block, target programs, warps)
 
 # compiler_options set the list of command types itself (the "+T" syntax of XLA_FLAGS is
 # refused there): XLA's default list plus WHILE and CONDITIONAL; "" turns command buffers off (as
@@ -287,7 +286,8 @@ def tune_decode(cfg: MPTConfig, contexts, kv_names, new: int) -> dict:
     h, kvh, d = cfg.n_heads, cfg.kv_n_heads, cfg.head_dim
     grid = list(itertools.product((64, 128, 256), (256, 1024, 4096), (4, 8)))
     slopes = jnp.asarray(2.0 ** -np.arange(1, h + 1), jnp.float32)
-    totals: dict = {}
+    totals: dict = {}  # knobs -> total seconds over the cases it ran
+    counts: dict = {}  # knobs -> cases it ran
     rows = []
     key = jax.random.key(0)
     for ctx, kv_name in itertools.product(contexts, kv_names):
@@ -304,7 +304,7 @@ def tune_decode(cfg: MPTConfig, contexts, kv_names, new: int) -> dict:
                       for k in (kk, kv_key))
             extra = {}
         lens = jnp.full((1,), ctx, jnp.int32)
-        nbytes = cache_bytes(dataclasses_replace_layers(cfg), 1, ctx, kc.dtype)
+        nbytes = cache_bytes(cfg, 1, ctx, kc.dtype) / cfg.n_layers  # one layer's call
         for bs, target, warps in grid:
             splits = decode_gpu.n_splits(1, kvh, alloc, bs, target)
             fn = jax.jit(lambda q, kc, vc, bs=bs, splits=splits, warps=warps: (
@@ -322,12 +322,11 @@ def tune_decode(cfg: MPTConfig, contexts, kv_names, new: int) -> dict:
                    "warps": warps, "splits": splits, "us": t * 1e6, "tb_s": nbytes / t / 1e12}
             rows.append(row)
             totals[(bs, target, warps)] = totals.get((bs, target, warps), 0.0) + t
+            counts[(bs, target, warps)] = counts.get((bs, target, warps), 0) + 1
         print(json.dumps(max((r for r in rows if r["context"] == ctx
                               and r["kv_cache"] == kv_name), key=lambda r: r["tb_s"])),
               flush=True)
-    n_cases = len(contexts) * len(kv_names)
-    done = [k for k in totals if sum(1 for r in rows if (r["block_s"], r["target"], r["warps"])
-                                     == k) == n_cases]
+    done = [k for k in totals if counts[k] == len(contexts) * len(kv_names)]
     if not done:
         return {"rows": rows}
     best = min(done, key=totals.get)
@@ -336,13 +335,6 @@ def tune_decode(cfg: MPTConfig, contexts, kv_names, new: int) -> dict:
     print(json.dumps({"decode_tune_best": best, "default": default,
                       "best_s": totals[best], "default_s": totals.get(default)}), flush=True)
     return {"rows": rows, "best": best, "default": default}
-
-
-def dataclasses_replace_layers(cfg: MPTConfig) -> MPTConfig:
-    """cfg with one layer (cache_bytes of the single kernel call the tune times)."""
-    import dataclasses
-
-    return dataclasses.replace(cfg, n_layers=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +538,7 @@ def print_rows(results: dict, args, card: str) -> None:
     for ctx, kv_name in sorted({(r["context"], r["kv_cache"]) for r in tune.get("rows", [])}):
         mine = [r for r in tune["rows"] if (r["context"], r["kv_cache"]) == (ctx, kv_name)]
         ref = (SHIPPED_LONG_KNOBS if ctx >= decode_gpu.LONG_SLOTS else
-               (SHIPPED_DECODE_KNOBS[0], SHIPPED_DECODE_KNOBS[1], SHIPPED_DECODE_KNOBS[4]))
+               (*SHIPPED_DECODE_KNOBS[:2], SHIPPED_DECODE_KNOBS[4]))
         shipped = [r for r in mine if (r["block_s"], r["target"], r["warps"]) == ref]
         top = max(mine, key=lambda r: r["tb_s"])
         print(f"| {date} | decode attention kernel alone, B=1, {kv_name} cache, {ctx} slots, "

@@ -54,6 +54,12 @@ NAME = "mpt_jax"
 _DEFAULT_GENERATION_BATCH = 16
 
 
+def _adds_special_tokens(text: str, prefix: str) -> bool:
+    """tok_encode's default: the tokenizer's special tokens, unless `text` already starts with
+    the prefix token's text."""
+    return not (prefix and text.startswith(prefix))
+
+
 class MPTJaxLM(TemplateLM):
     """lm-eval's LM interface on an MPTForCausalLM (see the module docstring)."""
 
@@ -144,10 +150,12 @@ class MPTJaxLM(TemplateLM):
         """HFLM.tok_encode: the tokenizer's own special tokens unless the text already starts
         with the prefix token's text."""
         if add_special_tokens is None:
-            prefix = self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)
-            add_special_tokens = not (prefix and string.startswith(prefix))
+            add_special_tokens = _adds_special_tokens(string, self._prefix_text())
         ids = self.tokenizer.encode(string, add_special_tokens=add_special_tokens).ids
         return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def _prefix_text(self) -> str:
+        return self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         tokens = [tokens] if isinstance(tokens, int) else list(tokens)
@@ -188,13 +196,11 @@ class MPTJaxLM(TemplateLM):
     def _encode_many(self, keys) -> dict:
         """{(text, add_special_tokens): ids} for each distinct key, as tok_encode encodes it
         (add_special_tokens None: tok_encode's own choice), in one batched call per flag."""
-        prefix = self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)
+        prefix = self._prefix_text()
         groups: dict[bool, list] = {True: [], False: []}
         for key in dict.fromkeys(keys):
             text, add = key
-            if add is None:
-                add = not (prefix and text.startswith(prefix))
-            groups[add].append(key)
+            groups[_adds_special_tokens(text, prefix) if add is None else add].append(key)
         out = {}
         for add, members in groups.items():
             if members:

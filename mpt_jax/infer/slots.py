@@ -49,6 +49,7 @@ import numpy as np
 
 from mpt_jax.infer.generate import _Spec, _under_rules
 from mpt_jax.infer.sampling import sample_rows
+from mpt_jax.kernels import flash_gpu
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,9 @@ def backend_compiles() -> int:
     return _compiles[0]
 
 
-# Prefill spans are whole multiples of this: the chunk flash kernel's key block
-# (flash_gpu.BlockSizes, bf16 and float32 alike), so every span runs it on the cache in place.
-SPAN_BLOCK = 64
+# Prefill spans are whole multiples of the chunk flash kernel's key block (bf16 and float32
+# blocks alike), so every span runs it on the cache in place.
+SPAN_BLOCK = max(flash_gpu.BlockSizes().block_k, flash_gpu.BlockSizes.for_float32().block_k)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -237,11 +237,11 @@ def decode_attention_gpu(q, k_cache, v_cache, cache_len, kv_mask=None, slopes=No
     k_scales/v_scales float32 [B, KV, S]: the caches are int8 with these per-token scales
     (the module docstring); appending then also writes the new token's scales, and returns
     (out, k_cache, v_cache, k_scales, v_scales)."""
-    block_s = knobs(k_cache.shape[2])[0] if block_s is None else block_s
+    default_block, target = knobs(k_cache.shape[2])
+    block_s = default_block if block_s is None else block_s
     num_warps = NUM_WARPS if num_warps is None else num_warps
     if splits is None:
-        splits = n_splits(k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], block_s,
-                          knobs(k_cache.shape[2])[1])
+        splits = n_splits(k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], block_s, target)
     if (k_scales is None) != (v_scales is None) or (
             (k_scales is None) != (k_cache.dtype != jnp.int8)):
         raise ValueError(f"int8 caches need k_scales and v_scales (and only they do): cache "
