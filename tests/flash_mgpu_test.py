@@ -31,25 +31,32 @@ def _rel(a, b):
 
 def test_supported_shapes():
     ok = dict(causal=True, has_segments=False)
+    seg = dict(causal=True, has_segments=True)
     bf16 = jnp.bfloat16
     assert flash_mgpu.supported((2, 2048, 32, 128), 32, 2048, bf16, **ok)
-    assert flash_mgpu.supported((1, 128, 6, 64), 2, 128, bf16, **ok)
+    assert flash_mgpu.supported((1, 128, 6, 64), 2, 128, bf16, **ok)  # GQA
+    assert flash_mgpu.supported((2, 2000, 32, 128), 32, 2000, bf16, **seg)  # ragged, segments
+    assert flash_mgpu.supported((2, 1, 32, 128), 8, 1, bf16, **ok)
+    assert flash_mgpu.supported((2, 2048, 32, 128), 32, 4096, bf16, **ok)  # S > T: forward
+    assert flash_mgpu.supports_backward((2, 2048, 32, 128), 2048)
+    assert not flash_mgpu.supports_backward((2, 2048, 32, 128), 4096)
+    assert not flash_mgpu.supported((2, 2048, 32, 128), 32, 4096, bf16, **seg)
     assert not flash_mgpu.supported((1, 128, 6, 64), 2, 128, jnp.float16, **ok)
-    assert not flash_mgpu.supported((2, 2000, 32, 128), 32, 2000, bf16, **ok)  # not tiled
     assert not flash_mgpu.supported((2, 2048, 32, 96), 32, 2048, bf16, **ok)  # head dim
     assert not flash_mgpu.supported((2, 2048, 32, 128), 32, 2048, jnp.float32, **ok)
-    assert not flash_mgpu.supported((2, 2048, 32, 128), 32, 4096, bf16, **ok)  # S != T
+    assert not flash_mgpu.supported((2, 2048, 32, 128), 32, 1024, bf16, **ok)  # S < T
     assert not flash_mgpu.supported((2, 2048, 32, 128), 32, 2048, bf16, causal=False,
                                     has_segments=False)
-    assert not flash_mgpu.supported((2, 2048, 32, 128), 32, 2048, bf16, causal=True,
-                                    has_segments=True)
+    assert [flash_mgpu.padded_length(n) for n in (1, 7, 8, 127, 1000, 8191)] == [
+        1, 7, 8, 128, 1000, 8192]
+    assert [flash_mgpu.padded_rows(n) for n in (1, 128, 129)] == [128, 128, 256]
 
 
 @pytest.mark.parametrize("hopper_card", [True, False])
 def test_plan_runs_the_hopper_kernels_exactly_where_supported_says(monkeypatch, hopper_card):
     """attention.plan, over a grid of calls: Mosaic GPU forward exactly where the card is
     Hopper, the impl pallas_gpu, the kernels compiled and flash_mgpu.supported takes the call;
-    the backward too only with one query head per KV head; Triton otherwise."""
+    the backward too where S == T; Triton otherwise."""
     monkeypatch.setattr(flash_mgpu, "is_hopper", lambda: hopper_card)
     bf16, f32 = jnp.bfloat16, jnp.float32
     seen = set()
@@ -71,7 +78,7 @@ def test_plan_runs_the_hopper_kernels_exactly_where_supported_says(monkeypatch, 
                     and flash_mgpu.supported((b, t, h, d), kvh, s, dtype, causal=causal,
                                              has_segments=seg))
             assert p.kernel == "flash_gpu"
-            assert (p.hopper_fwd, p.hopper_bwd) == (want, want and kvh == h), (impl, b, t, h)
+            assert (p.hopper_fwd, p.hopper_bwd) == (want, want and s == t), (impl, b, t, h)
             seen.add((p.hopper_fwd, p.hopper_bwd))
     assert seen == ({(True, True), (True, False), (False, False)} if hopper_card
                     else {(False, False)})
@@ -103,16 +110,35 @@ def test_hopper_path_lowers_forward_and_backward(monkeypatch, shape):
     lossp = lambda x: attention.flash_attention_packed(  # noqa: E731
         x, h, h, alibi_slopes=slopes, impl="pallas_gpu").sum()
     assert _kernels(_cuda_hlo(jax.grad(lossp), x)) == (1, 1, 0)
-    # GQA: Hopper forward, Triton backward; segments, or Triton asked for: Triton only
+    # GQA and segment ids: both passes on Hopper too; Triton asked for: Triton only
     k = jax.ShapeDtypeStruct((b, t, 1, d), jnp.bfloat16)
-    assert _kernels(_cuda_hlo(jax.grad(loss, (0, 1, 2)), q, k, k))[:2] == (1, 0)
+    assert _kernels(_cuda_hlo(jax.grad(loss, (0, 1, 2)), q, k, k)) == (1, 1, 0)
     seg = jnp.zeros((b, t), jnp.int32)
     loss_seg = lambda q: attention.flash_attention(  # noqa: E731
         q, q, q, alibi_slopes=slopes, segment_ids=seg, impl="pallas_gpu").sum()
-    assert _kernels(_cuda_hlo(jax.grad(loss_seg), q))[:2] == (0, 0)
+    assert _kernels(_cuda_hlo(jax.grad(loss_seg), q)) == (1, 1, 0)
     loss_tr = lambda q: attention.flash_attention(  # noqa: E731
         q, q, q, alibi_slopes=slopes, impl="pallas_triton").sum()
     assert _kernels(_cuda_hlo(jax.grad(loss_tr), q))[:2] == (0, 0)
+
+
+@pytest.mark.slow
+def test_hopper_path_lowers_any_length_and_offsets(monkeypatch):
+    """Ragged lengths (a multiple of 8 read in place; others padded to one), GQA with segment
+    ids, T = 1; S > T: the Hopper forward, then Triton's backward."""
+    monkeypatch.setattr(flash_mgpu, "is_hopper", lambda: True)
+    for (b, t, h, kvh, s, d, seg), want in [
+            ((1, 1000, 4, 1, 1000, 128, True), (1, 1, 0)),
+            ((1, 127, 8, 2, 127, 64, True), (1, 1, 0)),
+            ((2, 1, 2, 2, 1, 64, False), (1, 1, 0)),
+            ((1, 200, 4, 2, 520, 64, False), (1, 0, 2))]:
+        slopes = jnp.asarray(alibi_slopes(h))
+        sg = jnp.zeros((b, t), jnp.int32) if seg else None
+        loss = lambda q, k, v: attention.flash_attention(  # noqa: E731
+            q, k, v, alibi_slopes=slopes, segment_ids=sg, impl="pallas_gpu").sum()
+        q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+        k = jax.ShapeDtypeStruct((b, s, kvh, d), jnp.bfloat16)
+        assert _kernels(_cuda_hlo(jax.grad(loss, (0, 1, 2)), q, k, k)) == want, (b, t, h, kvh, s)
 
 
 @pytest.mark.slow
@@ -206,16 +232,20 @@ def test_sharded_train_step_lowers_with_the_hopper_kernels():
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="needs an H100/H200: compiles the Mosaic GPU kernels")
-@pytest.mark.parametrize("b,t,h,kvh,d,alibi", [(2, 512, 4, 4, 128, True), (1, 256, 3, 3, 64, True),
-                                               (1, 384, 2, 2, 128, False),
-                                               (2, 256, 8, 2, 128, True)])
-def test_hopper_kernels_against_reference(b, t, h, kvh, d, alibi):
+@pytest.mark.parametrize("b,t,h,kvh,d,alibi,seg", [
+    (2, 512, 4, 4, 128, True, False), (1, 256, 3, 3, 64, True, False),
+    (1, 384, 2, 2, 128, False, False), (2, 256, 8, 2, 128, True, False),
+    (2, 1000, 4, 1, 128, True, True), (1, 127, 4, 2, 64, True, True)])
+def test_hopper_kernels_against_reference(b, t, h, kvh, d, alibi, seg):
     ks = jax.random.split(jax.random.key(np.random.SeedSequence().generate_state(1)[0]), 4)
     q = jax.random.normal(ks[0], (b, t, h, d), jnp.bfloat16)
     k = jax.random.normal(ks[1], (b, t, kvh, d), jnp.bfloat16)
     v = jax.random.normal(ks[2], (b, t, kvh, d), jnp.bfloat16)
     do = jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16)
     slopes = jnp.asarray(alibi_slopes(h)) if alibi else None
+    segs = (jnp.cumsum(jax.random.bernoulli(ks[0], 0.01, (b, t)), axis=1).astype(jnp.int32)
+            if seg else None)
+    kw = dict(alibi_slopes=slopes, segment_ids=segs)
 
     def fwd_bwd(f, *args):
         out, vjp = jax.vjp(f, *args)
@@ -223,15 +253,15 @@ def test_hopper_kernels_against_reference(b, t, h, kvh, d, alibi):
 
     f32 = lambda *a: [x.astype(jnp.float32) for x in a]  # noqa: E731
     want = jax.jit(lambda q, k, v: fwd_bwd(lambda q, k, v: attention.reference_attention(
-        q, k, v, alibi_slopes=slopes), *f32(q, k, v)))(q, k, v)
+        q, k, v, **kw), *f32(q, k, v)))(q, k, v)
     got = jax.jit(lambda q, k, v: fwd_bwd(lambda q, k, v: attention.flash_attention(
-        q, k, v, alibi_slopes=slopes, impl="pallas_gpu"), q, k, v))(q, k, v)
+        q, k, v, impl="pallas_gpu", **kw), q, k, v))(q, k, v)
     for a, w in zip(got, want):
         assert _rel(a, w) < 1e-2
-    if kvh == h:  # the packed path: one gradient array from the one backward launch
-        x = jnp.concatenate([a.reshape(b, t, h * d) for a in (q, k, v)], -1)
+    if t % 128 == 0:  # the packed path: one gradient array from the one backward launch
+        x = jnp.concatenate([a.reshape(b, t, -1) for a in (q, k, v)], -1)
         out, dx = jax.jit(lambda x: fwd_bwd(lambda x: attention.flash_attention_packed(
-            x, h, h, alibi_slopes=slopes, impl="pallas_gpu"), x))(x)
-        dx = dx.reshape(b, t, 3, h, d)
-        for a, w in zip((out, dx[:, :, 0], dx[:, :, 1], dx[:, :, 2]), want):
+            x, h, kvh, impl="pallas_gpu", **kw), x))(x)
+        dx = dx.reshape(b, t, h + 2 * kvh, d)
+        for a, w in zip((out, dx[:, :, :h], dx[:, :, h:h + kvh], dx[:, :, h + kvh:]), want):
             assert _rel(a, w) < 1e-2

@@ -269,9 +269,16 @@ def _specs_seg(cfg, tp, sp, idx_b):
 
 def _mgpu_cfg(cfg: _Cfg, h, d):
     ko, vo = cfg.kv_offsets()
-    return flash_mgpu.make_cfg(heads=h, group=cfg.group, head_dim=d,
-                               scale=cfg.scale, has_alibi=cfg.has_alibi, offsets=(0, ko, vo),
+    return flash_mgpu.make_cfg(heads=h, group=cfg.group, head_dim=d, scale=cfg.scale,
+                               has_alibi=cfg.has_alibi, seq_q=cfg.seq_q, seq_k=cfg.seq_k,
+                               has_segments=cfg.has_segments, offsets=(0, ko, vo),
                                blocks=cfg.blocks.hopper)
+
+
+def _hopper(cfg: _Cfg) -> bool:
+    """Both passes on flash_mgpu: q, k, v at their real lengths, segment ids unpadded. (The
+    Hopper forward before the Triton backward reads the Triton kernels' padded inputs.)"""
+    return cfg.hopper_fwd and cfg.hopper_bwd
 
 
 def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg, off=None):
@@ -279,7 +286,8 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg, off=None):
     b, tp, h, d = q.shape
     h = cfg.heads or h
     if cfg.hopper_fwd:
-        return flash_mgpu.forward(_mgpu_cfg(cfg, h, d), q, k, v, slopes)
+        out, lse = flash_mgpu.forward(_mgpu_cfg(cfg, h, d), q, k, v, slopes, qseg, kvseg)
+        return out, (lse if _hopper(cfg) else lse[:, :, :tp])  # Triton's: [B, H, tp]
     sp = k.shape[2] if cfg.cache else k.shape[1]
     bs = cfg.blocks
     bq = bs.block_q
@@ -518,19 +526,28 @@ def _flash_fwd(cfg, q, k, v, slopes, qseg, kvseg):
     return out, (q, k, v, slopes, qseg, kvseg, out, lse)
 
 
-def _delta(out, do):
-    """rowsum(dout * out) `[B, H, Tp]` float32: the backward kernels' softmax correction."""
-    return jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+def _delta(out, do, rows=None):
+    """rowsum(dout * out) `[B, H, Tp]` float32: the backward kernels' softmax correction
+    (rows: padded with zeros to that many)."""
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    return delta if rows is None else common.pad_to(delta, 2, rows)
+
+
+def _hopper_backward(cfg: _Cfg, q, k, v, slopes, qseg, kvseg, out, lse, do, h):
+    """flash_mgpu's backward: [B, T, H + 2 KV, D] (dq, dk, dv heads)."""
+    mcfg = _mgpu_cfg(cfg, h, q.shape[3])
+    delta = _delta(out, do, lse.shape[2])
+    return flash_mgpu.backward(mcfg, q, k, v, slopes, do, lse, delta, qseg, kvseg)
 
 
 def _flash_bwd(cfg, res, do):
     q, k, v, slopes, qseg, kvseg, out, lse = res
-    delta = _delta(out, do)
     if cfg.hopper_bwd:
-        h = q.shape[2]
-        dx = flash_mgpu.backward(_mgpu_cfg(cfg, h, q.shape[3]), q, k, v, slopes, do, lse, delta)
-        dq, dk, dv = dx[:, :, :h], dx[:, :, h:2 * h], dx[:, :, 2 * h:]
+        h, kvh = q.shape[2], k.shape[2]
+        dx = _hopper_backward(cfg, q, k, v, slopes, qseg, kvseg, out, lse, do, h)
+        dq, dk, dv = dx[:, :, :h], dx[:, :, h:h + kvh], dx[:, :, h + kvh:]
     else:
+        delta = _delta(out, do)
         dk, dv = _backward_dkv(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg)
         (dq,) = _backward_dq(cfg, q, k, v, do, lse, delta, slopes, qseg, kvseg)
     return dq, dk, dv, None, None, None
@@ -551,11 +568,10 @@ def _flash_packed_fwd(cfg, x, slopes, qseg, kvseg):
 
 def _flash_packed_bwd(cfg, res, do):
     x, slopes, qseg, kvseg, out, lse = res
-    delta = _delta(out, do)
-    if cfg.hopper_bwd:  # its [B, T, 3 H, D] gradient is the packed layout (one KV head per head)
-        dx = flash_mgpu.backward(_mgpu_cfg(cfg, cfg.heads, x.shape[3]), x, x, x, slopes, do, lse,
-                                 delta)
+    if cfg.hopper_bwd:  # its [B, T, H + 2 KV, D] gradient is the packed layout
+        dx = _hopper_backward(cfg, x, x, x, slopes, qseg, kvseg, out, lse, do, cfg.heads)
         return dx, None, None, None
+    delta = _delta(out, do)
     dkv = _backward_dkv(cfg, x, x, x, do, lse, delta, slopes, qseg, kvseg)
     (dx,) = _backward_dq(cfg, x, x, x, do, lse, delta, slopes, qseg, kvseg, dkv=dkv)
     return dx, None, None, None
@@ -611,7 +627,11 @@ def _prepare(q_shape, kvh, s, dtype, alibi_slopes, q_segment_ids, kv_segment_ids
         raise ValueError("_poison tests the Triton kernels; the Mosaic GPU ones do not take it")
     bs = _fit_blocks(block_sizes or BlockSizes.default(dtype), t, s)
     tp, sp, dp = _padded_lengths(bs, t, s, d)
-    qseg, kvseg = common.padded_segments(q_segment_ids, kv_segment_ids, tp, sp)
+    if hopper_fwd and hopper_bwd:  # flash_mgpu takes any length its TMA views take
+        tp, sp = (flash_mgpu.padded_length(n) for n in (t, s))
+        qseg, kvseg = common.padded_segments(q_segment_ids, kv_segment_ids, tp, sp, value=-1)
+    else:
+        qseg, kvseg = common.padded_segments(q_segment_ids, kv_segment_ids, tp, sp)
     cfg = _Cfg(seq_q=t, seq_k=s, offset=s - t, group=h // kvh,
                scale=common.softmax_scale(d, softmax_scale), causal=causal,
                has_alibi=alibi_slopes is not None, has_segments=qseg is not None, blocks=bs,

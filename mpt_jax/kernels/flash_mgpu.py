@@ -1,9 +1,12 @@
 """ALiBi flash attention for Hopper GPUs: Pallas kernels lowered through Mosaic GPU.
 
-FlashAttention-3's structure (warp specialisation, TMA, wgmma), for MPT's case: causal
-self-attention with ALiBi computed in the kernel, bf16, head dim 64 or 128, the sequence a
-multiple of the tiles (128), no segment ids. `flash_gpu` owns the custom VJP and calls this
-module on sm_90 for what `supported(...)` takes; anything else runs its Triton kernels.
+FlashAttention-3's structure (warp specialisation, TMA, wgmma), for MPT's case: causal attention
+with ALiBi computed in the kernel, bf16, head dim 64 or 128, any length (a ragged last block is
+read with TMA's zero fill, masked by causality, and written clipped), segment ids (packed
+documents), GQA/MQA (a KV head's dk/dv summed over its query heads inside the kernel), and
+S > T with the queries aligned to the keys' end (forward only). `flash_gpu` owns the custom VJP
+and calls this module on sm_90 for what `supported(...)` takes; anything else runs its Triton
+kernels.
 
 Each CTA runs three warpgroups: two compute warpgroups, each owning `block` rows of the CTA's
 tile, and one memory warpgroup that streams the other operand's blocks through a ring of shared
@@ -12,8 +15,9 @@ memory buffers with TMA, guarded by "loaded" and "consumed" barriers.
   forward  grid (H, q tiles, B): rows are queries, the stream is K/V; writes out and the per-row
            logsumexp, both as `flash_gpu` does (base 2, ALiBi's row term folded in), so the
            backward kernels of either module can consume them.
-  dk/dv    grid (H, kv tiles, B): rows are keys, the stream is q/do/lse/delta from the diagonal
-           block to the end (4 wgmmas a step: S and dP issued together, then dv and dk).
+  dk/dv    (KV heads x kv tiles over the grid's first two axes): rows are keys, the stream is
+           q/do/lse/delta from the diagonal block to the end, for each query head of the
+           group in turn (4 wgmmas a step: S and dP issued together, then dv and dk).
   dq       grid (H, q tiles, B): rows are queries, the stream is K/V up to the diagonal (3 wgmmas
            a step: S and dP together, then dq).
 dk/dv and dq are one launch (the first CTAs do dk/dv, the rest dq) writing one gradient array, so
@@ -34,6 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from mpt_jax.kernels import common
 
 LOG2E = math.log2(math.e)
 _WGS = 2  # compute warpgroups per CTA
@@ -61,21 +67,55 @@ class _Cfg:
     head_dim: int
     scale: float
     has_alibi: bool
+    has_segments: bool
     blocks: MgpuBlocks
     q_off: int  # head index of query head 0 / key head 0 / value head 0 in the arrays read
     k_off: int
     v_off: int
+    seq_q: int  # T and S: the real lengths (the arrays may be longer; rows past T are not
+    seq_k: int  # written where the arrays end at T)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.heads // self.group
+
+    @property
+    def offset(self) -> int:  # position of query row i: i + offset (bottom-right alignment)
+        return self.seq_k - self.seq_q
 
 
-def supported(q_shape, kv_heads, seq_k, dtype, *, causal, has_segments, blocks=None) -> bool:
-    """Whether these kernels take the call (else use flash_gpu)."""
+def supported(q_shape, kv_heads, seq_k, dtype, *, causal, has_segments) -> bool:
+    """Whether these kernels take the forward of the call (else use flash_gpu). Any T; S >= T
+    (queries aligned to the keys' end); segment ids with S == T."""
     _, t, h, d = q_shape
-    bs = blocks or MgpuBlocks()
-    tile = math.lcm(_WGS * bs.block_q, bs.block_kv, _WGS * bs.block_kv_dkv, bs.block_q_dkv,
-                    _WGS * bs.block_q_dq, bs.block_kv_dq)  # every kernel's tiles divide T
-    return (causal and not has_segments and seq_k == t and t % tile == 0 and d in (64, 128)
+    return (causal and seq_k >= t and (seq_k == t or not has_segments) and d in (64, 128)
             and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)  # fp16: never run on a GPU
             and h % kv_heads == 0)
+
+
+def supports_backward(q_shape, seq_k) -> bool:
+    """Whether the backward kernels take a call whose forward `supported` takes: S == T."""
+    return seq_k == q_shape[1]
+
+
+ROW_ALIGN = 8  # TMA views split the sequence into tiles of 8 rows: its length must divide
+
+
+def padded_length(n: int) -> int:
+    """The sequence length q/k/v need for these kernels: n rounded up to ROW_ALIGN (a copy in
+    XLA only where n is not already a multiple; any whole-tile remainder is the kernels')."""
+    return n if n < ROW_ALIGN else pl.cdiv(n, ROW_ALIGN) * ROW_ALIGN
+
+
+def padded_rows(t: int, blocks: MgpuBlocks | None = None) -> int:
+    """Length of the logsumexp / delta vectors and of the segment ids the kernels read: T (or
+    S) rounded up to whole tiles of every kernel, so that each 1-D block is in bounds (and
+    16-byte aligned). q, k, v, out and the gradient keep their real length: a ragged last
+    block is read with TMA's zero fill and written clipped."""
+    bs = blocks or MgpuBlocks()
+    tile = math.lcm(_WGS * bs.block_q, bs.block_kv, _WGS * bs.block_kv_dkv, bs.block_q_dkv,
+                    _WGS * bs.block_q_dq, bs.block_kv_dq)
+    return pl.cdiv(t, tile) * tile
 
 
 def _smem(shape, dtype, swizzled=True):
@@ -120,26 +160,30 @@ def _bcast_cols(x, shape):
 # forward
 
 
-def _forward(cfg: _Cfg, q, k, v, slopes):
-    b, t = q.shape[:2]
+def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
+    b = q.shape[0]
     h, d = cfg.heads, cfg.head_dim
     bq, bkv, stages = cfg.blocks.block_q, cfg.blocks.block_kv, cfg.blocks.stages
-    n_tiles = t // (_WGS * bq)
+    n_tiles = pl.cdiv(cfg.seq_q, _WGS * bq)
+    n_kb = pl.cdiv(cfg.seq_k, bkv)  # key blocks (the last may be ragged: zero-filled, masked)
+    off = cfg.offset
+    seg = cfg.has_segments
     dtype = q.dtype
     c = cfg.scale * LOG2E
 
-    def kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, scoped):
+    def kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kseg_ref, out_ref, lse_ref, scoped):
         smem, loaded, consumed, sched = scoped
-        qo_smem2, k_smem, v_smem, lse_smem2 = smem
-        k_bar, v_bar, q_bar = loaded
-        k_free, v_free = consumed
+        qo_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem = smem
+        k_bar, v_bar, q_bar, ks_bar = loaded
+        k_free, v_free, ks_free = consumed
         bi = lax.axis_index("batch")
         hi = lax.axis_index("heads")
         tile = n_tiles - 1 - lax.axis_index("q_seq")  # the longest rows first
         wg = lax.axis_index("wg")
         kvh = lax.div(hi, jnp.array(cfg.group, hi.dtype))
-        # key blocks the CTA needs: up to its last row
-        cta_steps = pl.cdiv((tile + 1) * (_WGS * bq), jnp.array(bkv, jnp.int32))
+        # key blocks the CTA needs: up to its last row's position
+        cta_steps = jnp.minimum(
+            pl.cdiv((tile + 1) * (_WGS * bq) + off, jnp.array(bkv, jnp.int32)), n_kb)
 
         def sched_barrier():
             plgpu.barrier_arrive(sched)
@@ -150,14 +194,22 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
             plgpu.set_max_registers(232, action="increase")
             qo_smem = qo_smem2.at[wg]
             lse_smem = lse_smem2.at[wg]
-            base = tile * (_WGS * bq) + wg * bq  # first row (the anchor)
-            steps = pl.cdiv(base + bq, jnp.array(bkv, jnp.int32))
-            full = lax.div(base + 1, jnp.array(bkv, jnp.int32))  # blocks with no masked key
+            base = tile * (_WGS * bq) + wg * bq  # first row
+            anchor = base + off  # its position
+            steps = jnp.minimum(pl.cdiv(anchor + bq, jnp.array(bkv, jnp.int32)), n_kb)
+            # blocks with no key after the first row: no causal mask
+            full = jnp.minimum(lax.div(anchor + 1, jnp.array(bkv, jnp.int32)), steps)
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(base, bq), cfg.q_off + hi], qo_smem,
                                     q_bar.at[wg])
+            if seg:
+                plgpu.copy_gmem_to_smem(qseg_ref.at[bi, pl.ds(base, bq)], qs_smem2.at[wg],
+                                        q_bar.at[_WGS + wg])
             if cfg.has_alibi:
                 slope = slopes_ref[hi]
             plgpu.barrier_wait(q_bar.at[wg])
+            if seg:
+                plgpu.barrier_wait(q_bar.at[_WGS + wg])
+                q_seg = _load_vec(qs_smem2.at[wg], 1)
             m_i = _full((bq,), -jnp.inf, rows=True)
             l_i = _full((bq,), 0.0, rows=True)
             acc = _full((bq, d), 0.0)
@@ -176,13 +228,19 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
                 if cfg.has_alibi:  # slope * (key position - anchor), one value per column
-                    col = (_cols(bkv) + (j * bkv - base)).astype(jnp.float32) * slope
+                    col = (_cols(bkv) + (j * bkv - anchor)).astype(jnp.float32) * slope
                     s = s * c + _bcast_cols(col, s.shape)
                 else:
                     s = s * c
                 if masked:
-                    rel = _iota((bq, bkv), 1) + (j * bkv - base)  # key position - anchor
+                    rel = _iota((bq, bkv), 1) + (j * bkv - anchor)  # key position - anchor
                     s = jnp.where(rel <= _iota((bq, bkv), 0), s, -jnp.inf)
+                if seg:
+                    plgpu.barrier_wait(ks_bar.at[slot])
+                    k_seg = _load_vec(ks_smem.at[slot], 0)
+                    plgpu.barrier_arrive(ks_free.at[slot])
+                    s = jnp.where(_bcast_rows(q_seg, s.shape) == _bcast_cols(k_seg, s.shape),
+                                  s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -213,6 +271,8 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
                 slot = lax.rem(j, jnp.array(stages, j.dtype))
                 plgpu.barrier_arrive(k_free.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
+                if seg:
+                    plgpu.barrier_arrive(ks_free.at[slot])
                 sched_barrier()
                 sched_barrier()
 
@@ -226,6 +286,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
                 lse = lse - rows.astype(jnp.float32) * slope
             lse_smem[...] = lse
             plgpu.commit_smem()
+            # rows past the array's end (a ragged last tile) are clipped by TMA
             plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[bi, pl.ds(base, bq), hi])
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(base, bq)])
             plgpu.wait_smem_to_gmem(0)
@@ -234,37 +295,57 @@ def _forward(cfg: _Cfg, q, k, v, slopes):
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
             kh, vh = cfg.k_off + kvh, cfg.v_off + kvh
-            _stream([lambda j: k_ref.at[bi, pl.ds(j * bkv, bkv), kh],
-                     lambda j: v_ref.at[bi, pl.ds(j * bkv, bkv), vh]],
-                    [k_smem, v_smem], [k_bar, v_bar], [k_free, v_free], 0, cta_steps, stages,
-                    t // bkv)
+            srcs = [lambda j: k_ref.at[bi, pl.ds(j * bkv, bkv), kh],
+                    lambda j: v_ref.at[bi, pl.ds(j * bkv, bkv), vh]]
+            bufs, bars, frees = [k_smem, v_smem], [k_bar, v_bar], [k_free, v_free]
+            if seg:
+                srcs.append(lambda j: kseg_ref.at[bi, pl.ds(j * bkv, bkv)])
+                bufs.append(ks_smem)
+                bars.append(ks_bar)
+                frees.append(ks_free)
+            _stream(srcs, bufs, bars, frees, 0, cta_steps, stages, n_kb)
 
-    def alibi_flash_fwd_mgpu(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref):
+    def alibi_flash_fwd_mgpu(q_ref, k_ref, v_ref, slopes_ref, *refs):
+        qseg_ref, kseg_ref = refs[:2] if seg else (None, None)
+        out_ref, lse_ref = refs[-2:]
+        vec = functools.partial(_smem, swizzled=False)
         scratch = (
             _smem((_WGS, bq, d), dtype), _smem((stages, bkv, d), dtype),
-            _smem((stages, bkv, d), dtype), _smem((_WGS, bq), jnp.float32, swizzled=False),
+            _smem((stages, bkv, d), dtype), vec((_WGS, bq), jnp.float32),
+            vec((_WGS, bq), jnp.int32) if seg else None,
+            vec((stages, bkv), jnp.int32) if seg else None,
         )
+        ring = plgpu.Barrier(num_barriers=stages)
+        free = plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)
         pl.run_scoped(
-            lambda *args: kernel(q_ref, k_ref, v_ref, slopes_ref, out_ref, lse_ref, args),
+            lambda *args: kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kseg_ref, out_ref,
+                                 lse_ref, args),
             scratch,
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=_WGS)),
-            (plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),) * 2,
+            (ring, ring, plgpu.Barrier(num_barriers=2 * _WGS), ring if seg else None),
+            (free, free, free if seg else None),
             plgpu.Barrier(num_arrivals=_WGS),
             collective_axes="wg",
         )
 
+    segs = (_pad_rows(qseg, cfg), _pad_rows(kseg, cfg)) if seg else ()
     out, lse = plgpu.kernel(
         alibi_flash_fwd_mgpu,
-        out_type=(jax.ShapeDtypeStruct((b, t, h, d), dtype),
-                  jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
+        out_type=(jax.ShapeDtypeStruct((b, q.shape[1], h, d), dtype),
+                  jax.ShapeDtypeStruct((b, h, padded_rows(q.shape[1], cfg.blocks)),
+                                       jnp.float32)),
         grid=(h, n_tiles, b),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v, slopes)
+    )(q, k, v, slopes, *segs)
     return out, lse
+
+
+def _pad_rows(x, cfg: _Cfg):
+    """[B, N] segment ids -> [B, padded_rows(N)] int32; padding -1 (rows past T see only each
+    other: no row of the kernels' tiles is wholly masked, none reads past the array)."""
+    return common.pad_to(x.astype(jnp.int32), 1, padded_rows(x.shape[1], cfg.blocks), value=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,9 +368,10 @@ def _stream(srcs, bufs, loaded, consumed, start, stop, stages, n_blocks):
         for src, buf, bar in zip(srcs, bufs, loaded):
             plgpu.copy_gmem_to_smem(src(j), buf.at[slot], bar.at[slot])
 
-    for i in range(min(stages, n_blocks)):
+    @pl.loop(0, min(stages, n_blocks))  # a traced index: a static slice past a ragged end
+    def _(i):  # would fail JAX's bounds check (TMA zero-fills it)
         @pl.when(start + i < stop)
-        def _(i=i):
+        def _():
             issue(start + i, i)
 
     @pl.loop(start + stages, stop)
@@ -300,28 +382,38 @@ def _stream(srcs, bufs, loaded, consumed, start, stop, stages, n_blocks):
             plgpu.copy_gmem_to_smem(src(j), buf.at[slot], bar.at[slot])
 
 
-def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
-    """dx [B, T, 3 H, D]: dq for query head h at h, dk at H + h, dv at 2 H + h (group 1)."""
-    b, t = q.shape[:2]
-    h, d = cfg.heads, cfg.head_dim
+def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
+    """dx [B, T, H + 2 KV, D]: dq for query head h at h, dk for KV head g at H + g, dv at
+    H + KV + g (S == T; the dk/dv of a KV head summed over its group in the kernel)."""
+    b = q.shape[0]
+    t = cfg.seq_q
+    h, d, kv = cfg.heads, cfg.head_dim, cfg.kv_heads
+    group = cfg.group
     bs = cfg.blocks
     stages = bs.stages_bwd
+    seg = cfg.has_segments
     dtype = q.dtype
     c = cfg.scale * LOG2E
-    n_kv_tiles = t // (_WGS * bs.block_kv_dkv)
-    n_q_tiles = t // (_WGS * bs.block_q_dq)
+    n_kv_tiles = pl.cdiv(t, _WGS * bs.block_kv_dkv)
+    n_dkv = pl.cdiv(n_kv_tiles * kv, h)  # grid tiles of dk/dv work (KV heads x key tiles)
+    n_q_tiles = pl.cdiv(t, _WGS * bs.block_q_dq)
+    vec = functools.partial(_smem, swizzled=False)
 
-    def dkv(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref, bi, hi, tile,
-            wg):
+    def dkv(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+            dx_ref, bi, item, wg):
         bk, bq = bs.block_kv_dkv, bs.block_q_dkv
-        n_qb = t // bq
+        n_qb = pl.cdiv(t, bq)
+        kvh = lax.rem(item, jnp.array(kv, item.dtype))  # heavy tiles (the first keys) first
+        tile = lax.div(item, jnp.array(kv, item.dtype))
         first = lax.div(tile * (_WGS * bk), jnp.array(bq, jnp.int32))  # CTA's first q block
+        nq = n_qb - first  # q blocks streamed per query head of the group
 
         def body(smem, loaded, consumed):
-            k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = smem
-            kv_bar, = loaded[:1]
-            q_bar, do_bar, lse_bar, delta_bar = loaded[1:]
-            q_free, do_free, lse_free, delta_free = consumed
+            k_smem2, v_smem2, ks_smem2, q_smem, do_smem, lse_smem, delta_smem, qs_smem = smem
+            kv_bar, q_bar, do_bar, lse_bar, delta_bar, qs_bar = loaded
+            q_free, do_free, lse_free, delta_free, qs_free = consumed
+            vec_bars = [(lse_bar, lse_free), (delta_bar, delta_free)] + (
+                [(qs_bar, qs_free)] if seg else [])
 
             @pl.when(wg < _WGS)
             def _compute():
@@ -329,83 +421,105 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                 k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
                 base = tile * (_WGS * bk) + wg * bk
                 rows = pl.ds(base, bk)
-                plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, cfg.k_off + hi], k_smem,
-                                        kv_bar.at[2 * wg])
-                plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, cfg.v_off + hi], v_smem,
-                                        kv_bar.at[2 * wg + 1])
-                if cfg.has_alibi:
-                    slope = slopes_ref[hi]
-                    row_bias = _iota((bk,), 0).astype(jnp.float32) * slope
-                plgpu.barrier_wait(kv_bar.at[2 * wg])
-                plgpu.barrier_wait(kv_bar.at[2 * wg + 1])
-                mine = lax.div(base, jnp.array(bq, jnp.int32))  # first q block with a visible row
+                plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, cfg.k_off + kvh], k_smem,
+                                        kv_bar.at[3 * wg])
+                plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, cfg.v_off + kvh], v_smem,
+                                        kv_bar.at[3 * wg + 1])
+                if seg:
+                    plgpu.copy_gmem_to_smem(kseg_ref.at[bi, rows], ks_smem2.at[wg],
+                                            kv_bar.at[3 * wg + 2])
+                plgpu.barrier_wait(kv_bar.at[3 * wg])
+                plgpu.barrier_wait(kv_bar.at[3 * wg + 1])
+                if seg:
+                    plgpu.barrier_wait(kv_bar.at[3 * wg + 2])
+                    k_seg = _load_vec(ks_smem2.at[wg], 1)
+                # first q block with a visible row; first q block wholly below the rows
+                mine = jnp.minimum(lax.div(base, jnp.array(bq, jnp.int32)), n_qb)
                 full = jnp.minimum(pl.cdiv(base + bk, jnp.array(bq, jnp.int32)), n_qb)
 
                 def release(slot):
                     plgpu.barrier_arrive(q_free.at[slot])
                     plgpu.barrier_arrive(do_free.at[slot])
-                    plgpu.barrier_arrive(lse_free.at[slot])
-                    plgpu.barrier_arrive(delta_free.at[slot])
+                    for _, free in vec_bars:
+                        plgpu.barrier_arrive(free.at[slot])
 
-                def skip(i, _):  # a block above this warpgroup's rows: wait (the barriers'
-                    slot = lax.rem(i - first, jnp.array(stages, i.dtype))  # phases stay in
-                    for bar in (q_bar, do_bar, lse_bar, delta_bar):  # step) and release it
-                        plgpu.barrier_wait(bar.at[slot])
-                    release(slot)
-
-                def step(i, carry, masked):
-                    # S and dP are issued together (one wait), then dv and dk (one wait)
-                    dk, dv = carry
-                    slot = lax.rem(i - first, jnp.array(stages, i.dtype))
-                    q_blk, do_blk = q_smem.at[slot], do_smem.at[slot]
-                    plgpu.barrier_wait(q_bar.at[slot])
-                    plgpu.barrier_wait(do_bar.at[slot])
-
-                    def s_dp(s_ref, dp_ref):
-                        plgpu.wgmma(s_ref, k_smem, plgpu.transpose_ref(q_blk, (1, 0)))
-                        plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_blk, (1, 0)))
-                        return s_ref[...], dp_ref[...]
-
-                    s, dp = pl.run_scoped(s_dp, plgpu.ACC((bk, bq), jnp.float32),
-                                          plgpu.ACC((bk, bq), jnp.float32))
-                    plgpu.barrier_wait(lse_bar.at[slot])
-                    col = -_load_vec(lse_smem.at[slot], 0)
-                    plgpu.barrier_arrive(lse_free.at[slot])
+                def head(g, carry):
+                    qh = kvh * group + g
+                    u0 = g * nq - first  # ring position of block i: u0 + i
                     if cfg.has_alibi:
-                        col = col + (base - i * bq - _cols(bq)).astype(jnp.float32) * slope
-                        s = s * c + _bcast_rows(row_bias, s.shape)
-                    else:
-                        s = s * c
-                    p = jnp.exp2(s + _bcast_cols(col, s.shape))
-                    if masked:
-                        rel = (_iota((bk, bq), 0) - _iota((bk, bq), 1)
-                               + (base - i * bq))
-                        p = jnp.where(rel <= 0, p, 0.0)
-                    plgpu.barrier_wait(delta_bar.at[slot])
-                    delta_v = _load_vec(delta_smem.at[slot], 0)
-                    plgpu.barrier_arrive(delta_free.at[slot])
-                    ds16 = (p * (dp - _bcast_cols(delta_v, dp.shape))).astype(dtype)
-                    p16 = p.astype(dtype)
+                        slope = slopes_ref[qh]
+                        row_bias = _iota((bk,), 0).astype(jnp.float32) * slope
 
-                    def dv_dk(refs):
-                        dv_ref, dk_ref = refs
-                        plgpu.wgmma(dv_ref, p16, do_blk)
-                        plgpu.wgmma(dk_ref, ds16, q_blk)
+                    def skip(i, _):  # a block above this warpgroup's rows: wait (the
+                        slot = lax.rem(u0 + i, jnp.array(stages, i.dtype))  # barriers'
+                        for bar in (q_bar, do_bar) + tuple(b for b, _ in vec_bars):  # phases
+                            plgpu.barrier_wait(bar.at[slot])  # stay in step) and release it
+                        release(slot)
 
-                    dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
-                    plgpu.barrier_arrive(do_free.at[slot])
-                    plgpu.barrier_arrive(q_free.at[slot])
-                    return dk, dv
+                    def step(i, carry, masked):
+                        # S and dP are issued together (one wait), then dv and dk (one wait)
+                        dk, dv = carry
+                        slot = lax.rem(u0 + i, jnp.array(stages, i.dtype))
+                        q_blk, do_blk = q_smem.at[slot], do_smem.at[slot]
+                        plgpu.barrier_wait(q_bar.at[slot])
+                        plgpu.barrier_wait(do_bar.at[slot])
 
-                lax.fori_loop(first, mine, skip, None)
-                carry = (_full((bk, d), 0.0), _full((bk, d), 0.0))
-                carry = lax.fori_loop(mine, full, functools.partial(step, masked=True), carry)
-                dk, dv = lax.fori_loop(full, n_qb, functools.partial(step, masked=False), carry)
+                        def s_dp(s_ref, dp_ref):
+                            plgpu.wgmma(s_ref, k_smem, plgpu.transpose_ref(q_blk, (1, 0)))
+                            plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_blk, (1, 0)))
+                            return s_ref[...], dp_ref[...]
+
+                        s, dp = pl.run_scoped(s_dp, plgpu.ACC((bk, bq), jnp.float32),
+                                              plgpu.ACC((bk, bq), jnp.float32))
+                        plgpu.barrier_wait(lse_bar.at[slot])
+                        col = -_load_vec(lse_smem.at[slot], 0)
+                        plgpu.barrier_arrive(lse_free.at[slot])
+                        if cfg.has_alibi:
+                            col = col + (base - i * bq - _cols(bq)).astype(jnp.float32) * slope
+                            s = s * c + _bcast_rows(row_bias, s.shape)
+                        else:
+                            s = s * c
+                        p = jnp.exp2(s + _bcast_cols(col, s.shape))
+                        if masked:
+                            rel = (_iota((bk, bq), 0) - _iota((bk, bq), 1)
+                                   + (base - i * bq))
+                            p = jnp.where(rel <= 0, p, 0.0)
+                        if seg:
+                            plgpu.barrier_wait(qs_bar.at[slot])
+                            q_seg = _load_vec(qs_smem.at[slot], 0)
+                            plgpu.barrier_arrive(qs_free.at[slot])
+                            p = jnp.where(_bcast_rows(k_seg, p.shape)
+                                          == _bcast_cols(q_seg, p.shape), p, 0.0)
+                        plgpu.barrier_wait(delta_bar.at[slot])
+                        delta_v = _load_vec(delta_smem.at[slot], 0)
+                        plgpu.barrier_arrive(delta_free.at[slot])
+                        ds16 = (p * (dp - _bcast_cols(delta_v, dp.shape))).astype(dtype)
+                        p16 = p.astype(dtype)
+
+                        def dv_dk(refs):
+                            dv_ref, dk_ref = refs
+                            plgpu.wgmma(dv_ref, p16, do_blk)
+                            plgpu.wgmma(dk_ref, ds16, q_blk)
+
+                        dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                        plgpu.barrier_arrive(do_free.at[slot])
+                        plgpu.barrier_arrive(q_free.at[slot])
+                        return dk, dv
+
+                    lax.fori_loop(first, mine, skip, None)
+                    carry = lax.fori_loop(mine, full, functools.partial(step, masked=True),
+                                          carry)
+                    return lax.fori_loop(full, n_qb, functools.partial(step, masked=False),
+                                         carry)
+
+                zero = (_full((bk, d), 0.0), _full((bk, d), 0.0))
+                dk, dv = lax.fori_loop(0, group, head, zero) if group > 1 else head(0, zero)
                 k_smem[...] = (dk * cfg.scale).astype(dtype)
                 v_smem[...] = dv.astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(k_smem, dx_ref.at[bi, rows, h + hi], commit_group=False)
-                plgpu.copy_smem_to_gmem(v_smem, dx_ref.at[bi, rows, 2 * h + hi],
+                plgpu.copy_smem_to_gmem(k_smem, dx_ref.at[bi, rows, h + kvh],
+                                        commit_group=False)
+                plgpu.copy_smem_to_gmem(v_smem, dx_ref.at[bi, rows, h + kv + kvh],
                                         commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
                 plgpu.wait_smem_to_gmem(0)
@@ -413,36 +527,56 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
             @pl.when(wg == _WGS)
             def _memory():
                 plgpu.set_max_registers(40, action="decrease")
-                qh = cfg.q_off + hi
-                _stream(
-                        [lambda j: q_ref.at[bi, pl.ds(j * bq, bq), qh],
-                         lambda j: do_ref.at[bi, pl.ds(j * bq, bq), hi],
-                         lambda j: lse_ref.at[bi, hi, pl.ds(j * bq, bq)],
-                         lambda j: delta_ref.at[bi, hi, pl.ds(j * bq, bq)]],
-                        [q_smem, do_smem, lse_smem, delta_smem],
-                        [q_bar, do_bar, lse_bar, delta_bar],
-                        [q_free, do_free, lse_free, delta_free], first, n_qb, stages, n_qb)
 
+                def at(u):  # ring position u: (query head, q block)
+                    g = lax.div(u, nq)
+                    return kvh * group + g, first + u - g * nq
+
+                def src(ref, u, qkv=False, vec=False):
+                    qh, i = at(u)
+                    if vec:
+                        return ref.at[bi, qh, pl.ds(i * bq, bq)]
+                    return ref.at[bi, pl.ds(i * bq, bq), (cfg.q_off if qkv else 0) + qh]
+
+                srcs = [lambda u: src(q_ref, u, qkv=True), lambda u: src(do_ref, u),
+                        lambda u: src(lse_ref, u, vec=True),
+                        lambda u: src(delta_ref, u, vec=True)]
+                bufs = [q_smem, do_smem, lse_smem, delta_smem]
+                if seg:
+                    srcs.append(lambda u: qseg_ref.at[bi, pl.ds(at(u)[1] * bq, bq)])
+                    bufs.append(qs_smem)
+                _stream(srcs, bufs, [q_bar, do_bar, lse_bar, delta_bar, qs_bar][:len(bufs)],
+                        [q_free, do_free, lse_free, delta_free, qs_free][:len(bufs)], 0,
+                        group * nq, stages, group * n_qb)
+
+        ring = plgpu.Barrier(num_barriers=stages)
+        free = plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)
         pl.run_scoped(
             body,
             (_smem((_WGS, bk, d), dtype), _smem((_WGS, bk, d), dtype),
+             vec((_WGS, bk), jnp.int32) if seg else None,
              _smem((stages, bq, d), dtype), _smem((stages, bq, d), dtype),
-             _smem((stages, bq), jnp.float32, swizzled=False),
-             _smem((stages, bq), jnp.float32, swizzled=False)),
-            (plgpu.Barrier(num_barriers=2 * _WGS),) + (plgpu.Barrier(num_barriers=stages),) * 4,
-            (plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),) * 4,
+             vec((stages, bq), jnp.float32), vec((stages, bq), jnp.float32),
+             vec((stages, bq), jnp.int32) if seg else None),
+            (plgpu.Barrier(num_barriers=3 * _WGS), ring, ring, ring, ring,
+             ring if seg else None),
+            (free, free, free, free, free if seg else None),
             collective_axes="wg",
         )
 
-    def dq(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref, bi, hi, tile, wg):
+    def dq(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+           dx_ref, bi, hi, tile, wg):
         bq, bkv = bs.block_q_dq, bs.block_kv_dq
+        n_kb = pl.cdiv(t, bkv)
+        kvh = lax.div(hi, jnp.array(group, hi.dtype))
         tile = n_q_tiles - 1 - tile  # the longest rows first
-        cta_steps = pl.cdiv((tile + 1) * (_WGS * bq), jnp.array(bkv, jnp.int32))
+        cta_steps = jnp.minimum(pl.cdiv((tile + 1) * (_WGS * bq), jnp.array(bkv, jnp.int32)),
+                                n_kb)
 
         def body(smem, loaded, consumed):
-            q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = smem
-            row_bar, k_bar, v_bar = loaded
-            k_free, v_free = consumed
+            q_smem2, do_smem2, lse_smem2, delta_smem2, qs_smem2, k_smem, v_smem, ks_smem = smem
+            row_bar, k_bar, v_bar, ks_bar = loaded
+            k_free, v_free, ks_free = consumed
 
             @pl.when(wg < _WGS)
             def _compute():
@@ -455,18 +589,22 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                         (do_ref.at[bi, rows, hi], do_smem),
                         (lse_ref.at[bi, hi, rows], lse_smem),
                         (delta_ref.at[bi, hi, rows], delta_smem)]
+                if seg:
+                    srcs.append((qseg_ref.at[bi, rows], qs_smem2.at[wg]))
                 for n, (src, dst) in enumerate(srcs):
-                    plgpu.copy_gmem_to_smem(src, dst, row_bar.at[4 * wg + n])
+                    plgpu.copy_gmem_to_smem(src, dst, row_bar.at[5 * wg + n])
                 if cfg.has_alibi:
                     slope = slopes_ref[hi]
-                for n in range(4):
-                    plgpu.barrier_wait(row_bar.at[4 * wg + n])
+                for n in range(len(srcs)):
+                    plgpu.barrier_wait(row_bar.at[5 * wg + n])
                 lse_v = _load_vec(lse_smem, 1)
                 if cfg.has_alibi:  # p = exp2(s c + slope (j - a) - (lse + slope (i - a)))
                     lse_v = lse_v + _iota((bq,), 0).astype(jnp.float32) * slope
                 delta_v = _load_vec(delta_smem, 1)
-                steps = pl.cdiv(base + bq, jnp.array(bkv, jnp.int32))
-                full = lax.div(base + 1, jnp.array(bkv, jnp.int32))
+                if seg:
+                    q_seg = _load_vec(qs_smem2.at[wg], 1)
+                steps = jnp.minimum(pl.cdiv(base + bq, jnp.array(bkv, jnp.int32)), n_kb)
+                full = jnp.minimum(lax.div(base + 1, jnp.array(bkv, jnp.int32)), steps)
 
                 def step(j, acc, masked):  # S and dP issued together, then dq
                     slot = lax.rem(j, jnp.array(stages, j.dtype))
@@ -490,6 +628,12 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                     if masked:
                         rel = _iota((bq, bkv), 1) + (j * bkv - base)
                         p = jnp.where(rel <= _iota((bq, bkv), 0), p, 0.0)
+                    if seg:
+                        plgpu.barrier_wait(ks_bar.at[slot])
+                        k_seg = _load_vec(ks_smem.at[slot], 0)
+                        plgpu.barrier_arrive(ks_free.at[slot])
+                        p = jnp.where(_bcast_rows(q_seg, p.shape) == _bcast_cols(k_seg, p.shape),
+                                      p, 0.0)
                     ds16 = (p * (dp - _bcast_rows(delta_v, dp.shape))).astype(dtype)
                     acc = _accumulate(acc, lambda r: plgpu.wgmma(r, ds16, k_smem.at[slot]))
                     plgpu.barrier_arrive(k_free.at[slot])
@@ -503,6 +647,8 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
                     slot = lax.rem(j, jnp.array(stages, j.dtype))
                     plgpu.barrier_arrive(k_free.at[slot])
                     plgpu.barrier_arrive(v_free.at[slot])
+                    if seg:
+                        plgpu.barrier_arrive(ks_free.at[slot])
 
                 lax.fori_loop(steps, cta_steps, drain, None)
                 q_smem[...] = (acc * cfg.scale).astype(dtype)
@@ -513,49 +659,61 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
             @pl.when(wg == _WGS)
             def _memory():
                 plgpu.set_max_registers(40, action="decrease")
-                kh, vh = cfg.k_off + hi, cfg.v_off + hi
-                _stream(
-                        [lambda j: k_ref.at[bi, pl.ds(j * bkv, bkv), kh],
-                         lambda j: v_ref.at[bi, pl.ds(j * bkv, bkv), vh]],
-                        [k_smem, v_smem], [k_bar, v_bar], [k_free, v_free], 0, cta_steps,
-                        stages, t // bkv)
+                kh, vh = cfg.k_off + kvh, cfg.v_off + kvh
+                srcs = [lambda j: k_ref.at[bi, pl.ds(j * bkv, bkv), kh],
+                        lambda j: v_ref.at[bi, pl.ds(j * bkv, bkv), vh]]
+                bufs, bars, frees = [k_smem, v_smem], [k_bar, v_bar], [k_free, v_free]
+                if seg:
+                    srcs.append(lambda j: kseg_ref.at[bi, pl.ds(j * bkv, bkv)])
+                    bufs.append(ks_smem)
+                    bars.append(ks_bar)
+                    frees.append(ks_free)
+                _stream(srcs, bufs, bars, frees, 0, cta_steps, stages, n_kb)
 
+        ring = plgpu.Barrier(num_barriers=stages)
+        free = plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)
         pl.run_scoped(
             body,
             (_smem((_WGS, bq, d), dtype), _smem((_WGS, bq, d), dtype),
-             _smem((_WGS, bq), jnp.float32, swizzled=False),
-             _smem((_WGS, bq), jnp.float32, swizzled=False),
-             _smem((stages, bkv, d), dtype), _smem((stages, bkv, d), dtype)),
-            (plgpu.Barrier(num_barriers=4 * _WGS), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=stages)),
-            (plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages),) * 2,
+             vec((_WGS, bq), jnp.float32), vec((_WGS, bq), jnp.float32),
+             vec((_WGS, bq), jnp.int32) if seg else None,
+             _smem((stages, bkv, d), dtype), _smem((stages, bkv, d), dtype),
+             vec((stages, bkv), jnp.int32) if seg else None),
+            (plgpu.Barrier(num_barriers=5 * _WGS), ring, ring, ring if seg else None),
+            (free, free, free if seg else None),
             collective_axes="wg",
         )
 
-    def alibi_flash_bwd_mgpu(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref):
+    def alibi_flash_bwd_mgpu(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref,
+                             *refs):
+        qseg_ref, kseg_ref = refs[:2] if seg else (None, None)
+        dx_ref = refs[-1]
         bi = lax.axis_index("batch")
         hi = lax.axis_index("heads")
         tile = lax.axis_index("tile")
         wg = lax.axis_index("wg")
-        refs = (q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, dx_ref, bi, hi)
+        refs = (q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
+                dx_ref, bi)
+        item = tile * h + hi  # dk/dv work item (KV head, key tile), in launch order
 
-        @pl.when(tile < n_kv_tiles)
+        @pl.when((tile < n_dkv) & (item < n_kv_tiles * kv))
         def _():
-            dkv(*refs, tile, wg)
+            dkv(*refs, item, wg)
 
-        @pl.when(tile >= n_kv_tiles)
+        @pl.when(tile >= n_dkv)
         def _():
-            dq(*refs, tile - n_kv_tiles, wg)
+            dq(*refs, hi, tile - n_dkv, wg)
 
+    segs = (_pad_rows(qseg, cfg), _pad_rows(kseg, cfg)) if seg else ()
     return plgpu.kernel(
         alibi_flash_bwd_mgpu,
-        out_type=jax.ShapeDtypeStruct((b, t, 3 * h, d), dtype),
-        grid=(h, n_kv_tiles + n_q_tiles, b),
+        out_type=jax.ShapeDtypeStruct((b, q.shape[1], h + 2 * kv, d), dtype),
+        grid=(h, n_dkv + n_q_tiles, b),
         grid_names=("heads", "tile", "batch"),
         num_threads=_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v, slopes, do, lse, delta)
+    )(q, k, v, slopes, do, lse, delta, *segs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,21 +726,25 @@ def is_hopper() -> bool:
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
-def make_cfg(*, heads, group, head_dim, scale, has_alibi, offsets=(0, 0, 0),
-             blocks=None) -> _Cfg:
+def make_cfg(*, heads, group, head_dim, scale, has_alibi, seq_q, seq_k, has_segments=False,
+             offsets=(0, 0, 0), blocks=None) -> _Cfg:
     return _Cfg(heads=heads, group=group, head_dim=head_dim, scale=float(scale),
-                has_alibi=has_alibi, blocks=blocks or MgpuBlocks(), q_off=offsets[0],
-                k_off=offsets[1], v_off=offsets[2])
+                has_alibi=has_alibi, has_segments=has_segments, blocks=blocks or MgpuBlocks(),
+                q_off=offsets[0], k_off=offsets[1], v_off=offsets[2], seq_q=seq_q, seq_k=seq_k)
 
 
-def forward(cfg: _Cfg, q, k, v, slopes):
-    """(out [B, T, H, D], lse [B, H, T] float32 base 2). q/k/v may be one packed array (the
-    offsets in cfg say where its query/key/value heads start). slopes: float32 [>= H]."""
-    return _forward(cfg, q, k, v, slopes.astype(jnp.float32) * LOG2E)
+def forward(cfg: _Cfg, q, k, v, slopes, qseg=None, kseg=None):
+    """(out [B, Tq, H, D], lse [B, H, padded_rows(Tq)] float32 base 2), Tq = q's length
+    (>= cfg.seq_q; rows past seq_q are not meaningful). q/k/v may be one packed array (the
+    offsets in cfg say where its query/key/value heads start). slopes: float32 [>= H];
+    qseg [B, T] / kseg [B, S] int32 where cfg.has_segments."""
+    return _forward(cfg, q, k, v, slopes.astype(jnp.float32) * LOG2E, qseg, kseg)
 
 
-def backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta):
-    """[B, T, 3 H, D]: dq at heads [0, H), dk at [H, 2 H), dv at [2 H, 3 H). Group 1 only."""
-    if cfg.group != 1:
-        raise ValueError("the Hopper backward takes one query head per KV head")
-    return _backward(cfg, q, k, v, slopes.astype(jnp.float32) * LOG2E, do, lse, delta)
+def backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg=None, kseg=None):
+    """[B, T, H + 2 KV, D]: dq at heads [0, H), dk at [H, H + KV), dv at [H + KV, H + 2 KV)
+    (for a packed q/k/v that is its own layout). lse, delta: [B, H, padded_rows(T)]."""
+    if not supports_backward((None, cfg.seq_q), cfg.seq_k):
+        raise ValueError(f"the Hopper backward needs S == T; got T={cfg.seq_q}, S={cfg.seq_k}")
+    return _backward(cfg, q, k, v, slopes.astype(jnp.float32) * LOG2E, do, lse, delta, qseg,
+                     kseg)

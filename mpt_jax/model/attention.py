@@ -129,8 +129,8 @@ def plan(impl: str, q_shape, kv_heads: int, kv_len: int, dtype, *, causal: bool 
     The kernels are tried in order, each where its capability check takes the call as one
     device shard sees it (batch and heads split by the "batch" and "heads" rules where the mesh
     divides them, heads only in whole GQA groups):
-      pallas_gpu     Mosaic GPU (compiled, on Hopper: flash_mgpu.supported; its backward only
-                     with one query head per KV head), else Triton
+      pallas_gpu     Mosaic GPU (compiled, on Hopper: flash_mgpu.supported; its backward
+                     where S == T), else Triton
       pallas_triton  Triton
       pallas_tpu     Mosaic TPU
       reference      jnp
@@ -171,10 +171,12 @@ def plan(impl: str, q_shape, kv_heads: int, kv_len: int, dtype, *, causal: bool 
     blocks = block_sizes or flash_gpu.BlockSizes.default(dtype)
     hopper = (impl == "pallas_gpu" and not interpret and flash_mgpu.is_hopper()
               and flash_mgpu.supported((bs, t, hs, d), kvs, kv_len, dtype, causal=causal,
-                                       has_segments=has_segments, blocks=blocks.hopper))
+                                       has_segments=has_segments))
     return Plan("flash_gpu",
                 packed=packed and whole_heads and flash_gpu.takes_packed(t, d, dtype, blocks),
-                hopper_fwd=hopper, hopper_bwd=hopper and kv_heads == h, **split)
+                hopper_fwd=hopper,
+                hopper_bwd=hopper and flash_mgpu.supports_backward((bs, t, hs, d), kv_len),
+                **split)
 
 
 # ---------------------------------------------------------------------------------------------
