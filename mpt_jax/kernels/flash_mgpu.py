@@ -242,6 +242,8 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
                     s = jnp.where(_bcast_rows(q_seg, s.shape) == _bcast_cols(k_seg, s.shape),
                                   s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
+                if seg:  # a row's blocks so far may all lie in other documents: m still -inf
+                    m_new = jnp.where(m_new == -jnp.inf, jnp.float32(-1e30), m_new)
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
