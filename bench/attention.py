@@ -148,7 +148,7 @@ def mode_check(args):
     rows = []
     rng = np.random.default_rng()
     dtype = jnp.bfloat16
-    for b, t, s, h, kvh, d, use_alibi, use_seg in CHECK_CASES:
+    for b, t, s, h, kvh, d, use_alibi, use_seg in CHECK_CASES[args.first_case:]:
         seed = int(rng.integers(2**31))
         ks = jax.random.split(jax.random.key(seed), 4)
         q = jax.random.normal(ks[0], (b, t, h, d), dtype)
@@ -444,6 +444,7 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--config", default="default", help="a CONFIGS name or BlockSizes JSON")
+    ap.add_argument("--first_case", type=int, default=0, help="check: start at this case")
     ap.add_argument("--mem_seqs", type=int, nargs="+", default=[16384, 32768, 65536])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--results", default="", help="bench: append rows to this RESULTS.md")
