@@ -32,7 +32,8 @@ tokens); MFU is llm-foundry's convention (mpt_jax/train/metrics.py, DESIGN.md) o
 positions, as llm-foundry counts its padded batches; packing efficiency = real tokens / row
 positions over the timed batches; peak memory from the device's allocator. The attention
 kernel the packed (segment-id) path runs is printed and recorded: `attention.plan` picks it,
-and the Hopper (Mosaic GPU) kernels take no segment ids, so on an H200 it is the Triton kernel.
+on an H200 the Hopper (Mosaic GPU) kernels (which take segment ids since 12-02; the Triton
+kernels before).
 LoRA's MFU counts the whole model's forward and backward flops (6 x params + attention per
 token, the full finetune's count and llm-foundry's MPT flops_per_batch, which does not discount
 frozen weights or add the adapters'), so its MFU is comparable with the full finetune's as
