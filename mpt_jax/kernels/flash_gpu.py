@@ -704,7 +704,7 @@ def flash_attention_gpu(
     alibi_slopes float32 [H] or None; q_segment_ids int32 [B, T] and kv_segment_ids [B, S]
     (both or neither). Differentiable in q, k, v (not in the slopes). hopper_fwd / hopper_bwd:
     flash_mgpu's kernels run the forward / the backward (the caller checks
-    flash_mgpu.supported; the backward needs KV == H).
+    flash_mgpu.supported; the backward needs S == T).
     """
     t, d = q.shape[1], q.shape[3]
     s, kvh = k.shape[1], k.shape[2]

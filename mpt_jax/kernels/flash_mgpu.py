@@ -280,9 +280,14 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
 
             lax.fori_loop(steps, cta_steps, drain, None)
             pl.when(wg == 0)(sched_barrier)
+            if seg:  # a row that sees no key (q and kv ids that never meet): out 0, lse +inf
+                empty = l_i == 0.0  # (as flash_gpu's kernels leave it for either backward)
+                l_i = jnp.where(empty, 1.0, l_i)
             acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
             qo_smem[...] = acc.astype(dtype)
             lse = m_i + jnp.log2(l_i)
+            if seg:
+                lse = jnp.where(empty, jnp.inf, lse)
             if cfg.has_alibi:
                 rows = _iota((bq,), 0)
                 lse = lse - rows.astype(jnp.float32) * slope
@@ -645,12 +650,13 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                 acc = lax.fori_loop(0, full, functools.partial(step, masked=False), acc)
                 acc = lax.fori_loop(full, steps, functools.partial(step, masked=True), acc)
 
-                def drain(j, _):
-                    slot = lax.rem(j, jnp.array(stages, j.dtype))
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    if seg:
-                        plgpu.barrier_arrive(ks_free.at[slot])
+                def drain(j, _):  # the other warpgroup's blocks: wait for each before its
+                    slot = lax.rem(j, jnp.array(stages, j.dtype))  # release (nothing else keeps
+                    bars = [(k_bar, k_free), (v_bar, v_free)] + (  # the two in step here: a
+                        [(ks_bar, ks_free)] if seg else [])  # release ahead of the load would
+                    for bar, free in bars:  # count toward the slot's previous block)
+                        plgpu.barrier_wait(bar.at[slot])
+                        plgpu.barrier_arrive(free.at[slot])
 
                 lax.fori_loop(steps, cta_steps, drain, None)
                 q_smem[...] = (acc * cfg.scale).astype(dtype)
@@ -730,8 +736,11 @@ def is_hopper() -> bool:
 
 def make_cfg(*, heads, group, head_dim, scale, has_alibi, seq_q, seq_k, has_segments=False,
              offsets=(0, 0, 0), blocks=None) -> _Cfg:
+    blocks = blocks or MgpuBlocks()
+    if min(blocks.stages, blocks.stages_bwd) < 2:  # the forward's drain relies on two slots
+        raise ValueError(f"flash_mgpu needs rings of 2+ stages; got {blocks}")
     return _Cfg(heads=heads, group=group, head_dim=head_dim, scale=float(scale),
-                has_alibi=has_alibi, has_segments=has_segments, blocks=blocks or MgpuBlocks(),
+                has_alibi=has_alibi, has_segments=has_segments, blocks=blocks,
                 q_off=offsets[0], k_off=offsets[1], v_off=offsets[2], seq_q=seq_q, seq_k=seq_k)
 
 
