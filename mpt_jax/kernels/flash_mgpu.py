@@ -301,16 +301,9 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
         @pl.when(wg == _WGS)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
-            kh, vh = cfg.k_off + kvh, cfg.v_off + kvh
-            srcs = [lambda j: k_ref.at[bi, pl.ds(j * bkv, bkv), kh],
-                    lambda j: v_ref.at[bi, pl.ds(j * bkv, bkv), vh]]
-            bufs, bars, frees = [k_smem, v_smem], [k_bar, v_bar], [k_free, v_free]
-            if seg:
-                srcs.append(lambda j: kseg_ref.at[bi, pl.ds(j * bkv, bkv)])
-                bufs.append(ks_smem)
-                bars.append(ks_bar)
-                frees.append(ks_free)
-            _stream(srcs, bufs, bars, frees, 0, cta_steps, stages, n_kb)
+            _stream_kv(cfg, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, ks_smem),
+                       (k_bar, v_bar, ks_bar), (k_free, v_free, ks_free), bi, kvh, bkv,
+                       cta_steps, stages, n_kb)
 
     def alibi_flash_fwd_mgpu(q_ref, k_ref, v_ref, slopes_ref, *refs):
         qseg_ref, kseg_ref = refs[:2] if seg else (None, None)
@@ -387,6 +380,19 @@ def _stream(srcs, bufs, loaded, consumed, start, stop, stages, n_blocks):
         for src, buf, bar, free in zip(srcs, bufs, loaded, consumed):
             plgpu.barrier_wait(free.at[slot])
             plgpu.copy_gmem_to_smem(src(j), buf.at[slot], bar.at[slot])
+
+
+def _stream_kv(cfg: _Cfg, refs, bufs, loaded, consumed, bi, kvh, bkv, stop, stages, n_blocks):
+    """The forward's and dq's memory warpgroup: blocks j in [0, stop) of KV head kvh's keys and
+    values (and of the keys' segment ids where cfg.has_segments). refs, bufs, loaded, consumed:
+    (keys, values, segment ids) each."""
+    k_ref, v_ref, kseg_ref = refs
+    kh, vh = cfg.k_off + kvh, cfg.v_off + kvh
+    srcs = (lambda j: k_ref.at[bi, pl.ds(j * bkv, bkv), kh],
+            lambda j: v_ref.at[bi, pl.ds(j * bkv, bkv), vh],
+            lambda j: kseg_ref.at[bi, pl.ds(j * bkv, bkv)])
+    n = 3 if cfg.has_segments else 2
+    _stream(srcs[:n], bufs[:n], loaded[:n], consumed[:n], 0, stop, stages, n_blocks)
 
 
 def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
@@ -667,16 +673,9 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
             @pl.when(wg == _WGS)
             def _memory():
                 plgpu.set_max_registers(40, action="decrease")
-                kh, vh = cfg.k_off + kvh, cfg.v_off + kvh
-                srcs = [lambda j: k_ref.at[bi, pl.ds(j * bkv, bkv), kh],
-                        lambda j: v_ref.at[bi, pl.ds(j * bkv, bkv), vh]]
-                bufs, bars, frees = [k_smem, v_smem], [k_bar, v_bar], [k_free, v_free]
-                if seg:
-                    srcs.append(lambda j: kseg_ref.at[bi, pl.ds(j * bkv, bkv)])
-                    bufs.append(ks_smem)
-                    bars.append(ks_bar)
-                    frees.append(ks_free)
-                _stream(srcs, bufs, bars, frees, 0, cta_steps, stages, n_kb)
+                _stream_kv(cfg, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, ks_smem),
+                           (k_bar, v_bar, ks_bar), (k_free, v_free, ks_free), bi, kvh, bkv,
+                           cta_steps, stages, n_kb)
 
         ring = plgpu.Barrier(num_barriers=stages)
         free = plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)
