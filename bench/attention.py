@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """ALiBi flash attention on one GPU: correctness, block-size sweep, TFLOP/s, peak memory.
 
-  python bench/attention.py check                 fresh random inputs vs the jnp reference
+  python bench/attention.py check [--first_case N]
+                                                  issue 21's grid (CHECK_CASES): fresh random
+                                                  bf16 inputs vs the float32 reference, outputs
+                                                  poisoned, every gradient, NaN fails
   python bench/attention.py sweep [--batch 4 --seq 2048]
                                                   each kernel (fwd, dk/dv, dq) per block config
   python bench/attention.py bench [--config NAME] [--results bench/RESULTS.md --card C --commit X]
-                                                  ours with/without ALiBi at (4, 2048), (1, 8192):
-                                                  Mosaic GPU kernels (Hopper) and Triton kernels
+                                                  BENCH_SHAPES: ours (Hopper and Triton; ALiBi
+                                                  on/off, segment ids, GQA) beside FA3 (no
+                                                  ALiBi, MHA and GQA) in the same process
   python bench/attention.py memory                compiled + measured peak of fwd+bwd, T up to 64k
   python bench/attention.py chunk [--results ...] a chunk of T new tokens against a KV cache at
                                                   its deepest (the serving engine's prefill): the
