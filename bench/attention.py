@@ -31,6 +31,7 @@ import os
 import sys
 import time
 import traceback
+from typing import NamedTuple
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
@@ -76,12 +77,13 @@ def jax_time(fn, args, iters=20, warmup=3, reps=5):
     return times[len(times) // 2]
 
 
-def inputs(b, t, h, kvh, d, dtype=jnp.bfloat16, seed=None):
+def inputs(b, t, h, kvh, d, dtype=jnp.bfloat16, seed=None, s=None):
+    """q, k, v, do: normal random, keys S = s (default T) long; seed None: fresh."""
     seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
     ks = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(ks[0], (b, t, h, d), dtype)
-    k = jax.random.normal(ks[1], (b, t, kvh, d), dtype)
-    v = jax.random.normal(ks[2], (b, t, kvh, d), dtype)
+    k = jax.random.normal(ks[1], (b, s or t, kvh, d), dtype)
+    v = jax.random.normal(ks[2], (b, s or t, kvh, d), dtype)
     do = jax.random.normal(ks[3], (b, t, h, d), dtype)
     return q, k, v, do
 
@@ -124,25 +126,42 @@ def poison(shapes):
     del bufs
 
 
-# b, t, s, h, kv, d, alibi, segments: issue #21's grid (T 1 .. 8191, GQA groups 1/4/8, head
-# dims 64/128, ALiBi on/off, packed documents with a length-1 one), and S > T (the forward on
-# the Hopper path, the backward on Triton's)
+class Case(NamedTuple):
+    b: int
+    t: int
+    s: int
+    h: int
+    kv: int
+    d: int
+    alibi: bool
+    seg: bool
+    causal: bool = True
+    dtype: object = jnp.bfloat16
+
+
+# issue #21's grid (T 1 .. 8191, GQA groups 1/4/8, head dims 64/128, ALiBi on/off, packed
+# documents with a length-1 one) and S > T (the forward on the Hopper path, the backward on
+# Triton's); then the Triton kernels' own cases (non-causal, float32)
 CHECK_CASES = [
-    (2, 1, 1, 4, 4, 128, True, False),
-    (2, 127, 127, 8, 2, 64, True, True),
-    (2, 127, 127, 8, 8, 128, False, False),
-    (2, 1000, 1000, 8, 1, 128, True, True),
-    (2, 1000, 1000, 8, 4, 64, False, True),
-    (2, 2048, 2048, 8, 8, 128, True, False),
-    (2, 2048, 2048, 8, 8, 128, False, False),
-    (1, 2048, 2048, 8, 2, 64, True, True),
-    (1, 2048, 2048, 16, 2, 128, True, True),
-    (1, 8191, 8191, 4, 1, 128, True, True),
-    (1, 8191, 8191, 4, 4, 64, False, False),
-    (1, 1000, 1500, 8, 8, 128, True, False),
-    (2, 200, 1024, 8, 2, 64, True, False),
+    Case(2, 1, 1, 4, 4, 128, True, False),
+    Case(2, 127, 127, 8, 2, 64, True, True),
+    Case(2, 127, 127, 8, 8, 128, False, False),
+    Case(2, 1000, 1000, 8, 1, 128, True, True),
+    Case(2, 1000, 1000, 8, 4, 64, False, True),
+    Case(2, 2048, 2048, 8, 8, 128, True, False),
+    Case(2, 2048, 2048, 8, 8, 128, False, False),
+    Case(1, 2048, 2048, 8, 2, 64, True, True),
+    Case(1, 2048, 2048, 16, 2, 128, True, True),
+    Case(1, 8191, 8191, 4, 1, 128, True, True),
+    Case(1, 8191, 8191, 4, 4, 64, False, False),
+    Case(1, 1000, 1500, 8, 8, 128, True, False),
+    Case(2, 200, 1024, 8, 2, 64, True, False),
+    Case(2, 777, 777, 6, 3, 64, True, False, causal=False),
+    Case(1, 1024, 1024, 8, 1, 64, True, True, dtype=jnp.float32),
+    Case(2, 2048, 2048, 4, 4, 128, False, False, dtype=jnp.float32),
+    Case(1, 512, 512, 4, 4, 128, True, False, causal=False, dtype=jnp.float32),
 ]
-CHECK_TOL = 1e-2  # bf16 inputs against the float32 reference
+CHECK_TOL = 1e-2  # bf16 (or float32 with tf32 dots) against the float32 reference
 
 
 def mode_check(args):
@@ -151,32 +170,27 @@ def mode_check(args):
     buffers poisoned first. Prints which kernels ran (Hopper / Triton) per pass."""
     rows = []
     rng = np.random.default_rng()
-    dtype = jnp.bfloat16
-    for b, t, s, h, kvh, d, use_alibi, use_seg in CHECK_CASES[args.first_case:]:
+    for b, t, s, h, kvh, d, use_alibi, use_seg, causal, dtype in CHECK_CASES[args.first_case:]:
         seed = int(rng.integers(2**31))
-        ks = jax.random.split(jax.random.key(seed), 4)
-        q = jax.random.normal(ks[0], (b, t, h, d), dtype)
-        k = jax.random.normal(ks[1], (b, s, kvh, d), dtype)
-        v = jax.random.normal(ks[2], (b, s, kvh, d), dtype)
-        do = jax.random.normal(ks[3], (b, t, h, d), dtype)
+        q, k, v, do = inputs(b, t, h, kvh, d, dtype, seed=seed, s=s)
         slopes = jnp.asarray(alibi_slopes(h)) if use_alibi else None
         seg = doc_segments(rng, b, t) if use_seg else None
-        kw = dict(alibi_slopes=slopes, segment_ids=seg)
-        p = attention.plan("pallas_gpu", (b, t, h, d), kvh, s, dtype, has_segments=use_seg)
+        kw = dict(alibi_slopes=slopes, segment_ids=seg, causal=causal)
+        p = attention.plan("pallas_gpu", (b, t, h, d), kvh, s, dtype, causal=causal,
+                           has_segments=use_seg)
         kernels = ("hopper" if p.hopper_fwd else "triton") + "/" + (
             "hopper" if p.hopper_bwd else "triton")
         ours = lambda q, k, v: attention.flash_attention(q, k, v, impl="pallas_gpu", **kw)  # noqa
         ref = lambda q, k, v: attention.reference_attention(  # noqa: E731
             q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), **kw)
         name = (f"b{b} t{t} s{s} h{h} kv{kvh} d{d} alibi={use_alibi} seg={use_seg} "
-                f"[{kernels}]")
+                f"causal={causal} {jnp.dtype(dtype).name} [{kernels}]")
+        outs = [((b, t, h, d), dtype), ((b, h, flash_mgpu.padded_rows(t)), jnp.float32),
+                ((b, t, h + 2 * kvh, d), dtype)]  # out, lse, the Hopper gradient
         try:
-            tp = flash_mgpu.padded_rows(t)
-            poison([((b, t, h, d), dtype), ((b, h, tp), jnp.float32),
-                    ((b, t, h + 2 * kvh, d), dtype)])
+            poison(outs)
             o1 = jax.jit(ours)(q, k, v)
-            poison([((b, t, h, d), dtype), ((b, h, tp), jnp.float32),
-                    ((b, t, h + 2 * kvh, d), dtype)])
+            poison(outs)
             g1 = fwd_bwd_fn(ours)(q, k, v, do)
             o2 = jax.jit(ref)(q, k, v)
             g2 = jax.jit(lambda q, k, v, do: jax.vjp(ref, q, k, v)[1](do.astype(jnp.float32)))(

@@ -63,13 +63,12 @@ def pad_to(x, axis: int, n: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def padded_segments(q_segment_ids, kv_segment_ids, tp: int, sp: int, value=None):
+def padded_segments(q_segment_ids, kv_segment_ids, tp: int, sp: int):
     """int32 segment ids `[B, T]` / `[B, S]` padded to tp / sp, or (None, None). The padded
-    query rows (-1) and key columns (-2) match nothing, not even each other; with `value`,
-    both are padded with it (padded rows then see the padded keys: no row is wholly masked)."""
+    query rows (-1) and key columns (-2) match nothing, not even each other."""
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
     if q_segment_ids is None:
         return None, None
-    return (pad_to(q_segment_ids.astype(jnp.int32), 1, tp, value=-1 if value is None else value),
-            pad_to(kv_segment_ids.astype(jnp.int32), 1, sp, value=-2 if value is None else value))
+    return (pad_to(q_segment_ids.astype(jnp.int32), 1, tp, value=-1),
+            pad_to(kv_segment_ids.astype(jnp.int32), 1, sp, value=-2))

@@ -627,9 +627,9 @@ def _prepare(q_shape, kvh, s, dtype, alibi_slopes, q_segment_ids, kv_segment_ids
         raise ValueError("_poison tests the Triton kernels; the Mosaic GPU ones do not take it")
     bs = _fit_blocks(block_sizes or BlockSizes.default(dtype), t, s)
     tp, sp, dp = _padded_lengths(bs, t, s, d)
-    if hopper_fwd and hopper_bwd:  # flash_mgpu takes any length its TMA views take
-        tp, sp = (flash_mgpu.padded_length(n) for n in (t, s))
-        qseg, kvseg = common.padded_segments(q_segment_ids, kv_segment_ids, tp, sp, value=-1)
+    if hopper_fwd and hopper_bwd:  # flash_mgpu takes any length its TMA views take and pads
+        tp, sp = (flash_mgpu.padded_length(n) for n in (t, s))  # the segment ids itself
+        qseg, kvseg = common.padded_segments(q_segment_ids, kv_segment_ids, t, s)
     else:
         qseg, kvseg = common.padded_segments(q_segment_ids, kv_segment_ids, tp, sp)
     cfg = _Cfg(seq_q=t, seq_k=s, offset=s - t, group=h // kvh,

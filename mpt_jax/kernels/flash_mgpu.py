@@ -156,6 +156,11 @@ def _bcast_cols(x, shape):
     return lax.broadcast_in_dim(x, shape, [1])
 
 
+def _same_segment(row_ids, col_ids, shape):
+    """bool [rows, cols]: the row's and the column's segment ids (row / column vectors) agree."""
+    return _bcast_rows(row_ids, shape) == _bcast_cols(col_ids, shape)
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 
@@ -239,8 +244,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
                     plgpu.barrier_wait(ks_bar.at[slot])
                     k_seg = _load_vec(ks_smem.at[slot], 0)
                     plgpu.barrier_arrive(ks_free.at[slot])
-                    s = jnp.where(_bcast_rows(q_seg, s.shape) == _bcast_cols(k_seg, s.shape),
-                                  s, -jnp.inf)
+                    s = jnp.where(_same_segment(q_seg, k_seg, s.shape), s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 if seg:  # a row's blocks so far may all lie in other documents: m still -inf
                     m_new = jnp.where(m_new == -jnp.inf, jnp.float32(-1e30), m_new)
@@ -343,13 +347,14 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
 
 
 def _pad_rows(x, cfg: _Cfg):
-    """[B, N] segment ids -> [B, padded_rows(N)] int32; padding -1 (rows past T see only each
-    other: no row of the kernels' tiles is wholly masked, none reads past the array)."""
+    """[B, N] segment ids -> [B, padded_rows(N)] int32; padding -1 for rows and keys alike
+    (rows past T see the keys past S: no row of the kernels' tiles is wholly masked, and no
+    block reads past the array)."""
     return common.pad_to(x.astype(jnp.int32), 1, padded_rows(x.shape[1], cfg.blocks), value=-1)
 
 
 # ----------------------------------------------------------------------------------------------
-# backward: one launch, dk/dv CTAs then dq CTAs, writing one [B, T, 3 H, D] gradient
+# backward: one launch, dk/dv CTAs then dq CTAs, writing one [B, T, H + 2 KV, D] gradient
 
 
 def _load_vec(ref, dim):
@@ -501,8 +506,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                             plgpu.barrier_wait(qs_bar.at[slot])
                             q_seg = _load_vec(qs_smem.at[slot], 0)
                             plgpu.barrier_arrive(qs_free.at[slot])
-                            p = jnp.where(_bcast_rows(k_seg, p.shape)
-                                          == _bcast_cols(q_seg, p.shape), p, 0.0)
+                            p = jnp.where(_same_segment(k_seg, q_seg, p.shape), p, 0.0)
                         plgpu.barrier_wait(delta_bar.at[slot])
                         delta_v = _load_vec(delta_smem.at[slot], 0)
                         plgpu.barrier_arrive(delta_free.at[slot])
@@ -645,8 +649,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                         plgpu.barrier_wait(ks_bar.at[slot])
                         k_seg = _load_vec(ks_smem.at[slot], 0)
                         plgpu.barrier_arrive(ks_free.at[slot])
-                        p = jnp.where(_bcast_rows(q_seg, p.shape) == _bcast_cols(k_seg, p.shape),
-                                      p, 0.0)
+                        p = jnp.where(_same_segment(q_seg, k_seg, p.shape), p, 0.0)
                     ds16 = (p * (dp - _bcast_rows(delta_v, dp.shape))).astype(dtype)
                     acc = _accumulate(acc, lambda r: plgpu.wgmma(r, ds16, k_smem.at[slot]))
                     plgpu.barrier_arrive(k_free.at[slot])
