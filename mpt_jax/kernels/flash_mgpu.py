@@ -181,7 +181,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
 
     def kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kseg_ref, out_ref, lse_ref, scoped):
         smem, loaded, consumed, sched = scoped
-        qo_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem = smem
+        qo_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem, p_smem2 = smem
         k_bar, v_bar, q_bar, ks_bar = loaded
         k_free, v_free, ks_free = consumed
         bi = lax.axis_index("batch")
@@ -290,29 +290,36 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
 
             def pipelined_step(j, carry, masked):
                 """Block j's S and block j-1's PV issued together; block j's softmax runs while
-                PV does (FlashAttention-3's intra-warpgroup overlap), then acc is rescaled."""
-                acc, m_i, l_i, p16 = carry
+                PV does (FlashAttention-3's intra-warpgroup overlap), then acc is rescaled. P
+                goes through shared memory: a register operand would have ptxas serialise the
+                two wgmmas (C7513: its registers are defined inside the pipeline stage)."""
+                acc, m_i, l_i = carry
                 prev = slot_of(j - 1)
                 turn([k_bar.at[slot_of(j)], v_bar.at[prev]])
 
                 def body(refs):
                     acc_ref, s_ref, m_ref, l_ref, p_ref, alpha_ref = refs
                     issue_s(j, s_ref)
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[prev])
+                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[prev])
                     sched_barrier()
                     s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S done, PV running
                     plgpu.barrier_arrive(k_free.at[slot_of(j)])
                     p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = softmax(
                         s, j, m_i, l_i, masked)
 
+                p0 = jnp.zeros((bq, bkv), dtype)
                 acc, _, m_i, l_i, p16, alpha = pl.run_state(body)(
                     (plgpu.ACC.init(acc), plgpu.ACC.init(_full((bq, bkv), 0.0)), m_i, l_i,
-                     p16, m_i))
+                     p0, m_i))
                 plgpu.barrier_arrive(v_free.at[prev])
+                p_smem[...] = p16  # PV has read the last one
+                plgpu.commit_smem()
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                return acc, m_i, l_i, p16
+                return acc, m_i, l_i
 
             if cfg.blocks.pipelined:
+                p_smem = p_smem2.at[wg]
+
                 def first(s_ref):
                     issue_s(0, s_ref)
                     sched_barrier()
@@ -321,16 +328,18 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
                 s = pl.run_scoped(first, plgpu.ACC((bq, bkv), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[0])
                 p16, m_i, l_i, _ = softmax(s, 0, m_i, l_i, masked=True)
+                p_smem[...] = p16
+                plgpu.commit_smem()
                 split = jnp.maximum(full, 1)
                 carry = lax.fori_loop(1, split, functools.partial(pipelined_step, masked=False),
-                                      (acc, m_i, l_i, p16))
-                acc, m_i, l_i, p16 = lax.fori_loop(
+                                      (acc, m_i, l_i))
+                acc, m_i, l_i = lax.fori_loop(
                     split, steps, functools.partial(pipelined_step, masked=True), carry)
                 last = slot_of(steps - 1)
                 turn([v_bar.at[last]])
 
                 def last_pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[last])
+                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[last])
                     sched_barrier()
 
                 acc = _accumulate(acc, last_pv)
@@ -386,6 +395,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
             _smem((stages, bkv, d), dtype), vec((_WGS, bq), jnp.float32),
             vec((_WGS, bq), jnp.int32) if seg else None,
             vec((stages, bkv), jnp.int32) if seg else None,
+            _smem((_WGS, bq, bkv), dtype) if cfg.blocks.pipelined else None,
         )
         ring = plgpu.Barrier(num_barriers=stages)
         free = plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)
@@ -664,7 +674,8 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                                 n_kb)
 
         def body(smem, loaded, consumed):
-            q_smem2, do_smem2, lse_smem2, delta_smem2, qs_smem2, k_smem, v_smem, ks_smem = smem
+            (q_smem2, do_smem2, lse_smem2, delta_smem2, qs_smem2, k_smem, v_smem, ks_smem,
+             ds_smem2) = smem
             row_bar, k_bar, v_bar, ks_bar = loaded
             k_free, v_free, ks_free = consumed
 
@@ -739,10 +750,9 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                     plgpu.barrier_arrive(k_free.at[slot])
                     return acc
 
-                def pipelined_step(j, carry, masked):
+                def pipelined_step(j, acc, masked):
                     """Block j's S and dP issued with block j-1's dq; block j's dS computed
-                    while that dq runs."""
-                    acc, ds16 = carry
+                    while that dq runs (dS through shared memory, as the forward's P)."""
                     slot = lax.rem(j, jnp.array(stages, j.dtype))
                     prev = lax.rem(j - 1, jnp.array(stages, j.dtype))
                     plgpu.barrier_wait(k_bar.at[slot])
@@ -751,7 +761,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                     def body(refs):
                         acc_ref, s_ref, dp_ref, ds_ref = refs
                         issue_s_dp(slot, s_ref, dp_ref)
-                        plgpu.wgmma(acc_ref, ds16, k_smem.at[prev])
+                        plgpu.wgmma(acc_ref, ds_smem, k_smem.at[prev])
                         plgpu.wgmma_wait(1)  # S and dP done; dq running
                         plgpu.barrier_arrive(v_free.at[slot])
                         ds_ref[...] = ds_of(plgpu.wgmma_accumulator_load(s_ref, wait_n=None),
@@ -760,20 +770,25 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
 
                     zero = _full((bq, bkv), 0.0)
                     acc, _, _, ds16 = pl.run_state(body)(
-                        (plgpu.ACC.init(acc), plgpu.ACC.init(zero), plgpu.ACC.init(zero), ds16))
+                        (plgpu.ACC.init(acc), plgpu.ACC.init(zero), plgpu.ACC.init(zero),
+                         jnp.zeros((bq, bkv), dtype)))
                     plgpu.barrier_arrive(k_free.at[prev])
-                    return acc, ds16
+                    ds_smem[...] = ds16
+                    plgpu.commit_smem()
+                    return acc
 
                 acc = _full((bq, d), 0.0)
                 if bs.dq_pipelined:
-                    ds16 = ds_of(*s_dp_of(jnp.int32(0)), 0, masked=True)
+                    ds_smem = ds_smem2.at[wg]
+                    ds_smem[...] = ds_of(*s_dp_of(jnp.int32(0)), 0, masked=True)
+                    plgpu.commit_smem()
                     split = jnp.maximum(full, 1)
-                    carry = lax.fori_loop(1, split, functools.partial(pipelined_step,
-                                                                      masked=False), (acc, ds16))
-                    acc, ds16 = lax.fori_loop(split, steps, functools.partial(
-                        pipelined_step, masked=True), carry)
+                    acc = lax.fori_loop(1, split, functools.partial(pipelined_step, masked=False),
+                                        acc)
+                    acc = lax.fori_loop(split, steps, functools.partial(pipelined_step,
+                                                                        masked=True), acc)
                     last = lax.rem(steps - 1, jnp.array(stages, jnp.int32))
-                    acc = _accumulate(acc, lambda r: plgpu.wgmma(r, ds16, k_smem.at[last]))
+                    acc = _accumulate(acc, lambda r: plgpu.wgmma(r, ds_smem, k_smem.at[last]))
                     plgpu.barrier_arrive(k_free.at[last])
                 else:
                     acc = lax.fori_loop(0, full, functools.partial(step, masked=False), acc)
@@ -808,7 +823,8 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
              vec((_WGS, bq), jnp.float32), vec((_WGS, bq), jnp.float32),
              vec((_WGS, bq), jnp.int32) if seg else None,
              _smem((stages, bkv, d), dtype), _smem((stages, bkv, d), dtype),
-             vec((stages, bkv), jnp.int32) if seg else None),
+             vec((stages, bkv), jnp.int32) if seg else None,
+             _smem((_WGS, bq, bkv), dtype) if bs.dq_pipelined else None),
             (plgpu.Barrier(num_barriers=5 * _WGS), ring, ring, ring if seg else None),
             (free, free, free if seg else None),
             collective_axes="wg",
