@@ -58,9 +58,6 @@ class MgpuBlocks:
     block_q_dq: int = 64
     block_kv_dq: int = 64
     stages_bwd: int = 2
-    pipelined: bool = False  # forward: block j's softmax overlapped with block j-1's PV
-    dkv_overlap: bool = False  # dk/dv: dS computed while dv's wgmma runs
-    dq_pipelined: bool = False  # dq: block j's dS computed while block j-1's dq runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +178,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
 
     def kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kseg_ref, out_ref, lse_ref, scoped):
         smem, loaded, consumed, sched = scoped
-        qo_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem, p_smem2 = smem
+        qo_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem = smem
         k_bar, v_bar, q_bar, ks_bar = loaded
         k_free, v_free, ks_free = consumed
         bi = lax.axis_index("batch")
@@ -224,12 +221,17 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
             plgpu.barrier_wait(k_bar.at[0])
             pl.when(wg == 1)(sched_barrier)
 
-            def slot_of(j):
-                return lax.rem(j, jnp.array(stages, jnp.int32))
+            def step(j, carry, masked):
+                acc, m_i, l_i = carry
+                slot = lax.rem(j, jnp.array(stages, j.dtype))
 
-            def softmax(s, j, m_i, l_i, masked):
-                """Block j's scores -> (p in bf16, new running max, new row sum, the factor
-                that rescales what was accumulated before)."""
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    sched_barrier()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
                 if cfg.has_alibi:  # slope * (key position - anchor), one value per column
                     col = (_cols(bkv) + (j * bkv - anchor)).astype(jnp.float32) * slope
                     s = s * c + _bcast_cols(col, s.shape)
@@ -239,7 +241,6 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
                     rel = _iota((bq, bkv), 1) + (j * bkv - anchor)  # key position - anchor
                     s = jnp.where(rel <= _iota((bq, bkv), 0), s, -jnp.inf)
                 if seg:
-                    slot = slot_of(j)
                     plgpu.barrier_wait(ks_bar.at[slot])
                     k_seg = _load_vec(ks_smem.at[slot], 0)
                     plgpu.barrier_arrive(ks_free.at[slot])
@@ -249,32 +250,13 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
                     m_new = jnp.where(m_new == -jnp.inf, jnp.float32(-1e30), m_new)
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                return p.astype(dtype), m_new, l_i * alpha + p.sum(axis=1), alpha
-
-            def issue_s(j, s_ref):
-                plgpu.wgmma(s_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot_of(j)], (1, 0)))
-
-            def turn(wait_for):  # softmax done: hand over, wait for data and the tensor cores
-                plgpu.barrier_arrive(sched)
-                for bar in wait_for:
-                    plgpu.barrier_wait(bar)
-                plgpu.barrier_wait(sched)
-
-            def step(j, carry, masked):  # S, then softmax, then PV: one block at a time
-                acc, m_i, l_i = carry
-                slot = slot_of(j)
-
-                def qk(acc_ref):
-                    issue_s(j, acc_ref)
-                    sched_barrier()
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                p16, m_new, l_i, alpha = softmax(s, j, m_i, l_i, masked)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
                 acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                turn([v_bar.at[slot]])
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(sched)
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -282,73 +264,14 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
 
                     @pl.when(nxt < steps)
                     def _():
-                        plgpu.barrier_wait(k_bar.at[slot_of(nxt)])
+                        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.array(stages, j.dtype))])
 
                 acc = _accumulate(acc, pv)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
-            def pipelined_step(j, carry, masked):
-                """Block j's S and block j-1's PV issued together; block j's softmax runs while
-                PV does (FlashAttention-3's intra-warpgroup overlap), then acc is rescaled. P
-                goes through shared memory: a register operand would have ptxas serialise the
-                two wgmmas (C7513: its registers are defined inside the pipeline stage)."""
-                acc, m_i, l_i = carry
-                prev = slot_of(j - 1)
-                turn([k_bar.at[slot_of(j)], v_bar.at[prev]])
-
-                def body(refs):
-                    acc_ref, s_ref, m_ref, l_ref, p_ref, alpha_ref = refs
-                    issue_s(j, s_ref)
-                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[prev])
-                    sched_barrier()
-                    s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S done, PV running
-                    plgpu.barrier_arrive(k_free.at[slot_of(j)])
-                    p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = softmax(
-                        s, j, m_i, l_i, masked)
-
-                p0 = jnp.zeros((bq, bkv), dtype)
-                acc, _, m_i, l_i, p16, alpha = pl.run_state(body)(
-                    (plgpu.ACC.init(acc), plgpu.ACC.init(_full((bq, bkv), 0.0)), m_i, l_i,
-                     p0, m_i))
-                plgpu.barrier_arrive(v_free.at[prev])
-                p_smem[...] = p16  # PV has read the last one
-                plgpu.commit_smem()
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                return acc, m_i, l_i
-
-            if cfg.blocks.pipelined:
-                p_smem = p_smem2.at[wg]
-
-                def first(s_ref):
-                    issue_s(0, s_ref)
-                    sched_barrier()
-                    return s_ref[...]
-
-                s = pl.run_scoped(first, plgpu.ACC((bq, bkv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[0])
-                p16, m_i, l_i, _ = softmax(s, 0, m_i, l_i, masked=True)
-                p_smem[...] = p16
-                plgpu.commit_smem()
-                split = jnp.maximum(full, 1)
-                carry = lax.fori_loop(1, split, functools.partial(pipelined_step, masked=False),
-                                      (acc, m_i, l_i))
-                acc, m_i, l_i = lax.fori_loop(
-                    split, steps, functools.partial(pipelined_step, masked=True), carry)
-                last = slot_of(steps - 1)
-                turn([v_bar.at[last]])
-
-                def last_pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[last])
-                    sched_barrier()
-
-                acc = _accumulate(acc, last_pv)
-                plgpu.barrier_arrive(v_free.at[last])
-            else:
-                carry = lax.fori_loop(0, full, functools.partial(step, masked=False),
-                                      (acc, m_i, l_i))
-                acc, m_i, l_i = lax.fori_loop(full, steps, functools.partial(step, masked=True),
-                                              carry)
+            carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (acc, m_i, l_i))
+            acc, m_i, l_i = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
 
             def drain(j, _):  # blocks the other warpgroup needs: release them, keep in step
                 slot = lax.rem(j, jnp.array(stages, j.dtype))
@@ -395,7 +318,6 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
             _smem((stages, bkv, d), dtype), vec((_WGS, bq), jnp.float32),
             vec((_WGS, bq), jnp.int32) if seg else None,
             vec((stages, bkv), jnp.int32) if seg else None,
-            _smem((_WGS, bq, bkv), dtype) if cfg.blocks.pipelined else None,
         )
         ring = plgpu.Barrier(num_barriers=stages)
         free = plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)
@@ -585,21 +507,16 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                             q_seg = _load_vec(qs_smem.at[slot], 0)
                             plgpu.barrier_arrive(qs_free.at[slot])
                             p = jnp.where(_same_segment(k_seg, q_seg, p.shape), p, 0.0)
-                        def ds_of(p):
-                            plgpu.barrier_wait(delta_bar.at[slot])
-                            delta_v = _load_vec(delta_smem.at[slot], 0)
-                            plgpu.barrier_arrive(delta_free.at[slot])
-                            return (p * (dp - _bcast_cols(delta_v, dp.shape))).astype(dtype)
-
-                        if not bs.dkv_overlap:
-                            ds16 = ds_of(p)
+                        plgpu.barrier_wait(delta_bar.at[slot])
+                        delta_v = _load_vec(delta_smem.at[slot], 0)
+                        plgpu.barrier_arrive(delta_free.at[slot])
+                        ds16 = (p * (dp - _bcast_cols(delta_v, dp.shape))).astype(dtype)
                         p16 = p.astype(dtype)
 
                         def dv_dk(refs):
                             dv_ref, dk_ref = refs
                             plgpu.wgmma(dv_ref, p16, do_blk)
-                            # dS computed while dv's wgmma runs
-                            plgpu.wgmma(dk_ref, ds_of(p) if bs.dkv_overlap else ds16, q_blk)
+                            plgpu.wgmma(dk_ref, ds16, q_blk)
 
                         dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
                         plgpu.barrier_arrive(do_free.at[slot])
@@ -674,8 +591,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                                 n_kb)
 
         def body(smem, loaded, consumed):
-            (q_smem2, do_smem2, lse_smem2, delta_smem2, qs_smem2, k_smem, v_smem, ks_smem,
-             ds_smem2) = smem
+            q_smem2, do_smem2, lse_smem2, delta_smem2, qs_smem2, k_smem, v_smem, ks_smem = smem
             row_bar, k_bar, v_bar, ks_bar = loaded
             k_free, v_free, ks_free = consumed
 
@@ -707,7 +623,19 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                 steps = jnp.minimum(pl.cdiv(base + bq, jnp.array(bkv, jnp.int32)), n_kb)
                 full = jnp.minimum(lax.div(base + 1, jnp.array(bkv, jnp.int32)), steps)
 
-                def ds_of(s, dp, j, masked):
+                def step(j, acc, masked):  # S and dP issued together, then dq
+                    slot = lax.rem(j, jnp.array(stages, j.dtype))
+                    plgpu.barrier_wait(k_bar.at[slot])
+                    plgpu.barrier_wait(v_bar.at[slot])
+
+                    def s_dp(s_ref, dp_ref):
+                        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                        plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+                        return s_ref[...], dp_ref[...]
+
+                    s, dp = pl.run_scoped(s_dp, plgpu.ACC((bq, bkv), jnp.float32),
+                                          plgpu.ACC((bq, bkv), jnp.float32))
+                    plgpu.barrier_arrive(v_free.at[slot])
                     if cfg.has_alibi:
                         col = (_cols(bkv) + (j * bkv - base)).astype(jnp.float32) * slope
                         s = s * c + _bcast_cols(col, s.shape)
@@ -718,81 +646,18 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                         rel = _iota((bq, bkv), 1) + (j * bkv - base)
                         p = jnp.where(rel <= _iota((bq, bkv), 0), p, 0.0)
                     if seg:
-                        slot = lax.rem(j, jnp.array(stages, jnp.int32))
                         plgpu.barrier_wait(ks_bar.at[slot])
                         k_seg = _load_vec(ks_smem.at[slot], 0)
                         plgpu.barrier_arrive(ks_free.at[slot])
                         p = jnp.where(_same_segment(q_seg, k_seg, p.shape), p, 0.0)
-                    return (p * (dp - _bcast_rows(delta_v, dp.shape))).astype(dtype)
-
-                def issue_s_dp(slot, s_ref, dp_ref):
-                    plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
-
-                def s_dp_of(j):  # block j's S and dP, waited for
-                    slot = lax.rem(j, jnp.array(stages, jnp.int32))
-                    plgpu.barrier_wait(k_bar.at[slot])
-                    plgpu.barrier_wait(v_bar.at[slot])
-
-                    def s_dp(s_ref, dp_ref):
-                        issue_s_dp(slot, s_ref, dp_ref)
-                        return s_ref[...], dp_ref[...]
-
-                    s, dp = pl.run_scoped(s_dp, plgpu.ACC((bq, bkv), jnp.float32),
-                                          plgpu.ACC((bq, bkv), jnp.float32))
-                    plgpu.barrier_arrive(v_free.at[slot])
-                    return s, dp
-
-                def step(j, acc, masked):  # S and dP issued together, then dq
-                    slot = lax.rem(j, jnp.array(stages, j.dtype))
-                    ds16 = ds_of(*s_dp_of(j), j, masked)
+                    ds16 = (p * (dp - _bcast_rows(delta_v, dp.shape))).astype(dtype)
                     acc = _accumulate(acc, lambda r: plgpu.wgmma(r, ds16, k_smem.at[slot]))
                     plgpu.barrier_arrive(k_free.at[slot])
                     return acc
 
-                def pipelined_step(j, acc, masked):
-                    """Block j's S and dP issued with block j-1's dq; block j's dS computed
-                    while that dq runs (dS through shared memory, as the forward's P)."""
-                    slot = lax.rem(j, jnp.array(stages, j.dtype))
-                    prev = lax.rem(j - 1, jnp.array(stages, j.dtype))
-                    plgpu.barrier_wait(k_bar.at[slot])
-                    plgpu.barrier_wait(v_bar.at[slot])
-
-                    def body(refs):
-                        acc_ref, s_ref, dp_ref, ds_ref = refs
-                        issue_s_dp(slot, s_ref, dp_ref)
-                        plgpu.wgmma(acc_ref, ds_smem, k_smem.at[prev])
-                        plgpu.wgmma_wait(1)  # S and dP done; dq running
-                        plgpu.barrier_arrive(v_free.at[slot])
-                        ds_ref[...] = ds_of(plgpu.wgmma_accumulator_load(s_ref, wait_n=None),
-                                            plgpu.wgmma_accumulator_load(dp_ref, wait_n=None),
-                                            j, masked)
-
-                    zero = _full((bq, bkv), 0.0)
-                    acc, _, _, ds16 = pl.run_state(body)(
-                        (plgpu.ACC.init(acc), plgpu.ACC.init(zero), plgpu.ACC.init(zero),
-                         jnp.zeros((bq, bkv), dtype)))
-                    plgpu.barrier_arrive(k_free.at[prev])
-                    ds_smem[...] = ds16
-                    plgpu.commit_smem()
-                    return acc
-
                 acc = _full((bq, d), 0.0)
-                if bs.dq_pipelined:
-                    ds_smem = ds_smem2.at[wg]
-                    ds_smem[...] = ds_of(*s_dp_of(jnp.int32(0)), 0, masked=True)
-                    plgpu.commit_smem()
-                    split = jnp.maximum(full, 1)
-                    acc = lax.fori_loop(1, split, functools.partial(pipelined_step, masked=False),
-                                        acc)
-                    acc = lax.fori_loop(split, steps, functools.partial(pipelined_step,
-                                                                        masked=True), acc)
-                    last = lax.rem(steps - 1, jnp.array(stages, jnp.int32))
-                    acc = _accumulate(acc, lambda r: plgpu.wgmma(r, ds_smem, k_smem.at[last]))
-                    plgpu.barrier_arrive(k_free.at[last])
-                else:
-                    acc = lax.fori_loop(0, full, functools.partial(step, masked=False), acc)
-                    acc = lax.fori_loop(full, steps, functools.partial(step, masked=True), acc)
+                acc = lax.fori_loop(0, full, functools.partial(step, masked=False), acc)
+                acc = lax.fori_loop(full, steps, functools.partial(step, masked=True), acc)
 
                 def drain(j, _):  # the other warpgroup's blocks: wait for each before its
                     slot = lax.rem(j, jnp.array(stages, j.dtype))  # release (nothing else keeps
@@ -823,8 +688,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
              vec((_WGS, bq), jnp.float32), vec((_WGS, bq), jnp.float32),
              vec((_WGS, bq), jnp.int32) if seg else None,
              _smem((stages, bkv, d), dtype), _smem((stages, bkv, d), dtype),
-             vec((stages, bkv), jnp.int32) if seg else None,
-             _smem((_WGS, bq, bkv), dtype) if bs.dq_pipelined else None),
+             vec((stages, bkv), jnp.int32) if seg else None),
             (plgpu.Barrier(num_barriers=5 * _WGS), ring, ring, ring if seg else None),
             (free, free, free if seg else None),
             collective_axes="wg",
