@@ -47,6 +47,42 @@ def _beside(path: str, suffix: str) -> str:
     return root + suffix
 
 
+_SIDECAR = {"perplexity": ".png", "icl": ".md"}  # written beside --output
+_POSITIVE = ("batch_tokens", "min_bucket", "max_tokens", "final_tokens", "max_seq_len",
+             "generation_batch_size", "max_length")
+
+
+def _check_args(args) -> None:
+    """Bad flags and unusable output paths, before any loading or scoring."""
+    for name in _POSITIVE:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    if getattr(args, "num_fewshot", None) is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num_fewshot must be 0 or more, got {args.num_fewshot}")
+    if getattr(args, "limit", None) is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be positive (a count, or a fraction below 1), got "
+                         f"{args.limit}")
+    outputs = [args.output] + ([args.samples] if getattr(args, "samples", None) else [])
+    side = _SIDECAR.get(args.cmd)
+    if side and _beside(args.output, side) == args.output:
+        raise ValueError(f"--output {args.output}: the {side} is written beside the JSON "
+                         f"results under that name; give the results another name (.json)")
+    for path in outputs:
+        from mpt_jax import storage
+
+        if storage.is_remote(path):
+            continue
+        parent = os.path.dirname(os.path.abspath(path)) or "."
+        while not os.path.exists(parent):  # the directories it would create
+            parent = os.path.dirname(parent)
+        if os.path.isdir(path):
+            raise ValueError(f"--output {path}: is a directory")
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"{path}: cannot be written ({parent} is not a writable "
+                             "directory)")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -137,6 +173,11 @@ def _icl(args, loaded, mesh, writer: bool) -> None:
     gauntlet = gauntlet_lib.Gauntlet.from_file(args.gauntlet) if args.gauntlet else None
     prepared = tasks.prepare_tasks(args.tasks, loaded.tokenizer, eos_id=loaded.eos_id,
                                    max_seq_len=limit)
+    for t in prepared:  # a task's own max_seq_len is its limit
+        if loaded.model.config.use_wpe and (t.config.max_seq_len or 0) > limit:
+            raise ValueError(f"{t.config.source}: task {t.name!r}: max_seq_len "
+                             f"{t.config.max_seq_len} > {limit}: this model has learned "
+                             "positions (no ALiBi) and cannot extrapolate")
     n = sum(len(t.examples) for t in prepared)
     _log(f"{len(prepared)} task datasets, {n} examples")
     t0 = time.perf_counter()
@@ -189,6 +230,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     prog = f"eval.py {args.cmd}"
     try:
+        _check_args(args)
         from mpt_jax.train.trainer import initialize_distributed
 
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
@@ -216,6 +258,15 @@ def main(argv=None) -> int:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else (
             f"{e.filename}: {e.strerror or e}")
         print(f"{prog}: error: {msg}".splitlines()[0], file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a task's Jinja template (lm-eval renders them): the user's input
+        if not type(e).__module__.startswith("jinja2"):
+            raise
+        print(f"{prog}: error: a task template failed: {type(e).__name__}: {e}".splitlines()[0],
+              file=sys.stderr)
         return 1
     return 0
 

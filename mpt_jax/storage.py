@@ -291,7 +291,11 @@ def read_bytes(path: str) -> bytes:
 
 
 def read_text(path: str) -> str:
-    return read_bytes(path).decode("utf-8")
+    """UTF-8 text; ValueError naming the file (and the byte) where it is not."""
+    try:
+        return read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def write_atomic(path: str, data: bytes | str) -> None:

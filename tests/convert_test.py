@@ -457,3 +457,27 @@ def test_trainer_step_directory_exports_its_tokenizer(tmp_path, capsys):
                      (tmp_path / "work", tmp_path / "from_work")):
         assert _run(["export", src, dst], capsys)[0] == 0
         assert json.loads((dst / "tokenizer.json").read_text()) == tok
+
+
+def test_sigterm_mid_export_leaves_no_partial_directory(hf_dir, tmp_path, capsys, monkeypatch):
+    """A conversion killed with SIGTERM (a scheduler, `kill`) cleans up as Ctrl-C does: exit
+    130, one line, no hidden `.partial-` directory left beside the destination."""
+    import signal
+
+    from mpt_jax.convert import convert as convert_mod
+
+    ours = tmp_path / "ours"
+    assert _run(["import", hf_dir[0], ours], capsys)[0] == 0
+    writer = convert_mod.SafetensorsWriter
+    real = writer.write
+
+    def write(self, key, arr):  # the first tensor is written, then the signal comes
+        real(self, key, arr)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(writer, "write", write)
+    before = signal.getsignal(signal.SIGTERM)
+    rc, _, err = _run(["export", ours, tmp_path / "out"], capsys)
+    assert rc == 130 and err.strip().splitlines() == ["interrupted: nothing was written"], err
+    assert sorted(os.listdir(tmp_path)) == ["ours"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back

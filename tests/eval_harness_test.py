@@ -150,6 +150,19 @@ def test_cli_and_bad_input(include_path, tmp_path, capsys):
     assert err == [f"eval.py harness: error: --include_path '{tmp_path / 'none'}' is not a "
                    "directory"]
     assert not out.exists()
+    # a task whose template names a field the documents lack: one line, not jinja2's traceback
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    data = eval_common.write_jsonl(broken / "rows.jsonl", [{"query": "a", "choices": ["b"],
+                                                             "gold": 0}])
+    (broken / "tiny_bad.yaml").write_text(TASKS["tiny_mc"].format(data=data).replace(
+        "task: tiny_mc", "task: tiny_bad").replace("{{query}}", "{{nofield}}"))
+    bad = base + ["--tasks", "tiny_bad"]
+    bad[bad.index(include_path)] = str(broken)
+    assert main(bad) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("eval.py")]
+    assert len(err) == 1 and "a task template failed" in err[0] and "nofield" in err[0], err
+    assert not out.exists()
     with pytest.raises(ValueError, match="unknown model_args \\['colour'\\]"):
         lm_eval.api.registry.get_model("mpt_jax").create_from_arg_string(
             f"pretrained={eval_common.checkpoint()},colour=red")

@@ -356,6 +356,7 @@ def _task(d, kind, rows, **extra):
 
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     ck = eval_common.checkpoint()
+    capsys.readouterr()  # (building the checkpoint, when this test runs first, prints)
     out = tmp_path / "o.json"
     _fails(capsys, _args(ck, tmp_path / "nope.yaml", out), "nope.yaml: no such task file")
     (tmp_path / "bad.yaml").write_text("icl_tasks: [\n  {label: x\n")
@@ -374,4 +375,32 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
            "example 1", "data.jsonl:2", "more than max_seq_len 128")
     _fails(capsys, _args(ck, _task(tmp_path, "multiple_choice", mc, num_fewshots="[1]"), out),
            "unknown key 'num_fewshots'")
+    _fails(capsys, _args(ck, _task(tmp_path, "language_modeling",
+                                   [{"context": "", "continuation": "a cat"}]), out),
+           "example 0", "data.jsonl:1", "is empty (0 tokens)")
+    (tmp_path / "latin1.yaml").write_bytes(b"icl_tasks:\n- label: caf\xe9\n")
+    _fails(capsys, _args(ck, tmp_path / "latin1.yaml", out), "latin1.yaml: not UTF-8 text")
+    lm = _task(tmp_path, "language_modeling", [{"context": "a cat", "continuation": "b"}])
+    _fails(capsys, _args(ck, lm, tmp_path / "o.md"), "--output", "give the results another")
+    _fails(capsys, _args(ck, lm, out, "--max_seq_len", "0"), "--max_seq_len must be a positive")
+    _fails(capsys, _args(ck, lm, tmp_path), "is a directory")
     assert not out.exists()  # nothing written on failure
+
+
+def test_a_tasks_own_max_seq_len_is_its_generation_limit(tmp_path, capsys):
+    """A generation task may set a max_seq_len above the model's (ALiBi extrapolates): the
+    length check and the generator both use it, so a prompt past the model's 128 runs."""
+    rows = [{"context": " ".join(["dog"] * 140), "answer": "sat"}]
+    task = _task(tmp_path, "generation_task_with_answers", rows, max_seq_len=512,
+                 generation_kwargs="{max_new_tokens: 2}")
+    out = tmp_path / "o.json"
+    assert main(_args(eval_common.checkpoint(), task, out)) == 0, capsys.readouterr().err
+    (result,) = json.loads(out.read_text())["tasks"].values()
+    assert result["n"] == 1 and result["icl_task_type"] == "generation_task_with_answers"
+
+
+def test_markdown_cells_keep_a_labels_bar():
+    from mpt_jax.eval.icl import _markdown
+
+    table = _markdown(["task", "accuracy"], [["a|b", "0.5"]])
+    assert table.splitlines()[2] == "| a\\|b | 0.5      |"

@@ -120,7 +120,28 @@ def test_bad_input(data, tmp_path, capsys):
     _fails(capsys, base + ["--data", path, "--seq_lens", "32", "--stride", "64"],
            "stride 64 must be between 1 and the window length 32")
     _fails(capsys, base + ["--data", path, "--seq_lens", "32,x"], "--seq_lens '32,x'")
+    _fails(capsys, base + ["--data", path, "--seq_lens", "32", "--max_tokens", "-5"],
+           "--max_tokens must be a positive integer, got -5")
+    _fails(capsys, base + ["--data", path, "--seq_lens", "32", "--output",
+                           str(tmp_path / "x.png")], "the .png is written beside")
     (tmp_path / "bad.jsonl").write_text('{"text": "a cat"}\n{"text": 3}\n')
     _fails(capsys, base + ["--data", str(tmp_path / "bad.jsonl"), "--seq_lens", "32"],
            "bad.jsonl: line 2: field 'text' is a int, not a string")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_final_tokens_are_checked_before_any_window_is_scored(data, monkeypatch):
+    """A bad final_tokens fails at once, not after scoring every window (hours at 65k); the
+    default for a seq_len of 1 is 1 token, not 0."""
+    _, path, stream = data
+    scorer = Scorer.__new__(Scorer)
+    scorer.config = type("Cfg", (), {"use_wpe": False, "max_seq_len": 128, "vocab_size": 1 << 20})
+    monkeypatch.setattr(Scorer, "score", lambda *a, **k: pytest.fail("scored before checking"))
+    with pytest.raises(ValueError, match="final_tokens 0 must be between 1 and"):
+        perplexity.evaluate(scorer, np.asarray(stream), [8, 16], final_tokens=0)
+    with pytest.raises(ValueError, match="max_tokens must be positive"):
+        perplexity.load_stream(path, eval_common.tokenizer(), max_tokens=0)
+    monkeypatch.setattr(Scorer, "score", lambda self, reqs, desc="": [
+        type("S", (), {"token_logprobs": np.zeros(len(r.continuation), np.float32),
+                       "logprob": 0.0})() for r in reqs])
+    assert perplexity.evaluate(scorer, np.asarray(stream), [1])["final"]["final_tokens"] == 1

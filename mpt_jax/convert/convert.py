@@ -447,6 +447,37 @@ def main(argv=None) -> int:
                           "adapter_config.json's base_model_name_or_path, if a local directory)")
     args = p.parse_args(argv)
     try:
+        with _interruptible():
+            return _run(args)
+    except KeyboardInterrupt:  # (the partial destination is already gone: _AtomicDir)
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """SIGTERM as Ctrl-C while converting, so that a killed conversion (a scheduler's
+    preemption, `kill`) removes its partial destination as an interrupted one does. Only on
+    the main thread, where Python can install handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
+    try:
         mode = None if getattr(args, "quantize", "none") == "none" else args.quantize
         if args.cmd == "import" and storage.isfile(storage.join(args.src,
                                                                  "adapter_config.json")):

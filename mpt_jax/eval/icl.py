@@ -125,10 +125,10 @@ def run_tasks(model: MPTForCausalLM, tasks: Sequence[tasks_lib.PreparedTask],
                               progress=progress)
         for ti in gen_tasks:
             task = tasks[ti]
-            texts = completer.complete(
+            texts = completer.complete(  # the limit prepare_task checked the task against
                 [ex.prompt for ex in task.examples], max_new_tokens=task.max_new_tokens,
-                stop=task.config.early_stopping_criteria, max_len=max_seq_len,
-                desc=f"icl: {task.name}")
+                stop=task.config.early_stopping_criteria,
+                max_len=task.config.max_seq_len or max_seq_len, desc=f"icl: {task.name}")
             completions[ti] = texts
 
     results = []
@@ -266,6 +266,7 @@ def gauntlet_table(composite: dict[str, float], model_name: str) -> str:
 
 
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    head, rows = _cells(head), [_cells(r) for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
 
     def line(cells):
@@ -273,3 +274,8 @@ def _markdown(head: list[str], rows: list[list[str]]) -> str:
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(head), sep, *(line(r) for r in rows)])
+
+
+def _cells(row) -> list[str]:
+    """Table cells as text, a label's own "|" escaped so that it stays one cell."""
+    return [str(c).replace("|", "\\|") for c in row]

@@ -42,6 +42,8 @@ def load_stream(data: str, tokenizer=None, *, text_field: str = "text",
     from mpt_jax.data import prepare, readers
     from mpt_jax.data.tokenizer import ENDOFTEXT, tokenizer_sha256
 
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     pieces, total = [], 0
 
     def add(ids: np.ndarray) -> bool:
@@ -148,6 +150,10 @@ def evaluate(scorer: Scorer, stream: np.ndarray, seq_lens: Sequence[int], *,
     if hi >= cfg.vocab_size:
         raise ValueError(f"token id {hi} in the data is outside the model's vocabulary "
                          f"[0, {cfg.vocab_size})")
+    f = max(seq_lens[0] // 2, 1) if final_tokens is None else int(final_tokens)
+    if not 1 <= f <= seq_lens[0]:  # checked before any scoring: it would be hours at 65k
+        raise ValueError(f"final_tokens {f} must be between 1 and the shortest seq_len "
+                         f"{seq_lens[0]}")
     toks = [int(t) for t in stream]
     result = {"tokens": n, "stride": stride, "seq_lens": {}}
     for length in seq_lens:
@@ -169,10 +175,6 @@ def evaluate(scorer: Scorer, stream: np.ndarray, seq_lens: Sequence[int], *,
                                  "mean_context": bins[b][1] / bins[b][2],
                                  "loss": bins[b][0] / bins[b][2], "tokens": bins[b][2]}
                                 for b in sorted(bins)]}
-    f = seq_lens[0] // 2 if final_tokens is None else int(final_tokens)
-    if not 1 <= f <= seq_lens[0]:
-        raise ValueError(f"final_tokens {f} must be between 1 and the shortest seq_len "
-                         f"{seq_lens[0]}")
     chunk = seq_lens[-1] + 1
     n_chunks = n // chunk
     final = {"final_tokens": f, "chunks": n_chunks, "loss": {}}

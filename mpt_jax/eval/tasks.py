@@ -477,6 +477,12 @@ def prepare_task(cfg: TaskConfig, tokenizer: tokenizers.Tokenizer, *, eos_id: in
 
 def _check_lengths(task: PreparedTask, limit: int) -> None:
     for ex in task.examples:
+        where = (f"{task.config.source}: task {task.name!r}: example {ex.index} "
+                 f"({task.config.dataset_uri}:{ex.line})")
+        empty = (not ex.prompt if task.config.icl_task_type == "generation_task_with_answers"
+                 else any(not r.context or not r.continuation for r in ex.requests))
+        if empty:  # nothing to condition on (or to score): the model needs a first token
+            raise TaskError(f"{where}: its prompt, context or continuation is empty (0 tokens)")
         if task.config.icl_task_type == "generation_task_with_answers":
             need, what = len(ex.prompt) + task.max_new_tokens, (
                 f"prompt ({len(ex.prompt)}) + max_new_tokens ({task.max_new_tokens})")
@@ -485,8 +491,7 @@ def _check_lengths(task: PreparedTask, limit: int) -> None:
             what = "context + continuation"
         if need > limit:
             raise TaskError(
-                f"{task.config.source}: task {task.name!r}: example {ex.index} "
-                f"({task.config.dataset_uri}:{ex.line}): {what} is {need} tokens, more than "
+                f"{where}: {what} is {need} tokens, more than "
                 f"max_seq_len {limit} (fewer shots, or a larger max_seq_len where ALiBi can "
                 "extrapolate)")
 
