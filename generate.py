@@ -15,6 +15,7 @@ checkpoint saved quantized needs no flag), --kv_cache int8 keeps an int8 KV cach
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -53,6 +54,16 @@ def main(argv=None) -> int:
 
     if not args.prompt:
         return fail("--prompt is empty")
+    if args.max_new_tokens < 1:  # (the sampling flags too, before the weights load)
+        return fail(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        return fail(f"--max_seq_len must be >= 2, got {args.max_seq_len}")
+    from mpt_jax.infer.sampling import SamplingParams
+
+    try:
+        SamplingParams(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        return fail(f"--{e}")
     from mpt_jax import storage
 
     try:
@@ -143,15 +154,18 @@ def main(argv=None) -> int:
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, eos_id=eos_id, max_len=args.max_seq_len,
                            on_tokens=on_tokens)
+        n = int(out.lengths[0])
+        ids = [int(x) for x in out.tokens[0, :n] if x != eos_id]
+        text = tok.decode(ids)
+        if text.startswith(printed):
+            sys.stdout.write(text[len(printed):])
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     except ValueError as e:
         return fail(str(e))
-    n = int(out.lengths[0])
-    ids = [int(x) for x in out.tokens[0, :n] if x != eos_id]
-    text = tok.decode(ids)
-    if text.startswith(printed):
-        sys.stdout.write(text[len(printed):])
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader left; no traceback (Python's advice)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     _log(f"{n} tokens in {time.perf_counter() - t0:.2f}s (compilation included)")
     return 0
 

@@ -14,12 +14,15 @@ picks a free port). SIGTERM or Ctrl-C: stop accepting, let open requests finish 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
 import socket
 import sys
 import time
+
+SHUTDOWN_GRACE = 5.0  # seconds uvicorn waits past --shutdown_timeout for handlers to reply
 
 
 def _log(msg: str) -> None:
@@ -179,8 +182,9 @@ def main(argv=None) -> int:
 
     app = create_app(engine, served, api_key=args.api_key, metrics=metrics,
                      shutdown_timeout=0.0)
+    # uvicorn's own bound only cuts what is still open a few seconds after the engine's
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=args.shutdown_timeout)
+                            timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_GRACE)
     host, port = sock.getsockname()[:2]
 
     class Server(uvicorn.Server):
@@ -188,6 +192,15 @@ def main(argv=None) -> int:
             await super().startup(sockets=sockets)
             if self.started:  # (the socket accepts connections from here on)
                 _log(f"listening on http://{host}:{port}")
+
+        async def shutdown(self, sockets=None):
+            # The engine first: open requests get --shutdown_timeout to finish, then it ends
+            # the rest with an error that their handlers still send (an OpenAI error body, or
+            # an error event and [DONE]), while uvicorn waits for the connections to close.
+            stopping = asyncio.ensure_future(asyncio.to_thread(engine.shutdown,
+                                                               args.shutdown_timeout))
+            await super().shutdown(sockets=sockets)
+            await stopping
 
     server = Server(config)
     # uvicorn re-raises a caught SIGTERM / SIGINT once it has shut down gracefully; with these

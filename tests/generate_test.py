@@ -285,6 +285,18 @@ def test_cli_prints_only_the_completion(pair, tmp_path_factory, capsys):
     assert cli.main(["--checkpoint", dst, "--prompt", "the dog " * 40, "--dtype", "float32",
                      "--max_new_tokens", "40"]) == 1  # past max_seq_len without the override
     assert "max_seq_len" in capsys.readouterr().err
+    # bad sampling flags: one line before any loading (a missing checkpoint is not reached)
+    for flags, needle in ((["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+                          (["--temperature", "-1"], "--temperature must be >= 0"),
+                          (["--top_p", "0"], "--top_p must be in (0, 1]"),
+                          (["--top_k", "-1"], "--top_k must be an int >= 0")):
+        assert cli.main(["--checkpoint", "/nonexistent", "--prompt", "x", *flags]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    # any seed the server takes (it reduces it mod 2**64)
+    rc = cli.main(["--checkpoint", dst, "--prompt", prompt, "--max_new_tokens", "3",
+                   "--dtype", "float32", "--temperature", "1", "--seed", str(2**64 - 1)])
+    assert rc == 0, capsys.readouterr().err
 
 
 _MESH_SCRIPT = r"""

@@ -146,6 +146,24 @@ def test_detokenizer_deltas_are_the_full_decode():
     assert streamed == sp.decode(prompt + cont)[len(sp.decode(prompt)):] == " sat on the mat"
 
 
+def test_completion_logprobs_name_partial_characters_by_their_bytes():
+    """Tokens that are part of a character (byte-level BPE) are keyed `bytes:\\xNN` as
+    OpenAI's completions API writes them: two of them in one top_logprobs never collide."""
+    from mpt_jax.infer import protocol
+    from mpt_jax.infer.request import TokenLogprob
+
+    tok = train_byte_level_bpe(["plain ascii words " * 20], 270)  # no merges across é's bytes
+    text = protocol.TokenText(tok)
+    a, b = [tok.token_to_id(c) for c in tok.encode("é").tokens]
+    assert text.key(a) != text.key(b) and text.key(a).startswith("bytes:\\x")
+    word = tok.encode("plain").ids[0]
+    assert text.key(word) == tok.decode([word])
+    out = protocol.completion_logprobs(
+        [TokenLogprob(a, -0.5, ((a, -0.5), (b, -1.0), (word, -2.0)))], text)
+    assert out["tokens"] == [text.key(a)]
+    assert out["top_logprobs"] == [{text.key(a): -0.5, text.key(b): -1.0, text.key(word): -2.0}]
+
+
 def _np_filter(x, k, p):
     """The filtering rule written out in numpy, one row (see sampling.py)."""
     x = x.astype(np.float64).copy()
@@ -315,12 +333,16 @@ def test_queue_bound_then_all_served(served, monkeypatch):
 
     monkeypatch.setattr(engine, "_iteration", gated)
     monkeypatch.setattr(engine, "max_queue", 3)
-    prompts = _prompts(7, [4, 5, 6, 7])
+    # the free slots take their requests at once: only what is left over waits in the queue
+    room = 3 + engine.max_batch - engine.slots_used
+    prompts = _prompts(7, [4, 5, 6, 7] * 3)[:room + 1]
     handles = [engine.submit(p, RequestParams(max_tokens=3, temperature=0.0))
-               for p in prompts[:3]]
+               for p in prompts[:room]]
     with pytest.raises(QueueFull, match="3 requests are waiting"):
-        engine.submit(prompts[3], RequestParams(max_tokens=3))
-    assert engine.queue_depth == 3
+        engine.submit(prompts[room], RequestParams(max_tokens=3))
+    with pytest.raises(RequestError, match="takes at most"):  # a list that can never fit: 400
+        engine.submit_many([(prompts[0], RequestParams(max_tokens=3))] * (room + 1))
+    assert engine.queue_depth == room
     gate.set()
     for h in handles:
         assert h.result(timeout=120).choices[0].finish_reason == "length"

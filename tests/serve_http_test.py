@@ -50,7 +50,8 @@ def srv(tmp_path_factory):
     im_end = tok.token_to_id("<|im_end|>")
     served = ServedModel(NAME, tok, SERVE_ENGINE["max_seq_len"], gen.config.vocab_size,
                          chat_stop_ids=(im_end,), top_logprobs=SERVE_ENGINE["top_logprobs"])
-    app = create_app(engine, served, api_key=KEY, metrics=metrics, shutdown_timeout=5)
+    app = create_app(engine, served, api_key=KEY, metrics=metrics, shutdown_timeout=5,
+                     max_body_bytes=BODY_LIMIT)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
@@ -88,6 +89,24 @@ def _text(s, prompt_ids, tokens, stops=()):
     tok, ends = s["tok"], {s["eos"], *stops}
     body = [t for t in tokens if t not in ends]
     return tok.decode(prompt_ids + body)[len(tok.decode(prompt_ids)):]
+
+
+BODY_LIMIT = 1 << 18
+
+
+def test_a_body_past_the_limit_is_413(srv):
+    """Past max_body_bytes, declared or chunked: 413 with OpenAI's error body; a body just
+    under it is read, parsed and tokenized (here: a prompt too long for the context, 400)."""
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    big = json.dumps({"prompt": "a" * BODY_LIMIT, "max_tokens": 1}).encode()
+    r = httpx.post(srv["url"] + "/v1/completions", content=big, headers=headers, timeout=120)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(srv["url"] + "/v1/completions", headers=headers, timeout=120,
+                   content=(big[i:i + 4096] for i in range(0, len(big), 4096)))  # chunked
+    assert r.status_code == 413
+    near = json.dumps({"prompt": "the cat " * (BODY_LIMIT // 9), "max_tokens": 1})
+    assert len(near) < BODY_LIMIT
+    assert _post(srv, "/v1/completions", json.loads(near)).status_code == 400  # too long
 
 
 def _post(s, path, body, key=KEY, **kw):
@@ -314,13 +333,16 @@ def test_full_queue_is_429_then_the_queued_are_served(srv, monkeypatch):
 
     monkeypatch.setattr(engine, "_iteration", gated)
     monkeypatch.setattr(engine, "max_queue", 2)
+    room = 2 + engine.max_batch - engine.slots_used  # the free slots' requests never wait
+    r = _post(srv, "/v1/completions", {"prompt": ["abc"] * (room + 1), "max_tokens": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # can never fit
     results = []
     threads = [threading.Thread(target=lambda: results.append(_post(srv, "/v1/completions", {
-        "prompt": "abc", "max_tokens": 3, "temperature": 0}))) for _ in range(2)]
+        "prompt": "abc", "max_tokens": 3, "temperature": 0}))) for _ in range(room)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 60
-    while engine.queue_depth < 2:
+    while engine.queue_depth < room:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     r = _post(srv, "/v1/completions", {"prompt": "abc", "max_tokens": 3})
@@ -330,7 +352,7 @@ def test_full_queue_is_429_then_the_queued_are_served(srv, monkeypatch):
     gate.set()
     for t in threads:
         t.join(120)
-    assert [r.status_code for r in results] == [200, 200]
+    assert [r.status_code for r in results] == [200] * room
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +433,10 @@ def test_metrics_health_and_access_log(srv, caplog):
     assert ok["completion_tokens"] == 3 and ok["latency_s"] > 0 and ok["ttft_s"] > 0
     assert ok["finish_reasons"] == ["length"] and ok["stream"] is False
     assert bad["status"] == 400 and "max_tokens" in bad["error"]
+    for path in ("/made/up", "/made/up/too"):  # a scanner's paths: one series, not one each
+        assert httpx.get(srv["url"] + path, timeout=30).status_code == 404
     text = httpx.get(srv["url"] + "/metrics", timeout=30).text
+    assert "/made/up" not in text
 
     def value(name):
         line = next(x for x in text.splitlines() if x.startswith((name + " ", name + "{")))
@@ -419,6 +444,7 @@ def test_metrics_health_and_access_log(srv, caplog):
 
     assert value('mpt_jax_requests_total{endpoint="/v1/completions",status="200"}') >= 1
     assert value('mpt_jax_requests_total{endpoint="/v1/completions",status="400"}') >= 1
+    assert value('mpt_jax_requests_total{endpoint="other",status="404"}') >= 2
     assert value("mpt_jax_generation_tokens_total") >= 3
     assert value("mpt_jax_prompt_tokens_total") >= 1
     assert value("mpt_jax_time_to_first_token_seconds_count") >= 1
@@ -449,13 +475,14 @@ def test_serve_py_bad_arguments_are_one_line(tmp_path):
 @pytest.mark.slow
 def test_serve_py_sigterm_finishes_in_flight_then_exits_0(tmp_path):
     """serve.py in a subprocess: four streams in flight (two short, two long) when SIGTERM
-    comes; new connections are refused, every stream ends (completed, or cut at the
-    --shutdown_timeout bound), and the process exits 0 within the bound."""
+    comes; new connections are refused, the short streams complete, the long ones end at the
+    --shutdown_timeout bound with an OpenAI error event and [DONE] (not a cut connection), and
+    the process exits 0 within the bound."""
     path = write_serve_checkpoint(str(tmp_path / "ckpt"))
-    bound = 2.0
+    bound = 1.0
     proc = subprocess.Popen(
         [sys.executable, "serve.py", f"--checkpoint={path}", "--port=0", "--max_batch=4",
-         "--max_seq_len=1024", "--prefill_chunk=8", "--dtype=float32", "--log_level=warning",
+         "--max_seq_len=8192", "--prefill_chunk=8", "--dtype=float32", "--log_level=warning",
          f"--shutdown_timeout={bound}", f"--api_key={KEY}"],
         cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
         text=True)
@@ -486,7 +513,7 @@ def test_serve_py_sigterm_finishes_in_flight_then_exits_0(tmp_path):
             ends[i] = events
 
         threads = [threading.Thread(target=stream, args=(i, n))
-                   for i, n in enumerate((4, 6, 1000, 1000))]
+                   for i, n in enumerate((4, 6, 8000, 8000))]
         for t in threads:
             t.start()
         started.wait()
@@ -508,8 +535,11 @@ def test_serve_py_sigterm_finishes_in_flight_then_exits_0(tmp_path):
     for i in (0, 1):  # the short ones finished
         assert ends[i][-1] == "data: [DONE]", ends[i]
         assert json.loads(ends[i][-2][6:])["choices"][0]["finish_reason"] == "length"
-    for i in (2, 3):  # the long ones finished or were ended, never left hanging
-        assert ends[i][-1] in ("data: [DONE]", "RemoteProtocolError", "ReadError"), ends[i][-3:]
+    for i in (2, 3):  # the long ones were ended by the engine: an error event, then [DONE]
+        assert ends[i][-1] == "data: [DONE]", ends[i][-3:]
+        assert "shut down" in json.loads(ends[i][-2][6:]).get("error", {}).get("message", ""), (
+            ends[i][-3:])
+    assert not any("Traceback" in x for x in lines), "".join(lines)
     records = [json.loads(x) for x in lines if x.startswith("{")]
     assert sorted(r["completion_tokens"] for r in records)[:2] == [4, 6]
     assert any("stopped" in x for x in lines), "".join(lines)

@@ -135,7 +135,7 @@ class Engine:
     inter-token p99 / p50 went from 1.29 to 1.81; off by default for the steadier stream.
     decode_steps: decode steps per call while
     no prompt waits (1 streams every token as it comes). max_queue: requests waiting for slots
-    before `submit` raises QueueFull. eos_id: ends every request (None: none). top_logprobs:
+    before `submit` raises QueueFull (one that a free slot takes at once does not wait). eos_id: ends every request (None: none). top_logprobs:
     the most top log-probabilities a request may ask for.
     """
 
@@ -261,9 +261,15 @@ class Engine:
                 raise EngineUnavailable(f"the engine failed: {self.error}")
             if not self._accepting:
                 raise EngineUnavailable("the server is shutting down")
-            if len(self._waiting) + len(handles) > self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting for a slot (the "
-                                f"queue holds {self.max_queue}); retry later")
+            if len(handles) > self.max_batch + self.max_queue:  # never, however long it waits
+                raise RequestError("prompt", f"{len(handles)} prompts (x n) in one request; "
+                                   f"this server takes at most {self.max_batch + self.max_queue}"
+                                   f" at once (--max_batch + --max_queue)")
+            # a request that a free slot takes at once does not wait: only the rest count
+            free = len(self._free)
+            if len(self._waiting) + len(handles) - free > self.max_queue:
+                raise QueueFull(f"{max(0, len(self._waiting) - free)} requests are waiting for "
+                                f"a slot (the queue holds {self.max_queue}); retry later")
             self._waiting.extend(handles)
             self.stats["requests"] += len(handles)
             self._lock.notify()

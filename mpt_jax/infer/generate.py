@@ -353,7 +353,8 @@ class Generator:
             raise ValueError(
                 f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) = {cache_len} exceeds "
                 f"max_len={limit}; pass a larger max_len (--max_seq_len) to extrapolate")
-        key = jax.random.key(seed)
+        seed = int(seed) % (1 << 64)  # any int, as the server takes it; key() wants an int64
+        key = jax.random.key(seed - (1 << 64) if seed >= 1 << 63 else seed)
         if eos_id is not None and not 0 <= eos_id < self.config.vocab_size:
             raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, "
                              f"{self.config.vocab_size})")

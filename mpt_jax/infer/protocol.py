@@ -346,6 +346,17 @@ class TokenText:
             hit = self._cache[token_id] = (text, data)
         return hit
 
+    def key(self, token_id: int) -> str:
+        """The token as the completions API names it: its text, or `bytes:\\xNN...` where its
+        bytes are not UTF-8 by themselves (part of a character: OpenAI's form), so that two
+        such tokens never share a top_logprobs key."""
+        text, data = self(token_id)
+        try:
+            bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+        return text
+
 
 def usage(handles: Sequence[RequestHandle]) -> dict:
     prompt = sum(len(h.prompt_ids) for h in handles)
@@ -360,10 +371,9 @@ def completion_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText,
     tokens, offsets = [], []
     for e in entries:
         offsets.append(offset)
-        text = token_text(e.token_id)[0]
-        tokens.append(text)
-        offset += len(text)
-    tops = [{token_text(i)[0]: lp for i, lp in e.top} for e in entries]
+        tokens.append(token_text.key(e.token_id))
+        offset += len(token_text(e.token_id)[0])
+    tops = [{token_text.key(i): lp for i, lp in e.top} for e in entries]
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": tops if any(e.top for e in entries) else None,
             "text_offset": offsets}

@@ -7,7 +7,9 @@ events ending in `data: [DONE]`), `GET /v1/models`, `GET /health` (200 while ser
 the engine failed or shuts down), `GET /metrics` (Prometheus text).
 
 Faults: a bad field is 400 with OpenAI's error body naming it (protocol.py), a prompt that
-does not fit the context too; a full queue is 429; with `api_key`, /v1 needs
+does not fit the context too; a body past max_body_bytes is 413 (bodies are parsed and
+tokenized off the event loop, so a large one does not stall the running streams); a full
+queue (requests a free slot takes at once do not wait in it) is 429; with `api_key`, /v1 needs
 `Authorization: Bearer KEY` (401 otherwise); an unknown model is 404. A client that goes away
 cancels its request at once (its slots serve the next one): a stream notices through
 Starlette's disconnect listener, a plain request by watching its connection. An exception in
@@ -56,6 +58,7 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04,
                     0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 _REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 _ACCESS_KEY = "mpt_jax.access"
+MAX_BODY_BYTES = 32 << 20  # a 65k-token prompt is well under 1 MB of text
 
 
 class ServerMetrics(EngineMetrics):
@@ -128,12 +131,23 @@ class _AccessLog:
             await self.app(scope, receive, send_status)
         finally:
             path = scope.get("path", "")
-            self.metrics.requests.labels(path, str(status[0])).inc()
+            self.metrics.requests.labels(_endpoint(path), str(status[0])).inc()
             if path.startswith("/v1/"):
                 record = {"id": info.pop("id", None), "method": scope.get("method"),
                           "path": path, "status": status[0],
                           "latency_s": round(time.perf_counter() - t0, 6), **info}
                 access_log.info(json.dumps(record))
+
+
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+def _endpoint(path: str) -> str:
+    """The metrics label of a request path: its route, so that a scanner's made-up paths add
+    one series ("other"), not one each."""
+    if path in _ENDPOINTS:
+        return path
+    return "/v1/models/{model_id}" if path.startswith("/v1/models/") else "other"
 
 
 def _handles_info(info: dict, handles, stream: bool) -> None:
@@ -153,10 +167,12 @@ def _sse(obj) -> str:
 
 
 def create_app(engine: Engine, served: ServedModel, *, api_key: str | None = None,
-               metrics: ServerMetrics | None = None, shutdown_timeout: float = 0.0) -> FastAPI:
+               metrics: ServerMetrics | None = None, shutdown_timeout: float = 0.0,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app over `engine` (started with the app if it is not running yet; shut
     down with it, open requests given `shutdown_timeout` seconds). metrics: the engine's
-    ServerMetrics, if it was built with one (else fresh ones, without engine latencies)."""
+    ServerMetrics, if it was built with one (else fresh ones, without engine latencies).
+    max_body_bytes: the largest request body (413 past it)."""
     metrics = metrics or ServerMetrics()
     metrics.attach(engine)
     token_text = protocol.TokenText(served.tokenizer)
@@ -202,8 +218,20 @@ def create_app(engine: Engine, served: ServedModel, *, api_key: str | None = Non
             raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
 
     async def body_of(request: Request):
-        try:
-            return json.loads(await request.body())
+        """The JSON body, at most max_body_bytes (413 past it, before reading the rest)."""
+        too_big = ApiError(413, f"the request body is larger than {max_body_bytes} bytes",
+                           code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            raise too_big
+        raw, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_big
+            raw.append(chunk)
+        try:  # (off the event loop: a large body must not stall the running streams)
+            return await asyncio.to_thread(json.loads, b"".join(raw))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
@@ -226,7 +254,8 @@ def create_app(engine: Engine, served: ServedModel, *, api_key: str | None = Non
         info["id"] = rid
         authorize(request)
         body = await body_of(request)
-        parsed = (protocol.parse_chat if chat else protocol.parse_completion)(body, served)
+        parsed = await asyncio.to_thread(  # tokenizing: off the event loop too
+            protocol.parse_chat if chat else protocol.parse_completion, body, served)
         handles = submit(parsed, rid, chat)
         if parsed.stream:
             return StreamingResponse(_stream(rid, parsed, handles, info),
