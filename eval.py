@@ -68,9 +68,9 @@ def _check_args(args) -> None:
     if side and _beside(args.output, side) == args.output:
         raise ValueError(f"--output {args.output}: the {side} is written beside the JSON "
                          f"results under that name; give the results another name (.json)")
-    for path in outputs:
-        from mpt_jax import storage
+    from mpt_jax import storage
 
+    for path in outputs:
         if storage.is_remote(path):
             continue
         parent = os.path.dirname(os.path.abspath(path)) or "."

@@ -135,8 +135,9 @@ class Engine:
     inter-token p99 / p50 went from 1.29 to 1.81; off by default for the steadier stream.
     decode_steps: decode steps per call while
     no prompt waits (1 streams every token as it comes). max_queue: requests waiting for slots
-    before `submit` raises QueueFull (one that a free slot takes at once does not wait). eos_id: ends every request (None: none). top_logprobs:
-    the most top log-probabilities a request may ask for.
+    before `submit` raises QueueFull (one that a free slot takes at once does not wait).
+    eos_id: ends every request (None: none). top_logprobs: the most top log-probabilities a
+    request may ask for.
     """
 
     def __init__(self, generator: Generator, tokenizer, *, max_batch: int = 64,
