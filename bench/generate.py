@@ -167,7 +167,7 @@ def bench_decode(gen: Generator, batch: int, prompt: int, new: int, reps: int,
     mask = jnp.ones_like(ids)
     alloc = decode_gpu.alloc_slots(prompt + new)  # as generate does
     pre_args = (gen.weights, ids, mask, jax.random.key(0), jnp.int32(0), alloc, new,
-                SamplingParams(), False)
+                SamplingParams(), False, False)  # keep_logits, padded: as generate calls it
     t0 = time.perf_counter()
     state0 = jax.block_until_ready(gen._prefill(*pre_args))
     first = time.perf_counter() - t0

@@ -127,7 +127,8 @@ def bench_static(gen: Generator, b: int, prompt: int, new: int, reps: int) -> di
     # The prefill alone: the compiled call generate made, with generate's arguments.
     alloc = decode_gpu.alloc_slots(prompt + new)
     pre_args = (gen.weights, jnp.asarray(ids), jnp.asarray(kw["attention_mask"]),
-                jax.random.key(0), jnp.int32(0), alloc, new, SamplingParams(), False)
+                jax.random.key(0), jnp.int32(0), alloc, new, SamplingParams(), False,
+                False)  # keep_logits, padded (an all-ones mask: generate's call)
     jax.block_until_ready(gen._prefill(*pre_args).tokens)
     totals, pre = [], []
     for _ in range(reps):

@@ -149,6 +149,10 @@ def test_hopper_path_lowers_any_length_and_offsets(monkeypatch):
     with pytest.raises(ValueError, match="2\\+ stages"):
         flash_mgpu.make_cfg(heads=2, group=1, head_dim=64, scale=1.0, has_alibi=False, seq_q=8,
                             seq_k=8, blocks=flash_mgpu.MgpuBlocks(stages=1))
+    for regs in [(248, 24), (240, 20), (236, 32)]:  # over 64K a CTA; below 24; not 8-aligned
+        with pytest.raises(ValueError, match="register split"):
+            flash_mgpu.make_cfg(heads=2, group=1, head_dim=64, scale=1.0, has_alibi=False,
+                                seq_q=8, seq_k=8, blocks=flash_mgpu.MgpuBlocks(regs=regs))
 
 
 @pytest.mark.slow

@@ -164,6 +164,51 @@ def test_decode_step_launches_the_same_kernels(batch):
 
 
 @pytest.mark.slow
+def test_unpadded_prefill_drops_the_mask(pair):
+    """A batch with no left padding prefills without a mask, so attention runs without segment
+    ids (the faster kernels); its logits and cache equal the masked prefill's, and generate
+    takes that path exactly when no row is padded."""
+    from conftest import all_eqns
+
+    from mpt_jax import MPTConfig, MPTForCausalLM
+    from mpt_jax.infer import generate as gen_lib
+    from mpt_jax.kernels import decode_gpu
+
+    _, gen, _, _ = pair
+    ids = jnp.asarray(np.random.RandomState(3).randint(1, V, (2, 11)), jnp.int32)
+    args = (gen.weights, ids, jnp.ones_like(ids), jax.random.key(0), jnp.int32(0),
+            decode_gpu.alloc_slots(11 + 4), 4, SamplingParams(), True)
+    masked, bare = gen._prefill(*args, True), gen._prefill(*args, False)
+    np.testing.assert_allclose(bare.logits, masked.logits, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(bare.cache), jax.tree.leaves(masked.cache)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+    seen, real = [], gen._prefill
+    gen._prefill = lambda *a: seen.append(a[-1]) or real(*a)
+    try:
+        gen.generate([[5, 6, 7], [8, 9, 10]], max_new_tokens=2)
+        gen.generate([[5, 6, 7], [8, 9]], max_new_tokens=2)
+    finally:
+        gen._prefill = real
+    assert seen == [False, True]
+
+    # on the GPU path the flash forward then takes no segment-id operands
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=V, max_seq_len=256)
+    g = Generator(MPTForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                                 param_dtype=jnp.bfloat16, attn_impl="pallas_gpu"))
+    z = jnp.zeros((1, 128), jnp.int32)
+    targs = (g.weights, z, jnp.ones_like(z), jax.random.key(0), jnp.int32(0),
+             decode_gpu.alloc_slots(136), 8, SamplingParams(), False)
+
+    def flash_operands(padded):
+        jaxpr = gen_lib._prefill_jit.trace(g._spec, *targs, padded).jaxpr.jaxpr
+        return [len(e.invars) for e in all_eqns(jaxpr) if e.primitive.name == "pallas_call"]
+
+    with_mask, without = flash_operands(True), flash_operands(False)
+    assert len(with_mask) == len(without) == 1 and without[0] < with_mask[0]
+
+
+@pytest.mark.slow
 def test_prompt_past_max_seq_len_with_override(pair):
     _, gen, model, _ = pair  # trained length 64
     prompt = list(np.random.RandomState(5).randint(1, V, 70))

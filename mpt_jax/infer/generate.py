@@ -169,7 +169,9 @@ class _Spec:
 
     @_under_rules
     def _prefill_impl(self, w, ids_bt, mask_bt, key, pad_id, cache_len, n_new, params,
-                      keep_logits):
+                      keep_logits, padded=True):
+        """padded (static): whether any row of mask_bt has left padding. Without, the prompt
+        runs with no mask (attention without segment ids: the faster kernels)."""
         cfg = self.config
         b, t = ids_bt.shape
         shape = (b, cfg.kv_n_heads, cache_len, cfg.head_dim)
@@ -188,7 +190,8 @@ class _Spec:
         cache = tuple((zeros(), zeros()) for _ in range(cfg.n_layers))
         kv_mask = jnp.concatenate(
             [mask_bt.astype(bool), jnp.ones((b, cache_len - t), bool)], axis=1)
-        logits_bv, cache = self._forward(w, ids_bt, kv_mask, cache, 0, "prefill")
+        logits_bv, cache = self._forward(w, ids_bt, kv_mask if padded else None, cache, 0,
+                                         "prefill")
         tok_b = sample(logits_bv, jax.random.fold_in(key, 0), params)
         tokens = jnp.full((b, n_new), pad_id, jnp.int32).at[:, 0].set(tok_b)
         logits = None
@@ -243,7 +246,7 @@ class _Spec:
         state = state._replace(done=done)
         return state, state.tokens + 0, state.step + 0, jnp.all(done)
 
-_prefill_jit = jax.jit(_Spec._prefill_impl, static_argnums=(0, 6, 7, 8, 9))
+_prefill_jit = jax.jit(_Spec._prefill_impl, static_argnums=(0, 6, 7, 8, 9, 10))
 _decode_jit = jax.jit(_Spec._decode_impl, static_argnums=(0, 3, 4, 5), donate_argnums=(2,))
 
 
@@ -366,7 +369,8 @@ class Generator:
                    jnp.int32(-1 if eos_id is None else eos_id), pad)
         with contextlib.nullcontext() if self.mesh is None else sharding.use_mesh(self.mesh):
             state = self._prefill(self.weights, jnp.asarray(ids), jnp.asarray(mask), key, pad,
-                                  alloc, max_new_tokens, params, keep_logits)
+                                  alloc, max_new_tokens, params, keep_logits,
+                                  not bool(np.all(mask)))
             if on_tokens is None:
                 state, tokens, _, _ = self._decode(self.weights, state, *statics)
             else:

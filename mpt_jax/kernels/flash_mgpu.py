@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import math
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +58,10 @@ class MgpuBlocks:
     block_q_dq: int = 64
     block_kv_dq: int = 64
     stages_bwd: int = 2
-    pipelined: bool = False  # forward: block j's softmax overlapped with block j-1's PV
-    regs: tuple[int, int] = (232, 40)  # registers a thread: compute / memory warpgroups
+    # registers a thread in the compute / memory warpgroups (two compute warpgroups and one
+    # memory warpgroup of 128 threads share 64K): 240 / 24 as FlashAttention-3 splits them;
+    # at 232 / 40 the backward spilled 156 bytes (92 at 240), fwd+bwd 1-2% slower (H200)
+    regs: tuple[int, int] = (240, 24)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,61 +120,6 @@ def padded_rows(t: int, blocks: MgpuBlocks | None = None) -> int:
     tile = math.lcm(_WGS * bs.block_q, bs.block_kv, _WGS * bs.block_kv_dkv, bs.block_q_dkv,
                     _WGS * bs.block_q_dq, bs.block_kv_dq)
     return pl.cdiv(t, tile) * tile
-
-
-# Mosaic GPU fences a register A operand (an LLVM optimisation barrier, then wgmma.fence) at the
-# wgmma that reads it. Between two wgmmas of one in-flight stage that fence's moves make ptxas
-# serialise every wgmma of the kernel (warning C7513), which defeats FlashAttention-3's
-# pipelining (S_j issued, then PV_{j-1} on P_{j-1} from registers). Where a kernel has fenced
-# the operand itself (it was computed before the wgmma.fence that opens the stage's
-# accumulator scope, and passed through an optimisation barrier there), `_unfenced_a` lowers
-# the wgmmas of `fn` without that second fence: a thread-local flag, set and cleared by two
-# marker ops in program order, read by a wrapper of Mosaic GPU's `wgmma_fence` that leaves
-# 16-bit operands (A) alone and still fences float32 accumulators.
-_FENCE = threading.local()
-
-
-def _install_fence_hook() -> bool:
-    try:  # (the package's `wgmma` attribute is the function: import the modules by name)
-        mgpu_wgmma = importlib.import_module("jax.experimental.mosaic.gpu.wgmma")
-        mgpu_utils = importlib.import_module("jax.experimental.mosaic.gpu.utils")
-    except ImportError:
-        return False
-    orig = getattr(mgpu_wgmma, "wgmma_fence", None)
-    if orig is None:
-        return False
-    if getattr(orig, "_mpt_jax_hook", False):
-        return True
-
-    def wgmma_fence(array):
-        if (getattr(_FENCE, "skip", False)
-                and mgpu_utils.bitwidth(array.mlir_dtype) == 16):
-            return array
-        return orig(array)
-
-    wgmma_fence._mpt_jax_hook = True
-    mgpu_wgmma.wgmma_fence = wgmma_fence
-    return True
-
-
-def _set_fence_skip(skip: bool) -> None:
-    @plgpu.inline_mgpu()
-    def mark(ctx):
-        del ctx
-        _FENCE.skip = skip
-
-    mark()
-
-
-def _unfenced_a(fn, *args):
-    """fn(*args), its register-A wgmmas lowered without Mosaic GPU's own operand fence (see
-    above); fn's caller guarantees the fence."""
-    if not _install_fence_hook():
-        raise NotImplementedError("this jax has no Mosaic GPU wgmma_fence to hook")
-    _set_fence_skip(True)
-    out = fn(*args)
-    _set_fence_skip(False)
-    return out
 
 
 def _smem(shape, dtype, swizzled=True):
@@ -280,12 +225,17 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
             plgpu.barrier_wait(k_bar.at[0])
             pl.when(wg == 1)(sched_barrier)
 
-            def slot_of(j):
-                return lax.rem(j, jnp.array(stages, jnp.int32))
+            def step(j, carry, masked):
+                acc, m_i, l_i = carry
+                slot = lax.rem(j, jnp.array(stages, j.dtype))
 
-            def softmax(s, j, m_i, l_i, masked, cast=True):
-                """Block j's scores -> (p in bf16 (cast=False: float32), new running max, new
-                row sum, the factor that rescales what was accumulated before)."""
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    sched_barrier()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
                 if cfg.has_alibi:  # slope * (key position - anchor), one value per column
                     col = (_cols(bkv) + (j * bkv - anchor)).astype(jnp.float32) * slope
                     s = s * c + _bcast_cols(col, s.shape)
@@ -295,7 +245,6 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
                     rel = _iota((bq, bkv), 1) + (j * bkv - anchor)  # key position - anchor
                     s = jnp.where(rel <= _iota((bq, bkv), 0), s, -jnp.inf)
                 if seg:
-                    slot = slot_of(j)
                     plgpu.barrier_wait(ks_bar.at[slot])
                     k_seg = _load_vec(ks_smem.at[slot], 0)
                     plgpu.barrier_arrive(ks_free.at[slot])
@@ -305,32 +254,13 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
                     m_new = jnp.where(m_new == -jnp.inf, jnp.float32(-1e30), m_new)
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                return (p.astype(dtype) if cast else p), m_new, l_i * alpha + p.sum(axis=1), alpha
-
-            def issue_s(j, s_ref):
-                plgpu.wgmma(s_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot_of(j)], (1, 0)))
-
-            def turn(wait_for):  # softmax done: hand over, wait for data and the tensor cores
-                plgpu.barrier_arrive(sched)
-                for bar in wait_for:
-                    plgpu.barrier_wait(bar)
-                plgpu.barrier_wait(sched)
-
-            def step(j, carry, masked):  # S, then softmax, then PV: one block at a time
-                acc, m_i, l_i = carry
-                slot = slot_of(j)
-
-                def qk(acc_ref):
-                    issue_s(j, acc_ref)
-                    sched_barrier()
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                p16, m_new, l_i, alpha = softmax(s, j, m_i, l_i, masked)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
                 acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                turn([v_bar.at[slot]])
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(sched)
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -338,70 +268,14 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
 
                     @pl.when(nxt < steps)
                     def _():
-                        plgpu.barrier_wait(k_bar.at[slot_of(nxt)])
+                        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.array(stages, j.dtype))])
 
                 acc = _accumulate(acc, pv)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
-            def pipelined_step(j, carry, masked):
-                """Block j's S and block j-1's PV issued together; block j's softmax runs while
-                PV does (FlashAttention-3's intra-warpgroup overlap), then acc is rescaled."""
-                acc, m_i, l_i, p16 = carry
-                prev = slot_of(j - 1)
-                turn([k_bar.at[slot_of(j)], v_bar.at[prev]])
-
-                def body(refs):
-                    acc_ref, s_ref, m_ref, l_ref, p_ref, alpha_ref = refs
-                    issue_s(j, s_ref)
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[prev])
-                    sched_barrier()
-                    s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S done, PV running
-                    plgpu.barrier_arrive(k_free.at[slot_of(j)])
-                    # P_j stays float32 here: its bf16 registers are written only once PV_{j-1}
-                    # (which reads P_{j-1}'s) is done, as FlashAttention-3 does
-                    p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = softmax(
-                        s, j, m_i, l_i, masked, cast=False)
-
-                # P_{j-1} was computed in the previous step: the barrier keeps it there, before
-                # the wgmma.fence that opens the accumulators' scope, so PV's own fence (inside
-                # the stage, after S's wgmma: ptxas C7513) is left out
-                p16 = lax.optimization_barrier(p16)
-                zeros = _full((bq, bkv), 0.0)
-                acc, _, m_i, l_i, p, alpha = _unfenced_a(lambda: pl.run_state(body)(
-                    (plgpu.ACC.init(acc), plgpu.ACC.init(zeros), m_i, l_i, zeros, m_i)))
-                plgpu.barrier_arrive(v_free.at[prev])
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                return acc, m_i, l_i, p.astype(dtype)
-
-            if cfg.blocks.pipelined:
-                def first(s_ref):
-                    issue_s(0, s_ref)
-                    sched_barrier()
-                    return s_ref[...]
-
-                s = pl.run_scoped(first, plgpu.ACC((bq, bkv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[0])
-                p16, m_i, l_i, _ = softmax(s, 0, m_i, l_i, masked=True)
-                split = jnp.maximum(full, 1)
-                carry = lax.fori_loop(1, split, functools.partial(pipelined_step, masked=False),
-                                      (acc, m_i, l_i, p16))
-                acc, m_i, l_i, p16 = lax.fori_loop(
-                    split, steps, functools.partial(pipelined_step, masked=True), carry)
-                last = slot_of(steps - 1)
-                turn([v_bar.at[last]])
-
-                def last_pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[last])
-                    sched_barrier()
-
-                acc = _accumulate(acc, last_pv)
-                plgpu.barrier_arrive(v_free.at[last])
-            else:
-                carry = lax.fori_loop(0, full, functools.partial(step, masked=False),
-                                      (acc, m_i, l_i))
-                acc, m_i, l_i = lax.fori_loop(full, steps, functools.partial(step, masked=True),
-                                              carry)
+            carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (acc, m_i, l_i))
+            acc, m_i, l_i = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
 
             def drain(j, _):  # blocks the other warpgroup needs: release them, keep in step
                 slot = lax.rem(j, jnp.array(stages, j.dtype))
@@ -871,6 +745,11 @@ def make_cfg(*, heads, group, head_dim, scale, has_alibi, seq_q, seq_k, has_segm
     blocks = blocks or MgpuBlocks()
     if min(blocks.stages, blocks.stages_bwd) < 2:  # the forward's drain relies on two slots
         raise ValueError(f"flash_mgpu needs rings of 2+ stages; got {blocks}")
+    compute, memory = blocks.regs  # setmaxnreg: multiples of 8 in [24, 256], 64K for the CTA
+    if (any(r % 8 or not 24 <= r <= 256 for r in blocks.regs)
+            or (_WGS * compute + memory) * 128 > 65536):
+        raise ValueError(f"flash_mgpu register split {blocks.regs} is not one setmaxnreg takes "
+                         f"for {_WGS} compute warpgroups and one memory warpgroup")
     return _Cfg(heads=heads, group=group, head_dim=head_dim, scale=float(scale),
                 has_alibi=has_alibi, has_segments=has_segments, blocks=blocks,
                 q_off=offsets[0], k_off=offsets[1], v_off=offsets[2], seq_q=seq_q, seq_k=seq_k)
