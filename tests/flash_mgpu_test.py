@@ -29,6 +29,29 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def test_segment_bounds_cover_every_visible_pair():
+    """The blocks the kernels skip with segment ids hold no pair a row may see: for each query
+    tile, every key of one of its rows' documents (causal or not) lies at or after `first`; for
+    each key tile, every row of one of its keys' documents at or before `last`. Packed
+    (contiguous) documents, padding ids, and ids that recur or never meet alike; `first` and
+    `last` are exactly those bounds (as a direct loop finds them)."""
+    rng = np.random.default_rng(0)
+    n, qt, kt = 256, 32, 64
+    packed = np.repeat(np.arange(40), rng.integers(1, 20, 40))[:n]
+    packed = np.concatenate([packed, np.full(n - len(packed), -1)])  # padding past the end
+    cases = [(packed, packed), (rng.integers(0, 5, n), rng.integers(0, 5, n)),
+             (rng.integers(0, 3, n), rng.integers(3, 6, n))]  # ids that never meet
+    for q, k in cases:
+        first, last = flash_mgpu.segment_bounds(jnp.asarray(q[None]), jnp.asarray(k[None]),
+                                                qt, kt)
+        want_first = [min(min([j for j in range(n) if k[j] == q[r]], default=r)
+                          for r in range(t, t + qt)) for t in range(0, n, qt)]
+        want_last = [max(max([r for r in range(n) if q[r] == k[j]], default=j)
+                         for j in range(t, t + kt)) for t in range(0, n, kt)]
+        np.testing.assert_array_equal(first[0], want_first)
+        np.testing.assert_array_equal(last[0], want_last)
+
+
 def test_supported_shapes():
     ok = dict(causal=True, has_segments=False)
     seg = dict(causal=True, has_segments=True)

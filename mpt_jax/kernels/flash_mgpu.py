@@ -23,6 +23,11 @@ memory buffers with TMA, guarded by "loaded" and "consumed" barriers.
 dk/dv and dq are one launch (the first CTAs do dk/dv, the rest dq) writing one gradient array, so
 the packed layout (q, k and v heads in one [B, T, H + 2 KV, D] array) needs no concatenation.
 
+Segment ids skip whole blocks: `segment_bounds` (in XLA, any ids) gives each query tile the first
+key of its rows' documents and each key tile the last row of its keys' documents. The forward and
+dq stream and compute K/V blocks from the first one's block, and dk/dv stream q blocks up to the
+last one's. Inside those ranges blocks are still masked per score.
+
 ALiBi: score(i, j) = scale * q_i.k_j + slope_h * (j - i). With the anchor a = first row of a
 warpgroup's block, the kernels add slope * (j - a) per column and fold -slope * (i - a), which is
 constant along a row, into the logsumexp; so no large positions cancel.
@@ -180,7 +185,8 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
     dtype = q.dtype
     c = cfg.scale * LOG2E
 
-    def kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kseg_ref, out_ref, lse_ref, scoped):
+    def kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kseg_ref, first_ref, out_ref, lse_ref,
+               scoped):
         smem, loaded, consumed, sched = scoped
         qo_smem2, k_smem, v_smem, lse_smem2, qs_smem2, ks_smem = smem
         k_bar, v_bar, q_bar, ks_bar = loaded
@@ -193,6 +199,12 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
         # key blocks the CTA needs: up to its last row's position
         cta_steps = jnp.minimum(
             pl.cdiv((tile + 1) * (_WGS * bq) + off, jnp.array(bkv, jnp.int32)), n_kb)
+        # with segment ids, the first key block holding a key of one of the CTA's documents:
+        # the blocks before it are masked for every row, so nobody streams or computes them
+        cta_first = lax.div(first_ref[bi, tile], jnp.array(bkv, jnp.int32)) if seg else 0
+
+        def slot_of(j):  # ring slot of key block j (the stream starts at cta_first)
+            return lax.rem(j - cta_first if seg else j, jnp.array(stages, jnp.int32))
 
         def sched_barrier():
             plgpu.barrier_arrive(sched)
@@ -227,7 +239,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
 
             def step(j, carry, masked):
                 acc, m_i, l_i = carry
-                slot = lax.rem(j, jnp.array(stages, j.dtype))
+                slot = slot_of(j)
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
@@ -268,17 +280,20 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
 
                     @pl.when(nxt < steps)
                     def _():
-                        plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.array(stages, j.dtype))])
+                        plgpu.barrier_wait(k_bar.at[slot_of(nxt)])
 
                 acc = _accumulate(acc, pv)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
-            carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (acc, m_i, l_i))
+            if seg:
+                full = jnp.maximum(full, cta_first)
+            carry = lax.fori_loop(cta_first, full, functools.partial(step, masked=False),
+                                  (acc, m_i, l_i))
             acc, m_i, l_i = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
 
             def drain(j, _):  # blocks the other warpgroup needs: release them, keep in step
-                slot = lax.rem(j, jnp.array(stages, j.dtype))
+                slot = slot_of(j)
                 plgpu.barrier_arrive(k_free.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
                 if seg:
@@ -311,10 +326,10 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
             plgpu.set_max_registers(cfg.blocks.regs[1], action="decrease")
             _stream_kv(cfg, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, ks_smem),
                        (k_bar, v_bar, ks_bar), (k_free, v_free, ks_free), bi, kvh, bkv,
-                       cta_steps, stages, n_kb)
+                       cta_first, cta_steps, stages, n_kb)
 
     def alibi_flash_fwd_mgpu(q_ref, k_ref, v_ref, slopes_ref, *refs):
-        qseg_ref, kseg_ref = refs[:2] if seg else (None, None)
+        qseg_ref, kseg_ref, first_ref = refs[:3] if seg else (None, None, None)
         out_ref, lse_ref = refs[-2:]
         vec = functools.partial(_smem, swizzled=False)
         scratch = (
@@ -326,8 +341,8 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
         ring = plgpu.Barrier(num_barriers=stages)
         free = plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)
         pl.run_scoped(
-            lambda *args: kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kseg_ref, out_ref,
-                                 lse_ref, args),
+            lambda *args: kernel(q_ref, k_ref, v_ref, slopes_ref, qseg_ref, kseg_ref, first_ref,
+                                 out_ref, lse_ref, args),
             scratch,
             (ring, ring, plgpu.Barrier(num_barriers=2 * _WGS), ring if seg else None),
             (free, free, free if seg else None),
@@ -335,7 +350,10 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
             collective_axes="wg",
         )
 
-    segs = (_pad_rows(qseg, cfg), _pad_rows(kseg, cfg)) if seg else ()
+    segs = ()
+    if seg:
+        qseg, kseg = _pad_rows(qseg, cfg), _pad_rows(kseg, cfg)
+        segs = (qseg, kseg, segment_bounds(qseg, kseg, _WGS * bq, _WGS * bq)[0])
     out, lse = plgpu.kernel(
         alibi_flash_fwd_mgpu,
         out_type=(jax.ShapeDtypeStruct((b, q.shape[1], h, d), dtype),
@@ -348,6 +366,29 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, slopes, *segs)
     return out, lse
+
+
+def segment_bounds(qseg, kseg, q_tile: int, k_tile: int):
+    """Which blocks segment ids leave anything in. qseg, kseg: [B, N] int32 (N a multiple of
+    both tiles). Returns (first [B, N / q_tile]: for each tile of q_tile query rows, the first
+    key position whose id is one of the tile's; last [B, N / k_tile]: for each tile of k_tile
+    keys, the last query position whose id is one of the tile's). A row whose id no key has
+    (or a key no row has) counts its own position. Any ids: packed documents need not be
+    contiguous or sorted."""
+    def one(q, k):
+        n = q.shape[0]
+        pos = jnp.arange(n, dtype=jnp.int32)
+        k_order = jnp.argsort(k, stable=True).astype(jnp.int32)  # a group's positions ascend
+        k_sorted = k[k_order]
+        i = jnp.minimum(jnp.searchsorted(k_sorted, q, side="left"), n - 1)
+        first = jnp.where(k_sorted[i] == q, k_order[i], pos)
+        q_order = jnp.argsort(q, stable=True).astype(jnp.int32)
+        q_sorted = q[q_order]
+        i = jnp.maximum(jnp.searchsorted(q_sorted, k, side="right") - 1, 0)
+        last = jnp.where(q_sorted[i] == k, q_order[i], pos)
+        return first.reshape(-1, q_tile).min(1), last.reshape(-1, k_tile).max(1)
+
+    return jax.vmap(one)(qseg.astype(jnp.int32), kseg.astype(jnp.int32))
 
 
 def _pad_rows(x, cfg: _Cfg):
@@ -391,17 +432,18 @@ def _stream(srcs, bufs, loaded, consumed, start, stop, stages, n_blocks):
             plgpu.copy_gmem_to_smem(src(j), buf.at[slot], bar.at[slot])
 
 
-def _stream_kv(cfg: _Cfg, refs, bufs, loaded, consumed, bi, kvh, bkv, stop, stages, n_blocks):
-    """The forward's and dq's memory warpgroup: blocks j in [0, stop) of KV head kvh's keys and
-    values (and of the keys' segment ids where cfg.has_segments). refs, bufs, loaded, consumed:
-    (keys, values, segment ids) each."""
+def _stream_kv(cfg: _Cfg, refs, bufs, loaded, consumed, bi, kvh, bkv, start, stop, stages,
+               n_blocks):
+    """The forward's and dq's memory warpgroup: blocks j in [start, stop) of KV head kvh's keys
+    and values (and of the keys' segment ids where cfg.has_segments), block j in ring slot
+    (j - start) % stages. refs, bufs, loaded, consumed: (keys, values, segment ids) each."""
     k_ref, v_ref, kseg_ref = refs
     kh, vh = cfg.k_off + kvh, cfg.v_off + kvh
     srcs = (lambda j: k_ref.at[bi, pl.ds(j * bkv, bkv), kh],
             lambda j: v_ref.at[bi, pl.ds(j * bkv, bkv), vh],
             lambda j: kseg_ref.at[bi, pl.ds(j * bkv, bkv)])
     n = 3 if cfg.has_segments else 2
-    _stream(srcs[:n], bufs[:n], loaded[:n], consumed[:n], 0, stop, stages, n_blocks)
+    _stream(srcs[:n], bufs[:n], loaded[:n], consumed[:n], start, stop, stages, n_blocks)
 
 
 def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
@@ -422,13 +464,17 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
     vec = functools.partial(_smem, swizzled=False)
 
     def dkv(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
-            dx_ref, bi, item, wg):
+            first_ref, last_ref, dx_ref, bi, item, wg):
         bk, bq = bs.block_kv_dkv, bs.block_q_dkv
         n_qb = pl.cdiv(t, bq)
         kvh = lax.rem(item, jnp.array(kv, item.dtype))  # heavy tiles (the first keys) first
         tile = lax.div(item, jnp.array(kv, item.dtype))
         first = lax.div(tile * (_WGS * bk), jnp.array(bq, jnp.int32))  # CTA's first q block
-        nq = n_qb - first  # q blocks streamed per query head of the group
+        # with segment ids, q blocks past the last row of the CTA's documents see none of its
+        # keys: the stream (and every loop) stops at q_stop
+        q_stop = (jnp.minimum(lax.div(last_ref[bi, tile], jnp.array(bq, jnp.int32)) + 1, n_qb)
+                  if seg else n_qb)
+        nq = q_stop - first  # q blocks streamed per query head of the group
 
         def body(smem, loaded, consumed):
             k_smem2, v_smem2, ks_smem2, q_smem, do_smem, lse_smem, delta_smem, qs_smem = smem
@@ -527,10 +573,12 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                         plgpu.barrier_arrive(q_free.at[slot])
                         return dk, dv
 
-                    lax.fori_loop(first, mine, skip, None)
-                    carry = lax.fori_loop(mine, full, functools.partial(step, masked=True),
+                    lo, hi_ = ((jnp.minimum(mine, q_stop), jnp.minimum(full, q_stop)) if seg
+                               else (mine, full))
+                    lax.fori_loop(first, lo, skip, None)
+                    carry = lax.fori_loop(lo, hi_, functools.partial(step, masked=True),
                                           carry)
-                    return lax.fori_loop(full, n_qb, functools.partial(step, masked=False),
+                    return lax.fori_loop(hi_, q_stop, functools.partial(step, masked=False),
                                          carry)
 
                 zero = (_full((bk, d), 0.0), _full((bk, d), 0.0))
@@ -586,13 +634,19 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
         )
 
     def dq(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
-           dx_ref, bi, hi, tile, wg):
+           first_ref, last_ref, dx_ref, bi, hi, tile, wg):
+        del last_ref
         bq, bkv = bs.block_q_dq, bs.block_kv_dq
         n_kb = pl.cdiv(t, bkv)
         kvh = lax.div(hi, jnp.array(group, hi.dtype))
         tile = n_q_tiles - 1 - tile  # the longest rows first
         cta_steps = jnp.minimum(pl.cdiv((tile + 1) * (_WGS * bq), jnp.array(bkv, jnp.int32)),
                                 n_kb)
+        # with segment ids the stream starts at the CTA's first key block of its documents
+        cta_first = lax.div(first_ref[bi, tile], jnp.array(bkv, jnp.int32)) if seg else 0
+
+        def slot_of(j):
+            return lax.rem(j - cta_first if seg else j, jnp.array(stages, jnp.int32))
 
         def body(smem, loaded, consumed):
             q_smem2, do_smem2, lse_smem2, delta_smem2, qs_smem2, k_smem, v_smem, ks_smem = smem
@@ -628,7 +682,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                 full = jnp.minimum(lax.div(base + 1, jnp.array(bkv, jnp.int32)), steps)
 
                 def step(j, acc, masked):  # S and dP issued together, then dq
-                    slot = lax.rem(j, jnp.array(stages, j.dtype))
+                    slot = slot_of(j)
                     plgpu.barrier_wait(k_bar.at[slot])
                     plgpu.barrier_wait(v_bar.at[slot])
 
@@ -660,11 +714,13 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                     return acc
 
                 acc = _full((bq, d), 0.0)
-                acc = lax.fori_loop(0, full, functools.partial(step, masked=False), acc)
+                if seg:
+                    full = jnp.maximum(full, cta_first)
+                acc = lax.fori_loop(cta_first, full, functools.partial(step, masked=False), acc)
                 acc = lax.fori_loop(full, steps, functools.partial(step, masked=True), acc)
 
                 def drain(j, _):  # the other warpgroup's blocks: wait for each before its
-                    slot = lax.rem(j, jnp.array(stages, j.dtype))  # release (nothing else keeps
+                    slot = slot_of(j)  # release (nothing else keeps
                     bars = [(k_bar, k_free), (v_bar, v_free)] + (  # the two in step here: a
                         [(ks_bar, ks_free)] if seg else [])  # release ahead of the load would
                     for bar, free in bars:  # count toward the slot's previous block)
@@ -682,7 +738,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
                 plgpu.set_max_registers(cfg.blocks.regs[1], action="decrease")
                 _stream_kv(cfg, (k_ref, v_ref, kseg_ref), (k_smem, v_smem, ks_smem),
                            (k_bar, v_bar, ks_bar), (k_free, v_free, ks_free), bi, kvh, bkv,
-                           cta_steps, stages, n_kb)
+                           cta_first, cta_steps, stages, n_kb)
 
         ring = plgpu.Barrier(num_barriers=stages)
         free = plgpu.Barrier(num_arrivals=_WGS, num_barriers=stages)
@@ -700,14 +756,14 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
 
     def alibi_flash_bwd_mgpu(q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref,
                              *refs):
-        qseg_ref, kseg_ref = refs[:2] if seg else (None, None)
+        qseg_ref, kseg_ref, first_ref, last_ref = refs[:4] if seg else (None,) * 4
         dx_ref = refs[-1]
         bi = lax.axis_index("batch")
         hi = lax.axis_index("heads")
         tile = lax.axis_index("tile")
         wg = lax.axis_index("wg")
         refs = (q_ref, k_ref, v_ref, slopes_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref,
-                dx_ref, bi)
+                first_ref, last_ref, dx_ref, bi)
         item = tile * h + hi  # dk/dv work item (KV head, key tile), in launch order
 
         @pl.when((tile < n_dkv) & (item < n_kv_tiles * kv))
@@ -718,7 +774,11 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
         def _():
             dq(*refs, hi, tile - n_dkv, wg)
 
-    segs = (_pad_rows(qseg, cfg), _pad_rows(kseg, cfg)) if seg else ()
+    segs = ()
+    if seg:
+        qseg, kseg = _pad_rows(qseg, cfg), _pad_rows(kseg, cfg)
+        segs = (qseg, kseg, *segment_bounds(qseg, kseg, _WGS * bs.block_q_dq,
+                                            _WGS * bs.block_kv_dkv))
     return plgpu.kernel(
         alibi_flash_bwd_mgpu,
         out_type=jax.ShapeDtypeStruct((b, q.shape[1], h + 2 * kv, d), dtype),
