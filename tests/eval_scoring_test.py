@@ -64,6 +64,27 @@ def test_scores_equal_transformers_without_recompiling(scorer):
         assert abs(sc.logprob - eval_common.hf_score(*req)[0]) <= 1e-4 * max(1, abs(sc.logprob))
 
 
+@pytest.mark.slow
+def test_buckets_shrink_to_their_longest_request():
+    """A ladder bucket runs at its longest member's length rounded up to 16 (65-70 tokens: 80,
+    not the ladder's 96), on both paths; one shape still, and the scores are transformers'."""
+    from mpt_jax.eval import scoring
+
+    rng = np.random.default_rng(7)
+    tok = lambda n: tuple(int(x) for x in rng.integers(1, eval_common.VOCAB, n))  # noqa: E731
+    shared_ctx = tok(67)
+    reqs = [Request(tok(int(rng.integers(62, 67))), tok(4)) for _ in range(3)]  # rows 65..69
+    reqs += [Request(shared_ctx, tok(2)), Request(shared_ctx, tok(3))]
+    sc = Scorer(eval_common.model(), batch_tokens=512, min_bucket=16, progress=False)
+    batches = sc._plan(reqs)
+    assert sorted((b.kind, b.arrays[0].shape[1]) for b in batches) == [("flat", 80),
+                                                                        ("shared", 80)]
+    assert scoring.bucket_length(67, 16) == 96  # what the ladder alone would have run
+    for req, got in zip(reqs, sc.score(reqs)):
+        want, greedy = eval_common.hf_score(*req)
+        assert abs(got.logprob - want) <= 1e-4 * max(1.0, abs(want)) and got.greedy == greedy
+
+
 def test_bad_requests_are_named(scorer):
     with pytest.raises(ValueError, match="request 1: context .* need at least one token"):
         scorer.score([Request((1,), (2,)), Request((), (2,))])

@@ -39,15 +39,20 @@ def test_segment_bounds_cover_every_visible_pair():
     n, qt, kt = 256, 32, 64
     packed = np.repeat(np.arange(40), rng.integers(1, 20, 40))[:n]
     packed = np.concatenate([packed, np.full(n - len(packed), -1)])  # padding past the end
-    cases = [(packed, packed), (rng.integers(0, 5, n), rng.integers(0, 5, n)),
-             (rng.integers(0, 3, n), rng.integers(3, 6, n))]  # ids that never meet
+    late = np.concatenate([np.ones(n // 2, int), np.zeros(n // 2, int)])  # each row's first
+    cases = [(packed, packed), (rng.integers(0, 5, n), rng.integers(0, 5, n)),  # key after it
+             (rng.integers(0, 3, n), rng.integers(3, 6, n)),  # ids that never meet
+             (1 - late, late)]
     for q, k in cases:
         first, last = flash_mgpu.segment_bounds(jnp.asarray(q[None]), jnp.asarray(k[None]),
                                                 qt, kt)
-        want_first = [min(min([j for j in range(n) if k[j] == q[r]], default=r)
+        want_first = [min(min([j for j in range(n) if k[j] == q[r]], default=r, key=int)
                           for r in range(t, t + qt)) for t in range(0, n, qt)]
         want_last = [max(max([r for r in range(n) if q[r] == k[j]], default=j)
                          for j in range(t, t + kt)) for t in range(0, n, kt)]
+        # never past a tile's own rows / keys (a causal kernel needs nothing beyond)
+        want_first = [min(f, t) for f, t in zip(want_first, range(0, n, qt))]
+        want_last = [max(a, t + kt - 1) for a, t in zip(want_last, range(0, n, kt))]
         np.testing.assert_array_equal(first[0], want_first)
         np.testing.assert_array_equal(last[0], want_last)
 

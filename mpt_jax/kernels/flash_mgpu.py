@@ -373,19 +373,21 @@ def segment_bounds(qseg, kseg, q_tile: int, k_tile: int):
     both tiles). Returns (first [B, N / q_tile]: for each tile of q_tile query rows, the first
     key position whose id is one of the tile's; last [B, N / k_tile]: for each tile of k_tile
     keys, the last query position whose id is one of the tile's). A row whose id no key has
-    (or a key no row has) counts its own position. Any ids: packed documents need not be
-    contiguous or sorted."""
+    (or a key no row has) counts its own position, and no bound passes it (first <= the row,
+    last >= the key: a causal kernel needs nothing beyond, and each CTA's stream then holds
+    its own diagonal block). Any ids: packed documents need not be contiguous or sorted; q
+    and kv ids may differ."""
     def one(q, k):
         n = q.shape[0]
         pos = jnp.arange(n, dtype=jnp.int32)
         k_order = jnp.argsort(k, stable=True).astype(jnp.int32)  # a group's positions ascend
         k_sorted = k[k_order]
         i = jnp.minimum(jnp.searchsorted(k_sorted, q, side="left"), n - 1)
-        first = jnp.where(k_sorted[i] == q, k_order[i], pos)
+        first = jnp.minimum(jnp.where(k_sorted[i] == q, k_order[i], pos), pos)
         q_order = jnp.argsort(q, stable=True).astype(jnp.int32)
         q_sorted = q[q_order]
         i = jnp.maximum(jnp.searchsorted(q_sorted, k, side="right") - 1, 0)
-        last = jnp.where(q_sorted[i] == k, q_order[i], pos)
+        last = jnp.maximum(jnp.where(q_sorted[i] == k, q_order[i], pos), pos)
         return first.reshape(-1, q_tile).min(1), last.reshape(-1, k_tile).max(1)
 
     return jax.vmap(one)(qseg.astype(jnp.int32), kseg.astype(jnp.int32))
