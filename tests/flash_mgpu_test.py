@@ -258,8 +258,8 @@ MESH_STEP = textwrap.dedent(r'''
 @pytest.mark.slow
 def test_sharded_train_step_lowers_with_the_hopper_kernels():
     """The real FSDP train step with configs/mpt7b.py's training and optimizer sections (4 fake
-    devices, layers under scan, MPT-7B's head dim 128; small shapes) lowered for CUDA as for Hopper: one Mosaic GPU forward and one backward launch per
-    layer (the scan body), on each shard's rows of the fused projection ([B / 4, T, 3H, D]
+    devices, layers under scan, MPT-7B's head dim 128; small shapes) lowered for CUDA as for
+    Hopper: one Mosaic GPU forward and one backward launch per layer (the scan body), on each shard's rows of the fused projection ([B / 4, T, 3H, D]
     read in place), and no Triton attention kernel."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4")
