@@ -85,6 +85,34 @@ def test_buckets_shrink_to_their_longest_request():
         assert abs(got.logprob - want) <= 1e-4 * max(1.0, abs(want)) and got.greedy == greedy
 
 
+@pytest.mark.slow
+def test_shared_contexts_run_the_chunk_kernel_on_gpu():
+    """On the GPU path both calls of a shared context (its prefix into the cache, then the
+    continuations against it) run the chunk flash kernel: the cache is allocated in
+    whole key blocks of that kernel, whatever the (tight) prefix and suffix lengths sum to
+    (80 + 8 here; a part block sends both calls to the jnp path). Traced, as for a GPU."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from conftest import pallas_kernels
+    from mpt_jax import MPTConfig, MPTForCausalLM
+    from mpt_jax.eval import scoring
+
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=101, max_seq_len=256)
+    model = MPTForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                           attn_impl="pallas_gpu")
+    sc = Scorer(model, batch_tokens=1024, min_bucket=16, progress=False)
+    ctx = tuple(range(1, 68))
+    (batch,) = sc._plan([Request(ctx, (5,)), Request(ctx, (6, 7)), Request(ctx, (8, 9, 10))])
+    assert batch.kind == "shared" and batch.arrays[0].shape[1] + batch.arrays[2].shape[1] == 88
+    traced = jax.jit(functools.partial(scoring._shared_impl, sc._spec)).trace(
+        sc.state, *(jnp.asarray(a) for a in batch.arrays))
+    assert pallas_kernels(traced.jaxpr.jaxpr) == ["alibi_chunk_fwd"] * 2
+
+
 def test_bad_requests_are_named(scorer):
     with pytest.raises(ValueError, match="request 1: context .* need at least one token"):
         scorer.score([Request((1,), (2,)), Request((), (2,))])

@@ -54,6 +54,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mpt_jax import sharding
+from mpt_jax.kernels import flash_gpu
 from mpt_jax.model import KVCache, MPTForCausalLM
 
 DEFAULT_BATCH_TOKENS = 32768
@@ -168,8 +169,13 @@ def _shared_impl(spec: _Spec, state, prefix_gp, prefix_mask_gp, suffix_rs, tgt_r
     g, p = prefix_gp.shape
     r, s = suffix_rs.shape
     c, k = r // g, tgt_rk.shape[1]
-    kv_mask_gs = jnp.concatenate([prefix_mask_gp.astype(bool), jnp.ones((g, s), bool)], axis=1)
-    cache = model.init_cache(g, p + s)
+    # the cache runs past p + s to whole key blocks of the chunk kernel, which then reads it in
+    # place for both calls (a part block would send them to the jnp path); causality keeps the
+    # extra slots out of every row's view
+    slots = flash_gpu.chunk_slots(p + s)
+    kv_mask_gs = jnp.concatenate([prefix_mask_gp.astype(bool), jnp.ones((g, s), bool),
+                                  jnp.zeros((g, slots - p - s), bool)], axis=1)
+    cache = model.init_cache(g, slots)
     h_gpd, cache = model.hidden_states(prefix_gp, attention_mask=kv_mask_gs, cache=cache,
                                        cache_index=0)
     cache = KVCache(jnp.repeat(cache.k, c, axis=1), jnp.repeat(cache.v, c, axis=1))
@@ -356,8 +362,8 @@ class Scorer:
         for (p, c, s), member_groups in sorted(by_shape.items(), reverse=True):
             p = self._tight(p, max(len(requests[m[0]].context) for m in member_groups))
             k = s + 1  # the context's last position, then the suffix's
-            g_rows = max(1, min(self.batch_tokens // (p + c * s),
-                                self.batch_tokens // (c * (p + s))))
+            g_rows = max(1, min(self.batch_tokens // (p + c * s),  # (the repeated cache)
+                                self.batch_tokens // (c * flash_gpu.chunk_slots(p + s))))
             g_rows = self._rows_multiple(g_rows)
             for start in range(0, len(member_groups), g_rows):
                 chunk = member_groups[start:start + g_rows]

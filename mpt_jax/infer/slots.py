@@ -76,7 +76,7 @@ def backend_compiles() -> int:
 
 # Prefill spans are whole multiples of the chunk flash kernel's key block (bf16 and float32
 # blocks alike), so every span runs it on the cache in place.
-SPAN_BLOCK = max(flash_gpu.BlockSizes().block_k, flash_gpu.BlockSizes.for_float32().block_k)
+SPAN_BLOCK = flash_gpu.chunk_slots(1)
 
 
 @dataclasses.dataclass(frozen=True)

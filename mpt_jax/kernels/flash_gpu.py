@@ -723,6 +723,13 @@ def flash_attention_gpu(
 # a chunk of new tokens against a KV cache (forward only)
 
 
+def chunk_slots(n: int) -> int:
+    """n cache slots rounded up to whole key blocks of the chunk kernel (its bf16 and float32
+    default blocks alike): a cache of that length is read in place (chunk_supported)."""
+    block = max(BlockSizes().block_k, BlockSizes.for_float32().block_k)
+    return -(-n // block) * block
+
+
 def chunk_supported(q_shape, kv_heads: int, slots: int, dtype,
                     block_sizes: BlockSizes | None = None) -> bool:
     """Whether `chunk_attention_gpu` takes q `[B, T, H, D]` against caches of `slots` positions
