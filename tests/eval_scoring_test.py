@@ -87,10 +87,11 @@ def test_buckets_shrink_to_their_longest_request():
 
 @pytest.mark.slow
 def test_shared_contexts_run_the_chunk_kernel_on_gpu():
-    """On the GPU path both calls of a shared context (its prefix into the cache, then the
-    continuations against it) run the chunk flash kernel: the cache is allocated in
-    whole key blocks of that kernel, whatever the (tight) prefix and suffix lengths sum to
-    (80 + 8 here; a part block sends both calls to the jnp path). Traced, as for a GPU."""
+    """On the GPU path a shared context runs as a prefill (the flash forward, its left padding
+    as segment ids) and its continuations against the cache on the chunk flash kernel: the
+    cache is allocated in whole key blocks of that kernel, whatever the (tight) prefix and
+    suffix lengths sum to (80 + 8 here; a part block sends the call to the jnp path). Traced,
+    as for a GPU (not Hopper: the Triton forward)."""
     import functools
 
     import jax
@@ -110,7 +111,37 @@ def test_shared_contexts_run_the_chunk_kernel_on_gpu():
     assert batch.kind == "shared" and batch.arrays[0].shape[1] + batch.arrays[2].shape[1] == 88
     traced = jax.jit(functools.partial(scoring._shared_impl, sc._spec)).trace(
         sc.state, *(jnp.asarray(a) for a in batch.arrays))
-    assert pallas_kernels(traced.jaxpr.jaxpr) == ["alibi_chunk_fwd"] * 2
+    assert pallas_kernels(traced.jaxpr.jaxpr) == ["alibi_flash_fwd", "alibi_chunk_fwd"]
+
+
+@pytest.mark.slow
+def test_shared_contexts_prefill_on_the_hopper_kernels(monkeypatch):
+    """On Hopper (head dim 64) the shared contexts' prefill is the Mosaic GPU forward (which
+    skips the left padding's blocks); the continuations stay on the chunk kernel. Lowered for
+    CUDA on the host."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mpt_jax import MPTConfig, MPTForCausalLM
+    from mpt_jax.eval import scoring
+    from mpt_jax.kernels import flash_mgpu
+
+    monkeypatch.setattr(flash_mgpu, "is_hopper", lambda: True)
+    cfg = MPTConfig(d_model=256, n_heads=4, n_layers=1, vocab_size=101, max_seq_len=256)
+    model = MPTForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                           attn_impl="pallas_gpu")
+    sc = Scorer(model, batch_tokens=1024, min_bucket=16, progress=False)
+    ctx = tuple(range(1, 68))
+    (batch,) = sc._plan([Request(ctx, (5,)), Request(ctx, (6, 7))])
+    txt = jax.jit(functools.partial(scoring._shared_impl, sc._spec)).trace(
+        sc.state, *(jnp.asarray(a) for a in batch.arrays)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    calls = [ln for ln in txt.splitlines() if "custom_call" in ln]
+    assert sum("alibi_flash_fwd_mgpu" in ln for ln in calls) == 1
+    assert sum("alibi_chunk_fwd" in ln for ln in calls) == 1
 
 
 def test_bad_requests_are_named(scorer):

@@ -170,14 +170,16 @@ def _shared_impl(spec: _Spec, state, prefix_gp, prefix_mask_gp, suffix_rs, tgt_r
     r, s = suffix_rs.shape
     c, k = r // g, tgt_rk.shape[1]
     # the cache runs past p + s to whole key blocks of the chunk kernel, which then reads it in
-    # place for both calls (a part block would send them to the jnp path); causality keeps the
-    # extra slots out of every row's view
+    # place for the continuations (a part block would send them to the jnp path); causality
+    # keeps the extra slots out of every row's view
     slots = flash_gpu.chunk_slots(p + s)
     kv_mask_gs = jnp.concatenate([prefix_mask_gp.astype(bool), jnp.ones((g, s), bool),
                                   jnp.zeros((g, slots - p - s), bool)], axis=1)
     cache = model.init_cache(g, slots)
+    # the contexts as a prefill (the flash forward, their left padding as segment ids: on
+    # Hopper the Mosaic GPU kernels, which skip the padding's blocks), writing the cache
     h_gpd, cache = model.hidden_states(prefix_gp, attention_mask=kv_mask_gs, cache=cache,
-                                       cache_index=0)
+                                       cache_index=0, mode="prefill")
     cache = KVCache(jnp.repeat(cache.k, c, axis=1), jnp.repeat(cache.v, c, axis=1))
     h_rsd, _ = model.hidden_states(suffix_rs, attention_mask=jnp.repeat(kv_mask_gs, c, axis=0),
                                    cache=cache, cache_index=p)
