@@ -18,9 +18,10 @@ Two paths, one compiled function per bucket shape on each:
           attention mask is needed: causal attention never lets a token see the padding after
           it), `rows = batch_tokens // L` per batch, the last batch padded with dummy rows.
   shared  requests with identical contexts (a multiple-choice question's choices, lm-eval's
-          loglikelihood requests of one document) form a group. The context runs once, into the
-          KV cache (left-padded to a bucket, so each row's context ends at the same slot and the
-          continuation follows it contiguously: ALiBi distances stay exact); the cache is
+          loglikelihood requests of one document) form a group. The context runs once, as a
+          prefill into the KV cache (left-padded to a bucket, so each row's context ends at the
+          same slot and the continuation follows it contiguously: ALiBi distances stay exact;
+          the cache in whole key blocks of the chunk kernel, which reads it in place); it is
           repeated for each member and the members' continuations run against it in one call.
           A question of C choices costs P + C * S token-forwards instead of C * (P + S).
           (Only for continuations of at most MAX_SHARED_CONTINUATION tokens.)
@@ -59,8 +60,8 @@ from mpt_jax.model import KVCache, MPTForCausalLM
 
 DEFAULT_BATCH_TOKENS = 32768
 # Longest continuation scored against a shared context: its tokens attend through the KV-cache
-# path (plain jnp attention, [T, S] scores per head), so this keeps that small; longer
-# continuations (perplexity windows) take the flat path's flash attention.
+# path (on a GPU the chunk flash kernel; elsewhere jnp attention, [T, S] scores per head), so
+# this keeps that small; longer continuations (perplexity windows) take the flat path.
 MAX_SHARED_CONTINUATION = 128
 # Bucket lengths shrink to the longest member rounded up to this (whole TMA tiles of 8 rows and
 # bf16 wgmma K steps of 16 on Hopper: no padding copy in the kernels' wrappers).
