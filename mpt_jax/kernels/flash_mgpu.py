@@ -199,12 +199,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
         # key blocks the CTA needs: up to its last row's position
         cta_steps = jnp.minimum(
             pl.cdiv((tile + 1) * (_WGS * bq) + off, jnp.array(bkv, jnp.int32)), n_kb)
-        # with segment ids, the first key block holding a key of one of the CTA's documents:
-        # the blocks before it are masked for every row, so nobody streams or computes them
-        cta_first = lax.div(first_ref[bi, tile], jnp.array(bkv, jnp.int32)) if seg else 0
-
-        def slot_of(j):  # ring slot of key block j (the stream starts at cta_first)
-            return lax.rem(j - cta_first if seg else j, jnp.array(stages, jnp.int32))
+        cta_first, slot_of = _ring_start(first_ref, bi, tile, bkv, stages)
 
         def sched_barrier():
             plgpu.barrier_arrive(sched)
@@ -352,7 +347,7 @@ def _forward(cfg: _Cfg, q, k, v, slopes, qseg, kseg):
 
     segs = ()
     if seg:
-        qseg, kseg = _pad_rows(qseg, cfg), _pad_rows(kseg, cfg)
+        qseg, kseg = _pad_rows(qseg, cfg.blocks), _pad_rows(kseg, cfg.blocks)
         segs = (qseg, kseg, segment_bounds(qseg, kseg, _WGS * bq, _WGS * bq)[0])
     out, lse = plgpu.kernel(
         alibi_flash_fwd_mgpu,
@@ -393,11 +388,23 @@ def segment_bounds(qseg, kseg, q_tile: int, k_tile: int):
     return jax.vmap(one)(qseg.astype(jnp.int32), kseg.astype(jnp.int32))
 
 
-def _pad_rows(x, cfg: _Cfg):
+def _pad_rows(x, blocks: MgpuBlocks | None = None):
     """[B, N] segment ids -> [B, padded_rows(N)] int32; padding -1 for rows and keys alike
     (rows past T see the keys past S: no row of the kernels' tiles is wholly masked, and no
     block reads past the array)."""
-    return common.pad_to(x.astype(jnp.int32), 1, padded_rows(x.shape[1], cfg.blocks), value=-1)
+    return common.pad_to(x.astype(jnp.int32), 1, padded_rows(x.shape[1], blocks), value=-1)
+
+
+def _ring_start(first_ref, bi, tile, bkv: int, stages: int):
+    """The forward's and dq's K/V stream for a CTA: (its first key block, block j -> ring
+    slot). With segment ids (first_ref: segment_bounds' first key of each tile's documents) the
+    blocks before that key's block are masked for every row, so nobody streams or computes
+    them; without, the stream starts at block 0."""
+    n = jnp.array(stages, jnp.int32)
+    if first_ref is None:
+        return 0, lambda j: lax.rem(j, n)
+    start = lax.div(first_ref[bi, tile], jnp.array(bkv, jnp.int32))
+    return start, lambda j: lax.rem(j - start, n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,11 +651,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
         tile = n_q_tiles - 1 - tile  # the longest rows first
         cta_steps = jnp.minimum(pl.cdiv((tile + 1) * (_WGS * bq), jnp.array(bkv, jnp.int32)),
                                 n_kb)
-        # with segment ids the stream starts at the CTA's first key block of its documents
-        cta_first = lax.div(first_ref[bi, tile], jnp.array(bkv, jnp.int32)) if seg else 0
-
-        def slot_of(j):
-            return lax.rem(j - cta_first if seg else j, jnp.array(stages, jnp.int32))
+        cta_first, slot_of = _ring_start(first_ref, bi, tile, bkv, stages)
 
         def body(smem, loaded, consumed):
             q_smem2, do_smem2, lse_smem2, delta_smem2, qs_smem2, k_smem, v_smem, ks_smem = smem
@@ -778,7 +781,7 @@ def _backward(cfg: _Cfg, q, k, v, slopes, do, lse, delta, qseg, kseg):
 
     segs = ()
     if seg:
-        qseg, kseg = _pad_rows(qseg, cfg), _pad_rows(kseg, cfg)
+        qseg, kseg = _pad_rows(qseg, cfg.blocks), _pad_rows(kseg, cfg.blocks)
         segs = (qseg, kseg, *segment_bounds(qseg, kseg, _WGS * bs.block_q_dq,
                                             _WGS * bs.block_kv_dkv))
     return plgpu.kernel(
