@@ -400,11 +400,13 @@ def _ring_start(first_ref, bi, tile, bkv: int, stages: int):
     slot). With segment ids (first_ref: segment_bounds' first key of each tile's documents) the
     blocks before that key's block are masked for every row, so nobody streams or computes
     them; without, the stream starts at block 0."""
-    n = jnp.array(stages, jnp.int32)
+    # (the stage count is made where each slot is computed: a constant made here and closed
+    # over by the kernel's nested regions fails jax 0.11.2's Mosaic GPU lowering, "Shaped
+    # arrays must be represented by ir.Values, got: 2", though 0.10.2 lowers it identically)
     if first_ref is None:
-        return 0, lambda j: lax.rem(j, n)
+        return 0, lambda j: lax.rem(j, jnp.array(stages, jnp.int32))
     start = lax.div(first_ref[bi, tile], jnp.array(bkv, jnp.int32))
-    return start, lambda j: lax.rem(j - start, n)
+    return start, lambda j: lax.rem(j - start, jnp.array(stages, jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------
