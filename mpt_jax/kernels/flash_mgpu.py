@@ -373,16 +373,25 @@ def segment_bounds(qseg, kseg, q_tile: int, k_tile: int):
     its own diagonal block). Any ids: packed documents need not be contiguous or sorted; q
     and kv ids may differ."""
     def one(q, k):
+        # One stable sort of the keys' ids then the rows' ids, each carrying its place in that
+        # concatenation (< n: key position; >= n: n + row position). In a run of one id its
+        # keys come first, ascending, then its rows, ascending: the run's first element is its
+        # first key (if any key has the id) and its last element its last row (if any row
+        # has it). No searchsorted: its loop of dependent steps cost the forward more than the
+        # skipped blocks saved at T=2048 (bench/ATTENTION_NOTES.md, session 13).
         n = q.shape[0]
         pos = jnp.arange(n, dtype=jnp.int32)
-        k_order = jnp.argsort(k, stable=True).astype(jnp.int32)  # a group's positions ascend
-        k_sorted = k[k_order]
-        i = jnp.minimum(jnp.searchsorted(k_sorted, q, side="left"), n - 1)
-        first = jnp.minimum(jnp.where(k_sorted[i] == q, k_order[i], pos), pos)
-        q_order = jnp.argsort(q, stable=True).astype(jnp.int32)
-        q_sorted = q[q_order]
-        i = jnp.maximum(jnp.searchsorted(q_sorted, k, side="right") - 1, 0)
-        last = jnp.maximum(jnp.where(q_sorted[i] == k, q_order[i], pos), pos)
+        idx = jnp.arange(2 * n, dtype=jnp.int32)
+        ids, src = jax.lax.sort((jnp.concatenate([k, q]), idx), num_keys=1, is_stable=True)
+        new_run = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+        run_end = jnp.concatenate([ids[1:] != ids[:-1], jnp.ones((1,), bool)])
+        head = src[jax.lax.cummax(jnp.where(new_run, idx, 0))]  # the run's first element
+        tail = src[jax.lax.cummin(jnp.where(run_end, idx, 2 * n), reverse=True)]
+        at = jnp.zeros((2 * n,), jnp.int32).at[src].set(idx)  # place -> sorted index
+        row_head = head[at[n:]]  # per row: its run's first element
+        key_tail = tail[at[:n]]  # per key: its run's last element
+        first = jnp.minimum(jnp.where(row_head < n, row_head, pos), pos)
+        last = jnp.maximum(jnp.where(key_tail >= n, key_tail - n, pos), pos)
         return first.reshape(-1, q_tile).min(1), last.reshape(-1, k_tile).max(1)
 
     return jax.vmap(one)(qseg.astype(jnp.int32), kseg.astype(jnp.int32))
