@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ALiBi flash attention on one GPU: correctness, block-size sweep, TFLOP/s, peak memory.
 
-  python bench/attention.py check [--first_case N]
+  python bench/attention.py check [--first_case N | --cases I,J]
                                                   issue 21's grid (CHECK_CASES): fresh random
                                                   bf16 inputs vs the float32 reference, outputs
                                                   poisoned, every gradient, NaN fails
@@ -170,7 +170,9 @@ def mode_check(args):
     buffers poisoned first. Prints which kernels ran (Hopper / Triton) per pass."""
     rows = []
     rng = np.random.default_rng()
-    for b, t, s, h, kvh, d, use_alibi, use_seg, causal, dtype in CHECK_CASES[args.first_case:]:
+    cases = ([CHECK_CASES[int(i)] for i in args.cases.split(",")] if args.cases else
+             CHECK_CASES[args.first_case:])
+    for b, t, s, h, kvh, d, use_alibi, use_seg, causal, dtype in cases:
         seed = int(rng.integers(2**31))
         q, k, v, do = inputs(b, t, h, kvh, d, dtype, seed=seed, s=s)
         slopes = jnp.asarray(alibi_slopes(h)) if use_alibi else None
@@ -485,6 +487,7 @@ def main():
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--config", default="default", help="a CONFIGS name or BlockSizes JSON")
     ap.add_argument("--first_case", type=int, default=0, help="check: start at this case")
+    ap.add_argument("--cases", default="", help="check: only these case indices (0,3,...)")
     ap.add_argument("--mem_seqs", type=int, nargs="+", default=[16384, 32768, 65536])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--results", default="", help="bench: append rows to this RESULTS.md")
