@@ -2,8 +2,8 @@
 data (segment ids on), as the trainer runs it. Each variant runs in its own subprocess (clean
 peak memory; an OOM loses only that variant).
 
-    python bench/finetune.py --variants sft,story,lora [--steps 4 --results bench/RESULTS.md
-        --card H200 --commit abc1234]
+    python bench/finetune.py --variants sft,story,lora [--steps 4 --attn auto[,pallas_triton]
+        --results bench/RESULTS.md --card H200 --commit abc1234]
 
 Variants:
   sft    MPT-7B full finetune, seq 2048, packed examples (llm-foundry's Dolly SFT recipe,
@@ -34,6 +34,9 @@ positions over the timed batches; peak memory from the device's allocator. The a
 kernel the packed (segment-id) path runs is printed and recorded: `attention.plan` picks it,
 on an H200 the Hopper (Mosaic GPU) kernels (which take segment ids since 12-02; the Triton
 kernels before).
+--attn runs every variant under each attention impl named, one after the other in the same call
+(`auto,pallas_triton`: the kernels the plan picks beside the Triton kernels, the previous ones
+on a Hopper GPU).
 LoRA's MFU counts the whole model's forward and backward flops (6 x params + attention per
 token, the full finetune's count and llm-foundry's MPT flops_per_batch, which does not discount
 frozen weights or add the adapters'), so its MFU is comparable with the full finetune's as
@@ -135,7 +138,7 @@ def run_one(args) -> dict:
     train = ml_collections.ConfigDict(dict(
         seq_len=seq, global_batch_size=rows, micro_batch_size=0, compute_dtype="bfloat16",
         param_dtype="bfloat16" if rank else "float32", remat_policy=remat, scan_layers=False,
-        attn_impl="auto", loss_chunk_size=loss_chunk, nonfinite="stop",
+        attn_impl=args.attn, loss_chunk_size=loss_chunk, nonfinite="stop",
         lora=ml_collections.ConfigDict(dict(rank=rank, alpha=2.0 * rank, dropout=0.0,
                                             targets=LORA_TARGETS, adapter=""))))
     ocfg = ml_collections.ConfigDict(dict(
@@ -154,7 +157,7 @@ def run_one(args) -> dict:
     step = step_lib.compile_train_step(settings, shardings, mesh, keys)
     host, efficiency = packed_batches(layout, seq, rows, cfg.vocab_size, max(2, args.steps))
     with sharding.use_mesh(mesh), sharding.use_rules(rules):
-        p = attention.plan("auto", (micro, seq, cfg.n_heads, cfg.head_dim), cfg.kv_n_heads, seq,
+        p = attention.plan(args.attn, (micro, seq, cfg.n_heads, cfg.head_dim), cfg.kv_n_heads, seq,
                            jnp.bfloat16, has_segments=True, packed=True)
         kernel = p.kernel + (" (Mosaic GPU fwd)" if p.hopper_fwd else "") + (
             " (Mosaic GPU bwd)" if p.hopper_bwd else "")
@@ -173,7 +176,7 @@ def run_one(args) -> dict:
         dt = (time.time() - t0) / args.steps
     tps = rows * seq / dt
     mem = metrics_lib.device_memory_gb()
-    return dict(variant=args.variant, model=args.model, seq=seq, micro_batch=micro, devices=n,
+    return dict(variant=args.variant, attn=args.attn, model=args.model, seq=seq, micro_batch=micro, devices=n,
                 optim=opt_name, lora_rank=rank,
                 base_dtype=train.param_dtype,
                 mu_dtype=mu_dtype or "float32", remat=remat, kernel=kernel,
@@ -191,6 +194,8 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up step")
     p.add_argument("--sft_micro_batch", type=int, default=8, help="sft rows per device")
     p.add_argument("--lora_micro_batch", type=int, default=4, help="lora rows per device")
+    p.add_argument("--attn", default="auto", help="attention impls, each a run of every variant "
+                   "(auto, pallas_gpu, pallas_triton, reference)")
     p.add_argument("--model", default="7b", help="MPT size (a smaller one for a smoke run)")
     p.add_argument("--results", default="")
     p.add_argument("--card", default="")
@@ -202,23 +207,31 @@ def main():
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
     rows = []
+    from mpt_jax.model.attention import IMPLS
+
+    impls = args.attn.split(",")
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             p.error(f"--variants: unknown {variant!r}; expected some of {sorted(VARIANTS)}")
+    for impl in impls:
+        if impl not in IMPLS:
+            p.error(f"--attn: unknown {impl!r}; expected some of {IMPLS}")
+    for variant, impl in ((v, i) for i in impls for v in args.variants.split(",")):
         cmd = [sys.executable, __file__, "--one", "--variant", variant, "--steps",
                str(args.steps), "--sft_micro_batch", str(args.sft_micro_batch),
-               "--lora_micro_batch", str(args.lora_micro_batch), "--model", args.model]
+               "--lora_micro_batch", str(args.lora_micro_batch), "--model", args.model,
+               "--attn", impl]
         out = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not lines:
             err = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
-            print(f"{variant}: FAILED ({err})", flush=True)
+            print(f"{variant} (--attn {impl}): FAILED ({err})", flush=True)
             continue
         r = json.loads(lines[-1][7:])
         rows.append(r)
         lora = (f" LoRA r{r['lora_rank']} on {len(LORA_TARGETS)} targets, {r['base_dtype']} base"
                 if r["lora_rank"] else "")
-        print(f"{variant}: MPT-{r['model']} seq {r['seq']} mb {r['micro_batch']} x{r['devices']} "
+        print(f"{variant} (--attn {impl}): MPT-{r['model']} seq {r['seq']} mb {r['micro_batch']} x{r['devices']} "
               f"{r['optim']}/{r['mu_dtype']} remat {r['remat']}{lora}, attention {r['kernel']}: "
               f"{r['tokens_per_s_per_device']:,.0f} tok/s/device "
               f"({r['real_tokens_per_s_per_device']:,.0f} real), MFU "
@@ -226,7 +239,7 @@ def main():
               f"step {r['step_s']:.3f}s, compile {r['compile_s']:.0f}s, peak "
               f"{r['peak_mem_gb'] or 0:.1f} GiB (step scratch {r['temp_gb'] or 0:.1f}) "
               f"[{r['device']}]", flush=True)
-    by_name = {r["variant"]: r for r in rows}
+    by_name = {r["variant"]: r for r in rows if r["attn"] == impls[0]}
     ratio = None
     if "sft" in by_name and "lora" in by_name:
         full, lora = by_name["sft"], by_name["lora"]
@@ -244,7 +257,7 @@ def main():
             for r in rows:
                 name = (f"finetune {r['variant']} mpt-{r['model']} seq {r['seq']} mb "
                         f"{r['micro_batch']} x"
-                        f"{r['devices']} packed (segment ids, attention {r['kernel']}) "
+                        f"{r['devices']} packed (segment ids, --attn {r['attn']}: {r['kernel']}) "
                         f"{r['optim']} mu {r['mu_dtype']} remat {r['remat']}"
                         + (f" LoRA r{r['lora_rank']} {'+'.join(LORA_TARGETS)} {r['base_dtype']} "
                            "base (MFU: full-model flops)" if r["lora_rank"] else ""))
@@ -258,7 +271,7 @@ def main():
                     ("compile s", f"{r['compile_s']:.0f}"),
                     ("peak GiB/GPU", f"{r['peak_mem_gb'] or 0:.1f}"),
                     ("step scratch GiB/GPU (XLA temp)", f"{r['temp_gb'] or 0:.1f}")]
-                if r["variant"] == "lora" and ratio is not None:
+                if r["variant"] == "lora" and r["attn"] == impls[0] and ratio is not None:
                     figures.append(("step / full finetune step (same call)", f"{ratio:.3f}"))
                 for fig, val in figures:
                     fh.write(f"| {date} | {name} | {fig} | {val} | {card} | {args.commit} |\n")
