@@ -3,7 +3,8 @@ data (segment ids on), as the trainer runs it. Each variant runs in its own subp
 peak memory; an OOM loses only that variant).
 
     python bench/finetune.py --variants sft,story,lora [--steps 4 --attn auto[,pallas_triton]
-        --results bench/RESULTS.md --card H200 --commit abc1234]
+        --xla_flags ';--xla_gpu_enable_triton_gemm=false' --results bench/RESULTS.md
+        --card H200 --commit abc1234]
 
 Variants:
   sft    MPT-7B full finetune, seq 2048, packed examples (llm-foundry's Dolly SFT recipe,
@@ -36,7 +37,8 @@ on an H200 the Hopper (Mosaic GPU) kernels (which take segment ids since 12-02; 
 kernels before).
 --attn runs every variant under each attention impl named, one after the other in the same call
 (`auto,pallas_triton`: the kernels the plan picks beside the Triton kernels, the previous ones
-on a Hopper GPU).
+on a Hopper GPU). --xla_flags likewise: `;`-separated sets of XLA flags, each added to
+XLA_FLAGS for a run of every variant (an empty set: XLA's defaults).
 LoRA's MFU counts the whole model's forward and backward flops (6 x params + attention per
 token, the full finetune's count and llm-foundry's MPT flops_per_batch, which does not discount
 frozen weights or add the adapters'), so its MFU is comparable with the full finetune's as
@@ -196,6 +198,8 @@ def main():
     p.add_argument("--lora_micro_batch", type=int, default=4, help="lora rows per device")
     p.add_argument("--attn", default="auto", help="attention impls, each a run of every variant "
                    "(auto, pallas_gpu, pallas_triton, reference)")
+    p.add_argument("--xla_flags", default="", help="';'-separated XLA flag sets, each a run "
+                   "of every variant")
     p.add_argument("--model", default="7b", help="MPT size (a smaller one for a smoke run)")
     p.add_argument("--results", default="")
     p.add_argument("--card", default="")
@@ -210,28 +214,35 @@ def main():
     from mpt_jax.model.attention import IMPLS
 
     impls = args.attn.split(",")
+    flag_sets = args.xla_flags.split(";")
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             p.error(f"--variants: unknown {variant!r}; expected some of {sorted(VARIANTS)}")
     for impl in impls:
         if impl not in IMPLS:
             p.error(f"--attn: unknown {impl!r}; expected some of {IMPLS}")
-    for variant, impl in ((v, i) for i in impls for v in args.variants.split(",")):
+    for variant, impl, flags in ((v, i, f) for f in flag_sets for i in impls
+                                 for v in args.variants.split(",")):
         cmd = [sys.executable, __file__, "--one", "--variant", variant, "--steps",
                str(args.steps), "--sft_micro_batch", str(args.sft_micro_batch),
                "--lora_micro_batch", str(args.lora_micro_batch), "--model", args.model,
                "--attn", impl]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ)
+        if flags.strip():
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags.strip()}".strip()
+        label = f"--attn {impl}" + (f", XLA_FLAGS {flags.strip()}" if flags.strip() else "")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not lines:
             err = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
-            print(f"{variant} (--attn {impl}): FAILED ({err})", flush=True)
+            print(f"{variant} ({label}): FAILED ({err})", flush=True)
             continue
         r = json.loads(lines[-1][7:])
+        r["xla_flags"] = flags.strip()
         rows.append(r)
         lora = (f" LoRA r{r['lora_rank']} on {len(LORA_TARGETS)} targets, {r['base_dtype']} base"
                 if r["lora_rank"] else "")
-        print(f"{variant} (--attn {impl}): MPT-{r['model']} seq {r['seq']} mb {r['micro_batch']} x{r['devices']} "
+        print(f"{variant} ({label}): MPT-{r['model']} seq {r['seq']} mb {r['micro_batch']} x{r['devices']} "
               f"{r['optim']}/{r['mu_dtype']} remat {r['remat']}{lora}, attention {r['kernel']}: "
               f"{r['tokens_per_s_per_device']:,.0f} tok/s/device "
               f"({r['real_tokens_per_s_per_device']:,.0f} real), MFU "
@@ -239,7 +250,8 @@ def main():
               f"step {r['step_s']:.3f}s, compile {r['compile_s']:.0f}s, peak "
               f"{r['peak_mem_gb'] or 0:.1f} GiB (step scratch {r['temp_gb'] or 0:.1f}) "
               f"[{r['device']}]", flush=True)
-    by_name = {r["variant"]: r for r in rows if r["attn"] == impls[0]}
+    first = (impls[0], flag_sets[0].strip())
+    by_name = {r["variant"]: r for r in rows if (r["attn"], r["xla_flags"]) == first}
     ratio = None
     if "sft" in by_name and "lora" in by_name:
         full, lora = by_name["sft"], by_name["lora"]
@@ -257,7 +269,8 @@ def main():
             for r in rows:
                 name = (f"finetune {r['variant']} mpt-{r['model']} seq {r['seq']} mb "
                         f"{r['micro_batch']} x"
-                        f"{r['devices']} packed (segment ids, --attn {r['attn']}: {r['kernel']}) "
+                        f"{r['devices']} packed (segment ids, --attn {r['attn']}: {r['kernel']}"
+                        + (f"; XLA_FLAGS {r['xla_flags']}" if r["xla_flags"] else "") + ") "
                         f"{r['optim']} mu {r['mu_dtype']} remat {r['remat']}"
                         + (f" LoRA r{r['lora_rank']} {'+'.join(LORA_TARGETS)} {r['base_dtype']} "
                            "base (MFU: full-model flops)" if r["lora_rank"] else ""))
@@ -271,7 +284,8 @@ def main():
                     ("compile s", f"{r['compile_s']:.0f}"),
                     ("peak GiB/GPU", f"{r['peak_mem_gb'] or 0:.1f}"),
                     ("step scratch GiB/GPU (XLA temp)", f"{r['temp_gb'] or 0:.1f}")]
-                if r["variant"] == "lora" and r["attn"] == impls[0] and ratio is not None:
+                if (r["variant"] == "lora" and (r["attn"], r["xla_flags"]) == first
+                        and ratio is not None):
                     figures.append(("step / full finetune step (same call)", f"{ratio:.3f}"))
                 for fig, val in figures:
                     fh.write(f"| {date} | {name} | {fig} | {val} | {card} | {args.commit} |\n")
