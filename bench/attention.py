@@ -11,6 +11,9 @@
                                                   BENCH_SHAPES: ours (Hopper and Triton; ALiBi
                                                   on/off, segment ids, GQA) beside FA3 (no
                                                   ALiBi, MHA and GQA) in the same process
+  python bench/attention.py tiles [--batch 1 --seq 65536 --tiles '[{}, {"block_kv": 64}]']
+                                                  the Hopper forward under MgpuBlocks variants,
+                                                  interleaved rounds, best of each (with ALiBi)
   python bench/attention.py memory                compiled + measured peak of fwd+bwd, T up to 64k
   python bench/attention.py chunk [--results ...] a chunk of T new tokens against a KV cache at
                                                   its deepest (the serving engine's prefill): the
@@ -330,6 +333,56 @@ def _live_fraction(seg) -> float:
     return float((ends[None] - first[:, :tiles] // bkv).sum() / dense)
 
 
+def _bounds_fn():
+    """flash_mgpu.segment_bounds as the forward calls it (padded ids, its tiles), jitted."""
+    rows = flash_mgpu._WGS * flash_mgpu.MgpuBlocks().block_q
+
+    def run(seg):
+        ids = flash_mgpu._pad_rows(seg)
+        return flash_mgpu.segment_bounds(ids, ids, rows, rows)
+
+    return jax.jit(run)
+
+
+def mode_tiles(args):
+    """The Hopper forward (ALiBi, causal, bf16, --heads H, D=128) at --batch / --seq under each
+    of --tiles (a JSON list of MgpuBlocks overrides; {} is the default), two rounds in turn,
+    the best of each; a variant that does not compile (e.g. past shared memory) is reported."""
+    b, t, h, d = args.batch, args.seq, args.heads, 128
+    variants = json.loads(args.tiles)
+    q, k, v, _ = inputs(b, t, h, h, d)
+    slopes = jnp.asarray(alibi_slopes(h))
+    fl = fwd_flops(b, t, h, d)
+    iters = dict(iters=3, warmup=1, reps=3) if t > 16384 else {}
+    best, errors = {}, {}
+    for _ in range(2):
+        for var in variants:
+            name = json.dumps(var, sort_keys=True)
+            bs = dataclasses.replace(B0, hopper=flash_mgpu.MgpuBlocks(**var))
+            f = jax.jit(lambda q, k, v, bs=bs: attention.flash_attention(
+                q, k, v, alibi_slopes=slopes, impl="pallas_gpu", block_sizes=bs))
+            try:
+                best[name] = min(best.get(name, float("inf")), jax_time(f, (q, k, v), **iters))
+            except Exception as e:  # noqa: BLE001  (reported below)
+                errors[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    rows = [dict(tiles=n, ms=tt * 1e3, tflops=fl / tt / 1e12) for n, tt in best.items()]
+    rows += [dict(tiles=n, error=e) for n, e in errors.items()]
+    device = jax.devices()[0].device_kind
+    print(f"\n| Hopper forward tiles | B | T | fwd TFLOP/s |  ({device})\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tiles']} | {b} | {t} | "
+              + (f"{r['tflops']:.0f} |" if "error" not in r else f"{r['error']} |"))
+    if args.results:
+        with open(args.results, "a") as fh:
+            for r in rows:
+                value = f"{r['tflops']:.0f}" if "error" not in r else r["error"].replace("|", "/")
+                fh.write(f"| {time.strftime('%Y-%m-%d')} | attention Hopper forward tiles "
+                         f"{r['tiles']} ({{}}: the default), ALiBi causal bf16 H={h} D={d} "
+                         f"B={b} T={t} (bench/attention.py tiles, best of 2 rounds in turn) | "
+                         f"TFLOP/s fwd | {value} | {args.card or device} | {args.commit} |\n")
+    return rows
+
+
 def mode_bench(args):
     """At each of BENCH_SHAPES (B, T, H, D; causal bf16): ours (impl pallas_gpu: on Hopper the
     Mosaic GPU kernels of kernels/flash_mgpu.py; pallas_triton: the Triton kernels) with and
@@ -377,6 +430,7 @@ def mode_bench(args):
                                  fwdbwd_tflops=3.5 * fl / t_fb / 1e12))
                 if "segments" in name and "mosaic" in name:
                     rows[-1]["live_blocks"] = live
+                    rows[-1]["bounds_ms"] = 1e3 * jax_time(_bounds_fn(), (seg,), **iters)
             except Exception as e:
                 rows.append(dict(name=name, batch=b, seq=t, heads=h, head_dim=d,
                                  error=f"{type(e).__name__}: {str(e)[:300]}"))
@@ -396,7 +450,8 @@ def mode_bench(args):
                 if "error" in r:
                     continue
                 live = (f"; the Hopper forward computes {r['live_blocks']:.0%} of the causal "
-                        "blocks (the rest lie wholly in other documents)"
+                        "blocks (the rest lie wholly in other documents); segment_bounds alone "
+                        f"{r['bounds_ms']:.3f} ms"
                         if "live_blocks" in r else "")
                 fh.write(f"| {date} | attention {r['name']} bf16 causal H={r['heads']} "
                          f"D={r['head_dim']} B={r['batch']} T={r['seq']} (bench/attention.py "
@@ -488,13 +543,15 @@ def mode_memory(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["check", "sweep", "bench", "memory", "chunk"])
+    ap.add_argument("mode", choices=["check", "sweep", "bench", "tiles", "memory", "chunk"])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--config", default="default", help="a CONFIGS name or BlockSizes JSON")
     ap.add_argument("--first_case", type=int, default=0, help="check: start at this case")
     ap.add_argument("--cases", default="", help="check: only these case indices (0,3,...)")
+    ap.add_argument("--tiles", default='[{}, {"block_kv": 64}, {"block_kv": 64, "stages": 3}]',
+                    help="tiles: a JSON list of MgpuBlocks overrides ({} = the default)")
     ap.add_argument("--mem_seqs", type=int, nargs="+", default=[16384, 32768, 65536])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--results", default="", help="bench: append rows to this RESULTS.md")
