@@ -333,13 +333,14 @@ def _live_fraction(seg) -> float:
     return float((ends[None] - first[:, :tiles] // bkv).sum() / dense)
 
 
-def _bounds_fn():
-    """flash_mgpu.segment_bounds as the forward calls it (padded ids, its tiles), jitted."""
-    rows = flash_mgpu._WGS * flash_mgpu.MgpuBlocks().block_q
+def _bounds_fn(blocks):
+    """flash_mgpu.segment_bounds as the forward calls it (padded ids, its tiles; the forward
+    keeps only the first of the two bounds), jitted."""
+    rows = flash_mgpu._WGS * blocks.block_q
 
     def run(seg):
-        ids = flash_mgpu._pad_rows(seg)
-        return flash_mgpu.segment_bounds(ids, ids, rows, rows)
+        ids = flash_mgpu._pad_rows(seg, blocks)
+        return flash_mgpu.segment_bounds(ids, ids, rows, rows)[0]
 
     return jax.jit(run)
 
@@ -364,9 +365,9 @@ def mode_tiles(args):
             try:
                 best[name] = min(best.get(name, float("inf")), jax_time(f, (q, k, v), **iters))
             except Exception as e:  # noqa: BLE001  (reported below)
-                errors[name] = f"{type(e).__name__}: {str(e)[:200]}"
+                errors[name] = " ".join(f"{type(e).__name__}: {str(e)[:200]}".split())
     rows = [dict(tiles=n, ms=tt * 1e3, tflops=fl / tt / 1e12) for n, tt in best.items()]
-    rows += [dict(tiles=n, error=e) for n, e in errors.items()]
+    rows += [dict(tiles=n, error=e) for n, e in errors.items() if n not in best]
     device = jax.devices()[0].device_kind
     print(f"\n| Hopper forward tiles | B | T | fwd TFLOP/s |  ({device})\n|---|---|---|---|")
     for r in rows:
@@ -425,12 +426,13 @@ def mode_bench(args):
             try:
                 t_f = jax_time(jax.jit(f), (q, k, v), **iters)
                 t_fb = jax_time(fwd_bwd_fn(f), (q, k, v, do), **iters)
+                extra = {}
+                if "segments" in name and "mosaic" in name:
+                    extra = dict(live_blocks=live, bounds_ms=1e3 * jax_time(
+                        _bounds_fn(bs.hopper), (seg,), **iters))
                 rows.append(dict(name=name, batch=b, seq=t, heads=h, head_dim=d, fwd_ms=t_f * 1e3,
                                  fwd_tflops=fl / t_f / 1e12, fwdbwd_ms=t_fb * 1e3,
-                                 fwdbwd_tflops=3.5 * fl / t_fb / 1e12))
-                if "segments" in name and "mosaic" in name:
-                    rows[-1]["live_blocks"] = live
-                    rows[-1]["bounds_ms"] = 1e3 * jax_time(_bounds_fn(), (seg,), **iters)
+                                 fwdbwd_tflops=3.5 * fl / t_fb / 1e12, **extra))
             except Exception as e:
                 rows.append(dict(name=name, batch=b, seq=t, heads=h, head_dim=d,
                                  error=f"{type(e).__name__}: {str(e)[:300]}"))
