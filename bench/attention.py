@@ -325,8 +325,7 @@ def _live_fraction(seg) -> float:
     bs = flash_mgpu.MgpuBlocks()
     rows, bkv = flash_mgpu._WGS * bs.block_q, bs.block_kv
     b, t = seg.shape
-    ids = flash_mgpu._pad_rows(seg)
-    first = np.asarray(flash_mgpu.segment_bounds(ids, ids, rows, rows)[0])
+    first = np.asarray(_bounds_fn(bs)(seg))
     tiles = -(-t // rows)
     ends = np.minimum(-(-(np.arange(tiles) + 1) * rows // bkv), -(-t // bkv))
     dense = ends.sum() * b

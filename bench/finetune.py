@@ -178,8 +178,8 @@ def run_one(args) -> dict:
         dt = (time.time() - t0) / args.steps
     tps = rows * seq / dt
     mem = metrics_lib.device_memory_gb()
-    return dict(variant=args.variant, attn=args.attn, model=args.model, seq=seq, micro_batch=micro, devices=n,
-                optim=opt_name, lora_rank=rank,
+    return dict(variant=args.variant, attn=args.attn, model=args.model, seq=seq,
+                micro_batch=micro, devices=n, optim=opt_name, lora_rank=rank,
                 base_dtype=train.param_dtype,
                 mu_dtype=mu_dtype or "float32", remat=remat, kernel=kernel,
                 packing_efficiency=efficiency, step_s=dt, compile_s=compile_s,
@@ -210,11 +210,11 @@ def main():
     if args.one:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
-    rows = []
-    from mpt_jax.model.attention import IMPLS
+    from mpt_jax.model.attention import IMPLS  # (no backend starts: the runs are subprocesses)
 
+    rows = []
     impls = args.attn.split(",")
-    flag_sets = args.xla_flags.split(";")
+    flag_sets = [f.strip() for f in args.xla_flags.split(";")]
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             p.error(f"--variants: unknown {variant!r}; expected some of {sorted(VARIANTS)}")
@@ -228,9 +228,9 @@ def main():
                "--lora_micro_batch", str(args.lora_micro_batch), "--model", args.model,
                "--attn", impl]
         env = dict(os.environ)
-        if flags.strip():
-            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags.strip()}".strip()
-        label = f"--attn {impl}" + (f", XLA_FLAGS {flags.strip()}" if flags.strip() else "")
+        if flags:
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
+        label = f"--attn {impl}" + (f", XLA_FLAGS {flags}" if flags else "")
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode or not lines:
@@ -238,11 +238,12 @@ def main():
             print(f"{variant} ({label}): FAILED ({err})", flush=True)
             continue
         r = json.loads(lines[-1][7:])
-        r["xla_flags"] = flags.strip()
+        r["xla_flags"] = flags
         rows.append(r)
         lora = (f" LoRA r{r['lora_rank']} on {len(LORA_TARGETS)} targets, {r['base_dtype']} base"
                 if r["lora_rank"] else "")
-        print(f"{variant} ({label}): MPT-{r['model']} seq {r['seq']} mb {r['micro_batch']} x{r['devices']} "
+        print(f"{variant} ({label}): MPT-{r['model']} seq {r['seq']} mb {r['micro_batch']} "
+              f"x{r['devices']} "
               f"{r['optim']}/{r['mu_dtype']} remat {r['remat']}{lora}, attention {r['kernel']}: "
               f"{r['tokens_per_s_per_device']:,.0f} tok/s/device "
               f"({r['real_tokens_per_s_per_device']:,.0f} real), MFU "
@@ -250,7 +251,7 @@ def main():
               f"step {r['step_s']:.3f}s, compile {r['compile_s']:.0f}s, peak "
               f"{r['peak_mem_gb'] or 0:.1f} GiB (step scratch {r['temp_gb'] or 0:.1f}) "
               f"[{r['device']}]", flush=True)
-    first = (impls[0], flag_sets[0].strip())
+    first = (impls[0], flag_sets[0])
     by_name = {r["variant"]: r for r in rows if (r["attn"], r["xla_flags"]) == first}
     ratio = None
     if "sft" in by_name and "lora" in by_name:

@@ -383,8 +383,8 @@ def segment_bounds(qseg, kseg, q_tile: int, k_tile: int):
         pos = jnp.arange(n, dtype=jnp.int32)
         idx = jnp.arange(2 * n, dtype=jnp.int32)
         ids, src = jax.lax.sort((jnp.concatenate([k, q]), idx), num_keys=1, is_stable=True)
-        new_run = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
-        run_end = jnp.concatenate([ids[1:] != ids[:-1], jnp.ones((1,), bool)])
+        change, edge = ids[1:] != ids[:-1], jnp.ones((1,), bool)
+        new_run, run_end = jnp.concatenate([edge, change]), jnp.concatenate([change, edge])
         head = src[jax.lax.cummax(jnp.where(new_run, idx, 0))]  # the run's first element
         tail = src[jax.lax.cummin(jnp.where(run_end, idx, 2 * n), reverse=True)]
         at = jnp.zeros((2 * n,), jnp.int32).at[src].set(idx)  # place -> sorted index
