@@ -159,9 +159,10 @@ def cache_bytes(cfg: MPTConfig, batch: int, context: float, cache_dtype) -> floa
 # One measurement
 # ---------------------------------------------------------------------------------------------
 def bench_decode(gen: Generator, batch: int, prompt: int, new: int, reps: int,
-                 prefill_reps: int | None = None) -> dict:
+                 prefill_reps: int | None = None, profile_prefill: str = "") -> dict:
     """Prefill and decode-loop times of `batch` random prompts of `prompt` tokens and `new`
-    greedy tokens (no EOS)."""
+    greedy tokens (no EOS). profile_prefill: a directory to trace one more prefill into (its
+    table printed, bench/profile_util.py)."""
     rs = np.random.RandomState(batch + prompt)
     ids = jnp.asarray(rs.randint(0, gen.config.vocab_size, (batch, prompt)).astype(np.int32))
     mask = jnp.ones_like(ids)
@@ -173,6 +174,10 @@ def bench_decode(gen: Generator, batch: int, prompt: int, new: int, reps: int,
     first = time.perf_counter() - t0
     prefill = _best(lambda: jax.block_until_ready(gen._prefill(*pre_args).tokens),
                     reps if prefill_reps is None else prefill_reps)
+    if profile_prefill:
+        from profile_util import profile
+        print(profile(lambda: jax.block_until_ready(gen._prefill(*pre_args).tokens),
+                      profile_prefill, steps=1, top=40), flush=True)
     statics = (prompt, new, SamplingParams(), jnp.int32(-1), jnp.int32(0))
     fresh = jax.jit(lambda s: jax.tree.map(jnp.copy, s))
 
@@ -368,7 +373,8 @@ def main():
     ap.add_argument("--size", default="7b", help="MPTConfig preset (7b = MPT-7B shapes)")
     ap.add_argument("--json", default="")
     ap.add_argument("--profile", default="", help="trace one short generate per weight kind "
-                    "and batch into this directory (bench/profile_util.py)")
+                    "and batch, and one prefill per long row, into this directory "
+                    "(bench/profile_util.py)")
     ap.add_argument("--decode_block", type=int, default=0,
                     help="decode kernel: cache slots per loop step (kernels/decode_gpu.BLOCK_S)")
     ap.add_argument("--decode_programs", type=int, default=-1,
@@ -452,8 +458,10 @@ def main():
             traced_knobs[0] = module_knobs
         try:
             gen = gens[wname].variant(cache_dtype=kv[kv_name], decode=DecodeOptions(**opts))
-            r = with_floor(bench_decode(gen, b, prompt, new, args.reps, prefill_reps), gen,
-                           peak, copy)
+            traced = (f"{args.profile}/{wname}_{kv_name}_prefill{prompt}"
+                      if args.profile and section == "long" else "")
+            r = with_floor(bench_decode(gen, b, prompt, new, args.reps, prefill_reps, traced),
+                           gen, peak, copy)
             if args.profile and section == "short":
                 from profile_util import profile
 
