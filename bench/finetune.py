@@ -3,8 +3,8 @@ data (segment ids on), as the trainer runs it. Each variant runs in its own subp
 peak memory; an OOM loses only that variant).
 
     python bench/finetune.py --variants sft,story,lora [--steps 4 --attn auto[,pallas_triton]
-        --xla_flags ';--xla_gpu_enable_triton_gemm=false' --results bench/RESULTS.md
-        --card H200 --commit abc1234]
+        --xla_flags ';--xla_gpu_enable_triton_gemm=false' --profile DIR
+        --results bench/RESULTS.md --card H200 --commit abc1234]
 
 Variants:
   sft    MPT-7B full finetune, seq 2048, packed examples (llm-foundry's Dolly SFT recipe,
@@ -176,6 +176,18 @@ def run_one(args) -> dict:
             state, m = compiled(state, batches[i % len(batches)])
         loss = float(m["loss"])
         dt = (time.time() - t0) / args.steps
+        table = ""
+        if args.profile:  # one more step under the profiler: its device-time table
+            sys.path.insert(0, os.path.join(ROOT, "bench"))
+            from profile_util import profile
+
+            def one():
+                nonlocal state
+                state, m = compiled(state, batches[0])
+                jax.block_until_ready(m["loss"])
+
+            tag = "_".join(filter(None, [args.variant, args.attn, args.tag]))
+            table = profile(one, os.path.join(args.profile, tag), steps=1, top=40)
     tps = rows * seq / dt
     mem = metrics_lib.device_memory_gb()
     return dict(variant=args.variant, attn=args.attn, model=args.model, seq=seq,
@@ -186,7 +198,7 @@ def run_one(args) -> dict:
                 tokens_per_s_per_device=tps / n,
                 real_tokens_per_s_per_device=tps * efficiency / n,
                 mfu=metrics_lib.mfu(tps, cfg, seq, n), peak_mem_gb=mem["mem_peak_gb"],
-                temp_gb=temp_gb, loss=loss, device=jax.devices()[0].device_kind)
+                temp_gb=temp_gb, loss=loss, device=jax.devices()[0].device_kind, profile=table)
 
 
 def main():
@@ -201,11 +213,14 @@ def main():
     p.add_argument("--xla_flags", default="", help="';'-separated XLA flag sets, each a run "
                    "of every variant")
     p.add_argument("--model", default="7b", help="MPT size (a smaller one for a smoke run)")
+    p.add_argument("--profile", default="", help="trace one more step of each run into this "
+                   "directory and print its device-time table (bench/profile_util.py)")
     p.add_argument("--results", default="")
     p.add_argument("--card", default="")
     p.add_argument("--commit", default="")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    p.add_argument("--tag", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
@@ -226,7 +241,8 @@ def main():
         cmd = [sys.executable, __file__, "--one", "--variant", variant, "--steps",
                str(args.steps), "--sft_micro_batch", str(args.sft_micro_batch),
                "--lora_micro_batch", str(args.lora_micro_batch), "--model", args.model,
-               "--attn", impl]
+               "--attn", impl, "--profile", args.profile,
+               "--tag", f"flags{flag_sets.index(flags)}"]
         env = dict(os.environ)
         if flags:
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
@@ -239,6 +255,9 @@ def main():
             continue
         r = json.loads(lines[-1][7:])
         r["xla_flags"] = flags
+        table = r.pop("profile", "")
+        if table:
+            print(f"{variant} ({label}) profile:\n{table}", flush=True)
         rows.append(r)
         lora = (f" LoRA r{r['lora_rank']} on {len(LORA_TARGETS)} targets, {r['base_dtype']} base"
                 if r["lora_rank"] else "")
