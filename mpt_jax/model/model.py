@@ -64,6 +64,17 @@ REMAT_POLICIES = {
 MODES = ("full", "prefill", "decode")
 
 
+
+def _unstack(tree, n: int) -> list:
+    """The n layers of a tree of stacked [n, ...] arrays, as n trees. One split a leaf, not n
+    slices: the gradient of a slice is a pad to the whole stack, and XLA summed the n pads of a
+    leaf in one fusion that read every pad for each element (MPT-7B's full finetune: 365 ms of
+    a 1.09 s step on an H200, bench/PERF_NOTES.md Session 14); a split's gradient is one
+    concatenation."""
+    leaves, treedef = jax.tree.flatten(tree)
+    parts = [[p.reshape(p.shape[1:]) for p in jnp.split(a, n, axis=0)] for a in leaves]
+    return [treedef.unflatten([p[i] for p in parts]) for i in range(n)]
+
 class LayerContext(NamedTuple):
     """Per-call inputs every layer shares (MPTForCausalLM.hidden_states builds it once)."""
 
@@ -515,8 +526,7 @@ class MPTForCausalLM(nnx.Module):
         uncast = any(a.dtype == dtype for a in jax.tree.leaves(stacked) if a.ndim >= 3)
         inside = not per_layer and uncast  # (see `layer`)
         if not per_layer:  # unrolled over the stacked weights and cache
-            layers = ([stacked] * n if inside else
-                      [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)])
+            layers = [stacked] * n if inside else _unstack(stacked, n)
             if cache is not None:
                 caches = [jax.tree.map(lambda a, i=i: a[i], (cache.k, cache.v)) for i in range(n)]
         new_kv = []
