@@ -559,6 +559,15 @@ def main():
     ap.add_argument("--card", default="")
     ap.add_argument("--commit", default="")
     args = ap.parse_args()
+    if args.cases and args.first_case:
+        ap.error("--cases and --first_case: give one (--cases names the cases to run)")
+    if args.cases:
+        try:
+            picked = [int(i) for i in args.cases.split(",")]
+        except ValueError:
+            ap.error(f"--cases: expected case indices like 0,3; got {args.cases!r}")
+        if any(not 0 <= i < len(CHECK_CASES) for i in picked):
+            ap.error(f"--cases: indices run from 0 to {len(CHECK_CASES) - 1}; got {args.cases}")
     print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     try:
         res = globals()["mode_" + args.mode](args)
