@@ -64,7 +64,6 @@ REMAT_POLICIES = {
 MODES = ("full", "prefill", "decode")
 
 
-
 def _unstack(tree, n: int) -> list:
     """The n layers of a tree of stacked [n, ...] arrays, as n trees. One split a leaf, not n
     slices: the gradient of a slice is a pad to the whole stack, and XLA summed the n pads of a
@@ -74,6 +73,7 @@ def _unstack(tree, n: int) -> list:
     leaves, treedef = jax.tree.flatten(tree)
     parts = [[p.reshape(p.shape[1:]) for p in jnp.split(a, n, axis=0)] for a in leaves]
     return [treedef.unflatten([p[i] for p in parts]) for i in range(n)]
+
 
 class LayerContext(NamedTuple):
     """Per-call inputs every layer shares (MPTForCausalLM.hidden_states builds it once)."""
