@@ -184,7 +184,7 @@ def mode_check(args):
     buffers poisoned first. Prints which kernels ran (Hopper / Triton) per pass."""
     rows = []
     rng = np.random.default_rng()
-    cases = ([CHECK_CASES[int(i)] for i in args.cases.split(",")] if args.cases else
+    cases = ([CHECK_CASES[i] for i in args.cases] if args.cases else
              CHECK_CASES[args.first_case:])
     for b, t, s, h, kvh, d, use_alibi, use_seg, causal, dtype in cases:
         seed = int(rng.integers(2**31))
@@ -561,13 +561,14 @@ def main():
     args = ap.parse_args()
     if args.cases and args.first_case:
         ap.error("--cases and --first_case: give one (--cases names the cases to run)")
-    if args.cases:
+    if args.cases:  # parsed here once: mode_check reads the list
+        text = args.cases
         try:
-            picked = [int(i) for i in args.cases.split(",")]
+            args.cases = [int(i) for i in text.split(",")]
         except ValueError:
-            ap.error(f"--cases: expected case indices like 0,3; got {args.cases!r}")
-        if any(not 0 <= i < len(CHECK_CASES) for i in picked):
-            ap.error(f"--cases: indices run from 0 to {len(CHECK_CASES) - 1}; got {args.cases}")
+            ap.error(f"--cases: expected case indices like 0,3; got {text!r}")
+        if any(not 0 <= i < len(CHECK_CASES) for i in args.cases):
+            ap.error(f"--cases: indices run from 0 to {len(CHECK_CASES) - 1}; got {text}")
     print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     try:
         res = globals()["mode_" + args.mode](args)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import subprocess
@@ -236,13 +237,13 @@ def main():
     for impl in impls:
         if impl not in IMPLS:
             p.error(f"--attn: unknown {impl!r}; expected some of {IMPLS}")
-    for variant, impl, flags in ((v, i, f) for f in flag_sets for i in impls
-                                 for v in args.variants.split(",")):
+    runs = itertools.product(enumerate(flag_sets), impls, args.variants.split(","))
+    for (flag_index, flags), impl, variant in runs:
         cmd = [sys.executable, __file__, "--one", "--variant", variant, "--steps",
                str(args.steps), "--sft_micro_batch", str(args.sft_micro_batch),
                "--lora_micro_batch", str(args.lora_micro_batch), "--model", args.model,
                "--attn", impl, "--profile", args.profile,
-               "--tag", f"flags{flag_sets.index(flags)}"]
+               "--tag", f"flags{flag_index}"]
         env = dict(os.environ)
         if flags:
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
