@@ -55,6 +55,9 @@ def main(argv=None) -> int:
                     help="1: one chunk more in a step where another request waits and a slot "
                          "is free for it (much sooner first tokens under load; a less even "
                          "token stream)")
+    ap.add_argument("--prefill_mode", default="overlap", choices=("separate", "mixed", "overlap"),
+                    help="how a step's prefill chunk runs beside the decode step: separate "
+                         "calls, one call, or one call with the chunk on a second GPU stream")
     ap.add_argument("--decode_steps", type=int, default=1,
                     help="decode steps per device call while no prompt waits (tokens then "
                          "stream in groups of this many)")
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
         engine = Engine(gen, tok, max_batch=args.max_batch, max_seq_len=max_seq_len,
                         prefill_chunk=args.prefill_chunk, prefill_chunks=args.prefill_chunks,
                         prefill_catch_up=bool(args.prefill_catch_up),
-                        decode_steps=args.decode_steps,
+                        decode_steps=args.decode_steps, prefill_mode=args.prefill_mode,
                         max_queue=args.max_queue, eos_id=eos_id, top_logprobs=args.top_logprobs,
                         metrics=metrics)
     except ValueError as e:

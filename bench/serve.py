@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import math
 import os
@@ -70,7 +71,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from generate import random_bf16_model
 from mpt_jax.infer import slots as slots_lib
-from mpt_jax.infer.engine import Engine
+from mpt_jax.infer.engine import PREFILL_MODES, Engine, chunk_plan
 from mpt_jax.infer.generate import Generator, SamplingParams
 from mpt_jax.infer.request import EngineMetrics, RequestParams
 from mpt_jax.kernels import decode_gpu
@@ -157,7 +158,72 @@ def warm(engine: Engine, vocab: int) -> float:
     ids = np.random.RandomState(0).randint(0, vocab, engine.max_seq_len - 2).tolist()
     h = engine.submit(ids, RequestParams(max_tokens=2, temperature=0.0)).result(timeout=900)
     assert h.error is None, h.error
+    if engine.prefill_mode != "separate":  # again beside a decoding request: mixed steps
+        n = len(chunk_plan(len(ids), engine.chunk)) + 4
+        running = engine.submit(ids[:8], RequestParams(max_tokens=n, temperature=0.0))
+        while not running.choices[0].token_ids and not running.finished:
+            time.sleep(0.001)
+        h = engine.submit(ids, RequestParams(max_tokens=2, temperature=0.0)).result(timeout=900)
+        assert h.error is None and running.result(timeout=900).error is None
     return time.perf_counter() - t0
+
+
+def bench_step(engine: Engine, reps: int, depth: int, modes) -> dict:
+    """A decode step over every slot (all at `depth` cache positions) and one prefill chunk
+    into a slot at the same depth, on the engine's pool with the engine idle: each alone,
+    one after the other as two calls ("separate"), and as one call in each mixed mode. ms per
+    call (min of reps), and what the one call saves over the two."""
+    pool = engine.pool
+    b = pool.batch
+    st = engine._state
+    engine._state = st._replace(pos=jnp.full((b,), depth, jnp.int32),
+                                active=jnp.ones((b,), bool).at[0].set(False),
+                                remaining=jnp.full((b,), 10**6, jnp.int32))
+    owned = jax.device_put(np.ones(b, bool))
+    ids = np.random.RandomState(8).randint(0, engine.config.vocab_size,
+                                           (1, pool.chunk)).astype(np.int32)
+    start = depth - pool.chunk
+    span = pool.span_for(depth)
+    w = engine._weights
+
+    def decode():
+        engine._state, out, _ = slots_lib.decode_jit(pool, w, engine._state, owned, 1, False)
+        return out
+
+    def chunk():
+        engine._state, logits = slots_lib.prefill_jit(pool, w, engine._state, ids, 0, start,
+                                                      pool.chunk, span)
+        return logits
+
+    def both():
+        chunk()
+        return decode()
+
+    def mixed(mode):
+        def run():
+            engine._state, out, _, _ = slots_lib.mixed_jit(
+                pool, w, engine._state, owned, ids, 0, start, pool.chunk, span, False, mode)
+            return out
+        return run
+
+    r = {"section": "step", "batch": b, "depth": depth, "chunk": pool.chunk, "span": span}
+    for name, fn in (("decode", decode), ("chunk", chunk), ("separate", both),
+                     *((m, mixed(m)) for m in modes)):
+        times = []
+        try:
+            for i in range(reps + 2):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn())
+                if i > 0:
+                    times.append(time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001  (one mode failing keeps the others' figures)
+            r[f"{name} error"] = f"{type(e).__name__}: {e}"[:600]
+            continue
+        r[f"{name} ms"] = min(times) * 1e3
+    for m in modes:
+        if f"{m} ms" in r:
+            r[f"{m} saves ms"] = r["separate ms"] - r[f"{m} ms"]
+    return r
 
 
 def bench_chunk(engine: Engine, gen: Generator, reps: int) -> dict:
@@ -384,6 +450,12 @@ def main() -> int:
     ap.add_argument("--prefill_catch_up", default="0",
                     help="serve.py's flag; a comma list (e.g. 0,1) runs the load levels once "
                          "per value, each on its own engine")
+    ap.add_argument("--prefill_mode", default="overlap",
+                    help=f"engine prefill modes to run the load on, comma-separated, of "
+                         f"{','.join(PREFILL_MODES)}")
+    ap.add_argument("--step_costs", type=int, default=0,
+                    help="1: time the decode step and a chunk alone, in two calls and in one "
+                         "(each mixed mode), on each load engine before its load")
     ap.add_argument("--decode_steps", type=int, default=1,
                     help="engine decode steps per call while no prompt waits (serve.py's flag)")
     ap.add_argument("--rate_factor", type=float, default=1.2,
@@ -449,11 +521,16 @@ def main() -> int:
                              None if s1 is None else s1["decode_ms_per_step"]))
 
     catch_ups = [int(x) for x in args.prefill_catch_up.split(",") if x]
-    for catch_up in catch_ups if streams else []:
+    modes = [x for x in args.prefill_mode.split(",") if x]
+    if any(m not in PREFILL_MODES for m in modes):
+        print(f"bench/serve.py: --prefill_mode takes {','.join(PREFILL_MODES)}", file=sys.stderr)
+        return 1
+    for catch_up, pmode in itertools.product(catch_ups, modes) if streams else []:
         lat = _Latencies()
         engine = Engine(gen, tok, max_batch=args.max_batch, max_seq_len=max_seq_len,
                         prefill_chunk=args.prefill_chunk, prefill_chunks=args.prefill_chunks,
                         prefill_catch_up=bool(catch_up), decode_steps=args.decode_steps,
+                        prefill_mode=pmode,
                         eos_id=None, max_queue=10**6,
                         metrics=lat)
         url = server = None
@@ -463,10 +540,13 @@ def main() -> int:
             url, server = start_http(engine, tok, max_seq_len, cfg.vocab_size)
         try:
             secs = warm(engine, cfg.vocab_size)
-            c0 = slots_lib.backend_compiles()
             print(f"# load engine: {args.max_batch} slots x {max_seq_len}, chunk "
-                  f"{engine.chunk}, prefill_catch_up {catch_up}, compiled in {secs:.1f}s",
-                  flush=True)
+                  f"{engine.chunk}, prefill_catch_up {catch_up}, prefill_mode {pmode}, "
+                  f"compiled in {secs:.1f}s", flush=True)
+            if args.step_costs:
+                report(bench_step(engine, args.reps, mean_p + mean_n // 2,
+                                  slots_lib.MIXED_MODES))
+            c0 = slots_lib.backend_compiles()
             for c in streams:
                 n = math.ceil(args.scale * max(8, 3 * c))
                 work = _workload(n, (p_lo, p_hi), (n_lo, n_hi), cfg.vocab_size, seed=c)
@@ -477,7 +557,8 @@ def main() -> int:
                 arrive = _arrivals(n, rate, seed=c)
                 m = (run_load_engine(engine, lat, work, arrive, c) if args.no_http
                      else run_load_http(url, work, arrive, c))
-                report({**summarize(c, m, st, rate, n), "prefill_catch_up": catch_up})
+                report({**summarize(c, m, st, rate, n), "prefill_catch_up": catch_up,
+                        "prefill_mode": pmode})
         finally:
             if server is not None:
                 server[0].should_exit = True
@@ -515,7 +596,7 @@ def main() -> int:
             name = (f"serve {mode} {r['streams']} streams max_batch {args.max_batch} "
                     f"decode_steps {args.decode_steps} prefill_chunk {args.prefill_chunk} "
                     f"prefill_chunks {args.prefill_chunks} "
-                    f"catch_up {r['prefill_catch_up']} "
+                    f"catch_up {r['prefill_catch_up']} prefill_mode {r['prefill_mode']} "
                     f"{arrivals} {r['requests']} requests {shape}")
             rows += [(name, "tokens/s", f"{r['tokens_per_s']:.0f}"),
                      (name, "TTFT p50 / p99 ms", (f"{r['ttft_p50_ms']:.0f} / "
@@ -533,6 +614,12 @@ def main() -> int:
                              "static tokens/s with prefill",
                              f"{r['steady_ratio_to_static_decode']:.2f} / "
                              f"{r['steady_ratio_to_static']:.2f}"))
+        elif r["section"] == "step":
+            name = (f"serve step B={r['batch']} at depth {r['depth']} + chunk {r['chunk']} "
+                    f"(span {r['span']}, MPT-{args.size} random bf16)")
+            modes_run = [k[:-3] for k in r if k.endswith(" ms") and not k.endswith("saves ms")]
+            rows.append((name, "ms per call: " + " / ".join(modes_run),
+                         " / ".join(f"{r[m + ' ms']:.2f}" for m in modes_run)))
         elif r["section"] == "chunk":
             name = f"serve prefill chunk {r['chunk']} alone (MPT-{args.size} random bf16)"
             rows += [(name, "ms at slot start / deep / generate prefill of as many tokens",

@@ -81,6 +81,48 @@ def test_chunk_spans_double_up_to_the_slot():
     assert Pool(None, 2, 256, 200, 0, 1).spans == (256,)
 
 
+@pytest.mark.parametrize("mode", slots.MIXED_MODES)
+def test_a_mixed_step_is_the_decode_step_then_the_chunk(served, mode):
+    """slots.mixed_jit (a decode step and a prefill chunk in one call, the chunk on a second
+    GPU stream for "overlap") computes exactly what decode_jit then prefill_jit compute: the
+    step's tokens and log-probabilities, the chunk's logits, and the whole pool state, with
+    two slots decoding at different depths and the chunk going into a third slot deep in it."""
+    gen = served["gen"]
+    pool = slots.Pool(gen._spec, batch=3, slots=64, chunk=8, top_n=5, n_stop=8)
+    w = gen.weights
+    state = slots.init_jit(pool)
+    for slot, prompt in ((0, _prompts(20, [8])[0]), (1, _prompts(21, [16])[0])):
+        for start in range(0, len(prompt), 8):
+            state, logits = slots.prefill_jit(pool, w, state,
+                                              np.asarray([prompt[start:start + 8]], np.int32),
+                                              slot, start, 8, pool.span_for(start + 8))
+        rows = slots.empty_rows(pool)
+        rows.mask[slot], rows.pos[slot], rows.max_tokens[slot] = True, len(prompt), 10
+        state, _, _ = slots.admit_jit(pool, state, logits, rows)
+    state, _ = slots.prefill_jit(pool, w, state, np.ones((1, 8), np.int32), 2, 0, 8, 8)
+    owned = jnp.asarray([True, True, True])
+    ids = np.asarray([_prompts(22, [8])[0]], np.int32)
+    span = pool.span_for(16)
+    for full in (False, True):
+        copy = jax.tree.map(jnp.copy, state)
+        ref, ref_out, ref_top = slots.decode_jit(pool, w, copy, owned, 1, full)
+        ref, ref_logits = slots.prefill_jit(pool, w, ref, ids, 2, 8, 5, span)
+        copy = jax.tree.map(jnp.copy, state)
+        got, out, top, logits = slots.mixed_jit(pool, w, copy, owned, ids, 2, 8, 5, span, full,
+                                                mode)
+        assert np.asarray(out[0, :2, 1]).all() and not np.asarray(out[0, 2, 1])
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-6,
+                                   atol=1e-6)
+        assert (top is None) == (ref_top is None) == (not full)
+        if full:
+            np.testing.assert_array_equal(np.asarray(top[0]), np.asarray(ref_top[0]))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="mode"):
+        slots.mixed_jit(pool, w, state, owned, ids, 2, 8, 5, span, False, "streams")
+
+
 def test_chunk_plan_covers_the_prompt_without_padding_past_it():
     assert chunk_plan(5, 8) == [(0, 5)]
     assert chunk_plan(8, 8) == [(0, 8)]
@@ -396,9 +438,9 @@ def _trace_calls(engine, monkeypatch) -> list:
     calls = []
     real_prefill, real_decode = engine._prefill_chunk, engine._decode
 
-    def prefill(job):
-        calls.append("P")
-        return real_prefill(job)
+    def prefill(job, with_decode=False):
+        calls.append("M" if with_decode else "P")  # M: the chunk in the decode step's call
+        return real_prefill(job, with_decode)
 
     def decode():
         calls.append("D")
@@ -409,13 +451,16 @@ def _trace_calls(engine, monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.parametrize("mode", ["separate", "overlap"])
 @pytest.mark.parametrize("per_step", [1, 2])
-def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch, per_step):
+def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch, per_step, mode):
     """While one request decodes, a prompt of 4 chunks is prefilled `prefill_chunks` chunks
     per iteration, each group followed by a decode step (the running request waits that many
-    chunks at most); with nothing decoding, the chunks run back to back."""
+    chunks at most), the group's last chunk in the decode step's call unless prefill_mode is
+    "separate"; with nothing decoding, the chunks run back to back."""
     engine = served["engine"]
     monkeypatch.setattr(engine, "prefill_chunks", per_step)
+    monkeypatch.setattr(engine, "prefill_mode", mode)
     calls = _trace_calls(engine, monkeypatch)
     slow_engine(engine, monkeypatch, 0.01)
     alone = engine.submit(_prompts(10, [30])[0], RequestParams(max_tokens=2, temperature=0.0))
@@ -427,21 +472,26 @@ def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch, per
     long = engine.submit(_prompts(11, [30])[0], RequestParams(max_tokens=2, temperature=0.0))
     long.result(timeout=60)
     trace = "".join(calls)
-    first = trace.index("P")
+    first = next(i for i, c in enumerate(trace) if c in "PM")  # the first chunk
     expect = ("P" * per_step + "D") * (4 // per_step)  # a group of chunks, a decode step, ...
+    if mode != "separate":
+        expect = expect.replace("PD", "M")
     assert trace[first:first + len(expect)] == expect, trace
     running.result(timeout=60)
     assert running.error is None and len(running.choices[0].token_ids) == 30
 
 
+@pytest.mark.parametrize("mode", ["separate", "mixed"])
 @pytest.mark.parametrize("catch_up", [True, False])
-def test_a_second_waiting_prompt_with_a_free_slot_adds_a_chunk(served, monkeypatch, catch_up):
+def test_a_second_waiting_prompt_with_a_free_slot_adds_a_chunk(served, monkeypatch, catch_up,
+                                                                mode):
     """prefill_catch_up: while another prompt waits with a slot free for it, an iteration
     prefills one chunk more (those slots decode nothing until their prompts are in); the last
     prompt alone goes back to prefill_chunks a step."""
     engine = served["engine"]
     monkeypatch.setattr(engine, "prefill_chunks", 1)
     monkeypatch.setattr(engine, "prefill_catch_up", catch_up)
+    monkeypatch.setattr(engine, "prefill_mode", mode)
     calls = _trace_calls(engine, monkeypatch)
     slow_engine(engine, monkeypatch, 0.01)
     running = engine.submit([1, 2, 3], RequestParams(max_tokens=40, temperature=0.0))
@@ -453,9 +503,11 @@ def test_a_second_waiting_prompt_with_a_free_slot_adds_a_chunk(served, monkeypat
     a.result(timeout=60)
     b.result(timeout=60)
     trace = "".join(calls)
-    first = trace.index("P")
+    first = next(i for i, c in enumerate(trace) if c in "PM")  # the first chunk
     # 30 tokens = 4 chunks of 8 each: a's two at a time while b waits, then b's one at a time
     expect = "PPDPPD" + "PD" * 4 if catch_up else "PD" * 8
+    if mode != "separate":
+        expect = expect.replace("PD", "M")
     assert trace[first:first + len(expect)] == expect, trace
     for h in (a, b, running):
         assert h.error is None

@@ -19,7 +19,8 @@ One thread (the engine's) owns the device. Each iteration it
      chunk it admits the request: first tokens sampled, parameters set, and for n > 1 the
      prefilled cache row copied into the other choices' slots (the prompt runs once);
   3. dispatches one decode step over all slots (`decode_steps` steps in one call while
-     nothing waits to be prefilled);
+     nothing waits to be prefilled); with `prefill_mode` "mixed" or "overlap" the iteration's
+     last chunk goes in the same call as this step (slots.mixed_jit);
   4. only then reads the previous iteration's tokens and turns them into text (detokenizing,
      stop strings, events for the waiting clients): the device always has the next step queued
      while the host works, and host work per step is O(active slots).
@@ -70,6 +71,8 @@ from mpt_jax.kernels import decode_gpu
 log = logging.getLogger(__name__)
 
 N_STOP_IDS = 8  # stop token ids per slot, EOS included
+# How an iteration's last prefill chunk runs beside its decode step (see Engine):
+PREFILL_MODES = ("separate", *slots_lib.MIXED_MODES)
 
 
 class _Seq:
@@ -134,7 +137,12 @@ class Engine:
     bench/RESULTS.md) it cut TTFT p50 from 752 to 209 ms and raised steady tokens/s 6%, but
     inter-token p99 / p50 went from 1.29 to 1.81; off by default for the steadier stream.
     decode_steps: decode steps per call while
-    no prompt waits (1 streams every token as it comes). max_queue: requests waiting for slots
+    no prompt waits (1 streams every token as it comes). prefill_mode: how an iteration's last
+    prefill chunk runs beside the decode step, when something decodes: "separate" (a prefill
+    call, then a decode call), "mixed" (one call computing both, one after the other),
+    "overlap" (one call, the chunk on a second GPU stream, so its compute-bound matmuls can
+    run while the decode step's attention waits on memory; elsewhere the same as "mixed").
+    All three compute the same tokens. max_queue: requests waiting for slots
     before `submit` raises QueueFull (one that a free slot takes at once does not wait).
     eos_id: ends every request (None: none). top_logprobs: the most top log-probabilities a
     request may ask for.
@@ -143,7 +151,7 @@ class Engine:
     def __init__(self, generator: Generator, tokenizer, *, max_batch: int = 64,
                  max_seq_len: int | None = None, prefill_chunk: int = 256,
                  prefill_chunks: int = 1, prefill_catch_up: bool = False,
-                 decode_steps: int = 1, max_queue: int = 256,
+                 decode_steps: int = 1, prefill_mode: str = "overlap", max_queue: int = 256,
                  eos_id: int | None = None, top_logprobs: int = 20,
                  metrics: EngineMetrics | None = None):
         cfg = generator.config
@@ -155,6 +163,8 @@ class Engine:
                                  ("top_logprobs", top_logprobs, 0)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if prefill_mode not in PREFILL_MODES:
+            raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {prefill_mode!r}")
         if cfg.use_wpe and max_seq_len > cfg.max_seq_len:
             raise ValueError(f"max_seq_len={max_seq_len} > the model's {cfg.max_seq_len}: it has "
                              "learned positions (no ALiBi) and cannot extrapolate")
@@ -164,6 +174,7 @@ class Engine:
         self.max_batch, self.max_seq_len, self.max_queue = max_batch, max_seq_len, max_queue
         self.decode_steps, self.eos_id, self.top_logprobs = decode_steps, eos_id, top_logprobs
         self.prefill_chunks, self.prefill_catch_up = prefill_chunks, bool(prefill_catch_up)
+        self.prefill_mode = prefill_mode
         self.chunk = min(prefill_chunk, max_seq_len)
         # Whole decode-kernel blocks; a prompt chunk never reaches past max_seq_len.
         n_slots = decode_gpu.alloc_slots(max_seq_len)
@@ -289,6 +300,10 @@ class Engine:
             for span in pool.spans:  # (slot 0 is free: what lands there is overwritten)
                 self._state, logits = slots_lib.prefill_jit(
                     pool, self._weights, self._state, ids, 0, span - self.chunk, 1, span)
+                for full in (False, True) if self.prefill_mode != "separate" else ():
+                    self._state, out, _, logits = slots_lib.mixed_jit(
+                        pool, self._weights, self._state, self._owned_dev, ids, 0,
+                        span - self.chunk, 1, span, full, self.prefill_mode)
             self._state, out, _ = slots_lib.admit_jit(pool, self._state, logits,
                                                       slots_lib.empty_rows(pool))
             self._state = slots_lib.copy_jit(pool, self._state, 0, 0)
@@ -343,19 +358,25 @@ class Engine:
 
     def _iteration(self) -> None:
         self._apply_cancels()
-        new, chunks = [], 0
+        new, chunks, decoded = [], 0, False
         while True:  # prefill: prefill_chunks while anything decodes, back to back otherwise
             if self._job is None:
                 self._job = self._start_job()
                 if self._job is None:
                     break
-            admitted = self._prefill_chunk(self._job)
+            # The budget's last chunk goes in one call with the decode step (prefill_mode).
+            mixed = (self._n_decoding and self.prefill_mode != "separate"
+                     and chunks + 1 >= self._chunk_budget())
+            step, admitted = self._prefill_chunk(self._job, with_decode=bool(mixed))
             chunks += 1
+            if step is not None:
+                new.append(step)
+                decoded = True
             if admitted is not None:
                 new.append(admitted)
-            if self._n_decoding and chunks >= self._chunk_budget():
+            if self._n_decoding and chunks >= self._chunk_budget() or decoded:
                 break
-        if self._n_decoding:
+        if self._n_decoding and not decoded:
             new.append(self._decode())
         prev, self._inflight = self._inflight, new
         self._process(prev)
@@ -374,18 +395,30 @@ class Engine:
         self._set_owned(slots, True)
         return _Job(h, slots, chunk_plan(len(h.prompt_ids), self.chunk))
 
-    def _prefill_chunk(self, job: _Job) -> _Dispatch | None:
-        """Dispatches the job's next chunk, and its admission after the last one."""
+    def _prefill_chunk(self, job: _Job, with_decode: bool = False
+                       ) -> tuple[_Dispatch | None, _Dispatch | None]:
+        """Dispatches the job's next chunk (with_decode: in one call with a decode step), and
+        its admission after the last one: -> (the decode step's dispatch or None, the
+        admission's or None)."""
         start, n_valid = job.chunks[job.next]
         ids = np.zeros((1, self.chunk), np.int32)
         ids[0, :n_valid] = job.handle.prompt_ids[start:start + n_valid]
-        self._state, logits = slots_lib.prefill_jit(self.pool, self._weights, self._state, ids,
-                                                    job.slots[0], start, n_valid,
-                                                    self.pool.span_for(start + self.chunk))
+        span = self.pool.span_for(start + self.chunk)
+        step = None
+        if with_decode:
+            self._sync_owned()
+            self._state, out, top, logits = slots_lib.mixed_jit(
+                self.pool, self._weights, self._state, self._owned_dev, ids, job.slots[0],
+                start, n_valid, span, self._n_full > 0, self.prefill_mode)
+            self.stats["steps"] += 1
+            step = _Dispatch(out, top, list(self._slot_seq))
+        else:
+            self._state, logits = slots_lib.prefill_jit(self.pool, self._weights, self._state,
+                                                        ids, job.slots[0], start, n_valid, span)
         self.stats["prefill_chunks"] += 1
         job.next += 1
         if job.next < len(job.chunks):
-            return None
+            return step, None
         h, p = job.handle, job.handle.params
         rows = slots_lib.empty_rows(self.pool)
         seed = secrets.randbits(64) if p.seed is None else p.seed % (1 << 64)
@@ -410,12 +443,15 @@ class Engine:
             self._n_decoding += 1
             self._n_full += seq.full
         self._job = None
-        return _Dispatch(out, top, list(self._slot_seq))
+        return step, _Dispatch(out, top, list(self._slot_seq))
 
-    def _decode(self) -> _Dispatch:
+    def _sync_owned(self) -> None:
         if self._owned_dirty:
             self._owned_dev = jax.device_put(self._owned.copy())  # (no alias of the host copy)
             self._owned_dirty = False
+
+    def _decode(self) -> _Dispatch:
+        self._sync_owned()
         k = self.decode_steps if not (self._waiting or self._job) else 1
         self._state, out, top = slots_lib.decode_jit(self.pool, self._weights, self._state,
                                                      self._owned_dev, k, self._n_full > 0)

@@ -5,6 +5,8 @@ it (engine.py drives them).
     state = init_jit(pool)                                  # zeros: every slot free
     state, out, top = decode_jit(pool, w, state, owned_b, n_steps, full)
     state, logits_v = prefill_jit(pool, w, state, ids_1c, slot, start, n_valid, span)
+    state, out, top, logits_v = mixed_jit(pool, w, state, owned_b, ids_1c, slot, start,
+                                          n_valid, span, full, "overlap")  # both at once
     state, out, top = admit_jit(pool, state, logits_v, rows)
     state = copy_jit(pool, state, src, dst)
 
@@ -40,12 +42,14 @@ is (ids int32 `[k, B, top_n]`, log-probs float32 `[k, B, top_n]`) or None.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.compute_on import compute_on
 
 from mpt_jax.infer.generate import _Spec, _under_rules
 from mpt_jax.infer.sampling import sample_rows
@@ -169,7 +173,7 @@ def _traced(name):
     def wrap(impl):
         def run(pool, *args):
             TRACES[name] = TRACES.get(name, 0) + 1
-            statics = ", ".join(f"{a}" for a in args if isinstance(a, (bool, int)))
+            statics = ", ".join(f"{a}" for a in args if isinstance(a, (bool, int, str)))
             log.info("compiling %s%s (batch %d, %d slots, chunk %d)", name,
                      f" ({statics})" if statics else "", pool.batch, pool.slots, pool.chunk)
             return impl(pool, *args)
@@ -228,11 +232,9 @@ def _hit_stop(tok_b, stop_ids):
     return jnp.any(tok_b[:, None] == stop_ids, axis=-1)
 
 
-@_under_rules
-@_traced("decode")
-def _decode_impl(pool: Pool, w, state: SlotState, owned_b, n_steps: int, full: bool):
-    b = pool.batch
-    rows = jnp.arange(b)
+def _decode_step(pool: Pool, w, owned_b, full: bool):
+    """One decode step over every slot, as a function of the state: -> (state, out, top)."""
+    rows = jnp.arange(pool.batch)
 
     def step(s: SlotState):
         pos = jnp.where(owned_b, s.pos, 0)
@@ -249,9 +251,21 @@ def _decode_impl(pool: Pool, w, state: SlotState, owned_b, n_steps: int, full: b
             n_gen=s.n_gen + inc, counts=s.counts.at[rows, tok].add(inc))
         return s, _pack(tok, active, lp), top
 
+    return step
+
+
+def _one(step_out):
+    state, out, top = step_out
+    return state, out[None], None if top is None else (top[0][None], top[1][None])
+
+
+@_under_rules
+@_traced("decode")
+def _decode_impl(pool: Pool, w, state: SlotState, owned_b, n_steps: int, full: bool):
+    b = pool.batch
+    step = _decode_step(pool, w, owned_b, full)
     if n_steps == 1:
-        state, out, top = step(state)
-        return state, out[None], None if top is None else (top[0][None], top[1][None])
+        return _one(step(state))
 
     n = pool.top_n if full else 0
     outs = (jnp.zeros((n_steps, b, 3), jnp.int32), jnp.zeros((n_steps, b, n), jnp.int32),
@@ -269,6 +283,42 @@ def _decode_impl(pool: Pool, w, state: SlotState, owned_b, n_steps: int, full: b
     return state, out, (ids, lps) if n else None
 
 
+def _slot_rows(pool: Pool, cache, slot, span: int):
+    """Copies of slot `slot`'s first `span` cache positions, per layer (k, v) `[1, KV, span,
+    hd]`: what a chunk attends over."""
+    def row(a):
+        return jax.lax.slice_in_dim(jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), 0, span,
+                                    axis=2)
+
+    return tuple((row(k), row(v)) for k, v in cache)
+
+
+def _chunk_forward(pool: Pool, w, rows, ids_1c, start, n_valid):
+    """A prompt chunk through the model against its slot's rows (`_slot_rows`) at `start`: ->
+    (float32 logits `[1, V]` after the chunk's last real token, the chunk's own keys and values
+    per layer, `[1, KV, chunk, hd]` each)."""
+    logits_1v, rows = pool.spec._forward(w, ids_1c, None, rows, start, "decode", at=n_valid - 1)
+
+    def new(r):
+        return jax.lax.dynamic_slice_in_dim(r, start, pool.chunk, axis=2)
+
+    return logits_1v, tuple((new(rk), new(rv)) for rk, rv in rows)
+
+
+def _put_chunk(pool: Pool, state: SlotState, kv, slot, start) -> SlotState:
+    """The chunk's keys and values into slot `slot` at `start` (only the chunk's positions are
+    written, not the span it attended over); the slot's next write goes after the chunk, and
+    it decodes nothing until its admission: an interleaved decode step writes this slot's
+    garbage where the next chunk starts (even if its last owner had not ended on the device
+    when the host gave the slot away)."""
+    def put(a, r):
+        return jax.lax.dynamic_update_slice(a, r.astype(a.dtype), (slot, 0, start, 0))
+
+    cache = tuple((put(k, nk), put(v, nv)) for (k, v), (nk, nv) in zip(state.cache, kv))
+    return state._replace(cache=cache, pos=state.pos.at[slot].set(start + pool.chunk),
+                          active=state.active.at[slot].set(False))
+
+
 @_under_rules
 @_traced("prefill")
 def _prefill_impl(pool: Pool, w, state: SlotState, ids_1c, slot, start, n_valid, span: int):
@@ -277,24 +327,37 @@ def _prefill_impl(pool: Pool, w, state: SlotState, ids_1c, slot, start, n_valid,
     after the chunk's last real token. The chunk attends over the slot's first `span` cache
     positions (static, `pool.span_for(start + chunk)`): its attention, scores over every
     position it covers, then costs what the prompt so far needs, not the whole slot."""
-    def row(a):
-        return jax.lax.slice_in_dim(jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), 0, span,
-                                    axis=2)
+    logits_1v, kv = _chunk_forward(pool, w, _slot_rows(pool, state.cache, slot, span), ids_1c,
+                                   start, n_valid)
+    return _put_chunk(pool, state, kv, slot, start), logits_1v[0]
 
-    rows = tuple((row(k), row(v)) for k, v in state.cache)
-    logits_1v, rows = pool.spec._forward(w, ids_1c, None, rows, start, "decode",
-                                         at=n_valid - 1)
 
-    def put(a, r):
-        return jax.lax.dynamic_update_slice(a, r, (slot, 0, 0, 0))
+# How a mixed step runs its chunk beside the decode step: "mixed" in the one program after the
+# decode step; "overlap" on a second GPU stream (XLA's stream annotation), so the chunk's
+# compute-bound matmuls can run while the decode step's attention waits on memory.
+MIXED_MODES = ("mixed", "overlap")
 
-    cache = tuple((put(k, rk), put(v, rv)) for (k, v), (rk, rv) in zip(state.cache, rows))
-    # An interleaved decode step writes this slot's garbage where the next chunk starts; the
-    # slot decodes nothing until its admission (even if its last owner had not ended on the
-    # device when the host gave the slot away).
-    state = state._replace(cache=cache, pos=state.pos.at[slot].set(start + pool.chunk),
-                           active=state.active.at[slot].set(False))
-    return state, logits_1v[0]
+
+@_under_rules
+@_traced("mixed")
+def _mixed_impl(pool: Pool, w, state: SlotState, owned_b, ids_1c, slot, start, n_valid,
+                span: int, full: bool, mode: str):
+    """A decode step over every slot and one prefill chunk into slot `slot`, in one call:
+    -> (state, out, top) as `decode_jit` with n_steps 1, and the chunk's logits `[V]` as
+    `prefill_jit`'s. What it computes is exactly the decode step then the chunk (the chunk's
+    slot decodes nothing; the chunk reads only its own slot, so it reads nothing the decode
+    step writes, and its keys land after the step's write there)."""
+    if mode not in MIXED_MODES:
+        raise ValueError(f"mode must be one of {MIXED_MODES}, got {mode!r}")
+    rows = _slot_rows(pool, state.cache, slot, span)
+    chunk = jax.jit(functools.partial(_chunk_forward, pool))
+    if mode == "overlap":
+        with compute_on("gpu_stream:1"):
+            logits_1v, kv = chunk(w, rows, ids_1c, start, n_valid)
+    else:
+        logits_1v, kv = chunk(w, rows, ids_1c, start, n_valid)
+    state, out, top = _one(_decode_step(pool, w, owned_b, full)(state))
+    return _put_chunk(pool, state, kv, slot, start), out, top, logits_1v[0]
 
 
 @_under_rules
@@ -344,6 +407,7 @@ def _copy_impl(pool: Pool, state: SlotState, src, dst):
 
 init_jit = jax.jit(_init_impl, static_argnums=(0,))
 decode_jit = jax.jit(_decode_impl, static_argnums=(0, 4, 5), donate_argnums=(2,))
+mixed_jit = jax.jit(_mixed_impl, static_argnums=(0, 8, 9, 10), donate_argnums=(2,))
 prefill_jit = jax.jit(_prefill_impl, static_argnums=(0, 7), donate_argnums=(2,))
 admit_jit = jax.jit(_admit_impl, static_argnums=(0,), donate_argnums=(1,))
 copy_jit = jax.jit(_copy_impl, static_argnums=(0,), donate_argnums=(1,))
