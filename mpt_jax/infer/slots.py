@@ -49,7 +49,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.compute_on import compute_on
+from jax.experimental import compute_on as compute_on_lib
 
 from mpt_jax.infer.generate import _Spec, _under_rules
 from mpt_jax.infer.sampling import sample_rows
@@ -332,6 +332,13 @@ def _prefill_impl(pool: Pool, w, state: SlotState, ids_1c, slot, start, n_valid,
     return _put_chunk(pool, state, kv, slot, start), logits_1v[0]
 
 
+def _on_stream(f, stream: int):
+    """f, run on GPU stream `stream` (XLA's stream annotation; other backends ignore it). jax
+    >= 0.11 names the function form `compute_on`, older ones `compute_on2`."""
+    form = getattr(compute_on_lib, "compute_on2", None) or compute_on_lib.compute_on
+    return form(f, compute_type=f"gpu_stream:{stream}", out_memory_spaces=jax.memory.Space.Device)
+
+
 # How a mixed step runs its chunk beside the decode step: "mixed" in the one program after the
 # decode step; "overlap" on a second GPU stream (XLA's stream annotation), so the chunk's
 # compute-bound matmuls can run while the decode step's attention waits on memory.
@@ -350,12 +357,10 @@ def _mixed_impl(pool: Pool, w, state: SlotState, owned_b, ids_1c, slot, start, n
     if mode not in MIXED_MODES:
         raise ValueError(f"mode must be one of {MIXED_MODES}, got {mode!r}")
     rows = _slot_rows(pool, state.cache, slot, span)
-    chunk = jax.jit(functools.partial(_chunk_forward, pool))
+    chunk = functools.partial(_chunk_forward, pool)
     if mode == "overlap":
-        with compute_on("gpu_stream:1"):
-            logits_1v, kv = chunk(w, rows, ids_1c, start, n_valid)
-    else:
-        logits_1v, kv = chunk(w, rows, ids_1c, start, n_valid)
+        chunk = _on_stream(chunk, 1)
+    logits_1v, kv = chunk(w, rows, ids_1c, start, n_valid)
     state, out, top = _one(_decode_step(pool, w, owned_b, full)(state))
     return _put_chunk(pool, state, kv, slot, start), out, top, logits_1v[0]
 
