@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import compute_on as compute_on_lib
+from jax.extend import core as jax_core
 
 from mpt_jax.infer.generate import _Spec, _under_rules
 from mpt_jax.infer.sampling import sample_rows
@@ -332,11 +333,57 @@ def _prefill_impl(pool: Pool, w, state: SlotState, ids_1c, slot, start, n_valid,
     return _put_chunk(pool, state, kv, slot, start), logits_1v[0]
 
 
+# Primitives whose inner jaxpr `_inlined` evaluates in place of the call (for inference).
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "custom_jvp_call": "call_jaxpr",
+          "custom_vjp_call": "call_jaxpr", "closed_call": "call_jaxpr"}
+
+
+def _eval_inlined(jaxpr, consts, args):
+    """jax.core.eval_jaxpr, with every nested call (jit, custom_jvp / custom_vjp) evaluated
+    in place: what it traces has no call inside."""
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jax_core.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        key = _CALLS.get(eqn.primitive.name)
+        sub = None if key is None else eqn.params.get(key)
+        if sub is not None:
+            outs = _eval_inlined(sub.jaxpr, sub.consts, invals)
+        else:
+            params = eqn.primitive.get_bind_params(eqn.params)
+            subfuns = ()
+            if isinstance(params, tuple):  # (subfuns, params) in older jax
+                subfuns, params = params
+            with eqn.ctx.manager:
+                outs = eqn.primitive.bind(*subfuns, *invals, **params)
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _inlined(f):
+    """f traced with no nested call: XLA's stream assignment takes only flat annotated
+    computations (a call inside one fails with "No ExecutionStreamId found")."""
+    def run(*args):
+        closed, shape = jax.make_jaxpr(f, return_shape=True)(*args)
+        outs = _eval_inlined(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+        return jax.tree.unflatten(jax.tree.structure(shape), outs)
+
+    return run
+
+
 def _on_stream(f, stream: int):
     """f, run on GPU stream `stream` (XLA's stream annotation; other backends ignore it). jax
     >= 0.11 names the function form `compute_on`, older ones `compute_on2`."""
     form = getattr(compute_on_lib, "compute_on2", None) or compute_on_lib.compute_on
-    return form(f, compute_type=f"gpu_stream:{stream}", out_memory_spaces=jax.memory.Space.Device)
+    return form(_inlined(f), compute_type=f"gpu_stream:{stream}",
+                out_memory_spaces=jax.memory.Space.Device)
 
 
 # How a mixed step runs its chunk beside the decode step: "mixed" in the one program after the
