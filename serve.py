@@ -55,9 +55,9 @@ def main(argv=None) -> int:
                     help="1: one chunk more in a step where another request waits and a slot "
                          "is free for it (much sooner first tokens under load; a less even "
                          "token stream)")
-    ap.add_argument("--prefill_mode", default="overlap", choices=("separate", "mixed", "overlap"),
-                    help="how a step's prefill chunk runs beside the decode step: separate "
-                         "calls, one call, or one call with the chunk on a second GPU stream")
+    ap.add_argument("--prefill_mode", default="mixed", choices=("mixed", "separate"),
+                    help="mixed: a step's prefill chunk runs in the decode step's device call; "
+                         "separate: in its own call before it")
     ap.add_argument("--decode_steps", type=int, default=1,
                     help="decode steps per device call while no prompt waits (tokens then "
                          "stream in groups of this many)")

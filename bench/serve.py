@@ -54,6 +54,7 @@ import asyncio
 import gc
 import itertools
 import json
+import logging
 import math
 import os
 import sys
@@ -158,8 +159,8 @@ def warm(engine: Engine, vocab: int) -> float:
     ids = np.random.RandomState(0).randint(0, vocab, engine.max_seq_len - 2).tolist()
     h = engine.submit(ids, RequestParams(max_tokens=2, temperature=0.0)).result(timeout=900)
     assert h.error is None, h.error
-    if engine.prefill_mode != "separate":  # again beside a decoding request: mixed steps
-        n = len(chunk_plan(len(ids), engine.chunk)) + 4
+    if engine.prefill_mode == "mixed":  # again beside a decoding request: mixed steps
+        n = 2 * len(chunk_plan(len(ids), engine.chunk)) + 8  # (it outlasts every chunk)
         running = engine.submit(ids[:8], RequestParams(max_tokens=n, temperature=0.0))
         while not running.choices[0].token_ids and not running.finished:
             time.sleep(0.001)
@@ -168,11 +169,11 @@ def warm(engine: Engine, vocab: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench_step(engine: Engine, reps: int, depth: int, modes) -> dict:
+def bench_step(engine: Engine, reps: int, depth: int) -> dict:
     """A decode step over every slot (all at `depth` cache positions) and one prefill chunk
     into a slot at the same depth, on the engine's pool with the engine idle: each alone,
-    one after the other as two calls ("separate"), and as one call in each mixed mode. ms per
-    call (min of reps), and what the one call saves over the two."""
+    one after the other as two calls ("separate"), and as one call ("mixed", slots.mixed_jit).
+    ms per call (min of reps)."""
     pool = engine.pool
     b = pool.batch
     st = engine._state
@@ -195,60 +196,26 @@ def bench_step(engine: Engine, reps: int, depth: int, modes) -> dict:
                                                       pool.chunk, span)
         return logits
 
-    def both():
+    def separate():
         chunk()
         return decode()
 
-    def mixed(mode):
-        def run():
-            engine._state, out, _, _ = slots_lib.mixed_jit(
-                pool, w, engine._state, owned, ids, 0, start, pool.chunk, span, False, mode)
-            return out
-        return run
+    def mixed():
+        engine._state, out, _, _ = slots_lib.mixed_jit(pool, w, engine._state, owned, ids, 0,
+                                                       start, pool.chunk, span, False)
+        return out
 
     r = {"section": "step", "batch": b, "depth": depth, "chunk": pool.chunk, "span": span}
-    for name, fn in (("decode", decode), ("chunk", chunk), ("separate", both),
-                     *((m, mixed(m)) for m in modes)):
+    for name, fn in (("decode", decode), ("chunk", chunk), ("separate", separate),
+                     ("mixed", mixed)):
         times = []
-        try:
-            for i in range(reps + 2):
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn())
-                if i > 0:
-                    times.append(time.perf_counter() - t0)
-        except Exception as e:  # noqa: BLE001  (one mode failing keeps the others' figures)
-            r[f"{name} error"] = f"{type(e).__name__}: {e}"[:600]
-            continue
-        r[f"{name} ms"] = min(times) * 1e3
-    for m in modes:
-        if f"{m} ms" in r:
-            r[f"{m} saves ms"] = r["separate ms"] - r[f"{m} ms"]
-    return r
-
-
-def bench_chunk(engine: Engine, gen: Generator, reps: int) -> dict:
-    """One prefill chunk alone on the engine's pool (the engine stopped): ms per chunk at the
-    start of a slot and deep in it, against Generator's flash prefill of a fresh prompt of the
-    chunk's length at batch 1; TFLOP/s as 2 x parameters x tokens."""
-    pool, vocab = engine.pool, gen.config.vocab_size
-    ids = np.random.RandomState(7).randint(0, vocab, (1, pool.chunk)).astype(np.int32)
-    flops = 2.0 * gen.config.num_params() * pool.chunk
-    r = {"section": "chunk", "chunk": pool.chunk}
-    for name, start in (("start 0", 0), ("start deep", pool.slots - 2 * pool.chunk)):
-        times = []
-        for i in range(reps + 1):
+        for i in range(reps + 2):
             t0 = time.perf_counter()
-            engine._state, logits = slots_lib.prefill_jit(pool, engine._weights, engine._state,
-                                                          ids, 0, start, pool.chunk,
-                                                          pool.span_for(start + pool.chunk))
-            jax.block_until_ready(logits)
-            if i:
+            jax.block_until_ready(fn())
+            if i > 0:
                 times.append(time.perf_counter() - t0)
-        ms = min(times) * 1e3
-        r[f"{name} ms"], r[f"{name} TFLOP/s"] = ms, flops / ms / 1e9
-    st = bench_static(gen, 1, pool.chunk, 2, reps)
-    r["generate prefill ms"] = st["prefill_ms"]
-    r["generate prefill TFLOP/s"] = flops / st["prefill_ms"] / 1e9
+        r[f"{name} ms"] = min(times) * 1e3
+    r["mixed saves ms"] = r["separate ms"] - r["mixed ms"]
     return r
 
 
@@ -450,12 +417,12 @@ def main() -> int:
     ap.add_argument("--prefill_catch_up", default="0",
                     help="serve.py's flag; a comma list (e.g. 0,1) runs the load levels once "
                          "per value, each on its own engine")
-    ap.add_argument("--prefill_mode", default="overlap",
+    ap.add_argument("--prefill_mode", default="mixed",
                     help=f"engine prefill modes to run the load on, comma-separated, of "
                          f"{','.join(PREFILL_MODES)}")
     ap.add_argument("--step_costs", type=int, default=0,
-                    help="1: time the decode step and a chunk alone, in two calls and in one "
-                         "(each mixed mode), on each load engine before its load")
+                    help="1: time the decode step and a chunk alone, in two calls and in one, "
+                         "on each load engine before its load")
     ap.add_argument("--decode_steps", type=int, default=1,
                     help="engine decode steps per call while no prompt waits (serve.py's flag)")
     ap.add_argument("--rate_factor", type=float, default=1.2,
@@ -470,6 +437,8 @@ def main() -> int:
     ap.add_argument("--card", default="")
     ap.add_argument("--commit", default="COMMIT")
     args = ap.parse_args()
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("mpt_jax.infer.slots").setLevel(logging.INFO)  # each step's compilation
 
     streams = [int(x) for x in args.streams.split(",") if x]
     statics = [int(x) for x in args.static.split(",") if x]
@@ -544,9 +513,8 @@ def main() -> int:
                   f"{engine.chunk}, prefill_catch_up {catch_up}, prefill_mode {pmode}, "
                   f"compiled in {secs:.1f}s", flush=True)
             if args.step_costs:
-                report(bench_step(engine, args.reps, mean_p + mean_n // 2,
-                                  slots_lib.MIXED_MODES))
-            c0 = slots_lib.backend_compiles()
+                report(bench_step(engine, args.reps, mean_p + mean_n // 2))
+            c0, traces0 = slots_lib.backend_compiles(), dict(slots_lib.TRACES)
             for c in streams:
                 n = math.ceil(args.scale * max(8, 3 * c))
                 work = _workload(n, (p_lo, p_hi), (n_lo, n_hi), cfg.vocab_size, seed=c)
@@ -565,7 +533,10 @@ def main() -> int:
                 server[1].join(60)
             engine.shutdown(0)
         compiled = slots_lib.backend_compiles() - c0
-        report({"section": "compilations_after_warm_up", "count": compiled})
+        traced = {k: v - traces0.get(k, 0) for k, v in slots_lib.TRACES.items()
+                  if v != traces0.get(k, 0)}
+        report({"section": "compilations_after_warm_up", "count": compiled,
+                "steps_traced": traced})
         if args.chunk_costs:
             report(bench_chunk(engine, gen, args.reps))
         del engine, server  # the next engine's pool needs this one's memory (an MPT-7B pool

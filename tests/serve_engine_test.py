@@ -81,10 +81,9 @@ def test_chunk_spans_double_up_to_the_slot():
     assert Pool(None, 2, 256, 200, 0, 1).spans == (256,)
 
 
-@pytest.mark.parametrize("mode", slots.MIXED_MODES)
-def test_a_mixed_step_is_the_decode_step_then_the_chunk(served, mode):
-    """slots.mixed_jit (a decode step and a prefill chunk in one call, the chunk on a second
-    GPU stream for "overlap") computes exactly what decode_jit then prefill_jit compute: the
+def test_a_mixed_step_is_the_decode_step_then_the_chunk(served):
+    """slots.mixed_jit (a decode step and a prefill chunk in one call) computes exactly what
+    decode_jit then prefill_jit compute: the
     step's tokens and log-probabilities, the chunk's logits, and the whole pool state, with
     two slots decoding at different depths and the chunk going into a third slot deep in it."""
     gen = served["gen"]
@@ -108,8 +107,7 @@ def test_a_mixed_step_is_the_decode_step_then_the_chunk(served, mode):
         ref, ref_out, ref_top = slots.decode_jit(pool, w, copy, owned, 1, full)
         ref, ref_logits = slots.prefill_jit(pool, w, ref, ids, 2, 8, 5, span)
         copy = jax.tree.map(jnp.copy, state)
-        got, out, top, logits = slots.mixed_jit(pool, w, copy, owned, ids, 2, 8, 5, span, full,
-                                                mode)
+        got, out, top, logits = slots.mixed_jit(pool, w, copy, owned, ids, 2, 8, 5, span, full)
         assert np.asarray(out[0, :2, 1]).all() and not np.asarray(out[0, 2, 1])
         np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
         np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-6,
@@ -119,8 +117,6 @@ def test_a_mixed_step_is_the_decode_step_then_the_chunk(served, mode):
             np.testing.assert_array_equal(np.asarray(top[0]), np.asarray(ref_top[0]))
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="mode"):
-        slots.mixed_jit(pool, w, state, owned, ids, 2, 8, 5, span, False, "streams")
 
 
 def test_chunk_plan_covers_the_prompt_without_padding_past_it():
@@ -451,7 +447,7 @@ def _trace_calls(engine, monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("mode", ["separate", "overlap"])
+@pytest.mark.parametrize("mode", ["separate", "mixed"])
 @pytest.mark.parametrize("per_step", [1, 2])
 def test_a_long_prompt_interleaves_with_running_decodes(served, monkeypatch, per_step, mode):
     """While one request decodes, a prompt of 4 chunks is prefilled `prefill_chunks` chunks

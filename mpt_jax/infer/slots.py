@@ -6,7 +6,7 @@ it (engine.py drives them).
     state, out, top = decode_jit(pool, w, state, owned_b, n_steps, full)
     state, logits_v = prefill_jit(pool, w, state, ids_1c, slot, start, n_valid, span)
     state, out, top, logits_v = mixed_jit(pool, w, state, owned_b, ids_1c, slot, start,
-                                          n_valid, span, full, "overlap")  # both at once
+                                          n_valid, span, full)  # decode_jit + prefill_jit
     state, out, top = admit_jit(pool, state, logits_v, rows)
     state = copy_jit(pool, state, src, dst)
 
@@ -42,15 +42,12 @@ is (ids int32 `[k, B, top_n]`, log-probs float32 `[k, B, top_n]`) or None.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import compute_on as compute_on_lib
-from jax.extend import core as jax_core
 
 from mpt_jax.infer.generate import _Spec, _under_rules
 from mpt_jax.infer.sampling import sample_rows
@@ -333,81 +330,19 @@ def _prefill_impl(pool: Pool, w, state: SlotState, ids_1c, slot, start, n_valid,
     return _put_chunk(pool, state, kv, slot, start), logits_1v[0]
 
 
-# Primitives whose inner jaxpr `_inlined` evaluates in place of the call (for inference).
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "custom_jvp_call": "call_jaxpr",
-          "custom_vjp_call": "call_jaxpr", "closed_call": "call_jaxpr"}
-
-
-def _eval_inlined(jaxpr, consts, args):
-    """jax.core.eval_jaxpr, with every nested call (jit, custom_jvp / custom_vjp) evaluated
-    in place: what it traces has no call inside."""
-    env = {}
-
-    def read(v):
-        return v.val if isinstance(v, jax_core.Literal) else env[v]
-
-    env.update(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        key = _CALLS.get(eqn.primitive.name)
-        sub = None if key is None else eqn.params.get(key)
-        if sub is not None:
-            outs = _eval_inlined(sub.jaxpr, sub.consts, invals)
-        else:
-            params = eqn.primitive.get_bind_params(eqn.params)
-            subfuns = ()
-            if isinstance(params, tuple):  # (subfuns, params) in older jax
-                subfuns, params = params
-            with eqn.ctx.manager:
-                outs = eqn.primitive.bind(*subfuns, *invals, **params)
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
-        env.update(zip(eqn.outvars, outs))
-    return [read(v) for v in jaxpr.outvars]
-
-
-def _inlined(f):
-    """f traced with no nested call: XLA's stream assignment takes only flat annotated
-    computations (a call inside one fails with "No ExecutionStreamId found")."""
-    def run(*args):
-        closed, shape = jax.make_jaxpr(f, return_shape=True)(*args)
-        outs = _eval_inlined(closed.jaxpr, closed.consts, jax.tree.leaves(args))
-        return jax.tree.unflatten(jax.tree.structure(shape), outs)
-
-    return run
-
-
-def _on_stream(f, stream: int):
-    """f, run on GPU stream `stream` (XLA's stream annotation; other backends ignore it). jax
-    >= 0.11 names the function form `compute_on`, older ones `compute_on2`."""
-    form = getattr(compute_on_lib, "compute_on2", None) or compute_on_lib.compute_on
-    return form(_inlined(f), compute_type=f"gpu_stream:{stream}",
-                out_memory_spaces=jax.memory.Space.Device)
-
-
-# How a mixed step runs its chunk beside the decode step: "mixed" in the one program after the
-# decode step; "overlap" on a second GPU stream (XLA's stream annotation), so the chunk's
-# compute-bound matmuls can run while the decode step's attention waits on memory.
-MIXED_MODES = ("mixed", "overlap")
-
-
 @_under_rules
 @_traced("mixed")
 def _mixed_impl(pool: Pool, w, state: SlotState, owned_b, ids_1c, slot, start, n_valid,
-                span: int, full: bool, mode: str):
+                span: int, full: bool):
     """A decode step over every slot and one prefill chunk into slot `slot`, in one call:
     -> (state, out, top) as `decode_jit` with n_steps 1, and the chunk's logits `[V]` as
     `prefill_jit`'s. What it computes is exactly the decode step then the chunk (the chunk's
     slot decodes nothing; the chunk reads only its own slot, so it reads nothing the decode
-    step writes, and its keys land after the step's write there)."""
-    if mode not in MIXED_MODES:
-        raise ValueError(f"mode must be one of {MIXED_MODES}, got {mode!r}")
-    rows = _slot_rows(pool, state.cache, slot, span)
-    chunk = functools.partial(_chunk_forward, pool)
-    if mode == "overlap":
-        chunk = _on_stream(chunk, 1)
-    logits_1v, kv = chunk(w, rows, ids_1c, start, n_valid)
+    step writes, and its keys land after the step's write there). On MPT-7B at 64 slots
+    (H200, bench/PERF_NOTES.md Session 15) one call took 1.6-2.4 ms less than the two; the
+    chunk on a second GPU stream beside the step (XLA's stream annotation) saved nothing."""
+    logits_1v, kv = _chunk_forward(pool, w, _slot_rows(pool, state.cache, slot, span), ids_1c,
+                                   start, n_valid)
     state, out, top = _one(_decode_step(pool, w, owned_b, full)(state))
     return _put_chunk(pool, state, kv, slot, start), out, top, logits_1v[0]
 
@@ -459,7 +394,7 @@ def _copy_impl(pool: Pool, state: SlotState, src, dst):
 
 init_jit = jax.jit(_init_impl, static_argnums=(0,))
 decode_jit = jax.jit(_decode_impl, static_argnums=(0, 4, 5), donate_argnums=(2,))
-mixed_jit = jax.jit(_mixed_impl, static_argnums=(0, 8, 9, 10), donate_argnums=(2,))
+mixed_jit = jax.jit(_mixed_impl, static_argnums=(0, 8, 9), donate_argnums=(2,))
 prefill_jit = jax.jit(_prefill_impl, static_argnums=(0, 7), donate_argnums=(2,))
 admit_jit = jax.jit(_admit_impl, static_argnums=(0,), donate_argnums=(1,))
 copy_jit = jax.jit(_copy_impl, static_argnums=(0,), donate_argnums=(1,))
