@@ -169,11 +169,25 @@ def warm(engine: Engine, vocab: int) -> float:
     return time.perf_counter() - t0
 
 
+def _two_forward_impl(pool, w, state, owned_b, ids_1c, slot, start, n_valid, span, full):
+    """slots.mixed_jit as it was before its one forward pass (Session 15): the chunk's forward
+    and the decode step's, one after the other, in one call."""
+    rows = slots_lib._slot_rows(pool, state.cache, slot, span)
+    logits_1v, kv = slots_lib._chunk_forward(pool, w, rows, ids_1c, start, n_valid)
+    state, out, top = slots_lib._one(slots_lib._decode_step(pool, w, owned_b, full)(state))
+    return slots_lib._put_chunk(pool, state, kv, slot, start), out, top, logits_1v[0]
+
+
+_two_forward_jit = jax.jit(slots_lib._under_rules(_two_forward_impl), static_argnums=(0, 8, 9),
+                           donate_argnums=(2,))
+
+
 def bench_step(engine: Engine, reps: int, depth: int) -> dict:
     """A decode step over every slot (all at `depth` cache positions) and one prefill chunk
     into a slot at the same depth, on the engine's pool with the engine idle: each alone,
-    one after the other as two calls ("separate"), and as one call ("mixed", slots.mixed_jit).
-    ms per call (min of reps)."""
+    one after the other as two calls ("separate"), as one call with two forward passes
+    ("two_forward", Session 15's mixed step) and as one call with one forward pass over both
+    ("mixed", slots.mixed_jit). ms per call (min of reps)."""
     pool = engine.pool
     b = pool.batch
     st = engine._state
@@ -205,9 +219,14 @@ def bench_step(engine: Engine, reps: int, depth: int) -> dict:
                                                        start, pool.chunk, span, False)
         return out
 
+    def two_forward():
+        engine._state, out, _, _ = _two_forward_jit(pool, w, engine._state, owned, ids, 0,
+                                                    start, pool.chunk, span, False)
+        return out
+
     r = {"section": "step", "batch": b, "depth": depth, "chunk": pool.chunk, "span": span}
     for name, fn in (("decode", decode), ("chunk", chunk), ("separate", separate),
-                     ("mixed", mixed)):
+                     ("two_forward", two_forward), ("mixed", mixed)):
         times = []
         for i in range(reps + 2):
             t0 = time.perf_counter()
@@ -216,6 +235,7 @@ def bench_step(engine: Engine, reps: int, depth: int) -> dict:
                 times.append(time.perf_counter() - t0)
         r[f"{name} ms"] = min(times) * 1e3
     r["mixed saves ms"] = r["separate ms"] - r["mixed ms"]
+    r["one pass saves ms"] = r["two_forward ms"] - r["mixed ms"]
     return r
 
 

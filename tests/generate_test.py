@@ -352,6 +352,7 @@ os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from mpt_jax import MPTConfig, MPTForCausalLM, sharding
+from mpt_jax.infer import slots
 from mpt_jax.infer.generate import Generator, left_pad
 cfg = MPTConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=64, max_seq_len=32)
 model = MPTForCausalLM(cfg, rngs=nnx.Rngs(1))
@@ -375,6 +376,24 @@ assert kern._norm_kernels(1)  # the decode chain of add+norm kernels runs
 want = Generator(ref).generate(prompts, max_new_tokens=6).tokens
 got = Generator(kern, mesh=mesh).generate(prompts, max_new_tokens=6).tokens
 np.testing.assert_array_equal(got, want)
+# The serving engine's mixed step over the mesh (its decode rows and the chunk in one row):
+# what the decode step then the chunk compute.
+pool = slots.Pool(sharded._spec, batch=2, slots=32, chunk=8, top_n=3, n_stop=2)
+w = sharded.weights
+state = slots.init_jit(pool)
+state, logits = slots.prefill_jit(pool, w, state, np.arange(1, 9, dtype=np.int32)[None], 0, 0,
+                                  8, 8)
+rows = slots.empty_rows(pool)
+rows.mask[0], rows.pos[0], rows.max_tokens[0] = True, 8, 10
+state, _, _ = slots.admit_jit(pool, state, logits, rows)
+owned, ids = jnp.asarray([True, True]), np.arange(9, 17, dtype=np.int32)[None]
+ref, ref_out, _ = slots.decode_jit(pool, w, jax.tree.map(jnp.copy, state), owned, 1, False)
+ref, ref_logits = slots.prefill_jit(pool, w, ref, ids, 1, 0, 6, 8)
+got, out, _, got_logits = slots.mixed_jit(pool, w, state, owned, ids, 1, 0, 6, 8, False)
+np.testing.assert_array_equal(np.asarray(out), np.asarray(ref_out))
+np.testing.assert_allclose(np.asarray(got_logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-5)
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 print("MESH OK")
 """
 

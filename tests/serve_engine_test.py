@@ -81,12 +81,31 @@ def test_chunk_spans_double_up_to_the_slot():
     assert Pool(None, 2, 256, 200, 0, 1).spans == (256,)
 
 
-def test_a_mixed_step_is_the_decode_step_then_the_chunk(served):
-    """slots.mixed_jit (a decode step and a prefill chunk in one call) computes exactly what
-    decode_jit then prefill_jit compute: the
-    step's tokens and log-probabilities, the chunk's logits, and the whole pool state, with
-    two slots decoding at different depths and the chunk going into a third slot deep in it."""
-    gen = served["gen"]
+def _mixed_model(name):
+    from conftest import random_pure, tiny
+
+    from mpt_jax.convert.convert import model_from_pure_dict
+    from mpt_jax.model.config import AttnConfig
+
+    if name == "wpe_qk_ln_gqa":  # learned positions, q/k norms (no in-place qkv), GQA
+        cfg = tiny(d_model=30, n_heads=6, vocab_size=384, max_seq_len=64, learned_pos_emb=True,
+                   attn_config=AttnConfig(alibi=False, qk_ln=True, kv_n_heads=3,
+                                          attn_type="grouped_query_attention"))
+        return model_from_pure_dict(cfg, random_pure(cfg, seed=3))
+    cfg = tiny(d_model=64, n_heads=4, vocab_size=384, max_seq_len=64, attn_config=AttnConfig(
+        attn_type="grouped_query_attention", kv_n_heads=2))  # the Pallas kernels, interpreted
+    return model_from_pure_dict(cfg, random_pure(cfg, seed=4), attn_impl="pallas_triton",
+                                attn_interpret=True)
+
+
+@pytest.mark.parametrize("name", ["served", "wpe_qk_ln_gqa", "kernels"])
+def test_a_mixed_step_is_the_decode_step_then_the_chunk(served, name):
+    """slots.mixed_jit (a decode step and a prefill chunk in one call, one forward pass over
+    both) computes what decode_jit then prefill_jit compute: the step's tokens and
+    log-probabilities, the chunk's logits, and the whole pool state, with two slots decoding
+    at different depths and the chunk going into a third slot deep in it. ALiBi (the served
+    model), learned positions with q/k norms and GQA, and the Pallas kernels."""
+    gen = served["gen"] if name == "served" else Generator(_mixed_model(name))
     pool = slots.Pool(gen._spec, batch=3, slots=64, chunk=8, top_n=5, n_stop=8)
     w = gen.weights
     state = slots.init_jit(pool)

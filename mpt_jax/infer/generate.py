@@ -167,6 +167,18 @@ class _Spec:
         h_bd = h_btd[:, -1] if at is None else jax.lax.dynamic_index_in_dim(h_btd, at, 1, False)
         return model.unembed(h_bd), cache
 
+    def _forward_mixed(self, w: _Weights, ids_1t, cache, pos_b, start, at):
+        """A decode step's B tokens (`ids_1t[0, :B]`, one per row of the cache's first part,
+        at pos_b) and a prompt chunk (the rest, into its one-row second part at `start`) in
+        one pass: the model's mode "mixed". -> the float32 logits `[B + 1, V]` (the B rows',
+        then the chunk's at its token `at`) and the new cache."""
+        model = nnx.merge(self.graphdef, w.placeholder, w.top)
+        h_1td, cache = model.hidden_states(ids_1t, cache=cache, cache_index=(pos_b, start),
+                                           mode="mixed", layers=w.layers)
+        b = pos_b.shape[0]
+        h_d = jnp.concatenate([h_1td[0, :b], jax.lax.dynamic_slice_in_dim(h_1td[0], b + at, 1)])
+        return model.unembed(h_d), cache
+
     @_under_rules
     def _prefill_impl(self, w, ids_bt, mask_bt, key, pad_id, cache_len, n_new, params,
                       keep_logits, padded=True):

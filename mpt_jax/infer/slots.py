@@ -230,24 +230,29 @@ def _hit_stop(tok_b, stop_ids):
     return jnp.any(tok_b[:, None] == stop_ids, axis=-1)
 
 
+def _advance(pool: Pool, s: SlotState, owned_b, logits_bv, cache, full: bool):
+    """A decode step's sampling and bookkeeping from its logits and new cache: -> (state, out,
+    top)."""
+    pos = jnp.where(owned_b, s.pos, 0)
+    active = s.active & owned_b
+    keys = jax.vmap(jax.random.fold_in)(_keys(s.key), s.n_gen)
+    tok, lp, top = _choose(pool, logits_bv, keys, s.temperature, s.top_k, s.top_p, s.counts,
+                           s.presence, s.frequency, full)
+    inc = active.astype(jnp.int32)
+    remaining = s.remaining - inc
+    s = s._replace(
+        cache=cache, pos=pos + inc, last=jnp.where(active, tok, s.last),
+        active=active & ~_hit_stop(tok, s.stop_ids) & (remaining > 0), remaining=remaining,
+        n_gen=s.n_gen + inc, counts=s.counts.at[jnp.arange(pool.batch), tok].add(inc))
+    return s, _pack(tok, active, lp), top
+
+
 def _decode_step(pool: Pool, w, owned_b, full: bool):
     """One decode step over every slot, as a function of the state: -> (state, out, top)."""
-    rows = jnp.arange(pool.batch)
-
     def step(s: SlotState):
-        pos = jnp.where(owned_b, s.pos, 0)
-        active = s.active & owned_b
-        logits_bv, cache = pool.spec._forward(w, s.last[:, None], None, s.cache, pos, "decode")
-        keys = jax.vmap(jax.random.fold_in)(_keys(s.key), s.n_gen)
-        tok, lp, top = _choose(pool, logits_bv, keys, s.temperature, s.top_k, s.top_p,
-                               s.counts, s.presence, s.frequency, full)
-        inc = active.astype(jnp.int32)
-        remaining = s.remaining - inc
-        s = s._replace(
-            cache=cache, pos=pos + inc, last=jnp.where(active, tok, s.last),
-            active=active & ~_hit_stop(tok, s.stop_ids) & (remaining > 0), remaining=remaining,
-            n_gen=s.n_gen + inc, counts=s.counts.at[rows, tok].add(inc))
-        return s, _pack(tok, active, lp), top
+        logits_bv, cache = pool.spec._forward(w, s.last[:, None], None, s.cache,
+                                              jnp.where(owned_b, s.pos, 0), "decode")
+        return _advance(pool, s, owned_b, logits_bv, cache, full)
 
     return step
 
@@ -338,13 +343,20 @@ def _mixed_impl(pool: Pool, w, state: SlotState, owned_b, ids_1c, slot, start, n
     -> (state, out, top) as `decode_jit` with n_steps 1, and the chunk's logits `[V]` as
     `prefill_jit`'s. What it computes is exactly the decode step then the chunk (the chunk's
     slot decodes nothing; the chunk reads only its own slot, so it reads nothing the decode
-    step writes, and its keys land after the step's write there). On MPT-7B at 64 slots
-    (H200, bench/PERF_NOTES.md Session 15) one call took 1.6-2.4 ms less than the two; the
-    chunk on a second GPU stream beside the step (XLA's stream annotation) saved nothing."""
-    logits_1v, kv = _chunk_forward(pool, w, _slot_rows(pool, state.cache, slot, span), ids_1c,
-                                   start, n_valid)
-    state, out, top = _one(_decode_step(pool, w, owned_b, full)(state))
-    return _put_chunk(pool, state, kv, slot, start), out, top, logits_1v[0]
+    step writes, and its keys land after the step's write there). One forward pass
+    (the model's mode "mixed"): the B decode tokens and the chunk's go through each matmul
+    together, so the step's weight read, its whole cost at small B, comes with the chunk's
+    compute-bound matmuls."""
+    b = pool.batch
+    rows = _slot_rows(pool, state.cache, slot, span)
+    logits_v, caches = pool.spec._forward_mixed(
+        w, jnp.concatenate([state.last[None], jnp.asarray(ids_1c, jnp.int32)], axis=1),
+        tuple(zip(state.cache, rows)), jnp.where(owned_b, state.pos, 0), start, n_valid - 1)
+    state, out, top = _one(_advance(pool, state, owned_b, logits_v[:b],
+                                    tuple(c[0] for c in caches), full))
+    kv = tuple(tuple(jax.lax.dynamic_slice_in_dim(r, start, pool.chunk, axis=2) for r in c[1])
+               for c in caches)
+    return _put_chunk(pool, state, kv, slot, start), out, top, logits_v[b]
 
 
 @_under_rules

@@ -61,7 +61,11 @@ REMAT_POLICIES = {
 # "full": the whole sequence (training, scoring; no cache). "prefill": the new tokens into an
 # empty KV cache, attending to each other only (the flash kernels), written from slot 0.
 # "decode": new tokens against a filled cache at cache_index (one token a row, or a chunk).
-MODES = ("full", "prefill", "decode")
+# "mixed" (per-layer weights only; the serving engine): one row holding a decode step's B
+# tokens, one per row of a [B, ...] cache at cache_index[0] ([B]), then a prompt chunk into a
+# second, one-row cache at cache_index[1] (a scalar); the matmuls run over all of them at once,
+# each part attends against its own cache.
+MODES = ("full", "prefill", "decode", "mixed")
 
 
 def _unstack(tree, n: int) -> list:
@@ -86,6 +90,7 @@ class LayerContext(NamedTuple):
     # add+norm kernel, and each block's MLP residual is added in the next block's first norm
     # kernel (or norm_f's) instead of by itself.
     norm_kernels: bool
+    n_decode: int = 0  # mixed: the decode tokens ahead of the chunk in the row
 
 
 class Attention(nnx.Module):
@@ -166,6 +171,19 @@ class Attention(nnx.Module):
         packed = self.q_ln is None
         heads = None if packed and ctx.mode == "full" else self._heads(qkv, dtype)
         new_cache = None
+        if ctx.mode == "mixed":  # the decode tokens [B, 1], then the chunk [1, C]
+            nd = ctx.n_decode
+            parts = []
+            for qkv_p, kv_p, index in ((qkv[0, :nd, None], cache_kv[0], ctx.cache_index[0]),
+                                       (qkv[:, nd:], cache_kv[1], ctx.cache_index[1])):
+                o_p, k_p, v_p = attn_lib.append_and_attend(
+                    *self._heads(qkv_p, dtype), *kv_p, index, qkv=qkv_p if packed else None,
+                    **kw)
+                parts.append((o_p.reshape(1, -1, h * hd), (k_p, v_p)))
+            o_btd = jnp.concatenate([parts[0][0], parts[1][0]], axis=1)
+            return self._dense(o_btd, self.out_proj, self.out_proj_scale, self.out_proj_bias,
+                               self.out_proj_lora, _subkey(lora_key, 1), dtype,
+                               "embed"), (parts[0][1], parts[1][1])
         if ctx.mode == "decode":
             o_bthd, k_cache, v_cache = attn_lib.append_and_attend(
                 *heads, *cache_kv, ctx.cache_index, kv_mask=ctx.kv_mask,
@@ -413,6 +431,8 @@ class MPTForCausalLM(nnx.Module):
         mode = _check_mode(mode, cache, cache_index, segment_ids)
         if mode == "prefill":
             cache_index = 0
+        if mode == "mixed":
+            return self._mixed_hidden_states(input_ids, cache, cache_index, layers)
         if cache is not None:  # (before cache_index becomes an array below)
             slots = jax.tree.leaves(cache)[0].shape[-2]
             attn_lib.check_cache_index(cache_index, t, slots, batch=b)
@@ -439,14 +459,39 @@ class MPTForCausalLM(nnx.Module):
             h_btd = self.norm_f(x_btd, dtype)
         return h_btd, new_cache
 
-    def embed(self, input_ids, *, attention_mask=None, cache_index=None):
+    def _mixed_hidden_states(self, input_ids, cache, cache_index, layers):
+        """hidden_states for mode "mixed" (see MODES): input_ids `[1, B + C]`, cache per layer
+        ((k, v) `[B, KV, S, hd]`, (k, v) `[1, KV, S', hd]`), cache_index (positions `[B]`,
+        the chunk's start)."""
+        if layers is None:
+            raise ValueError("mode='mixed' runs over per-layer weights (layers=...)")
+        if input_ids.shape[0] != 1 or not isinstance(cache_index, tuple) or len(cache_index) != 2:
+            raise ValueError("mode='mixed' takes input_ids [1, B + C] and cache_index (positions "
+                             "[B], chunk start)")
+        pos_b, start = (jnp.asarray(i, jnp.int32) for i in cache_index)
+        nd = pos_b.shape[0]
+        if pos_b.ndim != 1 or start.ndim != 0 or not 0 < nd < input_ids.shape[1]:
+            raise ValueError(f"mode='mixed': positions must be [B] with B < {input_ids.shape[1]}"
+                             f" tokens and the chunk start a scalar, got {pos_b.shape}, "
+                             f"{start.shape}")
+        positions = jnp.concatenate(
+            [pos_b, start + jnp.arange(input_ids.shape[1] - nd, dtype=jnp.int32)])[None]
+        x_btd = self.embed(input_ids, positions=positions).astype(self.dtype)
+        ctx = LayerContext("mixed", None, None, (pos_b, start), False, nd)
+        x_btd, _, new_cache = self._run_blocks(x_btd, ctx, cache, None, layers)
+        return self.norm_f(x_btd, self.dtype), new_cache
+
+    def embed(self, input_ids, *, attention_mask=None, cache_index=None, positions=None):
         """Token (and learned position) embeddings `[B, T, D]` float32, before dropout;
-        `embedding_fraction` scales the gradient reaching them, as in llm-foundry."""
+        `embedding_fraction` scales the gradient reaching them, as in llm-foundry. positions
+        (`[B, T]`, optional): each token's position, instead of counting from cache_index."""
         if self.wte_scale is not None:
             x_btd = quant.embed_rows(self.wte[...], self.wte_scale[...], input_ids)
         else:
             x_btd = jnp.take(self.wte[...], input_ids, axis=0).astype(jnp.float32)
-        if self.wpe is not None:
+        if self.wpe is not None and positions is not None:
+            x_btd = x_btd + jnp.take(self.wpe[...], positions, axis=0).astype(jnp.float32)
+        elif self.wpe is not None:
             x_btd = x_btd + self._position_embeddings(input_ids.shape[1], attention_mask,
                                                       cache_index)
         f = self.config.embedding_fraction
@@ -557,7 +602,7 @@ def _check_mode(mode, cache, cache_index, segment_ids) -> str:
     if (mode == "full") != (cache is None):
         raise ValueError(f"mode={mode!r} " + ("takes no cache" if cache is not None else
                                               "needs a cache (init_cache)"))
-    if mode == "decode" and cache_index is None:
+    if mode in ("decode", "mixed") and cache_index is None:
         raise ValueError("cache given without cache_index")
     if mode == "prefill" and not (cache_index is None or (
             isinstance(cache_index, (int, np.integer)) and cache_index == 0)):
