@@ -182,12 +182,14 @@ _two_forward_jit = jax.jit(slots_lib._under_rules(_two_forward_impl), static_arg
                            donate_argnums=(2,))
 
 
-def bench_step(engine: Engine, reps: int, depth: int) -> dict:
+def bench_step(engine: Engine, reps: int, depth: int, profile_dir: str = "") -> dict:
     """A decode step over every slot (all at `depth` cache positions) and one prefill chunk
     into a slot at the same depth, on the engine's pool with the engine idle: each alone,
     one after the other as two calls ("separate"), as one call with two forward passes
     ("two_forward", Session 15's mixed step) and as one call with one forward pass over both
-    ("mixed", slots.mixed_jit). ms per call (min of reps)."""
+    ("mixed", slots.mixed_jit). ms per call (min of reps). profile_dir: then trace the decode
+    step, two_forward and mixed there and print their device-time tables
+    (bench/profile_util.py)."""
     pool = engine.pool
     b = pool.batch
     st = engine._state
@@ -236,6 +238,11 @@ def bench_step(engine: Engine, reps: int, depth: int) -> dict:
         r[f"{name} ms"] = min(times) * 1e3
     r["mixed saves ms"] = r["separate ms"] - r["mixed ms"]
     r["one pass saves ms"] = r["two_forward ms"] - r["mixed ms"]
+    if profile_dir:
+        from profile_util import profile
+        for name, fn in (("decode", decode), ("two_forward", two_forward), ("mixed", mixed)):
+            print(profile(lambda fn=fn: jax.block_until_ready(fn()),
+                          os.path.join(profile_dir, name), steps=2, top=25), flush=True)
     return r
 
 
@@ -443,6 +450,8 @@ def main() -> int:
     ap.add_argument("--step_costs", type=int, default=0,
                     help="1: time the decode step and a chunk alone, in two calls and in one, "
                          "on each load engine before its load")
+    ap.add_argument("--profile", default="", help="with --step_costs: trace the step variants "
+                    "into this directory and print their device-time tables")
     ap.add_argument("--decode_steps", type=int, default=1,
                     help="engine decode steps per call while no prompt waits (serve.py's flag)")
     ap.add_argument("--rate_factor", type=float, default=1.2,
@@ -533,7 +542,8 @@ def main() -> int:
                   f"{engine.chunk}, prefill_catch_up {catch_up}, prefill_mode {pmode}, "
                   f"compiled in {secs:.1f}s", flush=True)
             if args.step_costs:
-                report(bench_step(engine, args.reps, mean_p + mean_n // 2))
+                report(bench_step(engine, args.reps, mean_p + mean_n // 2,
+                                  args.profile and os.path.join(args.profile, pmode)))
             c0, traces0 = slots_lib.backend_compiles(), dict(slots_lib.TRACES)
             for c in streams:
                 n = math.ceil(args.scale * max(8, 3 * c))
