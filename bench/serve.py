@@ -27,7 +27,8 @@ it measured):
             stay open all along; the ramp and the drain left out), over static decode
             tokens/s and over static tokens/s with the prefill counted (the same prompts and
             lengths as one batch: what the engine's work, prefills included, costs statically).
-            --prefill_catch_up 0,1 runs the levels on an engine of each setting.
+            --prefill_catch_up 0,1 (and --prefill_chunk 256,512, --prefill_mode
+            separate,mixed) runs the levels on an engine of each setting.
 Without --no_http the load section goes through the OpenAI HTTP server instead (uvicorn on
 127.0.0.1 in this process, httpx streaming clients; TTFT / inter-token measured by the client
 on the streamed chunks).
@@ -438,7 +439,9 @@ def main() -> int:
                     "ceil(scale x max(8, 3 C))")
     ap.add_argument("--prompt_range", default="128,2048")
     ap.add_argument("--new_range", default="64,512")
-    ap.add_argument("--prefill_chunk", type=int, default=256)
+    ap.add_argument("--prefill_chunk", default="256",
+                    help="serve.py's flag; a comma list runs the load levels once per value "
+                         "(the latency section takes the first)")
     ap.add_argument("--prefill_chunks", type=int, default=1,
                     help="prefill calls between decode steps (serve.py's flag)")
     ap.add_argument("--prefill_catch_up", default="0",
@@ -471,6 +474,7 @@ def main() -> int:
 
     streams = [int(x) for x in args.streams.split(",") if x]
     statics = [int(x) for x in args.static.split(",") if x]
+    chunks = [int(x) for x in args.prefill_chunk.split(",") if x] or [256]
     p_lo, p_hi = (int(x) for x in args.prompt_range.split(","))
     n_lo, n_hi = (int(x) for x in args.new_range.split(","))
     if not (1 <= p_lo <= p_hi and 2 <= n_lo <= n_hi) or max(streams, default=1) > args.max_batch:
@@ -514,7 +518,7 @@ def main() -> int:
 
     if args.latency:
         s1 = static.get(1)
-        report(bench_latency(gen, tok, mean_p, mean_n, args.prefill_chunk, args.decode_steps,
+        report(bench_latency(gen, tok, mean_p, mean_n, chunks[0], args.decode_steps,
                              args.reps,
                              None if s1 is None else s1["decode_ms_per_step"]))
 
@@ -523,10 +527,11 @@ def main() -> int:
     if any(m not in PREFILL_MODES for m in modes):
         print(f"bench/serve.py: --prefill_mode takes {','.join(PREFILL_MODES)}", file=sys.stderr)
         return 1
-    for catch_up, pmode in itertools.product(catch_ups, modes) if streams else []:
+    for chunk, catch_up, pmode in (itertools.product(chunks, catch_ups, modes) if streams
+                                   else []):
         lat = _Latencies()
         engine = Engine(gen, tok, max_batch=args.max_batch, max_seq_len=max_seq_len,
-                        prefill_chunk=args.prefill_chunk, prefill_chunks=args.prefill_chunks,
+                        prefill_chunk=chunk, prefill_chunks=args.prefill_chunks,
                         prefill_catch_up=bool(catch_up), decode_steps=args.decode_steps,
                         prefill_mode=pmode,
                         eos_id=None, max_queue=10**6,
@@ -555,7 +560,8 @@ def main() -> int:
                 arrive = _arrivals(n, rate, seed=c)
                 m = (run_load_engine(engine, lat, work, arrive, c) if args.no_http
                      else run_load_http(url, work, arrive, c))
-                report({**summarize(c, m, st, rate, n), "prefill_catch_up": catch_up,
+                report({**summarize(c, m, st, rate, n), "prefill_chunk": engine.chunk,
+                        "prefill_catch_up": catch_up,
                         "prefill_mode": pmode})
         finally:
             if server is not None:
@@ -565,7 +571,8 @@ def main() -> int:
         compiled = slots_lib.backend_compiles() - c0
         traced = {k: v - traces0.get(k, 0) for k, v in slots_lib.TRACES.items()
                   if v != traces0.get(k, 0)}
-        report({"section": "compilations_after_warm_up", "count": compiled,
+        report({"section": "compilations_after_warm_up", "prefill_chunk": chunk,
+                "count": compiled,
                 "steps_traced": traced})
         if args.chunk_costs:
             report(bench_chunk(engine, gen, args.reps))
@@ -595,7 +602,7 @@ def main() -> int:
             arrivals = (f"Poisson x{args.rate_factor}" if r["arrival_rate_per_s"] !=
                         "closed loop" else "closed loop")
             name = (f"serve {mode} {r['streams']} streams max_batch {args.max_batch} "
-                    f"decode_steps {args.decode_steps} prefill_chunk {args.prefill_chunk} "
+                    f"decode_steps {args.decode_steps} prefill_chunk {r['prefill_chunk']} "
                     f"prefill_chunks {args.prefill_chunks} "
                     f"catch_up {r['prefill_catch_up']} prefill_mode {r['prefill_mode']} "
                     f"{arrivals} {r['requests']} requests {shape}")
@@ -630,7 +637,7 @@ def main() -> int:
                       f"{r['start 0 TFLOP/s']:.0f} / {r['start deep TFLOP/s']:.0f} / "
                       f"{r['generate prefill TFLOP/s']:.0f}")]
         elif r["section"] == "compilations_after_warm_up":
-            rows.append((f"serve {mode} load (prefill_chunk {args.prefill_chunk})",
+            rows.append((f"serve {mode} load (prefill_chunk {r['prefill_chunk']})",
                          "compilations after warm-up", str(r["count"])))
     lines = [f"| {date} | {n} | {fig} | {v} | {card} | {args.commit} |" for n, fig, v in rows]
     print("\n".join(lines))
