@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                          "larger extrapolates with ALiBi)")
     ap.add_argument("--max_queue", type=int, default=256,
                     help="requests waiting for a slot before new ones get 429")
-    ap.add_argument("--prefill_chunk", type=int, default=256,
+    ap.add_argument("--prefill_chunk", type=int, default=384,
                     help="prompt tokens per prefill call (the most a running decode waits)")
     ap.add_argument("--prefill_chunks", type=int, default=1,
                     help="prefill calls between two decode steps (admits prompt bursts sooner; "

@@ -439,7 +439,7 @@ def main() -> int:
                     "ceil(scale x max(8, 3 C))")
     ap.add_argument("--prompt_range", default="128,2048")
     ap.add_argument("--new_range", default="64,512")
-    ap.add_argument("--prefill_chunk", default="256",
+    ap.add_argument("--prefill_chunk", default="384",
                     help="serve.py's flag; a comma list runs the load levels once per value "
                          "(the latency section takes the first)")
     ap.add_argument("--prefill_chunks", type=int, default=1,
@@ -474,7 +474,7 @@ def main() -> int:
 
     streams = [int(x) for x in args.streams.split(",") if x]
     statics = [int(x) for x in args.static.split(",") if x]
-    chunks = [int(x) for x in args.prefill_chunk.split(",") if x] or [256]
+    chunks = [int(x) for x in args.prefill_chunk.split(",") if x] or [384]
     p_lo, p_hi = (int(x) for x in args.prompt_range.split(","))
     n_lo, n_hi = (int(x) for x in args.new_range.split(","))
     if not (1 <= p_lo <= p_hi and 2 <= n_lo <= n_hi) or max(streams, default=1) > args.max_batch:

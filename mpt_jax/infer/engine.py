@@ -129,7 +129,9 @@ class Engine:
     generator: the Generator whose weights and forward serve. tokenizer: a
     `tokenizers.Tokenizer` (detokenization). max_batch: slots (concurrent choices).
     max_seq_len: prompt + completion per slot (default the model's; past it with ALiBi).
-    prefill_chunk: prompt tokens per prefill call. prefill_chunks: prefill calls between two
+    prefill_chunk: prompt tokens per prefill call (384: on MPT-7B at 64 streams, H200,
+    bench/PERF_NOTES.md Session 16, the same throughput as 256 with 2.5x sooner first tokens
+    and inter-token p99 1.22x p50; 512 went to 1.58x). prefill_chunks: prefill calls between two
     decode steps while anything decodes (vLLM's token budget per step, in chunks: more admits
     a burst of long prompts sooner, each running decode then waits that many chunks).
     prefill_catch_up: one chunk more in an iteration where another request waits and a slot
@@ -148,7 +150,7 @@ class Engine:
     """
 
     def __init__(self, generator: Generator, tokenizer, *, max_batch: int = 64,
-                 max_seq_len: int | None = None, prefill_chunk: int = 256,
+                 max_seq_len: int | None = None, prefill_chunk: int = 384,
                  prefill_chunks: int = 1, prefill_catch_up: bool = False,
                  decode_steps: int = 1, prefill_mode: str = "mixed", max_queue: int = 256,
                  eos_id: int | None = None, top_logprobs: int = 20,
