@@ -301,11 +301,16 @@ def _chunk_forward(pool: Pool, w, rows, ids_1c, start, n_valid):
     (float32 logits `[1, V]` after the chunk's last real token, the chunk's own keys and values
     per layer, `[1, KV, chunk, hd]` each)."""
     logits_1v, rows = pool.spec._forward(w, ids_1c, None, rows, start, "decode", at=n_valid - 1)
+    return logits_1v, _chunk_kv(pool, rows, start)
 
+
+def _chunk_kv(pool: Pool, rows, start):
+    """The chunk's own keys and values, per layer `[1, KV, chunk, hd]`, out of the rows it
+    attended over (as the forward returned them, with the chunk written at `start`)."""
     def new(r):
         return jax.lax.dynamic_slice_in_dim(r, start, pool.chunk, axis=2)
 
-    return logits_1v, tuple((new(rk), new(rv)) for rk, rv in rows)
+    return tuple((new(rk), new(rv)) for rk, rv in rows)
 
 
 def _put_chunk(pool: Pool, state: SlotState, kv, slot, start) -> SlotState:
@@ -354,8 +359,7 @@ def _mixed_impl(pool: Pool, w, state: SlotState, owned_b, ids_1c, slot, start, n
         tuple(zip(state.cache, rows)), jnp.where(owned_b, state.pos, 0), start, n_valid - 1)
     state, out, top = _one(_advance(pool, state, owned_b, logits_v[:b],
                                     tuple(c[0] for c in caches), full))
-    kv = tuple(tuple(jax.lax.dynamic_slice_in_dim(r, start, pool.chunk, axis=2) for r in c[1])
-               for c in caches)
+    kv = _chunk_kv(pool, tuple(c[1] for c in caches), start)
     return _put_chunk(pool, state, kv, slot, start), out, top, logits_v[b]
 
 
