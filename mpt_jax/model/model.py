@@ -489,27 +489,26 @@ class MPTForCausalLM(nnx.Module):
             x_btd = quant.embed_rows(self.wte[...], self.wte_scale[...], input_ids)
         else:
             x_btd = jnp.take(self.wte[...], input_ids, axis=0).astype(jnp.float32)
-        if self.wpe is not None and positions is not None:
+        if self.wpe is not None:
+            if positions is None:
+                positions = self._positions(input_ids.shape[1], attention_mask, cache_index)
             x_btd = x_btd + jnp.take(self.wpe[...], positions, axis=0).astype(jnp.float32)
-        elif self.wpe is not None:
-            x_btd = x_btd + self._position_embeddings(input_ids.shape[1], attention_mask,
-                                                      cache_index)
         f = self.config.embedding_fraction
         if f < 1.0:
             x_btd = x_btd * f + jax.lax.stop_gradient(x_btd) * (1 - f)
         return x_btd
 
     # -- internals -------------------------------------------------------------------------
-    def _position_embeddings(self, t, attention_mask, cache_index):
-        """llm-foundry's learned positions: left padding does not advance the position. Each
-        row starts at its cache_index (scalar or [B]; 0 without a cache)."""
+    def _positions(self, t, attention_mask, cache_index):
+        """llm-foundry's learned positions `[1 or B, T]`: left padding does not advance the
+        position. Each row starts at its cache_index (scalar or [B]; 0 without a cache)."""
         start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
         pos_bt = start.reshape(-1, 1) + jnp.arange(t, dtype=jnp.int32)[None, :]  # [1 or B, T]
         if attention_mask is not None:
             pads_bs = jnp.cumsum(1 - jnp.asarray(attention_mask).astype(jnp.int32), axis=1)
             pos_bt = jnp.broadcast_to(pos_bt, (pads_bs.shape[0], t))
             pos_bt = jnp.maximum(pos_bt - jnp.take_along_axis(pads_bs, pos_bt, axis=1), 0)
-        return jnp.take(self.wpe[...], pos_bt, axis=0).astype(jnp.float32)
+        return pos_bt
 
     def _context(self, mode, t, attention_mask, segment_ids, cache_index) -> LayerContext:
         mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
